@@ -1,0 +1,56 @@
+"""The serializable handle of a sandbox: what every later stage and the janitor need to reach it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SandboxHandle:
+    sandbox_id: str
+    provider: str
+    config: str
+    engine: str
+    run_id: str
+    created_at: float
+    expires_at: float
+    workdir: str
+    log_dir: str
+    ports: dict[str, int] = field(default_factory=dict)
+    endpoints: dict[str, str] = field(default_factory=dict)
+    variables: dict[str, str] = field(default_factory=dict)
+    # name -> process group id of every process the sandbox started (services, running pipelines)
+    process_groups: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SandboxHandle:
+        return cls(**data)
+
+
+class SandboxError(Exception):
+    """A sandbox could not be created or made ready; carries the failure kind and log tail."""
+
+    def __init__(self, message: str, kind: str, log_ref: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.log_ref = log_ref
+
+
+def render_context(handle: SandboxHandle, environ: dict[str, str], **extra: Any) -> dict[str, Any]:
+    """What `${...}` references can reach once a sandbox exists (see mlci_dagster.templating)."""
+    return {
+        "config": handle.config,
+        "engine": handle.engine,
+        "sandbox": {"id": handle.sandbox_id, "workdir": handle.workdir},
+        "services": {
+            name: {"port": port, "host": "127.0.0.1", "url": handle.endpoints[name]}
+            for name, port in handle.ports.items()
+        },
+        "vars": handle.variables,
+        "env": environ,
+        **extra,
+    }

@@ -1,0 +1,209 @@
+"""The embedded default provider: services as local child processes, one sandbox per partition.
+
+Each sandbox has its own work directory, a free port per service and a ledger entry; every
+process runs in its own process group, so destroy can kill all of it and prove it did.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.ledger import Ledger
+from mlci_dagster.providers.logpipe import REDACT_VARS_ENV
+from mlci_dagster.providers.ports import allocate_free_port, port_is_free
+from mlci_dagster.providers.probes import ProbeResult, wait_until_ready
+from mlci_dagster.providers.processes import group_members, kill_group, run_group, start_group
+from mlci_dagster.redact import Redactor
+from mlci_dagster.registry.models import SandboxSpec, ServiceSpec
+from mlci_dagster.templating import TemplateError, render
+
+LOG_TAIL_CHARS = 2000
+
+
+def log_tail(path: str | Path, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - chars))
+            return log.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass
+class CommandResult:
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    duration_s: float
+    log_path: str
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = ()) -> None:
+        self.home = Path(home)
+        self.ledger = Ledger(self.home / "ledger")
+        self.secret_names = list(secret_names)
+        self.redactor = Redactor.from_env(self.secret_names)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def create(
+        self,
+        spec: SandboxSpec,
+        *,
+        config: str,
+        engine: str,
+        run_id: str,
+        engine_variables: dict[str, str],
+        image: dict[str, Any] | None = None,
+    ) -> SandboxHandle:
+        """Reserves ports, makes the directories and starts every service; cleans up on failure."""
+        sandbox_id = f"{config}.{engine}.{uuid.uuid4().hex[:8]}"
+        now = time.time()
+        handle = SandboxHandle(
+            sandbox_id=sandbox_id, provider=self.name, config=config, engine=engine,
+            run_id=run_id, created_at=now, expires_at=now + spec.ttl_s,
+            workdir=str(self.home / "sandboxes" / sandbox_id),
+            log_dir=str(self.home / "logs" / sandbox_id),
+        )
+        with self.ledger.lock():
+            reserved = self.ledger.reserved_ports()
+            for service in spec.services:
+                port = allocate_free_port(reserved | set(handle.ports.values()))
+                handle.ports[service.name] = port
+                handle.endpoints[service.name] = f"http://127.0.0.1:{port}"
+            self.ledger.record(handle)
+        try:
+            Path(handle.workdir).mkdir(parents=True)
+            Path(handle.log_dir).mkdir(parents=True, exist_ok=True)
+            context = render_context(handle, {}, image=image or {})
+            handle.variables = render(engine_variables, context, keep=frozenset({"env"}))
+            for service in spec.services:
+                self._start_service(handle, service, image or {})
+        except (OSError, TemplateError) as exc:
+            self.destroy(handle)
+            raise SandboxError(f"sandbox could not start: {exc}", "infra") from exc
+        return handle
+
+    def _start_service(
+        self, handle: SandboxHandle, service: ServiceSpec, image: dict[str, Any]
+    ) -> None:
+        context = render_context(
+            handle, dict(os.environ), port=handle.ports[service.name], image=image
+        )
+        argv = render(service.command, context)
+        env = self.process_env(handle, render(service.env, context))
+        log_path = Path(handle.log_dir) / f"service-{service.name}.log"
+        wrapped = [sys.executable, "-m", "mlci_dagster.providers.logpipe", str(log_path), "--"]
+        handle.process_groups[f"service:{service.name}"] = start_group(
+            [*wrapped, *argv], cwd=Path(handle.workdir), env=env, log_path=log_path
+        )
+        self.ledger.record(handle)
+
+    def process_env(self, handle: SandboxHandle, extra: dict[str, str]) -> dict[str, str]:
+        """The environment of every sandbox process: engine variables, then its own settings."""
+        context = render_context(handle, dict(os.environ))
+        env = dict(os.environ)
+        env.update(render(handle.variables, context))
+        env.update(extra)
+        env[REDACT_VARS_ENV] = ",".join(self.secret_names)
+        env["MLCI_SANDBOX_ID"] = handle.sandbox_id
+        return env
+
+    def wait_until_ready(
+        self, handle: SandboxHandle, spec: SandboxSpec, timeout_s: float
+    ) -> list[ProbeResult]:
+        """Probes every service in turn; raises SandboxError (with the log tail) if one fails."""
+        deadline = time.monotonic() + timeout_s
+        results = []
+        for service in spec.services:
+            pgid = handle.process_groups[f"service:{service.name}"]
+            log_path = Path(handle.log_dir) / f"service-{service.name}.log"
+
+            def exited(pgid: int = pgid, log_path: Path = log_path) -> str | None:
+                if group_members(pgid):
+                    return None
+                return f"exited before ready; log tail:\n{log_tail(log_path)}"
+
+            result = wait_until_ready(
+                service.name, service.ready, handle.ports[service.name],
+                env=self.process_env(handle, {}), cwd=handle.workdir, deadline=deadline,
+                exited=exited,
+            )
+            results.append(result)
+            if not result.ready:
+                why = "not ready in time" if result.timed_out else "failed"
+                raise SandboxError(
+                    f"service '{service.name}' {why} after {result.attempts} probes "
+                    f"({result.elapsed_s:.1f}s): {result.last_error}\n"
+                    f"log tail:\n{log_tail(log_path)}",
+                    "timeout" if result.timed_out else "product",
+                    log_ref=str(log_path),
+                )
+        return results
+
+    def run_command(
+        self, handle: SandboxHandle, name: str, argv: list[str], env: dict[str, str],
+        timeout_s: float,
+    ) -> CommandResult:
+        """Runs a pipeline process in its own group; at the timeout the whole group is killed."""
+        log_path = Path(handle.log_dir) / f"pipeline-{name}.log"
+        key = f"pipeline:{name}"
+
+        def track(pgid: int) -> None:
+            handle.process_groups[key] = pgid  # in the ledger while it runs, for the janitor
+            self.ledger.record(handle)
+
+        try:
+            result = run_group(argv, cwd=handle.workdir, env=self.process_env(handle, env),
+                               timeout_s=timeout_s, on_start=track)
+        finally:
+            if handle.process_groups.pop(key, None) is not None:
+                self.ledger.record(handle)
+        out, err = self.redactor.text(result.stdout), self.redactor.text(result.stderr)
+        log_path.write_text(f"--- stdout\n{out}\n--- stderr\n{err}")
+        return CommandResult(result.exit_code, out, err, result.timed_out, result.duration_s,
+                             str(log_path))
+
+    def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
+        return sorted(str(p) for p in Path(handle.log_dir).glob("*.log"))
+
+    def destroy(self, handle: SandboxHandle) -> dict[str, Any]:
+        """Kills every process group, frees the ports, removes the work directory. Idempotent.
+
+        Returns what it verified; the ledger entry stays while anything is left, for the janitor.
+        """
+        leaked = {name: kill_group(pgid) for name, pgid in handle.process_groups.items()}
+        leaked = {name: pids for name, pids in leaked.items() if pids}
+        deadline = time.monotonic() + 5
+        busy = [p for p in handle.ports.values() if not port_is_free(p)]
+        while busy and time.monotonic() < deadline:
+            time.sleep(0.1)
+            busy = [p for p in busy if not port_is_free(p)]
+        shutil.rmtree(handle.workdir, ignore_errors=True)
+        workdir_left = Path(handle.workdir).exists()
+        clean = not leaked and not busy and not workdir_left
+        if clean:
+            self.ledger.remove(handle.sandbox_id)
+        return {
+            "clean": clean,
+            "process_groups": sorted(handle.process_groups),
+            "leaked_pids": leaked,
+            "busy_ports": busy,
+            "workdir_left": workdir_left,
+        }
+
+    def list_live(self) -> list[SandboxHandle]:
+        return self.ledger.live()

@@ -1,0 +1,176 @@
+"""Loads a registry folder whole or not at all: each error names the file, field and expectation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mlci_dagster.registry.models import Settings, TestConfig
+from mlci_dagster.templating import ROOTS, iter_references
+
+SETTINGS_FILE = "mlci.yaml"
+CONFIGS_DIR = "configs"
+
+
+class RegistryError(ValueError):
+    """One or more registry problems, each `file: field.path: what was expected`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: TestConfig
+    path: Path
+    config_id: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class Registry:
+    root: Path
+    settings: Settings
+    configs: dict[str, LoadedConfig]
+
+    @property
+    def engines(self) -> list[str]:
+        return list(self.settings.engines)
+
+    def engines_for(self, config: TestConfig) -> list[str]:
+        return config.engines if config.engines is not None else self.engines
+
+    def partitions(
+        self, config: str | None = None, engine: str | None = None, tier: str | None = None
+    ) -> list[tuple[str, str]]:
+        """Every applicable (config, engine), optionally narrowed."""
+        return [
+            (loaded.name, eng)
+            for loaded in self.configs.values()
+            if config in (None, loaded.name) and (tier is None or tier in loaded.config.tiers)
+            for eng in self.engines_for(loaded.config)
+            if engine in (None, eng)
+        ]
+
+
+def config_id(config: TestConfig) -> str:
+    """A stable hash of the config's canonical content: a changed test is a new id."""
+    canonical = json.dumps(config.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif i > 0 and isinstance(loc[i - 1], int) and part in ("command", "submit_poll"):
+            continue  # the discriminator tag pydantic inserts into union locations
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def _validation_problems(path: Path, error: ValidationError) -> list[str]:
+    problems = []
+    for err in error.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{path}: {_field_path(err['loc'])}: {message}")
+    return problems
+
+
+def _read_yaml(path: Path, problems: list[str]) -> Any:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        problems.append(f"{path}: not valid YAML: {exc}")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: (top level): expected a mapping, got {type(data).__name__}")
+        return None
+    return data
+
+
+def _reference_problems(path: Path, config: TestConfig, settings: Settings) -> list[str]:
+    """References that can never resolve: unknown roots, services, engine variables, outputs."""
+    problems = []
+    services = {s.name for s in config.sandbox.services}
+    engines = config.engines if config.engines is not None else list(settings.engines)
+    # A submit-and-poll pipeline always outputs the job's `id`.
+    outputs = {p.name: set(p.outputs) | ({"id"} if p.kind == "submit_poll" else set())
+               for p in config.pipelines}
+    body = config.model_dump(mode="json", by_alias=True)
+    for section in ("image", "sandbox", "pipelines", "ui_smoke"):
+        for ref in iter_references(body[section]):
+            root, *rest = ref.split(".")
+            if root not in ROOTS:
+                problems.append(f"{path}: {section}: ${{{ref}}}: unknown root '{root}' "
+                                f"(expected one of: {', '.join(sorted(ROOTS))})")
+            elif root == "services" and (not rest or rest[0] not in services):
+                problems.append(f"{path}: {section}: ${{{ref}}}: unknown service "
+                                f"(expected one of: {', '.join(sorted(services)) or 'none'})")
+            elif root == "vars":
+                missing = [e for e in engines if not rest or rest[0] not in
+                           settings.engines[e].variables]
+                if missing:
+                    problems.append(f"{path}: {section}: ${{{ref}}}: engine variable not "
+                                    f"declared by engine(s) {', '.join(missing)}")
+            elif root == "outputs" and (len(rest) != 2 or rest[1] not in outputs.get(rest[0], ())):
+                problems.append(f"{path}: {section}: ${{{ref}}}: expected "
+                                "outputs.<pipeline>.<declared output>")
+    return problems
+
+
+def load_registry(root: str | Path) -> Registry:
+    """Parses and validates the whole registry; raises RegistryError listing every problem."""
+    root = Path(root).resolve()
+    problems: list[str] = []
+    settings_path = root / SETTINGS_FILE
+    if not settings_path.is_file():
+        raise RegistryError([f"{settings_path}: missing (the registry's root settings file)"])
+    settings = None
+    raw = _read_yaml(settings_path, problems)
+    if raw is not None:
+        try:
+            settings = Settings.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(_validation_problems(settings_path, exc))
+    paths = sorted((root / CONFIGS_DIR).glob("*.y*ml"))
+    if not paths:
+        problems.append(f"{root / CONFIGS_DIR}: no config files (*.yaml) found")
+    configs: dict[str, LoadedConfig] = {}
+    for path in paths:
+        raw = _read_yaml(path, problems)
+        if raw is None:
+            continue
+        try:
+            config = TestConfig.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(_validation_problems(path, exc))
+            continue
+        if config.name in configs:
+            problems.append(f"{path}: name: duplicate config name '{config.name}' "
+                            f"(also in {configs[config.name].path})")
+            continue
+        if settings is not None:
+            for i, engine in enumerate(config.engines or []):
+                if engine not in settings.engines:
+                    problems.append(f"{path}: engines[{i}]: unknown engine '{engine}' "
+                                    f"(expected one of: {', '.join(settings.engines)})")
+            problems.extend(_reference_problems(path, config, settings))
+        configs[config.name] = LoadedConfig(config, path, config_id(config))
+    if problems or settings is None:
+        raise RegistryError(problems)
+    return Registry(root, settings, configs)

@@ -1,0 +1,244 @@
+"""Typed, strict models of the registry's YAML: the root settings file and one file per config."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from mlci_dagster.stages.outcome import Stage
+
+# A config name is a Dagster partition key: Dagster does not check dynamic keys, so we do.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Seconds = Annotated[float, Field(gt=0, le=86_400)]
+Argv = Annotated[list[str], Field(min_length=1)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- root settings -------------------------------------------------------------------------
+
+
+class EngineSpec(StrictModel):
+    """A workflow engine: the static partition axis. Its variables feed the sandbox spec."""
+
+    description: str = ""
+    variables: dict[EnvName, str] = {}
+
+
+class Settings(StrictModel):
+    """The registry's root file: engines, secret variable names and defaults for every config."""
+
+    engines: Annotated[dict[Name, EngineSpec], Field(min_length=1)]
+    secrets: list[EnvName] = Field(
+        default=[], description="Environment variables whose values are redacted everywhere."
+    )
+
+
+# --- image ---------------------------------------------------------------------------------
+
+
+class BuildSpec(StrictModel):
+    command: Argv
+    inputs: Annotated[list[str], Field(min_length=1)] = Field(
+        description="Globs relative to the registry root; their content keys the build cache."
+    )
+
+
+class ImageSpec(StrictModel):
+    ref: str | None = Field(default=None, description="A prebuilt image reference.")
+    build: BuildSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageSpec:
+        if (self.ref is None) == (self.build is None):
+            raise ValueError("expected exactly one of 'ref' or 'build'")
+        return self
+
+
+# --- sandbox -------------------------------------------------------------------------------
+
+
+class HttpProbe(StrictModel):
+    path: str = "/"
+    expect_status: int = 200
+
+
+class ProbeSpec(StrictModel):
+    """How to tell a service is ready: exactly one of http, tcp or command."""
+
+    http: HttpProbe | None = None
+    tcp: bool | None = None
+    command: Argv | None = None
+    timeout_s: Seconds = 60
+    interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> ProbeSpec:
+        chosen = [k for k in ("http", "tcp", "command") if getattr(self, k) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError("expected exactly one of 'http', 'tcp' or 'command'")
+        return self
+
+
+class ServiceSpec(StrictModel):
+    name: Name
+    command: Argv
+    env: dict[EnvName, str] = {}
+    ready: ProbeSpec
+
+
+class SandboxSpec(StrictModel):
+    provider: Literal["local"] = "local"
+    ttl_s: Seconds = 3600
+    services: list[ServiceSpec] = []
+
+
+# --- pipelines -----------------------------------------------------------------------------
+
+
+class CommandPipeline(StrictModel):
+    """A process in the sandbox: passes on the expected exit code and output."""
+
+    kind: Literal["command"]
+    name: Name
+    command: Argv
+    env: dict[EnvName, str] = {}
+    expect_exit_code: int = 0
+    expect_output: list[str] = Field(default=[], description="Substrings the output must hold.")
+    outputs: dict[EnvName, str] = Field(
+        default={}, description="Values to capture: a regex with one group, searched in stdout."
+    )
+    timeout_s: Seconds = 600
+
+
+class HttpRequest(StrictModel):
+    method: Literal["GET", "POST", "PUT"] = "POST"
+    url: str
+    json_body: Any = Field(default=None, alias="json")
+    headers: dict[str, str] = {}
+
+
+class SubmitPollPipeline(StrictModel):
+    """Submit a job over HTTP, then poll its status until a terminal state (Ray Jobs API shape)."""
+
+    kind: Literal["submit_poll"]
+    name: Name
+    submit: HttpRequest
+    id_field: str = Field(description="Dotted path of the job id in the submit response.")
+    poll_url: str = Field(description="May reference ${id}.")
+    status_field: str = "status"
+    success_states: Annotated[list[str], Field(min_length=1)]
+    failure_states: list[str] = []
+    logs_url: str | None = Field(default=None, description="Fetched for the error summary.")
+    logs_field: str | None = None
+    outputs: dict[EnvName, str] = Field(
+        default={}, description="Values to capture: dotted paths in the final poll response."
+    )
+    interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    timeout_s: Seconds = 600
+
+
+Pipeline = Annotated[CommandPipeline | SubmitPollPipeline, Field(discriminator="kind")]
+
+
+# --- UI smoke ------------------------------------------------------------------------------
+
+
+class RouteCheck(StrictModel):
+    """One HTTP route: status, content and JSON fields, since an SPA answers 200 everywhere."""
+
+    service: Name
+    path: str
+    expect_status: int = 200
+    contains: list[str] = []
+    json_equals: dict[str, Any] = Field(
+        default={}, description="Dotted path in the JSON response -> expected value."
+    )
+    timeout_s: Annotated[float, Field(gt=0, le=600)] = 10
+
+
+class UiSmokeSpec(StrictModel):
+    routes: list[RouteCheck] = []
+
+
+# --- the config ----------------------------------------------------------------------------
+
+
+class Timeouts(StrictModel):
+    image_s: Seconds = 1800
+    sandbox_s: Seconds = 300
+    pipeline_runs_s: Seconds = 3600
+    ui_smoke_s: Seconds = 300
+    teardown_s: Seconds = 60
+
+
+class Owners(StrictModel):
+    """Who to call when a stage breaks; `default` covers stages not named."""
+
+    default: str
+    image: str | None = None
+    sandbox: str | None = None
+    pipeline_runs: str | None = None
+    ui_smoke: str | None = None
+    teardown: str | None = None
+
+    def for_stage(self, stage: Stage) -> str:
+        return getattr(self, str(stage)) or self.default
+
+
+class TestConfig(StrictModel):
+    """One test configuration: a partition on every engine it applies to."""
+
+    __test__ = False  # not a pytest test class
+
+    name: Name
+    description: str = ""
+    owners: Owners
+    engines: list[Name] | None = Field(default=None, description="Default: every engine.")
+    tiers: list[Name] = ["nightly"]
+    image: ImageSpec
+    sandbox: SandboxSpec = SandboxSpec()
+    pipelines: Annotated[list[Pipeline], Field(min_length=1)]
+    ui_smoke: UiSmokeSpec = UiSmokeSpec()
+    timeouts: Timeouts = Timeouts()
+    baselines: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default={}, description="Expected durations in seconds, by stage or pipeline name."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TestConfig:
+        _unique("sandbox.services", [s.name for s in self.sandbox.services])
+        _unique("pipelines", [p.name for p in self.pipelines])
+        services = {s.name for s in self.sandbox.services}
+        for i, route in enumerate(self.ui_smoke.routes):
+            if route.service not in services:
+                raise ValueError(
+                    f"ui_smoke.routes[{i}].service: unknown service '{route.service}' "
+                    f"(expected one of: {', '.join(sorted(services)) or 'no services declared'})"
+                )
+        for i, pipeline in enumerate(self.pipelines):
+            if pipeline.timeout_s > self.timeouts.pipeline_runs_s:
+                raise ValueError(
+                    f"pipelines[{i}].timeout_s: {pipeline.timeout_s:g} exceeds "
+                    f"timeouts.pipeline_runs_s ({self.timeouts.pipeline_runs_s:g})"
+                )
+        for i, service in enumerate(self.sandbox.services):
+            if service.ready.timeout_s > self.timeouts.sandbox_s:
+                raise ValueError(
+                    f"sandbox.services[{i}].ready.timeout_s: {service.ready.timeout_s:g} exceeds "
+                    f"timeouts.sandbox_s ({self.timeouts.sandbox_s:g})"
+                )
+        return self
+
+
+def _unique(field: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ValueError(f"{field}[{i}].name: duplicate name '{name}'")
+        seen.add(name)

@@ -1,0 +1,1 @@
+"""Dagster-free stage logic: each stage turns its inputs into a StageOutcome and never raises."""

@@ -1,0 +1,60 @@
+"""Everything a stage needs to know about the partition it runs for."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlci_dagster import __version__
+from mlci_dagster.providers.handle import SandboxHandle, render_context
+from mlci_dagster.providers.local import LocalProvider
+from mlci_dagster.redact import Redactor
+from mlci_dagster.registry import LoadedConfig, Registry
+from mlci_dagster.registry.models import TestConfig
+
+
+@dataclass
+class LifecycleContext:
+    registry: Registry
+    loaded: LoadedConfig
+    engine: str
+    run_id: str
+    home: Path
+    provider: LocalProvider
+    redactor: Redactor
+
+    @classmethod
+    def create(cls, registry: Registry, config: str, engine: str, run_id: str, home: Path
+               ) -> LifecycleContext:
+        if config not in registry.configs:
+            raise KeyError(f"config '{config}' is not in the registry at {registry.root}")
+        secrets = registry.settings.secrets
+        return cls(
+            registry=registry, loaded=registry.configs[config], engine=engine, run_id=run_id,
+            home=home, provider=LocalProvider(home, secrets), redactor=Redactor.from_env(secrets),
+        )
+
+    @property
+    def config(self) -> TestConfig:
+        return self.loaded.config
+
+    def render_context(self, handle: SandboxHandle, image: dict[str, Any], **extra: Any
+                       ) -> dict[str, Any]:
+        return render_context(handle, dict(os.environ), image=image, **extra)
+
+
+@functools.cache
+def code_version(root: Path) -> str:
+    """The harness version plus the commit of the repository holding the registry, if any."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__

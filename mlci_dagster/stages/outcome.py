@@ -1,0 +1,110 @@
+"""The one source of stage names, statuses and failure kinds, and the StageOutcome record."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mlci_dagster.redact import NO_SECRETS, Redactor
+
+ERROR_SUMMARY_CHARS = 500
+
+
+class Stage(enum.StrEnum):
+    IMAGE = "image"
+    SANDBOX = "sandbox"
+    PIPELINE_RUNS = "pipeline_runs"
+    UI_SMOKE = "ui_smoke"
+    TEARDOWN = "teardown"
+
+
+class Status(enum.StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+class FailureKind(enum.StrEnum):
+    PRODUCT = "product"
+    INFRA = "infra"
+    TIMEOUT = "timeout"
+
+
+def tail(text: str, limit: int = ERROR_SUMMARY_CHARS) -> str:
+    """The last `limit` characters of `text`: where the error usually is."""
+    return text[-limit:]
+
+
+@dataclass
+class StageOutcome:
+    """What one stage did for one partition: recorded, never raised."""
+
+    stage: Stage
+    status: Status
+    started_at: float
+    duration_s: float
+    failure_kind: FailureKind | None = None
+    error_summary: str = ""
+    log_ref: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status is Status.PASS
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stage"] = str(self.stage)
+        data["status"] = str(self.status)
+        data["failure_kind"] = str(self.failure_kind) if self.failure_kind else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageOutcome:
+        kind = data.get("failure_kind")
+        return cls(
+            stage=Stage(data["stage"]),
+            status=Status(data["status"]),
+            started_at=data["started_at"],
+            duration_s=data["duration_s"],
+            failure_kind=FailureKind(kind) if kind else None,
+            error_summary=data.get("error_summary", ""),
+            log_ref=data.get("log_ref", ""),
+            details=dict(data.get("details", {})),
+        )
+
+
+def skipped(stage: Stage, reason: str) -> StageOutcome:
+    """The outcome of a stage whose prerequisite did not pass."""
+    return StageOutcome(stage, Status.SKIP, time.time(), 0.0, error_summary=reason)
+
+
+class StageClock:
+    """Times a stage and builds its outcome, so every stage reports start and duration alike."""
+
+    def __init__(self, stage: Stage, redactor: Redactor = NO_SECRETS) -> None:
+        self.stage = stage
+        self.redactor = redactor
+        self.started_at = time.time()
+        self._t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def passed(self, log_ref: str = "", **details: Any) -> StageOutcome:
+        return StageOutcome(
+            self.stage, Status.PASS, self.started_at, self.elapsed(), log_ref=log_ref,
+            details=self.redactor.value(details),
+        )
+
+    def failed(
+        self, kind: FailureKind, summary: str, log_ref: str = "", **details: Any
+    ) -> StageOutcome:
+        return StageOutcome(
+            self.stage, Status.FAIL, self.started_at, self.elapsed(), failure_kind=kind,
+            # Redact before cutting, so no part of a secret survives at the cut.
+            error_summary=tail(self.redactor.text(summary)), log_ref=log_ref,
+            details=self.redactor.value(details),
+        )

@@ -1,0 +1,181 @@
+"""The pipeline_runs stage: run each declared pipeline in order, stop at the first failure."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from mlci_dagster.providers.handle import SandboxHandle
+from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
+from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.http import dig
+from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, StageOutcome, skipped
+from mlci_dagster.stages.sandbox import handle_of
+from mlci_dagster.templating import TemplateError, render
+
+
+@dataclass
+class PipelineResult:
+    name: str
+    kind: str
+    passed: bool
+    duration_s: float
+    failure_kind: FailureKind | None = None
+    summary: str = ""
+    log_ref: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["failure_kind"] = str(self.failure_kind) if self.failure_kind else None
+        return data
+
+
+def run_pipelines(
+    ctx: LifecycleContext, image: StageOutcome, sandbox: StageOutcome
+) -> StageOutcome:
+    handle = handle_of(sandbox)
+    if not sandbox.passed or handle is None:
+        return skipped(Stage.PIPELINE_RUNS, "sandbox did not pass")
+    clock = StageClock(Stage.PIPELINE_RUNS, ctx.redactor)
+    deadline = time.monotonic() + ctx.config.timeouts.pipeline_runs_s
+    outputs: dict[str, dict[str, Any]] = {}
+    results: list[PipelineResult] = []
+    for pipeline in ctx.config.pipelines:
+        timeout_s = max(0.1, min(pipeline.timeout_s, deadline - time.monotonic()))
+        context = ctx.render_context(handle, image.details, outputs=outputs)
+        started = time.monotonic()
+        try:
+            if isinstance(pipeline, CommandPipeline):
+                result = run_command_pipeline(ctx, handle, pipeline, context, timeout_s)
+            else:
+                result = run_submit_poll_pipeline(ctx, handle, pipeline, context, timeout_s)
+        except TemplateError as exc:
+            result = PipelineResult(pipeline.name, pipeline.kind, False,
+                                    time.monotonic() - started, FailureKind.INFRA, str(exc))
+        results.append(result)
+        outputs[pipeline.name] = result.outputs
+        if not result.passed:
+            assert result.failure_kind is not None
+            return clock.failed(
+                result.failure_kind, f"pipeline '{pipeline.name}': {result.summary}",
+                log_ref=result.log_ref, pipelines=[r.to_dict() for r in results], outputs=outputs,
+            )
+    return clock.passed(
+        log_ref=handle.log_dir, pipelines=[r.to_dict() for r in results], outputs=outputs
+    )
+
+
+def run_command_pipeline(
+    ctx: LifecycleContext, handle: SandboxHandle, pipeline: CommandPipeline,
+    context: dict[str, Any], timeout_s: float,
+) -> PipelineResult:
+    argv, env = render(pipeline.command, context), render(pipeline.env, context)
+    try:
+        done = ctx.provider.run_command(handle, pipeline.name, argv, env, timeout_s)
+    except OSError as exc:
+        return PipelineResult(pipeline.name, pipeline.kind, False, 0.0, FailureKind.INFRA,
+                              f"could not start {argv[0]!r}: {exc.strerror or exc}")
+
+    def failed(kind: FailureKind, why: str) -> PipelineResult:
+        return PipelineResult(pipeline.name, pipeline.kind, False, done.duration_s, kind,
+                              f"{why}\n{done.stderr or done.stdout}", done.log_path,
+                              details={"exit_code": done.exit_code})
+
+    if done.timed_out:
+        return failed(FailureKind.TIMEOUT, f"killed at its timeout of {timeout_s:g}s")
+    if done.exit_code != pipeline.expect_exit_code:
+        return failed(FailureKind.PRODUCT,
+                      f"exited {done.exit_code}, expected {pipeline.expect_exit_code}")
+    combined = done.stdout + done.stderr
+    for expected in render(pipeline.expect_output, context):
+        if expected not in combined:
+            return failed(FailureKind.PRODUCT, f"output lacks {expected!r}")
+    outputs = {}
+    for key, pattern in pipeline.outputs.items():
+        match = re.search(pattern, done.stdout)
+        if match is None:
+            return failed(FailureKind.PRODUCT, f"output '{key}' not found: /{pattern}/")
+        outputs[key] = match.group(1) if match.groups() else match.group(0)
+    return PipelineResult(pipeline.name, pipeline.kind, True, done.duration_s,
+                          log_ref=done.log_path, outputs=outputs,
+                          details={"exit_code": done.exit_code})
+
+
+def run_submit_poll_pipeline(
+    ctx: LifecycleContext, handle: SandboxHandle, pipeline: SubmitPollPipeline,
+    context: dict[str, Any], timeout_s: float,
+) -> PipelineResult:
+    """Submit, then poll the status field until success, failure or the timeout."""
+    log_path = Path(handle.log_dir) / f"pipeline-{pipeline.name}.log"
+    start = time.monotonic()
+    deadline = start + timeout_s
+    transcript: list[str] = []
+
+    def finish(passed: bool, kind: FailureKind | None = None, summary: str = "",
+               **extra: Any) -> PipelineResult:
+        log_path.write_text(ctx.redactor.text("\n".join(transcript)))
+        return PipelineResult(pipeline.name, pipeline.kind, passed, time.monotonic() - start,
+                              kind, summary, str(log_path), **extra)
+
+    submit = render(pipeline.submit.model_dump(by_alias=True), context)
+    try:
+        response = requests.request(submit["method"], submit["url"], json=submit["json"],
+                                    headers=submit["headers"], timeout=30)
+        transcript.append(f"{submit['method']} {submit['url']} -> {response.status_code} "
+                          f"{response.text[:2000]}")
+        response.raise_for_status()
+        job_id = str(dig(response.json(), pipeline.id_field))
+    except (requests.RequestException, ValueError, KeyError) as exc:
+        return finish(False, FailureKind.PRODUCT, f"submit failed: {exc}")
+    poll_url = render(pipeline.poll_url, {**context, "id": job_id})
+    status, body = None, {}
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(poll_url, timeout=min(30, max(1, deadline - time.monotonic())))
+            response.raise_for_status()
+            body = response.json()
+            status = str(dig(body, pipeline.status_field))
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            transcript.append(f"GET {poll_url} -> {exc}")
+            return finish(False, FailureKind.PRODUCT, f"poll failed: {exc}", outputs={})
+        if not transcript[-1].startswith(f"status {status}"):
+            transcript.append(f"status {status} at {time.monotonic() - start:.1f}s")
+        if status in pipeline.success_states:
+            break
+        if status in pipeline.failure_states:
+            logs = _fetch_logs(pipeline, context, job_id)
+            transcript.append(f"logs:\n{logs}")
+            return finish(False, FailureKind.PRODUCT,
+                          f"job {job_id} ended {status}; logs tail:\n{logs}",
+                          details={"job_id": job_id, "status": status})
+        time.sleep(pipeline.interval_s)
+    else:
+        return finish(False, FailureKind.TIMEOUT,
+                      f"job {job_id} still {status} at the timeout of {timeout_s:g}s",
+                      details={"job_id": job_id, "status": status})
+    try:
+        outputs = {"id": job_id} | {k: dig(body, path) for k, path in pipeline.outputs.items()}
+    except KeyError as exc:
+        return finish(False, FailureKind.PRODUCT, f"output missing: {exc}")
+    return finish(True, outputs=outputs, details={"job_id": job_id, "status": status})
+
+
+def _fetch_logs(pipeline: SubmitPollPipeline, context: dict[str, Any], job_id: str) -> str:
+    if not pipeline.logs_url:
+        return ""
+    url = render(pipeline.logs_url, {**context, "id": job_id})
+    try:
+        response = requests.get(url, timeout=10)
+        if pipeline.logs_field:
+            return str(dig(response.json(), pipeline.logs_field, ""))
+        return response.text if response.ok else json.dumps({"status": response.status_code})
+    except (requests.RequestException, ValueError) as exc:
+        return f"(logs unavailable: {exc})"

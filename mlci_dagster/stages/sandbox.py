@@ -1,0 +1,39 @@
+"""The sandbox stage: create the sandbox and wait until every service is ready."""
+
+from __future__ import annotations
+
+from mlci_dagster.providers.handle import SandboxError, SandboxHandle
+from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, StageOutcome, skipped
+
+
+def start_sandbox(ctx: LifecycleContext, image: StageOutcome) -> StageOutcome:
+    if not image.passed:
+        return skipped(Stage.SANDBOX, "image did not pass")
+    clock = StageClock(Stage.SANDBOX, ctx.redactor)
+    spec = ctx.config.sandbox
+    handle: SandboxHandle | None = None
+    try:
+        handle = ctx.provider.create(
+            spec, config=ctx.config.name, engine=ctx.engine, run_id=ctx.run_id,
+            engine_variables=ctx.registry.settings.engines[ctx.engine].variables,
+            image=image.details,
+        )
+        probes = ctx.provider.wait_until_ready(handle, spec, ctx.config.timeouts.sandbox_s)
+    except SandboxError as exc:
+        # Cleanup next to creation: partial services die now; teardown re-checks later.
+        if handle is not None:
+            ctx.provider.destroy(handle)
+        return clock.failed(
+            FailureKind(exc.kind), str(exc), log_ref=exc.log_ref,
+            handle=handle.to_dict() if handle else None,
+        )
+    return clock.passed(
+        log_ref=handle.log_dir, handle=handle.to_dict(), probes=[p.to_dict() for p in probes]
+    )
+
+
+def handle_of(sandbox: StageOutcome) -> SandboxHandle | None:
+    """The handle a sandbox outcome carries, if a sandbox may exist."""
+    data = sandbox.details.get("handle")
+    return SandboxHandle.from_dict(data) if data else None

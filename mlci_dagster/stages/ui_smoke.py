@@ -1,0 +1,79 @@
+"""The ui_smoke stage: HTTP routes checked for status, content and JSON fields, with latency."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from mlci_dagster.registry.models import RouteCheck
+from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.http import dig
+from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, StageOutcome, skipped
+from mlci_dagster.stages.sandbox import handle_of
+from mlci_dagster.templating import TemplateError, render
+
+
+def check_route(route: RouteCheck, base_url: str, context: dict[str, Any]) -> dict[str, Any]:
+    """One route: what was asked, what came back, and every expectation it missed."""
+    url = base_url + render(route.path, context)
+    problems: list[str] = []
+    start = time.monotonic()
+    try:
+        response = requests.get(url, timeout=route.timeout_s)
+    except requests.RequestException as exc:
+        return {"url": url, "status": None, "latency_ms": None,
+                "problems": [f"GET {url}: {type(exc).__name__}: {exc}"]}
+    latency_ms = round((time.monotonic() - start) * 1000, 1)
+    if response.status_code != route.expect_status:
+        problems.append(f"status {response.status_code}, expected {route.expect_status}")
+    for text in render(route.contains, context):
+        if text not in response.text:
+            problems.append(f"body lacks {text!r}")
+    if route.json_equals:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+            problems.append("body is not JSON")
+        for path, expected in render(route.json_equals, context).items():
+            if body is None:
+                break
+            actual = dig(body, path, None)
+            if actual != expected:
+                problems.append(f"{path} = {actual!r}, expected {expected!r}")
+    return {"url": url, "status": response.status_code, "latency_ms": latency_ms,
+            "problems": problems}
+
+
+def smoke_test_ui(
+    ctx: LifecycleContext, image: StageOutcome, sandbox: StageOutcome, pipelines: StageOutcome
+) -> StageOutcome:
+    handle = handle_of(sandbox)
+    if handle is None or not (sandbox.passed and pipelines.passed):
+        return skipped(Stage.UI_SMOKE, "sandbox or pipeline_runs did not pass")
+    clock = StageClock(Stage.UI_SMOKE, ctx.redactor)
+    context = ctx.render_context(handle, image.details, outputs=pipelines.details["outputs"])
+    deadline = time.monotonic() + ctx.config.timeouts.ui_smoke_s
+    checks, failures = [], []
+    for i, route in enumerate(ctx.config.ui_smoke.routes):
+        if time.monotonic() > deadline:
+            return clock.failed(FailureKind.TIMEOUT,
+                                f"ui_smoke exceeded {ctx.config.timeouts.ui_smoke_s:g}s "
+                                f"before routes[{i}]", routes=checks)
+        try:
+            check = check_route(route, handle.endpoints[route.service], context)
+        except TemplateError as exc:
+            return clock.failed(FailureKind.INFRA, f"routes[{i}]: {exc}", routes=checks)
+        checks.append(check)
+        failures += [f"{check['url']}: {problem}" for problem in check["problems"]]
+    log_path = Path(handle.log_dir) / "ui_smoke.log"
+    log_path.write_text(ctx.redactor.text("\n".join(
+        f"{c['url']} -> {c['status']} in {c['latency_ms']} ms {c['problems'] or 'ok'}"
+        for c in checks)))
+    if failures:
+        return clock.failed(FailureKind.PRODUCT, "\n".join(failures), log_ref=str(log_path),
+                            routes=checks)
+    return clock.passed(log_ref=str(log_path), routes=checks)
