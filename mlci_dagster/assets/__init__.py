@@ -1,0 +1,1 @@
+"""Dagster assets: the six lifecycle stages over config × engine partitions."""

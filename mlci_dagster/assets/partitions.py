@@ -1,0 +1,32 @@
+"""The partition axes: config (dynamic, from the registry) × engine (static, from its root)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+CONFIG_PARTITIONS = dg.DynamicPartitionsDefinition(name="config")
+
+
+def lifecycle_partitions(engines: list[str]) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition(
+        {"config": CONFIG_PARTITIONS, "engine": dg.StaticPartitionsDefinition(engines)}
+    )
+
+
+def partition_key(config: str, engine: str) -> dg.MultiPartitionKey:
+    """The Dagster key of one cell; its string form is `config|engine`."""
+    return dg.MultiPartitionKey({"config": config, "engine": engine})
+
+
+def partition_dimensions(key: str) -> tuple[str, str]:
+    """(config, engine) of a `config|engine` key."""
+    if isinstance(key, dg.MultiPartitionKey):
+        dims = key.keys_by_dimension
+        return dims["config"], dims["engine"]
+    config, _, engine = key.partition("|")
+    return config, engine
+
+
+def partition_changes(wanted: set[str], existing: set[str]) -> tuple[list[str], list[str]]:
+    """The config partitions to add and to delete so that Dagster matches the registry."""
+    return sorted(wanted - existing), sorted(existing - wanted)

@@ -1,0 +1,198 @@
+"""`mlci`: validate and inspect the registry, sync partitions, run lifecycles, report results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from mlci_dagster.paths import REGISTRY_ENV, registry_path
+from mlci_dagster.registry import Registry, RegistryError, load_registry
+from mlci_dagster.registry.models import Settings, TestConfig
+
+# An embedded-default instance: SQLite storage under $DAGSTER_HOME (deploy/ holds the others).
+DEFAULT_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return load_registry(args.registry)
+
+
+def _instance():
+    """The Dagster instance at $DAGSTER_HOME, which must be set: the history is the product."""
+    import dagster as dg
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise SystemExit(
+            "mlci: DAGSTER_HOME is not set (e.g. export DAGSTER_HOME=$PWD/.dagster_home)"
+        )
+    Path(home).mkdir(parents=True, exist_ok=True)
+    settings = Path(home) / "dagster.yaml"
+    if not settings.exists():
+        settings.write_text(DEFAULT_INSTANCE_YAML)
+    return dg.DagsterInstance.get()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    print(f"{registry.root}: ok: {len(registry.configs)} configs, {len(registry.engines)} engines, "
+          f"{len(registry.partitions())} partitions")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    model = TestConfig if args.kind == "config" else Settings
+    print(json.dumps(model.model_json_schema(by_alias=True), indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    rows = [("PARTITION", "TIERS", "CONFIG ID", "FILE")]
+    for config, engine in registry.partitions(args.config, args.engine, args.tier):
+        loaded = registry.configs[config]
+        rows.append((f"{config}|{engine}", ",".join(loaded.config.tiers), loaded.config_id,
+                     str(loaded.path.relative_to(registry.root))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def sync_partitions(instance: Any, registry: Registry) -> tuple[list[str], list[str]]:
+    from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, partition_changes
+
+    existing = set(instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
+    add, remove = partition_changes(set(registry.configs), existing)
+    if add:
+        instance.add_dynamic_partitions(CONFIG_PARTITIONS.name, add)
+    for name in remove:
+        instance.delete_dynamic_partition(CONFIG_PARTITIONS.name, name)
+    return add, remove
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    registry = _registry(args)  # raises before any change: nothing is half-registered
+    add, remove = sync_partitions(_instance(), registry)
+    print(f"config partitions: {len(registry.configs)} (added: {', '.join(add) or 'none'}; "
+          f"removed: {', '.join(remove) or 'none'})")
+    return 0
+
+
+_WORKER_DEFS: dict[str, Any] = {}
+
+
+def execute_partition(registry: str, key: str, trigger: str) -> tuple[str, str, bool, float]:
+    """Runs one partition's lifecycle as a Dagster run on the instance at $DAGSTER_HOME."""
+    import dagster as dg
+
+    from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
+    from mlci_dagster.resources.mlci import TRIGGER_TAG
+
+    if registry not in _WORKER_DEFS:
+        _WORKER_DEFS[registry] = build_definitions(registry).resolve_job_def(LIFECYCLE_JOB)
+    start = time.monotonic()
+    with dg.DagsterInstance.get() as instance:
+        result = _WORKER_DEFS[registry].execute_in_process(
+            partition_key=key, instance=instance, raise_on_error=False,
+            tags={TRIGGER_TAG: trigger}, run_config=QUIET_RUN_CONFIG,
+        )
+    return key, result.run_id, result.success, time.monotonic() - start
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    partitions = registry.partitions(args.config, args.engine, args.tier)
+    if not partitions:
+        raise SystemExit("mlci run: no partition matches --config/--engine/--tier")
+    instance = _instance()
+    sync_partitions(instance, registry)
+    print(f"running {len(partitions)} partitions, {args.parallel} at a time, "
+          f"on DAGSTER_HOME={os.environ['DAGSTER_HOME']}", flush=True)
+    keys = [f"{c}|{e}" for c, e in partitions]
+    start = time.monotonic()
+    with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(execute_partition, str(registry.root), key, args.trigger)
+                   for key in keys]
+        for future in futures:
+            key, run_id, success, seconds = future.result()
+            print(f"  {key}: {'passed' if success else 'FAILED'} in {seconds:.1f}s "
+                  f"(run {run_id[:8]})", flush=True)
+    print(f"done in {time.monotonic() - start:.1f}s\n")
+    return _print_report(instance, partitions, as_json=False)
+
+
+def _print_report(instance: Any, partitions: list[tuple[str, str]], as_json: bool) -> int:
+    from mlci_dagster.report import format_table, latest_records
+
+    rows = latest_records(instance, partitions)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+        for row in rows:
+            if row["status"].startswith("fail"):
+                first = (row.get("error_summary") or "").strip().splitlines()[:1]
+                print(f"\n{row['partition']}: {row['status']} ({row.get('failure_kind')}, "
+                      f"owner {row.get('owner')}): {first[0] if first else ''}\n"
+                      f"  log: {row.get('log_ref')}")
+    return 0 if all(r["status"] == "pass" for r in rows) else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    _print_report(_instance(), registry.partitions(args.config, args.engine, args.tier), args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlci", description=__doc__)
+    parser.add_argument("--registry", default=str(registry_path()),
+                        help=f"registry folder (default: ${REGISTRY_ENV} or the example)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("validate", help="validate the registry").set_defaults(fn=cmd_validate)
+    schema = commands.add_parser("schema", help="print the JSON Schema of a registry file")
+    schema.add_argument("--kind", choices=["config", "settings"], default="config")
+    schema.set_defaults(fn=cmd_schema)
+    commands.add_parser("sync", help="make the config partitions equal the registry"
+                        ).set_defaults(fn=cmd_sync)
+
+    def with_filters(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config")
+        sub.add_argument("--engine")
+        sub.add_argument("--tier")
+        return sub
+
+    with_filters("list", "list partitions").set_defaults(fn=cmd_list)
+    run = with_filters("run", "run lifecycles through the Dagster instance at $DAGSTER_HOME")
+    run.add_argument("--parallel", type=int, default=2, help="partitions at once (default 2)")
+    run.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
+    run.set_defaults(fn=cmd_run)
+    report = with_filters("report", "latest result per partition")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(fn=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RegistryError as exc:
+        print(f"mlci: the registry is invalid ({len(exc.problems)} problems):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Where the registry and the harness's own files live: both come from the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REGISTRY_ENV = "MLCI_REGISTRY"
+EXAMPLE_REGISTRY = Path(__file__).resolve().parent.parent / "examples" / "local"
+
+
+def registry_path() -> Path:
+    """`$MLCI_REGISTRY`, else the example registry beside the package."""
+    return Path(os.environ.get(REGISTRY_ENV) or EXAMPLE_REGISTRY)
+
+
+def mlci_home() -> Path:
+    """`$DAGSTER_HOME/mlci`: images, sandboxes, logs and the ledger, beside the Dagster history."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise RuntimeError(
+            "DAGSTER_HOME is not set: set it to a directory that keeps the run history, "
+            "e.g. export DAGSTER_HOME=$PWD/.dagster_home"
+        )
+    return Path(home) / "mlci"

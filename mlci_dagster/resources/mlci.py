@@ -1,0 +1,42 @@
+"""The resource every stage asset takes: the registry, the harness home and a lifecycle context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from mlci_dagster.assets.partitions import partition_dimensions
+from mlci_dagster.paths import mlci_home
+from mlci_dagster.registry import Registry, load_registry
+from mlci_dagster.stages.context import LifecycleContext
+
+TRIGGER_TAG = "mlci/trigger"
+
+
+class MlciResource(dg.ConfigurableResource):
+    """The registry folder and where sandboxes, images and logs go (default: $DAGSTER_HOME/mlci)."""
+
+    registry_path: str
+    home: str = ""
+
+    def registry(self) -> Registry:
+        return load_registry(self.registry_path)
+
+    def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
+        config, engine = partition_dimensions(context.partition_key)
+        home = self.home or str(mlci_home())
+        return LifecycleContext.create(self.registry(), config, engine, context.run_id, Path(home))
+
+
+def trigger_of(tags: dict[str, str]) -> str:
+    """How a run was started: schedule, sensor, backfill or manual."""
+    if TRIGGER_TAG in tags:
+        return tags[TRIGGER_TAG]
+    if "dagster/backfill" in tags:
+        return "backfill"
+    if "dagster/schedule_name" in tags:
+        return "schedule"
+    if "dagster/sensor_name" in tags:
+        return "sensor"
+    return "manual"

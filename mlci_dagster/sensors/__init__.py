@@ -1,0 +1,1 @@
+"""Dagster sensors: keeping the config partitions equal to the registry."""
