@@ -23,7 +23,7 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
     partitions = lifecycle_partitions(engines)
     assets = lifecycle_assets(partitions)
     # One partition's stages run in one process, in order: no process start-up per step.
-    job = dg.define_asset_job(LIFECYCLE_JOB, selection=assets, partitions_def=partitions,
+    job = dg.define_asset_job(LIFECYCLE_JOB, selection=assets,
                               executor_def=dg.in_process_executor,
                               description="The whole lifecycle of one config × engine.")
     return dg.Definitions(

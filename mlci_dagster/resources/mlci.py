@@ -26,7 +26,9 @@ class MlciResource(dg.ConfigurableResource):
     def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
         config, engine = partition_dimensions(context.partition_key)
         home = self.home or str(mlci_home())
-        return LifecycleContext.create(self.registry(), config, engine, context.run_id, Path(home))
+        return LifecycleContext.create(
+            self.registry(), config, engine, context.run.run_id, Path(home)
+        )
 
 
 def trigger_of(tags: dict[str, str]) -> str:

@@ -8,7 +8,8 @@ from mlci_dagster.resources.mlci import MlciResource
 
 
 @dg.sensor(
-    name="registry_sync", minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+    name="registry_sync", minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
     description="Adds a config partition for each new registry file and removes deleted ones.",
 )
 def registry_sync(context: dg.SensorEvaluationContext, mlci: MlciResource) -> dg.SensorResult:

@@ -1,0 +1,128 @@
+"""Shared fixtures: a real Dagster instance in a temporary DAGSTER_HOME, registries written
+on the fly, and leak checks over real processes, ports and directories."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import yaml
+
+from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
+from mlci_dagster.providers.ports import port_is_free
+from mlci_dagster.report import RESULTS_ASSET
+
+PY = sys.executable
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def instance(dagster_home: Path):
+    with dg.DagsterInstance.get() as inst:
+        yield inst
+
+
+def http_service(name: str = "web", timeout_s: float = 20) -> dict[str, Any]:
+    return {
+        "name": name,
+        "command": [PY, "-m", "http.server", "${port}", "--bind", "127.0.0.1",
+                    "--directory", "${sandbox.workdir}"],
+        "ready": {"http": {"path": "/"}, "timeout_s": timeout_s},
+    }
+
+
+def command_pipeline(name: str, code: str, timeout_s: float = 30, **extra: Any) -> dict[str, Any]:
+    return {"kind": "command", "name": name, "command": [PY, "-c", code],
+            "timeout_s": timeout_s, **extra}
+
+
+def config(name: str, **overrides: Any) -> dict[str, Any]:
+    body = {
+        "name": name,
+        "owners": {"default": "test-team"},
+        "image": {"ref": "example.test/platform@sha256:abc123"},
+        "sandbox": {"services": [http_service()]},
+        "pipelines": [command_pipeline("ok", "print('run_id=42')",
+                                       outputs={"run_id": "run_id=(\\d+)"})],
+        "ui_smoke": {"routes": [{"service": "web", "path": "/"}]},
+        "timeouts": {"sandbox_s": 30, "pipeline_runs_s": 60, "ui_smoke_s": 30},
+    }
+    body.update(overrides)
+    return body
+
+
+def write_registry(root: Path, configs: list[dict[str, Any]], *,
+                   engines: dict[str, Any] | None = None, secrets: list[str] = ()) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {"engines": engines or {"e1": {"variables": {"STORE": "${sandbox.workdir}/db"}}}}
+    if secrets:
+        settings["secrets"] = list(secrets)
+    (root / "mlci.yaml").write_text(yaml.safe_dump(settings))
+    (root / "configs").mkdir(exist_ok=True)
+    for body in configs:
+        (root / "configs" / f"{body['name']}.yaml").write_text(yaml.safe_dump(body))
+    return root
+
+
+def run_partition(instance: dg.DagsterInstance, registry: Path, key: str):
+    """Runs one partition's lifecycle on the instance; returns (run result, results record)."""
+    job = build_definitions(registry).resolve_job_def(LIFECYCLE_JOB)
+    instance.add_dynamic_partitions("config", [key.split("|")[0]])
+    result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
+                                    run_config=QUIET)
+    return result, latest_record(instance, key)
+
+
+def latest_record(instance: dg.DagsterInstance, key: str) -> dict[str, Any] | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[key]), limit=1
+    ).records
+    return dict(records[0].asset_materialization.metadata["record"].value) if records else None
+
+
+def stage_details(instance: dg.DagsterInstance, run_id: str, stage: str) -> dict[str, Any]:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(stage)), limit=50
+    ).records
+    for record in records:
+        if record.run_id == run_id:
+            return dict(record.asset_materialization.metadata["details"].value)
+    raise AssertionError(f"no {stage} materialization in run {run_id}")
+
+
+def processes_of_sandbox(sandbox_id: str) -> list[int]:
+    """Live processes started for a sandbox: each carries MLCI_SANDBOX_ID in its environment."""
+    needle = f"MLCI_SANDBOX_ID={sandbox_id}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if needle in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def assert_no_leaks(dagster_home: Path, handle: dict[str, Any]) -> None:
+    assert processes_of_sandbox(handle["sandbox_id"]) == []
+    assert [p for p in handle["ports"].values() if not port_is_free(p)] == []
+    assert not Path(handle["workdir"]).exists()
+    assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []

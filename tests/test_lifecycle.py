@@ -1,0 +1,221 @@
+"""The lifecycle on a real Dagster instance, with real processes and real HTTP."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from mlci_dagster.paths import EXAMPLE_REGISTRY
+from tests.conftest import (
+    PY,
+    assert_no_leaks,
+    command_pipeline,
+    config,
+    http_service,
+    processes_of_sandbox,
+    run_partition,
+    stage_details,
+    write_registry,
+)
+
+
+def check_results(instance: dg.DagsterInstance, run_id: str) -> dict[str, bool]:
+    """Every asset check evaluated in a run: '<asset>.<check>' -> passed."""
+    records = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    return {
+        f"{r.dagster_event.event_specific_data.asset_key.to_user_string()}."
+        f"{r.dagster_event.event_specific_data.check_name}":
+        r.dagster_event.event_specific_data.passed
+        for r in records
+    }
+
+
+def test_example_partition_passes_and_records_every_stage(instance, dagster_home):
+    result, record = run_partition(instance, EXAMPLE_REGISTRY, "jobs-api|sqlite")
+
+    assert result.success
+    assert record["status"] == "pass"
+    assert {s: v["status"] for s, v in record["stages"].items()} == {
+        "image": "pass", "sandbox": "pass", "pipeline_runs": "pass", "ui_smoke": "pass",
+        "teardown": "pass"}
+    assert record["image_digest"].startswith("sha256:")
+    assert record["trigger"] == "manual"
+    assert len(record["config_id"]) == 16
+    assert all(check_results(instance, result.run_id).values())
+    assert_no_leaks(dagster_home, stage_details(instance, result.run_id, "sandbox")["handle"])
+
+
+def test_failing_pipeline_skips_ui_tears_down_and_fails_the_run(instance, dagster_home, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config(
+        "broken", pipelines=[command_pipeline(
+            "train", "import sys; print('loss diverged', file=sys.stderr); sys.exit(3)")])])
+
+    result, record = run_partition(instance, registry, "broken|e1")
+
+    assert not result.success  # the run is red ...
+    assert record is not None  # ... and the record is kept
+    assert record["status"] == "fail-pipeline_runs"
+    assert record["failure_kind"] == "product"
+    assert record["owner"] == "test-team"
+    assert "loss diverged" in record["error_summary"]
+    assert "exited 3" in record["error_summary"]
+    assert record["stages"]["ui_smoke"]["status"] == "skip"
+    assert record["stages"]["teardown"]["status"] == "pass"
+    checks = check_results(instance, result.run_id)
+    assert checks["pipeline_runs.stage_passed"] is False
+    assert checks["results.lifecycle_passed"] is False
+    assert_no_leaks(dagster_home, stage_details(instance, result.run_id, "sandbox")["handle"])
+
+
+def test_service_never_ready_fails_sandbox_and_kills_partial_services(
+    instance, dagster_home, tmp_path
+):
+    never_ready = {"name": "api", "command": [PY, "-c", "import time; time.sleep(600)"],
+                   "ready": {"tcp": True, "timeout_s": 2}}
+    registry = write_registry(tmp_path / "reg", [config(
+        "stuck", sandbox={"services": [http_service("web"), never_ready]},
+        ui_smoke={"routes": []})])
+
+    result, record = run_partition(instance, registry, "stuck|e1")
+
+    assert not result.success
+    assert record["status"] == "fail-sandbox"
+    assert record["failure_kind"] == "timeout"
+    assert "service 'api' not ready in time" in record["error_summary"]
+    assert [record["stages"][s]["status"] for s in ("pipeline_runs", "ui_smoke")] == ["skip"] * 2
+    handle = stage_details(instance, result.run_id, "sandbox")["handle"]
+    assert set(handle["process_groups"]) == {"service:web", "service:api"}
+    assert_no_leaks(dagster_home, handle)
+
+
+def test_service_that_exits_fails_sandbox_with_its_log_tail(instance, dagster_home, tmp_path):
+    crashing = {"name": "api", "command": [PY, "-c", "raise SystemExit('bad flag --foo')"],
+                "ready": {"tcp": True, "timeout_s": 20}}
+    registry = write_registry(tmp_path / "reg", [config(
+        "crash", sandbox={"services": [crashing]}, ui_smoke={"routes": []})])
+
+    result, record = run_partition(instance, registry, "crash|e1")
+
+    assert record["status"] == "fail-sandbox"
+    assert record["failure_kind"] == "product"
+    assert "exited before ready" in record["error_summary"]
+    assert "bad flag --foo" in record["error_summary"]
+    assert record["stages"]["sandbox"]["duration_s"] < 15  # did not wait for the probe timeout
+
+
+def test_hanging_pipeline_is_killed_at_its_timeout(instance, dagster_home, tmp_path):
+    # The pipeline forks a grandchild too: the whole process group must die.
+    hang = command_pipeline(
+        "hang", "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)",
+        timeout_s=2)
+    registry = write_registry(tmp_path / "reg", [config("hangs", pipelines=[hang])])
+
+    result, record = run_partition(instance, registry, "hangs|e1")
+
+    assert record["status"] == "fail-pipeline_runs"
+    assert record["failure_kind"] == "timeout"
+    assert "killed at its timeout of 2s" in record["error_summary"]
+    assert record["stages"]["pipeline_runs"]["duration_s"] < 10
+    assert_no_leaks(dagster_home, stage_details(instance, result.run_id, "sandbox")["handle"])
+
+
+def test_image_failure_skips_everything_and_needs_no_teardown(instance, dagster_home, tmp_path):
+    image = {"build": {"command": [PY, "-c", "raise SystemExit(2)"], "inputs": ["mlci.yaml"]}}
+    registry = write_registry(tmp_path / "reg", [config("noimage", image=image)])
+
+    result, record = run_partition(instance, registry, "noimage|e1")
+
+    assert record["status"] == "fail-image"
+    assert [v["status"] for v in record["stages"].values()] == ["fail"] + ["skip"] * 4
+
+
+def test_image_build_is_cached_by_content_hash(instance, dagster_home, tmp_path):
+    counter = tmp_path / "builds"
+    build = [PY, "-c", f"open({str(counter)!r}, 'a').write('x')"]
+    registry = write_registry(
+        tmp_path / "reg", [config("cached", image={"build": {"command": build,
+                                                             "inputs": ["inputs/*"]}})])
+    (registry / "inputs").mkdir()
+    (registry / "inputs" / "requirements.txt").write_text("numpy==2.0\n")
+
+    first = run_partition(instance, registry, "cached|e1")[1]
+    second = run_partition(instance, registry, "cached|e1")[1]
+    (registry / "inputs" / "requirements.txt").write_text("numpy==2.1\n")
+    third = run_partition(instance, registry, "cached|e1")[1]
+
+    assert counter.read_text() == "xx"  # built, reused, rebuilt after the input changed
+    assert first["image_digest"] == second["image_digest"] != third["image_digest"]
+
+
+def test_planted_secret_never_reaches_metadata_logs_or_summaries(
+    instance, dagster_home, tmp_path, monkeypatch
+):
+    secret = "tok-9f8e7d6c5b4a"
+    monkeypatch.setenv("MLCI_TEST_TOKEN", secret)
+    leaky = {
+        "name": "web",
+        "command": [PY, "-c",
+                    "import os, sys, http.server as h; "
+                    "print('token is', os.environ['API_TOKEN'], file=sys.stderr, flush=True); "
+                    "h.HTTPServer(('127.0.0.1', int(sys.argv[1])), "
+                    "h.SimpleHTTPRequestHandler).serve_forever()", "${port}"],
+        "env": {"API_TOKEN": "${env.MLCI_TEST_TOKEN}"},
+        "ready": {"http": {"path": "/"}, "timeout_s": 20},
+    }
+    failing = command_pipeline(
+        "train", "import os, sys; print('auth', os.environ['API_TOKEN'], file=sys.stderr); "
+        "sys.exit(1)", env={"API_TOKEN": "${env.MLCI_TEST_TOKEN}"})
+    registry = write_registry(tmp_path / "reg", [config(
+        "leaky", sandbox={"services": [leaky]}, pipelines=[failing])],
+        secrets=["MLCI_TEST_TOKEN"])
+
+    result, record = run_partition(instance, registry, "leaky|e1")
+
+    assert record["status"] == "fail-pipeline_runs"
+    assert "auth ***" in record["error_summary"]  # the line is kept, the value is not
+    service_log = Path(stage_details(instance, result.run_id, "sandbox")["handle"]["log_dir"],
+                       "service-web.log")
+    assert "token is ***" in service_log.read_text()
+    # Nothing under DAGSTER_HOME holds it: event log, metadata, stored outputs, logs, records.
+    leaks = [p for p in dagster_home.rglob("*")
+             if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaks == []
+    assert all(secret not in str(e) for e in instance.all_logs(result.run_id))
+
+
+def test_two_partitions_side_by_side_share_no_port_or_directory(dagster_home, tmp_path):
+    import subprocess
+
+    slow = command_pipeline("work", "import time; time.sleep(3)")
+    registry = write_registry(tmp_path / "reg", [config("left", pipelines=[slow]),
+                                                 config("right", pipelines=[slow])])
+    done = subprocess.run(
+        [PY, "-m", "mlci_dagster.cli", "--registry", str(registry), "run", "--parallel", "2"],
+        capture_output=True, text=True, timeout=300, env=os.environ,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    with dg.DagsterInstance.get() as instance:
+        sandboxes = [
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("sandbox"), asset_partitions=[key])
+            for key in ("left|e1", "right|e1")
+        ]
+        handles, windows = [], []
+        for records_filter in sandboxes:
+            record = instance.fetch_materializations(records_filter, limit=1).records[0]
+            details = record.asset_materialization.metadata["details"].value
+            handles.append(details["handle"])
+            teardown = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("teardown"),
+                                      asset_partitions=records_filter.asset_partitions), limit=1,
+            ).records[0]
+            windows.append((details["handle"]["created_at"], teardown.timestamp))
+
+    assert max(start for start, _ in windows) < min(end for _, end in windows)  # overlapped
+    assert set(handles[0]["ports"].values()).isdisjoint(handles[1]["ports"].values())
+    assert handles[0]["workdir"] != handles[1]["workdir"]
+    for handle in handles:
+        assert_no_leaks(dagster_home, handle)
+        assert processes_of_sandbox(handle["sandbox_id"]) == []
