@@ -20,6 +20,7 @@ def nightly_schedule(job: dg.JobDefinition, cron: str = "0 2 * * *"
     def nightly(context: dg.ScheduleEvaluationContext, mlci: MlciResource):
         registry = mlci.registry()
         known = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
+        night = context.scheduled_execution_time.strftime("%Y-%m-%d")
         requests = []
         for config, engine in registry.partitions(tier=NIGHTLY_TIER):
             if config not in known:
@@ -27,6 +28,8 @@ def nightly_schedule(job: dg.JobDefinition, cron: str = "0 2 * * *"
                 continue
             requests.append(dg.RunRequest(
                 partition_key=partition_key(config, engine),
+                # Run keys dedupe forever: one run per partition per night, even on a retried tick.
+                run_key=f"nightly:{night}:{config}|{engine}",
                 tags={TRIGGER_TAG: "schedule"},
             ))
         return requests or dg.SkipReason("no nightly-tier partitions")

@@ -67,7 +67,7 @@ def wait_until_ready(
     """Polls until ready, until min(probe timeout, `deadline`), or until `exited()` says why not."""
     kind = "http" if spec.http else "tcp" if spec.tcp else "command"
     start = time.monotonic()
-    stop = min(start + spec.timeout_s, deadline)
+    stop = min(start + (spec.timeout_s or float("inf")), deadline)
     attempts = 0
     while True:
         attempts += 1

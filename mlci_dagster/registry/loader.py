@@ -87,7 +87,10 @@ def _validation_problems(path: Path, error: ValidationError) -> list[str]:
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-        problems.append(f"{path}: {_field_path(err['loc'])}: {message}")
+        if err["loc"]:
+            problems.append(f"{path}: {_field_path(err['loc'])}: {message}")
+        else:  # a whole-config rule, whose message starts with the field path it is about
+            problems.append(f"{path}: {message}")
     return problems
 
 

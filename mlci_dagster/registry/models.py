@@ -74,7 +74,7 @@ class ProbeSpec(StrictModel):
     http: HttpProbe | None = None
     tcp: bool | None = None
     command: Argv | None = None
-    timeout_s: Seconds = 60
+    timeout_s: Seconds | None = Field(default=None, description="Default: timeouts.sandbox_s.")
     interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
 
     @model_validator(mode="after")
@@ -113,7 +113,9 @@ class CommandPipeline(StrictModel):
     outputs: dict[EnvName, str] = Field(
         default={}, description="Values to capture: a regex with one group, searched in stdout."
     )
-    timeout_s: Seconds = 600
+    timeout_s: Seconds | None = Field(
+        default=None, description="Default: what is left of timeouts.pipeline_runs_s."
+    )
 
 
 class HttpRequest(StrictModel):
@@ -140,7 +142,9 @@ class SubmitPollPipeline(StrictModel):
         default={}, description="Values to capture: dotted paths in the final poll response."
     )
     interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
-    timeout_s: Seconds = 600
+    timeout_s: Seconds | None = Field(
+        default=None, description="Default: what is left of timeouts.pipeline_runs_s."
+    )
 
 
 Pipeline = Annotated[CommandPipeline | SubmitPollPipeline, Field(discriminator="kind")]
@@ -222,13 +226,13 @@ class TestConfig(StrictModel):
                     f"(expected one of: {', '.join(sorted(services)) or 'no services declared'})"
                 )
         for i, pipeline in enumerate(self.pipelines):
-            if pipeline.timeout_s > self.timeouts.pipeline_runs_s:
+            if pipeline.timeout_s and pipeline.timeout_s > self.timeouts.pipeline_runs_s:
                 raise ValueError(
                     f"pipelines[{i}].timeout_s: {pipeline.timeout_s:g} exceeds "
                     f"timeouts.pipeline_runs_s ({self.timeouts.pipeline_runs_s:g})"
                 )
         for i, service in enumerate(self.sandbox.services):
-            if service.ready.timeout_s > self.timeouts.sandbox_s:
+            if service.ready.timeout_s and service.ready.timeout_s > self.timeouts.sandbox_s:
                 raise ValueError(
                     f"sandbox.services[{i}].ready.timeout_s: {service.ready.timeout_s:g} exceeds "
                     f"timeouts.sandbox_s ({self.timeouts.sandbox_s:g})"

@@ -49,7 +49,8 @@ def run_pipelines(
     outputs: dict[str, dict[str, Any]] = {}
     results: list[PipelineResult] = []
     for pipeline in ctx.config.pipelines:
-        timeout_s = max(0.1, min(pipeline.timeout_s, deadline - time.monotonic()))
+        remaining = deadline - time.monotonic()
+        timeout_s = max(0.1, min(pipeline.timeout_s or remaining, remaining))
         context = ctx.render_context(handle, image.details, outputs=outputs)
         started = time.monotonic()
         try:

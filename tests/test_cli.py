@@ -1,0 +1,66 @@
+"""The `mlci` command as a user runs it: real subprocesses on a real DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import dagster as dg
+
+from mlci_dagster.paths import EXAMPLE_REGISTRY
+from tests.conftest import PY, config, write_registry
+
+
+def mlci(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "mlci_dagster.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ)
+
+
+def test_malformed_registry_names_file_and_field_and_registers_nothing(dagster_home, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config("good"),
+                                                 config("bad", timeouts={"sandbox_s": -5})])
+
+    sync = mlci("--registry", str(registry), "sync")
+    run = mlci("--registry", str(registry), "run")
+
+    assert sync.returncode == run.returncode == 2
+    assert f"{registry}/configs/bad.yaml: timeouts.sandbox_s: Input should be greater than 0" \
+        in sync.stderr
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions("config") == []  # not even the good one
+        assert instance.get_runs() == []
+
+
+def test_sync_adds_and_removes_partitions(dagster_home, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config("a"), config("b")])
+    assert mlci("--registry", str(registry), "sync").returncode == 0
+    (registry / "configs" / "a.yaml").unlink()
+
+    out = mlci("--registry", str(registry), "sync").stdout
+
+    assert "removed: a" in out
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions("config") == ["b"]
+
+
+def test_run_then_report_prints_one_row_per_partition(dagster_home):
+    run = mlci("--registry", str(EXAMPLE_REGISTRY), "run", "--config", "static-site")
+    report = mlci("--registry", str(EXAMPLE_REGISTRY), "report", "--json")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "static-site|sqlite: passed" in run.stdout
+    rows = {r["partition"]: r for r in json.loads(report.stdout)}
+    assert rows["static-site|sqlite"]["status"] == rows["static-site|jsonfile"]["status"] == "pass"
+    assert rows["jobs-api|sqlite"]["status"] == "untested"
+    with dg.DagsterInstance.get() as instance:
+        assert len(instance.get_runs()) == 2  # one Dagster run per partition
+
+
+def test_validate_list_and_missing_dagster_home(tmp_path):
+    assert "ok: 2 configs, 2 engines, 4 partitions" in mlci("validate").stdout
+    assert "jobs-api|jsonfile" in mlci("list", "--engine", "jsonfile").stdout
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    done = subprocess.run([PY, "-m", "mlci_dagster.cli", "report"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode != 0 and "DAGSTER_HOME is not set" in done.stderr

@@ -1,0 +1,71 @@
+"""Pure helpers: templating, redaction, status of a lifecycle."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlci_dagster.redact import Redactor
+from mlci_dagster.stages.http import dig
+from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, skipped
+from mlci_dagster.stages.results import lifecycle_status
+from mlci_dagster.templating import TemplateError, render
+
+
+def test_render_resolves_nested_references_and_keeps_kept_roots():
+    context = {"services": {"web": {"url": "http://127.0.0.1:9"}}, "env": {"T": "x"}}
+
+    assert render(["${services.web.url}/a", {"k": "${env.T}"}], context) == [
+        "http://127.0.0.1:9/a", {"k": "x"}]
+    assert render("${env.T}", context, keep=frozenset({"env"})) == "${env.T}"
+
+
+def test_render_names_the_missing_reference():
+    with pytest.raises(TemplateError, match=r"\$\{services.db.url\}: no 'db' here"):
+        render("${services.db.url}", {"services": {"web": {}}})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("value hunter2-secret here", "value *** here"),
+        ("password=abc123", "password=***"),
+        ("Authorization: Bearer eyJhbGci", "Authorization: Bearer ***"),
+        ("postgresql://app:pa55@db:5432/x", "postgresql://app:***@db:5432/x"),
+        ("key AKIAABCDEFGHIJKLMNOP", "key ***"),
+        ("nothing to hide", "nothing to hide"),
+    ],
+)
+def test_redactor_masks_declared_values_and_credential_shapes(text, expected):
+    assert Redactor(["hunter2-secret"]).text(text) == expected
+
+
+def test_error_summary_is_redacted_before_it_is_cut():
+    secret = "s" * 20
+    clock = StageClock(Stage.PIPELINE_RUNS, Redactor([secret]))
+    # The secret straddles the 500-character cut: no part of it may survive.
+    # Cut first, its last 10 characters would open the summary.
+    outcome = clock.failed(FailureKind.PRODUCT, "x" * 600 + secret + "y" * 490)
+
+    assert len(outcome.error_summary) <= 500
+    assert "s" not in outcome.error_summary
+    assert outcome.error_summary.startswith("x") and "***" in outcome.error_summary
+
+
+def test_lifecycle_status_names_the_first_failing_stage():
+    clock = StageClock(Stage.SANDBOX)
+    outcomes = [StageClock(Stage.IMAGE).passed(), clock.failed(FailureKind.INFRA, "boom"),
+                skipped(Stage.PIPELINE_RUNS, "sandbox did not pass"),
+                StageClock(Stage.TEARDOWN).failed(FailureKind.INFRA, "leak")]
+
+    status, first = lifecycle_status(outcomes)
+
+    assert status == "fail-sandbox" and first.stage is Stage.SANDBOX
+    assert lifecycle_status(outcomes[:1]) == ("pass", None)
+
+
+def test_dig_reads_dotted_paths_and_reports_where_it_stopped():
+    body = {"run": {"data": {"metrics": [{"key": "rmse"}]}}}
+    assert dig(body, "run.data.metrics.0.key") == "rmse"
+    assert dig(body, "run.info", None) is None
+    with pytest.raises(KeyError, match="stopped at 'info'"):
+        dig(body, "run.info.status")

@@ -1,0 +1,73 @@
+"""The whole Definitions loads, and the schedule and sensor do what they say."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from mlci_dagster.assets.partitions import partition_key
+from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions, defs
+from mlci_dagster.paths import EXAMPLE_REGISTRY
+from tests.conftest import config, write_registry
+
+STAGES = ["image", "sandbox", "pipeline_runs", "ui_smoke", "teardown", "results"]
+
+
+def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
+    repo = defs.get_repository_def()
+
+    assert sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()) == sorted(
+        STAGES)
+    checks = {(c.asset_key.to_user_string(), c.name) for c in repo.asset_graph.asset_check_keys}
+    assert checks == {(s, "stage_passed") for s in STAGES[:-1]} | {("results",
+                                                                     "lifecycle_passed")}
+    assert repo.has_job(LIFECYCLE_JOB)
+    assert [s.name for s in repo.schedule_defs] == ["nightly"]
+    assert [s.name for s in repo.sensor_defs] == ["registry_sync"]
+    partitions = repo.asset_graph.get(dg.AssetKey("results")).partitions_def
+    assert isinstance(partitions, dg.MultiPartitionsDefinition)
+    assert [d.name for d in partitions.partitions_defs] == ["config", "engine"]
+
+
+def test_nightly_schedule_requests_every_nightly_partition_with_its_trigger(instance, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config("a"), config("b", tiers=["pr"])],
+                              engines={"e1": {}, "e2": {}})
+    instance.add_dynamic_partitions("config", ["a", "b"])
+    definitions = build_definitions(registry)
+    nightly = definitions.resolve_schedule_def("nightly")
+
+    tick = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+    with dg.build_schedule_context(instance=instance, resources=definitions.resources,
+                                   repository_def=definitions.get_repository_def(),
+                                   scheduled_execution_time=tick) as context:
+        requests = nightly.evaluate_tick(context).run_requests
+
+    assert sorted(r.partition_key for r in requests) == ["a|e1", "a|e2"]
+    assert {r.tags["mlci/trigger"] for r in requests} == {"schedule"}
+    assert {r.run_key for r in requests} == {"nightly:2026-11-24:a|e1", "nightly:2026-11-24:a|e2"}
+
+
+def test_registry_sync_sensor_adds_new_and_removes_deleted_configs(instance, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config("a"), config("b")])
+    instance.add_dynamic_partitions("config", ["a", "gone"])
+    definitions = build_definitions(registry)
+    sensor = definitions.resolve_sensor_def("registry_sync")
+
+    with dg.build_sensor_context(instance=instance, resources=definitions.resources) as context:
+        result = sensor(context)
+
+    added = [r for r in result.dynamic_partitions_requests
+             if isinstance(r, dg.AddDynamicPartitionsRequest)]
+    deleted = [r for r in result.dynamic_partitions_requests
+               if isinstance(r, dg.DeleteDynamicPartitionsRequest)]
+    assert [list(r.partition_keys) for r in added] == [["b"]]
+    assert [list(r.partition_keys) for r in deleted] == [["gone"]]
+
+
+def test_partition_key_string_form_is_config_bar_engine():
+    assert str(partition_key("python-train", "sqlite")) == "python-train|sqlite"
+
+
+def test_example_registry_is_the_default():
+    assert build_definitions(EXAMPLE_REGISTRY).get_repository_def().has_job(LIFECYCLE_JOB)

@@ -1,0 +1,133 @@
+"""Registry validation: every error names the file, the field path and what was expected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlci_dagster.registry import RegistryError, load_registry
+from mlci_dagster.registry.loader import config_id
+from tests.conftest import config, write_registry
+
+
+def problems_of(root: Path) -> list[str]:
+    with pytest.raises(RegistryError) as caught:
+        load_registry(root)
+    return caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        ({"colour": "red"}, "colour", "unknown key"),
+        ({"name": "Bad_Name"}, "name", "should match pattern"),
+        ({"name": "a|b"}, "name", "should match pattern"),
+        ({"name": "x" * 64}, "name", "should match pattern"),
+        ({"engines": ["e1", "oracle"]}, "engines[1]", "unknown engine 'oracle'"),
+        ({"timeouts": {"pipeline_runs_s": 0}}, "timeouts.pipeline_runs_s", "greater than 0"),
+        ({"pipelines": []}, "pipelines", "at least 1 item"),
+        ({"image": {}}, "image", "exactly one of 'ref' or 'build'"),
+        ({"pipelines": [{"kind": "command", "name": "p", "command": ["true"], "timeout_s": 90}],
+          "timeouts": {"pipeline_runs_s": 60}},
+         "pipelines[0].timeout_s", "exceeds timeouts.pipeline_runs_s"),
+        ({"pipelines": [{"kind": "command", "name": "p", "command": ["true"], "retries": 2}]},
+         "pipelines[0].retries", "unknown key"),
+        ({"pipelines": [{"kind": "shell", "name": "p"}]}, "pipelines[0]", "does not match"),
+        ({"ui_smoke": {"routes": [{"service": "db", "path": "/"}]}},
+         "ui_smoke.routes[0].service", "unknown service 'db'"),
+        ({"sandbox": {"services": [{"name": "web", "command": ["x"], "ready": {}}]}},
+         "sandbox.services[0].ready", "exactly one of 'http', 'tcp' or 'command'"),
+        ({"pipelines": [{"kind": "command", "name": "p", "command": ["${vars.MISSING}"]}]},
+         "pipelines", "engine variable not declared by engine(s) e1"),
+        ({"pipelines": [{"kind": "command", "name": "p", "command": ["${servics.web.url}"]}]},
+         "pipelines", "unknown root 'servics'"),
+    ],
+)
+def test_bad_config_is_reported_with_file_and_field(tmp_path, overrides, field, expected):
+    root = write_registry(tmp_path, [config("good")])
+    bad_file = root / "configs" / "bad.yaml"
+    bad_file.write_text(yaml.safe_dump(config("bad") | overrides))
+
+    problems = problems_of(root)
+
+    assert any(p.startswith(f"{bad_file}: {field}: ") and expected in p for p in problems), \
+        problems
+
+
+def test_duplicate_names_name_both_files(tmp_path):
+    root = write_registry(tmp_path, [config("same")])
+    (root / "configs" / "copy.yaml").write_text(yaml.safe_dump(config("same")))
+
+    [problem] = problems_of(root)
+
+    assert "duplicate config name 'same'" in problem
+    assert "copy.yaml" in problem and "same.yaml" in problem
+
+
+def test_invalid_yaml_and_missing_settings_are_reported(tmp_path):
+    root = write_registry(tmp_path / "a", [config("ok")])
+    (root / "configs" / "broken.yaml").write_text("name: [unclosed\n")
+    assert any("broken.yaml: not valid YAML" in p for p in problems_of(root))
+
+    (tmp_path / "b" / "configs").mkdir(parents=True)
+    assert problems_of(tmp_path / "b") == [f"{tmp_path / 'b' / 'mlci.yaml'}: missing "
+                                           "(the registry's root settings file)"]
+
+
+def test_bad_engine_name_in_settings(tmp_path):
+    root = write_registry(tmp_path, [config("ok")], engines={"Big,Engine": {}})
+    assert any("mlci.yaml: engines.Big,Engine" in p for p in problems_of(root))
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    root = write_registry(tmp_path, [config("one", colour=1), config("two", shape=2)])
+    assert len(problems_of(root)) == 2
+
+
+def test_config_id_is_stable_and_changes_with_content(tmp_path):
+    first = load_registry(write_registry(tmp_path / "a", [config("c")])).configs["c"].config_id
+    again = load_registry(write_registry(tmp_path / "b", [config("c")])).configs["c"].config_id
+    changed = load_registry(write_registry(
+        tmp_path / "c", [config("c", tiers=["pr"])])).configs["c"].config_id
+
+    assert first == again != changed
+    assert len(first) == 16 and int(first, 16) >= 0
+
+
+def test_key_order_does_not_change_the_config_id(tmp_path):
+    root = write_registry(tmp_path, [config("c")])
+    before = load_registry(root).configs["c"]
+    body = yaml.safe_load(before.path.read_text())
+    before.path.write_text(yaml.safe_dump(dict(reversed(list(body.items()))), sort_keys=False))
+
+    assert config_id(load_registry(root).configs["c"].config) == before.config_id
+
+
+def test_partitions_follow_engines_and_tiers(tmp_path):
+    engines = {"e1": {}, "e2": {}}
+    root = write_registry(tmp_path, [config("all"), config("only", engines=["e2"], tiers=["pr"])],
+                          engines=engines)
+    registry = load_registry(root)
+
+    assert registry.partitions() == [("all", "e1"), ("all", "e2"), ("only", "e2")]
+    assert registry.partitions(tier="nightly") == [("all", "e1"), ("all", "e2")]
+    assert registry.partitions(engine="e2", tier="pr") == [("only", "e2")]
+
+
+def test_example_registry_is_valid():
+    from mlci_dagster.paths import EXAMPLE_REGISTRY
+
+    registry = load_registry(EXAMPLE_REGISTRY)
+    assert len(registry.partitions()) == 4
+
+
+def test_json_schema_is_exported_for_editors(capsys):
+    from mlci_dagster.cli import main
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["additionalProperties"] is False
+    assert {"name", "owners", "image", "pipelines"} <= set(schema["required"])
