@@ -69,3 +69,19 @@ def test_dig_reads_dotted_paths_and_reports_where_it_stopped():
     assert dig(body, "run.info", None) is None
     with pytest.raises(KeyError, match="stopped at 'info'"):
         dig(body, "run.info.status")
+
+
+@pytest.mark.parametrize(
+    ("tags", "trigger"),
+    [
+        ({"mlci/trigger": "sensor", "dagster/backfill": "b1"}, "sensor"),
+        ({"dagster/backfill": "abcd"}, "backfill"),
+        ({"dagster/schedule_name": "nightly"}, "schedule"),
+        ({"dagster/sensor_name": "image_pushed"}, "sensor"),
+        ({}, "manual"),
+    ],
+)
+def test_trigger_is_read_from_run_tags(tags, trigger):
+    from mlci_dagster.resources.mlci import trigger_of
+
+    assert trigger_of(tags) == trigger

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -134,6 +135,22 @@ def _reference_problems(path: Path, config: TestConfig, settings: Settings) -> l
                 problems.append(f"{path}: {section}: ${{{ref}}}: expected "
                                 "outputs.<pipeline>.<declared output>")
     return problems
+
+
+def _signature(root: Path) -> tuple[tuple[str, int, int], ...]:
+    paths = [root / SETTINGS_FILE, *sorted((root / CONFIGS_DIR).glob("*.y*ml"))]
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths if p.exists())
+
+
+@functools.lru_cache(maxsize=16)
+def _load_unchanged(root: Path, signature: tuple[tuple[str, int, int], ...]) -> Registry:
+    return load_registry(root)
+
+
+def load_registry_cached(root: str | Path) -> Registry:
+    """load_registry, parsed again only when a registry file changed (every stage asks for it)."""
+    root = Path(root).resolve()
+    return _load_unchanged(root, _signature(root))
 
 
 def load_registry(root: str | Path) -> Registry:

@@ -8,7 +8,8 @@ import dagster as dg
 
 from mlci_dagster.assets.partitions import partition_dimensions
 from mlci_dagster.paths import mlci_home
-from mlci_dagster.registry import Registry, load_registry
+from mlci_dagster.registry import Registry
+from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.stages.context import LifecycleContext
 
 TRIGGER_TAG = "mlci/trigger"
@@ -21,7 +22,7 @@ class MlciResource(dg.ConfigurableResource):
     home: str = ""
 
     def registry(self) -> Registry:
-        return load_registry(self.registry_path)
+        return load_registry_cached(self.registry_path)
 
     def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
         config, engine = partition_dimensions(context.partition_key)
