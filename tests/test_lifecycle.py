@@ -219,3 +219,23 @@ def test_two_partitions_side_by_side_share_no_port_or_directory(dagster_home, tm
     for handle in handles:
         assert_no_leaks(dagster_home, handle)
         assert processes_of_sandbox(handle["sandbox_id"]) == []
+
+
+def test_engine_service_starts_first_and_its_port_reaches_the_pipeline(
+    instance, dagster_home, tmp_path
+):
+    engines = {"e1": {"services": [http_service("store")],
+                      "variables": {"STORE_URL": "${services.store.url}"}}}
+    probe = command_pipeline(
+        "uses-store", "import os, urllib.request; "
+        "print(urllib.request.urlopen(os.environ['STORE_URL']).status)",
+        expect_output=["200"])
+    registry = write_registry(tmp_path / "reg", [config("with-db", pipelines=[probe])],
+                              engines=engines)
+
+    result, record = run_partition(instance, registry, "with-db|e1")
+
+    assert record["status"] == "pass", record["error_summary"]
+    handle = stage_details(instance, result.run_id, "sandbox")["handle"]
+    assert list(handle["process_groups"]) == ["service:store", "service:web"]
+    assert_no_leaks(dagster_home, handle)

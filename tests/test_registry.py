@@ -131,3 +131,15 @@ def test_json_schema_is_exported_for_editors(capsys):
     schema = json.loads(capsys.readouterr().out)
     assert schema["additionalProperties"] is False
     assert {"name", "owners", "image", "pipelines"} <= set(schema["required"])
+
+
+def test_engine_services_join_the_sandbox_and_may_not_clash(tmp_path):
+    db = {"name": "db", "command": ["true"], "ready": {"tcp": True}}
+    engines = {"e1": {"services": [db], "variables": {"DB": "${services.db.port}"}}}
+    ok = config("ok", ui_smoke={"routes": [{"service": "db", "path": "/"}]})
+    root = write_registry(tmp_path / "a", [ok], engines=engines)
+    assert load_registry(root).configs["ok"]
+
+    clash = config("clash", sandbox={"services": [db]}, ui_smoke={"routes": []})
+    root = write_registry(tmp_path / "b", [clash], engines=engines)
+    assert any("'db' is also a service of engine 'e1'" in p for p in problems_of(root))

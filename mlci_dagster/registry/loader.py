@@ -110,9 +110,22 @@ def _read_yaml(path: Path, problems: list[str]) -> Any:
 def _reference_problems(path: Path, config: TestConfig, settings: Settings) -> list[str]:
     """References that can never resolve: unknown roots, services, engine variables, outputs."""
     problems = []
-    services = {s.name for s in config.sandbox.services}
-    engines = config.engines if config.engines is not None else list(settings.engines)
+    engines = [e for e in (config.engines or settings.engines) if e in settings.engines]
+    # An engine's services join every sandbox on it: usable when every applicable engine has it.
+    per_engine = [{s.name for s in settings.engines[e].services} for e in engines]
+    shared = set.intersection(*per_engine) if per_engine else set()
+    services = {s.name for s in config.sandbox.services} | shared
+    for engine in engines:
+        for name in {s.name for s in settings.engines[engine].services} & {
+                s.name for s in config.sandbox.services}:
+            problems.append(f"{path}: sandbox.services: '{name}' is also a service of engine "
+                            f"'{engine}' (expected distinct names)")
     # A submit-and-poll pipeline always outputs the job's `id`.
+    for i, route in enumerate(config.ui_smoke.routes):
+        if route.service not in services:
+            problems.append(
+                f"{path}: ui_smoke.routes[{i}].service: unknown service '{route.service}' "
+                f"(expected one of: {', '.join(sorted(services)) or 'no services declared'})")
     outputs = {p.name: set(p.outputs) | ({"id"} if p.kind == "submit_poll" else set())
                for p in config.pipelines}
     body = config.model_dump(mode="json", by_alias=True)

@@ -20,25 +20,6 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# --- root settings -------------------------------------------------------------------------
-
-
-class EngineSpec(StrictModel):
-    """A workflow engine: the static partition axis. Its variables feed the sandbox spec."""
-
-    description: str = ""
-    variables: dict[EnvName, str] = {}
-
-
-class Settings(StrictModel):
-    """The registry's root file: engines, secret variable names and defaults for every config."""
-
-    engines: Annotated[dict[Name, EngineSpec], Field(min_length=1)]
-    secrets: list[EnvName] = Field(
-        default=[], description="Environment variables whose values are redacted everywhere."
-    )
-
-
 # --- image ---------------------------------------------------------------------------------
 
 
@@ -96,6 +77,28 @@ class SandboxSpec(StrictModel):
     provider: Literal["local"] = "local"
     ttl_s: Seconds = 3600
     services: list[ServiceSpec] = []
+
+
+# --- root settings -------------------------------------------------------------------------
+
+
+class EngineSpec(StrictModel):
+    """A workflow engine: the static partition axis. Its variables feed the sandbox spec."""
+
+    description: str = ""
+    variables: dict[EnvName, str] = {}
+    services: list[ServiceSpec] = Field(
+        default=[], description="Started in every sandbox on this engine (e.g. its database)."
+    )
+
+
+class Settings(StrictModel):
+    """The registry's root file: engines, secret variable names and defaults for every config."""
+
+    engines: Annotated[dict[Name, EngineSpec], Field(min_length=1)]
+    secrets: list[EnvName] = Field(
+        default=[], description="Environment variables whose values are redacted everywhere."
+    )
 
 
 # --- pipelines -----------------------------------------------------------------------------
@@ -203,7 +206,9 @@ class TestConfig(StrictModel):
     name: Name
     description: str = ""
     owners: Owners
-    engines: list[Name] | None = Field(default=None, description="Default: every engine.")
+    engines: Annotated[list[Name], Field(min_length=1)] | None = Field(
+        default=None, description="Default: every engine."
+    )
     tiers: list[Name] = ["nightly"]
     image: ImageSpec
     sandbox: SandboxSpec = SandboxSpec()
@@ -218,13 +223,6 @@ class TestConfig(StrictModel):
     def _consistent(self) -> TestConfig:
         _unique("sandbox.services", [s.name for s in self.sandbox.services])
         _unique("pipelines", [p.name for p in self.pipelines])
-        services = {s.name for s in self.sandbox.services}
-        for i, route in enumerate(self.ui_smoke.routes):
-            if route.service not in services:
-                raise ValueError(
-                    f"ui_smoke.routes[{i}].service: unknown service '{route.service}' "
-                    f"(expected one of: {', '.join(sorted(services)) or 'no services declared'})"
-                )
         for i, pipeline in enumerate(self.pipelines):
             if pipeline.timeout_s and pipeline.timeout_s > self.timeouts.pipeline_runs_s:
                 raise ValueError(

@@ -14,7 +14,7 @@ from mlci_dagster.providers.handle import SandboxHandle, render_context
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.redact import Redactor
 from mlci_dagster.registry import LoadedConfig, Registry
-from mlci_dagster.registry.models import TestConfig
+from mlci_dagster.registry.models import SandboxSpec, TestConfig
 
 
 @dataclass
@@ -41,6 +41,14 @@ class LifecycleContext:
     @property
     def config(self) -> TestConfig:
         return self.loaded.config
+
+    @property
+    def sandbox_spec(self) -> SandboxSpec:
+        """The config's sandbox with its engine's services (a database, say) started first."""
+        engine = self.registry.settings.engines[self.engine]
+        return self.config.sandbox.model_copy(
+            update={"services": [*engine.services, *self.config.sandbox.services]}
+        )
 
     def render_context(self, handle: SandboxHandle, image: dict[str, Any], **extra: Any
                        ) -> dict[str, Any]:

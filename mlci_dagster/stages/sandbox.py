@@ -11,7 +11,7 @@ def start_sandbox(ctx: LifecycleContext, image: StageOutcome) -> StageOutcome:
     if not image.passed:
         return skipped(Stage.SANDBOX, "image did not pass")
     clock = StageClock(Stage.SANDBOX, ctx.redactor)
-    spec = ctx.config.sandbox
+    spec = ctx.sandbox_spec
     handle: SandboxHandle | None = None
     try:
         handle = ctx.provider.create(
