@@ -143,3 +143,14 @@ def test_engine_services_join_the_sandbox_and_may_not_clash(tmp_path):
     clash = config("clash", sandbox={"services": [db]}, ui_smoke={"routes": []})
     root = write_registry(tmp_path / "b", [clash], engines=engines)
     assert any("'db' is also a service of engine 'e1'" in p for p in problems_of(root))
+
+
+def test_metric_must_name_a_declared_pipeline_output(tmp_path):
+    good = config("good", metrics={"run_id": {"source": "ok.run_id",
+                                              "direction": "lower_is_better"}})
+    bad = config("bad", metrics={"rmse": {"source": "ok.rmse", "direction": "lower_is_better"}})
+    root = write_registry(tmp_path, [good, bad])
+
+    [problem] = problems_of(root)
+
+    assert problem.startswith(f"{root / 'configs' / 'bad.yaml'}: metrics.rmse.source: ")

@@ -121,13 +121,18 @@ def _reference_problems(path: Path, config: TestConfig, settings: Settings) -> l
             problems.append(f"{path}: sandbox.services: '{name}' is also a service of engine "
                             f"'{engine}' (expected distinct names)")
     # A submit-and-poll pipeline always outputs the job's `id`.
+    outputs = {p.name: set(p.outputs) | ({"id"} if p.kind == "submit_poll" else set())
+               for p in config.pipelines}
+    for name, metric in config.metrics.items():
+        pipeline, output = metric.source.split(".")
+        if output not in outputs.get(pipeline, ()):
+            problems.append(f"{path}: metrics.{name}.source: '{metric.source}' is not a declared "
+                            "output (expected <pipeline>.<output>)")
     for i, route in enumerate(config.ui_smoke.routes):
         if route.service not in services:
             problems.append(
                 f"{path}: ui_smoke.routes[{i}].service: unknown service '{route.service}' "
                 f"(expected one of: {', '.join(sorted(services)) or 'no services declared'})")
-    outputs = {p.name: set(p.outputs) | ({"id"} if p.kind == "submit_poll" else set())
-               for p in config.pipelines}
     body = config.model_dump(mode="json", by_alias=True)
     for section in ("image", "sandbox", "pipelines", "ui_smoke"):
         for ref in iter_references(body[section]):

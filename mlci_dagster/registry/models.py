@@ -92,6 +92,29 @@ class EngineSpec(StrictModel):
     )
 
 
+class HistorySettings(StrictModel):
+    """Thresholds of the history analysis; the defaults suit a nightly matrix."""
+
+    stale_after_h: Annotated[float, Field(gt=0)] = Field(
+        default=24, description="A partition whose last result is older is STALE.")
+    alert_open_after: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="Consecutive failures that open an alert.")
+    alert_close_after: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="Consecutive passes that close it.")
+    flaky_window: Annotated[int, Field(ge=2)] = Field(
+        default=20, description="Recent runs examined for flakiness.")
+    slowdown_baseline_runs: Annotated[int, Field(ge=2)] = Field(
+        default=20, description="Trailing runs that form a duration or metric baseline.")
+    slowdown_min_samples: Annotated[int, Field(ge=2)] = Field(
+        default=5, description="Fewer baseline samples than this: no slowdown is reported.")
+    slowdown_confirm_runs: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="Consecutive latest runs that must all be slow.")
+    slowdown_mad_k: Annotated[float, Field(gt=0)] = Field(
+        default=3.0, description="How many scaled MADs above the median counts as slow.")
+    slowdown_min_relative: Annotated[float, Field(ge=0)] = Field(
+        default=0.2, description="And at least this relative change (0.2 = 20%).")
+
+
 class Settings(StrictModel):
     """The registry's root file: engines, secret variable names and defaults for every config."""
 
@@ -99,6 +122,7 @@ class Settings(StrictModel):
     secrets: list[EnvName] = Field(
         default=[], description="Environment variables whose values are redacted everywhere."
     )
+    history: HistorySettings = HistorySettings()
 
 
 # --- pipelines -----------------------------------------------------------------------------
@@ -176,6 +200,14 @@ class UiSmokeSpec(StrictModel):
 # --- the config ----------------------------------------------------------------------------
 
 
+class MetricSpec(StrictModel):
+    """A number a pipeline outputs, and which way is better."""
+
+    source: str = Field(pattern=r"^[a-z0-9-]+\.[A-Za-z0-9_]+$",
+                        description="<pipeline>.<output>")
+    direction: Literal["lower_is_better", "higher_is_better"]
+
+
 class Timeouts(StrictModel):
     image_s: Seconds = 1800
     sandbox_s: Seconds = 300
@@ -215,6 +247,9 @@ class TestConfig(StrictModel):
     pipelines: Annotated[list[Pipeline], Field(min_length=1)]
     ui_smoke: UiSmokeSpec = UiSmokeSpec()
     timeouts: Timeouts = Timeouts()
+    metrics: dict[EnvName, MetricSpec] = Field(
+        default={}, description="Numeric pipeline outputs tracked in history for slowdowns."
+    )
     baselines: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default={}, description="Expected durations in seconds, by stage or pipeline name."
     )

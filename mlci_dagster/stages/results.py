@@ -58,4 +58,20 @@ def build_record(
             p["name"]: {"passed": p["passed"], "duration_s": round(p["duration_s"], 3)}
             for p in pipelines.details.get("pipelines", [])
         },
+        "metrics": reported_metrics(ctx, pipelines.details.get("outputs", {})),
     }
+
+
+def reported_metrics(
+    ctx: LifecycleContext, outputs: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The declared metrics the pipelines output as numbers, with which way is better."""
+    metrics = {}
+    for name, spec in ctx.config.metrics.items():
+        pipeline, output = spec.source.split(".")
+        try:
+            value = float(outputs.get(pipeline, {})[output])
+        except (KeyError, TypeError, ValueError):
+            continue  # not reported this run (the pipeline failed, or printed no number)
+        metrics[name] = {"value": value, "direction": spec.direction}
+    return metrics

@@ -1,0 +1,1 @@
+"""Dagster-free history: the consolidated results table and the analysis over it."""

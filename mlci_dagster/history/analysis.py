@@ -1,0 +1,248 @@
+"""Pure analysis of the history table, per (config, engine), never mixing partitions.
+
+Statuses follow TestGrid's model; alerts open after N consecutive failures and close after M
+passes; regressions are ranged by the last passing and first failing run; flakes are the same
+build both passing and failing; slowdowns compare the latest runs against a trailing median
+and MAD. Runs that failed for infrastructure, or in a batch where the whole matrix failed, are
+outages: they are neither flakes nor regressions.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlci_dagster.history.table import DURATION_PREFIX, series_columns
+from mlci_dagster.registry.models import HistorySettings
+
+DAY_S = 86_400
+MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normal data
+RUN_FIELDS = ["run_id", "status", "failed_stage", "image_digest", "config_id", "code_version",
+              "finished_at", "duration_s", "trigger"]
+
+
+class PartitionStatus(enum.StrEnum):
+    PASS = "PASS"
+    FLAKY = "FLAKY"
+    FAILING = "FAILING"
+    BROKEN = "BROKEN"  # the latest run was an outage: it says nothing about the product
+    STALE = "STALE"
+    PENDING = "PENDING"  # never tested
+
+
+@dataclass
+class Slowdown:
+    series: str  # e.g. duration:pipeline:train or metric:rmse:lower
+    baseline_median: float
+    baseline_mad: float
+    samples: int
+    latest: list[float]
+    magnitude: float  # relative change in the bad direction: 0.5 = 50% worse
+
+
+@dataclass
+class Flakiness:
+    flaky: bool = False
+    transition_rate: float = 0.0
+    mixed_builds: list[dict[str, str]] = field(default_factory=list)  # digest + config id
+
+
+@dataclass
+class PartitionSummary:
+    partition: str
+    config: str
+    engine: str
+    status: PartitionStatus
+    runs: int = 0
+    last: dict[str, Any] | None = None
+    failing_streak: int = 0
+    alert_open: bool = False
+    regression: dict[str, Any] | None = None
+    flakiness: Flakiness = field(default_factory=Flakiness)
+    slowdowns: list[Slowdown] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = str(self.status)
+        return data
+
+
+# --- rules: small pure functions over one partition's chronological results ------------------
+
+
+def alert_open(passed: list[bool], open_after: int, close_after: int) -> bool:
+    """Opens after `open_after` consecutive failures; closes after `close_after` passes."""
+    is_open, fails, passes = False, 0, 0
+    for ok in passed:
+        fails, passes = (0, passes + 1) if ok else (fails + 1, 0)
+        if not is_open and fails >= open_after:
+            is_open = True
+        elif is_open and passes >= close_after:
+            is_open = False
+    return is_open
+
+
+def failing_streak(passed: list[bool]) -> int:
+    streak = 0
+    for ok in reversed(passed):
+        if ok:
+            break
+        streak += 1
+    return streak
+
+
+def regression_range(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """For a partition failing now: the last passing and first failing run, and what changed."""
+    streak = failing_streak([r["status"] == "pass" for r in runs])
+    if streak == 0:
+        return None
+    first_fail = runs[-streak]
+    last_pass = runs[-streak - 1] if streak < len(runs) else None
+    if last_pass is None:
+        return {"last_pass": None, "first_fail": _run(first_fail), "changed": [],
+                "verdict": "no passing run on record"}
+    changed = [name for name, key in (("product", "image_digest"), ("test", "config_id"),
+                                      ("harness", "code_version"))
+               if last_pass.get(key) != first_fail.get(key)]
+    verdict = {
+        (): "nothing changed: likely a flake or an outside cause",
+        ("product",): "the product changed",
+        ("test",): "the test changed",
+        ("harness",): "the harness changed",
+    }.get(tuple(changed), " and ".join(changed) + " changed")
+    return {"last_pass": _run(last_pass), "first_fail": _run(first_fail), "changed": changed,
+            "verdict": verdict}
+
+
+def flakiness(runs: list[dict[str, Any]], window: int) -> Flakiness:
+    """Flaky when one build (image digest and config id) both passed and failed in the window."""
+    recent = runs[-window:]
+    outcomes: dict[tuple[str, str], set[bool]] = {}
+    for run in recent:
+        outcomes.setdefault((run["image_digest"], run["config_id"]), set()).add(
+            run["status"] == "pass")
+    mixed = [{"image_digest": d, "config_id": c} for (d, c), seen in outcomes.items()
+             if len(seen) == 2]
+    flips = sum(1 for a, b in zip(recent, recent[1:], strict=False)
+                if (a["status"] == "pass") != (b["status"] == "pass"))
+    rate = flips / (len(recent) - 1) if len(recent) > 1 else 0.0
+    return Flakiness(bool(mixed), round(rate, 3), mixed)
+
+
+def slowdown(series: str, values: np.ndarray, settings: HistorySettings) -> Slowdown | None:
+    """The latest `confirm` values all worse than median ± k·MAD and by a minimum relative
+    change, against the trailing baseline before them; None below the minimum sample."""
+    values = values[~np.isnan(values)]
+    confirm = settings.slowdown_confirm_runs
+    latest, baseline = values[-confirm:], values[:-confirm][-settings.slowdown_baseline_runs:]
+    if len(latest) < confirm or len(baseline) < settings.slowdown_min_samples:
+        return None
+    median = float(np.median(baseline))
+    mad = float(np.median(np.abs(baseline - median))) * MAD_TO_SIGMA
+    higher_is_worse = series.startswith(DURATION_PREFIX) or series.endswith(":lower")
+    sign = 1.0 if higher_is_worse else -1.0
+    worse_by = sign * (latest - median)
+    threshold = max(settings.slowdown_mad_k * mad, settings.slowdown_min_relative * abs(median))
+    if not np.all(worse_by > threshold) or median == 0:
+        return None
+    magnitude = float(np.min(worse_by)) / abs(median)
+    return Slowdown(series, round(median, 4), round(mad, 4), len(baseline),
+                    [round(float(v), 4) for v in latest], round(magnitude, 3))
+
+
+def partition_status(
+    runs: list[dict[str, Any]], outage: list[bool], settings: HistorySettings, now: float,
+    flaky: bool, alert: bool,
+) -> PartitionStatus:
+    if not runs:
+        return PartitionStatus.PENDING
+    if now - runs[-1]["finished_at"] > settings.stale_after_h * 3600:
+        return PartitionStatus.STALE
+    if outage[-1]:
+        return PartitionStatus.BROKEN
+    if alert:
+        return PartitionStatus.FAILING
+    if flaky:
+        return PartitionStatus.FLAKY
+    return PartitionStatus.PASS if runs[-1]["status"] == "pass" else PartitionStatus.FAILING
+
+
+# --- the whole table -------------------------------------------------------------------------
+
+
+def outage_flags(table: pd.DataFrame) -> pd.Series:
+    """Infra failures, and every failure of a day on which every partition that ran failed."""
+    day = (table["started_at"].astype(float) // DAY_S).astype(int)
+    failed = ~table["passed"].astype(bool)
+    whole_matrix = (failed.groupby(day).transform("all")
+                    & (table["partition"].groupby(day).transform("nunique") >= 2))
+    return (table["failure_kind"] == "infra") | (failed & whole_matrix)
+
+
+def _run(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in RUN_FIELDS}
+
+
+def summarize_partition(
+    partition: str, rows: pd.DataFrame, outage: np.ndarray, series: list[str],
+    settings: HistorySettings, now: float,
+) -> PartitionSummary:
+    runs = rows[RUN_FIELDS].to_dict("records")
+    counted = [r for r, out in zip(runs, outage, strict=True) if not out]
+    passed = [r["status"] == "pass" for r in counted]
+    alert = alert_open(passed, settings.alert_open_after, settings.alert_close_after)
+    flakes = flakiness(counted, settings.flaky_window)
+    slow = []
+    if passed and passed[-1]:  # slowdowns of a failing partition are noise
+        for column in series:
+            values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+            found = slowdown(column, values[~outage], settings)
+            if found:
+                slow.append(found)
+    config, _, engine = partition.partition("|")
+    return PartitionSummary(
+        partition=partition, config=config, engine=engine,
+        status=partition_status(runs, list(outage), settings, now, flakes.flaky, alert),
+        runs=len(runs), last=_run(runs[-1]), failing_streak=failing_streak(passed),
+        alert_open=alert, regression=regression_range(counted) if counted else None,
+        flakiness=flakes, slowdowns=slow,
+    )
+
+
+def analyze(
+    table: pd.DataFrame, partitions: list[str], settings: HistorySettings, now: float
+) -> list[PartitionSummary]:
+    """A summary per partition: the registry's partitions first, then any others on record."""
+    summaries: dict[str, PartitionSummary] = {}
+    if not table.empty:
+        table = table.sort_values(["partition", "finished_at"], kind="stable")
+        outage = outage_flags(table).to_numpy()
+        series = series_columns(table)
+        for partition, index in table.groupby("partition", sort=False).indices.items():
+            rows = table.iloc[index]
+            summaries[partition] = summarize_partition(
+                partition, rows, outage[index], series, settings, now)
+    ordered = [summaries.pop(p, None) or PartitionSummary(
+        p, *p.split("|", 1), status=PartitionStatus.PENDING) for p in partitions]
+    return ordered + [summaries[p] for p in sorted(summaries)]
+
+
+def coverage(summaries: list[PartitionSummary]) -> dict[str, int]:
+    """Counts for `mlci status`: tested, untested, stale, passing, failing, and each status."""
+    counts = {str(s): 0 for s in PartitionStatus}
+    for summary in summaries:
+        counts[str(summary.status)] += 1
+    return {
+        "partitions": len(summaries),
+        "tested": sum(1 for s in summaries if s.runs),
+        "untested": sum(1 for s in summaries if not s.runs),
+        "stale": counts["STALE"],
+        "passing": counts["PASS"],
+        "failing": counts["FAILING"] + counts["BROKEN"],
+        "flaky": counts["FLAKY"],
+        **{f"status_{k.lower()}": v for k, v in counts.items()},
+    }

@@ -1,0 +1,65 @@
+"""The history table: one row per `results` record, flat, append-only, keyed by (config, engine).
+
+Durations and metrics are wide columns named `duration:stage:<stage>`,
+`duration:pipeline:<pipeline>` and `metric:<name>:<lower|higher>`, so analysis reads a column
+per series and knows which way is better from the name alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import pandas as pd
+
+from mlci_dagster.stages.outcome import Stage
+
+BASE_COLUMNS = [
+    "storage_id", "run_id", "partition", "config", "engine", "config_id", "status", "passed",
+    "failed_stage", "failure_kind", "image_digest", "code_version", "trigger", "started_at",
+    "finished_at", "duration_s", "stages",
+]
+DURATION_PREFIX = "duration:"
+METRIC_PREFIX = "metric:"
+
+
+def record_to_row(record: dict[str, Any], storage_id: int) -> dict[str, Any]:
+    row = {column: record.get(column) for column in BASE_COLUMNS}
+    row["storage_id"] = storage_id
+    row["passed"] = record["status"] == "pass"
+    # Per-stage outcomes stay whole (JSON) for the grid; their durations become columns.
+    row["stages"] = json.dumps({s: v["status"] for s, v in record.get("stages", {}).items()})
+    for stage, outcome in record.get("stages", {}).items():
+        row[f"{DURATION_PREFIX}stage:{stage}"] = outcome.get("duration_s")
+    for name, pipeline in record.get("pipelines", {}).items():
+        if pipeline.get("passed"):  # a failed run's duration says nothing about speed
+            row[f"{DURATION_PREFIX}pipeline:{name}"] = pipeline["duration_s"]
+    for name, metric in record.get("metrics", {}).items():
+        way = "lower" if metric["direction"] == "lower_is_better" else "higher"
+        row[f"{METRIC_PREFIX}{name}:{way}"] = metric["value"]
+    return row
+
+
+def empty_table() -> pd.DataFrame:
+    return pd.DataFrame({column: pd.Series(dtype="object") for column in BASE_COLUMNS})
+
+
+def append_rows(table: pd.DataFrame | None, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """The table with `rows` appended; rows already present (same storage id) are skipped."""
+    new = pd.DataFrame(list(rows))
+    if table is None or table.empty:
+        return new if not new.empty else empty_table()
+    if new.empty:
+        return table
+    # Append-only: a row at or below the table's last storage id is already in it.
+    new = new[new["storage_id"] > table["storage_id"].max()]
+    return pd.concat([table, new], ignore_index=True)
+
+
+def series_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith((DURATION_PREFIX, METRIC_PREFIX))]
+
+
+def stage_statuses(row_stages: str) -> dict[str, str]:
+    return json.loads(row_stages) if row_stages else {s.value: "skip" for s in Stage}

@@ -1,0 +1,219 @@
+"""The history rules, specified by tables of cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlci_dagster.history.analysis import (
+    alert_open,
+    analyze,
+    coverage,
+    flakiness,
+    regression_range,
+    slowdown,
+)
+from mlci_dagster.history.table import append_rows, record_to_row
+from mlci_dagster.registry.models import HistorySettings
+
+SETTINGS = HistorySettings(alert_open_after=2, alert_close_after=2, flaky_window=10,
+                           slowdown_baseline_runs=10, slowdown_min_samples=5,
+                           slowdown_confirm_runs=2, slowdown_mad_k=3, slowdown_min_relative=0.2)
+NOW = 1_800_000_000.0
+DAY = 86_400
+
+
+def run(status: str = "pass", digest: str = "d1", config_id: str = "c1", code: str = "v1",
+        **extra) -> dict:
+    return {"run_id": extra.pop("run_id", f"r-{status}-{digest}"), "status": status,
+            "failed_stage": None if status == "pass" else status.removeprefix("fail-"),
+            "image_digest": digest, "config_id": config_id, "code_version": code,
+            "finished_at": extra.pop("finished_at", NOW), "duration_s": 1.0, "trigger": "manual",
+            **extra}
+
+
+@pytest.mark.parametrize(
+    ("history", "expected"),
+    [
+        ("", False),
+        ("F", False),  # one failure is not enough
+        ("FF", True),  # N = 2 consecutive failures open it
+        ("FPF", False),  # not consecutive
+        ("FFP", True),  # one pass does not close it
+        ("FFPP", False),  # M = 2 passes close it
+        ("FFPFP", True),  # a failure resets the count of passes
+        ("FFPPFF", True),  # and it can open again
+    ],
+)
+def test_alert_opens_after_n_failures_and_closes_after_m_passes(history, expected):
+    assert alert_open([c == "P" for c in history], open_after=2, close_after=2) is expected
+
+
+@pytest.mark.parametrize(
+    ("runs", "changed", "verdict"),
+    [
+        ([run("pass", "d1"), run("fail-pipeline_runs", "d2")], ["product"], "the product changed"),
+        ([run("pass", config_id="c1"), run("fail-ui_smoke", config_id="c2")], ["test"],
+         "the test changed"),
+        ([run("pass", code="v1"), run("fail-sandbox", code="v2")], ["harness"],
+         "the harness changed"),
+        ([run("pass"), run("fail-sandbox")], [], "nothing changed: likely a flake or an outside "
+                                                 "cause"),
+        ([run("pass", "d1", "c1"), run("fail-image", "d2", "c2")], ["product", "test"],
+         "product and test changed"),
+        ([run("fail-image")], [], "no passing run on record"),
+    ],
+)
+def test_regression_range_says_what_changed(runs, changed, verdict):
+    found = regression_range(runs)
+    assert found["changed"] == changed and found["verdict"] == verdict
+    assert found["first_fail"]["image_digest"] == runs[-1]["image_digest"]
+
+
+def test_regression_range_spans_the_whole_failing_streak():
+    runs = [run("pass", "d1", run_id="a"), run("pass", "d2", run_id="b"),
+            run("fail-pipeline_runs", "d3", run_id="c"), run("fail-pipeline_runs", "d4",
+                                                             run_id="d")]
+    found = regression_range(runs)
+    assert (found["last_pass"]["run_id"], found["first_fail"]["run_id"]) == ("b", "c")
+    assert regression_range(runs[:2]) is None  # passing now: no regression
+
+
+@pytest.mark.parametrize(
+    ("runs", "flaky", "rate"),
+    [
+        ([run("pass"), run("fail-pipeline_runs"), run("pass")], True, 1.0),  # same digest
+        ([run("pass", "d1"), run("fail-pipeline_runs", "d2")], False, 1.0),  # a new build broke
+        ([run("pass", config_id="c1"), run("fail-ui_smoke", config_id="c2")], False, 1.0),
+        ([run("pass")] * 4, False, 0.0),
+        ([run("fail-sandbox")] * 3, False, 0.0),
+    ],
+)
+def test_flaky_means_the_same_build_both_passed_and_failed(runs, flaky, rate):
+    found = flakiness(runs, window=10)
+    assert (found.flaky, found.transition_rate) == (flaky, rate)
+
+
+def test_flakiness_only_looks_at_the_window():
+    runs = [run("pass"), run("fail-pipeline_runs")] + [run("pass")] * 10
+    assert not flakiness(runs, window=10).flaky
+
+
+@pytest.mark.parametrize(
+    ("values", "series", "expected"),
+    [
+        ([10.0] * 8 + [20.0, 21.0], "duration:pipeline:train", 1.0),  # twice as slow, confirmed
+        ([10.0] * 8 + [20.0, 10.0], "duration:pipeline:train", None),  # not confirmed
+        ([10.0] * 8 + [11.0, 11.5], "duration:pipeline:train", None),  # below min relative
+        ([10.0] * 3 + [30.0, 30.0], "duration:pipeline:train", None),  # too few samples
+        ([0.9] * 8 + [0.6, 0.6], "metric:accuracy:higher", 0.333),  # worse the other way
+        ([0.9] * 8 + [0.99, 0.99], "metric:accuracy:higher", None),  # better is not slower
+        ([0.2] * 8 + [0.3, 0.3], "metric:rmse:lower", 0.5),
+    ],
+)
+def test_slowdown_needs_samples_confirmation_and_magnitude(values, series, expected):
+    found = slowdown(series, np.array(values), SETTINGS)
+    assert (found.magnitude if found else None) == expected
+
+
+def test_slowdown_tolerates_noise_within_the_mad():
+    noisy = np.array([10, 12, 9, 11, 13, 10, 12, 9, 13.5, 13.8], dtype=float)
+    assert slowdown("duration:stage:sandbox", noisy, SETTINGS) is None
+
+
+def record(partition: str, status: str, started_at: float, digest: str = "d1",
+           kind: str | None = None, duration: float = 1.0) -> dict:
+    config, engine = partition.split("|")
+    failed = None if status == "pass" else status.removeprefix("fail-")
+    return {"partition": partition, "config": config, "engine": engine, "config_id": "c1",
+            "status": status, "failed_stage": failed,
+            "failure_kind": kind or (None if status == "pass" else "product"),
+            "image_digest": digest, "code_version": "v1", "trigger": "schedule",
+            "run_id": f"run-{partition}-{started_at}", "started_at": started_at,
+            "finished_at": started_at + 60, "duration_s": duration,
+            "stages": {"image": {"status": "pass", "duration_s": duration}},
+            "pipelines": {"train": {"passed": status == "pass", "duration_s": duration}},
+            "metrics": {}}
+
+
+def table_of(records: list[dict]) -> pd.DataFrame:
+    return append_rows(None, [record_to_row(r, i + 1) for i, r in enumerate(records)])
+
+
+def statuses(records: list[dict], partitions: list[str], now: float = NOW) -> dict[str, str]:
+    return {s.partition: str(s.status) for s in analyze(table_of(records), partitions, SETTINGS,
+                                                        now)}
+
+
+def test_statuses_per_partition():
+    night = NOW - DAY / 2
+    records = [
+        record("ok|e1", "pass", night),
+        record("failing|e1", "fail-pipeline_runs", night - DAY),
+        record("failing|e1", "fail-pipeline_runs", night),
+        record("flaky|e1", "pass", night - DAY),
+        record("flaky|e1", "fail-ui_smoke", night),  # same digest d1
+        record("new-break|e1", "pass", night - DAY),
+        record("new-break|e1", "fail-sandbox", night, digest="d2"),  # one failure, new build
+        record("infra|e1", "fail-sandbox", night, kind="infra"),
+        record("old|e1", "pass", NOW - 3 * DAY),
+    ]
+    found = statuses(records, ["ok|e1", "never|e1", "old|e1"])
+    assert found == {"ok|e1": "PASS", "never|e1": "PENDING", "old|e1": "STALE",
+                     "failing|e1": "FAILING", "flaky|e1": "FLAKY", "new-break|e1": "FAILING",
+                     "infra|e1": "BROKEN"}
+
+
+def test_an_outage_night_failing_every_partition_is_not_flakiness():
+    partitions = [f"p{i}|e1" for i in range(4)]
+    records = []
+    for day in range(5):
+        at = NOW - (5 - day) * DAY + 3600
+        outage = day == 2
+        records += [record(p, "fail-sandbox" if outage else "pass", at) for p in partitions]
+    summaries = analyze(table_of(records), partitions, SETTINGS, NOW)
+
+    assert {str(s.status) for s in summaries} == {"PASS"}
+    assert not any(s.flakiness.flaky for s in summaries)
+
+
+def test_a_config_change_is_not_blamed_on_the_product():
+    records = [record("c|e1", "pass", NOW - 2 * DAY), record("c|e1", "fail-ui_smoke", NOW - DAY)]
+    records[1]["config_id"] = "c2"
+    [summary] = analyze(table_of(records), ["c|e1"], SETTINGS, NOW)
+
+    assert summary.regression["changed"] == ["test"]
+    assert summary.regression["verdict"] == "the test changed"
+
+
+def test_partitions_are_never_mixed():
+    # Same config on two engines, and the same engine on two configs: exact keys only.
+    records = [record("a|e1", "pass", NOW - DAY), record("a|e2", "fail-image", NOW - DAY),
+               record("b|e1", "fail-image", NOW - DAY), record("a|e1", "pass", NOW - 100)]
+    found = statuses(records, [])
+    assert found == {"a|e1": "PASS", "a|e2": "FAILING", "b|e1": "FAILING"}
+
+
+def test_slowdown_is_reported_per_partition_with_its_figures():
+    records = [record("s|e1", "pass", NOW - (20 - i) * 3600, duration=10.0) for i in range(8)]
+    records += [record("s|e1", "pass", NOW - (2 - i) * 3600, duration=25.0) for i in range(2)]
+    [summary] = analyze(table_of(records), ["s|e1"], SETTINGS, NOW)
+
+    slow = {s.series: s for s in summary.slowdowns}
+    assert slow["duration:pipeline:train"].magnitude == 1.5
+    assert slow["duration:pipeline:train"].baseline_median == 10.0
+
+
+def test_coverage_counts():
+    summaries = analyze(table_of([record("a|e1", "pass", NOW - 60)]), ["a|e1", "b|e1"],
+                        SETTINGS, NOW)
+    counts = coverage(summaries)
+    assert (counts["tested"], counts["untested"], counts["passing"]) == (1, 1, 1)
+
+
+def test_append_is_append_only():
+    first = table_of([record("a|e1", "pass", NOW)])
+    again = append_rows(first, [record_to_row(record("a|e1", "pass", NOW), 1)])
+    more = append_rows(first, [record_to_row(record("a|e1", "pass", NOW + 1), 2)])
+    assert (len(again), len(more)) == (1, 2)
