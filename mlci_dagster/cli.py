@@ -119,37 +119,84 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"on DAGSTER_HOME={os.environ['DAGSTER_HOME']}", flush=True)
     keys = [f"{c}|{e}" for c, e in partitions]
     start = time.monotonic()
+    failed = []
     with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(execute_partition, str(registry.root), key, args.trigger)
                    for key in keys]
         for future in futures:
             key, run_id, success, seconds = future.result()
+            if not success:
+                failed.append(key)
             print(f"  {key}: {'passed' if success else 'FAILED'} in {seconds:.1f}s "
                   f"(run {run_id[:8]})", flush=True)
-    print(f"done in {time.monotonic() - start:.1f}s\n")
-    return _print_report(instance, partitions, as_json=False)
+    print(f"done in {time.monotonic() - start:.1f}s", flush=True)
+    grid = update_history(str(registry.root))
+    print(f"history updated; grid: {grid}\n")
+    _print_report(instance, registry, keys, as_json=False)
+    return 1 if failed else 0
 
 
-def _print_report(instance: Any, partitions: list[tuple[str, str]], as_json: bool) -> int:
-    from mlci_dagster.report import format_table, latest_records
+def update_history(registry: str) -> str:
+    """Materializes `history` and `grid_report`, as the daemon would after new results."""
+    from mlci_dagster.definitions import HISTORY_JOB, build_definitions
 
-    rows = latest_records(instance, partitions)
+    with _instance() as instance:
+        result = build_definitions(registry).resolve_job_def(HISTORY_JOB).execute_in_process(
+            instance=instance, run_config=QUIET_RUN_CONFIG)
+    [materialization] = result.asset_materializations_for_node("grid_report")
+    return str(materialization.metadata["path"].value)
+
+
+def _summaries(instance: Any, registry: Registry, keys: list[str]):
+    from mlci_dagster.event_log import consolidate
+    from mlci_dagster.history.analysis import analyze
+
+    # Read-only: the whole event log, so a report never waits for a history run.
+    table, _ = consolidate(instance, None)
+    summaries = analyze(table, keys, registry.settings.history, time.time())
+    return [s for s in summaries if s.partition in set(keys)], table
+
+
+def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: bool) -> None:
+    from mlci_dagster.event_log import new_results
+    from mlci_dagster.history.render import failure_notes, report_table
+
+    summaries, _ = _summaries(instance, registry, keys)
     if as_json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(format_table(rows))
-        for row in rows:
-            if row["status"].startswith("fail"):
-                first = (row.get("error_summary") or "").strip().splitlines()[:1]
-                print(f"\n{row['partition']}: {row['status']} ({row.get('failure_kind')}, "
-                      f"owner {row.get('owner')}): {first[0] if first else ''}\n"
-                      f"  log: {row.get('log_ref')}")
-    return 0 if all(r["status"] == "pass" for r in rows) else 1
+        print(json.dumps([s.to_dict() for s in summaries], indent=2))
+        return
+    print(report_table(summaries))
+    latest = {record["partition"]: record for _, record in new_results(instance, 0)}
+    notes = failure_notes(summaries, latest)
+    if notes:
+        print(f"\n{notes}")
+
+
+def _keys(registry: Registry, args: argparse.Namespace) -> list[str]:
+    return [f"{c}|{e}" for c, e in registry.partitions(args.config, args.engine, args.tier)]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     registry = _registry(args)
-    _print_report(_instance(), registry.partitions(args.config, args.engine, args.tier), args.json)
+    instance = _instance()
+    if args.html:
+        from mlci_dagster.assets.history import write_grid
+
+        summaries, table = _summaries(instance, registry, _keys(registry, args))
+        path = write_grid(table, summaries, Path(args.html))
+        print(f"grid: {path}", file=sys.stderr)
+    _print_report(instance, registry, _keys(registry, args), args.json)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mlci_dagster.history.analysis import coverage
+    from mlci_dagster.history.render import status_text
+
+    registry = _registry(args)
+    summaries, _ = _summaries(_instance(), registry, _keys(registry, args))
+    counts = coverage(summaries)
+    print(json.dumps(counts, indent=2) if args.json else status_text(counts))
     return 0
 
 
@@ -177,9 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parallel", type=int, default=2, help="partitions at once (default 2)")
     run.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
-    report = with_filters("report", "latest result per partition")
+    report = with_filters("report", "per partition: status, last run, regression, flakiness")
     report.add_argument("--json", action="store_true")
+    report.add_argument("--html", metavar="DIR", help="also write the HTML grid into DIR")
     report.set_defaults(fn=cmd_report)
+    status = with_filters("status", "counts and coverage: tested, untested, stale, passing")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(fn=cmd_status)
     return parser
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
+from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.providers.ports import port_is_free
-from mlci_dagster.report import RESULTS_ASSET
 
 PY = sys.executable
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}

@@ -51,10 +51,15 @@ def test_run_then_report_prints_one_row_per_partition(dagster_home):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "static-site|sqlite: passed" in run.stdout
     rows = {r["partition"]: r for r in json.loads(report.stdout)}
-    assert rows["static-site|sqlite"]["status"] == rows["static-site|jsonfile"]["status"] == "pass"
-    assert rows["jobs-api|sqlite"]["status"] == "untested"
+    assert rows["static-site|sqlite"]["status"] == rows["static-site|jsonfile"]["status"] == "PASS"
+    assert rows["static-site|sqlite"]["last"]["status"] == "pass"
+    assert rows["jobs-api|sqlite"]["status"] == "PENDING"
     with dg.DagsterInstance.get() as instance:
-        assert len(instance.get_runs()) == 2  # one Dagster run per partition
+        jobs = sorted(run.job_name for run in instance.get_runs())
+        assert jobs == ["history_update", "lifecycle", "lifecycle"]  # a run per partition
+    status = mlci("--registry", str(EXAMPLE_REGISTRY), "status", "--json")
+    counts = json.loads(status.stdout)
+    assert (counts["tested"], counts["untested"], counts["passing"]) == (2, 2, 2)
 
 
 def test_validate_list_and_missing_dagster_home(tmp_path):

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from mlci_dagster.assets.partitions import partition_key
-from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions, defs
+from mlci_dagster.definitions import HISTORY_JOB, LIFECYCLE_JOB, build_definitions, defs
 from mlci_dagster.paths import EXAMPLE_REGISTRY
 from tests.conftest import config, write_registry
 
@@ -18,13 +18,16 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
     repo = defs.get_repository_def()
 
     assert sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()) == sorted(
-        STAGES)
+        [*STAGES, "history", "grid_report"])
     checks = {(c.asset_key.to_user_string(), c.name) for c in repo.asset_graph.asset_check_keys}
-    assert checks == {(s, "stage_passed") for s in STAGES[:-1]} | {("results",
-                                                                     "lifecycle_passed")}
-    assert repo.has_job(LIFECYCLE_JOB)
+    assert checks == {(s, "stage_passed") for s in STAGES[:-1]} | {
+        ("results", "lifecycle_passed"), ("history", "no_new_regressions"),
+        ("history", "no_flaky_partitions"), ("history", "no_confirmed_slowdowns"),
+        ("history", "no_stale_partitions")}
+    assert repo.has_job(LIFECYCLE_JOB) and repo.has_job(HISTORY_JOB)
     assert [s.name for s in repo.schedule_defs] == ["nightly"]
-    assert [s.name for s in repo.sensor_defs] == ["registry_sync"]
+    assert sorted(s.name for s in repo.sensor_defs) == [
+        "default_automation_condition_sensor", "registry_sync"]
     partitions = repo.asset_graph.get(dg.AssetKey("results")).partitions_def
     assert isinstance(partitions, dg.MultiPartitionsDefinition)
     assert [d.name for d in partitions.partitions_defs] == ["config", "engine"]

@@ -1,0 +1,88 @@
+"""Text renderings of the analysis: the `mlci report` table and the `mlci status` counts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from mlci_dagster.history.analysis import PartitionSummary
+
+
+def age(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "-"
+    seconds = max(0.0, now - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def short(digest: str | None) -> str:
+    if not digest:
+        return "-"
+    return digest.split(":", 1)[-1][:12]
+
+
+def regression_text(summary: PartitionSummary) -> str:
+    found = summary.regression
+    if not found or not summary.alert_open:
+        return "-"
+    before = found["last_pass"]
+    since = f"since {found['first_fail']['run_id'][:8]}"
+    if before is None:
+        return f"{since} (never passed)"
+    return (f"{since}: {short(before['image_digest'])}→{short(found['first_fail']['image_digest'])}"
+            f" ({found['verdict']})")
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def report_table(summaries: list[PartitionSummary], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    rows = [["PARTITION", "STATUS", "LAST", "FAILED STAGE", "DURATION", "WHEN", "REGRESSION",
+             "FLAKINESS"]]
+    for s in summaries:
+        last = s.last or {}
+        finished = last.get("finished_at")
+        when = (f"{dt.datetime.fromtimestamp(finished, dt.UTC):%Y-%m-%d %H:%M}Z "
+                f"({age(finished, now)})" if finished else "-")
+        flaky = (f"flaky ({s.flakiness.transition_rate:.0%} flips)" if s.flakiness.flaky
+                 else f"{s.flakiness.transition_rate:.0%} flips" if s.runs > 1 else "-")
+        rows.append([
+            s.partition, str(s.status), last.get("status", "untested"),
+            last.get("failed_stage") or "-",
+            f"{last['duration_s']:.1f}s" if last.get("duration_s") is not None else "-",
+            when, regression_text(s), flaky,
+        ])
+    return table(rows)
+
+
+def failure_notes(summaries: list[PartitionSummary], records: dict[str, dict[str, Any]]) -> str:
+    """One paragraph per failing partition: owner, error summary's first line, log."""
+    notes = []
+    for s in summaries:
+        record = records.get(s.partition)
+        if not record or record["status"] == "pass":
+            continue
+        first = (record.get("error_summary") or "").strip().splitlines()[:1]
+        notes.append(f"{s.partition}: {record['status']} ({record.get('failure_kind')}, "
+                     f"owner {record.get('owner')}): {first[0] if first else ''}\n"
+                     f"  log: {record.get('log_ref')}")
+    return "\n".join(notes)
+
+
+def status_text(counts: dict[str, int]) -> str:
+    tested = counts["tested"]
+    total = counts["partitions"]
+    lines = [
+        f"partitions: {total}   tested: {tested} ({tested / total:.0%})   untested: "
+        f"{counts['untested']}   stale: {counts['stale']}" if total else "partitions: 0",
+        f"passing: {counts['passing']}   failing: {counts['failing']}   flaky: {counts['flaky']}",
+    ]
+    return "\n".join(lines)
