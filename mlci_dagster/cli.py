@@ -18,16 +18,22 @@ from mlci_dagster.registry.models import Settings, TestConfig
 
 # An embedded-default instance: SQLite storage under $DAGSTER_HOME (deploy/ holds the others).
 DEFAULT_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# A failed lifecycle is reported by `mlci`, not by Dagster's console traceback; every event
+# is still in the run's log in the instance.
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def _registry(args: argparse.Namespace) -> Registry:
     return load_registry(args.registry)
 
 
-def _instance():
-    """The Dagster instance at $DAGSTER_HOME, which must be set: the history is the product."""
+def _instance(registry: Registry | None = None):
+    """The Dagster instance at $DAGSTER_HOME, which must be set: the history is the product.
+    With a registry, its pool limits are written into the instance's dagster.yaml first."""
     import dagster as dg
+    import yaml
+
+    from mlci_dagster.pools import with_pool_limits
 
     home = os.environ.get("DAGSTER_HOME")
     if not home:
@@ -38,6 +44,11 @@ def _instance():
     settings = Path(home) / "dagster.yaml"
     if not settings.exists():
         settings.write_text(DEFAULT_INSTANCE_YAML)
+    if registry is not None:
+        current = yaml.safe_load(settings.read_text()) or {}
+        wanted = with_pool_limits(current, registry.settings)
+        if wanted != current:
+            settings.write_text(yaml.safe_dump(wanted, sort_keys=False))
     return dg.DagsterInstance.get()
 
 
@@ -81,9 +92,10 @@ def sync_partitions(instance: Any, registry: Registry) -> tuple[list[str], list[
 
 def cmd_sync(args: argparse.Namespace) -> int:
     registry = _registry(args)  # raises before any change: nothing is half-registered
-    add, remove = sync_partitions(_instance(), registry)
+    add, remove = sync_partitions(_instance(registry), registry)
     print(f"config partitions: {len(registry.configs)} (added: {', '.join(add) or 'none'}; "
-          f"removed: {', '.join(remove) or 'none'})")
+          f"removed: {', '.join(remove) or 'none'}); pool limits: "
+          f"{', '.join(f'{n}={p.limit}' for n, p in registry.settings.pools.items()) or 'none'}")
     return 0
 
 
@@ -113,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     partitions = registry.partitions(args.config, args.engine, args.tier)
     if not partitions:
         raise SystemExit("mlci run: no partition matches --config/--engine/--tier")
-    instance = _instance()
+    instance = _instance(registry)
     sync_partitions(instance, registry)
     print(f"running {len(partitions)} partitions, {args.parallel} at a time, "
           f"on DAGSTER_HOME={os.environ['DAGSTER_HOME']}", flush=True)
@@ -200,6 +212,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_janitor(args: argparse.Namespace) -> int:
+    from mlci_dagster.history.render import table
+    from mlci_dagster.janitor import sweep
+    from mlci_dagster.paths import mlci_home
+    from mlci_dagster.providers.local import LocalProvider
+    from mlci_dagster.sensors.cleanup import run_over
+
+    registry = _registry(args)
+    instance = _instance()
+    verdicts = sweep(LocalProvider(mlci_home(), registry.settings.secrets), run_over(instance),
+                     dry_run=args.dry_run)
+    rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
+    for v in verdicts:
+        result = "-" if v.report is None else "clean" if v.report["clean"] else (
+            f"LEFT: pids {v.report['leaked_pids']} ports {v.report['busy_ports']}")
+        rows.append([v.sandbox_id, v.run_id[:8], v.reason or "keep (run in progress)",
+                     "would reap" if args.dry_run and v.reason else result])
+    print(table(rows) if verdicts else "no live sandboxes")
+    reaped = [v for v in verdicts if v.report]
+    return 0 if all(v.report["clean"] for v in reaped) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlci", description=__doc__)
     parser.add_argument("--registry", default=str(registry_path()),
@@ -231,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_filters("status", "counts and coverage: tested, untested, stale, passing")
     status.add_argument("--json", action="store_true")
     status.set_defaults(fn=cmd_status)
+    janitor = commands.add_parser("janitor", help="reap sandboxes whose run is over or expired")
+    janitor.add_argument("--dry-run", action="store_true", help="say what would be reaped")
+    janitor.set_defaults(fn=cmd_janitor)
     return parser
 
 

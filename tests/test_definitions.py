@@ -18,7 +18,7 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
     repo = defs.get_repository_def()
 
     assert sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()) == sorted(
-        [*STAGES, "history", "grid_report"])
+        [*STAGES, "history", "grid_report", "sandbox_janitor", "pushed_image"])
     checks = {(c.asset_key.to_user_string(), c.name) for c in repo.asset_graph.asset_check_keys}
     assert checks == {(s, "stage_passed") for s in STAGES[:-1]} | {
         ("results", "lifecycle_passed"), ("history", "no_new_regressions"),
@@ -27,7 +27,9 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
     assert repo.has_job(LIFECYCLE_JOB) and repo.has_job(HISTORY_JOB)
     assert [s.name for s in repo.schedule_defs] == ["nightly"]
     assert sorted(s.name for s in repo.sensor_defs) == [
-        "default_automation_condition_sensor", "registry_sync"]
+        "default_automation_condition_sensor", "image_poll", "image_push", "notify",
+        "registry_sync", "sandbox_janitor", "stale_scanner", "teardown_after_cancel",
+        "teardown_after_failure"]
     partitions = repo.asset_graph.get(dg.AssetKey("results")).partitions_def
     assert isinstance(partitions, dg.MultiPartitionsDefinition)
     assert [d.name for d in partitions.partitions_defs] == ["config", "engine"]

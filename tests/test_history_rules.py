@@ -217,3 +217,17 @@ def test_append_is_append_only():
     again = append_rows(first, [record_to_row(record("a|e1", "pass", NOW), 1)])
     more = append_rows(first, [record_to_row(record("a|e1", "pass", NOW + 1), 2)])
     assert (len(again), len(more)) == (1, 2)
+
+
+def test_missing_values_come_back_as_none_not_nan():
+    records = [record("a|e1", "pass", NOW - 120), record("a|e1", "fail-image", NOW - 60)]
+    [summary] = analyze(table_of(records), ["a|e1"], SETTINGS, NOW)
+    assert summary.regression["last_pass"]["failed_stage"] is None
+
+
+def test_summaries_are_plain_json():
+    import json
+
+    records = [record("a|e1", "pass", NOW - 120), record("b|e1", "fail-image", NOW - 60)]
+    summaries = analyze(table_of(records), ["a|e1", "b|e1"], SETTINGS, NOW)
+    assert json.loads(json.dumps([s.to_dict() for s in summaries]))[0]["runs"] == 1

@@ -115,8 +115,10 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefin
         context: dg.AssetExecutionContext, mlci: MlciResource, sandbox: StageOutcome,
         pipeline_runs: StageOutcome, ui_smoke: StageOutcome,
     ):
-        # pipeline_runs and ui_smoke are inputs only to order teardown after them.
-        return run_stage(context, mlci, Stage.TEARDOWN, lambda lc: tear_down(lc, sandbox))
+        # pipeline_runs and ui_smoke order teardown after them; a failure of either (or of the
+        # sandbox) makes teardown keep a debug bundle before destroying the sandbox.
+        return run_stage(context, mlci, Stage.TEARDOWN,
+                         lambda lc: tear_down(lc, sandbox, [pipeline_runs, ui_smoke]))
 
     @dg.asset(
         partitions_def=partitions, group_name="lifecycle", kinds={"python"},
@@ -144,6 +146,8 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefin
                 "trigger": record["trigger"],
                 "config_id": record["config_id"],
                 "code_version": record["code_version"],
+                "debug_bundle": dg.MetadataValue.path(record["debug_bundle"])
+                if record["debug_bundle"] else "",
                 "record": dg.MetadataValue.json(record),
             },
             # Blocking: a failed lifecycle fails the run, after this record is stored.

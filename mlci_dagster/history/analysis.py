@@ -228,12 +228,14 @@ def analyze(
     if not table.empty:
         table = table.sort_values(["partition", "finished_at"], kind="stable")
         outage = outage_flags(table).to_numpy(dtype=bool)
-        columns = {name: table[name].tolist() for name in RUN_FIELDS}
+        # pandas stores a missing value as NaN: the rules and reports expect None.
+        columns = {name: table[name].astype(object).where(table[name].notna(), None).tolist()
+                   for name in RUN_FIELDS}
         series = {name: pd.to_numeric(table[name], errors="coerce").to_numpy(dtype=float)
                   for name in series_columns(table)}
         keys = table["partition"].to_numpy()
         # Sorted by partition, each partition's rows are one contiguous slice.
-        bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1), len(keys)]
+        bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist(), len(keys)]
         for start, end in zip(bounds, bounds[1:], strict=False):
             summaries[keys[start]] = summarize_partition(
                 keys[start], columns, series, outage, start, end, settings, now)

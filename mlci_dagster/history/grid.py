@@ -90,7 +90,7 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
 Newest run first; hover a cell for its stages.</div>
 <div class="legend">{legend}</div><br>
 <table><tr><th>config</th><th>engine</th><th>status</th><th>runs (newest first)</th>
-<th>duration trend</th></tr>
+<th>duration, oldest → newest</th></tr>
 {chr(10).join(lines)}
 </table></body></html>
 """

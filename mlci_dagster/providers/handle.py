@@ -22,6 +22,10 @@ class SandboxHandle:
     variables: dict[str, str] = field(default_factory=dict)
     # name -> process group id of every process the sandbox started (services, running pipelines)
     process_groups: dict[str, int] = field(default_factory=dict)
+    # The process that created it, as (pid, start time in clock ticks): if that process is gone
+    # while the run is not over, the run crashed and the janitor may reap the sandbox.
+    owner_pid: int = 0
+    owner_start: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

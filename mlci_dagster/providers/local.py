@@ -20,7 +20,13 @@ from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import REDACT_VARS_ENV
 from mlci_dagster.providers.ports import allocate_free_port, port_is_free
 from mlci_dagster.providers.probes import ProbeResult, wait_until_ready
-from mlci_dagster.providers.processes import group_members, kill_group, run_group, start_group
+from mlci_dagster.providers.processes import (
+    group_members,
+    kill_group,
+    process_start,
+    run_group,
+    start_group,
+)
 from mlci_dagster.redact import Redactor
 from mlci_dagster.registry.models import SandboxSpec, ServiceSpec
 from mlci_dagster.templating import TemplateError, render
@@ -77,6 +83,7 @@ class LocalProvider:
             run_id=run_id, created_at=now, expires_at=now + spec.ttl_s,
             workdir=str(self.home / "sandboxes" / sandbox_id),
             log_dir=str(self.home / "logs" / sandbox_id),
+            owner_pid=os.getpid(), owner_start=process_start(os.getpid()) or 0,
         )
         with self.ledger.lock():
             reserved = self.ledger.reserved_ports()

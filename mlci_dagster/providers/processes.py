@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
 
 
 def start_group(argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path) -> int:
@@ -39,6 +43,16 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def process_start(pid: int) -> int | None:
+    """The start time of a live process in clock ticks since boot (None if gone or a zombie);
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
 def _reap(pid: int) -> None:
     """Collects the exit status of our own children, so they do not linger as zombies."""
     try:
@@ -64,6 +78,12 @@ def kill_group(pgid: int, grace_s: float = 5.0) -> list[int]:
     return group_members(pgid)
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the parent dies, so a crashed run leaves no build or pipeline
+    running (run_group waits for its child, so the parent thread outlives it otherwise)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @dataclass
 class GroupResult:
     exit_code: int | None  # None when killed at the timeout
@@ -83,28 +103,31 @@ def run_group(
 ) -> GroupResult:
     """Runs `argv` to completion in its own process group; at the timeout kills the whole group.
 
-    Whatever the process started is killed when it ends too, so nothing outlives it.
+    Whatever the process started is killed when it ends too, so nothing outlives it. Output goes
+    to files, not pipes: a background child holding a pipe open cannot stall the wait.
     Raises OSError when the program cannot be started.
     """
     start = time.monotonic()
-    proc = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True,
-    )
-    on_start(proc.pid)
-    timed_out = False
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        kill_group(proc.pid, grace_s=2.0)
-        stdout, stderr = proc.communicate()
-    finally:
-        kill_group(proc.pid, grace_s=2.0)
-    return GroupResult(
-        None if timed_out else proc.returncode,
-        stdout.decode("utf-8", errors="replace"),
-        stderr.decode("utf-8", errors="replace"),
-        timed_out,
-        time.monotonic() - start,
-    )
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        on_start(proc.pid)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            kill_group(proc.pid, grace_s=2.0)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return GroupResult(
+            None if timed_out else proc.returncode,
+            out.read().decode("utf-8", errors="replace"),
+            err.read().decode("utf-8", errors="replace"),
+            timed_out,
+            time.monotonic() - start,
+        )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,19 +158,35 @@ def _reference_problems(path: Path, config: TestConfig, settings: Settings) -> l
 
 
 def _signature(root: Path) -> tuple[tuple[str, int, int], ...]:
-    paths = [root / SETTINGS_FILE, *sorted((root / CONFIGS_DIR).glob("*.y*ml"))]
-    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths if p.exists())
+    """Name, mtime and size of every registry file, read in one directory scan each."""
+    entries = []
+    for directory, accept in ((root, lambda n: n == SETTINGS_FILE),
+                              (root / CONFIGS_DIR, lambda n: n.endswith((".yaml", ".yml")))):
+        with contextlib.suppress(FileNotFoundError), os.scandir(directory) as scan:
+            for entry in scan:
+                if accept(entry.name):
+                    stat = entry.stat()
+                    entries.append((entry.path, stat.st_mtime_ns, stat.st_size))
+    return tuple(sorted(entries))
 
 
-@functools.lru_cache(maxsize=16)
-def _load_unchanged(root: Path, signature: tuple[tuple[str, int, int], ...]) -> Registry:
-    return load_registry(root)
+# root as given -> (when its files were last looked at, their signature, the parsed registry)
+_cache: dict[str, tuple[float, tuple[tuple[str, int, int], ...], Registry]] = {}
+RECHECK_S = 2.0
 
 
 def load_registry_cached(root: str | Path) -> Registry:
-    """load_registry, parsed again only when a registry file changed (every stage asks for it)."""
-    root = Path(root).resolve()
-    return _load_unchanged(root, _signature(root))
+    """load_registry, parsed again only when a registry file changed. Every stage, and the
+    tags of every run request, ask for it: the files are looked at no more than every 2 s."""
+    now = time.monotonic()
+    entry = _cache.get(str(root))
+    if entry is not None and now - entry[0] <= RECHECK_S:
+        return entry[2]
+    resolved = Path(root).resolve()
+    signature = _signature(resolved)
+    registry = entry[2] if entry is not None and entry[1] == signature else load_registry(resolved)
+    _cache[str(root)] = (now, signature, registry)
+    return registry
 
 
 def load_registry(root: str | Path) -> Registry:
@@ -208,6 +226,10 @@ def load_registry(root: str | Path) -> Registry:
                     problems.append(f"{path}: engines[{i}]: unknown engine '{engine}' "
                                     f"(expected one of: {', '.join(settings.engines)})")
             problems.extend(_reference_problems(path, config, settings))
+            pool = config.sandbox.pool
+            if pool is not None and pool not in settings.pools:
+                problems.append(f"{path}: sandbox.pool: unknown pool '{pool}' (expected one of: "
+                                f"{', '.join(settings.pools) or 'none declared in mlci.yaml'})")
         configs[config.name] = LoadedConfig(config, path, config_id(config))
     if problems or settings is None:
         raise RegistryError(problems)

@@ -75,6 +75,9 @@ class ServiceSpec(StrictModel):
 
 class SandboxSpec(StrictModel):
     provider: Literal["local"] = "local"
+    pool: Name | None = Field(
+        default=None, description="The pool (a provider or a hardware reservation) whose limit "
+        "this sandbox counts against; default: the provider's name.")
     ttl_s: Seconds = 3600
     services: list[ServiceSpec] = []
 
@@ -115,14 +118,68 @@ class HistorySettings(StrictModel):
         default=0.2, description="And at least this relative change (0.2 = 20%).")
 
 
+# A registry as image refs name it: host[:port], e.g. 127.0.0.1:5000 or <acct>.dkr.ecr.<region>...
+RegistryHost = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")]
+
+
+class ImageRegistrySpec(StrictModel):
+    """How to reach one image registry, so that its tags can be watched and resolved."""
+
+    kind: Literal["oci", "ecr"] = Field(
+        description="oci: the OCI distribution API (Docker Registry, Harbor, GHCR); "
+                    "ecr: Amazon ECR through boto3, credentials from the AWS_* environment.")
+    insecure: bool = Field(
+        default=False, description="oci only: plain HTTP instead of HTTPS (a loopback registry).")
+    token_env: EnvName | None = Field(
+        default=None, description="oci only: environment variable holding a bearer token; "
+                                  "it must also be listed under secrets.")
+    region: str | None = Field(
+        default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$",
+        description="ecr only. Default: the region in the host name.")
+    endpoint_url: str | None = Field(
+        default=None, description="ecr only: another ECR API endpoint (a VPC endpoint, a test "
+                                  "server).")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ImageRegistrySpec:
+        other = ("region", "endpoint_url") if self.kind == "oci" else ("insecure", "token_env")
+        used = [name for name in other if getattr(self, name) not in (None, False)]
+        if used:
+            raise ValueError(f"{', '.join(used)}: not a field of a '{self.kind}' registry")
+        return self
+
+
+class PoolSpec(StrictModel):
+    """A reservation: at most `limit` lifecycles of its configs run at once."""
+
+    limit: Annotated[int, Field(ge=1)]
+    description: str = ""
+
+
 class Settings(StrictModel):
     """The registry's root file: engines, secret variable names and defaults for every config."""
 
     engines: Annotated[dict[Name, EngineSpec], Field(min_length=1)]
+    pools: dict[Name, PoolSpec] = Field(
+        default={}, description="Concurrency limits per pool, enforced by Dagster's run queue.")
     secrets: list[EnvName] = Field(
         default=[], description="Environment variables whose values are redacted everywhere."
     )
     history: HistorySettings = HistorySettings()
+    image_registries: dict[RegistryHost, ImageRegistrySpec] = Field(
+        default={}, description="Registries whose tags the image_poll sensor watches and the "
+                                "image stage resolves, by host[:port] as image refs write it.")
+    image_poll_interval_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=60, description="Seconds between two polls of the image registries.")
+
+    @model_validator(mode="after")
+    def _tokens_are_secrets(self) -> Settings:
+        for host, spec in self.image_registries.items():
+            if spec.token_env and spec.token_env not in self.secrets:
+                raise ValueError(f"image_registries.{host}.token_env: '{spec.token_env}' is not "
+                                 "listed under secrets (expected there, so it is redacted)")
+        return self
 
 
 # --- pipelines -----------------------------------------------------------------------------

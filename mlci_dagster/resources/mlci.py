@@ -8,6 +8,7 @@ import dagster as dg
 
 from mlci_dagster.assets.partitions import partition_dimensions
 from mlci_dagster.paths import mlci_home
+from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.stages.context import LifecycleContext
@@ -24,11 +25,17 @@ class MlciResource(dg.ConfigurableResource):
     def registry(self) -> Registry:
         return load_registry_cached(self.registry_path)
 
+    def provider(self) -> LocalProvider:
+        """The provider the janitor and the cleanup sensors sweep with."""
+        home = Path(self.home) if self.home else mlci_home()
+        return LocalProvider(home, self.registry().settings.secrets)
+
     def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
         config, engine = partition_dimensions(context.partition_key)
         home = self.home or str(mlci_home())
         return LifecycleContext.create(
-            self.registry(), config, engine, context.run.run_id, Path(home)
+            self.registry(), config, engine, context.run.run_id, Path(home),
+            run_tags=dict(context.run.tags),
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,18 @@ class LifecycleContext:
     home: Path
     provider: LocalProvider
     redactor: Redactor
+    run_tags: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, registry: Registry, config: str, engine: str, run_id: str, home: Path
-               ) -> LifecycleContext:
+    def create(cls, registry: Registry, config: str, engine: str, run_id: str, home: Path,
+               run_tags: dict[str, str] | None = None) -> LifecycleContext:
         if config not in registry.configs:
             raise KeyError(f"config '{config}' is not in the registry at {registry.root}")
         secrets = registry.settings.secrets
         return cls(
             registry=registry, loaded=registry.configs[config], engine=engine, run_id=run_id,
             home=home, provider=LocalProvider(home, secrets), redactor=Redactor.from_env(secrets),
+            run_tags=dict(run_tags or {}),
         )
 
     @property

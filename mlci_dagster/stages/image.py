@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from mlci_dagster.images import IMAGE_DIGEST_TAG, IMAGE_REF_TAG, ImageRegistryError, current_digest
 from mlci_dagster.providers.processes import run_group
 from mlci_dagster.registry.models import BuildSpec
 from mlci_dagster.stages.context import LifecycleContext
@@ -38,7 +39,14 @@ def build_image(ctx: LifecycleContext) -> StageOutcome:
     clock = StageClock(Stage.IMAGE, ctx.redactor)
     spec = ctx.config.image
     if spec.ref is not None:
-        digest = spec.ref.split("@", 1)[1] if "@" in spec.ref else spec.ref
+        # A run started for a pushed digest tests that digest, even if the tag has moved on.
+        digest = ctx.run_tags.get(IMAGE_DIGEST_TAG)
+        if not digest or ctx.run_tags.get(IMAGE_REF_TAG, spec.ref) != spec.ref:
+            try:
+                digest = current_digest(spec.ref, ctx.registry.settings.image_registries)
+            except ImageRegistryError as exc:
+                return clock.failed(FailureKind.INFRA, f"image {spec.ref}: could not resolve "
+                                                       f"its digest: {exc}")
         return clock.passed(digest=digest, ref=spec.ref, cached=True, path="")
     assert spec.build is not None
     try:

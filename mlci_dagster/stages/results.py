@@ -26,6 +26,7 @@ def build_record(
     image = next(o for o in outcomes if o.stage is Stage.IMAGE)
     started = min(o.started_at for o in outcomes)
     pipelines = next(o for o in outcomes if o.stage is Stage.PIPELINE_RUNS)
+    teardown = next((o for o in outcomes if o.stage is Stage.TEARDOWN), None)
     return {
         "partition": f"{ctx.config.name}|{ctx.engine}",
         "config": ctx.config.name,
@@ -37,6 +38,8 @@ def build_record(
         "owner": ctx.config.owners.for_stage(failed.stage) if failed else None,
         "error_summary": failed.error_summary if failed else "",
         "log_ref": failed.log_ref if failed else "",
+        # Written by teardown before the sandbox went: its logs, probes and handle.
+        "debug_bundle": teardown.details.get("debug_bundle", "") if teardown else "",
         "image_digest": image.details.get("digest"),
         "trigger": trigger,
         "code_version": code_version(ctx.registry.root),

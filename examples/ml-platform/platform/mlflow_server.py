@@ -17,6 +17,8 @@ def wait_for_database(uri: str, timeout_s: float) -> None:
         return
     import psycopg2
 
+    uri = uri.replace("postgresql+psycopg2://", "postgresql://", 1)  # SQLAlchemy's driver tag
+
     deadline = time.monotonic() + timeout_s
     while True:
         try:

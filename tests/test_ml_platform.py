@@ -1,0 +1,193 @@
+"""The ML platform example (examples/ml-platform) on real services: an MLflow tracking server on
+SQLite or PostgreSQL, a Ray head node with its Jobs API, Spark, built into a real venv.
+
+The platform venv takes minutes to build, so one build serves the whole session: a session
+fixture builds it into an image home (a session temp folder, or $MLCI_IMAGE_HOME when set, kept
+between sessions: the benchmark's default is ~/.cache/mlci-dagster), and each test's fresh
+DAGSTER_HOME links its image cache (`mlci/images`) there. The image record holds the venv's
+path, so the venv is built once at that stable path, never through a test's link. The failure
+examples live only here, in registries made from the example's own files (same image inputs,
+so the same image).
+
+Marked `ml_platform` (slow). By default the CI subset runs (python-train on both engines,
+ray-train on SQLite, the two failure examples: about 10 minutes with a cold image build);
+MLCI_ML_PLATFORM_FULL=1 adds the rest of the matrix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mlci_dagster.registry import load_registry
+from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.image import build_image
+from tests.conftest import (
+    assert_no_leaks,
+    processes_of_sandbox,
+    run_partition,
+    stage_details,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ml-platform"
+FULL = os.environ.get("MLCI_ML_PLATFORM_FULL") == "1"
+RAY_LINKS = Path("/tmp/mlci-ray")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+full_only = pytest.mark.skipif(not FULL, reason="full matrix: set MLCI_ML_PLATFORM_FULL=1")
+
+
+@pytest.fixture(scope="session")
+def ml_image_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The image cache folder, with the platform image built (or found) in it."""
+    configured = os.environ.get("MLCI_IMAGE_HOME")
+    home = Path(configured) if configured else tmp_path_factory.mktemp("ml-platform-image-home")
+    home.mkdir(parents=True, exist_ok=True)
+    ctx = LifecycleContext.create(load_registry(EXAMPLE), "python-train", "sqlite", "image",
+                                  home.resolve())
+    outcome = build_image(ctx)
+    assert outcome.passed, f"the platform image did not build:\n{outcome.error_summary}"
+    return ctx.home / "images"
+
+
+@pytest.fixture
+def ml_home(dagster_home: Path, ml_image_cache: Path) -> Path:
+    """A fresh DAGSTER_HOME whose image cache is the session's."""
+    (dagster_home / "mlci").mkdir()
+    (dagster_home / "mlci" / "images").symlink_to(ml_image_cache, target_is_directory=True)
+    return dagster_home
+
+
+def example_config(name: str) -> dict[str, Any]:
+    return yaml.safe_load((EXAMPLE / "configs" / f"{name}.yaml").read_text())
+
+
+def registry_from_example(root: Path, configs: list[dict[str, Any]]) -> Path:
+    """A registry with the example's settings and platform files and the given configs."""
+    root.mkdir(parents=True)
+    shutil.copy2(EXAMPLE / "mlci.yaml", root / "mlci.yaml")
+    shutil.copytree(EXAMPLE / "platform", root / "platform",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "configs").mkdir()
+    for body in configs:
+        (root / "configs" / f"{body['name']}.yaml").write_text(yaml.safe_dump(body))
+    return root
+
+
+def assert_sandbox_gone(home: Path, handle: dict[str, Any]) -> None:
+    """No process, port, directory or ledger entry left, nor a Ray session link."""
+    assert_no_leaks(home, handle)
+    assert processes_of_sandbox(handle["sandbox_id"]) == []
+    if RAY_LINKS.exists():
+        workdir = handle["workdir"]
+        assert [link for link in RAY_LINKS.iterdir()
+                if str(link.readlink()).startswith(workdir)] == []
+
+
+def test_example_registry_is_valid_with_six_partitions():
+    registry = load_registry(EXAMPLE)
+    assert sorted(registry.configs) == ["python-train", "ray-train", "spark-features"]
+    assert registry.engines == ["sqlite", "postgres"]
+    assert len(registry.partitions()) == 6
+    # One image for every config: the same build, so the same content hash.
+    images = {loaded.config.image.model_dump_json() for loaded in registry.configs.values()}
+    assert len(images) == 1
+
+
+PARTITIONS = [
+    pytest.param("python-train|sqlite", ["train"], id="python-train-sqlite"),
+    pytest.param("python-train|postgres", ["train"], id="python-train-postgres"),
+    pytest.param("ray-train|sqlite", ["train", "find-run"], id="ray-train-sqlite"),
+    pytest.param("ray-train|postgres", ["train", "find-run"], id="ray-train-postgres",
+                 marks=full_only),
+    pytest.param("spark-features|sqlite", ["features"], id="spark-features-sqlite",
+                 marks=full_only),
+    pytest.param("spark-features|postgres", ["features"], id="spark-features-postgres",
+                 marks=full_only),
+]
+
+
+@pytest.mark.ml_platform
+@pytest.mark.parametrize(("key", "pipelines"), PARTITIONS)
+def test_example_partition_passes_on_real_services(ml_home, instance, key, pipelines):
+    result, record = run_partition(instance, EXAMPLE, key)
+
+    assert record["status"] == "pass", record["error_summary"]
+    assert result.success
+    assert {s: v["status"] for s, v in record["stages"].items()} == dict.fromkeys(
+        ["image", "sandbox", "pipeline_runs", "ui_smoke", "teardown"], "pass")
+    assert sorted(record["pipelines"]) == sorted(pipelines)
+    runs = stage_details(instance, result.run_id, "pipeline_runs")["outputs"]
+    assert RUN_ID.match(runs[pipelines[-1]]["run_id"])
+    routes = stage_details(instance, result.run_id, "ui_smoke")["routes"]
+    assert routes and all(r["status"] == 200 and not r["problems"] for r in routes)
+    handle = stage_details(instance, result.run_id, "sandbox")["handle"]
+    config, engine = key.split("|")
+    if engine == "postgres":  # the engine's service joins the sandbox
+        assert "service:postgres" in handle["process_groups"]
+        assert handle["variables"]["MLFLOW_BACKEND_URI"].startswith("postgresql+psycopg2://")
+    else:
+        assert handle["variables"]["MLFLOW_BACKEND_URI"].startswith("sqlite:///")
+    assert_sandbox_gone(ml_home, handle)
+
+
+@pytest.mark.ml_platform
+def test_ray_job_that_raises_fails_pipeline_runs_with_the_job_log_tail(
+    ml_home, instance, tmp_path
+):
+    failing = example_config("ray-train")
+    failing["name"] = "ray-fail"
+    failing["engines"] = ["sqlite"]
+    train = failing["pipelines"][0]
+    train["submit"]["json"]["entrypoint"] += " --fail"
+    registry = registry_from_example(tmp_path / "registry", [failing])
+
+    result, record = run_partition(instance, registry, "ray-fail|sqlite")
+
+    assert not result.success
+    assert record["status"] == "fail-pipeline_runs"
+    assert record["failure_kind"] == "product"
+    assert record["owner"] == "distributed-team"
+    # The summary is the last 500 characters: the end of the job's logs, with the error.
+    assert "ValueError: planted failure in the trial with C=1.0" in record["error_summary"]
+    train = stage_details(instance, result.run_id, "pipeline_runs")["pipelines"][0]
+    assert train["details"]["status"] == "FAILED"
+    assert re.match(r"job raysubmit_\w+ ended FAILED; logs tail:\n", train["summary"])
+    assert record["stages"]["ui_smoke"]["status"] == "skip"
+    assert record["stages"]["teardown"]["status"] == "pass"
+    assert_sandbox_gone(ml_home, stage_details(instance, result.run_id, "sandbox")["handle"])
+
+
+@pytest.mark.ml_platform
+def test_platform_that_never_gets_ready_fails_sandbox_and_stops_its_database(
+    ml_home, instance, tmp_path
+):
+    stuck = example_config("python-train")
+    stuck["name"] = "never-ready"
+    stuck["engines"] = ["postgres"]
+    # MLflow starts fine, but this experiment never exists: the probe gets 404 until timeout.
+    stuck["sandbox"]["services"][0]["ready"] = {
+        "http": {"path": "/api/2.0/mlflow/experiments/get-by-name?experiment_name=never"},
+        "timeout_s": 30,
+    }
+    stuck["timeouts"]["sandbox_s"] = 60
+    registry = registry_from_example(tmp_path / "registry", [stuck])
+
+    result, record = run_partition(instance, registry, "never-ready|postgres")
+
+    assert not result.success
+    assert record["status"] == "fail-sandbox"
+    assert record["failure_kind"] == "timeout"
+    # The summary is the last 500 characters: MLflow's log tail, its probe answered 404.
+    assert "experiment_name=never HTTP/1.1\" 404" in record["error_summary"]
+    assert record["stages"]["sandbox"]["duration_s"] >= 30
+    assert [record["stages"][s]["status"] for s in ("pipeline_runs", "ui_smoke")] == ["skip"] * 2
+    handle = stage_details(instance, result.run_id, "sandbox")["handle"]
+    assert set(handle["process_groups"]) == {"service:postgres", "service:mlflow"}
+    # PostgreSQL's children each have a process group of their own: all must be gone too.
+    assert_sandbox_gone(ml_home, handle)

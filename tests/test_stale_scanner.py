@@ -1,0 +1,58 @@
+"""The stale scanner: never-tested and stale partitions get runs; running ones never do."""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+
+from mlci_dagster.definitions import build_definitions
+from mlci_dagster.event_log import RESULTS_ASSET
+from mlci_dagster.sensors.stale_scanner import due_for_testing
+from tests.conftest import config, write_registry
+
+HOUR = 3600
+
+
+def report_result(instance: dg.DagsterInstance, partition: str, finished_at: float) -> None:
+    """A results record as the lifecycle writes it (the scanner reads only these fields)."""
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        RESULTS_ASSET, partition=partition, metadata={"record": dg.MetadataValue.json(
+            {"partition": partition, "status": "pass", "finished_at": finished_at})}))
+
+
+def tick(instance: dg.DagsterInstance, registry, cursor: str | None = None):
+    definitions = build_definitions(registry)
+    scanner = definitions.resolve_sensor_def("stale_scanner")
+    with dg.build_sensor_context(instance=instance, resources=definitions.resources,
+                                 cursor=cursor) as context:
+        return scanner(context), context.cursor
+
+
+def test_due_for_testing_orders_never_tested_first_then_oldest():
+    now = 100 * HOUR
+    last = {"fresh|e": now - HOUR, "old|e": now - 30 * HOUR, "older|e": now - 50 * HOUR}
+    partitions = ["fresh|e", "old|e", "older|e", "never|e", "running|e"]
+
+    due = due_for_testing(partitions, last, {"running|e"}, now, stale_after_s=24 * HOUR)
+
+    assert due == ["never|e", "older|e", "old|e"]
+
+
+def test_scanner_requests_stale_and_untested_partitions_but_not_running_ones(instance, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config(n) for n in ("fresh", "old", "never",
+                                                                     "busy")])
+    instance.add_dynamic_partitions("config", ["fresh", "old", "never", "busy"])
+    now = time.time()
+    report_result(instance, "fresh|e1", now - HOUR)
+    report_result(instance, "old|e1", now - 30 * HOUR)
+    instance.add_run(dg.DagsterRun(job_name="lifecycle", status=dg.DagsterRunStatus.STARTED,
+                                   tags={"dagster/partition": "busy|e1"}))
+
+    first, cursor = tick(instance, registry)
+    again, _ = tick(instance, registry, cursor=cursor)
+
+    assert [str(r.partition_key) for r in first] == ["never|e1", "old|e1"]
+    assert {r.tags["mlci/trigger"] for r in first} == {"sensor"}
+    # The same state gives the same run keys: Dagster never launches them twice.
+    assert [r.run_key for r in again] == [r.run_key for r in first]
