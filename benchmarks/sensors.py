@@ -9,7 +9,7 @@
     with the 2,000 dynamic partitions added first: the registry load (parse and validate 2,000
     YAML files) and the tick with the registry already loaded, timed apart.
 
-Run: .venv/bin/python benchmarks/sensors.py [--pushes N] [--configs N] [--skip-daemon]
+Run: .venv/bin/python -m benchmarks.sensors [--pushes N] [--configs N] [--skip-daemon]
 Needs /usr/bin/docker-registry for (a): scripts/install-test-services.sh installs it.
 """
 
@@ -17,30 +17,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 import dagster as dg
 import requests
 import yaml
 from dagster._core.instance.types import CachingDynamicPartitionsLoader
 
-REGISTRY_BIN = Path("/usr/bin/docker-registry")
+from benchmarks.loopback import REGISTRY_BIN, background, push_image
+
 VENV_BIN = Path(sys.executable).parent
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 TICK_GOAL_S = 5.0
 CONFIG_YAML = """\
 name: {name}
@@ -56,49 +51,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@contextlib.contextmanager
-def background(argv: list[str], log: Path, env: dict[str, str] | None = None
-               ) -> Iterator[subprocess.Popen]:
-    """argv in its own process group, killed whole on exit."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def push_image(base: str, repo: str, tag: str, layer: bytes) -> str:
-    """Config and layer blobs over the distribution API, then the manifest; its digest."""
-    config_blob = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
-    for blob in (config_blob, layer):
-        started = requests.post(f"{base}/v2/{repo}/blobs/uploads/", timeout=10)
-        started.raise_for_status()
-        requests.put(urljoin(base, started.headers["Location"]), params={"digest": sha256(blob)},
-                     data=blob, timeout=10).raise_for_status()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": sha256(config_blob), "size": len(config_blob)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": sha256(layer), "size": len(layer)}],
-    }).encode()
-    requests.put(f"{base}/v2/{repo}/manifests/{tag}", data=manifest, timeout=10,
-                 headers={"Content-Type": OCI_MANIFEST}).raise_for_status()
-    return sha256(manifest)
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:

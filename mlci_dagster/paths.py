@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 REGISTRY_ENV = "MLCI_REGISTRY"
-EXAMPLE_REGISTRY = Path(__file__).resolve().parent.parent / "examples" / "local"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_REGISTRY = EXAMPLES / "ml-platform"  # the demo: MLflow, Ray and Spark
+LOCAL_EXAMPLE = EXAMPLES / "local"  # a small platform of Python's own servers
 
 
 def registry_path() -> Path:

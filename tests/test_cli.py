@@ -8,7 +8,7 @@ import subprocess
 
 import dagster as dg
 
-from mlci_dagster.paths import EXAMPLE_REGISTRY
+from mlci_dagster.paths import LOCAL_EXAMPLE
 from tests.conftest import PY, config, write_registry
 
 
@@ -45,8 +45,8 @@ def test_sync_adds_and_removes_partitions(dagster_home, tmp_path):
 
 
 def test_run_then_report_prints_one_row_per_partition(dagster_home):
-    run = mlci("--registry", str(EXAMPLE_REGISTRY), "run", "--config", "static-site")
-    report = mlci("--registry", str(EXAMPLE_REGISTRY), "report", "--json")
+    run = mlci("--registry", str(LOCAL_EXAMPLE), "run", "--config", "static-site")
+    report = mlci("--registry", str(LOCAL_EXAMPLE), "report", "--json")
 
     assert run.returncode == 0, run.stdout + run.stderr
     assert "static-site|sqlite: passed" in run.stdout
@@ -57,14 +57,15 @@ def test_run_then_report_prints_one_row_per_partition(dagster_home):
     with dg.DagsterInstance.get() as instance:
         jobs = sorted(run.job_name for run in instance.get_runs())
         assert jobs == ["history_update", "lifecycle", "lifecycle"]  # a run per partition
-    status = mlci("--registry", str(EXAMPLE_REGISTRY), "status", "--json")
+    status = mlci("--registry", str(LOCAL_EXAMPLE), "status", "--json")
     counts = json.loads(status.stdout)
     assert (counts["tested"], counts["untested"], counts["passing"]) == (2, 2, 2)
 
 
 def test_validate_list_and_missing_dagster_home(tmp_path):
-    assert "ok: 2 configs, 2 engines, 4 partitions" in mlci("validate").stdout
-    assert "jobs-api|jsonfile" in mlci("list", "--engine", "jsonfile").stdout
+    assert "ok: 3 configs, 2 engines, 6 partitions" in mlci("validate").stdout  # the default
+    assert "jobs-api|jsonfile" in mlci("--registry", str(LOCAL_EXAMPLE), "list", "--engine",
+                                       "jsonfile").stdout
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     done = subprocess.run([PY, "-m", "mlci_dagster.cli", "report"], capture_output=True,
                           text=True, env=env, timeout=60)

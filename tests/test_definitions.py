@@ -8,7 +8,7 @@ import dagster as dg
 
 from mlci_dagster.assets.partitions import partition_key
 from mlci_dagster.definitions import HISTORY_JOB, LIFECYCLE_JOB, build_definitions, defs
-from mlci_dagster.paths import EXAMPLE_REGISTRY
+from mlci_dagster.paths import LOCAL_EXAMPLE
 from tests.conftest import config, write_registry
 
 STAGES = ["image", "sandbox", "pipeline_runs", "ui_smoke", "teardown", "results"]
@@ -75,4 +75,4 @@ def test_partition_key_string_form_is_config_bar_engine():
 
 
 def test_example_registry_is_the_default():
-    assert build_definitions(EXAMPLE_REGISTRY).get_repository_def().has_job(LIFECYCLE_JOB)
+    assert build_definitions(LOCAL_EXAMPLE).get_repository_def().has_job(LIFECYCLE_JOB)

@@ -14,16 +14,13 @@ pass or fail.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 import boto3
 import dagster as dg
@@ -31,6 +28,7 @@ import pytest
 import requests
 import yaml
 
+from benchmarks.loopback import OCI_MANIFEST, REGISTRY_BIN, background, push_image, sha256
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.images import EcrRegistry, ImageRegistryError, OciRegistry
 from mlci_dagster.providers.ports import allocate_free_port
@@ -40,10 +38,8 @@ from mlci_dagster.stages.image import build_image
 from mlci_dagster.stages.outcome import FailureKind, Status
 from tests.conftest import PY, QUIET, config, stage_details, write_registry
 
-REGISTRY_BIN = Path("/usr/bin/docker-registry")
 VENV_BIN = Path(PY).parent
 ECR_HOST = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 # The one-liner of the README, for a GitHub Actions step after `docker push`.
 CURL_REPORT = (
     'curl -fsS -X POST -H "Content-Type: application/json" '
@@ -54,24 +50,6 @@ CURL_REPORT = (
 
 # --- processes ---------------------------------------------------------------------------
 
-
-@contextlib.contextmanager
-def background(argv: list[str], log: Path, env: dict[str, str] | None = None
-               ) -> Iterator[subprocess.Popen]:
-    """Runs argv in its own process group; on exit kills the whole group, even on failure."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
@@ -120,34 +98,6 @@ def oci_registry(tmp_path: Path) -> Iterator[tuple[str, str]]:
                    "docker-registry to answer /v2/", log)
         yield base, host
 
-
-def push_image(base: str, repo: str, tag: str, layer: bytes) -> str:
-    """Uploads a config and a layer blob, then tags a manifest; returns the manifest digest."""
-    config_blob = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
-        "type": "layers", "diff_ids": [sha256(layer)]}}).encode()
-    for blob in (config_blob, layer):
-        started = requests.post(f"{base}/v2/{repo}/blobs/uploads/", timeout=10)
-        assert started.status_code == 202, started.text
-        done = requests.put(urljoin(base, started.headers["Location"]),
-                            params={"digest": sha256(blob)}, data=blob, timeout=10,
-                            headers={"Content-Type": "application/octet-stream"})
-        assert done.status_code == 201, done.text
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": sha256(config_blob), "size": len(config_blob)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": sha256(layer), "size": len(layer)}],
-    }).encode()
-    put = requests.put(f"{base}/v2/{repo}/manifests/{tag}", data=manifest, timeout=10,
-                       headers={"Content-Type": OCI_MANIFEST})
-    assert put.status_code == 201, put.text
-    assert put.headers["Docker-Content-Digest"] == sha256(manifest)
-    return sha256(manifest)
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # --- an ECR API ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlci_dagster.paths import EXAMPLE_REGISTRY
+from mlci_dagster.paths import LOCAL_EXAMPLE
 from tests.conftest import (
     PY,
     assert_no_leaks,
@@ -33,7 +33,7 @@ def check_results(instance: dg.DagsterInstance, run_id: str) -> dict[str, bool]:
 
 
 def test_example_partition_passes_and_records_every_stage(instance, dagster_home):
-    result, record = run_partition(instance, EXAMPLE_REGISTRY, "jobs-api|sqlite")
+    result, record = run_partition(instance, LOCAL_EXAMPLE, "jobs-api|sqlite")
 
     assert result.success
     assert record["status"] == "pass"

@@ -118,10 +118,10 @@ def test_partitions_follow_engines_and_tiers(tmp_path):
 
 
 def test_example_registry_is_valid():
-    from mlci_dagster.paths import EXAMPLE_REGISTRY
+    from mlci_dagster.paths import EXAMPLE_REGISTRY, LOCAL_EXAMPLE
 
-    registry = load_registry(EXAMPLE_REGISTRY)
-    assert len(registry.partitions()) == 4
+    assert len(load_registry(LOCAL_EXAMPLE).partitions()) == 4
+    assert len(load_registry(EXAMPLE_REGISTRY).partitions()) == 6
 
 
 def test_json_schema_is_exported_for_editors(capsys):

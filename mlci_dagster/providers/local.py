@@ -23,6 +23,7 @@ from mlci_dagster.providers.probes import ProbeResult, wait_until_ready
 from mlci_dagster.providers.processes import (
     group_members,
     kill_group,
+    kill_marked,
     process_start,
     run_group,
     start_group,
@@ -32,6 +33,7 @@ from mlci_dagster.registry.models import SandboxSpec, ServiceSpec
 from mlci_dagster.templating import TemplateError, render
 
 LOG_TAIL_CHARS = 2000
+SANDBOX_ID_ENV = "MLCI_SANDBOX_ID"
 
 
 def log_tail(path: str | Path, chars: int = LOG_TAIL_CHARS) -> str:
@@ -126,16 +128,22 @@ class LocalProvider:
         env.update(render(handle.variables, context))
         env.update(extra)
         env[REDACT_VARS_ENV] = ",".join(self.secret_names)
-        env["MLCI_SANDBOX_ID"] = handle.sandbox_id
+        env[SANDBOX_ID_ENV] = handle.sandbox_id
         return env
 
     def wait_until_ready(
-        self, handle: SandboxHandle, spec: SandboxSpec, timeout_s: float
+        self, handle: SandboxHandle, spec: SandboxSpec, timeout_s: float,
+        image: dict[str, Any] | None = None,
     ) -> list[ProbeResult]:
         """Probes every service in turn; raises SandboxError (with the log tail) if one fails."""
         deadline = time.monotonic() + timeout_s
         results = []
         for service in spec.services:
+            probe = service.ready
+            if probe.command:
+                context = render_context(handle, dict(os.environ),
+                                         port=handle.ports[service.name], image=image or {})
+                probe = probe.model_copy(update={"command": render(probe.command, context)})
             pgid = handle.process_groups[f"service:{service.name}"]
             log_path = Path(handle.log_dir) / f"service-{service.name}.log"
 
@@ -145,7 +153,7 @@ class LocalProvider:
                 return f"exited before ready; log tail:\n{log_tail(log_path)}"
 
             result = wait_until_ready(
-                service.name, service.ready, handle.ports[service.name],
+                service.name, probe, handle.ports[service.name],
                 env=self.process_env(handle, {}), cwd=handle.workdir, deadline=deadline,
                 exited=exited,
             )
@@ -192,8 +200,14 @@ class LocalProvider:
 
         Returns what it verified; the ledger entry stays while anything is left, for the janitor.
         """
-        leaked = {name: kill_group(pgid) for name, pgid in handle.process_groups.items()}
-        leaked = {name: pids for name, pids in leaked.items() if pids}
+        # Last started, first stopped: a service goes before the database it depends on.
+        groups = list(reversed(handle.process_groups.items()))
+        leaked = {name: pids for name, pgid in groups if (pids := kill_group(pgid))}
+        # Some platforms (Ray's workers, PostgreSQL's backends) leave their process group; every
+        # sandbox process carries the sandbox id in its environment, so none can hide.
+        escaped = kill_marked(SANDBOX_ID_ENV, handle.sandbox_id)
+        if escaped["left"]:
+            leaked["outside their group"] = escaped["left"]
         deadline = time.monotonic() + 5
         busy = [p for p in handle.ports.values() if not port_is_free(p)]
         while busy and time.monotonic() < deadline:
@@ -207,6 +221,7 @@ class LocalProvider:
         return {
             "clean": clean,
             "process_groups": sorted(handle.process_groups),
+            "escaped_group": escaped["killed"],
             "leaked_pids": leaked,
             "busy_ports": busy,
             "workdir_left": workdir_left,

@@ -53,6 +53,37 @@ def process_start(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
+def marked_processes(name: str, value: str) -> list[int]:
+    """Live processes whose environment holds `name=value`."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and process_start(int(entry.name)) is not None:
+            try:
+                if needle in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def kill_marked(name: str, value: str, wait_s: float = 5.0) -> dict[str, list[int]]:
+    """SIGKILLs every live process marked `name=value`: {"killed": [...], "left": [...]}."""
+    killed = marked_processes(name, value)
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    left = killed
+    while left and time.monotonic() < deadline:
+        for pid in left:
+            _reap(pid)
+        left = [pid for pid in left if process_start(pid) is not None]
+        if left:
+            time.sleep(0.05)
+    return {"killed": killed, "left": left}
+
+
 def _reap(pid: int) -> None:
     """Collects the exit status of our own children, so they do not linger as zombies."""
     try:

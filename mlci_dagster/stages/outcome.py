@@ -32,9 +32,15 @@ class FailureKind(enum.StrEnum):
     TIMEOUT = "timeout"
 
 
-def tail(text: str, limit: int = ERROR_SUMMARY_CHARS) -> str:
-    """The last `limit` characters of `text`: where the error usually is."""
-    return text[-limit:]
+HEAD_CHARS = 160
+
+
+def summarize(text: str, limit: int = ERROR_SUMMARY_CHARS) -> str:
+    """At most `limit` characters: the first line (what failed) and the end (why, usually)."""
+    if len(text) <= limit:
+        return text
+    head = text.split("\n", 1)[0][:HEAD_CHARS]
+    return f"{head}\n…\n{text[-(limit - len(head) - 3):]}"
 
 
 @dataclass
@@ -105,6 +111,6 @@ class StageClock:
         return StageOutcome(
             self.stage, Status.FAIL, self.started_at, self.elapsed(), failure_kind=kind,
             # Redact before cutting, so no part of a secret survives at the cut.
-            error_summary=tail(self.redactor.text(summary)), log_ref=log_ref,
+            error_summary=summarize(self.redactor.text(summary)), log_ref=log_ref,
             details=self.redactor.value(details),
         )

@@ -19,7 +19,8 @@ def start_sandbox(ctx: LifecycleContext, image: StageOutcome) -> StageOutcome:
             engine_variables=ctx.registry.settings.engines[ctx.engine].variables,
             image=image.details,
         )
-        probes = ctx.provider.wait_until_ready(handle, spec, ctx.config.timeouts.sandbox_s)
+        probes = ctx.provider.wait_until_ready(handle, spec, ctx.config.timeouts.sandbox_s,
+                                               image=image.details)
     except SandboxError as exc:
         # Cleanup next to creation: partial services die now; teardown re-checks later.
         if handle is not None:

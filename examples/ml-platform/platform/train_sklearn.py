@@ -39,6 +39,7 @@ def main() -> None:
                                  pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
                                  skops_trusted_types=["sklearn.tree._tree.Tree"])
     print(f"metrics: {metrics}")
+    print(f"accuracy={metrics['accuracy']:.4f}")
     print(f"experiment_id={run.info.experiment_id}")
     print(f"run_id={run.info.run_id}")
     if metrics["accuracy"] < args.min_accuracy:
