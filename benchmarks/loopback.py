@@ -34,9 +34,9 @@ def background(argv: list[str], log: Path, env: dict[str, str] | None = None
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGINT)  # Dagster shuts down cleanly on SIGINT
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
+            proc.wait(timeout=60)
         with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
