@@ -77,6 +77,26 @@ def write_registry(root: Path, configs: list[dict[str, Any]], *,
     return root
 
 
+def leaky_registry(root: Path) -> Path:
+    """Config `leaky`: a service that prints $MLCI_TEST_TOKEN to stderr, and a pipeline that
+    prints it and fails. The variable is declared a secret."""
+    leaky = {
+        "name": "web",
+        "command": [PY, "-c",
+                    "import os, sys, http.server as h; "
+                    "print('token is', os.environ['API_TOKEN'], file=sys.stderr, flush=True); "
+                    "h.HTTPServer(('127.0.0.1', int(sys.argv[1])), "
+                    "h.SimpleHTTPRequestHandler).serve_forever()", "${port}"],
+        "env": {"API_TOKEN": "${env.MLCI_TEST_TOKEN}"},
+        "ready": {"http": {"path": "/"}, "timeout_s": 20},
+    }
+    failing = command_pipeline(
+        "train", "import os, sys; print('auth', os.environ['API_TOKEN'], file=sys.stderr); "
+        "sys.exit(1)", env={"API_TOKEN": "${env.MLCI_TEST_TOKEN}"})
+    return write_registry(root, [config("leaky", sandbox={"services": [leaky]},
+                                        pipelines=[failing])], secrets=["MLCI_TEST_TOKEN"])
+
+
 def run_partition(instance: dg.DagsterInstance, registry: Path, key: str):
     """Runs one partition's lifecycle on the instance; returns (run result, results record)."""
     job = build_definitions(registry).resolve_job_def(LIFECYCLE_JOB)

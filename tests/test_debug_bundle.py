@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from mlci_dagster.event_log import RESULTS_ASSET
-from tests.conftest import PY, command_pipeline, config, run_partition, write_registry
+from tests.conftest import command_pipeline, config, leaky_registry, run_partition, write_registry
 
 
 def bundle_members(path: str | Path) -> dict[str, str]:
@@ -62,22 +62,7 @@ def test_planted_secret_never_reaches_the_debug_bundle(
 ):
     secret = "tok-9f8e7d6c5b4a"
     monkeypatch.setenv("MLCI_TEST_TOKEN", secret)
-    leaky = {
-        "name": "web",
-        "command": [PY, "-c",
-                    "import os, sys, http.server as h; "
-                    "print('token is', os.environ['API_TOKEN'], file=sys.stderr, flush=True); "
-                    "h.HTTPServer(('127.0.0.1', int(sys.argv[1])), "
-                    "h.SimpleHTTPRequestHandler).serve_forever()", "${port}"],
-        "env": {"API_TOKEN": "${env.MLCI_TEST_TOKEN}"},
-        "ready": {"http": {"path": "/"}, "timeout_s": 20},
-    }
-    failing = command_pipeline(
-        "train", "import os, sys; print('auth', os.environ['API_TOKEN'], file=sys.stderr); "
-        "sys.exit(1)", env={"API_TOKEN": "${env.MLCI_TEST_TOKEN}"})
-    registry = write_registry(tmp_path / "reg", [config(
-        "leaky", sandbox={"services": [leaky]}, pipelines=[failing])],
-        secrets=["MLCI_TEST_TOKEN"])
+    registry = leaky_registry(tmp_path / "reg")
 
     _, record = run_partition(instance, registry, "leaky|e1")
 

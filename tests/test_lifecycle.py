@@ -14,6 +14,7 @@ from tests.conftest import (
     command_pipeline,
     config,
     http_service,
+    leaky_registry,
     processes_of_sandbox,
     run_partition,
     stage_details,
@@ -154,22 +155,7 @@ def test_planted_secret_never_reaches_metadata_logs_or_summaries(
 ):
     secret = "tok-9f8e7d6c5b4a"
     monkeypatch.setenv("MLCI_TEST_TOKEN", secret)
-    leaky = {
-        "name": "web",
-        "command": [PY, "-c",
-                    "import os, sys, http.server as h; "
-                    "print('token is', os.environ['API_TOKEN'], file=sys.stderr, flush=True); "
-                    "h.HTTPServer(('127.0.0.1', int(sys.argv[1])), "
-                    "h.SimpleHTTPRequestHandler).serve_forever()", "${port}"],
-        "env": {"API_TOKEN": "${env.MLCI_TEST_TOKEN}"},
-        "ready": {"http": {"path": "/"}, "timeout_s": 20},
-    }
-    failing = command_pipeline(
-        "train", "import os, sys; print('auth', os.environ['API_TOKEN'], file=sys.stderr); "
-        "sys.exit(1)", env={"API_TOKEN": "${env.MLCI_TEST_TOKEN}"})
-    registry = write_registry(tmp_path / "reg", [config(
-        "leaky", sandbox={"services": [leaky]}, pipelines=[failing])],
-        secrets=["MLCI_TEST_TOKEN"])
+    registry = leaky_registry(tmp_path / "reg")
 
     result, record = run_partition(instance, registry, "leaky|e1")
 
@@ -239,3 +225,17 @@ def test_engine_service_starts_first_and_its_port_reaches_the_pipeline(
     handle = stage_details(instance, result.run_id, "sandbox")["handle"]
     assert list(handle["process_groups"]) == ["service:store", "service:web"]
     assert_no_leaks(dagster_home, handle)
+
+
+def test_command_probe_sees_its_rendered_port(instance, dagster_home, tmp_path):
+    web = http_service()
+    web["ready"] = {"command": [PY, "-c", "import socket, sys; "
+                                "socket.create_connection(('127.0.0.1', int(sys.argv[1])))",
+                                "${port}"], "timeout_s": 20}
+    registry = write_registry(tmp_path / "reg", [config("probed", sandbox={"services": [web]})])
+
+    result, record = run_partition(instance, registry, "probed|e1")
+
+    assert record["status"] == "pass", record["error_summary"]
+    [probe] = stage_details(instance, result.run_id, "sandbox")["probes"]
+    assert probe["kind"] == "command" and probe["ready"]
