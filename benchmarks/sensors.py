@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import yaml
 from dagster._core.instance.types import CachingDynamicPartitionsLoader
 
 from benchmarks.loopback import REGISTRY_BIN, background, push_image
+from mlci_dagster.providers.ports import allocate_free_port
 
 VENV_BIN = Path(sys.executable).parent
 TICK_GOAL_S = 5.0
@@ -45,12 +45,6 @@ sandbox: {{services: []}}
 pipelines:
   - {{name: noop, kind: command, command: ["true"]}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -75,7 +69,7 @@ def event_time(instance: dg.DagsterInstance, run_id: str, kind: dg.DagsterEventT
 def push_to_first_stage(tmp: Path, pushes: int) -> None:
     if not REGISTRY_BIN.exists():
         sys.exit(f"{REGISTRY_BIN} is missing: run scripts/install-test-services.sh (as root)")
-    host = f"127.0.0.1:{free_port()}"
+    host = f"127.0.0.1:{allocate_free_port()}"
     base = f"http://{host}"
     (tmp / "oci.yml").write_text(yaml.safe_dump({
         "version": 0.1, "log": {"level": "error"},

@@ -13,8 +13,6 @@ from typing import Any
 
 import pandas as pd
 
-from mlci_dagster.stages.outcome import Stage
-
 BASE_COLUMNS = [
     "storage_id", "run_id", "partition", "config", "engine", "config_id", "status", "passed",
     "failed_stage", "failure_kind", "image_digest", "code_version", "trigger", "started_at",
@@ -60,6 +58,3 @@ def append_rows(table: pd.DataFrame | None, rows: Iterable[dict[str, Any]]) -> p
 def series_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c.startswith((DURATION_PREFIX, METRIC_PREFIX))]
 
-
-def stage_statuses(row_stages: str) -> dict[str, str]:
-    return json.loads(row_stages) if row_stages else {s.value: "skip" for s in Stage}

@@ -21,6 +21,7 @@ from mlci_dagster.providers.logpipe import REDACT_VARS_ENV
 from mlci_dagster.providers.ports import allocate_free_port, port_is_free
 from mlci_dagster.providers.probes import ProbeResult, wait_until_ready
 from mlci_dagster.providers.processes import (
+    GroupResult,
     group_members,
     kill_group,
     kill_marked,
@@ -47,13 +48,10 @@ def log_tail(path: str | Path, chars: int = LOG_TAIL_CHARS) -> str:
 
 
 @dataclass
-class CommandResult:
-    exit_code: int | None
-    stdout: str
-    stderr: str
-    timed_out: bool
-    duration_s: float
-    log_path: str
+class CommandResult(GroupResult):
+    """A pipeline process's result, its output redacted, and where its log is."""
+
+    log_path: str = ""
 
 
 class LocalProvider:
