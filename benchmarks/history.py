@@ -25,19 +25,20 @@ import dagster as dg
 from mlci_dagster.event_log import RESULTS_ASSET, consolidate
 from mlci_dagster.history.analysis import analyze
 from mlci_dagster.history.table import append_rows, record_to_row
+from mlci_dagster.record import ResultRecord
 from mlci_dagster.registry.models import HistorySettings
 
 NOW = time.time()
 
 
-def synthetic_record(partition: int, run: int, rng: random.Random) -> dict:
+def synthetic_record(partition: int, run: int, rng: random.Random) -> ResultRecord:
     config, engine = f"config-{partition // 4:03d}", f"engine-{partition % 4}"
     broken = partition % 10 == 0 and run > 90  # a regression
     flaky = partition % 10 == 1 and rng.random() < 0.3
     status = "fail-pipeline_runs" if broken or flaky else "pass"
     slow = 2.0 if partition % 10 == 2 and run > 97 else 1.0
     duration = rng.gauss(30, 2) * slow
-    return {
+    return ResultRecord.model_validate({
         "partition": f"{config}|{engine}", "config": config, "engine": engine,
         "config_id": "c1", "status": status,
         "failed_stage": None if status == "pass" else "pipeline_runs",
@@ -50,7 +51,7 @@ def synthetic_record(partition: int, run: int, rng: random.Random) -> dict:
                    ("image", "sandbox", "pipeline_runs", "ui_smoke", "teardown")},
         "pipelines": {"train": {"passed": status == "pass", "duration_s": duration / 2}},
         "metrics": {"rmse": {"value": rng.gauss(0.2, 0.01), "direction": "lower_is_better"}},
-    }
+    })
 
 
 def synthetic_table(partitions: int, runs: int, seed: int = 7):
@@ -93,7 +94,7 @@ def bench_consolidation(home: Path) -> None:
             for i in range(100):
                 instance.report_runless_asset_event(dg.AssetMaterialization(
                     RESULTS_ASSET, metadata={"record": dg.MetadataValue.json(
-                        synthetic_record(i, 100, rng))}))
+                        synthetic_record(i, 100, rng).to_json())}))
             table.loc[len(table) - 1, "storage_id"] = cursor_row  # everything newer is new
             stored.write_bytes(pickle.dumps(table))
 

@@ -7,20 +7,16 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from mlci_dagster.paths import REGISTRY_ENV, registry_path
 from mlci_dagster.registry import Registry, RegistryError, load_registry
 from mlci_dagster.registry.models import Settings, TestConfig
+from mlci_dagster.vocabulary import partition_key, split_partition_key
 
 # An embedded-default instance: SQLite storage under $DAGSTER_HOME (deploy/ holds the others).
 DEFAULT_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
-# A failed lifecycle is reported by `mlci`, not by Dagster's console traceback; every event
-# is still in the run's log in the instance.
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -70,7 +66,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [("PARTITION", "TIERS", "CONFIG ID", "FILE")]
     for config, engine in registry.partitions(args.config, args.engine, args.tier):
         loaded = registry.configs[config]
-        rows.append((f"{config}|{engine}", ",".join(loaded.config.tiers), loaded.config_id,
+        rows.append((partition_key(config, engine), ",".join(loaded.config.tiers), loaded.config_id,
                      str(loaded.path.relative_to(registry.root))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -99,28 +95,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-_WORKER_DEFS: dict[str, Any] = {}
-
-
-def execute_partition(registry: str, key: str, trigger: str) -> tuple[str, str, bool, float]:
-    """Runs one partition's lifecycle as a Dagster run on the instance at $DAGSTER_HOME."""
-    import dagster as dg
-
-    from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
-    from mlci_dagster.resources.mlci import TRIGGER_TAG
-
-    if registry not in _WORKER_DEFS:
-        _WORKER_DEFS[registry] = build_definitions(registry).resolve_job_def(LIFECYCLE_JOB)
-    start = time.monotonic()
-    with dg.DagsterInstance.get() as instance:
-        result = _WORKER_DEFS[registry].execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False,
-            tags={TRIGGER_TAG: trigger}, run_config=QUIET_RUN_CONFIG,
-        )
-    return key, result.run_id, result.success, time.monotonic() - start
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    from mlci_dagster.janitor import sweep
+    from mlci_dagster.paths import mlci_home
+    from mlci_dagster.pools import pool_of
+    from mlci_dagster.providers.local import LocalProvider
+    from mlci_dagster.runner import PartitionRun, run_partitions
+    from mlci_dagster.sensors.cleanup import run_over
+
     registry = _registry(args)
     partitions = registry.partitions(args.config, args.engine, args.tier)
     if not partitions:
@@ -129,28 +111,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     sync_partitions(instance, registry)
     print(f"running {len(partitions)} partitions, {args.parallel} at a time, "
           f"on DAGSTER_HOME={os.environ['DAGSTER_HOME']}", flush=True)
-    keys = [f"{c}|{e}" for c, e in partitions]
+    keys = [partition_key(c, e) for c, e in partitions]
+    home = mlci_home()
+
+    def done(item: PartitionRun) -> None:
+        verdict = "passed" if item.success else "LOST" if item.lost else "FAILED"
+        why = f": {item.lost}; run marked failed, its sandboxes reaped" if item.lost else ""
+        print(f"  {item.key}: {verdict} in {item.seconds:.1f}s (run {item.run_id[:8]}){why}",
+              flush=True)
+
+    def reap(item: PartitionRun) -> None:
+        provider = LocalProvider(home, registry.settings.secrets)
+        sweep(provider, run_over(instance), only_run=item.run_id)
+
     start = time.monotonic()
-    failed = []
-    with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(execute_partition, str(registry.root), key, args.trigger)
-                   for key in keys]
-        for future in futures:
-            key, run_id, success, seconds = future.result()
-            if not success:
-                failed.append(key)
-            print(f"  {key}: {'passed' if success else 'FAILED'} in {seconds:.1f}s "
-                  f"(run {run_id[:8]})", flush=True)
+    pools = {key: pool_of(registry, split_partition_key(key)[0]) for key in keys}
+    limits = {name: pool.limit for name, pool in registry.settings.pools.items()}
+    finished = run_partitions(instance, registry.root, keys, pools, limits, args.parallel,
+                              args.trigger, home, on_done=done, on_lost=reap)
     print(f"done in {time.monotonic() - start:.1f}s", flush=True)
     grid = update_history(str(registry.root))
     print(f"history updated; grid: {grid}\n")
     _print_report(instance, registry, keys, as_json=False)
-    return 1 if failed else 0
+    return 0 if all(item.success for item in finished) else 1
 
 
 def update_history(registry: str) -> str:
     """Materializes `history` and `grid_report`, as the daemon would after new results."""
     from mlci_dagster.definitions import HISTORY_JOB, build_definitions
+    from mlci_dagster.runner import QUIET_RUN_CONFIG
 
     with _instance() as instance:
         result = build_definitions(registry).resolve_job_def(HISTORY_JOB).execute_in_process(
@@ -178,14 +167,15 @@ def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: b
         print(json.dumps([s.to_dict() for s in summaries], indent=2))
         return
     print(report_table(summaries))
-    latest = {record["partition"]: record for _, record in new_results(instance, 0)}
+    latest = {record.partition: record for _, record in new_results(instance, 0)}
     notes = failure_notes(summaries, latest)
     if notes:
         print(f"\n{notes}")
 
 
 def _keys(registry: Registry, args: argparse.Namespace) -> list[str]:
-    return [f"{c}|{e}" for c, e in registry.partitions(args.config, args.engine, args.tier)]
+    return [partition_key(c, e)
+            for c, e in registry.partitions(args.config, args.engine, args.tier)]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -217,10 +207,13 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.janitor import sweep
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.providers.local import LocalProvider
-    from mlci_dagster.sensors.cleanup import run_over
+    from mlci_dagster.sensors.cleanup import end_lost_runs, run_over
 
     registry = _registry(args)
     instance = _instance()
+    if not args.dry_run:
+        for run_id in end_lost_runs(instance):
+            print(f"run {run_id[:8]}: its worker process is gone; marked failed")
     verdicts = sweep(LocalProvider(mlci_home(), registry.settings.secrets), run_over(instance),
                      dry_run=args.dry_run)
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
@@ -276,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except RegistryError as exc:
-        print(f"mlci: the registry is invalid ({len(exc.problems)} problems):", file=sys.stderr)
+        count = len(exc.problems)
+        print(f"mlci: the registry is invalid ({count} problem{'s' if count != 1 else ''}):",
+              file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import dagster as dg
 
 from mlci_dagster.assets.history import grid_report, history
 from mlci_dagster.assets.lifecycle import lifecycle_assets
-from mlci_dagster.assets.partitions import lifecycle_partitions, partition_dimensions
+from mlci_dagster.assets.partitions import lifecycle_partitions
 from mlci_dagster.paths import registry_path
 from mlci_dagster.pools import POOL_TAG, pool_of
 from mlci_dagster.registry import load_registry
@@ -23,10 +23,12 @@ from mlci_dagster.sensors.cleanup import (
     teardown_after_cancel,
     teardown_after_failure,
 )
+from mlci_dagster.sensors.history_update import history_update_sensor
 from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_sensor, pushed_image
 from mlci_dagster.sensors.notify import notify
 from mlci_dagster.sensors.registry_sync import registry_sync
 from mlci_dagster.sensors.stale_scanner import stale_scanner
+from mlci_dagster.vocabulary import split_partition_key
 
 LIFECYCLE_JOB = "lifecycle"
 HISTORY_JOB = "history_update"
@@ -39,7 +41,7 @@ def pool_tagged_config(
     with its config's pool, which the run queue's tag concurrency limits count."""
 
     def tags(key: str) -> dict[str, str]:
-        config, _ = partition_dimensions(key)
+        config, _ = split_partition_key(key)
         return {POOL_TAG: pool_of(load_registry_cached(registry), config)}
 
     return dg.PartitionedConfig(partitions_def=partitions,
@@ -51,9 +53,8 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
     """Definitions for the registry at `registry`: its engines are the static partition axis."""
     settings = load_registry(registry).settings
     partitions = lifecycle_partitions(list(settings.engines))
-    assets = lifecycle_assets(partitions)
-    # One partition's stages run in one process, in order: no process start-up per step.
-    job = dg.define_asset_job(LIFECYCLE_JOB, selection=assets,
+    lifecycle = lifecycle_assets(partitions)
+    job = dg.define_asset_job(LIFECYCLE_JOB, selection=[lifecycle],
                               executor_def=dg.in_process_executor,
                               config=pool_tagged_config(registry, partitions),
                               description="The whole lifecycle of one config × engine.")
@@ -61,12 +62,13 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                                       executor_def=dg.in_process_executor,
                                       description="Consolidate results, analyse, draw the grid.")
     return dg.Definitions(
-        assets=[*assets, history, grid_report, JANITOR_ASSET, pushed_image],
+        assets=[lifecycle, history, grid_report, JANITOR_ASSET, pushed_image],
         jobs=[job, history_job],
         schedules=[nightly_schedule(job)],
         sensors=[registry_sync, sandbox_janitor, teardown_after_failure, teardown_after_cancel,
                  notify, image_poll_sensor(job, settings.image_poll_interval_s),
-                 image_push_sensor(job), stale_scanner(job)],
+                 image_push_sensor(job), stale_scanner(job),
+                 history_update_sensor(history_job)],
         resources={"mlci": MlciResource(registry_path=str(Path(registry).resolve())),
                    "io_manager": io_manager(), "notifier": notifier_resource()},
         executor=dg.in_process_executor,

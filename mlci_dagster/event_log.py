@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
 import pandas as pd
+from pydantic import ValidationError
 
 from mlci_dagster.history.table import append_rows, record_to_row
+from mlci_dagster.record import ResultRecord
+from mlci_dagster.vocabulary import RESULTS
 
-RESULTS_ASSET = dg.AssetKey("results")
+RESULTS_ASSET = dg.AssetKey(RESULTS)
 PAGE = 1000
+log = logging.getLogger("mlci")
 
 
-def new_results(instance: dg.DagsterInstance, after: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(storage id, record) of every results materialization after storage id `after`."""
+def read_record(storage_id: int, metadata: Mapping[str, Any]) -> ResultRecord | None:
+    """The validated record a results materialization carries; None (and a warning naming the
+    event) when it carries none or a malformed one."""
+    entry = metadata.get("record")
+    if entry is None:
+        return None
+    try:
+        return ResultRecord.model_validate(entry.value)
+    except ValidationError as exc:
+        log.warning(f"results event {storage_id}: malformed record, skipped: {exc}")
+        return None
+
+
+def new_results(instance: dg.DagsterInstance, after: int) -> Iterator[tuple[int, ResultRecord]]:
+    """(storage id, record) of every valid results materialization after storage id `after`."""
     cursor = None
     while True:
         page = instance.fetch_materializations(
@@ -24,8 +42,10 @@ def new_results(instance: dg.DagsterInstance, after: int) -> Iterator[tuple[int,
         )
         for record in page.records:
             materialization = record.asset_materialization
-            if materialization is not None and "record" in materialization.metadata:
-                yield record.storage_id, dict(materialization.metadata["record"].value)
+            found = read_record(record.storage_id, materialization.metadata) \
+                if materialization is not None else None
+            if found is not None:
+                yield record.storage_id, found
         if not page.has_more:
             return
         cursor = page.cursor

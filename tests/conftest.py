@@ -15,6 +15,7 @@ import yaml
 from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.providers.ports import port_is_free
+from mlci_dagster.record import ResultRecord
 
 PY = sys.executable
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -146,3 +147,20 @@ def assert_no_leaks(dagster_home: Path, handle: dict[str, Any]) -> None:
     assert [p for p in handle["ports"].values() if not port_is_free(p)] == []
     assert not Path(handle["workdir"]).exists()
     assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
+
+
+def result_record(partition: str, status: str, started_at: float, digest: str = "d1",
+                  kind: str | None = None, duration: float = 1.0) -> ResultRecord:
+    """A valid results record, as the lifecycle writes it, with the fields a rule reads."""
+    config, engine = partition.split("|")
+    failed = None if status == "pass" else status.removeprefix("fail-")
+    return ResultRecord.model_validate({
+        "partition": partition, "config": config, "engine": engine, "config_id": "c1",
+        "status": status, "failed_stage": failed,
+        "failure_kind": kind or (None if status == "pass" else "product"),
+        "image_digest": digest, "code_version": "v1", "trigger": "schedule",
+        "run_id": f"run-{partition}-{started_at}", "started_at": started_at,
+        "finished_at": started_at + 60, "duration_s": duration,
+        "stages": {"image": {"status": "pass", "duration_s": duration}},
+        "pipelines": {"train": {"passed": status == "pass", "duration_s": duration}},
+        "metrics": {}})

@@ -6,9 +6,17 @@ import pytest
 
 from mlci_dagster.redact import Redactor
 from mlci_dagster.stages.http import dig
-from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, skipped
-from mlci_dagster.stages.results import lifecycle_status
+from mlci_dagster.stages.outcome import StageClock, skipped
+from mlci_dagster.stages.results import first_failure
 from mlci_dagster.templating import TemplateError, render
+from mlci_dagster.vocabulary import (
+    FailureKind,
+    Stage,
+    failed_stage_of,
+    lifecycle_status,
+    partition_key,
+    split_partition_key,
+)
 
 
 def test_render_resolves_nested_references_and_keeps_kept_roots():
@@ -59,10 +67,19 @@ def test_lifecycle_status_names_the_first_failing_stage():
                 skipped(Stage.PIPELINE_RUNS, "sandbox did not pass"),
                 StageClock(Stage.TEARDOWN).failed(FailureKind.INFRA, "leak")]
 
-    status, first = lifecycle_status(outcomes)
+    first = first_failure(outcomes)
 
-    assert status == "fail-sandbox" and first.stage is Stage.SANDBOX
-    assert lifecycle_status(outcomes[:1]) == ("pass", None)
+    assert first.stage is Stage.SANDBOX
+    assert lifecycle_status(first.stage) == "fail-sandbox"
+    assert failed_stage_of("fail-sandbox") is Stage.SANDBOX
+    assert first_failure(outcomes[:1]) is None and lifecycle_status(None) == "pass"
+
+
+def test_partition_key_round_trips_and_rejects_other_shapes():
+    assert partition_key("python-train", "sqlite") == "python-train|sqlite"
+    assert split_partition_key("python-train|sqlite") == ("python-train", "sqlite")
+    with pytest.raises(ValueError, match="expected 'config|engine'"):
+        split_partition_key("python-train")
 
 
 def test_dig_reads_dotted_paths_and_reports_where_it_stopped():

@@ -52,7 +52,7 @@ def test_failing_pipeline_leaves_a_bundle_of_logs_probes_and_handle_linked_from_
     assert [(p["service"], p["ready"]) for p in probes] == [("web", True)]
     outcomes = json.loads(members["outcomes.json"])
     assert {s: o["status"] for s, o in outcomes.items()} == {
-        "sandbox": "pass", "pipeline_runs": "fail", "ui_smoke": "skip"}
+        "image": "pass", "sandbox": "pass", "pipeline_runs": "fail", "ui_smoke": "skip"}
     assert record["stages"]["teardown"]["status"] == "pass"  # and the sandbox is still gone
     assert not Path(handle["workdir"]).exists()
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from mlci_dagster.assets.partitions import partition_key
+from mlci_dagster.assets.partitions import multi_partition_key
 from mlci_dagster.definitions import HISTORY_JOB, LIFECYCLE_JOB, build_definitions, defs
 from mlci_dagster.paths import LOCAL_EXAMPLE
 from tests.conftest import config, write_registry
@@ -27,7 +27,7 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
     assert repo.has_job(LIFECYCLE_JOB) and repo.has_job(HISTORY_JOB)
     assert [s.name for s in repo.schedule_defs] == ["nightly"]
     assert sorted(s.name for s in repo.sensor_defs) == [
-        "default_automation_condition_sensor", "image_poll", "image_push", "notify",
+        "history_update", "image_poll", "image_push", "notify",
         "registry_sync", "sandbox_janitor", "stale_scanner", "teardown_after_cancel",
         "teardown_after_failure"]
     partitions = repo.asset_graph.get(dg.AssetKey("results")).partitions_def
@@ -71,7 +71,7 @@ def test_registry_sync_sensor_adds_new_and_removes_deleted_configs(instance, tmp
 
 
 def test_partition_key_string_form_is_config_bar_engine():
-    assert str(partition_key("python-train", "sqlite")) == "python-train|sqlite"
+    assert str(multi_partition_key("python-train", "sqlite")) == "python-train|sqlite"
 
 
 def test_example_registry_is_the_default():

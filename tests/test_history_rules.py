@@ -15,7 +15,9 @@ from mlci_dagster.history.analysis import (
     slowdown,
 )
 from mlci_dagster.history.table import append_rows, record_to_row
+from mlci_dagster.record import ResultRecord
 from mlci_dagster.registry.models import HistorySettings
+from tests.conftest import result_record as record
 
 SETTINGS = HistorySettings(alert_open_after=2, alert_close_after=2, flaky_window=10,
                            slowdown_baseline_runs=10, slowdown_min_samples=5,
@@ -122,26 +124,12 @@ def test_slowdown_tolerates_noise_within_the_mad():
     assert slowdown("duration:stage:sandbox", noisy, SETTINGS) is None
 
 
-def record(partition: str, status: str, started_at: float, digest: str = "d1",
-           kind: str | None = None, duration: float = 1.0) -> dict:
-    config, engine = partition.split("|")
-    failed = None if status == "pass" else status.removeprefix("fail-")
-    return {"partition": partition, "config": config, "engine": engine, "config_id": "c1",
-            "status": status, "failed_stage": failed,
-            "failure_kind": kind or (None if status == "pass" else "product"),
-            "image_digest": digest, "code_version": "v1", "trigger": "schedule",
-            "run_id": f"run-{partition}-{started_at}", "started_at": started_at,
-            "finished_at": started_at + 60, "duration_s": duration,
-            "stages": {"image": {"status": "pass", "duration_s": duration}},
-            "pipelines": {"train": {"passed": status == "pass", "duration_s": duration}},
-            "metrics": {}}
-
-
-def table_of(records: list[dict]) -> pd.DataFrame:
+def table_of(records: list[ResultRecord]) -> pd.DataFrame:
     return append_rows(None, [record_to_row(r, i + 1) for i, r in enumerate(records)])
 
 
-def statuses(records: list[dict], partitions: list[str], now: float = NOW) -> dict[str, str]:
+def statuses(records: list[ResultRecord], partitions: list[str], now: float = NOW
+             ) -> dict[str, str]:
     return {s.partition: str(s.status) for s in analyze(table_of(records), partitions, SETTINGS,
                                                         now)}
 
@@ -180,7 +168,7 @@ def test_an_outage_night_failing_every_partition_is_not_flakiness():
 
 def test_a_config_change_is_not_blamed_on_the_product():
     records = [record("c|e1", "pass", NOW - 2 * DAY), record("c|e1", "fail-ui_smoke", NOW - DAY)]
-    records[1]["config_id"] = "c2"
+    records[1] = records[1].model_copy(update={"config_id": "c2"})
     [summary] = analyze(table_of(records), ["c|e1"], SETTINGS, NOW)
 
     assert summary.regression["changed"] == ["test"]

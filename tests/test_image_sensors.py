@@ -35,7 +35,7 @@ from mlci_dagster.providers.ports import allocate_free_port
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
-from mlci_dagster.stages.outcome import FailureKind, Status
+from mlci_dagster.vocabulary import FailureKind, Status
 from tests.conftest import PY, QUIET, config, stage_details, write_registry
 
 VENV_BIN = Path(PY).parent

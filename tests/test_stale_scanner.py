@@ -9,16 +9,16 @@ import dagster as dg
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.sensors.stale_scanner import due_for_testing
-from tests.conftest import config, write_registry
+from tests.conftest import config, result_record, write_registry
 
 HOUR = 3600
 
 
 def report_result(instance: dg.DagsterInstance, partition: str, finished_at: float) -> None:
-    """A results record as the lifecycle writes it (the scanner reads only these fields)."""
+    record = result_record(partition, "pass", finished_at - 60)
     instance.report_runless_asset_event(dg.AssetMaterialization(
         RESULTS_ASSET, partition=partition, metadata={"record": dg.MetadataValue.json(
-            {"partition": partition, "status": "pass", "finished_at": finished_at})}))
+            record.to_json())}))
 
 
 def tick(instance: dg.DagsterInstance, registry, cursor: str | None = None):

@@ -7,12 +7,14 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from mlci_dagster.compat import load_stored_value
 from mlci_dagster.event_log import consolidate
 from mlci_dagster.history.analysis import PartitionSummary, analyze, coverage
 from mlci_dagster.history.grid import render_grid
 from mlci_dagster.paths import mlci_home
 from mlci_dagster.registry import Registry
 from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.vocabulary import partition_key
 
 HISTORY = dg.AssetKey("history")
 CHECKS = {
@@ -27,14 +29,11 @@ def load_previous(context: dg.AssetExecutionContext) -> pd.DataFrame | None:
     """The last stored table, read back through the same IO manager that stored it."""
     if context.instance.get_latest_materialization_event(HISTORY) is None:
         return None
-    return context.resources.io_manager.load_input(dg.build_input_context(
-        asset_key=HISTORY, instance=context.instance,
-        upstream_output=dg.build_output_context(asset_key=HISTORY),
-    ))
+    return load_stored_value(context, HISTORY)
 
 
 def summarize(registry: Registry, table: pd.DataFrame) -> list[PartitionSummary]:
-    partitions = [f"{c}|{e}" for c, e in registry.partitions()]
+    partitions = [partition_key(c, e) for c, e in registry.partitions()]
     return analyze(table, partitions, registry.settings.history, time.time())
 
 
@@ -72,7 +71,6 @@ def history_checks(summaries: list[PartitionSummary]) -> list[dg.AssetCheckResul
     required_resource_keys={"io_manager", "mlci"},
     check_specs=[dg.AssetCheckSpec(name, asset="history", description=text)
                  for name, text in CHECKS.items()],
-    automation_condition=dg.AutomationCondition.eager(),
 )
 def history(context: dg.AssetExecutionContext):
     mlci: MlciResource = context.resources.mlci
@@ -93,7 +91,6 @@ def history(context: dg.AssetExecutionContext):
 @dg.asset(
     name="grid_report", group_name="history", kinds={"html"},
     description="The TestGrid-like HTML grid of every partition's recent runs.",
-    automation_condition=dg.AutomationCondition.eager(),
 )
 def grid_report(context: dg.AssetExecutionContext, mlci: MlciResource, history: pd.DataFrame):
     summaries = summarize(mlci.registry(), history)

@@ -1,27 +1,56 @@
-"""The six stage assets. Each body hands off to the Dagster-free stage and records its outcome.
+"""The lifecycle as one multi-asset: six stage assets that are always materialized together.
 
-A stage never raises: a failure is an outcome, so every later stage still runs and decides for
-itself (skip, or tear down). Only `results` ends the run failed, through a blocking check, after
-its record is stored.
+One op runs the Dagster-free lifecycle (`stages.lifecycle.run_lifecycle`) and yields each
+stage's materialization, with its `stage_passed` check, as the stage finishes. It cannot be
+subset: a selection of some lifecycle assets (one asset's Materialize button, a backfill of
+`results` alone) is refused by Dagster with a message naming the rest, so a result is never built
+from another run's outcomes and a sandbox never outlives its run. Nothing goes through an IO
+manager: the outcomes pass in memory, and each materialization's metadata holds a bounded
+summary that links the logs.
 """
 
-import traceback
-from collections.abc import Callable
+
+import json
+from typing import Any
 
 import dagster as dg
 
+from mlci_dagster.record import ResultRecord
 from mlci_dagster.resources.mlci import MlciResource, trigger_of
-from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.image import build_image
-from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, StageOutcome, Status
-from mlci_dagster.stages.pipelines import run_pipelines
-from mlci_dagster.stages.results import PASS, build_record
-from mlci_dagster.stages.sandbox import start_sandbox
-from mlci_dagster.stages.teardown import tear_down
-from mlci_dagster.stages.ui_smoke import smoke_test_ui
+from mlci_dagster.stages.lifecycle import run_lifecycle
+from mlci_dagster.stages.outcome import StageOutcome
+from mlci_dagster.stages.results import build_record
+from mlci_dagster.vocabulary import RESULTS, STAGES, Stage, Status
 
+LIFECYCLE_OP = "lifecycle"
 STAGE_CHECK = "stage_passed"
 LIFECYCLE_CHECK = "lifecycle_passed"
+# A stage's details in metadata stay small whatever the stage saw; the logs hold the rest.
+DETAILS_MAX_CHARS = 4000
+
+DESCRIPTIONS = {
+    Stage.IMAGE: "The image one partition tests: its digest, and whether it was cached.",
+    Stage.SANDBOX: "The sandbox of one partition: its handle and readiness probes.",
+    Stage.PIPELINE_RUNS: "Every pipeline of one partition run in its sandbox, in order.",
+    Stage.UI_SMOKE: "The UI routes of one partition: status, content, API and latency.",
+    Stage.TEARDOWN: "The sandbox of one partition destroyed, and verified gone.",
+}
+# What each stage reads: the graph the UI draws, image → … → teardown → results.
+UPSTREAM = {
+    Stage.IMAGE: [],
+    Stage.SANDBOX: [Stage.IMAGE],
+    Stage.PIPELINE_RUNS: [Stage.IMAGE, Stage.SANDBOX],
+    Stage.UI_SMOKE: [Stage.SANDBOX, Stage.PIPELINE_RUNS],
+    Stage.TEARDOWN: [Stage.SANDBOX, Stage.PIPELINE_RUNS, Stage.UI_SMOKE],
+}
+
+
+def bounded_json(value: Any, limit: int = DETAILS_MAX_CHARS) -> Any:
+    """`value` if its JSON is within `limit` characters, else a note with its head."""
+    text = json.dumps(value, default=str)
+    if len(text) <= limit:
+        return value
+    return {"truncated": f"{len(text)} characters; see log_ref", "head": text[:limit // 2]}
 
 
 def outcome_metadata(outcome: StageOutcome) -> dict[str, object]:
@@ -32,13 +61,14 @@ def outcome_metadata(outcome: StageOutcome) -> dict[str, object]:
         "error_summary": dg.MetadataValue.md(f"```\n{outcome.error_summary}\n```")
         if outcome.error_summary else "",
         "log_ref": dg.MetadataValue.path(outcome.log_ref) if outcome.log_ref else "",
-        "details": dg.MetadataValue.json(outcome.details),
+        "details": dg.MetadataValue.json(bounded_json(outcome.details)),
     }
 
 
 def stage_check(outcome: StageOutcome) -> dg.AssetCheckResult:
     """Green on pass, red on fail, yellow on skip: a red cell says which stage broke."""
     return dg.AssetCheckResult(
+        asset_key=str(outcome.stage),
         check_name=STAGE_CHECK,
         passed=outcome.status is Status.PASS,
         severity=dg.AssetCheckSeverity.WARN if outcome.status is Status.SKIP
@@ -50,114 +80,63 @@ def stage_check(outcome: StageOutcome) -> dg.AssetCheckResult:
     )
 
 
-def run_stage(
-    context: dg.AssetExecutionContext,
-    mlci: MlciResource,
-    stage: Stage,
-    body: Callable[[LifecycleContext], StageOutcome],
-) -> dg.MaterializeResult:
-    """Runs a stage; even a harness bug becomes an `infra` outcome, so teardown still runs."""
-    clock = StageClock(stage)
-    try:
-        outcome = body(mlci.lifecycle(context))
-    except Exception:  # noqa: BLE001 (the one place that turns any error into an outcome)
-        outcome = clock.failed(FailureKind.INFRA, f"harness error:\n{traceback.format_exc()}")
-    context.log.info(f"{stage}: {outcome.status} in {outcome.duration_s:.2f}s"
-                     + (f" ({outcome.failure_kind})" if outcome.failure_kind else ""))
+def results_materialization(record: ResultRecord) -> dg.MaterializeResult:
+    """The record as metadata (the event log is the source of truth), and the blocking check
+    that fails the run, after the record is stored, when the lifecycle failed."""
     return dg.MaterializeResult(
-        value=outcome, metadata=outcome_metadata(outcome), check_results=[stage_check(outcome)]
+        asset_key=RESULTS,
+        metadata={
+            "status": record.status,
+            "failed_stage": str(record.failed_stage or ""),
+            "duration_s": dg.MetadataValue.float(record.duration_s),
+            "image_digest": record.image_digest or "",
+            "trigger": record.trigger,
+            "config_id": record.config_id,
+            "code_version": record.code_version,
+            "debug_bundle": dg.MetadataValue.path(record.debug_bundle)
+            if record.debug_bundle else "",
+            "record": dg.MetadataValue.json(record.to_json()),
+        },
+        check_results=[dg.AssetCheckResult(
+            asset_key=RESULTS, check_name=LIFECYCLE_CHECK, passed=record.passed,
+            description=record.status if record.passed else
+            f"{record.status} (owner: {record.owner})",
+            metadata={"status": record.status, "owner": record.owner or "",
+                      "error_summary": record.error_summary},
+        )],
     )
 
 
-def lifecycle_assets(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
-    """The six stage assets over `partitions` (config × engine).
+def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The six lifecycle assets over `partitions` (config × engine), as one unsubsettable op."""
+    specs = [dg.AssetSpec(str(stage), description=DESCRIPTIONS[stage], group_name="lifecycle",
+                          kinds={"python"}, partitions_def=partitions,
+                          deps=[str(s) for s in UPSTREAM[stage]])
+             for stage in STAGES]
+    specs.append(dg.AssetSpec(
+        RESULTS, description="One lifecycle record per run of a partition: pass or fail-<stage>.",
+        group_name="lifecycle", kinds={"python"}, partitions_def=partitions,
+        deps=[str(s) for s in STAGES]))
+    checks = [dg.AssetCheckSpec(STAGE_CHECK, asset=str(stage),
+                                description=f"the {stage} stage passed") for stage in STAGES]
+    checks.append(dg.AssetCheckSpec(LIFECYCLE_CHECK, asset=RESULTS, blocking=True,
+                                    description="every stage passed"))
 
-    Asset bodies carry no return annotation: with check outputs Dagster would read one as the
-    type of every output.
-    """
+    @dg.multi_asset(name=LIFECYCLE_OP, specs=specs, check_specs=checks, can_subset=False,
+                    partitions_def=partitions,
+                    description="The whole lifecycle of one config × engine, teardown included.")
+    def lifecycle(context: dg.AssetExecutionContext, mlci: MlciResource):
+        ctx = mlci.lifecycle(context)
+        outcomes = []
+        for outcome in run_lifecycle(ctx):
+            outcomes.append(outcome)
+            context.log.info(f"{outcome.stage}: {outcome.status} in {outcome.duration_s:.2f}s"
+                             + (f" ({outcome.failure_kind})" if outcome.failure_kind else ""))
+            yield dg.MaterializeResult(asset_key=str(outcome.stage),
+                                       metadata=outcome_metadata(outcome),
+                                       check_results=[stage_check(outcome)])
+        record = build_record(ctx, outcomes, trigger=trigger_of(context.run.tags))
+        context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s")
+        yield results_materialization(record)
 
-    def stage_asset(name: str, description: str) -> Callable:
-        return dg.asset(
-            name=name, partitions_def=partitions, group_name="lifecycle", kinds={"python"},
-            description=description,
-            check_specs=[dg.AssetCheckSpec(STAGE_CHECK, asset=name,
-                                           description=f"the {name} stage passed")],
-        )
-
-    @stage_asset("image", "The image one partition tests: its digest, and whether it was cached.")
-    def image(context: dg.AssetExecutionContext, mlci: MlciResource):
-        return run_stage(context, mlci, Stage.IMAGE, build_image)
-
-    @stage_asset("sandbox", "The sandbox of one partition: its handle and readiness probes.")
-    def sandbox(
-        context: dg.AssetExecutionContext, mlci: MlciResource, image: StageOutcome
-    ):
-        return run_stage(context, mlci, Stage.SANDBOX, lambda lc: start_sandbox(lc, image))
-
-    @stage_asset("pipeline_runs", "Every pipeline of one partition run in its sandbox, in order.")
-    def pipeline_runs(
-        context: dg.AssetExecutionContext, mlci: MlciResource, image: StageOutcome,
-        sandbox: StageOutcome,
-    ):
-        return run_stage(context, mlci, Stage.PIPELINE_RUNS,
-                         lambda lc: run_pipelines(lc, image, sandbox))
-
-    @stage_asset("ui_smoke", "The UI routes of one partition: status, content, API and latency.")
-    def ui_smoke(
-        context: dg.AssetExecutionContext, mlci: MlciResource, image: StageOutcome,
-        sandbox: StageOutcome, pipeline_runs: StageOutcome,
-    ):
-        return run_stage(context, mlci, Stage.UI_SMOKE,
-                         lambda lc: smoke_test_ui(lc, image, sandbox, pipeline_runs))
-
-    @stage_asset("teardown", "The sandbox of one partition destroyed, and verified gone.")
-    def teardown(
-        context: dg.AssetExecutionContext, mlci: MlciResource, sandbox: StageOutcome,
-        pipeline_runs: StageOutcome, ui_smoke: StageOutcome,
-    ):
-        # pipeline_runs and ui_smoke order teardown after them; a failure of either (or of the
-        # sandbox) makes teardown keep a debug bundle before destroying the sandbox.
-        return run_stage(context, mlci, Stage.TEARDOWN,
-                         lambda lc: tear_down(lc, sandbox, [pipeline_runs, ui_smoke]))
-
-    @dg.asset(
-        partitions_def=partitions, group_name="lifecycle", kinds={"python"},
-        description="One lifecycle record per run of a partition: pass or fail-<stage>.",
-        check_specs=[dg.AssetCheckSpec(LIFECYCLE_CHECK, asset="results", blocking=True,
-                                       description="every stage passed")],
-    )
-    def results(
-        context: dg.AssetExecutionContext, mlci: MlciResource, image: StageOutcome,
-        sandbox: StageOutcome, pipeline_runs: StageOutcome, ui_smoke: StageOutcome,
-        teardown: StageOutcome,
-    ):
-        outcomes = [image, sandbox, pipeline_runs, ui_smoke, teardown]
-        record = build_record(mlci.lifecycle(context), outcomes,
-                              trigger=trigger_of(context.run.tags))
-        context.log.info(f"lifecycle {record['status']} in {record['duration_s']:.2f}s")
-        passed = record["status"] == PASS
-        return dg.MaterializeResult(
-            value=record,
-            metadata={
-                "status": record["status"],
-                "failed_stage": record["failed_stage"] or "",
-                "duration_s": dg.MetadataValue.float(record["duration_s"]),
-                "image_digest": record["image_digest"] or "",
-                "trigger": record["trigger"],
-                "config_id": record["config_id"],
-                "code_version": record["code_version"],
-                "debug_bundle": dg.MetadataValue.path(record["debug_bundle"])
-                if record["debug_bundle"] else "",
-                "record": dg.MetadataValue.json(record),
-            },
-            # Blocking: a failed lifecycle fails the run, after this record is stored.
-            check_results=[dg.AssetCheckResult(
-                check_name=LIFECYCLE_CHECK, passed=passed,
-                description=record["status"] if passed else
-                f"{record['status']} (owner: {record['owner']})",
-                metadata={"status": record["status"], "owner": record["owner"] or "",
-                          "error_summary": record["error_summary"]},
-            )],
-        )
-
-    return [image, sandbox, pipeline_runs, ui_smoke, teardown, results]
+    return lifecycle

@@ -13,18 +13,9 @@ def lifecycle_partitions(engines: list[str]) -> dg.MultiPartitionsDefinition:
     )
 
 
-def partition_key(config: str, engine: str) -> dg.MultiPartitionKey:
-    """The Dagster key of one cell; its string form is `config|engine`."""
+def multi_partition_key(config: str, engine: str) -> dg.MultiPartitionKey:
+    """The Dagster key of one cell; its string form is the `config|engine` key."""
     return dg.MultiPartitionKey({"config": config, "engine": engine})
-
-
-def partition_dimensions(key: str) -> tuple[str, str]:
-    """(config, engine) of a `config|engine` key."""
-    if isinstance(key, dg.MultiPartitionKey):
-        dims = key.keys_by_dimension
-        return dims["config"], dims["engine"]
-    config, _, engine = key.partition("|")
-    return config, engine
 
 
 def partition_changes(wanted: set[str], existing: set[str]) -> tuple[list[str], list[str]]:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from mlci_dagster.history.table import DURATION_PREFIX, series_columns
 from mlci_dagster.registry.models import HistorySettings
+from mlci_dagster.vocabulary import FailureKind, passed, split_partition_key
 
 DAY_S = 86_400
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normal data
@@ -74,21 +75,21 @@ class PartitionSummary:
 # --- rules: small pure functions over one partition's chronological results ------------------
 
 
-def alert_open(passed: list[bool], open_after: int, close_after: int) -> bool:
+def alert_open(passes: list[bool], open_after: int, close_after: int) -> bool:
     """Opens after `open_after` consecutive failures; closes after `close_after` passes."""
-    is_open, fails, passes = False, 0, 0
-    for ok in passed:
-        fails, passes = (0, passes + 1) if ok else (fails + 1, 0)
-        if not is_open and fails >= open_after:
+    is_open, fail_streak, pass_streak = False, 0, 0
+    for ok in passes:
+        fail_streak, pass_streak = (0, pass_streak + 1) if ok else (fail_streak + 1, 0)
+        if not is_open and fail_streak >= open_after:
             is_open = True
-        elif is_open and passes >= close_after:
+        elif is_open and pass_streak >= close_after:
             is_open = False
     return is_open
 
 
-def failing_streak(passed: list[bool]) -> int:
+def failing_streak(passes: list[bool]) -> int:
     streak = 0
-    for ok in reversed(passed):
+    for ok in reversed(passes):
         if ok:
             break
         streak += 1
@@ -97,7 +98,7 @@ def failing_streak(passed: list[bool]) -> int:
 
 def regression_range(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """For a partition failing now: the last passing and first failing run, and what changed."""
-    streak = failing_streak([r["status"] == "pass" for r in runs])
+    streak = failing_streak([passed(r["status"]) for r in runs])
     if streak == 0:
         return None
     first_fail = runs[-streak]
@@ -124,11 +125,11 @@ def flakiness(runs: list[dict[str, Any]], window: int) -> Flakiness:
     outcomes: dict[tuple[str, str], set[bool]] = {}
     for run in recent:
         outcomes.setdefault((run["image_digest"], run["config_id"]), set()).add(
-            run["status"] == "pass")
+            passed(run["status"]))
     mixed = [{"image_digest": d, "config_id": c} for (d, c), seen in outcomes.items()
              if len(seen) == 2]
     flips = sum(1 for a, b in zip(recent, recent[1:], strict=False)
-                if (a["status"] == "pass") != (b["status"] == "pass"))
+                if passed(a["status"]) != passed(b["status"]))
     rate = flips / (len(recent) - 1) if len(recent) > 1 else 0.0
     return Flakiness(bool(mixed), round(rate, 3), mixed)
 
@@ -168,7 +169,7 @@ def partition_status(
         return PartitionStatus.FAILING
     if flaky:
         return PartitionStatus.FLAKY
-    return PartitionStatus.PASS if last["status"] == "pass" else PartitionStatus.FAILING
+    return PartitionStatus.PASS if passed(last["status"]) else PartitionStatus.FAILING
 
 
 # --- the whole table -------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def outage_flags(table: pd.DataFrame) -> pd.Series:
     failed = ~table["passed"].astype(bool)
     whole_matrix = (failed.groupby(day).transform("all")
                     & (table["partition"].groupby(day).transform("nunique") >= 2))
-    return (table["failure_kind"] == "infra") | (failed & whole_matrix)
+    return (table["failure_kind"] == FailureKind.INFRA) | (failed & whole_matrix)
 
 
 def _run(row: dict[str, Any]) -> dict[str, Any]:
@@ -198,18 +199,18 @@ def summarize_partition(
         return {name: columns[name][i] for name in RUN_FIELDS}
 
     counted = [i for i in range(start, end) if not outage[i]]
-    passed = [columns["status"][i] == "pass" for i in counted]
-    alert = alert_open(passed, settings.alert_open_after, settings.alert_close_after)
+    passes = [passed(columns["status"][i]) for i in counted]
+    alert = alert_open(passes, settings.alert_open_after, settings.alert_close_after)
     flakes = flakiness([run(i) for i in counted[-settings.flaky_window:]], settings.flaky_window)
-    streak = failing_streak(passed)
+    streak = failing_streak(passes)
     slow = []
-    if passed and passed[-1]:  # slowdowns of a failing partition are noise
+    if passes and passes[-1]:  # slowdowns of a failing partition are noise
         keep = ~outage[start:end]
         for name, values in series.items():
             found = slowdown(name, values[start:end][keep], settings)
             if found:
                 slow.append(found)
-    config, _, engine = partition.partition("|")
+    config, engine = split_partition_key(partition)
     last = run(end - 1)
     return PartitionSummary(
         partition=partition, config=config, engine=engine,
@@ -240,7 +241,7 @@ def analyze(
             summaries[keys[start]] = summarize_partition(
                 keys[start], columns, series, outage, start, end, settings, now)
     ordered = [summaries.pop(p, None) or PartitionSummary(
-        p, *p.split("|", 1), status=PartitionStatus.PENDING) for p in partitions]
+        p, *split_partition_key(p), status=PartitionStatus.PENDING) for p in partitions]
     return ordered + [summaries[p] for p in sorted(summaries)]
 
 

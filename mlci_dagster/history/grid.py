@@ -11,9 +11,11 @@ import pandas as pd
 
 from mlci_dagster.history.analysis import PartitionSummary
 from mlci_dagster.history.render import regression_text, short
+from mlci_dagster.vocabulary import LIFECYCLE_PASS, FailureKind, passed
 
 COLUMNS = 30
-COLOURS = {"pass": "#2da44e", "product": "#cf222e", "timeout": "#bc4c00", "infra": "#8250df"}
+COLOURS = {LIFECYCLE_PASS: "#2da44e", FailureKind.PRODUCT: "#cf222e",
+           FailureKind.TIMEOUT: "#bc4c00", FailureKind.INFRA: "#8250df"}
 STATUS_COLOURS = {"PASS": "#2da44e", "FLAKY": "#d4a72c", "FAILING": "#cf222e",
                   "BROKEN": "#8250df", "STALE": "#8c959f", "PENDING": "#d0d7de"}
 
@@ -49,8 +51,8 @@ def sparkline(values: list[float], width: int = 120, height: int = 22) -> str:
 
 def _cell(row: pd.Series) -> str:
     status = row["status"]
-    colour = COLOURS["pass"] if status == "pass" else COLOURS.get(row["failure_kind"] or "",
-                                                                   COLOURS["product"])
+    colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS.get(
+        row["failure_kind"] or "", COLOURS[FailureKind.PRODUCT])
     when = dt.datetime.fromtimestamp(row["finished_at"], dt.UTC).strftime("%Y-%m-%d %H:%M")
     stages = json.loads(row["stages"]) if row["stages"] else {}
     title = "\n".join([

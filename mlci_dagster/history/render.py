@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
 
 from mlci_dagster.history.analysis import PartitionSummary
+from mlci_dagster.record import ResultRecord
 
 
 def age(timestamp: float | None, now: float) -> str:
@@ -63,17 +63,17 @@ def report_table(summaries: list[PartitionSummary], now: float | None = None) ->
     return table(rows)
 
 
-def failure_notes(summaries: list[PartitionSummary], records: dict[str, dict[str, Any]]) -> str:
+def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRecord]) -> str:
     """One paragraph per failing partition: owner, error summary's first line, log."""
     notes = []
     for s in summaries:
         record = records.get(s.partition)
-        if not record or record["status"] == "pass":
+        if not record or record.passed:
             continue
-        first = (record.get("error_summary") or "").strip().splitlines()[:1]
-        notes.append(f"{s.partition}: {record['status']} ({record.get('failure_kind')}, "
-                     f"owner {record.get('owner')}): {first[0] if first else ''}\n"
-                     f"  log: {record.get('log_ref')}")
+        first = record.error_summary.strip().splitlines()[:1]
+        notes.append(f"{s.partition}: {record.status} ({record.failure_kind}, "
+                     f"owner {record.owner}): {first[0] if first else ''}\n"
+                     f"  log: {record.log_ref}")
     return "\n".join(notes)
 
 

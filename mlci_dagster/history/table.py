@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from mlci_dagster.record import ResultRecord
+
 BASE_COLUMNS = [
     "storage_id", "run_id", "partition", "config", "engine", "config_id", "status", "passed",
     "failed_stage", "failure_kind", "image_digest", "code_version", "trigger", "started_at",
@@ -22,20 +24,21 @@ DURATION_PREFIX = "duration:"
 METRIC_PREFIX = "metric:"
 
 
-def record_to_row(record: dict[str, Any], storage_id: int) -> dict[str, Any]:
-    row = {column: record.get(column) for column in BASE_COLUMNS}
+def record_to_row(record: ResultRecord, storage_id: int) -> dict[str, Any]:
+    data = record.to_json()
+    row = {column: data.get(column) for column in BASE_COLUMNS}
     row["storage_id"] = storage_id
-    row["passed"] = record["status"] == "pass"
-    # Per-stage outcomes stay whole (JSON) for the grid; their durations become columns.
-    row["stages"] = json.dumps({s: v["status"] for s, v in record.get("stages", {}).items()})
-    for stage, outcome in record.get("stages", {}).items():
-        row[f"{DURATION_PREFIX}stage:{stage}"] = outcome.get("duration_s")
-    for name, pipeline in record.get("pipelines", {}).items():
-        if pipeline.get("passed"):  # a failed run's duration says nothing about speed
-            row[f"{DURATION_PREFIX}pipeline:{name}"] = pipeline["duration_s"]
-    for name, metric in record.get("metrics", {}).items():
-        way = "lower" if metric["direction"] == "lower_is_better" else "higher"
-        row[f"{METRIC_PREFIX}{name}:{way}"] = metric["value"]
+    row["passed"] = record.passed
+    # Per-stage statuses stay whole (JSON) for the grid; their durations become columns.
+    row["stages"] = json.dumps({str(s): str(v.status) for s, v in record.stages.items()})
+    for stage, outcome in record.stages.items():
+        row[f"{DURATION_PREFIX}stage:{stage}"] = outcome.duration_s
+    for name, pipeline in record.pipelines.items():
+        if pipeline.passed:  # a failed run's duration says nothing about speed
+            row[f"{DURATION_PREFIX}pipeline:{name}"] = pipeline.duration_s
+    for name, metric in record.metrics.items():
+        way = "lower" if metric.direction == "lower_is_better" else "higher"
+        row[f"{METRIC_PREFIX}{name}:{way}"] = metric.value
     return row
 
 

@@ -8,6 +8,9 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mlci_dagster.record import ResultRecord
+from mlci_dagster.vocabulary import split_partition_key
+
 
 class Kind(enum.StrEnum):
     FAILURE = "failure"  # a lifecycle failed
@@ -41,11 +44,11 @@ class Notification:
 
     @property
     def config(self) -> str:
-        return self.partition.split("|", 1)[0]
+        return split_partition_key(self.partition)[0]
 
     @property
     def engine(self) -> str:
-        return self.partition.split("|", 1)[-1]
+        return split_partition_key(self.partition)[1]
 
     def links(self) -> dict[str, str]:
         """Label -> target of every link the message carries (URLs and paths on the host)."""
@@ -67,31 +70,29 @@ def run_url(dagster_url: str, run_id: str) -> str:
     return f"{dagster_url.rstrip('/')}/runs/{run_id}" if dagster_url and run_id else ""
 
 
-def failure_notification(record: dict[str, Any], dagster_url: str) -> Notification:
+def failure_notification(record: ResultRecord, dagster_url: str) -> Notification:
     """From a failed `results` record: the failing stage, its owner, the (redacted) summary."""
-    stage = record.get("failed_stage") or ""
+    stage = str(record.failed_stage or "")
     return Notification(
-        kind=Kind.FAILURE, partition=record["partition"],
-        title=f"{record['partition']} failed at {stage or 'an unknown stage'}",
-        status=record.get("status", ""), failed_stage=stage,
-        failure_kind=record.get("failure_kind") or "", owner=record.get("owner") or "",
-        error_summary=record.get("error_summary") or "", run_id=record.get("run_id") or "",
-        run_url=run_url(dagster_url, record.get("run_id") or ""),
-        log_ref=record.get("log_ref") or "", debug_bundle=record.get("debug_bundle") or "",
-        image_digest=record.get("image_digest") or "",
-        facts={"trigger": record.get("trigger") or "",
-               "code version": record.get("code_version") or ""},
+        kind=Kind.FAILURE, partition=record.partition,
+        title=f"{record.partition} failed at {stage or 'an unknown stage'}",
+        status=record.status, failed_stage=stage,
+        failure_kind=str(record.failure_kind or ""), owner=record.owner or "",
+        error_summary=record.error_summary, run_id=record.run_id,
+        run_url=run_url(dagster_url, record.run_id),
+        log_ref=record.log_ref, debug_bundle=record.debug_bundle,
+        image_digest=record.image_digest or "",
+        facts={"trigger": record.trigger, "code version": record.code_version},
     )
 
 
-def recovery_notification(record: dict[str, Any], dagster_url: str) -> Notification:
+def recovery_notification(record: ResultRecord, dagster_url: str) -> Notification:
     """From a passing `results` record of a partition whose previous result failed."""
     return Notification(
-        kind=Kind.RECOVERY, partition=record["partition"],
-        title=f"{record['partition']} passes again", status=record.get("status", ""),
-        run_id=record.get("run_id") or "",
-        run_url=run_url(dagster_url, record.get("run_id") or ""),
-        image_digest=record.get("image_digest") or "",
+        kind=Kind.RECOVERY, partition=record.partition,
+        title=f"{record.partition} passes again", status=record.status,
+        run_id=record.run_id, run_url=run_url(dagster_url, record.run_id),
+        image_digest=record.image_digest or "",
     )
 
 

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    create_model,
+    model_validator,
+)
 
-from mlci_dagster.stages.outcome import Stage
+from mlci_dagster.vocabulary import STAGES, Stage
 
 # A config name is a Dagster partition key: Dagster does not check dynamic keys, so we do.
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -265,26 +272,36 @@ class MetricSpec(StrictModel):
     direction: Literal["lower_is_better", "higher_is_better"]
 
 
-class Timeouts(StrictModel):
-    image_s: Seconds = 1800
-    sandbox_s: Seconds = 300
-    pipeline_runs_s: Seconds = 3600
-    ui_smoke_s: Seconds = 300
-    teardown_s: Seconds = 60
+# Per-stage settings derive from the stage list: a new stage gets its timeout and owner here.
+DEFAULT_TIMEOUTS_S: dict[Stage, float] = {
+    Stage.IMAGE: 1800, Stage.SANDBOX: 300, Stage.PIPELINE_RUNS: 3600, Stage.UI_SMOKE: 300,
+    Stage.TEARDOWN: 60,
+}
 
 
-class Owners(StrictModel):
-    """Who to call when a stage breaks; `default` covers stages not named."""
+class _TimeoutsBase(StrictModel):
+    def for_stage(self, stage: Stage) -> float:
+        return getattr(self, f"{stage}_s")
 
+
+Timeouts = create_model(
+    "Timeouts", __base__=_TimeoutsBase, __doc__="Seconds each stage may take.",
+    **{f"{stage}_s": (Seconds, DEFAULT_TIMEOUTS_S[stage]) for stage in STAGES},
+)
+
+
+class _OwnersBase(StrictModel):
     default: str
-    image: str | None = None
-    sandbox: str | None = None
-    pipeline_runs: str | None = None
-    ui_smoke: str | None = None
-    teardown: str | None = None
 
-    def for_stage(self, stage: Stage) -> str:
+    def for_stage(self, stage: Stage | str) -> str:
         return getattr(self, str(stage)) or self.default
+
+
+Owners = create_model(
+    "Owners", __base__=_OwnersBase,
+    __doc__="Who to call when a stage breaks; `default` covers stages not named.",
+    **{str(stage): (str | None, None) for stage in STAGES},
+)
 
 
 class TestConfig(StrictModel):
@@ -306,9 +323,6 @@ class TestConfig(StrictModel):
     timeouts: Timeouts = Timeouts()
     metrics: dict[EnvName, MetricSpec] = Field(
         default={}, description="Numeric pipeline outputs tracked in history for slowdowns."
-    )
-    baselines: dict[str, Annotated[float, Field(gt=0)]] = Field(
-        default={}, description="Expected durations in seconds, by stage or pipeline name."
     )
 
     @model_validator(mode="after")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlci_dagster.assets.partitions import partition_dimensions
 from mlci_dagster.paths import mlci_home
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.vocabulary import split_partition_key
 
 TRIGGER_TAG = "mlci/trigger"
 
@@ -31,7 +31,7 @@ class MlciResource(dg.ConfigurableResource):
         return LocalProvider(home, self.registry().settings.secrets)
 
     def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
-        config, engine = partition_dimensions(context.partition_key)
+        config, engine = split_partition_key(context.partition_key)
         home = self.home or str(mlci_home())
         return LifecycleContext.create(
             self.registry(), config, engine, context.run.run_id, Path(home),

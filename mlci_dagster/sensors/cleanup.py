@@ -10,6 +10,7 @@ import dagster as dg
 
 from mlci_dagster.janitor import Verdict, sweep
 from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.runner import WORKER_TAG, fail_lost_run, lost_runs, worker_alive
 
 JANITOR_ASSET = dg.AssetSpec(
     "sandbox_janitor", group_name="operations", kinds={"python"},
@@ -18,11 +19,24 @@ JANITOR_ASSET = dg.AssetSpec(
 
 
 def run_over(instance: dg.DagsterInstance) -> Callable[[str], bool]:
+    """Whether a run is over: finished, unknown, or executed by an `mlci run` worker that is
+    gone (such a run is marked failed by `end_lost_runs`)."""
+
     def over(run_id: str) -> bool:
         run = instance.get_run_by_id(run_id)
-        return run is None or run.is_finished
+        if run is None or run.is_finished:
+            return True
+        return WORKER_TAG in run.tags and not worker_alive(run.tags[WORKER_TAG])
 
     return over
+
+
+def end_lost_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Marks failed every run in progress whose `mlci run` worker is gone; their ids."""
+    lost = lost_runs(instance)
+    for run in lost:
+        fail_lost_run(instance, run, f"worker {run.tags[WORKER_TAG]} no longer runs")
+    return [run.run_id for run in lost]
 
 
 def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
@@ -39,6 +53,8 @@ def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
     description="Reaps every live sandbox whose run is over, lost its process, or expired.",
 )
 def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
+    for run_id in end_lost_runs(context.instance):
+        context.log.warning(f"run {run_id} lost its worker process: marked failed")
     verdicts = sweep(mlci.provider(), run_over(context.instance))
     reaped = [v for v in verdicts if v.reason]
     if not reaped:

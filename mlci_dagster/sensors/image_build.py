@@ -16,7 +16,7 @@ from typing import Any
 
 import dagster as dg
 
-from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, partition_key
+from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.images import (
     IMAGE_DIGEST_TAG,
     IMAGE_REF_TAG,
@@ -27,6 +27,7 @@ from mlci_dagster.images import (
 )
 from mlci_dagster.registry import Registry, RegistryError
 from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
+from mlci_dagster.vocabulary import partition_key
 
 PUSHED_IMAGE = dg.AssetKey("pushed_image")
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -67,10 +68,10 @@ def image_run_requests(context: dg.SensorEvaluationContext, ref: str, digest: st
         if config not in known:
             context.log.warning(f"{config}: not yet a partition (registry_sync adds it)")
             continue
-        if f"{config}|{engine}" in already:
+        if partition_key(config, engine) in already:
             continue
         requests.append(dg.RunRequest(
-            partition_key=partition_key(config, engine),
+            partition_key=multi_partition_key(config, engine),
             run_key=f"image:{digest}:{config}|{engine}",  # run keys dedupe forever
             tags={TRIGGER_TAG: "sensor", IMAGE_DIGEST_TAG: digest, IMAGE_REF_TAG: ref},
         ))

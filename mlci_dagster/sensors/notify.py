@@ -11,7 +11,8 @@ from typing import Any
 
 import dagster as dg
 
-from mlci_dagster.event_log import RESULTS_ASSET, new_results
+from mlci_dagster.compat import check_evaluations_page
+from mlci_dagster.event_log import RESULTS_ASSET, new_results, read_record
 from mlci_dagster.notify import (
     Notification,
     NotifyError,
@@ -26,6 +27,7 @@ from mlci_dagster.notify.notifier import (
     Pending,
     deliver_in_order,
 )
+from mlci_dagster.record import ResultRecord
 from mlci_dagster.resources.notify import NotifierResource
 
 REGRESSION_CHECK = dg.AssetCheckKey(dg.AssetKey("history"), "no_new_regressions")
@@ -33,24 +35,25 @@ RESULTS_PER_TICK = 500
 CHECK_PAGE = 100
 
 
-def previous_status(instance: dg.DagsterInstance, partition: str, before: int) -> str | None:
-    """The status of the partition's result recorded just before storage id `before`."""
+def previous_record(instance: dg.DagsterInstance, partition: str, before: int
+                    ) -> ResultRecord | None:
+    """The partition's result recorded just before storage id `before`."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[partition],
                               before_storage_id=before), limit=1).records
-    if not records or "record" not in records[0].asset_materialization.metadata:
+    if not records:
         return None
-    return records[0].asset_materialization.metadata["record"].value.get("status")
+    return read_record(records[0].storage_id, records[0].asset_materialization.metadata)
 
 
 def result_notification(
-    instance: dg.DagsterInstance, storage_id: int, record: dict[str, Any], dagster_url: str
+    instance: dg.DagsterInstance, storage_id: int, record: ResultRecord, dagster_url: str
 ) -> Notification | None:
     """A failure for every failed lifecycle; a recovery for a pass that follows a failure."""
-    if record.get("status") != "pass":
+    if not record.passed:
         return failure_notification(record, dagster_url)
-    previous = previous_status(instance, record["partition"], storage_id)
-    if previous is not None and previous != "pass":
+    previous = previous_record(instance, record.partition, storage_id)
+    if previous is not None and not previous.passed:
         return recovery_notification(record, dagster_url)
     return None
 
@@ -62,8 +65,7 @@ def regression_evaluations(
     evaluation after id `after`, oldest first."""
     found, cursor = [], None
     while True:
-        page = instance.event_log_storage.get_asset_check_execution_history(
-            REGRESSION_CHECK, limit=CHECK_PAGE, cursor=cursor)
+        page = check_evaluations_page(instance, REGRESSION_CHECK, CHECK_PAGE, cursor)
         newer = [r for r in page if r.id > after]
         found += newer
         if len(newer) < len(page) or len(page) < CHECK_PAGE:

@@ -6,9 +6,10 @@ import time
 
 import dagster as dg
 
-from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, partition_key
+from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.event_log import new_results
 from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
+from mlci_dagster.vocabulary import partition_key, split_partition_key
 
 MAX_RUNS_PER_TICK = 50
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -33,17 +34,17 @@ def stale_scanner(job: dg.JobDefinition) -> dg.SensorDefinition:
         cursor = json.loads(context.cursor) if context.cursor else {"after": 0, "last": {}}
         for storage_id, record in new_results(context.instance, cursor["after"]):
             cursor["after"] = storage_id
-            cursor["last"][record["partition"]] = record["finished_at"]
+            cursor["last"][record.partition] = record.finished_at
         registry = mlci.registry()
         known = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
-        partitions = [f"{c}|{e}" for c, e in registry.partitions() if c in known]
+        partitions = [partition_key(c, e) for c, e in registry.partitions() if c in known]
         running = context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS))
         in_progress = {r.tags.get("dagster/partition", "") for r in running}
         due = due_for_testing(partitions, cursor["last"], in_progress, time.time(),
                               registry.settings.history.stale_after_h * 3600)
         requests = [
             dg.RunRequest(
-                partition_key=partition_key(*p.split("|", 1)),
+                partition_key=multi_partition_key(*split_partition_key(p)),
                 # One request per partition per result: a retried tick never doubles it.
                 run_key=f"stale:{p}:{cursor['last'].get(p, 'never')}",
                 tags={TRIGGER_TAG: "sensor"},

@@ -1,37 +1,15 @@
-"""The one source of stage names, statuses and failure kinds, and the StageOutcome record."""
+"""The StageOutcome record: what one stage did, recorded and never raised."""
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlci_dagster.redact import NO_SECRETS, Redactor
+from mlci_dagster.vocabulary import FailureKind, Stage, Status
 
 ERROR_SUMMARY_CHARS = 500
-
-
-class Stage(enum.StrEnum):
-    IMAGE = "image"
-    SANDBOX = "sandbox"
-    PIPELINE_RUNS = "pipeline_runs"
-    UI_SMOKE = "ui_smoke"
-    TEARDOWN = "teardown"
-
-
-class Status(enum.StrEnum):
-    PASS = "pass"
-    FAIL = "fail"
-    SKIP = "skip"
-
-
-class FailureKind(enum.StrEnum):
-    PRODUCT = "product"
-    INFRA = "infra"
-    TIMEOUT = "timeout"
-
-
 HEAD_CHARS = 160
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, StageOutcome, skipped
+from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
+from mlci_dagster.vocabulary import FailureKind, Stage
 
 
 def start_sandbox(ctx: LifecycleContext, image: StageOutcome) -> StageOutcome:

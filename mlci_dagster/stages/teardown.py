@@ -1,49 +1,62 @@
-"""The teardown stage: runs whenever a sandbox may exist, idempotent, and verifies what it did."""
+"""The teardown stage: runs whenever a sandbox may exist, idempotent, and verifies what it did.
+
+It destroys every sandbox of its run and partition, found in the provider's own records as well
+as in the sandbox stage's outcome: a sandbox whose creation failed half-way has no handle in any
+outcome, and is torn down all the same.
+"""
 
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Sequence
 from typing import Any
 
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.debug_bundle import bundle_path, write_debug_bundle
-from mlci_dagster.stages.outcome import (
-    FailureKind,
-    Stage,
-    StageClock,
-    StageOutcome,
-    Status,
-    skipped,
-)
+from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.stages.sandbox import handle_of
+from mlci_dagster.vocabulary import FailureKind, Stage, Status
 
 
-def tear_down(
-    ctx: LifecycleContext, sandbox: StageOutcome, later: Sequence[StageOutcome] = ()
-) -> StageOutcome:
-    """Destroys the sandbox; when `sandbox` or a `later` stage (pipeline_runs, ui_smoke) failed,
-    first keeps a debug bundle of it."""
-    handle = handle_of(sandbox)
-    if handle is None:
+def sandboxes_of_run(ctx: LifecycleContext, outcomes: list[StageOutcome]) -> list[SandboxHandle]:
+    """Every sandbox this run created for this partition: the provider's live records first (they
+    hold the latest process groups), then the sandbox outcome's handle if the provider lost it."""
+    found = {h.sandbox_id: h for h in ctx.provider.list_live()
+             if h.run_id == ctx.run_id and (h.config, h.engine) == (ctx.config.name, ctx.engine)}
+    sandbox = next((o for o in outcomes if o.stage is Stage.SANDBOX), None)
+    handle = handle_of(sandbox) if sandbox else None
+    if handle is not None:
+        found.setdefault(handle.sandbox_id, handle)
+    return list(found.values())
+
+
+def tear_down(ctx: LifecycleContext, outcomes: list[StageOutcome]) -> StageOutcome:
+    """Destroys the run's sandboxes; when an earlier stage failed, first keeps a debug bundle."""
+    handles = sandboxes_of_run(ctx, outcomes)
+    if not handles:
         return skipped(Stage.TEARDOWN, "no sandbox was created")
     clock = StageClock(Stage.TEARDOWN, ctx.redactor)
-    artifacts = ctx.provider.collect_artifacts(handle)
-    outcomes = [sandbox, *later]
-    bundle: dict[str, Any] = {}
-    if any(o.status is Status.FAIL for o in outcomes):
-        bundle = keep_debug_bundle(ctx, handle, outcomes, artifacts)
-    report = ctx.provider.destroy(handle)
-    if report["clean"]:
-        return clock.passed(log_ref=handle.log_dir, artifacts=artifacts, **bundle, **report)
-    return clock.failed(
-        FailureKind.INFRA,
-        f"sandbox {handle.sandbox_id} not fully destroyed: leaked processes "
-        f"{report['leaked_pids']}, busy ports {report['busy_ports']}, "
-        f"work directory left: {report['workdir_left']}",
-        log_ref=handle.log_dir, artifacts=artifacts, **bundle, **report,
-    )
+    failed = any(o.status is Status.FAIL for o in outcomes)
+    timeout_s = ctx.config.timeouts.for_stage(Stage.TEARDOWN)
+    details: dict[str, Any] = {"sandboxes": []}
+    problems = []
+    for handle in handles:
+        artifacts = ctx.provider.collect_artifacts(handle)
+        if failed:
+            details |= keep_debug_bundle(ctx, handle, outcomes, artifacts)
+        report = ctx.provider.destroy(handle, timeout_s=timeout_s)
+        details["sandboxes"].append({"sandbox_id": handle.sandbox_id, "artifacts": artifacts,
+                                     **report})
+        if not report["clean"]:
+            problems.append(
+                f"sandbox {handle.sandbox_id} not fully destroyed: leaked processes "
+                f"{report['leaked_pids']}, busy ports {report['busy_ports']}, "
+                f"work directory left: {report['workdir_left']}")
+    log_ref = handles[0].log_dir
+    if not problems:
+        return clock.passed(log_ref=log_ref, **details)
+    kind = FailureKind.TIMEOUT if clock.elapsed() > timeout_s else FailureKind.INFRA
+    return clock.failed(kind, "\n".join(problems), log_ref=log_ref, **details)
 
 
 def keep_debug_bundle(

@@ -11,9 +11,10 @@ import requests
 from mlci_dagster.registry.models import RouteCheck
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.http import dig
-from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, StageOutcome, skipped
+from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.stages.sandbox import handle_of
 from mlci_dagster.templating import TemplateError, render
+from mlci_dagster.vocabulary import FailureKind, Stage
 
 
 def check_route(route: RouteCheck, base_url: str, context: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,63 @@
+"""The one module allowed to touch Dagster's internals or its testing helpers outside tests.
+
+Each function names what it relies on; `tests/test_compat.py` pins each against the installed
+Dagster (pyproject.toml pins the version), so an upgrade that moves one fails there first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import dagster as dg
+from dagster._core.instance.types import CachingDynamicPartitionsLoader
+
+
+def report_run_failed(instance: dg.DagsterInstance, run: dg.DagsterRun, message: str) -> None:
+    """Marks a run whose worker died as failed (`DagsterInstance.report_run_failed`, not public):
+    what Dagster's run monitoring does for launchers it can watch."""
+    instance.report_run_failed(run, message=message)
+
+
+def check_evaluations_page(
+    instance: dg.DagsterInstance, check: dg.AssetCheckKey, limit: int, cursor: int | None
+) -> Sequence[Any]:
+    """One page, newest first, of a check's executions (`event_log_storage`, not public)."""
+    return instance.event_log_storage.get_asset_check_execution_history(
+        check, limit=limit, cursor=cursor)
+
+
+def load_stored_value(context: dg.AssetExecutionContext, asset_key: dg.AssetKey) -> Any:
+    """An asset's last stored value, read back through the run's IO manager (Dagster's testing
+    helpers build the input context: an unpartitioned asset cannot depend on itself)."""
+    return context.resources.io_manager.load_input(dg.build_input_context(
+        asset_key=asset_key, instance=context.instance,
+        upstream_output=dg.build_output_context(asset_key=asset_key),
+    ))
+
+
+class _KnownPartitions(CachingDynamicPartitionsLoader):
+    """Answers Dagster's partition-existence checks from config keys read once per tick."""
+
+    def __init__(self, instance: dg.DagsterInstance, keys: set[str]) -> None:
+        super().__init__(instance)
+        self.keys = keys
+
+    def has_dynamic_partition(self, partitions_def_name: str, partition_key: str) -> bool:
+        return partition_key in self.keys
+
+
+def resolve_run_requests(
+    requests: list[dg.RunRequest], job: dg.JobDefinition, known: set[str],
+    instance: dg.DagsterInstance,
+) -> list[dg.RunRequest]:
+    """Resolves the requests' partition tags against the config partitions read once.
+
+    Left to Dagster, each distinct config costs a query of its own to check that its partition
+    exists: 8,000 requests took tens of seconds on SQLite. (`RunRequest.
+    with_resolved_tags_and_config` and `CachingDynamicPartitionsLoader` are not public.)
+    """
+    store = _KnownPartitions(instance, known)
+    return [r.with_resolved_tags_and_config(target_definition=job, dynamic_partitions_requests=[],
+                                            dynamic_partitions_store=store)
+            for r in requests]

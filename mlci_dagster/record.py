@@ -1,0 +1,84 @@
+"""The results record: one run of one partition, as `results` stores it in the event log and as
+history, reports and notifications read it back (validated, so a malformed record is named, not
+half-read)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from mlci_dagster.vocabulary import (
+    FailureKind,
+    Stage,
+    Status,
+    failed_stage_of,
+    partition_key,
+    passed,
+)
+
+
+class _Record(BaseModel):
+    # Records written by a newer version may carry fields this one does not know: keep reading.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class StageRecord(_Record):
+    status: Status
+    duration_s: float
+    failure_kind: FailureKind | None = None
+    error_summary: str = ""
+    log_ref: str = ""
+
+
+class PipelineRecord(_Record):
+    passed: bool
+    duration_s: float
+
+
+class MetricRecord(_Record):
+    value: float
+    direction: Literal["lower_is_better", "higher_is_better"]
+
+
+class ResultRecord(_Record):
+    """`status` is `pass` or `fail-<first failing stage>`; the failure fields tell of that stage."""
+
+    partition: str
+    config: str
+    engine: str
+    config_id: str
+    status: str
+    failed_stage: Stage | None = None
+    failure_kind: FailureKind | None = None
+    owner: str | None = None
+    error_summary: str = ""
+    log_ref: str = ""
+    debug_bundle: str = ""
+    image_digest: str | None = None
+    trigger: str
+    code_version: str
+    run_id: str
+    started_at: float
+    finished_at: float
+    duration_s: float
+    stages: dict[Stage, StageRecord]
+    pipelines: dict[str, PipelineRecord] = {}
+    metrics: dict[str, MetricRecord] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ResultRecord:
+        if self.partition != partition_key(self.config, self.engine):
+            raise ValueError(f"partition: {self.partition!r} is not config|engine "
+                             f"({self.config!r}, {self.engine!r})")
+        if not passed(self.status) and failed_stage_of(self.status) != self.failed_stage:
+            raise ValueError(f"status: {self.status!r} does not name failed_stage "
+                             f"{self.failed_stage!r}")
+        return self
+
+    @property
+    def passed(self) -> bool:
+        return passed(self.status)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,191 @@
+"""How `mlci run` executes partitions: each lifecycle is a Dagster run on the instance at
+$DAGSTER_HOME, executed in a worker process of its own.
+
+A worker dies with its parent (SIGINT at the parent's death, so the lifecycle tears down on the
+way out). A worker that dies is noticed here: its run is marked failed, its sandboxes are reaped
+at once, and the partition is reported lost. Runs of a pool start only while fewer than the
+pool's limit are in progress on the instance, whoever started them.
+
+Run as `python -m mlci_dagster.runner REGISTRY KEY RUN_ID TRIGGER` it is that worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+from mlci_dagster.compat import report_run_failed
+from mlci_dagster.pools import POOL_TAG
+from mlci_dagster.providers.processes import process_start
+
+WORKER_TAG = "mlci/worker"  # "<pid>:<start>" of the process executing the run
+IN_PROGRESS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED]
+# A failed lifecycle is reported by `mlci`, not by Dagster's console; every event is still in
+# the run's log in the instance.
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+PR_SET_PDEATHSIG = 1
+POLL_S = 0.2
+
+
+@dataclass
+class PartitionRun:
+    key: str
+    run_id: str
+    pool: str
+    started: float = 0.0
+    seconds: float = 0.0
+    success: bool = False
+    lost: str = ""  # why the worker is gone, when it died before its run finished
+
+
+def worker_identity(pid: int) -> str:
+    return f"{pid}:{process_start(pid)}"
+
+
+def worker_alive(identity: str) -> bool:
+    """Whether the process a WORKER_TAG names still runs (the same process, not a reused pid)."""
+    pid, _, start = identity.partition(":")
+    return pid.isdigit() and str(process_start(int(pid))) == start
+
+
+def lost_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
+    """Runs in progress whose `mlci run` worker is gone: nobody else will end them."""
+    return [run for run in instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
+            if WORKER_TAG in run.tags and not worker_alive(run.tags[WORKER_TAG])]
+
+
+def fail_lost_run(instance: dg.DagsterInstance, run: dg.DagsterRun, why: str) -> None:
+    report_run_failed(instance, run, f"the process executing this run is gone: {why}")
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+
+class PoolGate:
+    """Lets a run of a pool start only while fewer than the pool's limit are in progress.
+
+    Counts the instance's runs with the pool tag (the daemon's queue counts the same tag), under
+    a file lock that concurrent `mlci run`s share; a run counts from the moment it is started
+    here until its worker has created it on the instance.
+    """
+
+    def __init__(self, instance: dg.DagsterInstance, limits: dict[str, int], home: Path) -> None:
+        self.instance = instance
+        self.limits = limits
+        self.lock_path = home / "pools.lock"
+        home.mkdir(parents=True, exist_ok=True)
+
+    def in_progress(self, pool: str) -> int:
+        return self.instance.get_runs_count(dg.RunsFilter(tags={POOL_TAG: pool},
+                                                          statuses=IN_PROGRESS))
+
+    def try_start(self, pool: str, start: Callable[[], str]) -> bool:
+        """Calls `start` (which returns the run id it launched) if the pool has room, and holds
+        the lock until that run exists on the instance, so no one else counts past the limit."""
+        limit = self.limits.get(pool)
+        if limit is None:
+            start()
+            return True
+        with open(self.lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.in_progress(pool) >= limit:
+                return False
+            run_id = start()
+            deadline = time.monotonic() + 60
+            while not self.instance.has_run(run_id) and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+        return True
+
+
+def run_partitions(
+    instance: dg.DagsterInstance, registry: Path, keys: list[str], pools: dict[str, str],
+    limits: dict[str, int], parallel: int, trigger: str, home: Path,
+    on_done: Callable[[PartitionRun], None],
+    on_lost: Callable[[PartitionRun], None],
+) -> list[PartitionRun]:
+    """Runs every partition, `parallel` at once and within pool limits; calls `on_done` as each
+    finishes. `on_lost` is called for a worker that died (after its run is marked failed), so
+    the caller can reap its sandboxes."""
+    gate = PoolGate(instance, limits, home)
+    pending = deque(PartitionRun(key, str(uuid.uuid4()), pools[key]) for key in keys)
+    running: dict[str, tuple[subprocess.Popen, PartitionRun]] = {}
+    finished: list[PartitionRun] = []
+    try:
+        while pending or running:
+            for _ in range(len(pending)):
+                if len(running) >= parallel:
+                    break
+                item = pending.popleft()
+
+                def start(item: PartitionRun = item) -> str:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "mlci_dagster.runner", str(registry), item.key,
+                         item.run_id, trigger],
+                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                    item.started = time.monotonic()
+                    running[item.run_id] = (proc, item)
+                    return item.run_id
+
+                if not gate.try_start(item.pool, start):
+                    pending.append(item)  # its pool is full: try the next partition
+            for run_id, (proc, item) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[run_id]
+                item.seconds = time.monotonic() - item.started
+                run = instance.get_run_by_id(run_id)
+                item.success = code == 0 and run is not None and \
+                    run.status == dg.DagsterRunStatus.SUCCESS
+                if run is None or not run.is_finished:
+                    item.lost = (f"worker pid {proc.pid} " + (
+                        f"killed by {signal.Signals(-code).name}" if code < 0
+                        else f"exited {code}") + " before its run finished")
+                    if run is not None:
+                        fail_lost_run(instance, run, item.lost)
+                    on_lost(item)
+                finished.append(item)
+                on_done(item)
+            time.sleep(POLL_S)
+    finally:
+        # Interrupted ourselves: the workers get SIGINT and tear down on their way out.
+        for proc, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+        for proc, _ in running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=120)
+    return finished
+
+
+def execute(registry: str, key: str, run_id: str, trigger: str) -> bool:
+    """In the worker: the partition's lifecycle as Dagster run `run_id`."""
+    from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
+    from mlci_dagster.resources.mlci import TRIGGER_TAG
+
+    job = build_definitions(registry).resolve_job_def(LIFECYCLE_JOB)
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            partition_key=key, instance=instance, raise_on_error=False, run_id=run_id,
+            tags={TRIGGER_TAG: trigger, WORKER_TAG: worker_identity(os.getpid())},
+            run_config=QUIET_RUN_CONFIG)
+    return result.success
+
+
+if __name__ == "__main__":
+    sys.exit(0 if execute(*sys.argv[1:5]) else 1)

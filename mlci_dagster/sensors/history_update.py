@@ -1,0 +1,47 @@
+"""Keeps `history` (and the grid) current: whenever results were recorded after the history
+table's last row, one run of the history job consolidates them.
+
+It compares the newest `results` event with the cursor the history table stored, so results
+recorded while this sensor or the daemon was off are picked up on its first tick.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mlci_dagster.assets.history import HISTORY
+from mlci_dagster.event_log import RESULTS_ASSET
+
+IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+               dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+
+
+def history_cursor(instance: dg.DagsterInstance) -> int:
+    """The storage id of the newest result the stored history table holds (0: none)."""
+    event = instance.get_latest_materialization_event(HISTORY)
+    if event is None or event.asset_materialization is None:
+        return 0
+    entry = event.asset_materialization.metadata.get("cursor")
+    return int(entry.value) if entry is not None else 0
+
+
+def history_update_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+    @dg.sensor(name="history_update", job=job, minimum_interval_seconds=15,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Updates history and the grid whenever results landed after the "
+                           "history table's last row.")
+    def history_update(context: dg.SensorEvaluationContext):
+        latest = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=RESULTS_ASSET), limit=1).records
+        if not latest:
+            return dg.SkipReason("no results recorded yet")
+        newest, cursor = latest[0].storage_id, history_cursor(context.instance)
+        if newest <= cursor:
+            return dg.SkipReason(f"history is current (result {cursor})")
+        if context.instance.get_runs_count(dg.RunsFilter(job_name=job.name,
+                                                         statuses=IN_PROGRESS)):
+            return dg.SkipReason("a history update is in progress")
+        # One update per newest result: a failed update is retried when the next one lands.
+        return dg.RunRequest(run_key=f"history:{newest}")
+
+    return history_update

@@ -1,0 +1,76 @@
+"""The project's words, defined once: the lifecycle's stages, outcome statuses, failure kinds, the
+lifecycle status (`pass` / `fail-<stage>`) and the `config|engine` partition key.
+
+The lowest layer: everything else (registry, stages, history, notify, the Dagster layer) imports
+it, and it imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Stage(enum.StrEnum):
+    """The lifecycle's stages, in the order they run."""
+
+    IMAGE = "image"
+    SANDBOX = "sandbox"
+    PIPELINE_RUNS = "pipeline_runs"
+    UI_SMOKE = "ui_smoke"
+    TEARDOWN = "teardown"
+
+
+STAGES: tuple[Stage, ...] = tuple(Stage)
+RESULTS = "results"  # the asset holding one lifecycle record per run of a partition
+
+
+class Status(enum.StrEnum):
+    """What one stage did."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+class FailureKind(enum.StrEnum):
+    """Why a stage failed: the product (a test verdict), the infrastructure, or a time limit."""
+
+    PRODUCT = "product"
+    INFRA = "infra"
+    TIMEOUT = "timeout"
+
+
+LIFECYCLE_PASS = "pass"
+_FAIL_PREFIX = "fail-"
+
+
+def lifecycle_status(failed_stage: Stage | str | None) -> str:
+    """`pass`, or `fail-<first failing stage>`."""
+    return LIFECYCLE_PASS if failed_stage is None else f"{_FAIL_PREFIX}{failed_stage}"
+
+
+def passed(lifecycle: str | None) -> bool:
+    """Whether a lifecycle status (`pass`, `fail-<stage>`) is a pass."""
+    return lifecycle == LIFECYCLE_PASS
+
+
+def failed_stage_of(lifecycle: str) -> Stage | None:
+    """The stage a `fail-<stage>` status names; None for `pass`."""
+    return Stage(lifecycle.removeprefix(_FAIL_PREFIX)) if lifecycle.startswith(_FAIL_PREFIX) \
+        else None
+
+
+KEY_SEPARATOR = "|"
+
+
+def partition_key(config: str, engine: str) -> str:
+    """The `config|engine` key of one matrix cell (config names cannot hold `|`)."""
+    return f"{config}{KEY_SEPARATOR}{engine}"
+
+
+def split_partition_key(key: str) -> tuple[str, str]:
+    """(config, engine) of a `config|engine` key; ValueError for anything else."""
+    config, separator, engine = str(key).partition(KEY_SEPARATOR)
+    if not separator or not config or not engine:
+        raise ValueError(f"partition key {key!r}: expected 'config|engine'")
+    return config, engine
