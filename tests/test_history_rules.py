@@ -154,7 +154,7 @@ def test_statuses_per_partition():
 
 
 def test_an_outage_night_failing_every_partition_is_not_flakiness():
-    partitions = [f"p{i}|e1" for i in range(4)]
+    partitions = [f"p{i}|e1" for i in range(6)]
     records = []
     for day in range(5):
         at = NOW - (5 - day) * DAY + 3600
@@ -164,6 +164,68 @@ def test_an_outage_night_failing_every_partition_is_not_flakiness():
 
     assert {str(s.status) for s in summaries} == {"PASS"}
     assert not any(s.flakiness.flaky for s in summaries)
+
+
+def night_of(partitions: int, failing: int, kind: str = "product", *, digest: str = "d2"
+             ) -> list[ResultRecord]:
+    """A passing night on build d1, then a night on `digest` where `failing` of the
+    `partitions` fail (for `kind`) and the rest pass."""
+    keys = [f"p{i}|e1" for i in range(partitions)]
+    records = [record(k, "pass", NOW - 2 * DAY) for k in keys]
+    records += [record(k, "fail-pipeline_runs" if i < failing else "pass", NOW - DAY / 2,
+                       digest=digest, kind=kind if i < failing else None)
+                for i, k in enumerate(keys)]
+    return records
+
+
+@pytest.mark.parametrize(
+    ("partitions", "failing", "kind", "settings", "outage"),
+    [
+        (2, 2, "product", {}, False),  # too small a batch to call it an outage
+        (4, 4, "product", {}, False),  # still below the default 5 partitions
+        (5, 5, "product", {}, True),
+        (6, 6, "product", {}, True),  # the whole matrix failed
+        (6, 5, "product", {}, False),  # one partition passed: the matrix was up
+        (6, 5, "product", {"outage_min_fraction": 0.8}, True),
+        (6, 4, "product", {"outage_min_fraction": 0.8}, False),
+        (2, 2, "product", {"outage_min_partitions": 2}, True),
+        (2, 1, "infra", {}, True),  # an infrastructure failure is an outage on its own
+        (1, 1, "infra", {}, True),
+    ],
+)
+def test_an_outage_needs_an_infra_failure_or_a_large_enough_failing_batch(
+    partitions, failing, kind, settings, outage
+):
+    [latest] = [s for s in analyze(table_of(night_of(partitions, failing, kind)), [],
+                                   SETTINGS.model_copy(update=settings), NOW)
+                if s.partition == "p0|e1"]
+
+    if outage:
+        assert (str(latest.status), latest.regression) == ("BROKEN", None)
+    else:
+        assert str(latest.status) == "FAILING"
+        assert latest.regression["verdict"] == "the product changed"
+
+
+def test_two_partitions_failing_for_the_product_are_a_regression_not_an_outage():
+    records = night_of(2, 2) + [record(f"p{i}|e1", "fail-pipeline_runs", NOW - 3600,
+                                       digest="d2") for i in range(2)]
+
+    summaries = analyze(table_of(records), ["p0|e1", "p1|e1"], SETTINGS, NOW)
+
+    assert [(str(s.status), s.alert_open) for s in summaries] == [("FAILING", True)] * 2
+    assert all(s.regression["changed"] == ["product"] for s in summaries)
+
+
+def test_outage_thresholds_have_defaults_and_bounds():
+    from pydantic import ValidationError
+
+    defaults = HistorySettings()
+    assert (defaults.outage_min_partitions, defaults.outage_min_fraction) == (5, 1.0)
+    for bad in ({"outage_min_partitions": 1}, {"outage_min_fraction": 0},
+                {"outage_min_fraction": 1.5}):
+        with pytest.raises(ValidationError):
+            HistorySettings(**bad)
 
 
 def test_a_config_change_is_not_blamed_on_the_product():

@@ -3,8 +3,8 @@
 Statuses follow TestGrid's model; alerts open after N consecutive failures and close after M
 passes; regressions are ranged by the last passing and first failing run; flakes are the same
 build both passing and failing; slowdowns compare the latest runs against a trailing median
-and MAD. Runs that failed for infrastructure, or in a batch where the whole matrix failed, are
-outages: they are neither flakes nor regressions.
+and MAD. Runs that failed for infrastructure, or in a large enough batch where (nearly) the
+whole matrix failed, are outages: they are neither flakes nor regressions.
 """
 
 from __future__ import annotations
@@ -175,13 +175,20 @@ def partition_status(
 # --- the whole table -------------------------------------------------------------------------
 
 
-def outage_flags(table: pd.DataFrame) -> pd.Series:
-    """Infra failures, and every failure of a day on which every partition that ran failed."""
+def outage_flags(table: pd.DataFrame, settings: HistorySettings) -> pd.Series:
+    """Failures that say nothing about the product: every infra failure, and every failure of
+    a batch (a UTC day) in which at least `outage_min_partitions` partitions ran and at least
+    `outage_min_fraction` of them failed. A partition failed in a batch when every run it had
+    there failed; a small matrix failing whole is evidence of nothing but its failures."""
     day = (table["started_at"].astype(float) // DAY_S).astype(int)
     failed = ~table["passed"].astype(bool)
-    whole_matrix = (failed.groupby(day).transform("all")
-                    & (table["partition"].groupby(day).transform("nunique") >= 2))
-    return (table["failure_kind"] == FailureKind.INFRA) | (failed & whole_matrix)
+    partition_failed = failed.groupby([day, table["partition"]]).all()
+    per_day = partition_failed.groupby(level=0).agg(["size", "sum"])
+    # A tolerance, so that a fraction such as 0.8 of 5 is met by 4.
+    outage_day = ((per_day["size"] >= settings.outage_min_partitions)
+                  & (per_day["sum"] >= settings.outage_min_fraction * per_day["size"] - 1e-9))
+    in_outage_batch = day.map(outage_day).fillna(False).astype(bool)
+    return (table["failure_kind"] == FailureKind.INFRA) | (failed & in_outage_batch)
 
 
 def _run(row: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +235,7 @@ def analyze(
     summaries: dict[str, PartitionSummary] = {}
     if not table.empty:
         table = table.sort_values(["partition", "finished_at"], kind="stable")
-        outage = outage_flags(table).to_numpy(dtype=bool)
+        outage = outage_flags(table, settings).to_numpy(dtype=bool)
         # pandas stores a missing value as NaN: the rules and reports expect None.
         columns = {name: table[name].astype(object).where(table[name].notna(), None).tolist()
                    for name in RUN_FIELDS}

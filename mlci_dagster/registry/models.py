@@ -123,6 +123,13 @@ class HistorySettings(StrictModel):
         default=3.0, description="How many scaled MADs above the median counts as slow.")
     slowdown_min_relative: Annotated[float, Field(ge=0)] = Field(
         default=0.2, description="And at least this relative change (0.2 = 20%).")
+    outage_min_partitions: Annotated[int, Field(ge=2)] = Field(
+        default=5, description="A day's batch is an outage only if at least this many "
+        "partitions ran in it (and outage_min_fraction of them failed); smaller batches are "
+        "judged partition by partition.")
+    outage_min_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0, description="The share of a batch's partitions that must have failed (every "
+        "run of theirs that day) for its failures to count as an outage (1.0 = all).")
 
 
 # A registry as image refs name it: host[:port], e.g. 127.0.0.1:5000 or <acct>.dkr.ecr.<region>...
