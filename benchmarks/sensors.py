@@ -32,8 +32,8 @@ import requests
 import yaml
 from dagster._core.instance.types import CachingDynamicPartitionsLoader
 
-from benchmarks.loopback import REGISTRY_BIN, background, push_image
 from mlci_dagster.providers.ports import allocate_free_port
+from tests.support.loopback import REGISTRY_BIN, background, push_image
 
 VENV_BIN = Path(sys.executable).parent
 TICK_GOAL_S = 5.0

@@ -22,13 +22,21 @@ def tag_concurrency_limits(settings: Settings) -> list[dict[str, Any]]:
             for name, pool in sorted(settings.pools.items())]
 
 
+POOL_COORDINATOR = {"module": "mlci_dagster.run_coordinator",
+                    "class": "PoolTaggingRunCoordinator"}
+
+
 def with_pool_limits(instance_settings: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """dagster.yaml's settings with the registry's pool limits as the run queue's tag limits;
-    every other setting is kept."""
+    """dagster.yaml's settings with the registry's pool limits as the run queue's tag limits,
+    and the run coordinator that tags every lifecycle run with its pool (replacing Dagster's
+    plain queued coordinator, keeping its config); every other setting is kept."""
     updated = dict(instance_settings)
     concurrency = dict(updated.get("concurrency") or {})
     runs = dict(concurrency.get("runs") or {})
     runs["tag_concurrency_limits"] = tag_concurrency_limits(settings)
     concurrency["runs"] = runs
     updated["concurrency"] = concurrency
+    coordinator = dict(updated.get("run_coordinator") or {})
+    if coordinator.get("class", "QueuedRunCoordinator") == "QueuedRunCoordinator":
+        updated["run_coordinator"] = {**coordinator, **POOL_COORDINATOR}
     return updated

@@ -16,6 +16,7 @@ STAGES = ["image", "sandbox", "pipeline_runs", "ui_smoke", "teardown", "results"
 
 def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
     repo = defs.get_repository_def()
+    repo.get_all_jobs()  # what a code server does on load: op and job names must not clash
 
     assert sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()) == sorted(
         [*STAGES, "history", "grid_report", "sandbox_janitor", "pushed_image"])

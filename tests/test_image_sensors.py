@@ -13,12 +13,11 @@ pass or fail.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ import pytest
 import requests
 import yaml
 
-from benchmarks.loopback import OCI_MANIFEST, REGISTRY_BIN, background, push_image, sha256
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.images import EcrRegistry, ImageRegistryError, OciRegistry
 from mlci_dagster.providers.ports import allocate_free_port
@@ -37,8 +35,9 @@ from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
 from mlci_dagster.vocabulary import FailureKind, Status
 from tests.conftest import PY, QUIET, config, stage_details, write_registry
+from tests.support.dagster_services import VENV_BIN, daemon, service_env, wait_until
+from tests.support.loopback import OCI_MANIFEST, REGISTRY_BIN, background, push_image, sha256
 
-VENV_BIN = Path(PY).parent
 ECR_HOST = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 # The one-liner of the README, for a GitHub Actions step after `docker push`.
 CURL_REPORT = (
@@ -46,33 +45,6 @@ CURL_REPORT = (
     '"$DAGSTER_URL/report_asset_materialization/pushed_image" '
     '-d "{\\"metadata\\":{\\"image_ref\\":\\"$IMAGE\\",\\"image_digest\\":\\"$DIGEST\\"}}"'
 )
-
-
-# --- processes ---------------------------------------------------------------------------
-
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
-               log: Path | None = None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(requests.ConnectionError):
-            if value := predicate():
-                return value
-        time.sleep(0.3)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}\n{tail}")
-
-
-def service_env(dagster_home: Path, registry: Path) -> dict[str, str]:
-    return {**os.environ, "DAGSTER_HOME": str(dagster_home), "MLCI_REGISTRY": str(registry)}
-
-
-@contextlib.contextmanager
-def daemon(dagster_home: Path, registry: Path, log: Path) -> Iterator[subprocess.Popen]:
-    argv = [str(VENV_BIN / "dagster-daemon"), "run", "-m", "mlci_dagster.definitions"]
-    with background(argv, log, service_env(dagster_home, registry)) as proc:
-        yield proc
 
 
 # --- an OCI registry ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.stages.results import build_record
 from mlci_dagster.vocabulary import RESULTS, STAGES, Stage, Status
 
-LIFECYCLE_OP = "lifecycle"
+LIFECYCLE_OP = "run_lifecycle"  # the op; the job that runs it is `lifecycle`
 STAGE_CHECK = "stage_passed"
 LIFECYCLE_CHECK = "lifecycle_passed"
 # A stage's details in metadata stay small whatever the stage saw; the logs hold the rest.

@@ -1,0 +1,134 @@
+"""Every way the Dagster UI launches lifecycle runs, sent to a real `dagster-webserver` as the UI
+sends it (its GraphQL API), with a real `dagster-daemon` dequeuing: a partial selection of the
+lifecycle is refused, and every run, asset backfills included, respects its pool's limit."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from mlci_dagster.pools import POOL_TAG
+from mlci_dagster.run_coordinator import PoolTaggingRunCoordinator, pool_of_run
+from mlci_dagster.vocabulary import RESULTS, STAGES
+from tests.conftest import PY, command_pipeline, config, write_registry
+from tests.support.dagster_services import daemon, graphql, service_env, wait_until, webserver
+
+LIFECYCLE = [*map(str, STAGES), RESULTS]
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def pooled_registry(root: Path) -> Path:
+    """Configs a and b in pool `gpu` (limit 1), each a 3 s pipeline and nothing else."""
+    slow = command_pipeline("train", "import time; time.sleep(3)")
+    gpu = {"services": [], "pool": "gpu"}
+    write_registry(root, [config(n, sandbox=gpu, pipelines=[slow], ui_smoke={"routes": []})
+                          for n in ("a", "b")], engines={"e1": {}})
+    settings = yaml.safe_load((root / "mlci.yaml").read_text())
+    settings["pools"] = {"gpu": {"limit": 1}}
+    (root / "mlci.yaml").write_text(yaml.safe_dump(settings))
+    return root
+
+
+def asset_job_params(assets: list[str], partition: str) -> dict:
+    """What the UI's Materialize button sends for `assets` of one partition (with their
+    checks, as the UI selects them)."""
+    checks = [{"assetKey": {"path": [a]}, "name": "lifecycle_passed" if a == RESULTS
+               else "stage_passed"} for a in assets]
+    return {"mode": "default", "runConfigData": {},
+            "selector": {"repositoryLocationName": "mlci_dagster.definitions",
+                         "repositoryName": "__repository__", "pipelineName": "__ASSET_JOB",
+                         "assetSelection": [{"path": [a]} for a in assets],
+                         "assetCheckSelection": checks},
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]}}
+
+
+def test_the_coordinator_tags_an_asset_job_run_with_its_partitions_pool(tmp_path, monkeypatch):
+    registry = pooled_registry(tmp_path / "reg")
+    monkeypatch.setenv("MLCI_REGISTRY", str(registry))
+    asset_run = dg.DagsterRun(job_name="__ASSET_JOB", tags={"dagster/partition": "b|e1"},
+                              asset_selection=frozenset({dg.AssetKey("results")}))
+    history_run = dg.DagsterRun(job_name="__ASSET_JOB",
+                                asset_selection=frozenset({dg.AssetKey("history")}))
+
+    assert pool_of_run(asset_run, str(registry)) == "gpu"
+    assert pool_of_run(history_run, str(registry)) is None
+    assert issubclass(PoolTaggingRunCoordinator, dg.QueuedRunCoordinator)
+
+
+@pytest.mark.daemon
+def test_ui_launches_refuse_partial_lifecycles_and_every_run_respects_the_pool(
+        tmp_path, dagster_home, instance):
+    registry = pooled_registry(tmp_path / "reg")
+    env = service_env(dagster_home, registry)
+    sync = subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert "pool limits: gpu=1" in sync.stdout, sync.stdout + sync.stderr
+    assert yaml.safe_load((dagster_home / "dagster.yaml").read_text())["run_coordinator"][
+        "class"] == "PoolTaggingRunCoordinator"
+
+    with webserver(dagster_home, registry, tmp_path / "web.log") as url:
+        # One asset's Materialize button: refused, naming the assets that must come along.
+        partial = graphql(url, LAUNCH_RUN, {"params": asset_job_params(["sandbox"], "a|e1")})
+        outcome = partial["launchPipelineExecution"]
+        assert outcome["__typename"] != "LaunchRunSuccess"
+        assert "does not support subsetting" in outcome["message"]
+        assert "results" in outcome["message"]  # the rest of the lifecycle is named
+
+        # The whole lifecycle of one partition, and an asset backfill of both partitions.
+        single = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE, "a|e1")})
+        assert single["launchPipelineExecution"]["__typename"] == "LaunchRunSuccess"
+        backfill = graphql(url, LAUNCH_BACKFILL, {"params": {
+            "partitionNames": ["a|e1", "b|e1"],
+            "assetSelection": [{"path": [a]} for a in LIFECYCLE]}})
+        assert backfill["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess"
+
+        most_in_progress = 0
+        log = tmp_path / "daemon.log"
+        with daemon(dagster_home, registry, log):
+            deadline = time.monotonic() + 300
+
+            def lifecycle_runs() -> list[dg.DagsterRun]:
+                return [r for r in instance.get_runs()
+                        if set(LIFECYCLE) & {k.to_user_string() for k in r.asset_selection or ()}]
+
+            while time.monotonic() < deadline:
+                runs = lifecycle_runs()
+                in_progress = [r for r in runs if r.status in (
+                    dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)]
+                most_in_progress = max(most_in_progress, len(in_progress))
+                if len(runs) == 3 and all(r.is_finished for r in runs):
+                    break
+                time.sleep(0.2)
+            runs = wait_until(lambda: lifecycle_runs() if len(lifecycle_runs()) == 3 else None,
+                              5, "3 lifecycle runs", log)
+
+    assert sorted(r.tags["dagster/partition"] for r in runs) == ["a|e1", "a|e1", "b|e1"]
+    assert {r.tags.get(POOL_TAG) for r in runs} == {"gpu"}
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [r.status for r in runs]
+    assert most_in_progress == 1
+    records = sorted((instance.get_run_record_by_id(r.run_id) for r in runs),
+                     key=lambda r: r.start_time)
+    for first, second in zip(records, records[1:], strict=False):
+        assert second.start_time >= first.end_time  # one after the other, never side by side
