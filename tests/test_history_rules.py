@@ -14,6 +14,7 @@ from mlci_dagster.history.analysis import (
     regression_range,
     slowdown,
 )
+from mlci_dagster.history.render import regression_text, report_table
 from mlci_dagster.history.table import append_rows, record_to_row
 from mlci_dagster.record import ResultRecord
 from mlci_dagster.registry.models import HistorySettings
@@ -281,3 +282,55 @@ def test_summaries_are_plain_json():
     records = [record("a|e1", "pass", NOW - 120), record("b|e1", "fail-image", NOW - 60)]
     summaries = analyze(table_of(records), ["a|e1", "b|e1"], SETTINGS, NOW)
     assert json.loads(json.dumps([s.to_dict() for s in summaries]))[0]["runs"] == 1
+
+
+def report_rows(records: list[ResultRecord], partitions: list[str]) -> dict[str, str]:
+    text = report_table(analyze(table_of(records), partitions, SETTINGS, NOW), now=NOW)
+    return {line.split()[0]: line for line in text.splitlines()[1:]}
+
+
+def test_report_shows_the_regression_range_of_a_failing_partition_alert_or_not():
+    night = NOW - DAY / 2
+    records = [
+        record("new-break|e1", "pass", night - DAY),
+        record("new-break|e1", "fail-sandbox", night, digest="d2"),  # alert not open yet
+        record("broken|e1", "pass", night - 2 * DAY),
+        record("broken|e1", "fail-sandbox", night - DAY, digest="d2"),
+        record("broken|e1", "fail-sandbox", night, digest="d2"),  # alert open
+        record("ok|e1", "pass", night),
+    ]
+
+    rows = report_rows(records, [])
+
+    assert "d1→d2 (the product changed)" in rows["new-break|e1"]
+    assert "alert open" not in rows["new-break|e1"]
+    assert "d1→d2 (the product changed), alert open" in rows["broken|e1"]
+    assert "→" not in rows["ok|e1"]
+
+
+def test_report_and_json_agree_on_which_partitions_have_a_regression():
+    night = NOW - DAY / 2
+    records = [record("a|e1", "pass", night - DAY), record("a|e1", "fail-image", night, "d2"),
+               record("b|e1", "pass", night - DAY), record("b|e1", "pass", night),
+               record("c|e1", "fail-image", night)]
+    summaries = analyze(table_of(records), [], SETTINGS, NOW)
+
+    shown = {s.partition: regression_text(s) != "-" for s in summaries}
+    in_json = {d["partition"]: d["regression"] is not None for d in
+               (s.to_dict() for s in summaries)}
+    assert shown == in_json == {"a|e1": True, "b|e1": False, "c|e1": True}
+
+
+def test_report_flakiness_is_a_dash_unless_flaky():
+    night = NOW - DAY / 2
+    records = [record("steady|e1", "pass", night - DAY), record("steady|e1", "pass", night),
+               record("broke|e1", "pass", night - DAY),
+               record("broke|e1", "fail-image", night, digest="d2"),
+               record("flaky|e1", "pass", night - DAY), record("flaky|e1", "fail-ui_smoke", night)]
+
+    rows = report_rows(records, [])
+
+    assert rows["steady|e1"].endswith("  -")
+    assert rows["broke|e1"].endswith("  -")  # flipped once, but a new build: not flaky
+    assert rows["flaky|e1"].endswith("flaky (100% flips)")
+    assert "flips" not in rows["steady|e1"] + rows["broke|e1"]

@@ -26,15 +26,23 @@ def short(digest: str | None) -> str:
 
 
 def regression_text(summary: PartitionSummary) -> str:
+    """The regression range of a partition failing now, as `--json` holds it; `-` if none."""
     found = summary.regression
-    if not found or not summary.alert_open:
+    if not found:
         return "-"
+    alert = ", alert open" if summary.alert_open else ""
     before = found["last_pass"]
     since = f"since {found['first_fail']['run_id'][:8]}"
     if before is None:
-        return f"{since} (never passed)"
+        return f"{since} (never passed){alert}"
     return (f"{since}: {short(before['image_digest'])}→{short(found['first_fail']['image_digest'])}"
-            f" ({found['verdict']})")
+            f" ({found['verdict']}){alert}")
+
+
+def flakiness_text(summary: PartitionSummary) -> str:
+    if not summary.flakiness.flaky:
+        return "-"
+    return f"flaky ({summary.flakiness.transition_rate:.0%} flips)"
 
 
 def table(rows: list[list[str]]) -> str:
@@ -52,13 +60,11 @@ def report_table(summaries: list[PartitionSummary], now: float | None = None) ->
         finished = last.get("finished_at")
         when = (f"{dt.datetime.fromtimestamp(finished, dt.UTC):%Y-%m-%d %H:%M}Z "
                 f"({age(finished, now)})" if finished else "-")
-        flaky = (f"flaky ({s.flakiness.transition_rate:.0%} flips)" if s.flakiness.flaky
-                 else f"{s.flakiness.transition_rate:.0%} flips" if s.runs > 1 else "-")
         rows.append([
             s.partition, str(s.status), last.get("status", "untested"),
             last.get("failed_stage") or "-",
             f"{last['duration_s']:.1f}s" if last.get("duration_s") is not None else "-",
-            when, regression_text(s), flaky,
+            when, regression_text(s), flakiness_text(s),
         ])
     return table(rows)
 
