@@ -12,6 +12,9 @@ from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.loader import config_id
 from tests.conftest import config, write_registry
 
+NAME_RULE = ("at most 63 characters: lowercase letters, digits and '-', starting and ending "
+             "with a letter or digit")
+
 
 def problems_of(root: Path) -> list[str]:
     with pytest.raises(RegistryError) as caught:
@@ -23,9 +26,9 @@ def problems_of(root: Path) -> list[str]:
     ("overrides", "field", "expected"),
     [
         ({"colour": "red"}, "colour", "unknown key"),
-        ({"name": "Bad_Name"}, "name", "should match pattern"),
-        ({"name": "a|b"}, "name", "should match pattern"),
-        ({"name": "x" * 64}, "name", "should match pattern"),
+        ({"name": "Bad_Name"}, "name", NAME_RULE),
+        ({"name": "a|b"}, "name", NAME_RULE),
+        ({"name": "x" * 64}, "name", NAME_RULE),
         ({"engines": ["e1", "oracle"]}, "engines[1]", "unknown engine 'oracle'"),
         ({"timeouts": {"pipeline_runs_s": 0}}, "timeouts.pipeline_runs_s", "greater than 0"),
         ({"pipelines": []}, "pipelines", "at least 1 item"),
@@ -154,3 +157,92 @@ def test_metric_must_name_a_declared_pipeline_output(tmp_path):
     [problem] = problems_of(root)
 
     assert problem.startswith(f"{root / 'configs' / 'bad.yaml'}: metrics.rmse.source: ")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"name": "x" * 64}, "name"),
+        ({"name": "-leading"}, "name"),
+        ({"tiers": ["Nightly"]}, "tiers[0]"),
+        ({"engines": ["e_1"]}, "engines[0]"),
+        ({"sandbox": {"pool": "GPU", "services": []}, "ui_smoke": {}}, "sandbox.pool"),
+        ({"sandbox": {"services": [{"name": "Web", "command": ["x"], "ready": {"tcp": True}}]},
+          "ui_smoke": {}}, "sandbox.services[0].name"),
+        ({"pipelines": [{"kind": "command", "name": "train_model", "command": ["true"]}]},
+         "pipelines[0].name"),
+        ({"ui_smoke": {"routes": [{"service": "Web", "path": "/"}]}},
+         "ui_smoke.routes[0].service"),
+    ],
+)
+def test_every_name_field_says_what_a_name_is(tmp_path, overrides, field):
+    root = write_registry(tmp_path, [config("good")])
+    (root / "configs" / "bad.yaml").write_text(yaml.safe_dump(config("bad") | overrides))
+
+    problems = problems_of(root)
+
+    assert any(p.startswith(f"{root / 'configs' / 'bad.yaml'}: {field}: ") and NAME_RULE in p
+               for p in problems), problems
+    assert not any("should match pattern" in p for p in problems), problems
+
+
+def test_a_bad_engine_or_pool_name_in_settings_says_what_a_name_is(tmp_path):
+    root = write_registry(tmp_path, [config("ok")], engines={"Sqlite": {}})
+    settings = yaml.safe_load((root / "mlci.yaml").read_text())
+    (root / "mlci.yaml").write_text(yaml.safe_dump(settings | {"pools": {"x" * 64: {"limit": 1}}}))
+
+    problems = problems_of(root)
+
+    assert [p.split(": ")[1] for p in problems if NAME_RULE in p] == [
+        "engines.Sqlite.[key]", f"pools.{'x' * 64}.[key]"], problems
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        ({"pipeline": []}, "pipeline", "unknown key 'pipeline' (did you mean 'pipelines'?)"),
+        ({"timeouts": {"sandbox": 30}}, "timeouts.sandbox",
+         "unknown key 'sandbox' (did you mean 'sandbox_s'?)"),
+        ({"pipelines": [{"kind": "command", "name": "p", "command": ["true"],
+                         "expect_exitcode": 1}]},
+         "pipelines[0].expect_exitcode",
+         "unknown key 'expect_exitcode' (did you mean 'expect_exit_code'?)"),
+        # The member of the union the `kind` chose: poll_url is a submit_poll field only.
+        ({"pipelines": [{"kind": "submit_poll", "name": "p", "submit": {"url": "http://x"},
+                         "id_field": "id", "poll_ur": "http://x", "poll_url": "http://x",
+                         "success_states": ["ok"]}]},
+         "pipelines[0].poll_ur", "unknown key 'poll_ur' (did you mean 'poll_url'?)"),
+        ({"pipelines": [{"kind": "submit_poll", "name": "p", "id_field": "id",
+                         "submit": {"url": "http://x", "jsn": {}}, "poll_url": "http://x",
+                         "success_states": ["ok"]}]},
+         "pipelines[0].submit.jsn", "unknown key 'jsn' (did you mean 'json'?)"),
+        ({"sandbox": {"services": [{"name": "web", "command": ["x"], "ready": {"tcp": True},
+                                    "envs": {}}]}, "ui_smoke": {}},
+         "sandbox.services[0].envs", "unknown key 'envs' (did you mean 'env'?)"),
+        ({"colour": "red"}, "colour", "unknown key 'colour' (expected one of: description, "),
+    ],
+)
+def test_unknown_key_suggests_the_nearest_known_one(tmp_path, overrides, field, expected):
+    root = write_registry(tmp_path, [config("bad") | overrides])
+
+    problems = problems_of(root)
+
+    assert any(p.startswith(f"{root / 'configs' / 'bad.yaml'}: {field}: {expected}")
+               for p in problems), problems
+
+
+def test_unknown_key_in_settings_suggests_the_nearest_known_one(tmp_path):
+    root = write_registry(tmp_path, [config("ok")])
+    settings = yaml.safe_load((root / "mlci.yaml").read_text())
+    settings["secret"] = ["TOKEN"]
+    settings["engines"]["e1"]["variable"] = {}
+    settings["history"] = {"stale_after": 12}
+    (root / "mlci.yaml").write_text(yaml.safe_dump(settings))
+
+    problems = sorted(p.split(": ", 1)[1] for p in problems_of(root))
+
+    assert problems == [
+        "engines.e1.variable: unknown key 'variable' (did you mean 'variables'?)",
+        "history.stale_after: unknown key 'stale_after' (did you mean 'stale_after_h'?)",
+        "secret: unknown key 'secret' (did you mean 'secrets'?)",
+    ]

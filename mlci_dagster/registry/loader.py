@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mlci_dagster.registry.models import Settings, TestConfig
 from mlci_dagster.templating import ROOTS, iter_references
@@ -84,12 +86,69 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path or "(top level)"
 
 
-def _validation_problems(path: Path, error: ValidationError) -> list[str]:
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that validates the mapping at `loc` (a pydantic error location) inside
+    `model`: fields, list items and dict values are followed, and a discriminated union takes
+    the member its tag (which pydantic puts into the location) chose. None if it is no model."""
+    kind: Any = model
+    parts = list(loc)
+    while True:
+        origin, args = get_origin(kind), get_args(kind)
+        if origin is Annotated:
+            kind = args[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in args if a is not type(None)]
+            if len(members) == 1:
+                kind = members[0]
+                continue
+            chosen = [m for m in members if parts and _tagged(m, parts[0])]
+            if len(chosen) != 1:
+                return None
+            kind = chosen[0]
+            parts.pop(0)
+        elif not parts:
+            return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+        elif origin is list and isinstance(parts[0], int):
+            kind, _ = args[0], parts.pop(0)
+        elif origin is dict:
+            kind, _ = args[1], parts.pop(0)
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):
+            name = parts.pop(0)
+            fields = {f.alias or n: f for n, f in kind.model_fields.items()}
+            if name not in fields:
+                return None
+            kind = fields[name].annotation
+        else:
+            return None
+
+
+def _tagged(member: Any, tag: Any) -> bool:
+    """Whether a union member's `Literal` discriminator field takes the value `tag`."""
+    return isinstance(member, type) and issubclass(member, BaseModel) and any(
+        get_origin(f.annotation) is Literal and tag in get_args(f.annotation)
+        for f in member.model_fields.values())
+
+
+def _unknown_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """`unknown key 'x'`, with the nearest known key at that place, or every known key."""
+    key = str(loc[-1])
+    parent = _model_at(model, loc[:-1])
+    if parent is None:
+        return f"unknown key '{key}'"
+    known = sorted(f.alias or n for n, f in parent.model_fields.items())
+    nearest = difflib.get_close_matches(key, known, n=1)
+    if nearest:
+        return f"unknown key '{key}' (did you mean '{nearest[0]}'?)"
+    return f"unknown key '{key}' (expected one of: {', '.join(known)})"
+
+
+def _validation_problems(path: Path, error: ValidationError, model: type[BaseModel]
+                         ) -> list[str]:
     problems = []
     for err in error.errors():
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = _unknown_key(model, err["loc"])
         if err["loc"]:
             problems.append(f"{path}: {_field_path(err['loc'])}: {message}")
         else:  # a whole-config rule, whose message starts with the field path it is about
@@ -202,7 +261,7 @@ def load_registry(root: str | Path) -> Registry:
         try:
             settings = Settings.model_validate(raw)
         except ValidationError as exc:
-            problems.extend(_validation_problems(settings_path, exc))
+            problems.extend(_validation_problems(settings_path, exc, Settings))
     paths = sorted((root / CONFIGS_DIR).glob("*.y*ml"))
     if not paths:
         problems.append(f"{root / CONFIGS_DIR}: no config files (*.yaml) found")
@@ -214,7 +273,7 @@ def load_registry(root: str | Path) -> Registry:
         try:
             config = TestConfig.model_validate(raw)
         except ValidationError as exc:
-            problems.extend(_validation_problems(path, exc))
+            problems.extend(_validation_problems(path, exc, TestConfig))
             continue
         if config.name in configs:
             problems.append(f"{path}: name: duplicate config name '{config.name}' "
