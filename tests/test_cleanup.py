@@ -4,21 +4,24 @@ killed run left, and the janitor alone reaps crashed and expired sandboxes."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import pytest
 
-from benchmarks.failure_injection import STAGES, inject, write_registry
 from mlci_dagster.janitor import sweep
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import load_registry
-from tests.conftest import PY, http_service, processes_of_sandbox
+from mlci_dagster.vocabulary import STAGES
+from tests.conftest import PY, http_service, processes_of_sandbox, stage_details
+from tests.support.injection import inject, write_registry
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [str(s) for s in STAGES])
 def test_sigkill_in_each_stage_leaves_nothing_after_the_cleanup_layers(stage, tmp_path):
     registry = write_registry(tmp_path / "registry")
 
@@ -29,6 +32,8 @@ def test_sigkill_in_each_stage_leaves_nothing_after_the_cleanup_layers(stage, tm
         assert result["sandboxes"] == 1
         assert result["left_by_crash"] > 0  # the crash did leave something to clean up
     assert result["leaks"] == 0, result["details"]
+    assert result["run_status"] == dg.DagsterRunStatus.FAILURE  # the janitor ended it
+    assert result["results"] == 0  # never recorded, least of all as a pass
 
 
 def start_sandbox(provider: LocalProvider, registry_root: Path, run_id: str, ttl_s: float = 600):
@@ -76,11 +81,11 @@ def test_janitor_reaps_a_sandbox_whose_process_died_and_keeps_live_ones(provider
 
 def test_janitor_reaps_expired_and_finished_runs(provider_registry):
     provider, root = provider_registry
-    expired = start_sandbox(provider, root, "slow-run", ttl_s=0.5)
+    expired = start_sandbox(provider, root, "slow-run", ttl_s=60)
     finished = start_sandbox(provider, root, "done-run")
-    time.sleep(1)
 
-    verdicts = {v.sandbox_id: v for v in sweep(provider, run_over=lambda r: r == "done-run")}
+    verdicts = {v.sandbox_id: v for v in sweep(provider, run_over=lambda r: r == "done-run",
+                                               now=time.time() + 61)}
 
     assert verdicts[expired.sandbox_id].reason.startswith("expired")
     assert verdicts[finished.sandbox_id].reason == "run done-run is over"
@@ -124,3 +129,98 @@ def test_janitor_sensor_reports_what_it_reaped_as_metadata(instance, provider_re
     assert observation.metadata["reaped"].value == 1
     assert observation.metadata["sandboxes"].value[0]["sandbox_id"] == handle.sandbox_id
     assert processes_of_sandbox(handle.sandbox_id) == []
+
+
+# --- kill -9 of `mlci run`, of its worker, of both -----------------------------------------
+
+
+def slow_registry(root: Path) -> Path:
+    """Config `slow`: a web service and a 30 s pipeline, so a kill lands in pipeline_runs."""
+    from tests.conftest import command_pipeline, config
+    from tests.conftest import write_registry as write
+
+    return write(root, [config("slow", pipelines=[command_pipeline(
+        "train", "import time; time.sleep(30)", timeout_s=60)])])
+
+
+def start_mlci_run(registry: Path, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([PY, "-m", "mlci_dagster.cli", "--registry", str(registry), "run"],
+                                stdout=out, stderr=subprocess.STDOUT, env=os.environ,
+                                start_new_session=True)
+
+
+def lifecycle_in_pipeline_runs(instance: dg.DagsterInstance) -> dg.DagsterRun:
+    from tests.support.dagster_services import wait_until
+    from tests.support.injection import stage_in_progress
+
+    return wait_until(lambda: next((r for r in instance.get_runs() if r.job_name == "lifecycle"
+                                    and stage_in_progress(instance, r.run_id, "pipeline_runs")),
+                                   None), 90, "the lifecycle to reach pipeline_runs")
+
+
+def sandbox_left(instance: dg.DagsterInstance, run_id: str) -> list[int]:
+    handle = stage_details(instance, run_id, "sandbox")["handle"]
+    return processes_of_sandbox(handle["sandbox_id"])
+
+
+def test_sigkill_of_mlci_run_takes_its_worker_down_and_the_sandbox_with_it(
+        dagster_home, instance, tmp_path):
+    registry = slow_registry(tmp_path / "reg")
+    mlci = start_mlci_run(registry, tmp_path / "run.log")
+    run = lifecycle_in_pipeline_runs(instance)
+
+    os.kill(mlci.pid, signal.SIGKILL)
+    mlci.wait()
+
+    from tests.support.dagster_services import wait_until
+    ended = wait_until(lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r, 60,
+                       "the worker to end its run after losing its parent")
+    assert ended.status == dg.DagsterRunStatus.FAILURE
+    assert instance.fetch_materializations(dg.AssetKey("results"), limit=1).records == []
+    assert sandbox_left(instance, run.run_id) == []  # torn down on the way out
+    assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
+    wait_until(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                            if "mlci_dagster.runner" in (p.info["cmdline"] or [])],
+               30, "the worker to exit")
+
+
+def test_sigkill_of_a_worker_is_one_lost_line_a_failed_run_and_a_non_zero_exit(
+        dagster_home, instance, tmp_path):
+    registry = slow_registry(tmp_path / "reg")
+    log = tmp_path / "run.log"
+    mlci = start_mlci_run(registry, log)
+    run = lifecycle_in_pipeline_runs(instance)
+    [worker] = [p for p in psutil.Process(mlci.pid).children()
+                if "mlci_dagster.runner" in p.cmdline()]
+
+    worker.kill()
+    code = mlci.wait(timeout=180)
+
+    output = log.read_text()
+    assert code == 1, output
+    [lost] = [line for line in output.splitlines() if "slow|e1: LOST" in line]
+    assert f"worker pid {worker.pid} killed by SIGKILL" in lost
+    assert "Traceback" not in output
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert sandbox_left(instance, run.run_id) == []
+    assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
+
+
+def test_janitor_ends_a_run_whose_mlci_run_and_worker_both_died(dagster_home, instance, tmp_path):
+    registry = slow_registry(tmp_path / "reg")
+    mlci = start_mlci_run(registry, tmp_path / "run.log")
+    run = lifecycle_in_pipeline_runs(instance)
+
+    os.killpg(mlci.pid, signal.SIGKILL)  # parent and worker at once: nobody tears down
+    mlci.wait()
+    assert sandbox_left(instance, run.run_id) != []
+    janitor = subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(registry),
+                              "janitor"], capture_output=True, text=True, env=os.environ,
+                             timeout=120)
+
+    assert janitor.returncode == 0, janitor.stdout + janitor.stderr
+    assert f"run {run.run_id[:8]}: its worker process is gone; marked failed" in janitor.stdout
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert sandbox_left(instance, run.run_id) == []
+    assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
