@@ -85,3 +85,32 @@ def test_flaky_partition_turns_its_check_red(instance, tmp_path, monkeypatch):
     assert flaky["transition_rate"] == 1.0
     assert checks["no_new_regressions"].passed  # the default N = 2 failures not reached
     assert grid["statuses"].value == {"coin|e1": "FLAKY"}
+
+
+def test_history_update_sensor_catches_up_on_results_recorded_while_it_was_off(instance,
+                                                                             tmp_path):
+    from mlci_dagster.event_log import RESULTS_ASSET
+    from tests.conftest import result_record
+
+    registry = write_registry(tmp_path / "reg", [config("a")])
+    definitions = build_definitions(registry)
+    sensor = definitions.resolve_sensor_def("history_update")
+
+    def tick():
+        with dg.build_sensor_context(instance=instance, resources=definitions.resources,
+                                     repository_def=definitions.get_repository_def()) as context:
+            return sensor.evaluate_tick(context)
+
+    assert tick().skip_message == "no results recorded yet"
+    # Two results land while no daemon (and so no sensor) runs.
+    for started in (1000.0, 2000.0):
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            RESULTS_ASSET, partition="a|e1", metadata={"record": dg.MetadataValue.json(
+                result_record("a|e1", "pass", started).to_json())}))
+    newest = instance.fetch_materializations(RESULTS_ASSET, limit=1).records[0].storage_id
+
+    [request] = tick().run_requests
+    assert request.run_key == f"history:{newest}"
+    _, metadata, _ = update_history(instance, registry)  # what the requested run does
+    assert metadata["rows"].value == 2
+    assert tick().skip_message == f"history is current (result {newest})"

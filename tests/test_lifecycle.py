@@ -103,6 +103,7 @@ def test_service_that_exits_fails_sandbox_with_its_log_tail(instance, dagster_ho
     assert record["failure_kind"] == "product"
     assert "exited before ready" in record["error_summary"]
     assert "bad flag --foo" in record["error_summary"]
+    assert record["error_summary"].count("bad flag --foo") == 1  # the log tail, once
     assert record["stages"]["sandbox"]["duration_s"] < 15  # did not wait for the probe timeout
 
 
@@ -239,3 +240,67 @@ def test_command_probe_sees_its_rendered_port(instance, dagster_home, tmp_path):
     assert record["status"] == "pass", record["error_summary"]
     [probe] = stage_details(instance, result.run_id, "sandbox")["probes"]
     assert probe["kind"] == "command" and probe["ready"]
+
+
+def test_probe_that_cannot_render_fails_the_sandbox_and_teardown_stops_its_services(
+        instance, dagster_home, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLCI_UNSET_VARIABLE", raising=False)
+    web = http_service()
+    web["ready"] = {"command": [PY, "-c", "pass", "${env.MLCI_UNSET_VARIABLE}"], "timeout_s": 20}
+    registry = write_registry(tmp_path / "reg", [config("unrendered",
+                                                        sandbox={"services": [web]})])
+
+    result, record = run_partition(instance, registry, "unrendered|e1")
+
+    assert record["status"] == "fail-sandbox"
+    assert record["failure_kind"] == "infra"
+    assert "MLCI_UNSET_VARIABLE" in record["error_summary"]
+    assert record["stages"]["teardown"]["status"] == "pass"
+    assert_no_leaks(dagster_home, stage_details(instance, result.run_id, "sandbox")["handle"])
+
+
+def test_teardown_finds_the_runs_sandboxes_in_the_ledger_without_a_handle(dagster_home, tmp_path):
+    from mlci_dagster.registry import load_registry
+    from mlci_dagster.stages.context import LifecycleContext
+    from mlci_dagster.stages.outcome import StageClock
+    from mlci_dagster.stages.teardown import tear_down
+    from mlci_dagster.vocabulary import FailureKind, Stage
+
+    registry = load_registry(write_registry(tmp_path / "reg", [config("lost")]))
+    ctx = LifecycleContext.create(registry, "lost", "e1", "run-1", dagster_home / "mlci")
+    spec = ctx.sandbox_spec
+    handle = ctx.provider.create(spec, config="lost", engine="e1", run_id="run-1",
+                                 engine_variables={})
+    other = ctx.provider.create(spec, config="lost", engine="e1", run_id="run-2",
+                                engine_variables={})
+    # What a sandbox stage that crashed half-way records: a failure, and no handle.
+    crashed = StageClock(Stage.SANDBOX).failed(FailureKind.INFRA, "harness error")
+
+    outcome = tear_down(ctx, [crashed])
+
+    assert outcome.passed, outcome.error_summary
+    assert [s["sandbox_id"] for s in outcome.details["sandboxes"]] == [handle.sandbox_id]
+    assert processes_of_sandbox(handle.sandbox_id) == []
+    assert [h.sandbox_id for h in ctx.provider.list_live()] == [other.sandbox_id]  # not ours
+    ctx.provider.destroy(other)
+
+
+def test_harness_error_summary_is_redacted(dagster_home, tmp_path, monkeypatch):
+    from mlci_dagster.registry import load_registry
+    from mlci_dagster.stages.context import LifecycleContext
+    from mlci_dagster.stages.lifecycle import guarded
+    from mlci_dagster.vocabulary import Stage
+
+    secret = "tok-5e6f7a8b9c0d"
+    monkeypatch.setenv("MLCI_TEST_TOKEN", secret)
+    registry = load_registry(leaky_registry(tmp_path / "reg"))
+    ctx = LifecycleContext.create(registry, "leaky", "e1", "run-1", dagster_home / "mlci")
+
+    def buggy():
+        raise RuntimeError(f"could not parse {os.environ['MLCI_TEST_TOKEN']}")
+
+    outcome = guarded(ctx, Stage.PIPELINE_RUNS, buggy)
+
+    assert outcome.failure_kind == "infra"
+    assert "harness error" in outcome.error_summary and "RuntimeError" in outcome.error_summary
+    assert secret not in outcome.error_summary and "could not parse ***" in outcome.error_summary
