@@ -1,4 +1,5 @@
-"""The one Definitions: six stage assets over config × engine, the job, schedule and sensor."""
+"""The one Definitions: the lifecycle assets over config × engine, history, the jobs, the
+nightly schedule and the sensors."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ on the fly, and leak checks over real processes, ports and directories."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,9 @@ import yaml
 
 from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
+from mlci_dagster.providers.local import SANDBOX_ID_ENV
 from mlci_dagster.providers.ports import port_is_free
+from mlci_dagster.providers.processes import marked_processes
 from mlci_dagster.record import ResultRecord
 
 PY = sys.executable
@@ -126,20 +127,7 @@ def stage_details(instance: dg.DagsterInstance, run_id: str, stage: str) -> dict
 
 def processes_of_sandbox(sandbox_id: str) -> list[int]:
     """Live processes started for a sandbox: each carries MLCI_SANDBOX_ID in its environment."""
-    needle = f"MLCI_SANDBOX_ID={sandbox_id}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            if needle in Path(entry.path, "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return marked_processes(SANDBOX_ID_ENV, sandbox_id)
 
 
 def assert_no_leaks(dagster_home: Path, handle: dict[str, Any]) -> None:

@@ -1,1 +1,1 @@
-"""Dagster assets: the six lifecycle stages over config × engine partitions."""
+"""Dagster assets: the lifecycle multi-asset over config × engine, history and the grid."""

@@ -1,4 +1,4 @@
-"""The resource every stage asset takes: the registry, the harness home and a lifecycle context."""
+"""The resource the lifecycle takes: the registry, the harness home and a lifecycle context."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class MlciResource(dg.ConfigurableResource):
     def provider(self) -> LocalProvider:
         """The provider the janitor and the cleanup sensors sweep with."""
         home = Path(self.home) if self.home else mlci_home()
-        return LocalProvider(home, self.registry().settings.secrets)
+        return LocalProvider(home, self.registry().secret_names)
 
     def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
         config, engine = split_partition_key(context.partition_key)

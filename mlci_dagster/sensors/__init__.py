@@ -1,1 +1,2 @@
-"""Dagster sensors: keeping the config partitions equal to the registry."""
+"""Dagster sensors: registry sync, image builds, the stale scanner, history updates, cleanup and
+notifications."""

@@ -1,0 +1,62 @@
+"""Pins each use of Dagster internals in `mlci_dagster.compat` against the installed Dagster: an
+upgrade that moves or changes one fails here, by name."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mlci_dagster import compat
+from mlci_dagster.assets.partitions import multi_partition_key
+from mlci_dagster.definitions import HISTORY_JOB, LIFECYCLE_JOB, build_definitions
+from mlci_dagster.event_log import RESULTS_ASSET
+from tests.conftest import QUIET, config, result_record, write_registry
+
+
+def test_report_run_failed_marks_a_started_run_failed(instance):
+    run = instance.add_run(dg.DagsterRun(job_name="lifecycle",
+                                         status=dg.DagsterRunStatus.STARTED))
+
+    compat.report_run_failed(instance, run, "worker gone")
+
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    [failure] = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    assert "worker gone" in failure.message
+
+
+def test_history_reads_back_its_table_and_check_evaluations_are_paged(instance, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config("a")])
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        RESULTS_ASSET, partition="a|e1", metadata={"record": dg.MetadataValue.json(
+            result_record("a|e1", "pass", 1000.0).to_json())}))
+    job = build_definitions(registry).resolve_job_def(HISTORY_JOB)
+
+    job.execute_in_process(instance=instance, run_config=QUIET)
+    second = job.execute_in_process(instance=instance, run_config=QUIET)
+
+    [history] = second.asset_materializations_for_node("history")
+    # load_stored_value read the first table back: one row, none new.
+    assert (history.metadata["rows"].value, history.metadata["new_rows"].value) == (1, 0)
+    check = dg.AssetCheckKey(dg.AssetKey("history"), "no_new_regressions")
+    page = compat.check_evaluations_page(instance, check, limit=10, cursor=None)
+    assert len(page) == 2 and page[0].id > page[1].id  # newest first
+    assert page[0].event.dagster_event.event_specific_data.passed
+
+
+def test_run_requests_resolve_partition_and_pool_tags_from_known_keys(instance, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config("a")])
+    job = build_definitions(registry).get_repository_def().get_job(LIFECYCLE_JOB)
+    request = dg.RunRequest(partition_key=multi_partition_key("a", "e1"), run_key="k")
+
+    [resolved] = compat.resolve_run_requests([request], job, {"a"}, instance)
+
+    assert resolved.tags["dagster/partition"] == "a|e1"
+    assert resolved.tags["mlci/pool"] == "local"
+
+
+def test_no_other_module_touches_dagster_internals():
+    from pathlib import Path
+
+    package = Path(compat.__file__).parent
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if p.name != "compat.py" and ("dagster._" in p.read_text())]
+    assert offenders == []
