@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               flush=True)
 
     def reap(item: PartitionRun) -> None:
-        provider = LocalProvider(home, registry.settings.secrets)
+        provider = LocalProvider(home, registry.secret_names)
         sweep(provider, run_over(instance), only_run=item.run_id)
 
     start = time.monotonic()
@@ -214,7 +214,7 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     if not args.dry_run:
         for run_id in end_lost_runs(instance):
             print(f"run {run_id[:8]}: its worker process is gone; marked failed")
-    verdicts = sweep(LocalProvider(mlci_home(), registry.settings.secrets), run_over(instance),
+    verdicts = sweep(LocalProvider(mlci_home(), registry.secret_names), run_over(instance),
                      dry_run=args.dry_run)
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
     for v in verdicts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlci_dagster.redact import Redactor
+from mlci_dagster.redact import Redactor, looks_like_credential
 from mlci_dagster.stages.http import dig
 from mlci_dagster.stages.outcome import StageClock, skipped
 from mlci_dagster.stages.results import first_failure
@@ -45,6 +45,49 @@ def test_render_names_the_missing_reference():
 )
 def test_redactor_masks_declared_values_and_credential_shapes(text, expected):
     assert Redactor(["hunter2-secret"]).text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "credential"),
+    [
+        ("DB_PASSWORD", True),
+        ("db_password", True),  # case does not matter
+        ("PGPASSWORD", True),  # a word ending in PASSWORD, PASSWD, SECRET or TOKEN
+        ("MYSQL_ROOT_PASSWD", True),
+        ("GITHUB_TOKEN", True),
+        ("HF_TOKEN", True),
+        ("AWS_SESSION_TOKEN", True),
+        ("CLIENT_SECRET", True),
+        ("AWS_SECRET_ACCESS_KEY", True),
+        ("OPENAI_API_KEY", True),
+        ("APIKEY", True),
+        ("SSH_KEY", True),
+        ("KEY", True),
+        ("DB_PASS", True),
+        ("MONKEY", False),  # KEY only as a whole word (or API_KEY, APIKEY)
+        ("HOCKEY_TEAM", False),
+        ("KEYBOARD_LAYOUT", False),
+        ("TOKENIZERS_PARALLELISM", False),  # TOKEN only as a word or a word's end
+        ("SECRETARY", False),
+        ("PASSENGER_COUNT", False),
+        ("HOME", False),
+        ("AWS_REGION", False),
+    ],
+)
+def test_credential_names_are_words_of_the_variable_name(name, credential):
+    assert looks_like_credential(name) is credential
+
+
+def test_redactor_from_env_masks_credential_named_variables_never_listed():
+    environ = {"LISTED": "listed-value", "MLCI_STRAY_TOKEN": "stray-value-123",
+               "FEATURE_TOKEN_ENABLED": "true", "HOME": "/home/someone",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+    redactor = Redactor.from_env(["LISTED"], environ)
+
+    assert redactor.text("listed-value stray-value-123 /home/someone") == "*** *** /home/someone"
+    # A flag is not a credential: masking every "true" and "false" would shred the logs.
+    assert redactor.text("enabled: true, parallel: false") == "enabled: true, parallel: false"
 
 
 def test_error_summary_is_redacted_before_it_is_cut():

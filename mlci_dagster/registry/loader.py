@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -51,6 +52,20 @@ class Registry:
     @property
     def engines(self) -> list[str]:
         return list(self.settings.engines)
+
+    @functools.cached_property
+    def secret_names(self) -> tuple[str, ...]:
+        """The environment variables whose values every Redactor masks: those listed under
+        `secrets`, and every one the registry references as `${env.NAME}` (in a config, an
+        engine's variables or services) unless listed under `public_env`. Variables whose
+        names look like credentials are masked too: Redactor.from_env adds them itself."""
+        documents: list[Any] = [self.settings.model_dump(mode="json", include={"engines"})]
+        documents += [c.config.model_dump(mode="json", by_alias=True)
+                      for c in self.configs.values()]
+        referenced = {name for ref in iter_references(documents)
+                      if ref.startswith("env.") and (name := ref.split(".")[1])}
+        public = set(self.settings.public_env)
+        return tuple(sorted(set(self.settings.secrets) | (referenced - public)))
 
     def engines_for(self, config: TestConfig) -> list[str]:
         return config.engines if config.engines is not None else self.engines

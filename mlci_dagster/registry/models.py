@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from mlci_dagster.redact import looks_like_credential
 from mlci_dagster.vocabulary import STAGES, Stage
 
 # A config name is a Dagster partition key: Dagster does not check dynamic keys, so we do.
@@ -188,20 +189,39 @@ class PoolSpec(StrictModel):
 
 
 class Settings(StrictModel):
-    """The registry's root file: engines, secret variable names and defaults for every config."""
+    """The registry's root file: engines, secret and public variable names and defaults for
+    every config."""
 
     engines: Annotated[dict[Name, EngineSpec], Field(min_length=1)]
     pools: dict[Name, PoolSpec] = Field(
         default={}, description="Concurrency limits per pool, enforced by Dagster's run queue.")
     secrets: list[EnvName] = Field(
-        default=[], description="Environment variables whose values are redacted everywhere."
+        default=[], description="Environment variables whose values are redacted everywhere. "
+        "Every variable the registry references as ${env.NAME}, and every one whose name looks "
+        "like a credential, is redacted too, listed or not."
     )
+    public_env: list[EnvName] = Field(
+        default=[], description="Variables referenced as ${env.NAME} whose values are safe to "
+        "show (a HOME, a region): not redacted. A name that looks like a credential (a word "
+        "PASSWORD, TOKEN, SECRET, KEY...) may not be listed.")
     history: HistorySettings = HistorySettings()
     image_registries: dict[RegistryHost, ImageRegistrySpec] = Field(
         default={}, description="Registries whose tags the image_poll sensor watches and the "
                                 "image stage resolves, by host[:port] as image refs write it.")
     image_poll_interval_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
         default=60, description="Seconds between two polls of the image registries.")
+
+    @model_validator(mode="after")
+    def _public_env_holds_no_secret(self) -> Settings:
+        for i, name in enumerate(self.public_env):
+            if looks_like_credential(name):
+                raise ValueError(f"public_env[{i}]: '{name}' looks like a credential, whose "
+                                 "value is always redacted (expected a name without a word "
+                                 "PASSWORD, PASSWD, PASS, SECRET, TOKEN or KEY)")
+            if name in self.secrets:
+                raise ValueError(f"public_env[{i}]: '{name}' is also listed under secrets "
+                                 "(expected one or the other)")
+        return self
 
     @model_validator(mode="after")
     def _tokens_are_secrets(self) -> Settings:

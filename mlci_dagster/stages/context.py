@@ -33,7 +33,7 @@ class LifecycleContext:
                run_tags: dict[str, str] | None = None) -> LifecycleContext:
         if config not in registry.configs:
             raise KeyError(f"config '{config}' is not in the registry at {registry.root}")
-        secrets = registry.settings.secrets
+        secrets = registry.secret_names
         return cls(
             registry=registry, loaded=registry.configs[config], engine=engine, run_id=run_id,
             home=home, provider=LocalProvider(home, secrets), redactor=Redactor.from_env(secrets),
