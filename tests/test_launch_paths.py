@@ -97,6 +97,12 @@ def test_ui_launches_refuse_partial_lifecycles_and_every_run_respects_the_pool(
         assert outcome["__typename"] != "LaunchRunSuccess"
         assert "does not support subsetting" in outcome["message"]
         assert "results" in outcome["message"]  # the rest of the lifecycle is named
+        # A backfill of `results` alone: refused too.
+        partial_backfill = graphql(url, LAUNCH_BACKFILL, {"params": {
+            "partitionNames": ["a|e1"], "assetSelection": [{"path": [RESULTS]}]}})
+        outcome = partial_backfill["launchPartitionBackfill"]
+        assert outcome["__typename"] == "PythonError"
+        assert "must include every key in a non-subsettable multi-asset" in outcome["message"]
 
         # The whole lifecycle of one partition, and an asset backfill of both partitions.
         single = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE, "a|e1")})
