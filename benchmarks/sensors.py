@@ -16,7 +16,6 @@ Needs /usr/bin/docker-registry for (a): scripts/install-test-services.sh install
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -32,7 +31,9 @@ import requests
 import yaml
 from dagster._core.instance.types import CachingDynamicPartitionsLoader
 
+from mlci_dagster.assets.lifecycle import LIFECYCLE_OP
 from mlci_dagster.providers.ports import allocate_free_port
+from tests.support.dagster_services import wait_until
 from tests.support.loopback import REGISTRY_BIN, background, push_image
 
 VENV_BIN = Path(sys.executable).parent
@@ -48,13 +49,8 @@ pipelines:
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(requests.ConnectionError):
-            if value := predicate():
-                return value
-        time.sleep(0.1)
-    raise TimeoutError(f"no {what} after {timeout_s:g}s")
+    """Polls every 0.1 s: the latency measured here is in tenths of a second."""
+    return wait_until(predicate, timeout_s, what, interval_s=0.1)
 
 
 def event_time(instance: dg.DagsterInstance, run_id: str, kind: dg.DagsterEventType,
@@ -102,8 +98,8 @@ def push_to_first_stage(tmp: Path, pushes: int) -> None:
             run = wait_for(lambda d=digest: instance.get_runs(
                 filters=dg.RunsFilter(tags={"mlci/image_digest": d})), 120, "run")[0]
             step = wait_for(lambda r=run: event_time(instance, r.run_id,
-                                                     dg.DagsterEventType.STEP_START, "image"),
-                            120, "image STEP_START")
+                                                     dg.DagsterEventType.STEP_START,
+                                                     LIFECYCLE_OP), 120, "lifecycle STEP_START")
             started = event_time(instance, run.run_id, dg.DagsterEventType.RUN_START)
             record = instance.get_run_record_by_id(run.run_id)
             rows.append((record.create_timestamp.timestamp() - pushed,

@@ -27,13 +27,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlci_dagster.compat import report_run_failed
 from mlci_dagster.pools import POOL_TAG
-from mlci_dagster.providers.processes import process_start
+from mlci_dagster.run_workers import IN_PROGRESS, WORKER_TAG, fail_lost_run, worker_identity
 
-WORKER_TAG = "mlci/worker"  # "<pid>:<start>" of the process executing the run
-IN_PROGRESS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-               dg.DagsterRunStatus.STARTED]
 # A failed lifecycle is reported by `mlci`, not by Dagster's console; every event is still in
 # the run's log in the instance.
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
@@ -50,26 +46,6 @@ class PartitionRun:
     seconds: float = 0.0
     success: bool = False
     lost: str = ""  # why the worker is gone, when it died before its run finished
-
-
-def worker_identity(pid: int) -> str:
-    return f"{pid}:{process_start(pid)}"
-
-
-def worker_alive(identity: str) -> bool:
-    """Whether the process a WORKER_TAG names still runs (the same process, not a reused pid)."""
-    pid, _, start = identity.partition(":")
-    return pid.isdigit() and str(process_start(int(pid))) == start
-
-
-def lost_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
-    """Runs in progress whose `mlci run` worker is gone: nobody else will end them."""
-    return [run for run in instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
-            if WORKER_TAG in run.tags and not worker_alive(run.tags[WORKER_TAG])]
-
-
-def fail_lost_run(instance: dg.DagsterInstance, run: dg.DagsterRun, why: str) -> None:
-    report_run_failed(instance, run, f"the process executing this run is gone: {why}")
 
 
 def _die_with_parent() -> None:

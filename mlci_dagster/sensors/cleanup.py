@@ -10,7 +10,7 @@ import dagster as dg
 
 from mlci_dagster.janitor import Verdict, sweep
 from mlci_dagster.resources.mlci import MlciResource
-from mlci_dagster.runner import WORKER_TAG, fail_lost_run, lost_runs, worker_alive
+from mlci_dagster.run_workers import WORKER_TAG, fail_lost_run, lost_runs, worker_alive
 
 JANITOR_ASSET = dg.AssetSpec(
     "sandbox_janitor", group_name="operations", kinds={"python"},

@@ -22,14 +22,14 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
-               log: Path | None = None) -> Any:
+               log: Path | None = None, interval_s: float = 0.3) -> Any:
     """The predicate's first truthy value; AssertionError with the log's tail at the timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(requests.ConnectionError):
             if value := predicate():
                 return value
-        time.sleep(0.3)
+        time.sleep(interval_s)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
     raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}\n{tail}")
 

@@ -1,0 +1,37 @@
+"""Which process executes an `mlci run` lifecycle run, and what to do when it is gone.
+
+Each such run carries the executing worker's identity (pid and start time) as a tag; a run in
+progress whose worker no longer runs has nobody left to end it, so the janitor and `mlci run`
+mark it failed, as Dagster's run monitoring does for the runs it launches.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mlci_dagster.compat import report_run_failed
+from mlci_dagster.providers.processes import process_start
+
+WORKER_TAG = "mlci/worker"  # "<pid>:<start>" of the process executing the run
+IN_PROGRESS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED]
+
+
+def worker_identity(pid: int) -> str:
+    return f"{pid}:{process_start(pid)}"
+
+
+def worker_alive(identity: str) -> bool:
+    """Whether the process a WORKER_TAG names still runs (the same process, not a reused pid)."""
+    pid, _, start = identity.partition(":")
+    return pid.isdigit() and str(process_start(int(pid))) == start
+
+
+def lost_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
+    """Runs in progress whose `mlci run` worker is gone: nobody else will end them."""
+    return [run for run in instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
+            if WORKER_TAG in run.tags and not worker_alive(run.tags[WORKER_TAG])]
+
+
+def fail_lost_run(instance: dg.DagsterInstance, run: dg.DagsterRun, why: str) -> None:
+    report_run_failed(instance, run, f"the process executing this run is gone: {why}")
