@@ -11,13 +11,12 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.ledger import Ledger
-from mlci_dagster.providers.logpipe import REDACT_VARS_ENV
+from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, OutputWatcher
 from mlci_dagster.providers.ports import allocate_free_port, port_is_free
 from mlci_dagster.providers.probes import ProbeResult, wait_until_ready
 from mlci_dagster.providers.processes import (
@@ -45,13 +44,6 @@ def log_tail(path: str | Path, chars: int = LOG_TAIL_CHARS) -> str:
             return log.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-
-
-@dataclass
-class CommandResult(GroupResult):
-    """A pipeline process's result, its output redacted, and where its log is."""
-
-    log_path: str = ""
 
 
 class LocalProvider:
@@ -169,10 +161,10 @@ class LocalProvider:
 
     def run_command(
         self, handle: SandboxHandle, name: str, argv: list[str], env: dict[str, str],
-        timeout_s: float,
-    ) -> CommandResult:
-        """Runs a pipeline process in its own group; at the timeout the whole group is killed."""
-        log_path = Path(handle.log_dir) / f"pipeline-{name}.log"
+        timeout_s: float, watcher: OutputWatcher | None = None,
+    ) -> GroupResult:
+        """Runs a pipeline process in its own group, its output streamed redacted (past
+        `watcher`) into `pipeline-<name>.log`; at the timeout the whole group is killed."""
         key = f"pipeline:{name}"
 
         def track(pgid: int) -> None:
@@ -180,15 +172,14 @@ class LocalProvider:
             self.ledger.record(handle)
 
         try:
-            result = run_group(argv, cwd=handle.workdir, env=self.process_env(handle, env),
-                               timeout_s=timeout_s, on_start=track)
+            return run_group(
+                argv, cwd=handle.workdir, env=self.process_env(handle, env), timeout_s=timeout_s,
+                log_path=Path(handle.log_dir) / f"pipeline-{name}.log", redactor=self.redactor,
+                watcher=watcher, on_start=track,
+            )
         finally:
             if handle.process_groups.pop(key, None) is not None:
                 self.ledger.record(handle)
-        out, err = self.redactor.text(result.stdout), self.redactor.text(result.stderr)
-        log_path.write_text(f"--- stdout\n{out}\n--- stderr\n{err}")
-        return CommandResult(result.exit_code, out, err, result.timed_out, result.duration_s,
-                             str(log_path))
 
     def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
         return sorted(str(p) for p in Path(handle.log_dir).glob("*.log"))

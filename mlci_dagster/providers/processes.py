@@ -5,15 +5,31 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import selectors
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
+from mlci_dagster.providers.logpipe import (
+    CHUNK_BYTES,
+    STDERR,
+    STDOUT,
+    OutputWatcher,
+    RedactingWriter,
+    SharedLog,
+)
+from mlci_dagster.redact import NO_SECRETS, Redactor
+
 PR_SET_PDEATHSIG = 1
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+DRAIN_S = 2.0  # after the group is killed, how long output from escaped processes is read
+POLL_S = 0.1  # how often the wait for output also checks whether the process has ended
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 def start_group(argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path) -> int:
@@ -27,19 +43,14 @@ def start_group(argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Pa
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, read from /proc."""
+    """Live (non-zombie) processes of a process group."""
     members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid in psutil.pids():
         try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() not in _GONE:
+                members.append(pid)
+        except (OSError, psutil.Error):
             continue
-        # Fields after the parenthesised command: state, ppid, pgrp, ...
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            members.append(int(entry.name))
     return members
 
 
@@ -47,23 +58,26 @@ def process_start(pid: int) -> int | None:
     """The start time of a live process in clock ticks since boot (None if gone or a zombie);
     with the pid it names one process, even after the pid is reused."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        process = psutil.Process(pid)
+        if process.status() in _GONE:
+            return None
+        created = process.create_time()
+    except psutil.Error:
         return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    # create_time adds the boot time, which the kernel may shift by a second as the clock is
+    # adjusted; ticks since boot never change (and ledgers already hold them).
+    return round((created - psutil.boot_time()) * CLOCK_TICKS)
 
 
 def marked_processes(name: str, value: str) -> list[int]:
     """Live processes whose environment holds `name=value`."""
-    needle = f"{name}={value}".encode()
     found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and process_start(int(entry.name)) is not None:
-            try:
-                if needle in Path(entry.path, "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
+    for process in psutil.process_iter():
+        try:
+            if process.status() not in _GONE and process.environ().get(name) == value:
+                found.append(process.pid)
+        except psutil.Error:
+            continue
     return found
 
 
@@ -118,10 +132,11 @@ def _die_with_parent() -> None:
 @dataclass
 class GroupResult:
     exit_code: int | None  # None when killed at the timeout
-    stdout: str
-    stderr: str
     timed_out: bool
     duration_s: float
+    log_path: str  # the whole output, redacted
+    stdout_tail: str  # the last TAIL_CHARS of each stream, redacted
+    stderr_tail: str
 
 
 def run_group(
@@ -130,35 +145,65 @@ def run_group(
     cwd: Path | str,
     env: dict[str, str],
     timeout_s: float,
+    log_path: Path | str,
+    redactor: Redactor = NO_SECRETS,
+    watcher: OutputWatcher | None = None,
     on_start: Callable[[int], None] = lambda pgid: None,
 ) -> GroupResult:
     """Runs `argv` to completion in its own process group; at the timeout kills the whole group.
 
-    Whatever the process started is killed when it ends too, so nothing outlives it. Output goes
-    to files, not pipes: a background child holding a pipe open cannot stall the wait.
-    Raises OSError when the program cannot be started.
+    Whatever the process started is killed when it ends too, so nothing outlives it. Its stdout
+    and stderr stream, redacted, into `log_path` (replaced), past `watcher` if given; only their
+    tails stay in memory. Raises OSError when the program cannot be started.
     """
     start = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    deadline = start + timeout_s
+    with open(log_path, "w", encoding="utf-8") as file:
+        log = SharedLog(file)
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
         )
-        on_start(proc.pid)
+        assert proc.stdout is not None and proc.stderr is not None
+        writers = {
+            proc.stdout.fileno(): RedactingWriter(log, STDOUT, redactor, watcher),
+            proc.stderr.fileno(): RedactingWriter(log, STDERR, redactor, watcher),
+        }
         timed_out = False
         try:
-            proc.wait(timeout=timeout_s)
+            on_start(proc.pid)
+            _pump(writers, deadline, stop=lambda: proc.poll() is not None)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
             kill_group(proc.pid, grace_s=2.0)
             proc.wait()
-        out.seek(0)
-        err.seek(0)
-        return GroupResult(
-            None if timed_out else proc.returncode,
-            out.read().decode("utf-8", errors="replace"),
-            err.read().decode("utf-8", errors="replace"),
-            timed_out,
-            time.monotonic() - start,
-        )
+            # A process that left the group may hold a pipe open: drain for a bounded time only.
+            _pump(writers, time.monotonic() + DRAIN_S)
+            proc.stdout.close()
+            proc.stderr.close()
+            for writer in writers.values():
+                writer.close()
+        stdout, stderr = writers.values()
+        return GroupResult(None if timed_out else proc.returncode, timed_out,
+                           time.monotonic() - start, str(log_path), stdout.tail, stderr.tail)
+
+
+def _pump(writers: dict[int, RedactingWriter], deadline: float,
+          stop: Callable[[], bool] = lambda: False) -> None:
+    """Moves output from each pipe to its writer until every pipe is at its end, `stop()` or
+    the deadline."""
+    with selectors.DefaultSelector() as selector:
+        for fd in writers:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map() and not stop():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for key, _ in selector.select(min(remaining, POLL_S)):
+                chunk = os.read(key.fd, CHUNK_BYTES)
+                if chunk:
+                    writers[key.fd].write(chunk)
+                else:
+                    selector.unregister(key.fd)

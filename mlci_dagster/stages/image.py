@@ -67,18 +67,18 @@ def build_image(ctx: LifecycleContext) -> StageOutcome:
         env = {**os.environ, "MLCI_IMAGE_DIR": str(image_dir), "MLCI_IMAGE_HASH": key}
         try:
             done = run_group(spec.build.command, cwd=ctx.registry.root, env=env,
-                             timeout_s=ctx.config.timeouts.image_s)
+                             timeout_s=ctx.config.timeouts.image_s, log_path=log_path,
+                             redactor=ctx.redactor)
         except OSError as exc:
             return clock.failed(FailureKind.INFRA, f"image build could not start: {exc}")
-        output = ctx.redactor.text(done.stdout + done.stderr)
-        log_path.write_text(output)
+        tail = done.stderr_tail or done.stdout_tail  # the whole output is in the log
         if done.timed_out:
             return clock.failed(FailureKind.TIMEOUT,
                                 f"image build killed after {ctx.config.timeouts.image_s:g}s:\n"
-                                f"{output}", log_ref=str(log_path))
+                                f"{tail}", log_ref=str(log_path))
         if done.exit_code != 0:
             return clock.failed(FailureKind.PRODUCT,
-                                f"image build exited {done.exit_code}:\n{output}",
+                                f"image build exited {done.exit_code}:\n{tail}",
                                 log_ref=str(log_path))
         record = {"digest": f"sha256:{key}", "ref": "", "path": str(image_dir),
                   "built_at": time.time()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,12 +11,22 @@ from typing import Any
 import requests
 
 from mlci_dagster.providers.handle import SandboxHandle
+from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.http import dig
-from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, StageOutcome, skipped
+from mlci_dagster.stages.outcome import (
+    FailureKind,
+    Stage,
+    StageClock,
+    StageOutcome,
+    skipped,
+    summarize,
+)
 from mlci_dagster.stages.sandbox import handle_of
 from mlci_dagster.templating import TemplateError, render
+
+SUMMARY_CHARS = 2000  # a result's summary: its first line and the output's tail
 
 
 @dataclass
@@ -79,15 +88,18 @@ def run_command_pipeline(
     context: dict[str, Any], timeout_s: float,
 ) -> PipelineResult:
     argv, env = render(pipeline.command, context), render(pipeline.env, context)
+    # Checked as the output streams by: the whole of it is only in the log.
+    watcher = OutputWatcher(render(pipeline.expect_output, context), pipeline.outputs)
     try:
-        done = ctx.provider.run_command(handle, pipeline.name, argv, env, timeout_s)
+        done = ctx.provider.run_command(handle, pipeline.name, argv, env, timeout_s, watcher)
     except OSError as exc:
         return PipelineResult(pipeline.name, pipeline.kind, False, 0.0, FailureKind.INFRA,
                               f"could not start {argv[0]!r}: {exc.strerror or exc}")
 
     def failed(kind: FailureKind, why: str) -> PipelineResult:
+        tail = done.stderr_tail or done.stdout_tail
         return PipelineResult(pipeline.name, pipeline.kind, False, done.duration_s, kind,
-                              f"{why}\n{done.stderr or done.stdout}", done.log_path,
+                              summarize(f"{why}\n{tail}", SUMMARY_CHARS), done.log_path,
                               details={"exit_code": done.exit_code})
 
     if done.timed_out:
@@ -95,18 +107,14 @@ def run_command_pipeline(
     if done.exit_code != pipeline.expect_exit_code:
         return failed(FailureKind.PRODUCT,
                       f"exited {done.exit_code}, expected {pipeline.expect_exit_code}")
-    combined = done.stdout + done.stderr
-    for expected in render(pipeline.expect_output, context):
-        if expected not in combined:
-            return failed(FailureKind.PRODUCT, f"output lacks {expected!r}")
-    outputs = {}
+    if watcher.missing:
+        return failed(FailureKind.PRODUCT, f"output lacks {watcher.missing[0]!r}")
     for key, pattern in pipeline.outputs.items():
-        match = re.search(pattern, done.stdout)
-        if match is None:
+        if key not in watcher.captured:
             return failed(FailureKind.PRODUCT, f"output '{key}' not found: /{pattern}/")
-        outputs[key] = match.group(1) if match.groups() else match.group(0)
     return PipelineResult(pipeline.name, pipeline.kind, True, done.duration_s,
-                          log_ref=done.log_path, outputs=outputs,
+                          log_ref=done.log_path,
+                          outputs={key: watcher.captured[key] for key in pipeline.outputs},
                           details={"exit_code": done.exit_code})
 
 
