@@ -130,17 +130,19 @@ class LocalProvider:
         results = []
         for service in spec.services:
             probe = service.ready
+            log_path = Path(handle.log_dir) / f"service-{service.name}.log"
             if probe.command:
                 context = render_context(handle, dict(os.environ),
                                          port=handle.ports[service.name], image=image or {})
-                probe = probe.model_copy(update={"command": render(probe.command, context)})
+                try:
+                    probe = probe.model_copy(update={"command": render(probe.command, context)})
+                except TemplateError as exc:
+                    raise SandboxError(f"service '{service.name}': ready.command: {exc}",
+                                       "infra", log_ref=str(log_path)) from exc
             pgid = handle.process_groups[f"service:{service.name}"]
-            log_path = Path(handle.log_dir) / f"service-{service.name}.log"
 
-            def exited(pgid: int = pgid, log_path: Path = log_path) -> str | None:
-                if group_members(pgid):
-                    return None
-                return f"exited before ready; log tail:\n{log_tail(log_path)}"
+            def exited(pgid: int = pgid) -> str | None:
+                return None if group_members(pgid) else "exited before ready"
 
             result = wait_until_ready(
                 service.name, probe, handle.ports[service.name],
@@ -184,14 +186,17 @@ class LocalProvider:
     def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
         return sorted(str(p) for p in Path(handle.log_dir).glob("*.log"))
 
-    def destroy(self, handle: SandboxHandle) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, timeout_s: float = 60.0) -> dict[str, Any]:
         """Kills every process group, frees the ports, removes the work directory. Idempotent.
 
-        Returns what it verified; the ledger entry stays while anything is left, for the janitor.
+        Each group gets SIGTERM and a grace of a tenth of `timeout_s` (at most 5 s) before
+        SIGKILL. Returns what it verified; the ledger entry stays while anything is left, for
+        the janitor.
         """
+        grace_s = min(5.0, timeout_s / 10)
         # Last started, first stopped: a service goes before the database it depends on.
         groups = list(reversed(handle.process_groups.items()))
-        leaked = {name: pids for name, pgid in groups if (pids := kill_group(pgid))}
+        leaked = {name: pids for name, pgid in groups if (pids := kill_group(pgid, grace_s))}
         # Some platforms (Ray's workers, PostgreSQL's backends) leave their process group; every
         # sandbox process carries the sandbox id in its environment, so none can hide.
         escaped = kill_marked(SANDBOX_ID_ENV, handle.sandbox_id)

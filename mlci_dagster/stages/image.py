@@ -13,7 +13,8 @@ from mlci_dagster.images import IMAGE_DIGEST_TAG, IMAGE_REF_TAG, ImageRegistryEr
 from mlci_dagster.providers.processes import run_group
 from mlci_dagster.registry.models import BuildSpec
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.outcome import FailureKind, Stage, StageClock, StageOutcome
+from mlci_dagster.stages.outcome import StageClock, StageOutcome
+from mlci_dagster.vocabulary import FailureKind, Stage
 
 
 def input_files(root: Path, spec: BuildSpec) -> list[Path]:
