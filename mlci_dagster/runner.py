@@ -12,7 +12,6 @@ Run as `python -m mlci_dagster.runner REGISTRY KEY RUN_ID TRIGGER` it is that wo
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import signal
@@ -28,12 +27,12 @@ from pathlib import Path
 import dagster as dg
 
 from mlci_dagster.pools import POOL_TAG
+from mlci_dagster.providers.processes import die_with_parent
 from mlci_dagster.run_workers import IN_PROGRESS, WORKER_TAG, fail_lost_run, worker_identity
 
 # A failed lifecycle is reported by `mlci`, not by Dagster's console; every event is still in
 # the run's log in the instance.
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-PR_SET_PDEATHSIG = 1
 POLL_S = 0.2
 
 
@@ -46,10 +45,6 @@ class PartitionRun:
     seconds: float = 0.0
     success: bool = False
     lost: str = ""  # why the worker is gone, when it died before its run finished
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
 
 
 class PoolGate:
@@ -112,7 +107,8 @@ def run_partitions(
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "mlci_dagster.runner", str(registry), item.key,
                          item.run_id, trigger],
-                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                        stdin=subprocess.DEVNULL,
+                        preexec_fn=die_with_parent(signal.SIGINT))  # tears down, then dies
                     item.started = time.monotonic()
                     running[item.run_id] = (proc, item)
                     return item.run_id

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import pytest
 import yaml
 
@@ -148,3 +149,41 @@ def test_ui_launches_refuse_partial_lifecycles_and_every_run_respects_the_pool(
                      key=lambda r: r.start_time)
     for first, second in zip(records, records[1:], strict=False):
         assert second.start_time >= first.end_time  # one after the other, never side by side
+
+
+@pytest.mark.daemon
+def test_a_daemon_run_whose_worker_is_killed_is_marked_failed_and_its_sandbox_reaped(
+        tmp_path, dagster_home, instance):
+    """Under the daemon, Dagster itself notices a run worker that died (its code server reports
+    the run failed); the teardown_after_failure sensor then reaps the sandbox."""
+    from tests.conftest import http_service, processes_of_sandbox, stage_details
+    from tests.support.injection import stage_in_progress
+
+    slow = command_pipeline("train", "import time; time.sleep(60)", timeout_s=120)
+    registry = write_registry(tmp_path / "reg", [config(
+        "slow", sandbox={"services": [http_service()]}, pipelines=[slow],
+        ui_smoke={"routes": []})], engines={"e1": {}})
+    env = service_env(dagster_home, registry)
+    subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, check=True, timeout=120,
+                   capture_output=True)
+    log = tmp_path / "daemon.log"
+    with webserver(dagster_home, registry, tmp_path / "web.log") as url, \
+            daemon(dagster_home, registry, log):
+        launched = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE, "slow|e1")})
+        run_id = launched["launchPipelineExecution"]["run"]["runId"]
+        wait_until(lambda: stage_in_progress(instance, run_id, "pipeline_runs"), 120,
+                   "the run to reach pipeline_runs", log)
+        # The run worker: the process that started the (in-process) lifecycle step.
+        [step_start] = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+        worker = psutil.Process(step_start.dagster_event.pid)
+        handle = stage_details(instance, run_id, "sandbox")["handle"]
+        assert processes_of_sandbox(handle["sandbox_id"]) != []
+
+        worker.kill()
+        wait_until(lambda: instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE,
+                   120, "the run to be marked failed", log)
+        wait_until(lambda: not processes_of_sandbox(handle["sandbox_id"]), 120,
+                   "teardown_after_failure to reap the sandbox", log)
+
+    assert instance.fetch_materializations(RESULTS_ASSET, limit=1).records == []
+    assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []

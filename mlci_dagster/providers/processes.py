@@ -123,10 +123,15 @@ def kill_group(pgid: int, grace_s: float = 5.0) -> list[int]:
     return group_members(pgid)
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the parent dies, so a crashed run leaves no build or pipeline
-    running (run_group waits for its child, so the parent thread outlives it otherwise)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn`: the child gets `sig` when the thread that started it dies. Start the
+    child from a thread that lives as long as the child should (the main thread, or the one
+    waiting for it)."""
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+    return arm
 
 
 @dataclass
@@ -160,9 +165,10 @@ def run_group(
     deadline = start + timeout_s
     with open(log_path, "w", encoding="utf-8") as file:
         log = SharedLog(file)
+        # A crashed run leaves no build or pipeline running: it dies with this thread.
         proc = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
+            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent(),
         )
         assert proc.stdout is not None and proc.stderr is not None
         writers = {
