@@ -159,7 +159,7 @@ def test_a_daemon_run_whose_worker_is_killed_is_marked_failed_and_its_sandbox_re
     from tests.conftest import http_service, processes_of_sandbox, stage_details
     from tests.support.injection import stage_in_progress
 
-    slow = command_pipeline("train", "import time; time.sleep(60)", timeout_s=120)
+    slow = command_pipeline("train", "import time; time.sleep(50)", timeout_s=60)
     registry = write_registry(tmp_path / "reg", [config(
         "slow", sandbox={"services": [http_service()]}, pipelines=[slow],
         ui_smoke={"routes": []})], engines={"e1": {}})
