@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
@@ -17,6 +18,8 @@ import requests
 
 REGISTRY_BIN = Path("/usr/bin/docker-registry")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+STOP_GRACE_S = 60
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"
 
 
 def sha256(data: bytes) -> str:
@@ -33,13 +36,58 @@ def background(argv: list[str], log: Path, env: dict[str, str] | None = None
     try:
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)  # Dagster shuts down cleanly on SIGINT
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        stop_group(proc)
+
+
+def group_members(pgid: int) -> list[tuple[int, str]] | None:
+    """The live (not zombie) processes of a process group with their command lines, read from
+    /proc; None where there is no /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state, _ppid, group = f.read().rsplit(b")", 1)[1].split()[:3]
+            if int(group) != pgid or state == b"Z":
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        members.append((int(name), cmdline))
+    return members
+
+
+def _wait_group_gone(pgid: int, deadline: float) -> None:
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGINT to the group, on which Dagster shuts down cleanly, and a grace for the whole group,
+    not only its leader: `dagster-daemon` and `dagster-webserver` return while their code server
+    (`dagster api grpc`) still waits for its runs to end. That server holds, per run, a
+    multiprocessing Event and Queue of the spawn context, named POSIX semaphores
+    (/dev/shm/sem.mp-*) that only its exit or its multiprocessing resource tracker unlinks. So
+    what is left after the grace is SIGKILLed, but the resource trackers last: they unlink the
+    semaphores of the processes they served once those are dead, and then exit by themselves."""
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    _wait_group_gone(proc.pid, deadline)
+    for pid, cmdline in group_members(proc.pid) or []:
+        if RESOURCE_TRACKER not in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    _wait_group_gone(proc.pid, time.monotonic() + 10)
+    with contextlib.suppress(ProcessLookupError):  # anything that outlived all that
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
 
 
 def push_image(base: str, repo: str, tag: str, layer: bytes) -> str:
