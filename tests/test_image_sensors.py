@@ -330,6 +330,7 @@ def test_ecr_digest_change_requests_one_run_per_partition_using_the_image(ecr, t
     assert json.loads(tick3.cursor) == {"digests": {ref: second}}
 
 
+@pytest.mark.daemon
 def test_polled_new_digest_runs_each_partition_once_even_across_a_daemon_restart(
         oci_registry, tmp_path, dagster_home, instance):
     """The real `dagster-daemon run`: it ticks the poll sensor and launches the runs; it is
@@ -360,6 +361,7 @@ def test_polled_new_digest_runs_each_partition_once_even_across_a_daemon_restart
     assert sorted(r.run_id for r in after_restart) == sorted(r.run_id for r in runs)
 
 
+@pytest.mark.daemon
 def test_ci_push_reported_to_the_webserver_runs_each_partition_once_across_a_daemon_restart(
         tmp_path, dagster_home, instance):
     """A real `dagster-webserver` receives the README's curl one-liner; the real

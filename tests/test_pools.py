@@ -1,20 +1,20 @@
-"""Pools on Dagster's own run queue: a real `dagster-daemon` with a workspace on this registry."""
+"""Pools on Dagster's own run queue: a real `dagster-daemon` on this registry."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 
 import dagster as dg
+import pytest
 import yaml
 
 from tests.conftest import PY, command_pipeline, config, write_registry
+from tests.support.dagster_services import daemon
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
+@pytest.mark.daemon
 def test_two_runs_queue_behind_a_pool_limit_of_one(dagster_home, tmp_path):
     slow = command_pipeline("train", "import time; time.sleep(3)")
     gpu = {"services": [], "pool": "gpu"}
@@ -34,30 +34,22 @@ def test_two_runs_queue_behind_a_pool_limit_of_one(dagster_home, tmp_path):
         {"key": "mlci/pool", "value": "gpu", "limit": 1}]
 
     # The stale scanner asks for both untested partitions on its first tick.
-    daemon = subprocess.Popen(
-        [os.path.join(os.path.dirname(PY), "dagster-daemon"), "run", "-w",
-         os.path.join(ROOT, "workspace.yaml")],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
     seen_queued_behind = False
-    try:
-        with dg.DagsterInstance.get() as instance:
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                runs = [r for r in instance.get_runs() if r.job_name == "lifecycle"]
-                in_progress = [r for r in runs if r.status in (
-                    dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)]
-                queued = [r for r in runs if r.status == dg.DagsterRunStatus.QUEUED]
-                assert len(in_progress) <= 1, "the pool limit of one was exceeded"
-                seen_queued_behind |= bool(in_progress and queued)
-                if len(runs) == 2 and all(r.is_finished for r in runs):
-                    break
-                time.sleep(0.2)
+    with daemon(dagster_home, registry, tmp_path / "daemon.log"), \
+            dg.DagsterInstance.get() as instance:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
             runs = [r for r in instance.get_runs() if r.job_name == "lifecycle"]
-            records = {r.dagster_run.run_id: r for r in instance.get_run_records()}
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=60)
+            in_progress = [r for r in runs if r.status in (
+                dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)]
+            queued = [r for r in runs if r.status == dg.DagsterRunStatus.QUEUED]
+            assert len(in_progress) <= 1, "the pool limit of one was exceeded"
+            seen_queued_behind |= bool(in_progress and queued)
+            if len(runs) == 2 and all(r.is_finished for r in runs):
+                break
+            time.sleep(0.2)
+        runs = [r for r in instance.get_runs() if r.job_name == "lifecycle"]
+        records = {r.dagster_run.run_id: r for r in instance.get_run_records()}
 
     assert sorted(r.tags["dagster/partition"] for r in runs) == ["a|e1", "b|e1"]
     assert {r.tags["mlci/pool"] for r in runs} == {"gpu"}

@@ -14,7 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
 
+import psutil
 import requests
+
+from mlci_dagster.providers import processes
 
 REGISTRY_BIN = Path("/usr/bin/docker-registry")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -39,25 +42,12 @@ def background(argv: list[str], log: Path, env: dict[str, str] | None = None
         stop_group(proc)
 
 
-def group_members(pgid: int) -> list[tuple[int, str]] | None:
-    """The live (not zombie) processes of a process group with their command lines, read from
-    /proc; None where there is no /proc."""
-    if not os.path.isdir("/proc/self"):
-        return None
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """The live (not zombie) processes of a process group, with their command lines."""
     members = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                state, _ppid, group = f.read().rsplit(b")", 1)[1].split()[:3]
-            if int(group) != pgid or state == b"Z":
-                continue
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):  # gone meanwhile
-            continue
-        members.append((int(name), cmdline))
+    for pid in processes.group_members(pgid):
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            members.append((pid, " ".join(psutil.Process(pid).cmdline())))
     return members
 
 
@@ -80,7 +70,7 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace_s)
     _wait_group_gone(proc.pid, deadline)
-    for pid, cmdline in group_members(proc.pid) or []:
+    for pid, cmdline in group_members(proc.pid):
         if RESOURCE_TRACKER not in cmdline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
