@@ -33,44 +33,33 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
+from mlci_dagster.providers.local import SANDBOX_ID_ENV
+from mlci_dagster.providers.processes import marked_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = ROOT / "examples" / "ml-platform"
 GOALS = {"wall_s": 8 * 60, "peak_gib": 8.0, "ratio": 1.0}
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # --- memory of a process tree ----------------------------------------------------------------
 
 
 def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
+    try:
+        process = psutil.Process(root)
+        return [root, *(child.pid for child in process.children(recursive=True))]
+    except psutil.Error:
+        return []
 
 
 def _memory(pid: int) -> tuple[int, int]:
     """(RSS, PSS) in bytes; (0, 0) for a process that is gone."""
     try:
-        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-        pss = 0
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                pss = int(line.split()[1]) * 1024
-                break
-        return rss, pss
-    except (OSError, IndexError, ValueError):
+        info = psutil.Process(pid).memory_full_info()
+        return info.rss, getattr(info, "pss", 0)
+    except psutil.Error:
         return 0, 0
 
 
@@ -144,27 +133,18 @@ def sequential_worker(home: Path, partitions: list[tuple[str, str]]) -> None:
     """The same lifecycle without Dagster: the stage functions, one partition after another."""
     from mlci_dagster.registry import load_registry
     from mlci_dagster.stages.context import LifecycleContext
-    from mlci_dagster.stages.image import build_image
-    from mlci_dagster.stages.pipelines import run_pipelines
+    from mlci_dagster.stages.lifecycle import run_lifecycle
     from mlci_dagster.stages.results import build_record
-    from mlci_dagster.stages.sandbox import start_sandbox
-    from mlci_dagster.stages.teardown import tear_down
-    from mlci_dagster.stages.ui_smoke import smoke_test_ui
 
     registry = load_registry(REGISTRY)
     results = {}
     for config, engine in partitions:
         start = time.monotonic()
         ctx = LifecycleContext.create(registry, config, engine, uuid.uuid4().hex, home / "mlci")
-        image = build_image(ctx)
-        sandbox = start_sandbox(ctx, image)
-        pipelines = run_pipelines(ctx, image, sandbox)
-        ui = smoke_test_ui(ctx, image, sandbox, pipelines)
-        teardown = tear_down(ctx, sandbox)
-        record = build_record(ctx, [image, sandbox, pipelines, ui, teardown], trigger="script")
-        results[f"{config}|{engine}"] = {"status": record["status"],
+        record = build_record(ctx, list(run_lifecycle(ctx)), trigger="script")
+        results[f"{config}|{engine}"] = {"status": record.status,
                                          "seconds": round(time.monotonic() - start, 1),
-                                         "error": record["error_summary"][-300:]}
+                                         "error": record.error_summary[-300:]}
     print("RESULTS " + json.dumps(results))
 
 
@@ -199,18 +179,9 @@ def _parse_results(output: str) -> dict[str, dict]:
 
 
 def leftovers(homes: list[Path], shm_before: set[str]) -> list[str]:
-    sandbox_ids = {p.name.encode() for h in homes for p in (h / "mlci" / "logs").glob("*")}
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(v.removeprefix(b"MLCI_SANDBOX_ID=") in sandbox_ids
-               for v in environ if v.startswith(b"MLCI_SANDBOX_ID=")):
-            found.append(f"process {entry.name}")
+    sandbox_ids = {p.name for h in homes for p in (h / "mlci" / "logs").glob("*")}
+    found = [f"process {pid}" for sandbox in sandbox_ids
+             for pid in marked_processes(SANDBOX_ID_ENV, sandbox)]
     for home in homes:
         found += [f"ledger entry {p}" for p in (home / "mlci" / "ledger").glob("*.json")]
         sandboxes = home / "mlci" / "sandboxes"

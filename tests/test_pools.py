@@ -57,3 +57,20 @@ def test_two_runs_queue_behind_a_pool_limit_of_one(dagster_home, tmp_path):
     assert seen_queued_behind
     first, second = sorted((records[r.run_id] for r in runs), key=lambda r: r.start_time)
     assert second.start_time >= first.end_time  # one after the other, never side by side
+
+
+def test_mlci_run_starts_a_pools_runs_one_at_a_time_even_with_parallel_two(
+        dagster_home, tmp_path):
+    from tests.test_launch_paths import pooled_registry
+
+    registry = pooled_registry(tmp_path / "reg")  # a and b in pool gpu, limit 1, 3 s each
+    done = subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(registry), "run",
+                           "--parallel", "2"], capture_output=True, text=True, timeout=300,
+                          env=os.environ)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    with dg.DagsterInstance.get() as instance:
+        records = sorted((r for r in instance.get_run_records()
+                          if r.dagster_run.job_name == "lifecycle"), key=lambda r: r.start_time)
+    assert [r.dagster_run.tags["mlci/pool"] for r in records] == ["gpu", "gpu"]
+    assert records[1].start_time >= records[0].end_time  # never side by side
