@@ -245,7 +245,7 @@ class CommandPipeline(StrictModel):
     expect_exit_code: int = 0
     expect_output: list[str] = Field(default=[], description="Substrings the output must hold.")
     outputs: dict[EnvName, str] = Field(
-        default={}, description="Values to capture: a regex with one group, searched in stdout."
+        default={}, description="Values to capture: a regex with one group, per stdout line."
     )
     timeout_s: Seconds | None = Field(
         default=None, description="Default: what is left of timeouts.pipeline_runs_s."

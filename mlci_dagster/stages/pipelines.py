@@ -125,8 +125,9 @@ def run_submit_poll_pipeline(
     def finish(passed: bool, kind: FailureKind | None = None, summary: str = "",
                **extra: Any) -> PipelineResult:
         log_path.write_text(ctx.redactor.text("\n".join(transcript)))
+        # A job's fetched logs can be long: the summary keeps the first line and the tail.
         return PipelineResult(pipeline.name, pipeline.kind, passed, time.monotonic() - start,
-                              kind, summary, str(log_path), **extra)
+                              kind, summarize(summary, SUMMARY_CHARS), str(log_path), **extra)
 
     submit = render(pipeline.submit.model_dump(by_alias=True), context)
     try:
