@@ -109,7 +109,7 @@ def push_to_first_stage(tmp: Path, pushes: int) -> None:
           f"{pushes} pushes")
     print(f"    {'':22} {'median s':>9} {'min s':>7} {'max s':>7}")
     for name, col in (("run created (tick)", 0), ("RUN_START (launch)", 1),
-                      ("image STEP_START", 2)):
+                      ("lifecycle STEP_START", 2)):
         values = [row[col] for row in rows]
         print(f"    {name:22} {statistics.median(values):9.2f} {min(values):7.2f} "
               f"{max(values):7.2f}")
