@@ -27,10 +27,15 @@ def worker_alive(identity: str) -> bool:
     return pid.isdigit() and str(process_start(int(pid))) == start
 
 
+def worker_gone(run: dg.DagsterRun) -> bool:
+    """Whether the run was executed by an `mlci run` worker that no longer runs."""
+    return WORKER_TAG in run.tags and not worker_alive(run.tags[WORKER_TAG])
+
+
 def lost_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
     """Runs in progress whose `mlci run` worker is gone: nobody else will end them."""
     return [run for run in instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
-            if WORKER_TAG in run.tags and not worker_alive(run.tags[WORKER_TAG])]
+            if worker_gone(run)]
 
 
 def fail_lost_run(instance: dg.DagsterInstance, run: dg.DagsterRun, why: str) -> None:

@@ -10,7 +10,7 @@ import dagster as dg
 
 from mlci_dagster.janitor import Verdict, sweep
 from mlci_dagster.resources.mlci import MlciResource
-from mlci_dagster.run_workers import WORKER_TAG, fail_lost_run, lost_runs, worker_alive
+from mlci_dagster.run_workers import WORKER_TAG, fail_lost_run, lost_runs, worker_gone
 
 JANITOR_ASSET = dg.AssetSpec(
     "sandbox_janitor", group_name="operations", kinds={"python"},
@@ -24,9 +24,7 @@ def run_over(instance: dg.DagsterInstance) -> Callable[[str], bool]:
 
     def over(run_id: str) -> bool:
         run = instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
-            return True
-        return WORKER_TAG in run.tags and not worker_alive(run.tags[WORKER_TAG])
+        return run is None or run.is_finished or worker_gone(run)
 
     return over
 

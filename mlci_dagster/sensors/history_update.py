@@ -11,9 +11,7 @@ import dagster as dg
 
 from mlci_dagster.assets.history import HISTORY
 from mlci_dagster.event_log import RESULTS_ASSET
-
-IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
-               dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+from mlci_dagster.sensors.stale_scanner import IN_PROGRESS
 
 
 def history_cursor(instance: dg.DagsterInstance) -> int:
