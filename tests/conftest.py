@@ -116,12 +116,12 @@ def latest_record(instance: dg.DagsterInstance, key: str) -> dict[str, Any] | No
 
 
 def stage_details(instance: dg.DagsterInstance, run_id: str, stage: str) -> dict[str, Any]:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(stage)), limit=50
-    ).records
-    for record in records:
-        if record.run_id == run_id:
-            return dict(record.asset_materialization.metadata["details"].value)
+    """The `details` of a stage's materialization in one run, read from that run's own events
+    (the same source a test waits on, so there is no index lag to race)."""
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        materialization = entry.asset_materialization
+        if materialization is not None and materialization.asset_key == dg.AssetKey(stage):
+            return dict(materialization.metadata["details"].value)
     raise AssertionError(f"no {stage} materialization in run {run_id}")
 
 
