@@ -3,6 +3,7 @@ killed run left, and the janitor alone reaps crashed and expired sandboxes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -143,11 +144,25 @@ def slow_registry(root: Path) -> Path:
         "train", "import time; time.sleep(30)", timeout_s=60)])])
 
 
-def start_mlci_run(registry: Path, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen([PY, "-m", "mlci_dagster.cli", "--registry", str(registry), "run"],
-                                stdout=out, stderr=subprocess.STDOUT, env=os.environ,
-                                start_new_session=True)
+@pytest.fixture
+def start_mlci_run(dagster_home: Path):
+    """Starts `mlci run` in a session of its own; whatever the test's outcome, afterwards no
+    process it started and no sandbox of its home is left."""
+    started: list[subprocess.Popen] = []
+
+    def start(registry: Path, log: Path) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            started.append(subprocess.Popen(
+                [PY, "-m", "mlci_dagster.cli", "--registry", str(registry), "run"],
+                stdout=out, stderr=subprocess.STDOUT, env=os.environ, start_new_session=True))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True)
 
 
 def lifecycle_in_pipeline_runs(instance: dg.DagsterInstance) -> dg.DagsterRun:
@@ -165,7 +180,7 @@ def sandbox_left(instance: dg.DagsterInstance, run_id: str) -> list[int]:
 
 
 def test_sigkill_of_mlci_run_takes_its_worker_down_and_the_sandbox_with_it(
-        dagster_home, instance, tmp_path):
+        dagster_home, instance, tmp_path, start_mlci_run):
     registry = slow_registry(tmp_path / "reg")
     mlci = start_mlci_run(registry, tmp_path / "run.log")
     run = lifecycle_in_pipeline_runs(instance)
@@ -174,19 +189,57 @@ def test_sigkill_of_mlci_run_takes_its_worker_down_and_the_sandbox_with_it(
     mlci.wait()
 
     from tests.support.dagster_services import wait_until
-    ended = wait_until(lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r, 60,
-                       "the worker to end its run after losing its parent")
-    assert ended.status == dg.DagsterRunStatus.FAILURE
+    wait_until(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                            if "mlci_dagster.runner" in (p.info["cmdline"] or [])],
+               60, "the worker to tear down and exit after losing its parent")
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
     assert instance.fetch_materializations(dg.AssetKey("results"), limit=1).records == []
     assert sandbox_left(instance, run.run_id) == []  # torn down on the way out
     assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
-    wait_until(lambda: not [p for p in psutil.process_iter(["cmdline"])
-                            if "mlci_dagster.runner" in (p.info["cmdline"] or [])],
-               30, "the worker to exit")
+
+
+INTERRUPT_WHILE_STORING = """
+import os, signal, sys
+import dagster as dg
+from dagster._core.instance import DagsterInstance
+from mlci_dagster.runner import execute
+
+store = DagsterInstance.handle_new_event
+
+def store_then_interrupt(self, event, *args, **kwargs):
+    store(self, event, *args, **kwargs)
+    if event.dagster_event and event.dagster_event.is_step_materialization and \\
+            event.dagster_event.asset_key == dg.AssetKey("sandbox"):
+        os.kill(os.getpid(), signal.SIGINT)  # Dagster is between two yields of the lifecycle
+
+DagsterInstance.handle_new_event = store_then_interrupt
+sys.exit(0 if execute(sys.argv[1], "slow|e1", sys.argv[2], "manual") else 1)
+"""
+
+
+def test_an_interrupt_while_dagster_stores_a_stage_still_tears_the_sandbox_down(
+        dagster_home, instance, tmp_path):
+    """SIGINT while Dagster stores the sandbox's materialization is raised outside the
+    lifecycle, which is never resumed; the resource's teardown reaps the sandbox anyway."""
+    registry = slow_registry(tmp_path / "reg")
+    instance.add_dynamic_partitions("config", ["slow"])
+    run_id = "0f1e2d3c-0000-4000-8000-000000000001"
+    try:
+        worker = subprocess.run([PY, "-c", INTERRUPT_WHILE_STORING, str(registry), run_id],
+                                capture_output=True, text=True, env=os.environ, timeout=120,
+                                cwd=Path(__file__).parent.parent)
+
+        assert worker.returncode == 1, worker.stderr
+        assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+        assert stage_details(instance, run_id, "sandbox")["handle"]  # it was created
+        assert sandbox_left(instance, run_id) == []
+        assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
+    finally:
+        sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True)
 
 
 def test_sigkill_of_a_worker_is_one_lost_line_a_failed_run_and_a_non_zero_exit(
-        dagster_home, instance, tmp_path):
+        dagster_home, instance, tmp_path, start_mlci_run):
     registry = slow_registry(tmp_path / "reg")
     log = tmp_path / "run.log"
     mlci = start_mlci_run(registry, log)
@@ -207,7 +260,8 @@ def test_sigkill_of_a_worker_is_one_lost_line_a_failed_run_and_a_non_zero_exit(
     assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
 
 
-def test_janitor_ends_a_run_whose_mlci_run_and_worker_both_died(dagster_home, instance, tmp_path):
+def test_janitor_ends_a_run_whose_mlci_run_and_worker_both_died(
+        dagster_home, instance, tmp_path, start_mlci_run):
     registry = slow_registry(tmp_path / "reg")
     mlci = start_mlci_run(registry, tmp_path / "run.log")
     run = lifecycle_in_pipeline_runs(instance)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.janitor import sweep
 from mlci_dagster.paths import mlci_home
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import Registry
@@ -37,6 +38,16 @@ class MlciResource(dg.ConfigurableResource):
             self.registry(), config, engine, context.run.run_id, Path(home),
             run_tags=dict(context.run.tags),
         )
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """The last layer inside the run's own process: reaps its sandboxes still in the ledger.
+
+        The lifecycle tears down in a `finally`, but an interrupt that arrives while Dagster
+        stores a stage's events is raised outside the lifecycle, which is then never resumed.
+        This runs on every launch path, after the run has ended, before its process exits.
+        """
+        if context.run is not None:
+            sweep(self.provider(), run_over=lambda _: True, only_run=context.run.run_id)
 
 
 def trigger_of(tags: dict[str, str]) -> str:
