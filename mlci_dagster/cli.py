@@ -96,10 +96,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mlci_dagster.janitor import sweep
+    from mlci_dagster.janitor import registry_providers, sweep
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.pools import pool_of
-    from mlci_dagster.providers.local import LocalProvider
     from mlci_dagster.runner import PartitionRun, run_partitions
     from mlci_dagster.sensors.cleanup import run_over
 
@@ -121,8 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               flush=True)
 
     def reap(item: PartitionRun) -> None:
-        provider = LocalProvider(home, registry.secret_names)
-        sweep(provider, run_over(instance), only_run=item.run_id)
+        sweep(registry_providers(registry, home), run_over(instance), only_run=item.run_id)
 
     start = time.monotonic()
     pools = {key: pool_of(registry, split_partition_key(key)[0]) for key in keys}
@@ -204,9 +202,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
-    from mlci_dagster.janitor import sweep
+    from mlci_dagster.janitor import registry_providers, sweep
     from mlci_dagster.paths import mlci_home
-    from mlci_dagster.providers.local import LocalProvider
     from mlci_dagster.sensors.cleanup import end_lost_runs, run_over
 
     registry = _registry(args)
@@ -214,7 +211,7 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     if not args.dry_run:
         for run_id in end_lost_runs(instance):
             print(f"run {run_id[:8]}: its worker process is gone; marked failed")
-    verdicts = sweep(LocalProvider(mlci_home(), registry.secret_names), run_over(instance),
+    verdicts = sweep(registry_providers(registry, mlci_home()), run_over(instance),
                      dry_run=args.dry_run)
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
     for v in verdicts:

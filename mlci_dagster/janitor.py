@@ -7,13 +7,15 @@ Dagster-free: whether a run is over is a question it asks a callable.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from mlci_dagster.providers.base import Provider, providers_for
 from mlci_dagster.providers.handle import SandboxHandle
-from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.providers.processes import process_start
+from mlci_dagster.registry import Registry
 
 
 @dataclass
@@ -44,19 +46,29 @@ def why_reap(handle: SandboxHandle, run_over: Callable[[str], bool], now: float)
     return ""
 
 
+def registry_providers(registry: Registry, home: Path) -> list[Provider]:
+    """Every provider (and cluster) the registry's configs use, the local one always: what the
+    janitor sweeps."""
+    return providers_for([c.config.sandbox for c in registry.configs.values()], home,
+                         registry.secret_names, registry.root)
+
+
 def sweep(
-    provider: LocalProvider, run_over: Callable[[str], bool], *, dry_run: bool = False,
-    now: float | None = None, only_run: str | None = None,
+    providers: Provider | Sequence[Provider], run_over: Callable[[str], bool], *,
+    dry_run: bool = False, now: float | None = None, only_run: str | None = None,
 ) -> list[Verdict]:
-    """A verdict for every ledger entry (of `only_run`, if given); reaps unless `dry_run`."""
+    """A verdict for every live sandbox the providers know (of `only_run`, if given); reaps
+    unless `dry_run`."""
     now = time.time() if now is None else now
     verdicts = []
-    for handle in provider.list_live():
-        if only_run and handle.run_id != only_run:
-            continue
-        reason = why_reap(handle, run_over, now) if not only_run else f"run {only_run[:8]} failed"
-        verdict = Verdict(handle.sandbox_id, handle.run_id, reason)
-        if reason and not dry_run:
-            verdict.report = provider.destroy(handle)
-        verdicts.append(verdict)
+    for provider in [providers] if isinstance(providers, Provider) else providers:
+        for handle in provider.list_live():
+            if only_run and handle.run_id != only_run:
+                continue
+            reason = (why_reap(handle, run_over, now) if not only_run
+                      else f"run {only_run[:8]} failed")
+            verdict = Verdict(handle.sandbox_id, handle.run_id, reason)
+            if reason and not dry_run:
+                verdict.report = provider.destroy(handle)
+            verdicts.append(verdict)
     return verdicts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 
 @dataclass
@@ -26,6 +27,8 @@ class SandboxHandle:
     # while the run is not over, the run crashed and the janitor may reap the sandbox.
     owner_pid: int = 0
     owner_start: int = 0
+    # What else the provider needs to reach the sandbox again (a cluster and namespace).
+    state: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,8 +54,9 @@ def render_context(handle: SandboxHandle, environ: dict[str, str], **extra: Any)
         "engine": handle.engine,
         "sandbox": {"id": handle.sandbox_id, "workdir": handle.workdir},
         "services": {
-            name: {"port": port, "host": "127.0.0.1", "url": handle.endpoints[name]}
-            for name, port in handle.ports.items()
+            name: {"port": handle.ports.get(name) or urlsplit(url).port,
+                   "host": urlsplit(url).hostname, "url": url}
+            for name, url in handle.endpoints.items()
         },
         "vars": handle.variables,
         "env": environ,

@@ -38,14 +38,15 @@ class Ledger:
     def remove(self, sandbox_id: str) -> None:
         self._path(sandbox_id).unlink(missing_ok=True)
 
-    def live(self) -> list[SandboxHandle]:
+    def live(self, provider: str | None = None) -> list[SandboxHandle]:
+        """Every handle recorded (by `provider`, if given)."""
         handles = []
         for path in sorted(self.directory.glob("*.json")):
             try:
                 handles.append(SandboxHandle.from_dict(json.loads(path.read_text())))
             except (OSError, ValueError):
                 continue  # removed or being replaced while we read
-        return handles
+        return [h for h in handles if provider in (None, h.provider)]
 
     def reserved_ports(self) -> set[int]:
         return {port for handle in self.live() for port in handle.ports.values()}

@@ -89,52 +89,61 @@ def config_id(config: TestConfig) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
+def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """`pipelines[1].timeout_s`: the location as the YAML writes it, without the union tags
+    pydantic inserts (`command`, `kubernetes`, ...)."""
+    _, tags = _walk(model, loc)
     path = ""
     for i, part in enumerate(loc):
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif i > 0 and isinstance(loc[i - 1], int) and part in ("command", "submit_poll"):
-            continue  # the discriminator tag pydantic inserts into union locations
-        else:
-            path += f".{part}" if path else str(part)
+        if i in tags:
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path or "(top level)"
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The model class that validates the mapping at `loc` (a pydantic error location) inside
-    `model`: fields, list items and dict values are followed, and a discriminated union takes
-    the member its tag (which pydantic puts into the location) chose. None if it is no model."""
+    `model`, or None if it is no model."""
+    kind, _ = _walk(model, loc)
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+
+
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, set[int]]:
+    """Follows `loc` through fields, list items and dict values; a discriminated union takes the
+    member its tag (the next part of the location) chose. Returns the type reached (None if the
+    location leaves the models) and the positions of the tags."""
     kind: Any = model
-    parts = list(loc)
+    tags: set[int] = set()
+    i = 0
     while True:
         origin, args = get_origin(kind), get_args(kind)
         if origin is Annotated:
             kind = args[0]
         elif origin in (Union, types.UnionType):
-            members = [a for a in args if a is not type(None)]
+            members = [get_args(a)[0] if get_origin(a) is Annotated else a
+                       for a in args if a is not type(None)]
             if len(members) == 1:
                 kind = members[0]
                 continue
-            chosen = [m for m in members if parts and _tagged(m, parts[0])]
+            chosen = [m for m in members if i < len(loc) and _tagged(m, loc[i])]
             if len(chosen) != 1:
-                return None
+                return None, tags
             kind = chosen[0]
-            parts.pop(0)
-        elif not parts:
-            return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
-        elif origin is list and isinstance(parts[0], int):
-            kind, _ = args[0], parts.pop(0)
+            tags.add(i)
+            i += 1
+        elif i == len(loc):
+            return kind, tags
+        elif origin is list and isinstance(loc[i], int):
+            kind, i = args[0], i + 1
         elif origin is dict:
-            kind, _ = args[1], parts.pop(0)
+            kind, i = args[1], i + 1
         elif isinstance(kind, type) and issubclass(kind, BaseModel):
-            name = parts.pop(0)
             fields = {f.alias or n: f for n, f in kind.model_fields.items()}
-            if name not in fields:
-                return None
-            kind = fields[name].annotation
+            if loc[i] not in fields:
+                return None, tags
+            kind, i = fields[loc[i]].annotation, i + 1
         else:
-            return None
+            return None, tags
 
 
 def _tagged(member: Any, tag: Any) -> bool:
@@ -164,8 +173,11 @@ def _validation_problems(path: Path, error: ValidationError, model: type[BaseMod
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = _unknown_key(model, err["loc"])
+        if err["type"] == "provider":  # the sandbox union's tag names no provider
+            err["loc"] = (*err["loc"], "provider")
+            message = f"unknown provider {err['input'].get('provider')!r} ({err['msg']})"
         if err["loc"]:
-            problems.append(f"{path}: {_field_path(err['loc'])}: {message}")
+            problems.append(f"{path}: {_field_path(model, err['loc'])}: {message}")
         else:  # a whole-config rule, whose message starts with the field path it is about
             problems.append(f"{path}: {message}")
     return problems
@@ -229,6 +241,16 @@ def _reference_problems(path: Path, config: TestConfig, settings: Settings) -> l
                 problems.append(f"{path}: {section}: ${{{ref}}}: expected "
                                 "outputs.<pipeline>.<declared output>")
     return problems
+
+
+def _missing_files(path: Path, config: TestConfig, root: Path) -> list[str]:
+    """Manifests the config names that are not files under the registry root."""
+    named = [(f"sandbox.manifests[{i}]", m)
+             for i, m in enumerate(getattr(config.sandbox, "manifests", []))]
+    named += [(f"pipelines[{i}].manifest", p.manifest) for i, p in enumerate(config.pipelines)
+              if hasattr(p, "manifest")]
+    return [f"{path}: {field}: file '{name}' not found under the registry root {root}"
+            for field, name in named if not (root / name).is_file()]
 
 
 def _signature(root: Path) -> tuple[tuple[str, int, int], ...]:
@@ -304,6 +326,7 @@ def load_registry(root: str | Path) -> Registry:
             if pool is not None and pool not in settings.pools:
                 problems.append(f"{path}: sandbox.pool: unknown pool '{pool}' (expected one of: "
                                 f"{', '.join(settings.pools) or 'none declared in mlci.yaml'})")
+        problems.extend(_missing_files(path, config, root))
         configs[config.name] = LoadedConfig(config, path, config_id(config))
     if problems or settings is None:
         raise RegistryError(problems)

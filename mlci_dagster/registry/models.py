@@ -2,47 +2,32 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
-    WithJsonSchema,
+    Tag,
     create_model,
     model_validator,
 )
 
 from mlci_dagster.redact import looks_like_credential
+from mlci_dagster.registry.base import (
+    Argv,
+    EnvName,
+    Name,
+    Seconds,
+    StrictModel,
+)
+from mlci_dagster.registry.kubernetes import (
+    K8sJobPipeline,
+    K8sResourcePipeline,
+    KubernetesSandbox,
+    ManifestPath,
+)
 from mlci_dagster.vocabulary import STAGES, Stage
-
-# A config name is a Dagster partition key: Dagster does not check dynamic keys, so we do.
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-NAME_RULE = ("at most 63 characters: lowercase letters, digits and '-', starting and ending "
-             "with a letter or digit")
-
-
-def _valid_name(value: str) -> str:
-    if not re.fullmatch(NAME_PATTERN, value):
-        shown = f"{len(value)} characters" if len(value) > 63 else repr(value)
-        raise ValueError(f"expected a name of {NAME_RULE} (got {shown})")
-    return value
-
-
-# Every name says what a name is, rather than pydantic's bare regex; editors still get it.
-Name = Annotated[str, AfterValidator(_valid_name),
-                 WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "maxLength": 63})]
-EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-Seconds = Annotated[float, Field(gt=0, le=86_400)]
-Argv = Annotated[list[str], Field(min_length=1)]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 # --- image ---------------------------------------------------------------------------------
 
@@ -97,13 +82,28 @@ class ServiceSpec(StrictModel):
     ready: ProbeSpec
 
 
-class SandboxSpec(StrictModel):
+class LocalSandbox(StrictModel):
+    """Services as local processes, each in its own process group (the embedded default)."""
+
     provider: Literal["local"] = "local"
     pool: Name | None = Field(
         default=None, description="The pool (a provider or a hardware reservation) whose limit "
         "this sandbox counts against; default: the provider's name.")
     ttl_s: Seconds = 3600
     services: list[ServiceSpec] = []
+
+
+def _provider_of(value: Any) -> str:
+    provider = value.get("provider", "local") if isinstance(value, dict) else value.provider
+    return provider if isinstance(provider, str) else repr(provider)
+
+
+# `sandbox.provider` picks the member; each provider's fields are validated strictly.
+SandboxSpec = Annotated[
+    Annotated[LocalSandbox, Tag("local")] | Annotated[KubernetesSandbox, Tag("kubernetes")],
+    Discriminator(_provider_of, custom_error_type="provider", custom_error_message=(
+        "expected one of: local, kubernetes")),
+]
 
 
 # --- root settings -------------------------------------------------------------------------
@@ -115,8 +115,11 @@ class EngineSpec(StrictModel):
     description: str = ""
     variables: dict[EnvName, str] = {}
     services: list[ServiceSpec] = Field(
-        default=[], description="Started in every sandbox on this engine (e.g. its database)."
-    )
+        default=[], description="Started in every local sandbox on this engine (e.g. its "
+        "database).")
+    manifests: list[ManifestPath] = Field(
+        default=[], description="Applied first in every kubernetes sandbox on this engine "
+        "(e.g. its database), files under the registry root.")
 
 
 class HistorySettings(StrictModel):
@@ -281,7 +284,12 @@ class SubmitPollPipeline(StrictModel):
     )
 
 
-Pipeline = Annotated[CommandPipeline | SubmitPollPipeline, Field(discriminator="kind")]
+Pipeline = Annotated[
+    CommandPipeline | SubmitPollPipeline | K8sJobPipeline | K8sResourcePipeline,
+    Field(discriminator="kind"),
+]
+# Pipeline kinds that only a provider can run, and which one.
+PROVIDER_PIPELINE_KINDS = {"k8s_job": "kubernetes", "k8s_resource": "kubernetes"}
 
 
 # --- UI smoke ------------------------------------------------------------------------------
@@ -360,7 +368,7 @@ class TestConfig(StrictModel):
     )
     tiers: list[Name] = ["nightly"]
     image: ImageSpec
-    sandbox: SandboxSpec = SandboxSpec()
+    sandbox: SandboxSpec = LocalSandbox()
     pipelines: Annotated[list[Pipeline], Field(min_length=1)]
     ui_smoke: UiSmokeSpec = UiSmokeSpec()
     timeouts: Timeouts = Timeouts()
@@ -373,15 +381,22 @@ class TestConfig(StrictModel):
         _unique("sandbox.services", [s.name for s in self.sandbox.services])
         _unique("pipelines", [p.name for p in self.pipelines])
         for i, pipeline in enumerate(self.pipelines):
+            needs = PROVIDER_PIPELINE_KINDS.get(pipeline.kind, self.sandbox.provider)
+            if needs != self.sandbox.provider:
+                raise ValueError(f"pipelines[{i}].kind: '{pipeline.kind}' runs only in a "
+                                 f"'{needs}' sandbox (sandbox.provider is "
+                                 f"'{self.sandbox.provider}')")
+        for i, pipeline in enumerate(self.pipelines):
             if pipeline.timeout_s and pipeline.timeout_s > self.timeouts.pipeline_runs_s:
                 raise ValueError(
                     f"pipelines[{i}].timeout_s: {pipeline.timeout_s:g} exceeds "
                     f"timeouts.pipeline_runs_s ({self.timeouts.pipeline_runs_s:g})"
                 )
         for i, service in enumerate(self.sandbox.services):
-            if service.ready.timeout_s and service.ready.timeout_s > self.timeouts.sandbox_s:
+            ready = getattr(service, "ready", None)  # a local service's probe
+            if ready and ready.timeout_s and ready.timeout_s > self.timeouts.sandbox_s:
                 raise ValueError(
-                    f"sandbox.services[{i}].ready.timeout_s: {service.ready.timeout_s:g} exceeds "
+                    f"sandbox.services[{i}].ready.timeout_s: {ready.timeout_s:g} exceeds "
                     f"timeouts.sandbox_s ({self.timeouts.sandbox_s:g})"
                 )
         return self

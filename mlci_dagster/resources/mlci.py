@@ -6,9 +6,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlci_dagster.janitor import sweep
+from mlci_dagster.janitor import registry_providers, sweep
 from mlci_dagster.paths import mlci_home
-from mlci_dagster.providers.local import LocalProvider
+from mlci_dagster.providers.base import Provider
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.stages.context import LifecycleContext
@@ -26,10 +26,9 @@ class MlciResource(dg.ConfigurableResource):
     def registry(self) -> Registry:
         return load_registry_cached(self.registry_path)
 
-    def provider(self) -> LocalProvider:
-        """The provider the janitor and the cleanup sensors sweep with."""
-        home = Path(self.home) if self.home else mlci_home()
-        return LocalProvider(home, self.registry().secret_names)
+    def providers(self) -> list[Provider]:
+        """The providers the janitor and the cleanup sensors sweep."""
+        return registry_providers(self.registry(), Path(self.home) if self.home else mlci_home())
 
     def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
         config, engine = split_partition_key(context.partition_key)
@@ -47,7 +46,7 @@ class MlciResource(dg.ConfigurableResource):
         This runs on every launch path, after the run has ended, before its process exits.
         """
         if context.run is not None:
-            sweep(self.provider(), run_over=lambda _: True, only_run=context.run.run_id)
+            sweep(self.providers(), run_over=lambda _: True, only_run=context.run.run_id)
 
 
 def trigger_of(tags: dict[str, str]) -> str:

@@ -53,7 +53,7 @@ def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
 def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
     for run_id in end_lost_runs(context.instance):
         context.log.warning(f"run {run_id} lost its worker process: marked failed")
-    verdicts = sweep(mlci.provider(), run_over(context.instance))
+    verdicts = sweep(mlci.providers(), run_over(context.instance))
     reaped = [v for v in verdicts if v.reason]
     if not reaped:
         return dg.SkipReason(f"{len(verdicts)} live sandbox(es), none to reap")
@@ -63,7 +63,7 @@ def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
 
 
 def _tear_down_after(context: dg.RunStatusSensorContext, mlci: MlciResource) -> None:
-    verdicts = sweep(mlci.provider(), run_over(context.instance),
+    verdicts = sweep(mlci.providers(), run_over(context.instance),
                      only_run=context.dagster_run.run_id)
     if verdicts:
         context.log.info(f"tore down {[v.sandbox_id for v in verdicts]} left by "

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from mlci_dagster import __version__
+from mlci_dagster.providers.base import Provider, build_provider, provider_class
 from mlci_dagster.providers.handle import SandboxHandle, render_context
-from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.redact import Redactor
 from mlci_dagster.registry import LoadedConfig, Registry
 from mlci_dagster.registry.models import SandboxSpec, TestConfig
@@ -24,7 +24,7 @@ class LifecycleContext:
     engine: str
     run_id: str
     home: Path
-    provider: LocalProvider
+    provider: Provider
     redactor: Redactor
     run_tags: dict[str, str] = field(default_factory=dict)
 
@@ -34,10 +34,13 @@ class LifecycleContext:
         if config not in registry.configs:
             raise KeyError(f"config '{config}' is not in the registry at {registry.root}")
         secrets = registry.secret_names
+        loaded = registry.configs[config]
+        spec = loaded.config.sandbox
+        provider = build_provider(spec.provider, home, secrets, registry.root,
+                                  provider_class(spec.provider).settings_of(spec))
         return cls(
-            registry=registry, loaded=registry.configs[config], engine=engine, run_id=run_id,
-            home=home, provider=LocalProvider(home, secrets), redactor=Redactor.from_env(secrets),
-            run_tags=dict(run_tags or {}),
+            registry=registry, loaded=loaded, engine=engine, run_id=run_id, home=home,
+            provider=provider, redactor=Redactor.from_env(secrets), run_tags=dict(run_tags or {}),
         )
 
     @property
@@ -46,11 +49,13 @@ class LifecycleContext:
 
     @property
     def sandbox_spec(self) -> SandboxSpec:
-        """The config's sandbox with its engine's services (a database, say) started first."""
+        """The config's sandbox with its engine's part (a database, say) started first."""
         engine = self.registry.settings.engines[self.engine]
-        return self.config.sandbox.model_copy(
-            update={"services": [*engine.services, *self.config.sandbox.services]}
-        )
+        sandbox = self.config.sandbox
+        if sandbox.provider == "kubernetes":
+            return sandbox.model_copy(update={"manifests": [*engine.manifests,
+                                                            *sandbox.manifests]})
+        return sandbox.model_copy(update={"services": [*engine.services, *sandbox.services]})
 
     def render_context(self, handle: SandboxHandle, image: dict[str, Any], **extra: Any
                        ) -> dict[str, Any]:

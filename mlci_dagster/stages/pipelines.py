@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
@@ -21,24 +21,6 @@ from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 SUMMARY_CHARS = 2000  # a result's summary: its first line and the output's tail
-
-
-@dataclass
-class PipelineResult:
-    name: str
-    kind: str
-    passed: bool
-    duration_s: float
-    failure_kind: FailureKind | None = None
-    summary: str = ""
-    log_ref: str = ""
-    outputs: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["failure_kind"] = str(self.failure_kind) if self.failure_kind else None
-        return data
 
 
 def run_pipelines(
@@ -59,8 +41,10 @@ def run_pipelines(
         try:
             if isinstance(pipeline, CommandPipeline):
                 result = run_command_pipeline(ctx, handle, pipeline, context, timeout_s)
-            else:
+            elif isinstance(pipeline, SubmitPollPipeline):
                 result = run_submit_poll_pipeline(ctx, handle, pipeline, context, timeout_s)
+            else:  # a kind only the sandbox's provider runs
+                result = ctx.provider.run_pipeline(handle, pipeline, context, timeout_s)
         except TemplateError as exc:
             result = PipelineResult(pipeline.name, pipeline.kind, False,
                                     time.monotonic() - started, FailureKind.INFRA, str(exc))
@@ -130,8 +114,9 @@ def run_submit_poll_pipeline(
                               kind, summarize(summary, SUMMARY_CHARS), str(log_path), **extra)
 
     submit = render(pipeline.submit.model_dump(by_alias=True), context)
+    http = ctx.provider.http(handle)
     try:
-        response = requests.request(submit["method"], submit["url"], json=submit["json"],
+        response = http.request(submit["method"], submit["url"], json=submit["json"],
                                     headers=submit["headers"], timeout=30)
         transcript.append(f"{submit['method']} {submit['url']} -> {response.status_code} "
                           f"{response.text[:2000]}")
@@ -143,7 +128,7 @@ def run_submit_poll_pipeline(
     status, body = None, {}
     while time.monotonic() < deadline:
         try:
-            response = requests.get(poll_url, timeout=min(30, max(1, deadline - time.monotonic())))
+            response = http.get(poll_url, timeout=min(30, max(1, deadline - time.monotonic())))
             response.raise_for_status()
             body = response.json()
             status = str(dig(body, pipeline.status_field))
@@ -155,7 +140,7 @@ def run_submit_poll_pipeline(
         if status in pipeline.success_states:
             break
         if status in pipeline.failure_states:
-            logs = _fetch_logs(pipeline, context, job_id)
+            logs = _fetch_logs(http, pipeline, context, job_id)
             transcript.append(f"logs:\n{logs}")
             return finish(False, FailureKind.PRODUCT,
                           f"job {job_id} ended {status}; logs tail:\n{logs}",
@@ -172,12 +157,13 @@ def run_submit_poll_pipeline(
     return finish(True, outputs=outputs, details={"job_id": job_id, "status": status})
 
 
-def _fetch_logs(pipeline: SubmitPollPipeline, context: dict[str, Any], job_id: str) -> str:
+def _fetch_logs(http: requests.Session, pipeline: SubmitPollPipeline, context: dict[str, Any],
+                job_id: str) -> str:
     if not pipeline.logs_url:
         return ""
     url = render(pipeline.logs_url, {**context, "id": job_id})
     try:
-        response = requests.get(url, timeout=10)
+        response = http.get(url, timeout=10)
         if pipeline.logs_field:
             return str(dig(response.json(), pipeline.logs_field, ""))
         return response.text if response.ok else json.dumps({"status": response.status_code})

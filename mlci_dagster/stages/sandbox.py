@@ -31,7 +31,7 @@ def start_sandbox(ctx: LifecycleContext, image: StageOutcome) -> StageOutcome:
             handle=handle.to_dict() if handle else None,
         )
     return clock.passed(
-        log_ref=handle.log_dir, handle=handle.to_dict(), probes=[p.to_dict() for p in probes]
+        log_ref=handle.log_dir, handle=handle.to_dict(), probes=probes
     )
 
 

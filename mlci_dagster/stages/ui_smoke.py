@@ -17,13 +17,14 @@ from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 
-def check_route(route: RouteCheck, base_url: str, context: dict[str, Any]) -> dict[str, Any]:
+def check_route(route: RouteCheck, base_url: str, context: dict[str, Any],
+                http: requests.Session) -> dict[str, Any]:
     """One route: what was asked, what came back, and every expectation it missed."""
     url = base_url + render(route.path, context)
     problems: list[str] = []
     start = time.monotonic()
     try:
-        response = requests.get(url, timeout=route.timeout_s)
+        response = http.get(url, timeout=route.timeout_s)
     except requests.RequestException as exc:
         return {"url": url, "status": None, "latency_ms": None,
                 "problems": [f"GET {url}: {type(exc).__name__}: {exc}"]}
@@ -59,13 +60,14 @@ def smoke_test_ui(
     context = ctx.render_context(handle, image.details, outputs=pipelines.details["outputs"])
     deadline = time.monotonic() + ctx.config.timeouts.ui_smoke_s
     checks, failures = [], []
+    http = ctx.provider.http(handle)
     for i, route in enumerate(ctx.config.ui_smoke.routes):
         if time.monotonic() > deadline:
             return clock.failed(FailureKind.TIMEOUT,
                                 f"ui_smoke exceeded {ctx.config.timeouts.ui_smoke_s:g}s "
                                 f"before routes[{i}]", routes=checks)
         try:
-            check = check_route(route, handle.endpoints[route.service], context)
+            check = check_route(route, handle.endpoints[route.service], context, http)
         except TemplateError as exc:
             return clock.failed(FailureKind.INFRA, f"routes[{i}]: {exc}", routes=checks)
         checks.append(check)

@@ -14,11 +14,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import requests
+
+from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, OutputWatcher
 from mlci_dagster.providers.ports import allocate_free_port, port_is_free
-from mlci_dagster.providers.probes import ProbeResult, wait_until_ready
+from mlci_dagster.providers.probes import wait_until_ready
 from mlci_dagster.providers.processes import (
     GroupResult,
     group_members,
@@ -29,8 +32,9 @@ from mlci_dagster.providers.processes import (
     start_group,
 )
 from mlci_dagster.redact import Redactor
-from mlci_dagster.registry.models import SandboxSpec, ServiceSpec
+from mlci_dagster.registry.models import LocalSandbox, ServiceSpec
 from mlci_dagster.templating import TemplateError, render
+from mlci_dagster.vocabulary import FailureKind
 
 LOG_TAIL_CHARS = 2000
 SANDBOX_ID_ENV = "MLCI_SANDBOX_ID"
@@ -55,11 +59,21 @@ class LocalProvider:
         self.secret_names = list(secret_names)
         self.redactor = Redactor.from_env(self.secret_names)
 
+    @classmethod
+    def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
+                      settings: Any = None) -> LocalProvider:
+        return cls(home, secret_names)
+
+    @staticmethod
+    def settings_of(spec: LocalSandbox) -> None:
+        """One local provider serves every local sandbox."""
+        return None
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     def create(
         self,
-        spec: SandboxSpec,
+        spec: LocalSandbox,
         *,
         config: str,
         engine: str,
@@ -122,9 +136,9 @@ class LocalProvider:
         return env
 
     def wait_until_ready(
-        self, handle: SandboxHandle, spec: SandboxSpec, timeout_s: float,
+        self, handle: SandboxHandle, spec: LocalSandbox, timeout_s: float,
         image: dict[str, Any] | None = None,
-    ) -> list[ProbeResult]:
+    ) -> list[dict[str, Any]]:
         """Probes every service in turn; raises SandboxError (with the log tail) if one fails."""
         deadline = time.monotonic() + timeout_s
         results = []
@@ -149,7 +163,7 @@ class LocalProvider:
                 env=self.process_env(handle, {}), cwd=handle.workdir, deadline=deadline,
                 exited=exited,
             )
-            results.append(result)
+            results.append(result.to_dict())
             if not result.ready:
                 why = "not ready in time" if result.timed_out else "failed"
                 raise SandboxError(
@@ -160,6 +174,9 @@ class LocalProvider:
                     log_ref=str(log_path),
                 )
         return results
+
+    def http(self, handle: SandboxHandle) -> requests.Session:
+        return requests.Session()  # the services listen on loopback, open to this process
 
     def run_command(
         self, handle: SandboxHandle, name: str, argv: list[str], env: dict[str, str],
@@ -182,6 +199,15 @@ class LocalProvider:
         finally:
             if handle.process_groups.pop(key, None) is not None:
                 self.ledger.record(handle)
+
+    def run_pipeline(self, handle: SandboxHandle, pipeline: Any, context: dict[str, Any],
+                     timeout_s: float) -> PipelineResult:
+        # The registry only admits kinds a local sandbox runs; this is the harness's safety net.
+        return PipelineResult(pipeline.name, pipeline.kind, False, 0.0, FailureKind.INFRA,
+                              f"a local sandbox cannot run '{pipeline.kind}' pipelines")
+
+    def hourly_cost(self, handle: SandboxHandle) -> float:
+        return 0.0  # this machine's own processes
 
     def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
         return sorted(str(p) for p in Path(handle.log_dir).glob("*.log"))
@@ -222,4 +248,4 @@ class LocalProvider:
         }
 
     def list_live(self) -> list[SandboxHandle]:
-        return self.ledger.live()
+        return self.ledger.live(self.name)

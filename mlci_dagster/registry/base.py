@@ -1,0 +1,32 @@
+"""The registry's building blocks: names, durations and the strict model every part uses."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+
+# A config name is a Dagster partition key: Dagster does not check dynamic keys, so we do.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+NAME_RULE = ("at most 63 characters: lowercase letters, digits and '-', starting and ending "
+             "with a letter or digit")
+
+
+def _valid_name(value: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, value):
+        shown = f"{len(value)} characters" if len(value) > 63 else repr(value)
+        raise ValueError(f"expected a name of {NAME_RULE} (got {shown})")
+    return value
+
+
+# Every name says what a name is, rather than pydantic's bare regex; editors still get it.
+Name = Annotated[str, AfterValidator(_valid_name),
+                 WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "maxLength": 63})]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Seconds = Annotated[float, Field(gt=0, le=86_400)]
+Argv = Annotated[list[str], Field(min_length=1)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
