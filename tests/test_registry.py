@@ -246,3 +246,77 @@ def test_unknown_key_in_settings_suggests_the_nearest_known_one(tmp_path):
         "history.stale_after: unknown key 'stale_after' (did you mean 'stale_after_h'?)",
         "secret: unknown key 'secret' (did you mean 'secrets'?)",
     ]
+
+
+def kubernetes_sandbox(**fields):
+    return {"provider": "kubernetes", "manifests": ["k8s/app.yaml"]} | fields
+
+
+K8S_JOB = {"kind": "k8s_job", "name": "train", "manifest": "k8s/job.yaml"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        ({"sandbox": {"provider": "nomad"}}, "sandbox.provider",
+         "unknown provider 'nomad' (expected one of: local, kubernetes)"),
+        ({"sandbox": kubernetes_sandbox(manifest=["k8s/app.yaml"])}, "sandbox.manifest",
+         "unknown key 'manifest' (did you mean 'manifests'?)"),
+        # A local sandbox's field on a Kubernetes sandbox is unknown there.
+        ({"sandbox": kubernetes_sandbox(services=[{"name": "web", "command": ["x"],
+                                                   "ready": {"tcp": True}}])},
+         "sandbox.services[0].command", "unknown key 'command'"),
+        ({"sandbox": {"services": [], "manifests": ["k8s/app.yaml"]}}, "sandbox.manifests",
+         "unknown key 'manifests'"),
+        ({"sandbox": kubernetes_sandbox(ready=[{"kind": "RayCluster", "name": "rc"}])},
+         "sandbox.ready[0]", "apiVersion: required for kind 'RayCluster'"),
+        ({"sandbox": kubernetes_sandbox(ready=[{"kind": "Deployment", "selector": "app=x"}])},
+         "sandbox.ready[0]", "selector: only for kind Pod"),
+        ({"sandbox": kubernetes_sandbox(cluster={"create": "k3d"})}, "sandbox.cluster",
+         "name: required when 'create' is set"),
+        ({"sandbox": kubernetes_sandbox(manifests=["k8s/missing.yaml"])},
+         "sandbox.manifests[0]", "file 'k8s/missing.yaml' not found under the registry root"),
+        ({"sandbox": kubernetes_sandbox(), "pipelines": [K8S_JOB | {"manifest": "k8s/no.yaml"}]},
+         "pipelines[0].manifest", "file 'k8s/no.yaml' not found"),
+        ({"pipelines": [K8S_JOB]}, "pipelines[0].kind",
+         "'k8s_job' runs only in a 'kubernetes' sandbox (sandbox.provider is 'local')"),
+        ({"sandbox": kubernetes_sandbox(), "pipelines": [
+            {"kind": "k8s_resource", "name": "ray", "manifest": "k8s/job.yaml",
+             "status_field": "status.jobStatus", "success_states": []}]},
+         "pipelines[0].success_states", "at least 1 item"),
+    ],
+)
+def test_kubernetes_fields_are_validated_with_file_and_field(tmp_path, overrides, field,
+                                                             expected):
+    root = write_registry(tmp_path, [config("bad") | overrides])
+    (root / "k8s").mkdir()
+    (root / "k8s" / "app.yaml").write_text("kind: ConfigMap\n")
+    (root / "k8s" / "job.yaml").write_text("kind: Job\n")
+
+    problems = problems_of(root)
+
+    assert any(p.startswith(f"{root / 'configs' / 'bad.yaml'}: {field}: ") and expected in p
+               for p in problems), problems
+
+
+def test_a_cluster_cli_missing_on_this_machine_is_a_validation_error(tmp_path, monkeypatch):
+    root = write_registry(tmp_path, [config("k", ui_smoke={}, sandbox=kubernetes_sandbox(
+        cluster={"create": "kind", "name": "mlci"}))])
+    (root / "k8s").mkdir()
+    (root / "k8s" / "app.yaml").write_text("kind: ConfigMap\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+
+    assert problems_of(root) == [
+        f"{root / 'configs' / 'k.yaml'}: sandbox.cluster.create: 'kind' is not installed on "
+        "this machine (expected on PATH, to create the cluster for each run)"]
+
+    (tmp_path / "empty-bin").mkdir()
+    (tmp_path / "empty-bin" / "kind").write_text("#!/bin/sh\n")
+    (tmp_path / "empty-bin" / "kind").chmod(0o755)
+    assert load_registry(root).configs["k"].config.sandbox.cluster.create == "kind"
+
+
+def test_a_config_without_sandbox_gets_the_local_provider(tmp_path):
+    root = write_registry(tmp_path, [config("plain")])
+
+    assert load_registry(root).configs["plain"].config.sandbox.provider == "local"
