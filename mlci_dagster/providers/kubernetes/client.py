@@ -1,0 +1,348 @@
+"""One small client over the Kubernetes API: which cluster (kubeconfig, context, in-cluster), the
+calls the provider makes, and errors that say what was asked and why it failed.
+
+Objects go in and come out as plain camelCase dicts, as on the wire, so `diagnose` reads them
+the same whichever API returned them. Any kind is applied through the dynamic client (found by
+apiVersion and kind through discovery); namespaces, secrets, pods, events and logs go through the
+core API.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+REQUEST_TIMEOUT_S = 30.0
+LOG_LIMIT_BYTES = 8 * 1024 * 1024  # a pod's log read at most this far: memory stays bounded
+IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
+
+
+class KubeError(Exception):
+    """A Kubernetes API call failed: names the call, the HTTP status (if any) and the reason."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ClusterAccess:
+    """How to reach one cluster, stored in a handle so any process can reach it again."""
+
+    kubeconfig: str | None = None  # a path (or KUBECONFIG-style list of paths)
+    context: str | None = None
+    in_cluster: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterAccess:
+        return cls(data.get("kubeconfig"), data.get("context"), bool(data.get("in_cluster")))
+
+    def describe(self) -> str:
+        if self.in_cluster:
+            return "the in-cluster service account"
+        return f"kubeconfig {self.kubeconfig}" + (f" context {self.context}"
+                                                   if self.context else "")
+
+
+def resolve_access(kubeconfig: str | None, context: str | None, root: Path | None = None,
+                   environ: dict[str, str] | None = None) -> ClusterAccess:
+    """The cluster a spec means: its kubeconfig (relative to the registry root), else
+    $KUBECONFIG, else ~/.kube/config, else the pod's own service account. The context is pinned
+    to the one current now, so a later switch of context never redirects a teardown."""
+    env = os.environ if environ is None else environ
+    if kubeconfig:
+        path = Path(kubeconfig).expanduser()
+        if not path.is_absolute() and root is not None:
+            path = root / path
+        if not path.is_file():
+            raise KubeError(f"kubeconfig {path} does not exist (sandbox.cluster.kubeconfig)")
+        chosen = str(path)
+    elif env.get("KUBECONFIG"):
+        chosen = env["KUBECONFIG"]
+    elif (home_config := Path("~/.kube/config").expanduser()).is_file():
+        chosen = str(home_config)
+    elif env.get(IN_CLUSTER_ENV):
+        return ClusterAccess(in_cluster=True)
+    else:
+        raise KubeError("no cluster configured: set sandbox.cluster.kubeconfig, $KUBECONFIG or "
+                        "~/.kube/config, or run in a pod with a service account")
+    if context is None:
+        try:
+            _, active = k8s_config.list_kube_config_contexts(chosen)
+        except (ConfigException, OSError, ValueError) as exc:
+            raise KubeError(f"kubeconfig {chosen}: {exc}") from exc
+        context = (active or {}).get("name")
+    return ClusterAccess(chosen, context)
+
+
+def load_configuration(access: ClusterAccess) -> k8s.Configuration:
+    configuration = k8s.Configuration()
+    try:
+        if access.in_cluster:
+            k8s_config.load_incluster_config(client_configuration=configuration)
+        else:
+            k8s_config.load_kube_config(config_file=access.kubeconfig, context=access.context,
+                                        client_configuration=configuration,
+                                        persist_config=False)
+    except (ConfigException, OSError, ValueError) as exc:
+        raise KubeError(f"cannot load {access.describe()}: {exc}") from exc
+    return configuration
+
+
+def api_error_text(exc: k8s.ApiException) -> str:
+    """`<status> <reason>: <the Status object's message>`, without the response headers."""
+    message = ""
+    try:
+        message = json.loads(exc.body or "{}").get("message", "")
+    except (ValueError, AttributeError):
+        message = str(exc.body or "")[:500]
+    return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+
+
+class _KubeAuth(requests.auth.AuthBase):
+    """The client's bearer token on every request, fetched anew each time (exec plugins and
+    service-account tokens refresh)."""
+
+    def __init__(self, configuration: k8s.Configuration) -> None:
+        self.configuration = configuration
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        token = self.configuration.get_api_key_with_prefix("authorization")
+        if token:
+            request.headers["Authorization"] = token
+        elif self.configuration.username or self.configuration.password:
+            request.headers["Authorization"] = self.configuration.get_basic_auth_token()
+        return request
+
+
+class KubeClient:
+    """The calls the provider makes against one cluster, each wrapped so a failure is a
+    KubeError that names the call."""
+
+    def __init__(self, access: ClusterAccess, cache_dir: Path | None = None,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+        self.access = access
+        self.configuration = load_configuration(access)
+        self.api = k8s.ApiClient(self.configuration)
+        self.core = k8s.CoreV1Api(self.api)
+        self.timeout = request_timeout_s
+        self._cache_dir = cache_dir
+        self._dynamic: DynamicClient | None = None
+
+    @property
+    def server(self) -> str:
+        """The API server's base URL, without a trailing slash."""
+        return self.configuration.host.rstrip("/")
+
+    def close(self) -> None:
+        self.api.close()
+
+    # --- calls ---------------------------------------------------------------------------
+
+    def _call(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except k8s.ApiException as exc:
+            raise KubeError(f"{what}: {api_error_text(exc)}", exc.status) from exc
+        except ResourceNotFoundError as exc:
+            raise KubeError(f"{what}: the cluster does not serve this kind ({exc}); is its "
+                            "CustomResourceDefinition installed?") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeError(f"{what}: cannot reach the API server {self.server}: {exc}") from exc
+
+    def _json(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A core API call whose response is read as the JSON the server sent."""
+        response = self._call(what, lambda: call(*args, _preload_content=False,
+                                                 _request_timeout=self.timeout, **kwargs))
+        try:
+            return json.loads(response.data or b"null")
+        except ValueError as exc:
+            raise KubeError(f"{what}: the API server answered with no JSON: {exc}") from exc
+
+    @property
+    def dynamic(self) -> DynamicClient:
+        if self._dynamic is None:
+            cache_file = None
+            if self._cache_dir is not None:
+                self._cache_dir.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256(self.server.encode()).hexdigest()[:16]
+                cache_file = str(self._cache_dir / f"discovery-{digest}.json")
+            self._dynamic = self._call("discover the API server's kinds",
+                                       lambda: DynamicClient(self.api, cache_file=cache_file))
+        return self._dynamic
+
+    def resource(self, api_version: str, kind: str) -> Any:
+        what = f"find kind {kind} in {api_version}"
+        return self._call(what, lambda: self.dynamic.resources.get(api_version=api_version,
+                                                                   kind=kind))
+
+    # --- any kind ------------------------------------------------------------------------
+
+    def create(self, obj: dict[str, Any], namespace: str) -> tuple[dict[str, Any], bool]:
+        """Creates `obj` (in `namespace` if its kind is namespaced, whatever it says); returns
+        the created object and whether it is namespaced."""
+        api_version, kind = obj.get("apiVersion"), obj.get("kind")
+        if not api_version or not kind:
+            raise KubeError("a manifest document lacks apiVersion or kind")
+        resource = self.resource(api_version, kind)
+        body = copy.deepcopy(obj)
+        metadata = body.setdefault("metadata", {})
+        if resource.namespaced:
+            metadata["namespace"] = namespace
+        else:
+            metadata.pop("namespace", None)
+        name = metadata.get("name") or f"{metadata.get('generateName', '')}*"
+        created = self._call(
+            f"create {kind} {name}" + (f" in namespace {namespace}" if resource.namespaced
+                                       else " (cluster-scoped)"),
+            lambda: self.dynamic.create(resource, body=body,
+                                        namespace=namespace if resource.namespaced else None,
+                                        _request_timeout=self.timeout))
+        return created.to_dict(), bool(resource.namespaced)
+
+    def get(self, api_version: str, kind: str, name: str, namespace: str | None
+            ) -> dict[str, Any] | None:
+        """The object, or None if it does not exist."""
+        resource = self.resource(api_version, kind)
+        where = namespace if resource.namespaced else None
+        try:
+            found = self._call(f"read {kind} {name}",
+                               lambda: self.dynamic.get(resource, name=name, namespace=where,
+                                                        _request_timeout=self.timeout))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found.to_dict()
+
+    def list(self, api_version: str, kind: str, namespace: str | None,
+             label_selector: str | None = None) -> list[dict[str, Any]]:
+        resource = self.resource(api_version, kind)
+        where = namespace if resource.namespaced else None
+        found = self._call(f"list {kind} in namespace {namespace}",
+                           lambda: self.dynamic.get(resource, namespace=where,
+                                                    label_selector=label_selector,
+                                                    _request_timeout=self.timeout))
+        return [item for item in (found.to_dict().get("items") or [])]
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None,
+               propagation: str = "Background") -> bool:
+        """Deletes the object and, by `propagation`, what it owns; False if it was gone."""
+        resource = self.resource(api_version, kind)
+        where = namespace if resource.namespaced else None
+        try:
+            self._call(f"delete {kind} {name}",
+                       lambda: self.dynamic.delete(resource, name=name, namespace=where,
+                                                   propagation_policy=propagation,
+                                                   _request_timeout=self.timeout))
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # --- namespaces ----------------------------------------------------------------------
+
+    def create_namespace(self, name: str, labels: dict[str, str],
+                         annotations: dict[str, str]) -> dict[str, Any]:
+        body = {"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "labels": labels, "annotations": annotations}}
+        return self._json(f"create namespace {name}", self.core.create_namespace, body)
+
+    def annotate_namespace(self, name: str, annotations: dict[str, str]) -> None:
+        self._json(f"annotate namespace {name}", self.core.patch_namespace, name,
+                   {"metadata": {"annotations": annotations}})
+
+    def read_namespace(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self._json(f"read namespace {name}", self.core.read_namespace, name)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete_namespace(self, name: str) -> bool:
+        """Deletes the namespace, its content before it (Foreground); False if it was gone."""
+        try:
+            self._json(f"delete namespace {name}", self.core.delete_namespace, name,
+                       body={"propagationPolicy": "Foreground"})
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def list_namespaces(self, label_selector: str) -> list[dict[str, Any]]:
+        found = self._json(f"list namespaces labelled {label_selector}",
+                           self.core.list_namespace, label_selector=label_selector)
+        return list(found.get("items") or [])
+
+    # --- secrets, pods, events, logs -----------------------------------------------------
+
+    def create_secret(self, namespace: str, name: str, string_data: dict[str, str],
+                      labels: dict[str, str]) -> None:
+        """The response (which holds the values) is dropped unread."""
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": name, "labels": labels}, "stringData": string_data}
+        self._call(f"create secret {name} in namespace {namespace}",
+                   lambda: self.core.create_namespaced_secret(
+                       namespace, body, _preload_content=False, _request_timeout=self.timeout))
+
+    def pods(self, namespace: str, label_selector: str | None = None,
+             name: str | None = None) -> list[dict[str, Any]]:
+        field_selector = f"metadata.name={name}" if name else None
+        found = self._json(
+            f"list pods in namespace {namespace}" + (f" ({label_selector})"
+                                                     if label_selector else ""),
+            self.core.list_namespaced_pod, namespace, label_selector=label_selector,
+            field_selector=field_selector)
+        return list(found.get("items") or [])
+
+    def events(self, namespace: str) -> list[dict[str, Any]]:
+        found = self._json(f"list events in namespace {namespace}",
+                           self.core.list_namespaced_event, namespace)
+        return list(found.get("items") or [])
+
+    def pod_log(self, namespace: str, pod: str, container: str | None = None,
+                previous: bool = False) -> str:
+        what = f"read the log of pod {pod}" + (f" container {container}" if container else "")
+        response = self._call(what, lambda: self.core.read_namespaced_pod_log(
+            pod, namespace, container=container, previous=previous,
+            limit_bytes=LOG_LIMIT_BYTES, _preload_content=False, _request_timeout=self.timeout))
+        return (response.data or b"").decode("utf-8", errors="replace")
+
+    # --- HTTP to services ----------------------------------------------------------------
+
+    def session(self) -> requests.Session:
+        """A requests session with this client's credentials and TLS settings: it reaches the
+        API server's service proxy as the client does."""
+        configuration = self.configuration
+        session = requests.Session()
+        session.auth = _KubeAuth(configuration)
+        if configuration.cert_file:
+            session.cert = ((configuration.cert_file, configuration.key_file)
+                            if configuration.key_file else configuration.cert_file)
+        if not configuration.verify_ssl:
+            session.verify = False
+        elif configuration.ssl_ca_cert:
+            session.verify = configuration.ssl_ca_cert
+        if configuration.proxy:
+            session.proxies = {"http": configuration.proxy, "https": configuration.proxy}
+        return session

@@ -1,0 +1,288 @@
+"""Why a Kubernetes object is not ready, in words and as a failure kind: pure functions over the
+objects, pods, events and namespaces the API returns (camelCase dicts, as on the wire).
+
+The failure kind says whose fault it most likely is: `product` when a container crashed or a Job
+failed (the product's own verdict), `infra` when a pod cannot be scheduled or its image pulled
+(the cluster or the registry's image is at fault), `timeout` when nothing explains the wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mlci_dagster.vocabulary import FailureKind
+
+# The condition that means ready, per kind, unless a check names another; anything else: Ready.
+DEFAULT_CONDITIONS = {"Deployment": "Available", "Job": "Complete", "Pod": "Ready"}
+# Container waiting reasons, by whose fault they are.
+INFRA_WAITING = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
+                 "CreateContainerConfigError", "CreateContainerError", "ContainerCreating"}
+PRODUCT_WAITING = {"CrashLoopBackOff", "RunContainerError"}
+INFRA_EVENTS = {"FailedScheduling", "FailedMount", "FailedAttachVolume", "FailedCreate",
+                "FailedCreatePodSandBox", "ErrImageNeverPull", "InspectFailed"}
+# Namespace conditions that explain a namespace stuck in Terminating (True = a problem).
+NAMESPACE_PROBLEMS = ("NamespaceFinalizersRemaining", "NamespaceContentRemaining",
+                      "NamespaceDeletionContentFailure", "NamespaceDeletionDiscoveryFailure",
+                      "NamespaceDeletionGroupVersionParsingFailure")
+EVENTS_SHOWN = 12
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """One look at one object: ready, still waiting, or failed for good (`failed` says whose
+    fault it is then), and why."""
+
+    ready: bool
+    why: str = ""
+    failed: FailureKind | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.failed is not None
+
+
+def dig(obj: Any, path: str, default: Any = None) -> Any:
+    """The value at a dotted path (`status.jobStatus`) in nested dicts, or `default`."""
+    node = obj
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def condition(obj: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    """The `status.conditions` entry of type `kind`, if any."""
+    for entry in dig(obj, "status.conditions") or []:
+        if entry.get("type") == kind:
+            return entry
+    return None
+
+
+def _condition_text(entry: Mapping[str, Any] | None, kind: str) -> str:
+    if entry is None:
+        return f"no {kind} condition yet"
+    text = f"{kind}={entry.get('status')}"
+    if entry.get("reason"):
+        text += f" ({entry['reason']})"
+    if entry.get("message"):
+        text += f": {entry['message']}"
+    return text
+
+
+def _is_true(entry: Mapping[str, Any] | None) -> bool:
+    return entry is not None and entry.get("status") == "True"
+
+
+def readiness(kind: str, obj: Mapping[str, Any] | None, wanted: str | None = None) -> Readiness:
+    """Whether `obj` (of `kind`) is ready: its condition `wanted` (default per kind) is True; a
+    StatefulSet with no condition named, when its ready replicas reach its replicas."""
+    if obj is None:
+        return Readiness(False, "not found")
+    name = wanted or DEFAULT_CONDITIONS.get(kind, "Ready")
+    if kind == "StatefulSet" and wanted is None:
+        want = dig(obj, "spec.replicas", 1)
+        have = dig(obj, "status.readyReplicas", 0) or 0
+        return Readiness(have >= want, f"{have}/{want} replicas ready")
+    entry = condition(obj, name)
+    if _is_true(entry):
+        return Readiness(True, _condition_text(entry, name))
+    if kind == "Job" and _is_true(failed := condition(obj, "Failed")):
+        return Readiness(False, _condition_text(failed, "Failed"), FailureKind.PRODUCT)
+    if kind == "Deployment":
+        progressing = condition(obj, "Progressing")
+        available = dig(obj, "status.availableReplicas") or 0  # omitted at 0
+        replicas = f"{available}/{dig(obj, 'spec.replicas', 1)} replicas available"
+        if progressing and progressing.get("reason") == "ProgressDeadlineExceeded":
+            # The Deployment's own deadline: its pods say whose fault it is, if anything does.
+            return Readiness(False, f"{_condition_text(progressing, 'Progressing')}; {replicas}",
+                             FailureKind.TIMEOUT)
+        return Readiness(False, f"{_condition_text(entry, name)}; {replicas}")
+    if kind == "Pod":
+        phase = dig(obj, "status.phase", "Unknown")
+        if phase in ("Failed", "Succeeded"):
+            # A pod that ran to its end will never serve: the product's doing either way.
+            return Readiness(False, f"pod ended {phase}, never {name}", FailureKind.PRODUCT)
+        return Readiness(False, f"phase {phase}; {_condition_text(entry, name)}")
+    return Readiness(False, _condition_text(entry, name))
+
+
+def pod_selector(kind: str, obj: Mapping[str, Any] | None, name: str) -> str | None:
+    """The label selector of the pods behind an object (None if it has no pods we can name)."""
+    labels = dig(obj, "spec.selector.matchLabels") if obj else None
+    if kind in ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet") and labels:
+        return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    if kind == "Job":
+        return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) if labels \
+            else f"job-name={name}"
+    return None
+
+
+# --- pods ------------------------------------------------------------------------------------
+
+
+def _container_statuses(pod: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    status = pod.get("status") or {}
+    return ([("init container", s) for s in status.get("initContainerStatuses") or []]
+            + [("container", s) for s in status.get("containerStatuses") or []])
+
+
+def _terminated_text(terminated: Mapping[str, Any]) -> str:
+    text = f"exit {terminated.get('exitCode')}"
+    if terminated.get("reason"):
+        text += f" ({terminated['reason']})"
+    if terminated.get("message"):
+        text += f": {terminated['message'].strip()[:300]}"
+    return text
+
+
+def describe_pod(pod: Mapping[str, Any]) -> str:
+    """One pod in a few lines: phase, unschedulable, each container's state and restarts."""
+    name = dig(pod, "metadata.name", "?")
+    lines = [f"pod {name} ({dig(pod, 'status.phase', 'Unknown')})"]
+    scheduled = condition(pod, "PodScheduled")
+    if scheduled is not None and scheduled.get("status") == "False":
+        lines.append(f"  not scheduled: {_condition_text(scheduled, 'PodScheduled')}")
+    for label, status in _container_statuses(pod):
+        state = status.get("state") or {}
+        text = f"  {label} {status.get('name')}: "
+        if "waiting" in state:
+            waiting = state["waiting"] or {}
+            text += f"waiting {waiting.get('reason', '')}"
+            if waiting.get("message"):
+                text += f": {waiting['message'].strip()[:300]}"
+        elif "terminated" in state:
+            text += f"terminated {_terminated_text(state['terminated'] or {})}"
+        elif "running" in state:
+            text += "running" + ("" if status.get("ready") else ", not ready")
+        else:
+            text += "no state yet"
+        if status.get("restartCount"):
+            text += f"; restarts {status['restartCount']}"
+        last = dig(status, "lastState.terminated")
+        if last:
+            text += f"; last {_terminated_text(last)}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def pod_problems(pod: Mapping[str, Any]) -> list[tuple[FailureKind, str]]:
+    """What is wrong with a pod, each with whose fault it is."""
+    name = dig(pod, "metadata.name", "?")
+    problems: list[tuple[FailureKind, str]] = []
+    scheduled = condition(pod, "PodScheduled")
+    if scheduled is not None and scheduled.get("status") == "False":
+        problems.append((FailureKind.INFRA, f"pod {name} unschedulable: "
+                                            f"{scheduled.get('message', '')}".rstrip(": ")))
+    for _, status in _container_statuses(pod):
+        container = status.get("name")
+        waiting = dig(status, "state.waiting.reason")
+        terminated = dig(status, "state.terminated")
+        if waiting in PRODUCT_WAITING:
+            problems.append((FailureKind.PRODUCT, f"pod {name} container {container}: {waiting}"))
+        elif waiting in INFRA_WAITING and waiting != "ContainerCreating":
+            problems.append((FailureKind.INFRA, f"pod {name} container {container}: {waiting}"))
+        elif terminated and terminated.get("exitCode", 0) != 0:
+            problems.append((FailureKind.PRODUCT, f"pod {name} container {container}: "
+                                                  f"{_terminated_text(terminated)}"))
+        elif dig(status, "lastState.terminated.exitCode", 0) != 0 and not status.get("ready"):
+            problems.append((FailureKind.PRODUCT, f"pod {name} container {container} crashed: "
+                             f"{_terminated_text(dig(status, 'lastState.terminated'))}"))
+    return problems
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+def _event_time(event: Mapping[str, Any]) -> str:
+    return (event.get("lastTimestamp") or event.get("eventTime")
+            or dig(event, "metadata.creationTimestamp") or "")
+
+
+def recent_events(events: Iterable[Mapping[str, Any]], limit: int = EVENTS_SHOWN
+                  ) -> list[Mapping[str, Any]]:
+    """The latest `limit` events, warnings before normal ones, oldest first within each."""
+    ordered = sorted(events, key=_event_time)
+    warnings = [e for e in ordered if e.get("type") == "Warning"]
+    normal = [e for e in ordered if e.get("type") != "Warning"]
+    kept = warnings[-limit:]
+    return kept + normal[-(limit - len(kept)):] if len(kept) < limit else kept
+
+
+def describe_event(event: Mapping[str, Any]) -> str:
+    involved = event.get("involvedObject") or event.get("regarding") or {}
+    text = (f"{event.get('type', 'Normal')} {event.get('reason', '')} "
+            f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '?')}: "
+            f"{str(event.get('message') or event.get('note') or '').strip()}")
+    count = event.get("count") or dig(event, "series.count")
+    return f"{text} (x{count})" if count and count > 1 else text
+
+
+def event_kind(event: Mapping[str, Any]) -> FailureKind | None:
+    """Whose fault a warning event points at, if it points anywhere."""
+    if event.get("type") != "Warning":
+        return None
+    reason = event.get("reason", "")
+    message = str(event.get("message") or "")
+    if reason in INFRA_EVENTS or "ImagePull" in message or "pull image" in message \
+            or "pulling image" in message:
+        return FailureKind.INFRA
+    if reason == "BackOff" and "restarting failed container" in message:
+        return FailureKind.PRODUCT
+    if reason in ("BackoffLimitExceeded", "CrashLoopBackOff"):
+        return FailureKind.PRODUCT
+    if reason == "Failed" and ("ErrImage" in message or "image" in message.lower()):
+        return FailureKind.INFRA
+    return None
+
+
+# --- the verdict -----------------------------------------------------------------------------
+
+
+def failure_kind(states: Iterable[Readiness], pods: Iterable[Mapping[str, Any]],
+                 events: Iterable[Mapping[str, Any]]) -> FailureKind:
+    """`product` if anything crashed or failed for good; else `infra` if scheduling or an image
+    is at fault; else `timeout`. A crash is evidence about the product even when another pod
+    waits for the cluster, so it wins."""
+    kinds = [kind for pod in pods for kind, _ in pod_problems(pod)]
+    kinds += [k for event in events if (k := event_kind(event)) is not None]
+    kinds += [s.failed for s in states if s.failed is not None]
+    for kind in (FailureKind.PRODUCT, FailureKind.INFRA):
+        if kind in kinds:
+            return kind
+    return FailureKind.TIMEOUT
+
+
+def not_ready_report(namespace: str, not_ready: Iterable[tuple[str, Readiness,
+                                                               list[Mapping[str, Any]]]],
+                     events: Iterable[Mapping[str, Any]]) -> str:
+    """Each object not ready (`label`, its state, its pods), then the namespace's recent
+    events: the text of the SandboxError a failed readiness wait raises."""
+    lines = []
+    for label, state, pods in not_ready:
+        lines.append(f"{label}: {state.why or 'not ready'}")
+        lines += [describe_pod(pod) for pod in pods]
+        if not pods and state.why != "not found":
+            lines.append("  (no pods)")
+    shown = recent_events(events)
+    lines.append(f"recent events in namespace {namespace}:" if shown
+                 else f"no events in namespace {namespace}")
+    lines += [f"  {describe_event(e)}" for e in shown]
+    return "\n".join(lines)
+
+
+def namespace_blockers(namespace: Mapping[str, Any]) -> str:
+    """Why a namespace is still there: its phase, finalizers and the conditions the namespace
+    controller sets while content or finalizers remain."""
+    name = dig(namespace, "metadata.name", "?")
+    parts = [f"namespace {name} is {dig(namespace, 'status.phase', 'Active')}"]
+    finalizers = [*(dig(namespace, "spec.finalizers") or []),
+                  *(dig(namespace, "metadata.finalizers") or [])]
+    if finalizers:
+        parts.append(f"finalizers: {', '.join(finalizers)}")
+    for entry in dig(namespace, "status.conditions") or []:
+        if entry.get("type") in NAMESPACE_PROBLEMS and entry.get("status") == "True":
+            parts.append(f"{entry['type']}: {entry.get('message') or entry.get('reason', '')}")
+    return "; ".join(parts)

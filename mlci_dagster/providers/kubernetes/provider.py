@@ -1,0 +1,932 @@
+"""The Kubernetes provider: a namespace per sandbox, holding the registry's templated manifests,
+checked ready on their conditions; pipelines as Jobs or custom resources polled to a terminal
+state; services reached through the API server's service proxy.
+
+The namespace is the sandbox: labelled with the run, the partition and the expiry, the whole
+handle in an annotation, so the janitor finds and reaps it from the cluster alone when the local
+ledger is lost. Destroy deletes the namespace (and any cluster-scoped object the manifests made)
+and waits until the API server says it is gone.
+
+Pipelines do not go through `dagster_k8s.execute_k8s_job` or `PipesK8sClient`: both need a
+Dagster op or asset context (the run, the op, the instance's run launcher), and both build their
+own workload from an image and a command (`construct_dagster_k8s_job`, or a bare Pod from
+`build_pod_body`), deleting it when it fails (`delete_failed_k8s_jobs=True`) or ends
+(`delete_pod_on_completion=True`). The core is Dagster-free, must run the registry's own manifest
+as written, keep a failed Job's pods for the debug bundle, and poll custom resources, which
+neither does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from mlci_dagster.providers.base import PipelineResult
+from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.kubernetes import diagnose
+from mlci_dagster.providers.kubernetes.client import (
+    ClusterAccess,
+    KubeClient,
+    KubeError,
+    resolve_access,
+)
+from mlci_dagster.providers.kubernetes.cluster import (
+    ClusterError,
+    CreatedCluster,
+    cluster_name,
+    create_cluster,
+    delete_cluster,
+)
+from mlci_dagster.providers.ledger import Ledger
+from mlci_dagster.providers.local import SANDBOX_ID_ENV
+from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, STDOUT, OutputWatcher
+from mlci_dagster.providers.processes import (
+    GroupResult,
+    kill_group,
+    kill_marked,
+    process_start,
+    run_group,
+)
+from mlci_dagster.redact import Redactor
+from mlci_dagster.registry.kubernetes import (
+    ClusterSpec,
+    K8sJobPipeline,
+    K8sResourcePipeline,
+    KubernetesSandbox,
+    SecretSpec,
+    ServicePort,
+)
+from mlci_dagster.templating import TemplateError, iter_references, render
+from mlci_dagster.vocabulary import FailureKind
+
+MANAGED_BY = ("app.kubernetes.io/managed-by", "mlci")
+RUN_LABEL = "mlci.dev/run-id"
+PARTITION_LABEL = "mlci.dev/partition"
+EXPIRES_LABEL = "mlci.dev/expires-at"
+HANDLE_ANNOTATION = "mlci.dev/handle"
+DEFAULT_API_VERSIONS = {"Pod": "v1", "Deployment": "apps/v1", "StatefulSet": "apps/v1",
+                        "Job": "batch/v1"}
+CHECKED_BY_DEFAULT = ("Deployment", "StatefulSet", "Job")
+MAX_LABEL = 63
+SUMMARY_CHARS = 2000  # a pipeline's summary: its first line and the end of its logs
+HEAD_CHARS = 160
+LIST_TIMEOUT_S = 10.0  # list_live asks the cluster with a short timeout: the janitor must move on
+# Terminal states of well-known custom resources (REFERENCE.md): reaching one that the config
+# does not list as a success is a failure, not a wait until the timeout.
+KNOWN_TERMINAL = {
+    ("RayJob", "status.jobStatus"): {"SUCCEEDED", "FAILED", "STOPPED"},
+    ("SparkApplication", "status.applicationState.state"): {"COMPLETED", "FAILED"},
+}
+# Fields that say why a well-known custom resource failed, shown in the summary.
+REASON_FIELDS = ("status.reason", "status.message", "status.applicationState.errorMessage",
+                 "status.jobDeploymentStatus")
+
+
+class ManifestError(Exception):
+    """A manifest file that cannot be read or rendered: names the file and the document."""
+
+
+def namespace_name(config: str, engine: str, suffix: str) -> str:
+    """`<config>-<engine>-<suffix>`, a DNS-1123 label of at most 63 characters: the config part
+    is cut first, the engine part only beyond 20 characters."""
+    engine = re.sub(r"[^a-z0-9-]", "-", engine.lower())[:20].strip("-")
+    room = MAX_LABEL - len(suffix) - len(engine) - 2
+    config = re.sub(r"[^a-z0-9-]", "-", config.lower())[:max(room, 0)].strip("-")
+    return "-".join(part for part in (config, engine, suffix) if part)
+
+
+def label_value(text: str) -> str:
+    """`text` as a label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends; a
+    longer text keeps its start and a hash of the whole, so values stay distinct."""
+    value = re.sub(r"[^A-Za-z0-9._-]", "-", text)
+    if len(value) > MAX_LABEL:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        value = f"{value[:MAX_LABEL - 9]}-{digest}"
+    return value.strip("-._")
+
+
+def proxy_url(server: str, namespace: str, service: ServicePort) -> str:
+    """The API server's proxy to a Service port; routes append their own path."""
+    return (f"{server}/api/v1/namespaces/{namespace}/services/"
+            f"{service.scheme}:{service.service}:{service.port}/proxy")
+
+
+def summarize(text: str, limit: int = SUMMARY_CHARS) -> str:
+    """At most `limit` characters: the first line (what failed) and the end (why, usually)."""
+    if len(text) <= limit:
+        return text
+    head = text.split("\n", 1)[0][:HEAD_CHARS]
+    return f"{head}\n…\n{text[-(limit - len(head) - 3):]}"
+
+
+def load_manifest(path: Path) -> list[dict[str, Any]]:
+    """The documents of a multi-document YAML file (a `List` expands to its items)."""
+    try:
+        documents = list(yaml.safe_load_all(path.read_text()))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ManifestError(f"{path}: cannot read: {exc}") from exc
+    objects: list[dict[str, Any]] = []
+    for index, document in enumerate(documents, start=1):
+        if document is None:
+            continue
+        if not isinstance(document, dict):
+            raise ManifestError(f"{path}: document {index}: expected a mapping (an object), "
+                                f"got {type(document).__name__}")
+        if document.get("kind") == "List":
+            objects += [item for item in document.get("items") or [] if item]
+        else:
+            objects.append(document)
+    return objects
+
+
+def object_ref(obj: dict[str, Any], namespaced: bool, source: str = "") -> dict[str, Any]:
+    """What the handle keeps of a created object: enough to find it again, nothing more."""
+    return {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+            "name": (obj.get("metadata") or {}).get("name"), "namespaced": namespaced,
+            "source": source}
+
+
+def log_tail(text: str, chars: int = SUMMARY_CHARS) -> str:
+    return text[-chars:]
+
+
+@dataclass
+class ReadyTarget:
+    """One object (or set of pods) the readiness wait looks at, with its own deadline."""
+
+    kind: str
+    api_version: str
+    name: str | None
+    selector: str | None
+    condition: str | None
+    deadline: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name}" if self.name else f"{self.kind}s ({self.selector})"
+
+
+class KubernetesProvider:
+    name = "kubernetes"
+
+    def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = (),
+                 root: Path | None = None, settings: ClusterSpec | None = None,
+                 poll_interval_s: float = 1.0) -> None:
+        self.home = Path(home)
+        self.ledger = Ledger(self.home / "ledger")
+        self.secret_names = list(secret_names)
+        self.redactor = Redactor.from_env(self.secret_names)
+        self.root = Path(root) if root is not None else None
+        self.settings = settings or ClusterSpec()
+        self.poll_interval_s = poll_interval_s
+        self._clients: dict[ClusterAccess, KubeClient] = {}
+
+    @classmethod
+    def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
+                      settings: ClusterSpec | None = None) -> KubernetesProvider:
+        return cls(home, secret_names, root=root, settings=settings)
+
+    @staticmethod
+    def settings_of(spec: KubernetesSandbox) -> ClusterSpec:
+        """One provider per cluster the registry names."""
+        return spec.cluster
+
+    # --- reaching the cluster ----------------------------------------------------------
+
+    def _default_access(self) -> ClusterAccess:
+        return resolve_access(self.settings.kubeconfig, self.settings.context, self.root)
+
+    def _client(self, access: ClusterAccess) -> KubeClient:
+        if access not in self._clients:
+            self._clients[access] = KubeClient(access, cache_dir=self.home / "kube-discovery")
+        return self._clients[access]
+
+    def _client_for(self, handle: SandboxHandle) -> KubeClient:
+        if "access" not in handle.state:
+            raise KubeError(f"sandbox {handle.sandbox_id}: its handle does not say which "
+                            "cluster holds it")
+        return self._client(ClusterAccess.from_dict(handle.state["access"]))
+
+    def _labels(self, handle: SandboxHandle) -> dict[str, str]:
+        return {MANAGED_BY[0]: MANAGED_BY[1], RUN_LABEL: label_value(handle.run_id),
+                PARTITION_LABEL: label_value(f"{handle.config}.{handle.engine}"),
+                EXPIRES_LABEL: str(int(handle.expires_at))}
+
+    def _record(self, handle: SandboxHandle) -> None:
+        self.ledger.record(handle)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def create(self, spec: KubernetesSandbox, *, config: str, engine: str, run_id: str,
+               engine_variables: dict[str, str], image: dict[str, Any] | None = None
+               ) -> SandboxHandle:
+        """Creates the namespace, its secrets and its manifests in order; on any failure deletes
+        what it made and raises SandboxError (infra) naming the call and why."""
+        suffix = uuid.uuid4().hex[:8]
+        namespace = namespace_name(config, engine, suffix)
+        now = time.time()
+        handle = SandboxHandle(
+            sandbox_id=namespace, provider=self.name, config=config, engine=engine,
+            run_id=run_id, created_at=now, expires_at=now + spec.ttl_s,
+            workdir=str(self.home / "sandboxes" / namespace),
+            log_dir=str(self.home / "logs" / namespace),
+            owner_pid=os.getpid(), owner_start=process_start(os.getpid()) or 0,
+            state={"namespace": namespace, "objects": []},
+        )
+        settings = spec.cluster
+        if settings.create:
+            assert settings.name is not None  # the registry requires it with create
+            created = CreatedCluster(settings.create, cluster_name(settings.name, suffix),
+                                     str(self.home / "clusters" / f"{namespace}.kubeconfig"))
+            handle.state["cluster"] = created.to_dict()
+            handle.state["access"] = ClusterAccess(created.kubeconfig).to_dict()
+        else:
+            try:
+                access = resolve_access(settings.kubeconfig, settings.context, self.root)
+            except KubeError as exc:  # nothing exists yet: nothing to clean
+                raise SandboxError(f"sandbox {namespace} could not be created: {exc}",
+                                   "infra") from exc
+            handle.state["access"] = access.to_dict()
+        self._record(handle)  # before anything exists that could leak
+        try:
+            Path(handle.workdir).mkdir(parents=True)
+            Path(handle.log_dir).mkdir(parents=True, exist_ok=True)
+            if settings.create:
+                create_cluster(CreatedCluster.from_dict(handle.state["cluster"]),
+                               redactor=self.redactor)
+            client = self._client_for(handle)
+            handle.endpoints = {s.name: proxy_url(client.server, namespace, s)
+                                for s in spec.services}
+            context = render_context(handle, {}, image=image or {})
+            handle.variables = render(engine_variables, context, keep=frozenset({"env"}))
+            self._record(handle)
+            client.create_namespace(namespace, self._labels(handle),
+                                    {HANDLE_ANNOTATION: json.dumps(handle.to_dict())})
+            context = render_context(handle, dict(os.environ), image=image or {})
+            for secret in spec.secrets:
+                self._create_secret(client, handle, secret, context)
+            for manifest in spec.manifests:
+                self._apply(client, handle, manifest, context)
+            client.annotate_namespace(namespace, {HANDLE_ANNOTATION: json.dumps(handle.to_dict())})
+        except (KubeError, ClusterError, ManifestError, TemplateError, OSError) as exc:
+            report = self.destroy(handle)
+            left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
+            raise SandboxError(self.redactor.text(
+                f"sandbox {namespace} could not be created: {exc}{left}"), "infra") from exc
+        return handle
+
+    def _create_secret(self, client: KubeClient, handle: SandboxHandle, secret: SecretSpec,
+                       context: dict[str, Any]) -> None:
+        """A Secret from `${env.NAME}` values: rendered here, sent once, never kept."""
+        for key, value in secret.data.items():
+            for reference in iter_references(value):
+                root, _, name = reference.partition(".")
+                if root == "env" and name not in os.environ:
+                    raise ManifestError(f"secret '{secret.name}' key '{key}': environment "
+                                        f"variable {name} is not set")
+        try:
+            data = render(dict(secret.data), context)
+        except TemplateError as exc:
+            raise ManifestError(f"secret '{secret.name}': {exc}") from exc
+        client.create_secret(handle.sandbox_id, secret.name, data,
+                             {MANAGED_BY[0]: MANAGED_BY[1]})
+        handle.state.setdefault("secrets", []).append(secret.name)
+
+    def _rendered(self, manifest: str, context: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.root is None:
+            raise ManifestError(f"{manifest}: the registry root is unknown, so the file cannot "
+                                "be found")
+        documents = load_manifest(self.root / manifest)
+        rendered = []
+        for index, document in enumerate(documents, start=1):
+            try:
+                rendered.append(render(document, context))
+            except TemplateError as exc:
+                raise ManifestError(f"{manifest}: document {index}: {exc}") from exc
+        return rendered
+
+    def _apply(self, client: KubeClient, handle: SandboxHandle, manifest: str,
+               context: dict[str, Any]) -> list[dict[str, Any]]:
+        """Creates each document of `manifest` in order; every object is in the handle (and
+        the ledger) as soon as it exists. Returns the created objects."""
+        created = []
+        for index, document in enumerate(self._rendered(manifest, context), start=1):
+            source = f"{manifest}#{index}"
+            try:
+                obj, namespaced = client.create(document, handle.sandbox_id)
+            except KubeError as exc:
+                raise KubeError(f"{source}: {exc}", exc.status) from exc
+            handle.state["objects"].append(object_ref(obj, namespaced, source))
+            self._record(handle)
+            created.append(obj)
+        return created
+
+    # --- readiness -----------------------------------------------------------------------
+
+    def _ready_targets(self, handle: SandboxHandle, spec: KubernetesSandbox, timeout_s: float,
+                       start: float) -> list[ReadyTarget]:
+        if spec.ready:
+            return [ReadyTarget(c.kind, c.api_version or DEFAULT_API_VERSIONS[c.kind], c.name,
+                                c.selector, c.condition,
+                                start + min(c.timeout_s or timeout_s, timeout_s))
+                    for c in spec.ready]
+        return [ReadyTarget(o["kind"], o["apiVersion"], o["name"], None, None, start + timeout_s)
+                for o in handle.state.get("objects", [])
+                if o["kind"] in CHECKED_BY_DEFAULT and o["namespaced"]]
+
+    def _look(self, client: KubeClient, namespace: str, target: ReadyTarget
+              ) -> diagnose.Readiness:
+        try:
+            if target.selector is not None:  # every Pod matching it
+                pods = client.pods(namespace, target.selector)
+                if not pods:
+                    return diagnose.Readiness(False, f"no pods match {target.selector}")
+                states = [diagnose.readiness("Pod", pod, target.condition) for pod in pods]
+                failed = next((s for s in states if s.terminal), None)
+                if failed is not None:
+                    return failed
+                ready = sum(s.ready for s in states)
+                return diagnose.Readiness(ready == len(states),
+                                          f"{ready}/{len(states)} pods ready")
+            assert target.name is not None
+            obj = client.get(target.api_version, target.kind, target.name, namespace)
+            return diagnose.readiness(target.kind, obj, target.condition)
+        except KubeError as exc:  # perhaps passing: the wait goes on, the error is its why
+            return diagnose.Readiness(False, str(exc))
+
+    def _pods_of(self, client: KubeClient, namespace: str, target: ReadyTarget
+                 ) -> list[dict[str, Any]]:
+        try:
+            if target.selector is not None:
+                return client.pods(namespace, target.selector)
+            if target.kind == "Pod":
+                return client.pods(namespace, name=target.name)
+            assert target.name is not None
+            obj = client.get(target.api_version, target.kind, target.name, namespace)
+            selector = diagnose.pod_selector(target.kind, obj, target.name)
+            return client.pods(namespace, selector) if selector else []
+        except KubeError:
+            return []
+
+    def wait_until_ready(self, handle: SandboxHandle, spec: KubernetesSandbox,
+                         timeout_s: float, image: dict[str, Any] | None = None
+                         ) -> list[dict[str, Any]]:
+        """Polls every check together, each until its own deadline (all within `timeout_s`);
+        stops at the first object that failed for good or ran out of time, and raises a
+        SandboxError naming every object not ready, its pods and the namespace's events."""
+        start = time.monotonic()
+        namespace = handle.sandbox_id
+        try:
+            client = self._client_for(handle)
+        except KubeError as exc:
+            raise SandboxError(f"sandbox {namespace}: {exc}", "infra") from exc
+        pending = self._ready_targets(handle, spec, timeout_s, start)
+        results: list[dict[str, Any]] = []
+        states: dict[int, diagnose.Readiness] = {}
+        stop = False
+        while pending and not stop:
+            for target in list(pending):
+                state = states[id(target)] = self._look(client, namespace, target)
+                if state.ready:
+                    pending.remove(target)
+                    results.append({"object": target.label, "ready": True, "why": state.why,
+                                    "elapsed_s": round(time.monotonic() - start, 2)})
+                elif state.terminal or time.monotonic() >= target.deadline:
+                    stop = True
+            if pending and not stop:
+                wake = min(t.deadline for t in pending)
+                time.sleep(max(0.0, min(self.poll_interval_s, wake - time.monotonic())))
+        if not pending:
+            return results
+        elapsed = time.monotonic() - start
+        not_ready = [(t.label, states[id(t)], self._pods_of(client, namespace, t))
+                     for t in pending]
+        try:
+            events = client.events(namespace)
+        except KubeError as exc:
+            events = [{"type": "Warning", "reason": "EventsUnavailable", "message": str(exc)}]
+        kind = diagnose.failure_kind([s for _, s, _ in not_ready],
+                                     [p for _, _, pods in not_ready for p in pods], events)
+        message = self.redactor.text(
+            f"{len(not_ready)} object(s) not ready in namespace {namespace} after "
+            f"{elapsed:.1f}s:\n" + diagnose.not_ready_report(namespace, not_ready, events))
+        report = Path(handle.log_dir) / "k8s-not-ready.txt"
+        try:
+            report.write_text(message)
+        except OSError:
+            report = Path(handle.log_dir)
+        raise SandboxError(message, str(kind), log_ref=str(report))
+
+    # --- reaching services ---------------------------------------------------------------
+
+    def http(self, handle: SandboxHandle) -> requests.Session:
+        """A session with the cluster's credentials: the endpoints are the API server's service
+        proxy. If the cluster cannot be reached, a plain session (its requests then fail, and
+        the stage says why)."""
+        try:
+            return self._client_for(handle).session()
+        except KubeError:
+            return requests.Session()
+
+    # --- pipelines -----------------------------------------------------------------------
+
+    def process_env(self, handle: SandboxHandle, extra: dict[str, str]) -> dict[str, str]:
+        """The environment of a pipeline process: engine variables, then its own settings."""
+        context = render_context(handle, dict(os.environ))
+        env = dict(os.environ)
+        env.update(render(handle.variables, context))
+        env.update(extra)
+        env[REDACT_VARS_ENV] = ",".join(self.secret_names)
+        env[SANDBOX_ID_ENV] = handle.sandbox_id
+        return env
+
+    def run_command(self, handle: SandboxHandle, name: str, argv: list[str],
+                    env: dict[str, str], timeout_s: float,
+                    watcher: OutputWatcher | None = None) -> GroupResult:
+        """A `command` pipeline on this machine, as the local provider runs it: its own process
+        group, output redacted into `pipeline-<name>.log`, killed whole at the timeout."""
+        key = f"pipeline:{name}"
+        Path(handle.workdir).mkdir(parents=True, exist_ok=True)
+
+        def track(pgid: int) -> None:
+            handle.process_groups[key] = pgid  # in the ledger while it runs, for the janitor
+            self._record(handle)
+
+        try:
+            return run_group(
+                argv, cwd=handle.workdir, env=self.process_env(handle, env),
+                timeout_s=timeout_s, log_path=Path(handle.log_dir) / f"pipeline-{name}.log",
+                redactor=self.redactor, watcher=watcher, on_start=track,
+            )
+        finally:
+            if handle.process_groups.pop(key, None) is not None:
+                self._record(handle)
+
+    def run_pipeline(self, handle: SandboxHandle, pipeline: Any, context: dict[str, Any],
+                     timeout_s: float) -> PipelineResult:
+        """A `k8s_job` or `k8s_resource` pipeline in the sandbox's namespace."""
+        run = _PipelineRun(self, handle, pipeline, timeout_s)
+        if isinstance(pipeline, K8sJobPipeline):
+            return run.job(context)
+        if isinstance(pipeline, K8sResourcePipeline):
+            return run.resource(context)
+        return run.finish(False, FailureKind.INFRA,
+                          f"a kubernetes sandbox cannot run '{pipeline.kind}' pipelines")
+
+    def pod_logs(self, client: KubeClient, namespace: str, selector: str | None
+                 ) -> list[tuple[str, str, str]]:
+        """(pod, container, log) of every container of the pods matching `selector` (all pods
+        if None), oldest pod first; a log that cannot be read says why in its place."""
+        pods = sorted(client.pods(namespace, selector),
+                      key=lambda p: diagnose.dig(p, "metadata.creationTimestamp", ""))
+        logs = []
+        for pod in pods:
+            pod_name = diagnose.dig(pod, "metadata.name", "?")
+            spec = pod.get("spec") or {}
+            for container in [*(spec.get("initContainers") or []), *(spec.get("containers")
+                                                                      or [])]:
+                try:
+                    text = client.pod_log(namespace, pod_name, container.get("name"))
+                except KubeError as exc:
+                    text = f"(log unavailable: {exc})\n"
+                logs.append((pod_name, container.get("name", "?"), text))
+        return logs
+
+    # --- artifacts and teardown ----------------------------------------------------------
+
+    def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
+        """Pod logs (`k8s-pod-<pod>-<container>.log`), events (`k8s-events.json`) and the
+        status of every object (`k8s-objects.json`), redacted, beside the sandbox's other logs.
+        Never raises: what cannot be collected is said in `k8s-unreachable.txt`."""
+        log_dir = Path(handle.log_dir)
+        problems: list[str] = []
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            client = self._client_for(handle)
+            namespace = handle.sandbox_id
+            self._collect(client, handle, namespace, log_dir, problems)
+        except Exception as exc:  # noqa: BLE001 - the debug bundle must not stop a teardown
+            problems.append(f"{type(exc).__name__}: {exc}")
+        if problems:
+            with contextlib.suppress(OSError):
+                (log_dir / "k8s-unreachable.txt").write_text(self.redactor.text(
+                    f"could not collect everything from namespace {handle.sandbox_id}:\n"
+                    + "\n".join(problems) + "\n"))
+        try:
+            return sorted(str(p) for p in log_dir.iterdir()
+                          if p.is_file() and p.suffix in (".log", ".json", ".txt"))
+        except OSError:
+            return []
+
+    def _collect(self, client: KubeClient, handle: SandboxHandle, namespace: str,
+                 log_dir: Path, problems: list[str]) -> None:
+        def attempt(what: str, step: Callable[[], Any]) -> Any:
+            try:
+                return step()
+            except (KubeError, OSError) as exc:
+                problems.append(f"{what}: {exc}")
+                return None
+
+        for pod, container, text in attempt("pod logs",
+                                            lambda: self.pod_logs(client, namespace, None)) or []:
+            path = log_dir / f"k8s-pod-{pod}-{container}.log"
+            attempt(str(path), lambda p=path, t=text: p.write_text(self.redactor.text(t)))
+        events = attempt("events", lambda: client.events(namespace))
+        if events is not None:
+            attempt("k8s-events.json", lambda: self._write_json(log_dir / "k8s-events.json",
+                                                                events))
+        objects: list[dict[str, Any]] = []
+        namespace_obj = attempt("namespace", lambda: client.read_namespace(namespace))
+        if namespace_obj is not None:
+            objects.append(_status_of(namespace_obj, "v1", "Namespace"))
+        for ref in handle.state.get("objects", []):
+            if ref["kind"] == "Secret":
+                continue
+            obj = attempt(f"{ref['kind']} {ref['name']}",
+                          lambda r=ref: client.get(r["apiVersion"], r["kind"], r["name"],
+                                                   namespace))
+            objects.append(_status_of(obj, ref["apiVersion"], ref["kind"], ref["name"]))
+        for pod in attempt("pods", lambda: client.pods(namespace)) or []:
+            objects.append(_status_of(pod, "v1", "Pod"))
+        attempt("k8s-objects.json", lambda: self._write_json(log_dir / "k8s-objects.json",
+                                                             objects))
+
+    def _write_json(self, path: Path, value: Any) -> None:
+        path.write_text(self.redactor.text(json.dumps(value, indent=1, default=str)))
+
+    def destroy(self, handle: SandboxHandle, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Kills local pipeline processes, deletes the namespace (its content first) and any
+        cluster-scoped object or cluster the sandbox made, and waits until the API server says
+        404. Idempotent: a namespace already gone is clean. The ledger entry stays while
+        anything is left (a namespace stuck Terminating is named with what blocks it)."""
+        deadline = time.monotonic() + timeout_s
+        grace_s = min(5.0, timeout_s / 10)
+        groups = list(reversed(handle.process_groups.items()))
+        leaked = {name: pids for name, pgid in groups if (pids := kill_group(pgid, grace_s))}
+        escaped = kill_marked(SANDBOX_ID_ENV, handle.sandbox_id)
+        if escaped["left"]:
+            leaked["outside their group"] = escaped["left"]
+        problems: list[str] = []
+        report: dict[str, Any] = {"namespace": handle.sandbox_id, "namespace_gone": False,
+                                  "cluster_scoped_left": []}
+        if handle.state.get("cluster"):
+            cluster = CreatedCluster.from_dict(handle.state["cluster"])
+            why = delete_cluster(cluster, timeout_s=max(1.0, timeout_s), redactor=self.redactor)
+            report["cluster"] = cluster.name
+            report["namespace_gone"] = not why  # it went with its cluster
+            if why:
+                problems.append(why)
+        else:
+            try:
+                self._delete_namespace(handle, deadline, report, problems)
+            except KubeError as exc:
+                problems.append(f"cannot reach the cluster to delete namespace "
+                                f"{handle.sandbox_id}: {exc}")
+        shutil.rmtree(handle.workdir, ignore_errors=True)
+        workdir_left = Path(handle.workdir).exists()
+        if leaked:
+            problems.append(f"local processes left: {leaked}")
+        clean = not problems and not workdir_left
+        if clean:
+            self.ledger.remove(handle.sandbox_id)
+        return {
+            "clean": clean,
+            "why": self.redactor.text("; ".join(problems)),
+            **report,
+            "process_groups": sorted(handle.process_groups),
+            "escaped_group": escaped["killed"],
+            "leaked_pids": leaked,
+            "busy_ports": [],
+            "workdir_left": workdir_left,
+        }
+
+    def _delete_namespace(self, handle: SandboxHandle, deadline: float, report: dict[str, Any],
+                          problems: list[str]) -> None:
+        client = self._client_for(handle)
+        namespace = handle.sandbox_id
+        cluster_scoped = [o for o in handle.state.get("objects", []) if not o["namespaced"]]
+        for ref in cluster_scoped:
+            client.delete(ref["apiVersion"], ref["kind"], ref["name"], None, "Foreground")
+        client.delete_namespace(namespace)
+        remaining: dict[str, Any] | None = client.read_namespace(namespace)
+        while remaining is not None and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(self.poll_interval_s, deadline - time.monotonic())))
+            remaining = client.read_namespace(namespace)
+        report["namespace_gone"] = remaining is None
+        if remaining is not None:
+            problems.append(diagnose.namespace_blockers(remaining))
+        for ref in cluster_scoped:
+            if client.get(ref["apiVersion"], ref["kind"], ref["name"], None) is not None:
+                report["cluster_scoped_left"].append(f"{ref['kind']} {ref['name']}")
+        if report["cluster_scoped_left"]:
+            problems.append(f"cluster-scoped objects left: "
+                            f"{', '.join(report['cluster_scoped_left'])}")
+
+    def list_live(self) -> list[SandboxHandle]:
+        """The ledger's kubernetes sandboxes, and every namespace labelled as ours on this
+        provider's cluster (rebuilt from its handle annotation), each once. A cluster that
+        cannot be reached leaves the ledger's entries alone: a handle carries its cluster, so
+        any kubernetes provider can destroy it."""
+        found = {h.sandbox_id: h for h in self.ledger.live(self.name)}
+        if self.settings.create:
+            return list(found.values())  # a per-run cluster exists only through its handles
+        try:
+            access = self._default_access()
+            client = self._client(access)
+            saved, client.timeout = client.timeout, LIST_TIMEOUT_S
+            try:
+                namespaces = client.list_namespaces(f"{MANAGED_BY[0]}={MANAGED_BY[1]}")
+            finally:
+                client.timeout = saved
+        except KubeError:
+            return list(found.values())
+        for namespace in namespaces:
+            handle = self.handle_from_namespace(namespace, access)
+            found.setdefault(handle.sandbox_id, handle)
+        return list(found.values())
+
+    def handle_from_namespace(self, namespace: dict[str, Any], access: ClusterAccess
+                              ) -> SandboxHandle:
+        """The handle a namespace carries in its annotation; from its labels if that is lost.
+        Either way it is reached through `access`, the way it was found."""
+        metadata = namespace.get("metadata") or {}
+        name = metadata.get("name", "")
+        try:
+            handle = SandboxHandle.from_dict(
+                json.loads((metadata.get("annotations") or {})[HANDLE_ANNOTATION]))
+        except (KeyError, TypeError, ValueError):
+            labels = metadata.get("labels") or {}
+            config, _, engine = labels.get(PARTITION_LABEL, "").partition(".")
+            try:
+                expires_at = float(labels.get(EXPIRES_LABEL, "0"))
+            except ValueError:
+                expires_at = 0.0  # unknown: expired, so the janitor reaps it
+            handle = SandboxHandle(
+                sandbox_id=name, provider=self.name, config=config, engine=engine,
+                run_id=labels.get(RUN_LABEL, ""), created_at=0.0, expires_at=expires_at,
+                workdir=str(self.home / "sandboxes" / name),
+                log_dir=str(self.home / "logs" / name), state={"namespace": name})
+        if not handle.state.get("cluster"):
+            handle.state["access"] = access.to_dict()
+        return handle
+
+    def hourly_cost(self, handle: SandboxHandle) -> float:
+        """0.0 for now: cost rates per resource type come with the cost issue (mlci.yaml)."""
+        return 0.0
+
+
+def _status_of(obj: dict[str, Any] | None, api_version: str, kind: str, name: str = ""
+               ) -> dict[str, Any]:
+    """An object as the debug bundle keeps it: identity, labels and status, never its spec
+    (which may hold rendered secrets)."""
+    if obj is None:
+        return {"apiVersion": api_version, "kind": kind, "name": name, "found": False}
+    metadata = obj.get("metadata") or {}
+    return {"apiVersion": obj.get("apiVersion", api_version), "kind": obj.get("kind", kind),
+            "name": metadata.get("name", name), "labels": metadata.get("labels") or {},
+            "deletionTimestamp": metadata.get("deletionTimestamp"),
+            "finalizers": metadata.get("finalizers") or [], "status": obj.get("status") or {}}
+
+
+class _PipelineRun:
+    """One `k8s_job` or `k8s_resource` pipeline: create, poll to a terminal state or the
+    timeout, keep the logs, judge."""
+
+    def __init__(self, provider: KubernetesProvider, handle: SandboxHandle, pipeline: Any,
+                 timeout_s: float) -> None:
+        self.provider, self.handle, self.pipeline = provider, handle, pipeline
+        self.timeout_s = timeout_s
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout_s
+        self.log_path = Path(handle.log_dir) / f"pipeline-{pipeline.name}.log"
+        self.transcript: list[str] = []
+
+    def note(self, line: str) -> None:
+        self.transcript.append(f"[{time.monotonic() - self.start:6.1f}s] {line}")
+
+    def finish(self, passed: bool, kind: FailureKind | None = None, summary: str = "",
+               logs: str = "", **extra: Any) -> PipelineResult:
+        redact = self.provider.redactor.text
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text(redact("\n".join(self.transcript) + "\n" + logs))
+        except OSError as exc:
+            summary += f"\n(log not written: {exc})"
+        return PipelineResult(self.pipeline.name, self.pipeline.kind, passed,
+                              time.monotonic() - self.start, kind, summarize(redact(summary)),
+                              str(self.log_path), **extra)
+
+    def _create(self, client: KubeClient, context: dict[str, Any]) -> list[dict[str, Any]]:
+        pipeline = self.pipeline
+        created = self.provider._apply(client, self.handle, pipeline.manifest, context)
+        for obj in created:
+            self.note(f"created {obj.get('kind')} {diagnose.dig(obj, 'metadata.name')}")
+        return created
+
+    def _logs(self, client: KubeClient, selector: str) -> tuple[str, list[str]]:
+        """The logs of the pods matching `selector`, as one text with a header per container,
+        and as the bare texts (what expectations are checked against)."""
+        try:
+            logs = self.provider.pod_logs(client, self.handle.sandbox_id, selector)
+        except KubeError as exc:
+            return f"--- logs of pods {selector} unavailable: {exc}\n", []
+        if not logs:
+            return f"--- no pods match {selector}\n", []
+        text = "".join(f"--- pod {pod} container {container}\n{log}"
+                       + ("" if log.endswith("\n") else "\n") for pod, container, log in logs)
+        return text, [log for _, _, log in logs]
+
+    def _pod_states(self, client: KubeClient, selector: str) -> list[dict[str, Any]]:
+        try:
+            return client.pods(self.handle.sandbox_id, selector)
+        except KubeError:
+            return []
+
+    def _sleep(self, interval_s: float) -> None:
+        time.sleep(max(0.0, min(interval_s, self.deadline - time.monotonic())))
+
+    def _delete(self, client: KubeClient, obj: dict[str, Any]) -> str:
+        name = diagnose.dig(obj, "metadata.name")
+        try:
+            client.delete(obj["apiVersion"], obj["kind"], name, self.handle.sandbox_id,
+                          "Background")
+            return f"{obj['kind']} {name} deleted"
+        except KubeError as exc:
+            return f"{obj['kind']} {name} could not be deleted: {exc}"
+
+    # --- k8s_job -------------------------------------------------------------------------
+
+    def job(self, context: dict[str, Any]) -> PipelineResult:
+        """Creates the manifest's documents (exactly one of them a Job), polls the Job until
+        Complete or Failed, then judges its pods' logs as a command pipeline's output is
+        judged. At the timeout the Job is deleted, its pods with it."""
+        pipeline: K8sJobPipeline = self.pipeline
+        try:
+            client = self.provider._client_for(self.handle)
+            created = self._create(client, context)
+        except (KubeError, ManifestError, OSError) as exc:
+            return self.finish(False, FailureKind.INFRA, f"could not create the Job: {exc}")
+        jobs = [o for o in created if o.get("kind") == "Job"]
+        if len(jobs) != 1:
+            return self.finish(False, FailureKind.INFRA,
+                               f"{pipeline.manifest}: expected one Job, found {len(jobs)}")
+        job = jobs[0]
+        name = diagnose.dig(job, "metadata.name")
+        selector = f"job-name={name}"
+        state, error = diagnose.Readiness(False, "not looked at yet"), ""
+        while True:
+            try:
+                found = client.get("batch/v1", "Job", name, self.handle.sandbox_id)
+                state, error = diagnose.readiness("Job", found), ""
+                if found is None:
+                    error = f"Job {name} disappeared before it finished"
+                    break
+            except KubeError as exc:
+                error = str(exc)
+            if state.ready or state.terminal or time.monotonic() >= self.deadline:
+                break
+            self._sleep(self.provider.poll_interval_s)
+        self.note(f"Job {name}: {error or state.why}")
+        logs, texts = self._logs(client, selector)
+        details = {"job": name, "state": error or state.why}
+
+        def failed(kind: FailureKind, why: str, pods: list[dict[str, Any]] = ()) -> PipelineResult:
+            described = "".join(f"{diagnose.describe_pod(p)}\n" for p in pods)
+            return self.finish(False, kind, f"{why}\n{described}{log_tail(logs)}", logs,
+                               details=details)
+
+        if not (state.ready or state.terminal):
+            pods = self._pod_states(client, selector)
+            deleted = self._delete(client, job) if not error.endswith("disappeared before it "
+                                                                      "finished") else ""
+            if deleted:
+                self.note(deleted)
+            if error:  # the API, not the Job, failed us
+                return failed(FailureKind.INFRA, f"Job {name}: {error}", pods)
+            # Pods that cannot be scheduled or pulled explain the wait; anything else is time.
+            blamed = diagnose.failure_kind([], pods, [])
+            kind = FailureKind.INFRA if blamed is FailureKind.INFRA else FailureKind.TIMEOUT
+            return failed(kind, f"Job {name} not finished at the timeout of "
+                                f"{self.timeout_s:g}s ({state.why}); {deleted}", pods)
+        if state.terminal:
+            return failed(FailureKind.PRODUCT, f"Job {name} failed: {state.why}",
+                          self._pod_states(client, selector))
+        watcher = OutputWatcher(render(pipeline.expect_output, context), pipeline.outputs)
+        for text in texts:
+            watcher.feed(STDOUT, text)
+        if watcher.missing:
+            return failed(FailureKind.PRODUCT, f"Job {name}: logs lack {watcher.missing[0]!r}")
+        for key, pattern in pipeline.outputs.items():
+            if key not in watcher.captured:
+                return failed(FailureKind.PRODUCT,
+                              f"Job {name}: output '{key}' not found: /{pattern}/")
+        return self.finish(True, logs=logs, details=details,
+                           outputs={key: watcher.captured[key] for key in pipeline.outputs})
+
+    # --- k8s_resource --------------------------------------------------------------------
+
+    def resource(self, context: dict[str, Any]) -> PipelineResult:
+        """Creates the manifest's documents; the last one is the resource polled (any before
+        it, a ConfigMap of code say, come first). Polls its status field every `interval_s`
+        until a success or failure state (or a well-known kind's terminal state), or the
+        timeout, when it is deleted. The logs of its pods are kept, and quoted on failure."""
+        pipeline: K8sResourcePipeline = self.pipeline
+        try:
+            client = self.provider._client_for(self.handle)
+            created = self._create(client, context)
+        except (KubeError, ManifestError, OSError) as exc:
+            return self.finish(False, FailureKind.INFRA,
+                               f"could not create the resource: {exc}")
+        if not created:
+            return self.finish(False, FailureKind.INFRA, f"{pipeline.manifest}: no document")
+        resource = created[-1]
+        kind, name = resource.get("kind", "?"), diagnose.dig(resource, "metadata.name")
+        label = f"{kind} {name}"
+        selector = pipeline.logs_selector or default_logs_selector(kind, name)
+        terminal = KNOWN_TERMINAL.get((kind, pipeline.status_field), set())
+        obj: dict[str, Any] = resource
+        value: str | None = None
+        error = ""
+        while True:
+            try:
+                found = client.get(resource["apiVersion"], kind, name, self.handle.sandbox_id)
+                error = ""
+            except KubeError as exc:
+                found, error = obj, str(exc)
+            if found is None:
+                outcome, error = "gone", f"{label} disappeared before it finished"
+                break
+            obj = found
+            current = diagnose.dig(obj, pipeline.status_field)
+            current = None if current is None else str(current)
+            if current != value or not self.transcript:
+                self.note(f"{label}: {pipeline.status_field} = {current}")
+            value = current
+            if value in pipeline.success_states:
+                outcome = "success"
+                break
+            if value in pipeline.failure_states or value in terminal \
+                    or _deployment_failed(kind, obj):
+                outcome = "failure"
+                break
+            if time.monotonic() >= self.deadline:
+                outcome = "api" if error else "timeout"
+                break
+            self._sleep(pipeline.interval_s)
+        logs, _ = self._logs(client, selector)
+        details = {"resource": label, "status": value}
+        reasons = "; ".join(f"{path.rsplit('.', 1)[-1]}: {v}" for path in REASON_FIELDS
+                            if (v := diagnose.dig(obj, path)) not in (None, ""))
+        state = f"{pipeline.status_field} = {value}" + (f" ({reasons})" if reasons else "")
+        logs_part = f"\nlogs of pods {selector}:\n{log_tail(logs)}"
+        if outcome == "success":
+            outputs = {key: diagnose.dig(obj, path) for key, path in pipeline.outputs.items()}
+            missing = [f"'{key}' ({pipeline.outputs[key]})" for key, v in outputs.items()
+                       if v is None]
+            if missing:
+                return self.finish(False, FailureKind.PRODUCT,
+                                   f"{label} ended {value} but the final object lacks output "
+                                   f"{', '.join(missing)}", logs, details=details)
+            return self.finish(True, logs=logs, details=details, outputs=outputs)
+        if outcome == "failure":
+            return self.finish(False, FailureKind.PRODUCT, f"{label} ended {state}{logs_part}",
+                               logs, details=details)
+        if outcome == "gone":
+            return self.finish(False, FailureKind.INFRA, f"{error}; last {state}{logs_part}",
+                               logs, details=details)
+        deleted = self._delete(client, resource)
+        self.note(deleted)
+        if outcome == "api":
+            return self.finish(False, FailureKind.INFRA, f"{label}: {error}; last {state}; "
+                               f"{deleted}{logs_part}", logs, details=details)
+        return self.finish(False, FailureKind.TIMEOUT, f"{label} still {state} at the timeout "
+                           f"of {self.timeout_s:g}s; {deleted}{logs_part}", logs,
+                           details=details)
+
+
+def default_logs_selector(kind: str, name: str) -> str:
+    """Whose logs tell what a resource did: a SparkApplication's driver; otherwise the Job
+    named after the resource (a RayJob's submitter, whose log is the driver's)."""
+    if kind == "SparkApplication":
+        return f"spark-role=driver,sparkoperator.k8s.io/app-name={name}"
+    return f"job-name={name}"
+
+
+def _deployment_failed(kind: str, obj: dict[str, Any]) -> bool:
+    """A RayJob whose deployment failed (it could not even submit) never reaches a job
+    status: its jobDeploymentStatus says so instead."""
+    return kind == "RayJob" and diagnose.dig(obj, "status.jobDeploymentStatus") in (
+        "Failed", "ValidationFailed")
