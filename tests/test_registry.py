@@ -125,6 +125,9 @@ def test_example_registry_is_valid():
 
     assert len(load_registry(LOCAL_EXAMPLE).partitions()) == 4
     assert len(load_registry(EXAMPLE_REGISTRY).partitions()) == 6
+    on_kubernetes = load_registry(EXAMPLE_REGISTRY.parent / "ml-platform-k8s")
+    assert len(on_kubernetes.partitions()) == 6
+    assert {c.config.sandbox.provider for c in on_kubernetes.configs.values()} == {"kubernetes"}
 
 
 def test_json_schema_is_exported_for_editors(capsys):

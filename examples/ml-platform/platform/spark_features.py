@@ -34,10 +34,12 @@ def wait_for_history(history_url: str, app_id: str, timeout_s: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=Path, required=True, help="the event log directory")
-    parser.add_argument("--history", required=True, help="the History Server URL")
+    parser.add_argument("--history", default="",
+                        help="the History Server URL to wait for (none: do not wait)")
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--experiment", default="spark-features")
     args = parser.parse_args()
+    args.events.mkdir(parents=True, exist_ok=True)
 
     work = Path.cwd()
     scratch = work / "spark-tmp"
@@ -95,7 +97,8 @@ def main() -> None:
         mlflow.log_dict(schema, "features_schema.json")
     if summary["rows"] != 1000 or summary["nulls"]:
         raise SystemExit(f"unexpected features: {summary}")
-    wait_for_history(args.history, app_id, timeout_s=60)
+    if args.history:
+        wait_for_history(args.history, app_id, timeout_s=60)
     print(f"features: {summary.asDict()}")
     print(f"app_id={app_id}")
     print(f"experiment_id={run.info.experiment_id}")
