@@ -1,0 +1,836 @@
+"""The Kubernetes API emulator, through the official client over real HTTP on loopback: the
+wire subset (discovery, verbs, errors, selectors, watches, logs, service proxy), namespace
+termination, and the controller's healthy and failing workloads as REFERENCE.md shapes them."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import requests
+from kubernetes.client import (
+    ApiClient,
+    AppsV1Api,
+    BatchV1Api,
+    CoreV1Api,
+    CustomObjectsApi,
+    VersionApi,
+)
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.watch import Watch
+
+from tests.support.kube_api import (
+    RESOURCE_TYPES,
+    STUCK_FINALIZER,
+    Failure,
+    KubeApiServer,
+    KubeController,
+    wait_until,
+)
+
+
+@pytest.fixture
+def api() -> Iterator[KubeApiServer]:
+    with KubeApiServer() as server:
+        yield server
+
+
+@pytest.fixture
+def client(api: KubeApiServer, tmp_path: Path) -> Iterator[ApiClient]:
+    config = api.kubeconfig(tmp_path / "kubeconfig")
+    api_client = kubernetes.config.new_client_from_config(config_file=str(config))
+    yield api_client
+    api_client.close()
+
+
+@pytest.fixture
+def core(client: ApiClient) -> CoreV1Api:
+    return CoreV1Api(client)
+
+
+@pytest.fixture
+def controller(api: KubeApiServer) -> Iterator[KubeController]:
+    with KubeController(api, interval_s=0.02) as running:
+        yield running
+    assert running.errors == []
+
+
+def status_body(error: pytest.ExceptionInfo[ApiException]) -> dict[str, Any]:
+    return json.loads(error.value.body)
+
+
+def pod_manifest(name: str, labels: dict[str, str] | None = None, restart: str = "Always",
+                 containers: tuple[str, ...] = ("main",)) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": labels or {}},
+            "spec": {"restartPolicy": restart,
+                     "containers": [{"name": c, "image": "python:3.11"} for c in containers]}}
+
+
+def deployment_manifest(name: str, replicas: int = 1) -> dict[str, Any]:
+    labels = {"app": name}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [
+                         {"name": name, "image": f"example.test/{name}:1"}]}}}}
+
+
+def job_manifest(name: str, backoff_limit: int = 0) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"backoffLimit": backoff_limit, "template": {
+        "metadata": {"labels": {"team": "ml"}},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "train", "image": "t:1"}]}}}}
+
+
+def events_for(core: CoreV1Api, name: str, namespace: str = "default") -> list[Any]:
+    return [e for e in core.list_namespaced_event(namespace).items
+            if e.involved_object.name == name]
+
+
+def watched(api_call: Any, *args: Any, until: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """The raw objects a watch delivers until one satisfies until (or 10 s pass)."""
+    seen, watch = [], Watch()
+    for event in watch.stream(api_call, *args, timeout_seconds=10, **kwargs):
+        seen.append(event["raw_object"])
+        if until(event["raw_object"]):
+            watch.stop()
+    return seen
+
+
+def transitions(objects: list[dict[str, Any]], state_of: Any) -> list[Any]:
+    """The successive distinct states of an object's status, as a watch saw them."""
+    states: list[Any] = []
+    for obj in objects:
+        state = state_of(obj.get("status") or {})
+        if not states or states[-1] != state:
+            states.append(state)
+    return states
+
+
+# --- discovery and the client's configuration
+
+def test_discovery_lets_the_dynamic_client_find_every_resource_type(
+        client: ApiClient, tmp_path: Path) -> None:
+    dynamic = DynamicClient(client, cache_file=str(tmp_path / "discovery.json"))
+
+    for rtype in RESOURCE_TYPES:
+        resource = dynamic.resources.get(api_version=rtype.api_version, kind=rtype.kind)
+        assert (resource.name, resource.namespaced) == (rtype.plural, rtype.namespaced)
+    pods = dynamic.resources.get(api_version="v1", kind="Pod")
+    assert set(pods.subresources) == {"status", "log"}
+    assert set(dynamic.resources.get(api_version="v1", kind="Service").subresources) == {
+        "status", "proxy"}
+    assert VersionApi(client).get_code().git_version.startswith("v1.")
+
+
+def test_dynamic_client_creates_gets_and_lists_a_rayjob_and_a_deployment(
+        api: KubeApiServer, client: ApiClient, tmp_path: Path) -> None:
+    dynamic = DynamicClient(client, cache_file=str(tmp_path / "discovery.json"))
+    rayjobs = dynamic.resources.get(api_version="ray.io/v1", kind="RayJob")
+    deployments = dynamic.resources.get(api_version="apps/v1", kind="Deployment")
+
+    dynamic.create(rayjobs, namespace="default", body={
+        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "metadata": {"name": "train", "labels": {"team": "ml"}},
+        "spec": {"entrypoint": "python train.py"}})
+    dynamic.create(deployments, namespace="default", body=deployment_manifest("mlflow"))
+
+    rayjob = dynamic.get(rayjobs, name="train", namespace="default")
+    assert rayjob.spec.entrypoint == "python train.py"
+    assert [r.metadata.name for r in dynamic.get(rayjobs, label_selector="team=ml").items] == [
+        "train"]
+    assert dynamic.get(deployments, namespace="default").items[0].metadata.name == "mlflow"
+    assert ("POST", "/apis/ray.io/v1/namespaces/default/rayjobs") in api.requests
+    assert ("GET", "/apis/apps/v1/namespaces/default/deployments") in api.requests
+    assert [o["metadata"]["name"] for o in api.objects("RayJob", "default")] == ["train"]
+
+
+# --- namespaces
+
+def test_namespace_deletion_terminates_then_removes_it_with_its_content(
+        api: KubeApiServer, core: CoreV1Api) -> None:
+    core.create_namespace({"metadata": {"name": "team-a"}})
+    core.create_namespaced_config_map("team-a", {"metadata": {"name": "settings"}})
+    assert "team-a" in [ns.metadata.name for ns in core.list_namespace().items]
+
+    core.delete_namespace("team-a")
+
+    terminating = core.read_namespace("team-a")
+    assert terminating.status.phase == "Terminating"
+    assert terminating.metadata.deletion_timestamp is not None
+    with pytest.raises(ApiException) as forbidden:
+        core.create_namespaced_config_map("team-a", {"metadata": {"name": "late"}})
+    assert forbidden.value.status == 403 and status_body(forbidden)["reason"] == "Forbidden"
+    with pytest.raises(ApiException) as again:
+        core.delete_namespace("team-a")
+    assert again.value.status == 409
+
+    KubeController(api).tick()  # the namespace controller's pass
+    assert "team-a" not in api.namespaces()
+    assert api.objects(namespace="team-a") == []
+    with pytest.raises(ApiException) as gone:
+        core.read_namespace("team-a")
+    assert gone.value.status == 404
+
+
+def test_a_namespace_finalizer_keeps_it_terminating_until_released(
+        api: KubeApiServer, core: CoreV1Api) -> None:
+    core.create_namespace({"metadata": {"name": "held"},
+                           "spec": {"finalizers": ["example.com/hold"]}})
+    core.create_namespaced_config_map("held", {"metadata": {"name": "settings"}})
+    core.delete_namespace("held")
+    namespace_controller = KubeController(api)
+
+    for _ in range(3):
+        namespace_controller.tick()
+
+    held = core.read_namespace("held")
+    assert held.status.phase == "Terminating"
+    assert held.spec.finalizers == ["example.com/hold"]  # "kubernetes" was removed
+    conditions = {c.type: c for c in held.status.conditions}
+    remaining = conditions["NamespaceFinalizersRemaining"]
+    assert (remaining.status, remaining.reason) == ("True", "SomeFinalizersRemain")
+    assert "example.com/hold" in remaining.message
+    assert conditions["NamespaceContentRemaining"].status == "False"
+    assert api.objects(namespace="held") == []
+
+    core.replace_namespace_finalize("held", {"metadata": {"name": "held"},
+                                             "spec": {"finalizers": []}})
+    assert "held" not in api.namespaces()
+
+
+def test_content_with_finalizers_holds_the_namespace_until_they_go(
+        api: KubeApiServer, core: CoreV1Api) -> None:
+    core.create_namespace({"metadata": {"name": "busy"}})
+    core.create_namespaced_config_map("busy", {"metadata": {
+        "name": "guarded", "finalizers": ["example.com/backup"]}})
+    core.delete_namespace("busy")
+    namespace_controller = KubeController(api)
+    namespace_controller.tick()
+
+    conditions = {c.type: c for c in core.read_namespace("busy").status.conditions}
+    assert conditions["NamespaceContentRemaining"].reason == "SomeResourcesRemain"
+    assert "example.com/backup in 1 resource instances" in conditions[
+        "NamespaceFinalizersRemaining"].message
+    assert core.read_namespaced_config_map("guarded", "busy").metadata.deletion_timestamp
+
+    core.patch_namespaced_config_map("guarded", "busy", {"metadata": {"finalizers": None}})
+    namespace_controller.tick()
+    assert "busy" not in api.namespaces()
+
+
+def test_stuck_namespace_behaviour_holds_it_terminating(
+        api: KubeApiServer, core: CoreV1Api, controller: KubeController) -> None:
+    controller.behave("Namespace", "stuck", failure=Failure.STUCK_TERMINATING)
+    core.create_namespace({"metadata": {"name": "stuck"}})
+    wait_until(lambda: core.read_namespace("stuck").metadata.finalizers, what="the finalizer")
+
+    core.delete_namespace("stuck")
+
+    def finalizers_condition() -> Any:
+        conditions = core.read_namespace("stuck").status.conditions or []
+        return next((c for c in conditions if c.type == "NamespaceFinalizersRemaining"
+                     and c.status == "True"), None)
+    condition = wait_until(finalizers_condition, what="NamespaceFinalizersRemaining")
+    assert condition.reason == "SomeFinalizersRemain" and STUCK_FINALIZER in condition.message
+    time.sleep(0.2)
+    assert core.read_namespace("stuck").status.phase == "Terminating"
+
+
+def test_creating_in_a_missing_namespace_is_not_found(core: CoreV1Api) -> None:
+    with pytest.raises(ApiException) as missing:
+        core.create_namespaced_pod("nowhere", pod_manifest("p"))
+
+    assert missing.value.status == 404
+    assert status_body(missing)["details"] == {"name": "nowhere", "kind": "namespaces"}
+
+
+# --- verbs and their errors
+
+def test_not_found_and_already_exists_answer_status_bodies(
+        client: ApiClient, core: CoreV1Api) -> None:
+    with pytest.raises(ApiException) as missing:
+        core.read_namespaced_pod("nope", "default")
+    with pytest.raises(ApiException) as missing_deployment:
+        AppsV1Api(client).read_namespaced_deployment("nope", "default")
+    core.create_namespaced_config_map("default", {"metadata": {"name": "once"}})
+    with pytest.raises(ApiException) as twice:
+        core.create_namespaced_config_map("default", {"metadata": {"name": "once"}})
+
+    body = status_body(missing)
+    assert (missing.value.status, body["kind"], body["status"], body["reason"], body["code"]) == (
+        404, "Status", "Failure", "NotFound", 404)
+    assert body["message"] == 'pods "nope" not found'
+    assert status_body(missing_deployment)["details"] == {
+        "name": "nope", "group": "apps", "kind": "deployments"}
+    assert twice.value.status == 409 and status_body(twice)["reason"] == "AlreadyExists"
+    assert status_body(twice)["message"] == 'configmaps "once" already exists'
+
+
+def test_a_stale_resource_version_conflicts(core: CoreV1Api) -> None:
+    created = core.create_namespaced_config_map("default", {"metadata": {"name": "c"},
+                                                            "data": {"v": "1"}})
+    stale = created.metadata.resource_version
+    created.data = {"v": "2"}
+    updated = core.replace_namespaced_config_map("c", "default", created)
+    created.data = {"v": "3"}
+
+    with pytest.raises(ApiException) as conflict:
+        core.replace_namespaced_config_map("c", "default", created)  # still carries stale
+
+    assert int(updated.metadata.resource_version) > int(stale)
+    assert conflict.value.status == 409 and status_body(conflict)["reason"] == "Conflict"
+    assert "the object has been modified" in status_body(conflict)["message"]
+    assert core.read_namespaced_config_map("c", "default").data == {"v": "2"}
+
+
+def test_generate_name_uid_creation_timestamp_and_increasing_versions(core: CoreV1Api) -> None:
+    first = core.create_namespaced_pod("default", {"metadata": {"generateName": "worker-"},
+                                                   "spec": {"containers": [{"name": "c"}]}})
+    second = core.create_namespaced_pod("default", {"metadata": {"generateName": "worker-"},
+                                                    "spec": {"containers": [{"name": "c"}]}})
+
+    assert re.fullmatch(r"worker-[a-z0-9]{5}", first.metadata.name)
+    assert first.metadata.name != second.metadata.name
+    assert first.metadata.uid != second.metadata.uid
+    assert first.metadata.creation_timestamp is not None
+    assert int(second.metadata.resource_version) > int(first.metadata.resource_version)
+    assert first.status.phase == "Pending"
+
+
+POD_LABELS = {("default", "web-1"): {"app": "web", "tier": "front"},
+              ("default", "db-1"): {"app": "db", "tier": "back"},
+              ("team-b", "web-2"): {"app": "web"},
+              ("team-b", "cron-1"): {"batch": "yes"}}
+
+
+@pytest.fixture
+def labelled_pods(core: CoreV1Api) -> None:
+    core.create_namespace({"metadata": {"name": "team-b"}})
+    for (namespace, name), labels in POD_LABELS.items():
+        core.create_namespaced_pod(namespace, pod_manifest(name, labels))
+
+
+@pytest.mark.parametrize(("selector", "expected"), [
+    ("app=web", {"web-1", "web-2"}),
+    ("app==db", {"db-1"}),
+    ("app!=web", {"db-1", "cron-1"}),
+    ("app in (web, db)", {"web-1", "web-2", "db-1"}),
+    ("app notin (web)", {"db-1", "cron-1"}),
+    ("tier", {"web-1", "db-1"}),
+    ("!tier", {"web-2", "cron-1"}),
+    ("app=web,tier=front", {"web-1"}),
+    ("app in (web),!tier", {"web-2"}),
+])
+def test_label_selectors_across_namespaces(core: CoreV1Api, labelled_pods: None,
+                                           selector: str, expected: set[str]) -> None:
+    pods = core.list_pod_for_all_namespaces(label_selector=selector).items
+    assert {p.metadata.name for p in pods} == expected
+
+
+def test_selectors_within_a_namespace_and_on_fields(core: CoreV1Api, labelled_pods: None) -> None:
+    def names(**kwargs: Any) -> set[str]:
+        pods = (core.list_namespaced_pod(kwargs.pop("namespace"), **kwargs)
+                if "namespace" in kwargs else core.list_pod_for_all_namespaces(**kwargs))
+        return {p.metadata.name for p in pods.items}
+
+    assert names(namespace="team-b", label_selector="app=web") == {"web-2"}
+    assert names(field_selector="metadata.name=web-2") == {"web-2"}
+    assert names(field_selector="metadata.namespace=team-b") == {"web-2", "cron-1"}
+    assert names(field_selector="metadata.namespace!=team-b,metadata.name=db-1") == {"db-1"}
+    with pytest.raises(ApiException) as invalid:
+        core.list_pod_for_all_namespaces(label_selector="app in web")
+    assert invalid.value.status == 400
+
+
+def test_patches_merge_strategic_and_json(core: CoreV1Api) -> None:
+    core.create_namespaced_config_map("default", {"metadata": {
+        "name": "c", "labels": {"a": "1", "b": "2"}}, "data": {"k": "v"}})
+
+    core.patch_namespaced_config_map("c", "default", {"metadata": {"labels": {"b": None,
+                                                                              "c": "3"}}})
+    core.patch_namespaced_config_map("c", "default", {"data": {"k2": "v2"}},
+                                     _content_type="application/merge-patch+json")
+    patched = core.patch_namespaced_config_map(
+        "c", "default", [{"op": "replace", "path": "/data/k", "value": "w"},
+                         {"op": "add", "path": "/metadata/labels/d", "value": "4"}])
+
+    assert patched.metadata.labels == {"a": "1", "c": "3", "d": "4"}
+    assert patched.data == {"k": "w", "k2": "v2"}
+
+
+def test_the_status_subresource_is_written_apart_from_the_spec(client: ApiClient) -> None:
+    apps = AppsV1Api(client)
+    created = apps.create_namespaced_deployment("default", deployment_manifest("web"))
+    assert created.metadata.generation == 1
+
+    apps.patch_namespaced_deployment_status("web", "default", {
+        "status": {"replicas": 7}, "spec": {"replicas": 9}})
+    after_status = apps.read_namespaced_deployment("web", "default")
+    after_status.spec.replicas = 3
+    after_status.status.replicas = 0
+    replaced = apps.replace_namespaced_deployment("web", "default", after_status)
+
+    assert (after_status.metadata.generation, replaced.metadata.generation) == (1, 2)
+    assert (replaced.spec.replicas, replaced.status.replicas) == (3, 7)
+
+
+def test_deleting_an_owner_cascades_but_a_job_orphans_its_pods_by_default(
+        api: KubeApiServer, client: ApiClient, core: CoreV1Api) -> None:
+    batch = BatchV1Api(client)
+    for name in ("orphaning", "cascading"):
+        job = batch.create_namespaced_job("default", job_manifest(name))
+        pod = pod_manifest(f"{name}-pod")
+        pod["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job",
+                                               "name": name, "uid": job.metadata.uid,
+                                               "controller": True}]
+        core.create_namespaced_pod("default", pod)
+
+    batch.delete_namespaced_job("orphaning", "default")
+    batch.delete_namespaced_job("cascading", "default", propagation_policy="Background")
+
+    assert [p["metadata"]["name"] for p in api.objects("Pod")] == ["orphaning-pod"]
+    assert core.read_namespaced_pod("orphaning-pod", "default").metadata.owner_references is None
+    assert api.objects("Job") == []
+
+
+# --- watches
+
+def test_watch_streams_added_modified_deleted_as_they_happen(core: CoreV1Api) -> None:
+    core.create_namespace({"metadata": {"name": "watched"}})
+    start = core.list_namespaced_pod("watched").metadata.resource_version
+    events: list[tuple[str, str, dict[str, str] | None]] = []
+    watch = Watch()
+
+    def consume() -> None:
+        for event in watch.stream(core.list_namespaced_pod, "watched", resource_version=start,
+                                  timeout_seconds=10):
+            pod = event["object"]
+            events.append((event["type"], pod.metadata.name, pod.metadata.labels))
+            if event["type"] == "DELETED":
+                watch.stop()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    time.sleep(0.2)  # the watch is open before anything changes
+    core.create_namespaced_pod("default", pod_manifest("elsewhere"))
+    core.create_namespaced_pod("watched", pod_manifest("p"))
+    core.patch_namespaced_pod("p", "watched", {"metadata": {"labels": {"stage": "two"}}})
+    core.delete_namespaced_pod("p", "watched")
+    consumer.join(timeout=10)
+
+    assert events == [("ADDED", "p", None), ("MODIFIED", "p", {"stage": "two"}),
+                      ("DELETED", "p", {"stage": "two"})]
+
+
+def test_watch_without_a_version_lists_first_and_ends_at_its_timeout(
+        api: KubeApiServer, core: CoreV1Api) -> None:
+    core.create_namespaced_pod("default", pod_manifest("existing"))
+    started = time.monotonic()
+
+    events = list(Watch().stream(core.list_namespaced_pod, "default", timeout_seconds=1))
+
+    assert [(e["type"], e["object"].metadata.name) for e in events] == [("ADDED", "existing")]
+    assert 0.9 < time.monotonic() - started < 3
+    assert ("GET", "/api/v1/namespaces/default/pods") in api.requests
+
+
+def test_stopping_the_server_ends_an_open_watch(api: KubeApiServer, core: CoreV1Api) -> None:
+    consumer = threading.Thread(target=lambda: list(Watch().stream(
+        core.list_namespaced_pod, "default", timeout_seconds=60)), daemon=True)
+    consumer.start()
+    time.sleep(0.2)
+
+    api.stop()
+
+    consumer.join(timeout=5)
+    assert not consumer.is_alive()
+
+
+# --- pod logs
+
+def test_pod_logs_honour_tail_lines_timestamps_and_containers(
+        core: CoreV1Api, controller: KubeController) -> None:
+    controller.behave("Pod", "trainer", log="epoch 1\nepoch 2\nepoch 3")
+    core.create_namespaced_pod("default", pod_manifest("trainer", restart="Never"))
+    core.create_namespaced_pod("default", pod_manifest("pair", containers=("app", "sidecar")))
+    wait_until(lambda: core.read_namespaced_pod("trainer", "default").status.phase == "Succeeded")
+    wait_until(lambda: core.read_namespaced_pod("pair", "default").status.phase == "Running")
+
+    def log(name: str, **kwargs: Any) -> str:
+        return core.read_namespaced_pod_log(name, "default", _preload_content=False,
+                                            **kwargs).data.decode()
+
+    assert log("trainer") == "epoch 1\nepoch 2\nepoch 3\n"
+    assert log("trainer", tail_lines=2) == "epoch 2\nepoch 3\n"
+    stamped = log("trainer", timestamps=True).splitlines()
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z epoch \d", line)
+               for line in stamped)
+    assert log("pair", container="sidecar") == "sidecar: starting\nsidecar: ready\n"
+    with pytest.raises(ApiException) as ambiguous:
+        log("pair")
+    assert ambiguous.value.status == 400
+    assert "a container name must be specified" in status_body(ambiguous)["message"]
+
+
+def test_following_a_log_streams_until_the_container_stops(
+        api: KubeApiServer, core: CoreV1Api, controller: KubeController) -> None:
+    controller.behave("Pod", "streamer", log="first", run_s=1.0)
+    core.create_namespaced_pod("default", pod_manifest("streamer", restart="Never"))
+    wait_until(lambda: core.read_namespaced_pod("streamer", "default").status.phase == "Running")
+    threading.Timer(0.3, api.store.append_log, ("default", "streamer", "main", "later")).start()
+
+    response = core.read_namespaced_pod_log("streamer", "default", follow=True,
+                                            _preload_content=False)
+    streamed = b"".join(response.stream()).decode()
+
+    assert streamed == "first\nlater\n"
+    assert core.read_namespaced_pod("streamer", "default").status.phase == "Succeeded"
+
+
+# --- service proxy
+
+@pytest.fixture
+def backend() -> Iterator[str]:
+    class Echo(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            data = json.dumps({"method": self.command, "path": self.path,
+                               "body": body.decode()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_service_proxy_reaches_the_registered_backend(
+        api: KubeApiServer, core: CoreV1Api, backend: str) -> None:
+    core.create_namespaced_service("default", {"metadata": {"name": "model"},
+                                               "spec": {"ports": [{"port": 8080}]}})
+    api.route_service("default", "model", backend)
+
+    response = core.connect_get_namespaced_service_proxy_with_path(
+        "http:model:8080", "default", "v1/models/m:predict", _preload_content=False)
+    posted = requests.post(f"{api.url}/api/v1/namespaces/default/services/model:8080/proxy/"
+                           "invocations?verbose=1", json={"x": 1}, timeout=5)
+
+    assert json.loads(response.data) == {"method": "GET", "path": "/v1/models/m:predict",
+                                         "body": ""}
+    assert posted.json() == {"method": "POST", "path": "/invocations?verbose=1",
+                             "body": '{"x": 1}'}
+    assert ("GET", "/api/v1/namespaces/default/services/http:model:8080/proxy/"
+                   "v1/models/m:predict") in api.requests
+
+
+def test_service_proxy_is_unavailable_without_a_backend_or_when_it_refuses(
+        api: KubeApiServer, core: CoreV1Api) -> None:
+    core.create_namespaced_service("default", {"metadata": {"name": "model"}, "spec": {}})
+    with pytest.raises(ApiException) as unrouted:
+        core.connect_get_namespaced_service_proxy_with_path("model", "default", "health")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    api.route_service(None, "model", f"http://127.0.0.1:{closed_port}")
+    with pytest.raises(ApiException) as refused:
+        core.connect_get_namespaced_service_proxy_with_path("model", "default", "health")
+    with pytest.raises(ApiException) as no_service:
+        core.connect_get_namespaced_service_proxy_with_path("ghost", "default", "health")
+
+    for error in (unrouted, refused):
+        assert error.value.status == 503
+        assert status_body(error)["reason"] == "ServiceUnavailable"
+    assert "no endpoints available" in status_body(unrouted)["message"]
+    assert "connection refused" in status_body(refused)["message"].lower()
+    assert no_service.value.status == 404
+
+
+# --- the controller: healthy workloads
+
+def test_a_healthy_deployment_becomes_available_with_running_ready_pods(
+        api: KubeApiServer, client: ApiClient, core: CoreV1Api,
+        controller: KubeController) -> None:
+    apps = AppsV1Api(client)
+    apps.create_namespaced_deployment("default", deployment_manifest("mlflow", replicas=2))
+
+    deployment = wait_until(lambda: (d := apps.read_namespaced_deployment_status(
+        "mlflow", "default")).status.available_replicas == 2 and d, what="2 available")
+
+    conditions = {c.type: c for c in deployment.status.conditions}
+    assert (conditions["Available"].status, conditions["Available"].reason) == (
+        "True", "MinimumReplicasAvailable")
+    assert conditions["Progressing"].status == "True"
+    assert (deployment.status.replicas, deployment.status.ready_replicas) == (2, 2)
+    pods = core.list_namespaced_pod("default", label_selector="app=mlflow").items
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod.status.phase == "Running"
+        assert {c.type: c.status for c in pod.status.conditions}["Ready"] == "True"
+        assert [s.ready for s in pod.status.container_statuses] == [True]
+        owner = pod.metadata.owner_references[0]
+        assert owner.kind == "ReplicaSet"
+        replica_set = apps.read_namespaced_replica_set(owner.name, "default")
+        assert replica_set.metadata.owner_references[0].name == "mlflow"
+    assert {"Scheduled", "Started"} <= {e.reason for e in events_for(core, pods[0].metadata.name)}
+
+
+def test_a_statefulset_starts_its_pods_in_order(client: ApiClient, core: CoreV1Api,
+                                                controller: KubeController) -> None:
+    apps = AppsV1Api(client)
+    manifest = deployment_manifest("db", replicas=2)
+    manifest["spec"]["serviceName"] = "db"
+    apps.create_namespaced_stateful_set("default", manifest)
+
+    wait_until(lambda: apps.read_namespaced_stateful_set("db", "default").status.ready_replicas
+               == 2, what="2 ready")
+
+    pods = core.list_namespaced_pod("default", label_selector="app=db").items
+    assert [p.metadata.name for p in pods] == ["db-0", "db-1"]
+    assert pods[0].status.start_time <= pods[1].status.start_time
+
+
+def test_a_job_runs_its_pod_to_completion(client: ApiClient, core: CoreV1Api,
+                                          controller: KubeController) -> None:
+    batch = BatchV1Api(client)
+    job = batch.create_namespaced_job("default", job_manifest("etl"))
+
+    done = wait_until(lambda: (j := batch.read_namespaced_job_status("etl", "default")
+                               ).status.succeeded and j, what="the job to succeed")
+
+    assert done.status.succeeded == 1 and done.status.completion_time is not None
+    assert {c.type: c.status for c in done.status.conditions}["Complete"] == "True"
+    [pod] = core.list_namespaced_pod("default", label_selector="job-name=etl").items
+    assert pod.metadata.labels["controller-uid"] == job.metadata.uid
+    assert pod.metadata.labels["team"] == "ml"
+    assert pod.status.phase == "Succeeded"
+    assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+    log = core.read_namespaced_pod_log(pod.metadata.name, "default", _preload_content=False)
+    assert log.data.decode() == "train: starting\ntrain: ready\ntrain: done\n"
+
+
+def test_a_rayjob_initializes_runs_and_completes_through_its_submitter(
+        api: KubeApiServer, client: ApiClient, core: CoreV1Api,
+        controller: KubeController) -> None:
+    custom = CustomObjectsApi(client)
+    start = custom.list_namespaced_custom_object("ray.io", "v1", "default", "rayjobs")
+    custom.create_namespaced_custom_object("ray.io", "v1", "default", "rayjobs", {
+        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "train"},
+        "spec": {"entrypoint": "python train.py"}})
+
+    seen = watched(custom.list_namespaced_custom_object, "ray.io", "v1", "default", "rayjobs",
+                   resource_version=start["metadata"]["resourceVersion"],
+                   until=lambda o: o.get("status", {}).get("jobDeploymentStatus") == "Complete")
+
+    states = transitions(seen, lambda s: (s.get("jobDeploymentStatus", ""),
+                                          s.get("jobStatus", "")))
+    assert states == [("", ""), ("Initializing", ""), ("Running", "PENDING"),
+                      ("Running", "RUNNING"), ("Complete", "SUCCEEDED")]
+    status = seen[-1]["status"]
+    cluster = custom.get_namespaced_custom_object("ray.io", "v1", "default", "rayclusters",
+                                                  status["rayClusterName"])
+    assert cluster["status"]["state"] == "ready"
+    assert BatchV1Api(client).read_namespaced_job("train", "default").status.succeeded == 1
+    [submitter] = core.list_namespaced_pod("default", label_selector="job-name=train").items
+    log = core.read_namespaced_pod_log(submitter.metadata.name, "default",
+                                       _preload_content=False).data.decode()
+    assert f"Job '{status['jobId']}' succeeded" in log
+
+
+def test_a_sparkapplication_submits_runs_and_completes(
+        client: ApiClient, core: CoreV1Api, controller: KubeController) -> None:
+    custom = CustomObjectsApi(client)
+    group = ("sparkoperator.k8s.io", "v1beta2", "default", "sparkapplications")
+    start = custom.list_namespaced_custom_object(*group)
+    custom.create_namespaced_custom_object(*group, {
+        "apiVersion": "sparkoperator.k8s.io/v1beta2", "kind": "SparkApplication",
+        "metadata": {"name": "pi"}, "spec": {"type": "Python", "image": "spark:3.5.1",
+                                             "mainApplicationFile": "local:///opt/pi.py"}})
+
+    seen = watched(custom.list_namespaced_custom_object, *group,
+                   resource_version=start["metadata"]["resourceVersion"],
+                   until=lambda o: o.get("status", {}).get("applicationState", {}).get(
+                       "state") == "COMPLETED")
+
+    states = transitions(seen, lambda s: s.get("applicationState", {}).get("state"))
+    assert states == [None, "SUBMITTED", "RUNNING", "SUCCEEDING", "COMPLETED"]
+    assert seen[-1]["status"]["driverInfo"]["podName"] == "pi-driver"
+    driver = core.read_namespaced_pod("pi-driver", "default")
+    assert driver.metadata.labels["spark-role"] == "driver"
+    assert driver.metadata.labels["sparkoperator.k8s.io/app-name"] == "pi"
+    assert driver.status.phase == "Succeeded"
+
+
+# --- the controller: failures
+
+def test_crash_looping_pods_restart_and_record_back_off_events(
+        client: ApiClient, core: CoreV1Api, controller: KubeController) -> None:
+    controller.behave("Deployment", "mlflow", failure=Failure.CRASH_LOOP)
+    AppsV1Api(client).create_namespaced_deployment("default", deployment_manifest("mlflow"))
+
+    def restarted_pod() -> Any:
+        pods = core.list_namespaced_pod("default", label_selector="app=mlflow").items
+        return pods and pods[0].status.container_statuses and \
+            pods[0].status.container_statuses[0].restart_count >= 2 and pods[0]
+    pod = wait_until(restarted_pod, what="restarts")
+
+    status = pod.status.container_statuses[0]
+    assert pod.status.phase == "Running"
+    assert status.state.waiting.reason == "CrashLoopBackOff" and not status.ready
+    assert status.last_state.terminated.exit_code == 1
+    back_off = wait_until(lambda: [e for e in events_for(core, pod.metadata.name)
+                                   if e.reason == "BackOff"], what="BackOff")[0]
+    assert back_off.type == "Warning" and back_off.last_timestamp is not None
+    assert back_off.message.startswith("Back-off restarting failed container mlflow")
+    assert back_off.involved_object.kind == "Pod"
+    deployment = AppsV1Api(client).read_namespaced_deployment("mlflow", "default")
+    assert {c.type: c.status for c in deployment.status.conditions}["Available"] == "False"
+    assert deployment.status.available_replicas is None
+
+
+def test_image_pull_failures_keep_the_pod_pending(
+        client: ApiClient, core: CoreV1Api, controller: KubeController) -> None:
+    controller.behave("Deployment", "broken", failure="image-pull")
+    AppsV1Api(client).create_namespaced_deployment("default", deployment_manifest("broken"))
+
+    def backing_off() -> Any:
+        pods = core.list_namespaced_pod("default", label_selector="app=broken").items
+        waiting = pods and pods[0].status.container_statuses and \
+            pods[0].status.container_statuses[0].state.waiting
+        return waiting and waiting.reason == "ImagePullBackOff" and pods[0]
+    pod = wait_until(backing_off, what="ImagePullBackOff")
+
+    assert pod.status.phase == "Pending"
+    messages = {(e.reason, e.message) for e in events_for(core, pod.metadata.name)}
+    assert ("Failed", "Error: ErrImagePull") in messages
+    with pytest.raises(ApiException) as waiting_log:
+        core.read_namespaced_pod_log(pod.metadata.name, "default")
+    assert waiting_log.value.status == 400
+    assert "is waiting to start" in status_body(waiting_log)["message"]
+
+
+def test_unschedulable_pods_never_get_a_node(
+        client: ApiClient, core: CoreV1Api, controller: KubeController) -> None:
+    controller.behave("Deployment", "huge", failure=Failure.UNSCHEDULABLE)
+    AppsV1Api(client).create_namespaced_deployment("default", deployment_manifest("huge"))
+
+    def unscheduled() -> Any:
+        pods = core.list_namespaced_pod("default", label_selector="app=huge").items
+        return pods and pods[0].status.conditions and pods[0]
+    pod = wait_until(unscheduled, what="a scheduling verdict")
+
+    [scheduled] = pod.status.conditions
+    assert (scheduled.type, scheduled.status, scheduled.reason) == (
+        "PodScheduled", "False", "Unschedulable")
+    assert pod.spec.node_name is None and pod.status.phase == "Pending"
+    event = wait_until(lambda: events_for(core, pod.metadata.name), what="an event")[0]
+    assert (event.reason, event.type, event.source.component) == (
+        "FailedScheduling", "Warning", "default-scheduler")
+
+
+def test_a_stuck_deployment_exceeds_its_progress_deadline(
+        client: ApiClient, controller: KubeController) -> None:
+    apps = AppsV1Api(client)
+    controller.behave("Deployment", "stuck", failure=Failure.PROGRESS_DEADLINE)
+    apps.create_namespaced_deployment("default", deployment_manifest("stuck"))
+
+    def deadline_exceeded() -> Any:
+        status = apps.read_namespaced_deployment_status("stuck", "default").status
+        return next((c for c in status.conditions or [] if c.type == "Progressing"
+                     and c.status == "False"), None)
+    progressing = wait_until(deadline_exceeded, what="Progressing False")
+
+    assert progressing.reason == "ProgressDeadlineExceeded"
+    status = apps.read_namespaced_deployment_status("stuck", "default").status
+    assert status.available_replicas is None and status.ready_replicas is None
+
+
+def test_a_failing_job_exhausts_its_backoff_limit(
+        client: ApiClient, core: CoreV1Api, controller: KubeController) -> None:
+    batch = BatchV1Api(client)
+    controller.behave("Job", "etl", failure=Failure.FAIL, exit_code=3)
+    batch.create_namespaced_job("default", job_manifest("etl", backoff_limit=1))
+
+    failed = wait_until(lambda: (j := batch.read_namespaced_job_status("etl", "default")
+                                 ).status.conditions and j, what="a job verdict")
+
+    assert failed.status.failed == 2 and not failed.status.succeeded
+    condition = {c.type: c for c in failed.status.conditions}["Failed"]
+    assert (condition.status, condition.reason) == ("True", "BackoffLimitExceeded")
+    pods = core.list_namespaced_pod("default", label_selector="job-name=etl").items
+    assert [p.status.phase for p in pods] == ["Failed", "Failed"]
+    assert pods[0].status.container_statuses[0].state.terminated.exit_code == 3
+    log = core.read_namespaced_pod_log(pods[0].metadata.name, "default", _preload_content=False)
+    assert "Traceback (most recent call last)" in log.data.decode()
+
+
+def test_a_failing_rayjob_reports_app_failed_with_the_driver_traceback(
+        api: KubeApiServer, client: ApiClient, core: CoreV1Api,
+        controller: KubeController) -> None:
+    custom = CustomObjectsApi(client)
+    controller.behave("RayJob", "train", failure=Failure.FAIL)
+    custom.create_namespaced_custom_object("ray.io", "v1", "default", "rayjobs", {
+        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "train"},
+        "spec": {"entrypoint": "python train.py", "shutdownAfterJobFinishes": True}})
+
+    status = wait_until(lambda: (s := custom.get_namespaced_custom_object(
+        "ray.io", "v1", "default", "rayjobs", "train").get("status", {})).get(
+        "jobDeploymentStatus") == "Failed" and s, what="the rayjob to fail")
+
+    assert (status["jobStatus"], status["reason"]) == ("FAILED", "AppFailed")
+    assert "RuntimeError: training diverged" in status["message"]
+    [submitter] = core.list_namespaced_pod("default", label_selector="job-name=train").items
+    assert submitter.status.phase == "Succeeded"  # `ray job logs --follow` exits 0 anyway
+    log = core.read_namespaced_pod_log(submitter.metadata.name, "default",
+                                       _preload_content=False).data.decode()
+    assert "Traceback (most recent call last)" in log and f"Job '{status['jobId']}' failed" in log
+    wait_until(lambda: not api.objects("RayCluster"), what="the cluster shut down")
+    assert [j["metadata"]["name"] for j in api.objects("Job")] == ["train"]
+
+
+def test_a_failing_sparkapplication_ends_failed_with_an_error_message(
+        client: ApiClient, core: CoreV1Api, controller: KubeController) -> None:
+    custom = CustomObjectsApi(client)
+    group = ("sparkoperator.k8s.io", "v1beta2", "default", "sparkapplications")
+    controller.behave("SparkApplication", "pi", failure=Failure.FAIL)
+    custom.create_namespaced_custom_object(*group, {
+        "apiVersion": "sparkoperator.k8s.io/v1beta2", "kind": "SparkApplication",
+        "metadata": {"name": "pi"}, "spec": {"image": "spark:3.5.1"}})
+
+    state = wait_until(lambda: (s := custom.get_namespaced_custom_object(*group, "pi").get(
+        "status", {}).get("applicationState", {})).get("state") == "FAILED" and s,
+        what="the application to fail")
+
+    assert state["errorMessage"] == "driver container failed with ExitCode: 1, Reason: Error"
+    assert core.read_namespaced_pod("pi-driver", "default").status.phase == "Failed"
+
+
+def test_behave_rejects_what_it_cannot_emulate(api: KubeApiServer) -> None:
+    controller = KubeController(api)
+
+    with pytest.raises(ValueError, match="not emulated for a RayJob"):
+        controller.behave("RayJob", "train", failure=Failure.CRASH_LOOP)
+    with pytest.raises(ValueError, match="runs only"):
+        controller.behave("ConfigMap", "settings")
+    with pytest.raises(ValueError):
+        controller.behave("Pod", "p", failure="melts")
