@@ -3,6 +3,7 @@ on the fly, and leak checks over real processes, ports and directories."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,17 @@ from mlci_dagster.providers.processes import marked_processes
 from mlci_dagster.record import ResultRecord
 
 PY = sys.executable
+SLOW = os.environ.get("MLCI_SLOW") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow` tests repeat, on the same real service, a path another test covers in CI."""
+    if SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: a second case of a covered path; set MLCI_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 

@@ -331,6 +331,7 @@ def test_ecr_digest_change_requests_one_run_per_partition_using_the_image(ecr, t
 
 
 @pytest.mark.daemon
+@pytest.mark.slow  # the restart path is in CI through the CI-push test below
 def test_polled_new_digest_runs_each_partition_once_even_across_a_daemon_restart(
         oci_registry, tmp_path, dagster_home, instance):
     """The real `dagster-daemon run`: it ticks the poll sensor and launches the runs; it is

@@ -138,6 +138,7 @@ def test_example_partition_passes_on_real_services(ml_home, instance, key, pipel
 
 
 @pytest.mark.ml_platform
+@pytest.mark.slow  # Ray is in CI through ray-train; a failing job is tested on the local example
 def test_ray_job_that_raises_fails_pipeline_runs_with_the_job_log_tail(
     ml_home, instance, tmp_path
 ):
