@@ -1,20 +1,43 @@
-"""The Kubernetes provider: pure rules (readiness, diagnosis, names) by tables."""
+"""The Kubernetes provider against an emulated API server on loopback, through the official
+client (create, readiness, pipelines, the service proxy, artifacts, destroy, the janitor), and
+its pure rules (readiness, diagnosis, names) by tables."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mlci_dagster.providers.kubernetes import diagnose
+from mlci_dagster.janitor import sweep
+from mlci_dagster.providers.base import Provider, build_provider
+from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.kubernetes import KubernetesProvider, diagnose
 from mlci_dagster.providers.kubernetes.provider import (
+    HANDLE_ANNOTATION,
     ManifestError,
     label_value,
     load_manifest,
     namespace_name,
 )
+from mlci_dagster.registry.kubernetes import (
+    ClusterSpec,
+    K8sJobPipeline,
+    K8sResourcePipeline,
+    KubernetesSandbox,
+)
 from mlci_dagster.vocabulary import FailureKind
+from tests.support.kube_api import TRACEBACK, KubeApiServer, KubeController, wait_until
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -206,3 +229,519 @@ def test_namespace_blockers(namespace, expected):
     text = diagnose.namespace_blockers(namespace)
     assert all(part in text for part in expected), text
     assert "DiscoveryFailure" not in text
+
+
+# --- against the emulated API server -----------------------------------------------------------
+
+SECRET = "s3cr3t-k8s-token-9f2b"
+SECRET_ENV = "MLCI_TEST_K8S_TOKEN"
+IMAGE = {"ref": "example.test/app@sha256:abc123", "digest": "sha256:abc123"}
+ENGINE_VARIABLES = {"STORE": "${sandbox.id}-store", "DB_PASSWORD": "${env.MLCI_TEST_K8S_TOKEN}"}
+
+DB = """
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec: {containers: [{name: postgres, image: postgres:16}]}
+"""
+APP = """
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data:
+  sandbox: ${sandbox.id}
+  image: ${image.ref}
+  store: ${vars.STORE}
+  url: ${services.web.url}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: app
+        image: ${image.ref}
+        env:
+        - name: API_TOKEN
+          valueFrom: {secretKeyRef: {name: creds, key: API_TOKEN}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 8080}]
+"""
+TRAIN_JOB = """
+apiVersion: batch/v1
+kind: Job
+metadata: {name: train}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: train, image: "${image.ref}", args: ["--store", "${vars.STORE}"]}]
+"""
+RAY_JOB = """
+apiVersion: ray.io/v1
+kind: RayJob
+metadata: {name: rayjob}
+spec:
+  entrypoint: python /app/train.py
+  rayClusterSpec:
+    headGroupSpec:
+      template:
+        spec: {containers: [{name: ray-head, image: "rayproject/ray:2.9.0"}]}
+"""
+
+
+@pytest.fixture
+def kube() -> Iterator[tuple[KubeApiServer, KubeController]]:
+    with KubeApiServer() as server, KubeController(server, interval_s=0.05) as controller:
+        yield server, controller
+        assert controller.errors == []
+
+
+@pytest.fixture
+def registry(tmp_path: Path, kube) -> Path:
+    root = tmp_path / "registry"
+    (root / "k8s").mkdir(parents=True)
+    for name, text in {"db.yaml": DB, "app.yaml": APP, "train.yaml": TRAIN_JOB,
+                       "rayjob.yaml": RAY_JOB}.items():
+        (root / "k8s" / name).write_text(text)
+    kube[0].kubeconfig(root / "kubeconfig.json")
+    return root
+
+
+@pytest.fixture
+def provider(tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch
+             ) -> KubernetesProvider:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    return KubernetesProvider(tmp_path / "home", [SECRET_ENV], root=registry,
+                              settings=ClusterSpec(kubeconfig="kubeconfig.json"),
+                              poll_interval_s=0.05)
+
+
+def sandbox(**overrides: Any) -> KubernetesSandbox:
+    body = {"provider": "kubernetes", "ttl_s": 600,
+            "cluster": {"kubeconfig": "kubeconfig.json"},
+            "manifests": ["k8s/db.yaml", "k8s/app.yaml"],  # the engine's first, as staged
+            "secrets": [{"name": "creds", "data": {"API_TOKEN": f"${{env.{SECRET_ENV}}}"}}],
+            "services": [{"name": "web", "service": "web", "port": 8080}]}
+    return KubernetesSandbox.model_validate({**body, **overrides})
+
+
+def create(provider: KubernetesProvider, spec: KubernetesSandbox | None = None,
+           config: str = "train", run_id: str = "run-1") -> SandboxHandle:
+    return provider.create(spec or sandbox(), config=config, engine="e1", run_id=run_id,
+                           engine_variables=ENGINE_VARIABLES, image=IMAGE)
+
+
+def context_of(handle: SandboxHandle) -> dict[str, Any]:
+    return render_context(handle, {}, image=IMAGE, outputs={})
+
+
+def files_under(path: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in path.rglob("*") if p.is_file())
+
+
+def test_create_makes_a_labelled_namespace_holding_its_handle_and_the_templated_manifests(
+        provider, kube, tmp_path):
+    server, _ = kube
+    handle = create(provider)
+    ns = handle.sandbox_id
+    namespace = next(o for o in server.objects("Namespace") if o["metadata"]["name"] == ns)
+    labels = namespace["metadata"]["labels"]
+    assert ns.startswith("train-e1-") and len(ns) <= 63
+    assert labels["app.kubernetes.io/managed-by"] == "mlci"
+    assert labels["mlci.dev/run-id"] == "run-1"
+    assert labels["mlci.dev/partition"] == "train.e1"
+    assert int(labels["mlci.dev/expires-at"]) == int(handle.expires_at)
+    annotated = json.loads(namespace["metadata"]["annotations"][HANDLE_ANNOTATION])
+    assert annotated == handle.to_dict()
+    # Secrets first, then the manifests in order: the engine's, then the config's.
+    created = [path.split("/")[-1] for method, path in server.requests
+               if method == "POST" and f"/namespaces/{ns}/" in path]
+    assert created == ["secrets", "statefulsets", "configmaps", "deployments", "services"]
+    settings = server.objects("ConfigMap", ns)[0]["data"]
+    assert settings == {"sandbox": ns, "image": IMAGE["ref"], "store": f"{ns}-store",
+                        "url": handle.endpoints["web"]}
+    assert handle.endpoints["web"] == (f"{server.url}/api/v1/namespaces/{ns}/services/"
+                                       "http:web:8080/proxy")
+    assert handle.state["access"]["kubeconfig"] == str(provider.root / "kubeconfig.json")
+    assert handle.owner_pid and handle.owner_start
+    assert [h.sandbox_id for h in provider.ledger.live("kubernetes")] == [ns]
+    # The secret reached the cluster, and nothing the harness keeps.
+    secret = server.objects("Secret", ns)[0]
+    assert SECRET in json.dumps(secret) or base64.b64encode(SECRET.encode()).decode() in \
+        json.dumps(secret)
+    assert handle.variables["DB_PASSWORD"] == f"${{env.{SECRET_ENV}}}"
+    assert SECRET not in json.dumps(handle.to_dict()) + json.dumps(namespace)
+    assert SECRET not in files_under(tmp_path / "home")
+
+
+def test_ready_when_every_deployment_and_statefulset_is(provider):
+    handle = create(provider)
+    probes = provider.wait_until_ready(handle, sandbox(), timeout_s=10)
+    assert sorted(p["object"] for p in probes) == ["Deployment web", "StatefulSet db"]
+    assert all(p["ready"] for p in probes)
+    assert provider.destroy(handle)["clean"]
+
+
+def test_explicit_ready_checks_by_name_selector_and_condition(provider):
+    spec = sandbox(ready=[{"kind": "Pod", "selector": "app=web"},
+                          {"kind": "Deployment", "name": "web", "condition": "Progressing"}])
+    handle = create(provider, spec)
+    probes = provider.wait_until_ready(handle, spec, timeout_s=10)
+    assert sorted(p["object"] for p in probes) == ["Deployment web", "Pods (app=web)"]
+    assert all(p["ready"] for p in probes)
+
+
+def crash_looping(server: KubeApiServer, ns: str) -> bool:
+    pods = server.objects("Pod", ns)
+    deployment = server.objects("Deployment", ns)[0]
+    return any("CrashLoopBackOff" in json.dumps(p["status"]) for p in pods) and \
+        diagnose.condition(deployment, "Available")["status"] == "False"
+
+
+def test_a_crash_looping_deployment_is_a_product_failure_naming_its_pod_and_events(
+        provider, kube):
+    server, controller = kube
+    controller.behave("Deployment", "web", failure="crash-loop")
+    handle = create(provider)
+    # A container without a readiness probe is Ready until it first crashes, as on a real
+    # cluster: the verdict is asked of a deployment already crash-looping.
+    wait_until(lambda: crash_looping(server, handle.sandbox_id), what="a crash loop")
+    with pytest.raises(SandboxError) as failed:
+        provider.wait_until_ready(handle, sandbox(), timeout_s=0.5)
+    pod = next(p["metadata"]["name"] for p in server.objects("Pod", handle.sandbox_id)
+               if p["metadata"]["name"].startswith("web-"))
+    message = str(failed.value)
+    assert failed.value.kind == "product"
+    assert f"not ready in namespace {handle.sandbox_id}" in message
+    assert "Deployment web: Available=False" in message
+    assert f"pod {pod}" in message and "waiting CrashLoopBackOff" in message
+    assert f"Warning BackOff pod/{pod}: Back-off restarting failed container app" in message
+    assert Path(failed.value.log_ref).read_text() == message
+    assert provider.destroy(handle)["clean"]
+
+
+@pytest.mark.parametrize("failure, kind, evidence", [
+    ("unschedulable", "infra", "FailedScheduling"),
+    ("image-pull", "infra", "ImagePullBackOff"),
+    ("progress-deadline", "timeout", "ProgressDeadlineExceeded"),
+])
+def test_a_deployment_that_cannot_start_says_why(provider, kube, failure, kind, evidence):
+    _, controller = kube
+    controller.behave("Deployment", "web", failure=failure)
+    handle = create(provider)
+    started = time.monotonic()
+    with pytest.raises(SandboxError) as failed:
+        provider.wait_until_ready(handle, sandbox(), timeout_s=1.5)
+    assert failed.value.kind == kind, str(failed.value)
+    assert evidence in str(failed.value) and "Deployment web" in str(failed.value)
+    assert time.monotonic() - started < 5
+    assert provider.destroy(handle)["clean"]
+
+
+def test_a_failed_create_deletes_what_it_made_and_names_the_document(provider, kube, registry):
+    server, _ = kube
+    (registry / "k8s" / "widget.yaml").write_text(
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n")
+    with pytest.raises(SandboxError) as failed:
+        create(provider, sandbox(manifests=["k8s/db.yaml", "k8s/widget.yaml"]))
+    assert failed.value.kind == "infra"
+    assert "k8s/widget.yaml#1" in str(failed.value) and "Widget" in str(failed.value)
+    assert [n for n in server.namespaces() if n.startswith("train-")] == []
+    assert provider.ledger.live() == []
+
+
+def test_a_missing_secret_variable_fails_create_naming_it(provider, kube, monkeypatch):
+    monkeypatch.delenv(SECRET_ENV)
+    with pytest.raises(SandboxError, match=f"environment variable {SECRET_ENV} is not set"):
+        create(provider)
+    assert [n for n in kube[0].namespaces() if n.startswith("train-")] == []
+
+
+def job_pipeline(**overrides: Any) -> K8sJobPipeline:
+    return K8sJobPipeline.model_validate({"kind": "k8s_job", "name": "train",
+                                          "manifest": "k8s/train.yaml", **overrides})
+
+
+def test_k8s_job_passes_with_outputs_captured_from_its_logs(provider, kube):
+    server, controller = kube
+    controller.behave("Job", "train", log="epoch 1\nrun_id=42\naccuracy: 0.93\n")
+    handle = create(provider)
+    result = provider.run_pipeline(
+        handle, job_pipeline(expect_output=["accuracy"],
+                             outputs={"RUN_ID": r"run_id=(\d+)", "ACC": r"accuracy: ([\d.]+)"}),
+        context_of(handle), timeout_s=10)
+    assert result.passed, result.summary
+    assert result.outputs == {"RUN_ID": "42", "ACC": "0.93"}
+    log = Path(result.log_ref).read_text()
+    assert result.log_ref.endswith("pipeline-train.log") and "run_id=42" in log
+    job = server.objects("Job", handle.sandbox_id)[0]
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "--store", f"{handle.sandbox_id}-store"]
+    assert provider.destroy(handle)["clean"]
+
+
+def test_k8s_job_that_fails_is_a_product_failure_with_its_log_tail(provider, kube):
+    _, controller = kube
+    controller.behave("Job", "train", failure="fail", log=f"loading\n{TRACEBACK}\n")
+    handle = create(provider)
+    result = provider.run_pipeline(handle, job_pipeline(), context_of(handle), timeout_s=10)
+    assert not result.passed and result.failure_kind is FailureKind.PRODUCT
+    assert result.summary.startswith("Job train failed: Failed=True (BackoffLimitExceeded)")
+    assert "RuntimeError: training diverged: loss is nan" in result.summary
+    assert "terminated exit 1 (Error)" in result.summary
+    assert "RuntimeError" in Path(result.log_ref).read_text()
+
+
+def test_k8s_job_whose_output_lacks_an_expectation_fails(provider, kube):
+    handle = create(provider)
+    result = provider.run_pipeline(handle, job_pipeline(outputs={"RUN_ID": r"run_id=(\d+)"}),
+                                   context_of(handle), timeout_s=10)
+    assert not result.passed and result.failure_kind is FailureKind.PRODUCT
+    assert "output 'RUN_ID' not found" in result.summary
+
+
+def test_k8s_job_at_its_timeout_is_deleted(provider, kube):
+    server, controller = kube
+    controller.behave("Job", "train", run_s=60)
+    handle = create(provider)
+    result = provider.run_pipeline(handle, job_pipeline(), context_of(handle), timeout_s=0.5)
+    assert not result.passed and result.failure_kind is FailureKind.TIMEOUT
+    assert "not finished at the timeout of 0.5s" in result.summary
+    assert "Job train deleted" in result.summary
+    assert server.objects("Job", handle.sandbox_id) == []
+    wait_until(lambda: not [p for p in server.objects("Pod", handle.sandbox_id)
+                            if p["metadata"]["name"].startswith("train-")], what="pods gone")
+
+
+def resource_pipeline(**overrides: Any) -> K8sResourcePipeline:
+    return K8sResourcePipeline.model_validate({
+        "kind": "k8s_resource", "name": "ray", "manifest": "k8s/rayjob.yaml",
+        "status_field": "status.jobStatus", "success_states": ["SUCCEEDED"],
+        "failure_states": ["FAILED"], "interval_s": 0.05, **overrides})
+
+
+def test_k8s_resource_rayjob_succeeds_with_outputs_from_its_status(provider):
+    handle = create(provider)
+    result = provider.run_pipeline(
+        handle, resource_pipeline(outputs={"JOB_ID": "status.jobId",
+                                           "DEPLOYMENT": "status.jobDeploymentStatus"}),
+        context_of(handle), timeout_s=10)
+    assert result.passed, result.summary
+    assert result.outputs["DEPLOYMENT"] == "Complete"
+    assert result.outputs["JOB_ID"].startswith("rayjob-")
+    log = Path(result.log_ref).read_text()
+    assert "status.jobStatus = SUCCEEDED" in log and "training finished" in log
+
+
+def test_k8s_resource_rayjob_failed_quotes_the_driver_traceback(provider, kube):
+    _, controller = kube
+    controller.behave("RayJob", "rayjob", failure="fail")
+    handle = create(provider)
+    result = provider.run_pipeline(handle, resource_pipeline(), context_of(handle),
+                                   timeout_s=10)
+    assert not result.passed and result.failure_kind is FailureKind.PRODUCT
+    assert result.summary.startswith("RayJob rayjob ended status.jobStatus = FAILED")
+    assert "reason: AppFailed" in result.summary
+    assert "RuntimeError: training diverged: loss is nan" in result.summary
+    assert "logs of pods job-name=rayjob" in result.summary
+
+
+def test_k8s_resource_at_its_timeout_is_deleted(provider, kube):
+    server, controller = kube
+    controller.behave("Job", "rayjob", run_s=60)  # the submitter runs on and on
+    handle = create(provider)
+    result = provider.run_pipeline(handle, resource_pipeline(), context_of(handle),
+                                   timeout_s=0.6)
+    assert not result.passed and result.failure_kind is FailureKind.TIMEOUT
+    assert "RayJob rayjob still status.jobStatus =" in result.summary
+    assert "RayJob rayjob deleted" in result.summary
+    assert server.objects("RayJob", handle.sandbox_id) == []
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+        body = json.dumps({"path": self.path, "ok": True}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def backend() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_service_is_reached_through_the_api_servers_proxy(provider, kube, backend):
+    server, _ = kube
+    handle = create(provider)
+    server.route_service(handle.sandbox_id, "web", backend)
+    response = provider.http(handle).get(handle.endpoints["web"] + "/v1/models?x=1", timeout=5)
+    assert response.status_code == 200
+    assert response.json() == {"path": "/v1/models?x=1", "ok": True}
+    assert ("GET", f"/api/v1/namespaces/{handle.sandbox_id}/services/http:web:8080/proxy/"
+                   "v1/models") in server.requests
+
+
+def test_collect_artifacts_keeps_pod_logs_events_and_statuses_redacted(provider, kube):
+    server, controller = kube
+    controller.behave("Deployment", "web", log=f"app: token {SECRET}\napp: ready\n")
+    handle = create(provider)
+    provider.wait_until_ready(handle, sandbox(), timeout_s=10)
+    paths = [Path(p) for p in provider.collect_artifacts(handle)]
+    names = {p.name for p in paths}
+    web = next(p["metadata"]["name"] for p in server.objects("Pod", handle.sandbox_id)
+               if p["metadata"]["name"].startswith("web-"))
+    assert {f"k8s-pod-{web}-app.log", "k8s-pod-db-0-postgres.log", "k8s-events.json",
+            "k8s-objects.json"} <= names
+    assert "app: token ***" in (Path(handle.log_dir) / f"k8s-pod-{web}-app.log").read_text()
+    objects = json.loads((Path(handle.log_dir) / "k8s-objects.json").read_text())
+    kinds = {(o["kind"], o["name"]) for o in objects}
+    assert {("Namespace", handle.sandbox_id), ("Deployment", "web"), ("StatefulSet", "db"),
+            ("ConfigMap", "settings"), ("Pod", web)} <= kinds
+    events = json.loads((Path(handle.log_dir) / "k8s-events.json").read_text())
+    assert any(e["reason"] == "Scheduled" for e in events)
+    assert all(SECRET not in p.read_text() for p in paths)
+
+
+def test_collect_artifacts_never_raises_when_the_cluster_is_gone(provider, kube):
+    server, _ = kube
+    handle = create(provider)
+    server.stop()
+    paths = provider.collect_artifacts(handle)
+    note = Path(handle.log_dir) / "k8s-unreachable.txt"
+    assert str(note) in paths and "cannot reach the API server" in note.read_text()
+    report = provider.destroy(handle, timeout_s=2)
+    assert not report["clean"] and "cannot reach the cluster" in report["why"]
+    assert [h.sandbox_id for h in provider.ledger.live()] == [handle.sandbox_id]
+
+
+def test_destroy_deletes_the_namespace_verifies_it_and_is_idempotent(provider, kube):
+    server, _ = kube
+    handle = create(provider)
+    report = provider.destroy(handle, timeout_s=10)
+    assert report["clean"] and report["namespace_gone"], report
+    assert handle.sandbox_id not in server.namespaces()
+    assert server.objects(namespace=handle.sandbox_id) == []
+    assert provider.ledger.live() == [] and not Path(handle.workdir).exists()
+    assert ("DELETE", f"/api/v1/namespaces/{handle.sandbox_id}") in server.requests
+    assert provider.destroy(handle, timeout_s=2)["clean"]
+
+
+def test_a_namespace_stuck_terminating_is_not_clean_and_names_its_finalizer(provider, kube):
+    server, controller = kube
+    controller.behave("Namespace", "stuck-*", failure="stuck-terminating")
+    handle = create(provider, config="stuck")
+    wait_until(lambda: "mlci.test/never-released" in json.dumps(
+        server.objects("Namespace")), what="the finalizer")
+    report = provider.destroy(handle, timeout_s=1)
+    assert not report["clean"] and not report["namespace_gone"]
+    assert "is Terminating" in report["why"]
+    assert "mlci.test/never-released" in report["why"]
+    assert [h.sandbox_id for h in provider.ledger.live()] == [handle.sandbox_id]
+
+
+def test_list_live_finds_a_sandbox_from_the_cluster_alone_and_the_janitor_reaps_it(
+        provider, kube, tmp_path):
+    server, _ = kube
+    handle = create(provider, run_id="crashed-run")
+    shutil.rmtree(tmp_path / "home" / "ledger")
+    fresh = build_provider("kubernetes", tmp_path / "home", [SECRET_ENV], provider.root,
+                           ClusterSpec(kubeconfig="kubeconfig.json"))
+    assert isinstance(fresh, Provider)
+    found = fresh.list_live()
+    assert [h.to_dict() for h in found] == [handle.to_dict()]
+    verdicts = sweep([fresh], run_over=lambda run_id: run_id == "crashed-run")
+    assert [(v.sandbox_id, v.reason) for v in verdicts] == [
+        (handle.sandbox_id, "run crashed- is over")]
+    assert verdicts[0].report["clean"]
+    assert handle.sandbox_id not in server.namespaces()
+    assert fresh.list_live() == []
+
+
+def test_list_live_joins_the_ledger_and_the_cluster_once_each(provider, kube):
+    server, _ = kube
+    first, second = create(provider), create(provider)
+    assert sorted(h.sandbox_id for h in provider.list_live()) == sorted(
+        [first.sandbox_id, second.sandbox_id])
+    server.stop()
+    assert len(provider.list_live()) == 2  # the ledger still knows them
+
+
+def test_a_command_pipeline_runs_here_with_the_sandbox_variables(provider, kube):
+    handle = create(provider)
+    code = "import os; print(os.environ['STORE'], os.environ['MLCI_SANDBOX_ID'])"
+    done = provider.run_command(handle, "probe", [sys.executable, "-c", code], {},
+                                timeout_s=20)
+    assert done.exit_code == 0
+    assert f"{handle.sandbox_id}-store {handle.sandbox_id}" in done.stdout_tail
+    assert Path(done.log_path) == Path(handle.log_dir) / "pipeline-probe.log"
+
+
+FAKE_K3D = """#!{python}
+import json, shutil, sys
+from pathlib import Path
+state = Path({state!r})
+clusters = json.loads(state.read_text()) if state.exists() else []
+args = sys.argv[1:]
+with open(str(state) + ".calls", "a") as calls:
+    calls.write(" ".join(args) + "\\n")
+if args[:2] == ["cluster", "create"]:
+    clusters.append(args[2])
+elif args[:2] == ["kubeconfig", "write"]:
+    shutil.copy({kubeconfig!r}, args[args.index("--output") + 1])
+elif args[:2] == ["cluster", "list"]:
+    print("\\n".join(f"{{name}} 1/1 0/0 true" for name in clusters))
+elif args[:2] == ["cluster", "delete"]:
+    clusters = [c for c in clusters if c != args[2]]
+state.write_text(json.dumps(clusters))
+"""
+
+
+def test_a_cluster_created_per_sandbox_is_deleted_with_it(provider, kube, registry, tmp_path,
+                                                          monkeypatch):
+    bin_dir, state = tmp_path / "bin", tmp_path / "k3d-clusters.json"
+    bin_dir.mkdir()
+    (bin_dir / "k3d").write_text(FAKE_K3D.format(python=sys.executable, state=str(state),
+                                                 kubeconfig=str(registry / "kubeconfig.json")))
+    (bin_dir / "k3d").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    spec = sandbox(cluster={"create": "k3d", "name": "ci"})
+    handle = create(provider, spec)
+    cluster = handle.state["cluster"]
+    assert cluster["name"].startswith("ci-") and json.loads(state.read_text()) == [
+        cluster["name"]]
+    assert handle.sandbox_id in kube[0].namespaces()
+    report = provider.destroy(handle, timeout_s=10)
+    assert report["clean"] and report["cluster"] == cluster["name"]
+    assert json.loads(state.read_text()) == []
+    calls = Path(str(state) + ".calls").read_text().splitlines()
+    assert calls[0].startswith(f"cluster create {cluster['name']} --wait")
+    assert f"cluster delete {cluster['name']}" in calls
+    assert provider.ledger.live() == []

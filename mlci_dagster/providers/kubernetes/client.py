@@ -267,8 +267,10 @@ class KubeClient:
         return self._json(f"create namespace {name}", self.core.create_namespace, body)
 
     def annotate_namespace(self, name: str, annotations: dict[str, str]) -> None:
+        # The client would label a dict body a JSON patch (a list of operations): say it is not.
         self._json(f"annotate namespace {name}", self.core.patch_namespace, name,
-                   {"metadata": {"annotations": annotations}})
+                   {"metadata": {"annotations": annotations}},
+                   _content_type="application/merge-patch+json")
 
     def read_namespace(self, name: str) -> dict[str, Any] | None:
         try:
