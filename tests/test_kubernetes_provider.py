@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,13 +31,17 @@ from mlci_dagster.providers.kubernetes.provider import (
     load_manifest,
     namespace_name,
 )
+from mlci_dagster.registry import load_registry
 from mlci_dagster.registry.kubernetes import (
     ClusterSpec,
     K8sJobPipeline,
     K8sResourcePipeline,
     KubernetesSandbox,
 )
+from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.lifecycle import run_lifecycle
 from mlci_dagster.vocabulary import FailureKind
+from tests.conftest import config, write_registry
 from tests.support.kube_api import TRACEBACK, KubeApiServer, KubeController, wait_until
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -575,6 +580,48 @@ def test_k8s_resource_at_its_timeout_is_deleted(provider, kube):
     assert server.objects("RayJob", handle.sandbox_id) == []
 
 
+SPARK_APP = """
+apiVersion: sparkoperator.k8s.io/v1beta2
+kind: SparkApplication
+metadata: {name: features}
+spec:
+  type: Python
+  image: "${image.ref}"
+  mainApplicationFile: local:///app/features.py
+  sparkVersion: "3.5.1"
+"""
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_k8s_resource_spark_application_ends_on_its_terminal_state(provider, kube, registry,
+                                                                   fails):
+    _, controller = kube
+    (registry / "k8s" / "spark.yaml").write_text(SPARK_APP)
+    if fails:
+        controller.behave("SparkApplication", "features", failure="fail",
+                          log="column customer_id not found")
+    handle = create(provider)
+    # No failure state listed: FAILED still ends the wait, being the kind's terminal state.
+    pipeline = resource_pipeline(name="features", manifest="k8s/spark.yaml",
+                                 status_field="status.applicationState.state",
+                                 success_states=["COMPLETED"], failure_states=[],
+                                 outputs={"APP_ID": "status.sparkApplicationId"})
+    result = provider.run_pipeline(handle, pipeline, context_of(handle), timeout_s=10)
+    log = Path(result.log_ref).read_text()
+    assert "--- pod features-driver container spark-kubernetes-driver" in log
+    if not fails:
+        assert result.passed, result.summary
+        assert result.outputs["APP_ID"].startswith("spark-")
+        assert "Pi is roughly 3.14" in log
+        return
+    assert not result.passed and result.failure_kind is FailureKind.PRODUCT
+    assert result.summary.startswith(
+        "SparkApplication features ended status.applicationState.state = FAILED")
+    assert "errorMessage: driver container failed with ExitCode: 1" in result.summary
+    assert "SparkException: column customer_id not found" in result.summary
+    assert result.duration_s < 5
+
+
 class _Hello(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
         body = json.dumps({"path": self.path, "ok": True}).encode()
@@ -745,3 +792,59 @@ def test_a_cluster_created_per_sandbox_is_deleted_with_it(provider, kube, regist
     assert calls[0].startswith(f"cluster create {cluster['name']} --wait")
     assert f"cluster delete {cluster['name']}" in calls
     assert provider.ledger.live() == []
+
+
+# --- the lifecycle's stages on a kubernetes sandbox ---------------------------------------------
+
+
+def kubernetes_registry(root: Path, server: KubeApiServer) -> Path:
+    served = config(
+        "served", image={"ref": IMAGE["ref"]},
+        sandbox={"provider": "kubernetes", "cluster": {"kubeconfig": "kubeconfig.json"},
+                 "manifests": ["k8s/app.yaml"],
+                 "secrets": [{"name": "creds", "data": {"API_TOKEN": f"${{env.{SECRET_ENV}}}"}}],
+                 "services": [{"name": "web", "service": "web", "port": 8080}]},
+        pipelines=[{"kind": "k8s_job", "name": "train", "manifest": "k8s/train.yaml",
+                    "outputs": {"run_id": r"run_id=(\d+)"}}],
+        ui_smoke={"routes": [{"service": "web", "path": "/health?run=${outputs.train.run_id}",
+                              "json_equals": {"ok": True}}]})
+    write_registry(root, [served], secrets=[SECRET_ENV], engines={
+        "e1": {"variables": {"STORE": "${sandbox.id}-store"}, "manifests": ["k8s/db.yaml"]}})
+    (root / "k8s").mkdir()
+    for name, text in {"db.yaml": DB, "app.yaml": APP, "train.yaml": TRAIN_JOB}.items():
+        (root / "k8s" / name).write_text(text)
+    server.kubeconfig(root / "kubeconfig.json")
+    return root
+
+
+@pytest.mark.parametrize("job_fails", [False, True])
+def test_the_lifecycle_runs_on_a_namespace_and_always_tears_it_down(kube, backend, tmp_path,
+                                                                    monkeypatch, job_fails):
+    server, controller = kube
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    controller.behave("Job", "train", log="run_id=42\n",
+                      failure="fail" if job_fails else None)
+    server.route_service(None, "web", backend)
+    root = kubernetes_registry(tmp_path / "registry", server)
+    ctx = LifecycleContext.create(load_registry(root), "served", "e1", "run-1", tmp_path / "home")
+    outcomes = {str(o.stage): o for o in run_lifecycle(ctx)}
+    statuses = {stage: str(o.status) for stage, o in outcomes.items()}
+    assert statuses == {"image": "pass", "sandbox": "pass",
+                        "pipeline_runs": "fail" if job_fails else "pass",
+                        "ui_smoke": "skip" if job_fails else "pass", "teardown": "pass"}, \
+        {stage: o.error_summary for stage, o in outcomes.items()}
+    handle = outcomes["sandbox"].details["handle"]
+    assert handle["sandbox_id"] not in server.namespaces()
+    assert ctx.provider.list_live() == []
+    if job_fails:
+        assert str(outcomes["pipeline_runs"].failure_kind) == "product"
+        assert outcomes["pipeline_runs"].error_summary.startswith(
+            "pipeline 'train': Job train failed: Failed=True (BackoffLimitExceeded)")
+        bundle = outcomes["teardown"].details["debug_bundle"]
+        with tarfile.open(bundle) as tar:
+            names = {Path(n).name for n in tar.getnames()}
+        assert {"k8s-events.json", "k8s-objects.json", "pipeline-train.log"} <= names
+    else:
+        assert outcomes["pipeline_runs"].details["outputs"] == {"train": {"run_id": "42"}}
+        route = outcomes["ui_smoke"].details["routes"][0]
+        assert route["url"] == f"{handle['endpoints']['web']}/health?run=42"
