@@ -196,27 +196,30 @@ def test_describe_pod_names_container_states_restarts_and_last_exit():
         diagnose.describe_pod(UNSCHEDULABLE)
 
 
-def test_not_ready_report_names_objects_pods_and_recent_warnings_first():
+def test_not_ready_report_leads_with_the_gist_and_ends_with_the_objects():
     events = [event("Scheduled", "ok", kind="Normal", at=f"2026-01-01T00:00:0{i}Z")
               for i in range(5)]
     events.append(event("BackOff", "Back-off restarting failed container app",
                         at="2026-01-01T00:00:00Z"))
     report = diagnose.not_ready_report(
         "ns1", [("Deployment web", diagnose.Readiness(False, "Available=False"), [CRASHING]),
-                ("Job init", diagnose.Readiness(False, "not found"), [])], events)
+                ("Job init", diagnose.Readiness(False, "not found"), [])], events, 3.04)
     lines = report.splitlines()
-    assert lines[0] == "Deployment web: Available=False"
-    assert "CrashLoopBackOff" in report and "Job init: not found" in report
-    assert "recent events in namespace ns1:" in lines
-    first_event = lines[lines.index("recent events in namespace ns1:") + 1]
-    assert "Warning BackOff pod/web-1: Back-off restarting failed container app" in first_event
+    assert lines[0] == ("Deployment web, Job init not ready in namespace ns1 after 3.0s: "
+                        "pod web-1 container app: CrashLoopBackOff")
+    # Warnings only, when there are any: normal events would be noise.
+    assert lines[1:3] == ["recent warnings in namespace ns1:",
+                          "  Warning BackOff pod/web-1: Back-off restarting failed container app"]
+    assert lines[3] == "Deployment web: Available=False"
+    assert "waiting CrashLoopBackOff" in report and lines[-1] == "Job init: not found"
 
 
-def test_recent_events_keeps_the_latest():
-    events = [event("FailedScheduling", f"try {i}", at=f"2026-01-01T00:00:{i:02d}Z")
-              for i in range(30)]
-    kept = diagnose.recent_events(events, limit=3)
-    assert [e["message"] for e in kept] == ["try 27", "try 28", "try 29"]
+def test_recent_events_are_the_normal_ones_when_nothing_warned():
+    events = [event("Scheduled", f"ok {i}", kind="Normal", at=f"2026-01-01T00:00:0{i}Z")
+              for i in range(5)]
+    assert [e["message"] for e in diagnose.recent_events(events, 2)] == ["ok 3", "ok 4"]
+    report = diagnose.not_ready_report("ns1", [], events, 1)
+    assert "recent events in namespace ns1:" in report
 
 
 @pytest.mark.parametrize("namespace, expected", [
@@ -434,7 +437,8 @@ def test_a_crash_looping_deployment_is_a_product_failure_naming_its_pod_and_even
                if p["metadata"]["name"].startswith("web-"))
     message = str(failed.value)
     assert failed.value.kind == "product"
-    assert f"not ready in namespace {handle.sandbox_id}" in message
+    assert re.match(rf"Deployment web not ready in namespace {handle.sandbox_id} after "
+                    rf"[\d.]+s: pod {pod} container app: CrashLoopBackOff", message), message
     assert "Deployment web: Available=False" in message
     assert f"pod {pod}" in message and "waiting CrashLoopBackOff" in message
     assert f"Warning BackOff pod/{pod}: Back-off restarting failed container app" in message
@@ -677,15 +681,19 @@ def test_collect_artifacts_keeps_pod_logs_events_and_statuses_redacted(provider,
     assert all(SECRET not in p.read_text() for p in paths)
 
 
-def test_collect_artifacts_never_raises_when_the_cluster_is_gone(provider, kube):
+def test_an_unreachable_cluster_is_infra_and_its_sandbox_stays_in_the_ledger(provider, kube):
     server, _ = kube
     handle = create(provider)
     server.stop()
     paths = provider.collect_artifacts(handle)
     note = Path(handle.log_dir) / "k8s-unreachable.txt"
     assert str(note) in paths and "cannot reach the API server" in note.read_text()
+    with pytest.raises(SandboxError) as unready:
+        provider.wait_until_ready(handle, sandbox(), timeout_s=0.3)
+    assert unready.value.kind == "infra" and "cannot reach the API server" in str(unready.value)
     report = provider.destroy(handle, timeout_s=2)
-    assert not report["clean"] and "cannot reach the cluster" in report["why"]
+    assert not report["clean"] and "could not be deleted" in report["why"]
+    assert "cannot reach the API server" in report["why"]
     assert [h.sandbox_id for h in provider.ledger.live()] == [handle.sandbox_id]
 
 
@@ -797,9 +805,10 @@ def test_a_cluster_created_per_sandbox_is_deleted_with_it(provider, kube, regist
 # --- the lifecycle's stages on a kubernetes sandbox ---------------------------------------------
 
 
-def kubernetes_registry(root: Path, server: KubeApiServer) -> Path:
+def kubernetes_registry(root: Path, server: KubeApiServer, name: str = "served",
+                        **overrides: Any) -> Path:
     served = config(
-        "served", image={"ref": IMAGE["ref"]},
+        name, image={"ref": IMAGE["ref"]}, **overrides,
         sandbox={"provider": "kubernetes", "cluster": {"kubeconfig": "kubeconfig.json"},
                  "manifests": ["k8s/app.yaml"],
                  "secrets": [{"name": "creds", "data": {"API_TOKEN": f"${{env.{SECRET_ENV}}}"}}],
@@ -848,3 +857,22 @@ def test_the_lifecycle_runs_on_a_namespace_and_always_tears_it_down(kube, backen
         assert outcomes["pipeline_runs"].details["outputs"] == {"train": {"run_id": "42"}}
         route = outcomes["ui_smoke"].details["routes"][0]
         assert route["url"] == f"{handle['endpoints']['web']}/health?run=42"
+
+
+def test_a_teardown_that_leaves_a_namespace_terminating_says_which_finalizer(
+        kube, backend, tmp_path, monkeypatch):
+    server, controller = kube
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    controller.behave("Namespace", "stuck-*", failure="stuck-terminating")
+    server.route_service(None, "web", backend)
+    root = kubernetes_registry(tmp_path / "registry", server, "stuck", timeouts={
+        "sandbox_s": 30, "pipeline_runs_s": 30, "ui_smoke_s": 30, "teardown_s": 1})
+    ctx = LifecycleContext.create(load_registry(root), "stuck", "e1", "run-1", tmp_path / "home")
+    outcomes = {str(o.stage): o for o in run_lifecycle(ctx)}
+    teardown = outcomes["teardown"]
+    assert str(teardown.status) == "fail", teardown.error_summary
+    assert "not fully destroyed: namespace stuck-e1-" in teardown.error_summary
+    assert "is Terminating" in teardown.error_summary
+    assert "mlci.test/never-released" in teardown.error_summary
+    # Still listed, for the janitor to try again.
+    assert [h.config for h in ctx.provider.list_live()] == ["stuck"]

@@ -48,10 +48,11 @@ def tear_down(ctx: LifecycleContext, outcomes: list[StageOutcome]) -> StageOutco
         details["sandboxes"].append({"sandbox_id": handle.sandbox_id, "artifacts": artifacts,
                                      **report})
         if not report["clean"]:
+            # A provider says why in `why` (a namespace's finalizers); else the local facts.
             problems.append(
-                f"sandbox {handle.sandbox_id} not fully destroyed: leaked processes "
-                f"{report['leaked_pids']}, busy ports {report['busy_ports']}, "
-                f"work directory left: {report['workdir_left']}")
+                f"sandbox {handle.sandbox_id} not fully destroyed: " + (report.get("why") or (
+                    f"leaked processes {report['leaked_pids']}, busy ports "
+                    f"{report['busy_ports']}, work directory left: {report['workdir_left']}")))
     log_ref = handles[0].log_dir
     if not problems:
         return clock.passed(log_ref=log_ref, **details)

@@ -281,13 +281,16 @@ class KubeClient:
             raise
 
     def delete_namespace(self, name: str) -> bool:
-        """Deletes the namespace, its content before it (Foreground); False if it was gone."""
+        """Deletes the namespace, its content before it (Foreground); False if it was gone.
+        A namespace already terminating answers 409 Conflict: its deletion is under way."""
         try:
             self._json(f"delete namespace {name}", self.core.delete_namespace, name,
                        body={"propagationPolicy": "Foreground"})
         except KubeError as exc:
             if exc.status == 404:
                 return False
+            if exc.status == 409:
+                return True
             raise
         return True
 

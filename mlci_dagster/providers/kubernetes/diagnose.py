@@ -27,6 +27,7 @@ NAMESPACE_PROBLEMS = ("NamespaceFinalizersRemaining", "NamespaceContentRemaining
                       "NamespaceDeletionContentFailure", "NamespaceDeletionDiscoveryFailure",
                       "NamespaceDeletionGroupVersionParsingFailure")
 EVENTS_SHOWN = 12
+PROBLEM_CHARS = 160  # a problem in a report's first line
 
 
 @dataclass(frozen=True)
@@ -203,12 +204,11 @@ def _event_time(event: Mapping[str, Any]) -> str:
 
 def recent_events(events: Iterable[Mapping[str, Any]], limit: int = EVENTS_SHOWN
                   ) -> list[Mapping[str, Any]]:
-    """The latest `limit` events, warnings before normal ones, oldest first within each."""
+    """The latest `limit` warnings, oldest first; the latest normal events only when nothing
+    warned (they are the context then, and noise otherwise)."""
     ordered = sorted(events, key=_event_time)
     warnings = [e for e in ordered if e.get("type") == "Warning"]
-    normal = [e for e in ordered if e.get("type") != "Warning"]
-    kept = warnings[-limit:]
-    return kept + normal[-(limit - len(kept)):] if len(kept) < limit else kept
+    return (warnings or ordered)[-limit:]
 
 
 def describe_event(event: Mapping[str, Any]) -> str:
@@ -257,19 +257,29 @@ def failure_kind(states: Iterable[Readiness], pods: Iterable[Mapping[str, Any]],
 
 def not_ready_report(namespace: str, not_ready: Iterable[tuple[str, Readiness,
                                                                list[Mapping[str, Any]]]],
-                     events: Iterable[Mapping[str, Any]]) -> str:
-    """Each object not ready (`label`, its state, its pods), then the namespace's recent
-    events: the text of the SandboxError a failed readiness wait raises."""
-    lines = []
+                     events: Iterable[Mapping[str, Any]], elapsed_s: float) -> str:
+    """The text of the SandboxError a failed readiness wait raises. Its first line names what
+    is not ready and the gist of why; the namespace's recent warnings follow; each object's
+    state and its pods' come last, where a summary that keeps the head and the tail finds
+    them."""
+    not_ready = list(not_ready)
+    gist = list(dict.fromkeys(
+        [s.why for _, s, _ in not_ready if s.terminal]
+        + [text[:PROBLEM_CHARS] for _, _, pods in not_ready for pod in pods
+           for _, text in pod_problems(pod)]))
+    head = (f"{', '.join(label for label, _, _ in not_ready)} not ready in namespace "
+            f"{namespace} after {elapsed_s:.1f}s")
+    lines = [head + (f": {'; '.join(gist[:3])}" if gist else "")]
+    shown = recent_events(events)
+    warned = any(e.get("type") == "Warning" for e in shown)
+    lines.append(f"recent {'warnings' if warned else 'events'} in namespace {namespace}:"
+                 if shown else f"no events in namespace {namespace}")
+    lines += [f"  {describe_event(e)}" for e in shown]
     for label, state, pods in not_ready:
         lines.append(f"{label}: {state.why or 'not ready'}")
         lines += [describe_pod(pod) for pod in pods]
         if not pods and state.why != "not found":
             lines.append("  (no pods)")
-    shown = recent_events(events)
-    lines.append(f"recent events in namespace {namespace}:" if shown
-                 else f"no events in namespace {namespace}")
-    lines += [f"  {describe_event(e)}" for e in shown]
     return "\n".join(lines)
 
 

@@ -348,24 +348,25 @@ class KubernetesProvider:
                 if o["kind"] in CHECKED_BY_DEFAULT and o["namespaced"]]
 
     def _look(self, client: KubeClient, namespace: str, target: ReadyTarget
-              ) -> diagnose.Readiness:
+              ) -> tuple[diagnose.Readiness, bool]:
+        """The target's readiness, and whether the API (not the object) failed to say."""
         try:
             if target.selector is not None:  # every Pod matching it
                 pods = client.pods(namespace, target.selector)
                 if not pods:
-                    return diagnose.Readiness(False, f"no pods match {target.selector}")
+                    return diagnose.Readiness(False, f"no pods match {target.selector}"), False
                 states = [diagnose.readiness("Pod", pod, target.condition) for pod in pods]
                 failed = next((s for s in states if s.terminal), None)
                 if failed is not None:
-                    return failed
+                    return failed, False
                 ready = sum(s.ready for s in states)
                 return diagnose.Readiness(ready == len(states),
-                                          f"{ready}/{len(states)} pods ready")
+                                          f"{ready}/{len(states)} pods ready"), False
             assert target.name is not None
             obj = client.get(target.api_version, target.kind, target.name, namespace)
-            return diagnose.readiness(target.kind, obj, target.condition)
+            return diagnose.readiness(target.kind, obj, target.condition), False
         except KubeError as exc:  # perhaps passing: the wait goes on, the error is its why
-            return diagnose.Readiness(False, str(exc))
+            return diagnose.Readiness(False, str(exc)), True
 
     def _pods_of(self, client: KubeClient, namespace: str, target: ReadyTarget
                  ) -> list[dict[str, Any]]:
@@ -396,10 +397,12 @@ class KubernetesProvider:
         pending = self._ready_targets(handle, spec, timeout_s, start)
         results: list[dict[str, Any]] = []
         states: dict[int, diagnose.Readiness] = {}
+        api_failed: dict[int, bool] = {}
         stop = False
         while pending and not stop:
             for target in list(pending):
-                state = states[id(target)] = self._look(client, namespace, target)
+                state, api_failed[id(target)] = self._look(client, namespace, target)
+                states[id(target)] = state
                 if state.ready:
                     pending.remove(target)
                     results.append({"object": target.label, "ready": True, "why": state.why,
@@ -420,9 +423,10 @@ class KubernetesProvider:
             events = [{"type": "Warning", "reason": "EventsUnavailable", "message": str(exc)}]
         kind = diagnose.failure_kind([s for _, s, _ in not_ready],
                                      [p for _, _, pods in not_ready for p in pods], events)
+        if kind is FailureKind.TIMEOUT and all(api_failed[id(t)] for t in pending):
+            kind = FailureKind.INFRA  # the API server, not the objects, kept the answer from us
         message = self.redactor.text(
-            f"{len(not_ready)} object(s) not ready in namespace {namespace} after "
-            f"{elapsed:.1f}s:\n" + diagnose.not_ready_report(namespace, not_ready, events))
+            diagnose.not_ready_report(namespace, not_ready, events, elapsed))
         report = Path(handle.log_dir) / "k8s-not-ready.txt"
         try:
             report.write_text(message)
@@ -593,13 +597,14 @@ class KubernetesProvider:
             try:
                 self._delete_namespace(handle, deadline, report, problems)
             except KubeError as exc:
-                problems.append(f"cannot reach the cluster to delete namespace "
-                                f"{handle.sandbox_id}: {exc}")
+                problems.append(f"namespace {handle.sandbox_id} could not be deleted: {exc}")
         shutil.rmtree(handle.workdir, ignore_errors=True)
         workdir_left = Path(handle.workdir).exists()
         if leaked:
             problems.append(f"local processes left: {leaked}")
-        clean = not problems and not workdir_left
+        if workdir_left:
+            problems.append(f"work directory {handle.workdir} left")
+        clean = not problems
         if clean:
             self.ledger.remove(handle.sandbox_id)
         return {
