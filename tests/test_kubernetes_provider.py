@@ -483,6 +483,37 @@ def test_a_missing_secret_variable_fails_create_naming_it(provider, kube, monkey
     assert [n for n in kube[0].namespaces() if n.startswith("train-")] == []
 
 
+def test_a_manifest_naming_an_unset_variable_fails_create_naming_only_it(provider, kube,
+                                                                        registry):
+    (registry / "k8s" / "env.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+        "data: {token: '${env.MLCI_TEST_UNSET_VARIABLE}'}\n")
+    with pytest.raises(SandboxError) as failed:
+        create(provider, sandbox(manifests=["k8s/env.yaml"]))
+    assert str(failed.value).endswith("k8s/env.yaml: document 1: environment variable "
+                                      "MLCI_TEST_UNSET_VARIABLE is not set")
+
+
+def test_cluster_scoped_objects_go_with_their_sandbox_and_are_never_shared(provider, kube,
+                                                                           registry):
+    server, _ = kube
+    (registry / "k8s" / "shared.yaml").write_text(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: 'shared-${config}'}\n")
+    spec = sandbox(manifests=["k8s/shared.yaml"], secrets=[], services=[])
+    first = create(provider, spec)
+    assert first.state["objects"][0] | {"source": ""} == {
+        "apiVersion": "v1", "kind": "Namespace", "name": "shared-train", "namespaced": False,
+        "source": ""}
+    with pytest.raises(SandboxError) as clash:
+        create(provider, spec)
+    assert "k8s/shared.yaml#1: create Namespace shared-train (cluster-scoped): 409" in \
+        str(clash.value)
+    assert "name it per sandbox, with ${sandbox.id}" in str(clash.value)
+    assert "shared-train" in server.namespaces()  # the clash deleted only its own
+    assert provider.destroy(first, timeout_s=10)["clean"]
+    assert [n for n in server.namespaces() if n.startswith(("train-", "shared-"))] == []
+
+
 def job_pipeline(**overrides: Any) -> K8sJobPipeline:
     return K8sJobPipeline.model_validate({"kind": "k8s_job", "name": "train",
                                           "manifest": "k8s/train.yaml", **overrides})

@@ -232,16 +232,6 @@ class KubeClient:
             raise
         return found.to_dict()
 
-    def list(self, api_version: str, kind: str, namespace: str | None,
-             label_selector: str | None = None) -> list[dict[str, Any]]:
-        resource = self.resource(api_version, kind)
-        where = namespace if resource.namespaced else None
-        found = self._call(f"list {kind} in namespace {namespace}",
-                           lambda: self.dynamic.get(resource, namespace=where,
-                                                    label_selector=label_selector,
-                                                    _request_timeout=self.timeout))
-        return [item for item in (found.to_dict().get("items") or [])]
-
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None,
                propagation: str = "Background") -> bool:
         """Deletes the object and, by `propagation`, what it owns; False if it was gone."""

@@ -152,6 +152,13 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
     return objects
 
 
+def unset_env_references(value: Any) -> list[str]:
+    """The `${env.NAME}` references in `value` whose variable is not set (a template error
+    would list every variable that is)."""
+    names = [ref.partition(".")[2] for ref in iter_references(value) if ref.startswith("env.")]
+    return [name for name in names if name not in os.environ]
+
+
 def object_ref(obj: dict[str, Any], namespaced: bool, source: str = "") -> dict[str, Any]:
     """What the handle keeps of a created object: enough to find it again, nothing more."""
     return {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
@@ -292,11 +299,9 @@ class KubernetesProvider:
                        context: dict[str, Any]) -> None:
         """A Secret from `${env.NAME}` values: rendered here, sent once, never kept."""
         for key, value in secret.data.items():
-            for reference in iter_references(value):
-                root, _, name = reference.partition(".")
-                if root == "env" and name not in os.environ:
-                    raise ManifestError(f"secret '{secret.name}' key '{key}': environment "
-                                        f"variable {name} is not set")
+            if unset := unset_env_references(value):
+                raise ManifestError(f"secret '{secret.name}' key '{key}': environment "
+                                    f"variable {unset[0]} is not set")
         try:
             data = render(dict(secret.data), context)
         except TemplateError as exc:
@@ -312,6 +317,9 @@ class KubernetesProvider:
         documents = load_manifest(self.root / manifest)
         rendered = []
         for index, document in enumerate(documents, start=1):
+            if unset := unset_env_references(document):
+                raise ManifestError(f"{manifest}: document {index}: environment variable "
+                                    f"{unset[0]} is not set")
             try:
                 rendered.append(render(document, context))
             except TemplateError as exc:
@@ -328,7 +336,13 @@ class KubernetesProvider:
             try:
                 obj, namespaced = client.create(document, handle.sandbox_id)
             except KubeError as exc:
-                raise KubeError(f"{source}: {exc}", exc.status) from exc
+                hint = ""
+                if exc.status == 409 and not client.resource(document["apiVersion"],
+                                                             document["kind"]).namespaced:
+                    # Another sandbox (or someone) owns it: not ours to use, nor to delete.
+                    hint = (" (a cluster-scoped object is shared by every sandbox on the "
+                            "cluster: name it per sandbox, with ${sandbox.id})")
+                raise KubeError(f"{source}: {exc}{hint}", exc.status) from exc
             handle.state["objects"].append(object_ref(obj, namespaced, source))
             self._record(handle)
             created.append(obj)
