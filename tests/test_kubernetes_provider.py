@@ -187,6 +187,12 @@ def test_failure_kind(states, pods, events, kind):
     assert diagnose.failure_kind(states, pods, events) is kind
 
 
+def test_crashed_containers_are_the_ones_whose_logs_say_why():
+    assert diagnose.crashed_containers(CRASHING) == ["app"]
+    assert diagnose.crashed_containers(PULLING) == []
+    assert diagnose.crashed_containers(UNSCHEDULABLE) == []
+
+
 def test_describe_pod_names_container_states_restarts_and_last_exit():
     text = diagnose.describe_pod(CRASHING)
     assert "pod web-1 (Running)" in text
@@ -442,6 +448,8 @@ def test_a_crash_looping_deployment_is_a_product_failure_naming_its_pod_and_even
     assert "Deployment web: Available=False" in message
     assert f"pod {pod}" in message and "waiting CrashLoopBackOff" in message
     assert f"Warning BackOff pod/{pod}: Back-off restarting failed container app" in message
+    # Its last words end the message, where a summary keeping the tail finds them.
+    assert message.endswith(f"last lines of pod {pod} container app:\n{TRACEBACK}")
     assert Path(failed.value.log_ref).read_text() == message
     assert provider.destroy(handle)["clean"]
 

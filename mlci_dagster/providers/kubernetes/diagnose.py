@@ -171,25 +171,37 @@ def describe_pod(pod: Mapping[str, Any]) -> str:
 
 def pod_problems(pod: Mapping[str, Any]) -> list[tuple[FailureKind, str]]:
     """What is wrong with a pod, each with whose fault it is."""
+    return [(kind, text) for kind, _, text in _problems(pod)]
+
+
+def crashed_containers(pod: Mapping[str, Any]) -> list[str]:
+    """The containers of a pod that crashed (their logs say why)."""
+    return list(dict.fromkeys(c for kind, c, _ in _problems(pod)
+                              if kind is FailureKind.PRODUCT and c))
+
+
+def _problems(pod: Mapping[str, Any]) -> list[tuple[FailureKind, str, str]]:
+    """(whose fault, container or "", what) for everything wrong with a pod."""
     name = dig(pod, "metadata.name", "?")
-    problems: list[tuple[FailureKind, str]] = []
+    problems: list[tuple[FailureKind, str, str]] = []
     scheduled = condition(pod, "PodScheduled")
     if scheduled is not None and scheduled.get("status") == "False":
-        problems.append((FailureKind.INFRA, f"pod {name} unschedulable: "
-                                            f"{scheduled.get('message', '')}".rstrip(": ")))
+        problems.append((FailureKind.INFRA, "", f"pod {name} unschedulable: "
+                                                f"{scheduled.get('message', '')}".rstrip(": ")))
     for _, status in _container_statuses(pod):
         container = status.get("name")
         waiting = dig(status, "state.waiting.reason")
         terminated = dig(status, "state.terminated")
+        where = f"pod {name} container {container}"
         if waiting in PRODUCT_WAITING:
-            problems.append((FailureKind.PRODUCT, f"pod {name} container {container}: {waiting}"))
+            problems.append((FailureKind.PRODUCT, container, f"{where}: {waiting}"))
         elif waiting in INFRA_WAITING and waiting != "ContainerCreating":
-            problems.append((FailureKind.INFRA, f"pod {name} container {container}: {waiting}"))
+            problems.append((FailureKind.INFRA, container, f"{where}: {waiting}"))
         elif terminated and terminated.get("exitCode", 0) != 0:
-            problems.append((FailureKind.PRODUCT, f"pod {name} container {container}: "
-                                                  f"{_terminated_text(terminated)}"))
+            problems.append((FailureKind.PRODUCT, container,
+                             f"{where}: {_terminated_text(terminated)}"))
         elif dig(status, "lastState.terminated.exitCode", 0) != 0 and not status.get("ready"):
-            problems.append((FailureKind.PRODUCT, f"pod {name} container {container} crashed: "
+            problems.append((FailureKind.PRODUCT, container, f"{where} crashed: "
                              f"{_terminated_text(dig(status, 'lastState.terminated'))}"))
     return problems
 

@@ -83,6 +83,8 @@ CHECKED_BY_DEFAULT = ("Deployment", "StatefulSet", "Job")
 MAX_LABEL = 63
 SUMMARY_CHARS = 2000  # a pipeline's summary: its first line and the end of its logs
 HEAD_CHARS = 160
+CRASH_LOGS_QUOTED = 2  # crashed containers whose last lines a readiness error quotes
+CRASH_LOG_LINES = 20
 LIST_TIMEOUT_S = 10.0  # list_live asks the cluster with a short timeout: the janitor must move on
 # Terminal states of well-known custom resources (REFERENCE.md): reaching one that the config
 # does not list as a success is a failure, not a wait until the timeout.
@@ -440,13 +442,35 @@ class KubernetesProvider:
         if kind is FailureKind.TIMEOUT and all(api_failed[id(t)] for t in pending):
             kind = FailureKind.INFRA  # the API server, not the objects, kept the answer from us
         message = self.redactor.text(
-            diagnose.not_ready_report(namespace, not_ready, events, elapsed))
+            diagnose.not_ready_report(namespace, not_ready, events, elapsed)
+            + self._crash_logs(client, namespace, [p for _, _, pods in not_ready for p in pods]))
         report = Path(handle.log_dir) / "k8s-not-ready.txt"
         try:
             report.write_text(message)
         except OSError:
             report = Path(handle.log_dir)
         raise SandboxError(message, str(kind), log_ref=str(report))
+
+    def _crash_logs(self, client: KubeClient, namespace: str, pods: list[dict[str, Any]]
+                    ) -> str:
+        """The last lines a crashed container printed (its previous run's, if it restarted),
+        for the first few of them: usually the reason itself."""
+        quoted = []
+        crashed = [(diagnose.dig(pod, "metadata.name"), container) for pod in pods
+                   for container in diagnose.crashed_containers(pod)]
+        for pod, container in crashed[:CRASH_LOGS_QUOTED]:
+            text = ""
+            for previous in (True, False):
+                try:
+                    text = client.pod_log(namespace, pod, container, previous=previous)
+                except KubeError:
+                    continue
+                if text.strip():
+                    break
+            if text.strip():
+                tail = "\n".join(text.rstrip("\n").splitlines()[-CRASH_LOG_LINES:])
+                quoted.append(f"last lines of pod {pod} container {container}:\n{tail}")
+        return "".join(f"\n{block}" for block in quoted)
 
     # --- reaching services ---------------------------------------------------------------
 
