@@ -661,8 +661,11 @@ class KubernetesProvider:
         client = self._client_for(handle)
         namespace = handle.sandbox_id
         cluster_scoped = [o for o in handle.state.get("objects", []) if not o["namespaced"]]
-        for ref in cluster_scoped:
-            client.delete(ref["apiVersion"], ref["kind"], ref["name"], None, "Foreground")
+        for ref in cluster_scoped:  # each on its own: one refusal must not keep the namespace
+            try:
+                client.delete(ref["apiVersion"], ref["kind"], ref["name"], None, "Foreground")
+            except KubeError as exc:
+                problems.append(str(exc))
         client.delete_namespace(namespace)
         remaining: dict[str, Any] | None = client.read_namespace(namespace)
         while remaining is not None and time.monotonic() < deadline:
@@ -672,7 +675,11 @@ class KubernetesProvider:
         if remaining is not None:
             problems.append(diagnose.namespace_blockers(remaining))
         for ref in cluster_scoped:
-            if client.get(ref["apiVersion"], ref["kind"], ref["name"], None) is not None:
+            try:
+                left = client.get(ref["apiVersion"], ref["kind"], ref["name"], None) is not None
+            except KubeError:
+                left = True  # not verified gone
+            if left:
                 report["cluster_scoped_left"].append(f"{ref['kind']} {ref['name']}")
         if report["cluster_scoped_left"]:
             problems.append(f"cluster-scoped objects left: "
