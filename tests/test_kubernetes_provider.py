@@ -28,7 +28,9 @@ from mlci_dagster.providers.kubernetes.provider import (
     HANDLE_ANNOTATION,
     ManifestError,
     label_value,
+    last_traceback,
     load_manifest,
+    log_tail,
     namespace_name,
 )
 from mlci_dagster.registry import load_registry
@@ -102,6 +104,24 @@ def test_label_value_is_valid_and_long_values_stay_distinct(text):
     if len(text) <= 63 and re.fullmatch(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", text):
         assert value == text
     assert label_value("a" * 70 + ".e1") != label_value("a" * 70 + ".e2")
+
+
+@pytest.mark.parametrize("logs, expected", [
+    ("no trouble here\n", ""),
+    (f"start\n{TRACEBACK}\n", TRACEBACK),
+    (f"start\n{TRACEBACK}\nERR cli.py:71 -- Job 'x' failed\n---\n", TRACEBACK),
+    (f"Traceback (most recent call last):\n  File 'a'\nValueError\nlater\n{TRACEBACK}",
+     TRACEBACK),
+])
+def test_last_traceback(logs, expected):
+    assert last_traceback(logs) == expected
+
+
+def test_log_tail_repeats_a_traceback_that_is_not_at_the_end():
+    logs = f"{TRACEBACK}\n" + "submitter: line\n" * 200
+    tail = log_tail(logs, 300)
+    assert tail.endswith(f"the last traceback in the logs:\n{TRACEBACK}")
+    assert log_tail(f"x\n{TRACEBACK}\n", 300) == f"x\n{TRACEBACK}\n"
 
 
 def test_load_manifest_reads_every_document_and_expands_lists(tmp_path: Path):
@@ -607,8 +627,9 @@ def test_k8s_resource_rayjob_failed_quotes_the_driver_traceback(provider, kube):
     assert not result.passed and result.failure_kind is FailureKind.PRODUCT
     assert result.summary.startswith("RayJob rayjob ended status.jobStatus = FAILED")
     assert "reason: AppFailed" in result.summary
-    assert "RuntimeError: training diverged: loss is nan" in result.summary
     assert "logs of pods job-name=rayjob" in result.summary
+    # The submitter prints its own lines after the driver's: the traceback is repeated last.
+    assert result.summary.endswith(f"the last traceback in the logs:\n{TRACEBACK}")
 
 
 def test_k8s_resource_at_its_timeout_is_deleted(provider, kube):

@@ -168,8 +168,26 @@ def object_ref(obj: dict[str, Any], namespaced: bool, source: str = "") -> dict[
             "source": source}
 
 
+def last_traceback(text: str) -> str:
+    """The last Python traceback in `text` (through its exception line), or ""."""
+    start = text.rfind("Traceback (most recent call last):")
+    if start < 0:
+        return ""
+    lines = text[start:].splitlines()
+    end = next((i for i, line in enumerate(lines[1:], start=1)
+                if line and not line.startswith((" ", "\t"))), len(lines) - 1)
+    return "\n".join(lines[:end + 1])
+
+
 def log_tail(text: str, chars: int = SUMMARY_CHARS) -> str:
-    return text[-chars:]
+    """The end of the logs; when a traceback is not at their very end (a RayJob's submitter
+    prints its own lines after the driver's), it is repeated last, where a summary keeping the
+    tail finds it."""
+    tail = text[-chars:]
+    traceback = last_traceback(text)
+    if traceback and not tail.rstrip().endswith(traceback.splitlines()[-1]):
+        return f"{tail.rstrip()}\nthe last traceback in the logs:\n{traceback}"
+    return tail
 
 
 @dataclass
