@@ -455,13 +455,20 @@ class KubernetesProvider:
             events = client.events(namespace)
         except KubeError as exc:
             events = [{"type": "Warning", "reason": "EventsUnavailable", "message": str(exc)}]
-        kind = diagnose.failure_kind([s for _, s, _ in not_ready],
-                                     [p for _, _, pods in not_ready for p in pods], events)
+        pods = [p for _, _, target_pods in not_ready for p in target_pods]
+        # Whose fault it is, from the events of what is not ready (its pods, its ReplicaSets):
+        # a warning about an object that became ready after all proves nothing.
+        names = {t.name for t in pending if t.name} | {diagnose.dig(p, "metadata.name")
+                                                        for p in pods}
+        related = [e for e in events if (involved := str(diagnose.dig(
+            e, "involvedObject.name", ""))) in names or any(
+                involved.startswith(f"{name}-") for name in names)]
+        kind = diagnose.failure_kind([s for _, s, _ in not_ready], pods, related)
         if kind is FailureKind.TIMEOUT and all(api_failed[id(t)] for t in pending):
             kind = FailureKind.INFRA  # the API server, not the objects, kept the answer from us
         message = self.redactor.text(
             diagnose.not_ready_report(namespace, not_ready, events, elapsed)
-            + self._crash_logs(client, namespace, [p for _, _, pods in not_ready for p in pods]))
+            + self._crash_logs(client, namespace, pods))
         report = Path(handle.log_dir) / "k8s-not-ready.txt"
         try:
             report.write_text(message)
