@@ -222,7 +222,7 @@ def test_describe_pod_names_container_states_restarts_and_last_exit():
         diagnose.describe_pod(UNSCHEDULABLE)
 
 
-def test_not_ready_report_leads_with_the_gist_and_ends_with_the_objects():
+def test_not_ready_report_leads_with_the_gist_and_ends_with_the_warnings():
     events = [event("Scheduled", "ok", kind="Normal", at=f"2026-01-01T00:00:0{i}Z")
               for i in range(5)]
     events.append(event("BackOff", "Back-off restarting failed container app",
@@ -233,11 +233,12 @@ def test_not_ready_report_leads_with_the_gist_and_ends_with_the_objects():
     lines = report.splitlines()
     assert lines[0] == ("Deployment web, Job init not ready in namespace ns1 after 3.0s: "
                         "pod web-1 container app: CrashLoopBackOff")
-    # Warnings only, when there are any: normal events would be noise.
-    assert lines[1:3] == ["recent warnings in namespace ns1:",
+    assert lines[1] == "Deployment web: Available=False"
+    assert "waiting CrashLoopBackOff" in report and "Job init: not found" in lines
+    # Warnings only, when there are any (normal events would be noise), last: a summary that
+    # keeps the head and the tail keeps them.
+    assert lines[-2:] == ["recent warnings in namespace ns1:",
                           "  Warning BackOff pod/web-1: Back-off restarting failed container app"]
-    assert lines[3] == "Deployment web: Available=False"
-    assert "waiting CrashLoopBackOff" in report and lines[-1] == "Job init: not found"
 
 
 def test_recent_events_are_the_normal_ones_when_nothing_warned():
@@ -469,7 +470,8 @@ def test_a_crash_looping_deployment_is_a_product_failure_naming_its_pod_and_even
     assert f"pod {pod}" in message and "waiting CrashLoopBackOff" in message
     assert f"Warning BackOff pod/{pod}: Back-off restarting failed container app" in message
     # Its last words end the message, where a summary keeping the tail finds them.
-    assert message.endswith(f"last lines of pod {pod} container app:\n{TRACEBACK}")
+    assert f"last lines of pod {pod} container app:\n{TRACEBACK}\nrecent warnings" in message
+    assert message.splitlines()[-1].startswith(f"  Warning BackOff pod/{pod}: Back-off")
     assert Path(failed.value.log_ref).read_text() == message
     assert provider.destroy(handle)["clean"]
 

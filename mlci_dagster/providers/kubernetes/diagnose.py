@@ -269,11 +269,12 @@ def failure_kind(states: Iterable[Readiness], pods: Iterable[Mapping[str, Any]],
 
 def not_ready_report(namespace: str, not_ready: Iterable[tuple[str, Readiness,
                                                                list[Mapping[str, Any]]]],
-                     events: Iterable[Mapping[str, Any]], elapsed_s: float) -> str:
+                     events: Iterable[Mapping[str, Any]], elapsed_s: float,
+                     crash_output: str = "") -> str:
     """The text of the SandboxError a failed readiness wait raises. Its first line names what
-    is not ready and the gist of why; the namespace's recent warnings follow; each object's
-    state and its pods' come last, where a summary that keeps the head and the tail finds
-    them."""
+    is not ready and the gist of why; each object's state and its pods' follow, then what a
+    crashed container printed last; the namespace's recent warnings end it, where a summary
+    that keeps the head and the tail finds them."""
     not_ready = list(not_ready)
     gist = list(dict.fromkeys(
         [s.why for _, s, _ in not_ready if s.terminal]
@@ -282,16 +283,18 @@ def not_ready_report(namespace: str, not_ready: Iterable[tuple[str, Readiness,
     head = (f"{', '.join(label for label, _, _ in not_ready)} not ready in namespace "
             f"{namespace} after {elapsed_s:.1f}s")
     lines = [head + (f": {'; '.join(gist[:3])}" if gist else "")]
-    shown = recent_events(events)
-    warned = any(e.get("type") == "Warning" for e in shown)
-    lines.append(f"recent {'warnings' if warned else 'events'} in namespace {namespace}:"
-                 if shown else f"no events in namespace {namespace}")
-    lines += [f"  {describe_event(e)}" for e in shown]
     for label, state, pods in not_ready:
         lines.append(f"{label}: {state.why or 'not ready'}")
         lines += [describe_pod(pod) for pod in pods]
         if not pods and state.why != "not found":
             lines.append("  (no pods)")
+    if crash_output:
+        lines.append(crash_output.strip("\n"))
+    shown = recent_events(events)
+    warned = any(e.get("type") == "Warning" for e in shown)
+    lines.append(f"recent {'warnings' if warned else 'events'} in namespace {namespace}:"
+                 if shown else f"no events in namespace {namespace}")
+    lines += [f"  {describe_event(e)}" for e in shown]
     return "\n".join(lines)
 
 

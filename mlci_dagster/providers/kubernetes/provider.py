@@ -467,8 +467,8 @@ class KubernetesProvider:
         if kind is FailureKind.TIMEOUT and all(api_failed[id(t)] for t in pending):
             kind = FailureKind.INFRA  # the API server, not the objects, kept the answer from us
         message = self.redactor.text(
-            diagnose.not_ready_report(namespace, not_ready, events, elapsed)
-            + self._crash_logs(client, namespace, pods))
+            diagnose.not_ready_report(namespace, not_ready, events, elapsed,
+                                      self._crash_logs(client, namespace, pods)))
         report = Path(handle.log_dir) / "k8s-not-ready.txt"
         try:
             report.write_text(message)
