@@ -1,7 +1,11 @@
 """Failure injection: SIGKILL of the process executing a lifecycle in the middle of a stage, then
 the cleanup layers outside the run (the janitor, which ends runs whose worker is gone and reaps
-their sandboxes; the run-failure sensor). Used by tests/test_cleanup.py and
-benchmarks/failure_injection.py."""
+their sandboxes; the run-failure sensor). Used by tests/test_cleanup.py,
+tests/test_kubernetes_cleanup.py and benchmarks/failure_injection.py.
+
+Two registries hold the config `inject`, paced so that each stage lasts a few seconds: one on
+the local provider (`write_registry`), one on the Kubernetes provider (`write_kubernetes_registry`)
+against the loopback API emulator `emulated_cluster` starts (tests/support/kube_api.py)."""
 
 from __future__ import annotations
 
@@ -10,58 +14,205 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import psutil
 import yaml
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.providers.ports import port_is_free
 from mlci_dagster.providers.processes import marked_processes
+from mlci_dagster.registry import load_registry
 from mlci_dagster.sensors.cleanup import sandbox_janitor, teardown_after_failure
 from mlci_dagster.vocabulary import STAGES
+from tests.support.kube_api import TYPES, ApiError, KubeApiServer, KubeController
 
 PY = sys.executable
 MARKER = "mlci-injected-run"
 KEY = "inject|e1"
+SLOW_S = 8  # what a ui_smoke request to /slow waits for its answer
+MLCI_NAMESPACES = "app.kubernetes.io/managed-by=mlci"
+SETTLE_S = 20  # how long the API may take to finish deleting a namespace after the cleanup
 
-SLOW_SERVER = '''
+SLOW_SERVER = f'''
 import http.server, signal, sys, time
 port, delay = int(sys.argv[1]), float(sys.argv[2])
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so teardown has to wait, then SIGKILL
 time.sleep(delay)  # a slow start keeps the sandbox stage busy
 class Slow(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        time.sleep(8 if self.path == "/slow" else 0)
+        time.sleep({SLOW_S} if self.path == "/slow" else 0)
         self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
 http.server.ThreadingHTTPServer(("127.0.0.1", port), Slow).serve_forever()
 '''
 
+# The Kubernetes sandbox: a Deployment and its Service, a migration Job the sandbox waits for
+# (it runs MIGRATE_S), and a ConfigMap whose finalizer an operator releases CLEANUP_S after its
+# deletion (so deleting the namespace, the teardown, takes that long).
+MIGRATE_S, TRAIN_S, CLEANUP_S = 4.0, 6.0, 4.0
+SLOW_FINALIZER = "mlci.test/slow-cleanup"
+K8S_SANDBOX = f"""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec: {{containers: [{{name: web, image: "example.test/web:1"}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  selector: {{app: web}}
+  ports: [{{port: 8080}}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: migrate}}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{{name: migrate, image: "example.test/web:1"}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: state, finalizers: [{SLOW_FINALIZER}]}}
+data: {{sandbox: "${{sandbox.id}}"}}
+"""
+K8S_TRAIN = """
+apiVersion: batch/v1
+kind: Job
+metadata: {name: train}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: train, image: "example.test/web:1"}]
+"""
 
-def write_registry(root: Path) -> Path:
-    """Config `inject`: every stage takes a few seconds, so a kill lands inside it."""
-    (root / "configs").mkdir(parents=True)
-    (root / "slow_server.py").write_text(SLOW_SERVER)
+
+def _write_config(root: Path, sandbox: dict[str, Any], pipeline: dict[str, Any],
+                  inputs: list[str]) -> Path:
+    """Config `inject` on engine e1: a 4 s image build, then `sandbox`, `pipeline`, and a
+    ui_smoke route to /slow on the sandbox's service `web`."""
+    (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "mlci.yaml").write_text(yaml.safe_dump({"engines": {"e1": {}}}))
     config = {
         "name": "inject", "owners": {"default": "ops"},
         "image": {"build": {"command": [PY, "-c", "import time; time.sleep(4)", MARKER],
-                            "inputs": ["slow_server.py"]}},
-        "sandbox": {"services": [{
-            "name": "web", "command": [PY, str(root / "slow_server.py"), "${port}", "3"],
-            "ready": {"http": {"path": "/"}}}]},
-        "pipelines": [{"kind": "command", "name": "train", "command": [
-            PY, "-c", "import subprocess, time; subprocess.Popen(['sleep', '600']); "
-            "time.sleep(4)", MARKER]}],
+                            "inputs": inputs}},
+        "sandbox": sandbox, "pipelines": [pipeline],
         "ui_smoke": {"routes": [{"service": "web", "path": "/slow", "timeout_s": 20}]},
     }
     (root / "configs" / "inject.yaml").write_text(yaml.safe_dump(config))
     return root
+
+
+def write_registry(root: Path) -> Path:
+    """Config `inject` on the local provider: every stage takes a few seconds, so a kill lands
+    inside it."""
+    root.mkdir(parents=True)
+    (root / "slow_server.py").write_text(SLOW_SERVER)
+    return _write_config(root, {"services": [{
+        "name": "web", "command": [PY, str(root / "slow_server.py"), "${port}", "3"],
+        "ready": {"http": {"path": "/"}}}]},
+        {"kind": "command", "name": "train", "command": [
+            PY, "-c", "import subprocess, time; subprocess.Popen(['sleep', '600']); "
+            "time.sleep(4)", MARKER]}, ["slow_server.py"])
+
+
+def write_kubernetes_registry(root: Path, kubeconfig: Path) -> Path:
+    """Config `inject` on the Kubernetes provider, for the cluster `emulated_cluster` paces:
+    every stage takes a few seconds, so a kill lands inside it."""
+    (root / "k8s").mkdir(parents=True)
+    (root / "k8s" / "sandbox.yaml").write_text(K8S_SANDBOX)
+    (root / "k8s" / "train.yaml").write_text(K8S_TRAIN)
+    return _write_config(root, {
+        "provider": "kubernetes", "cluster": {"kubeconfig": str(kubeconfig)},
+        "manifests": ["k8s/sandbox.yaml"],
+        "ready": [{"kind": "Deployment", "name": "web"}, {"kind": "Job", "name": "migrate"}],
+        "services": [{"name": "web", "service": "web", "port": 8080}]},
+        {"kind": "k8s_job", "name": "train", "manifest": "k8s/train.yaml"}, ["k8s/*.yaml"])
+
+
+class _SlowBackend(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+        time.sleep(SLOW_S if self.path == "/slow" else 0)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _release_slow_finalizers(api: KubeApiServer, stop: threading.Event) -> None:
+    """The operator owning SLOW_FINALIZER: releases it CLEANUP_S after an object's deletion."""
+    deleting: dict[str, float] = {}
+    while not stop.wait(0.1):
+        for obj in api.objects("ConfigMap"):
+            meta = obj["metadata"]
+            if SLOW_FINALIZER not in meta.get("finalizers", []) or \
+                    not meta.get("deletionTimestamp"):
+                continue
+            if time.monotonic() - deleting.setdefault(meta["uid"], time.monotonic()) >= CLEANUP_S:
+                with contextlib.suppress(ApiError):  # gone meanwhile
+                    api.store.patch(TYPES["ConfigMap"], meta["namespace"], meta["name"],
+                                    {"metadata": {"finalizers": None}},
+                                    "application/merge-patch+json")
+
+
+@contextlib.contextmanager
+def emulated_cluster(home: Path) -> Iterator[Path]:
+    """The loopback Kubernetes API emulator and its controller, paced for
+    `write_kubernetes_registry`: the migration Job runs MIGRATE_S, `train` TRAIN_S, the service
+    `web` (in any namespace) answers /slow after SLOW_S, the slow finalizer goes CLEANUP_S after
+    a deletion. Yields its kubeconfig, written under `home`."""
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _SlowBackend)
+    threading.Thread(target=backend.serve_forever, args=(0.05,), daemon=True).start()
+    stop = threading.Event()
+    try:
+        with KubeApiServer() as api, KubeController(api) as controller:
+            controller.behave("Job", "migrate", run_s=MIGRATE_S)
+            controller.behave("Job", "train", run_s=TRAIN_S)
+            api.route_service(None, "web", f"http://127.0.0.1:{backend.server_address[1]}")
+            threading.Thread(target=_release_slow_finalizers, args=(api, stop),
+                             daemon=True).start()
+            home.mkdir(parents=True, exist_ok=True)
+            yield api.kubeconfig(home / "kubeconfig.json")
+            assert not controller.errors, controller.errors
+    finally:
+        stop.set()
+        backend.shutdown()
+        backend.server_close()
+
+
+def listed_namespaces(kubeconfig: Path, run_id: str, settle_s: float = 0) -> list[str]:
+    """The run's mlci namespaces the API server lists, through the `kubernetes` client
+    (Terminating ones too); waits up to `settle_s` for the list to empty."""
+    deadline = time.monotonic() + settle_s
+    with k8s_config.new_client_from_config(config_file=str(kubeconfig)) as api:
+        while True:
+            names = [ns.metadata.name for ns in k8s.CoreV1Api(api).list_namespace(
+                label_selector=f"{MLCI_NAMESPACES},mlci.dev/run-id={run_id}").items]
+            if not names or time.monotonic() >= deadline:
+                return names
+            time.sleep(0.2)
 
 
 def injected_processes() -> list[int]:
@@ -96,6 +247,14 @@ def leaks(home: Path, handles: list[dict], sandbox_ids: set[str]) -> dict[str, l
     }
 
 
+def kubeconfig_of(registry: Path) -> Path | None:
+    """The cluster config `inject` runs on, None on the local provider."""
+    sandbox = load_registry(registry).configs["inject"].config.sandbox
+    if sandbox.provider != "kubernetes":
+        return None
+    return registry / (sandbox.cluster.kubeconfig or os.environ["KUBECONFIG"])
+
+
 def inject(stage: str, home: Path, registry: Path, timeout_s: float = 60) -> dict[str, Any]:
     """SIGKILLs the lifecycle's worker mid-`stage`, runs the cleanup layers; returns what was
     left before and after them, and how the run and its results ended."""
@@ -103,6 +262,7 @@ def inject(stage: str, home: Path, registry: Path, timeout_s: float = 60) -> dic
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(home)
     run_id = str(uuid.uuid4())
+    kubeconfig = kubeconfig_of(registry)
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("config", ["inject"])
         worker = subprocess.Popen(
@@ -122,7 +282,15 @@ def inject(stage: str, home: Path, registry: Path, timeout_s: float = 60) -> dic
         time.sleep(0.5)  # let pdeathsig take the build or pipeline down with the worker
         handles = [yaml.safe_load(p.read_text()) for p in (home / "mlci").glob("ledger/*.json")]
         sandbox_ids = {p.name for p in (home / "mlci").glob("logs/*")}
-        left_by_crash = leaks(home, handles, sandbox_ids)
+
+        def left_now(settle_s: float = 0) -> dict[str, list]:
+            """What is left; on Kubernetes with the run's namespaces the API still lists."""
+            found = leaks(home, handles, sandbox_ids)
+            if kubeconfig is not None:
+                found["namespaces"] = listed_namespaces(kubeconfig, run_id, settle_s)
+            return found
+
+        left_by_crash = left_now()
 
         resources = build_definitions(registry).resources
         # Layer 2: the janitor ends the run whose worker is gone and reaps its sandboxes.
@@ -138,12 +306,13 @@ def inject(stage: str, home: Path, registry: Path, timeout_s: float = 60) -> dic
                     dagster_instance=instance, dagster_run=run,
                     resources=resources) as context:
                 teardown_after_failure(context.for_run_failure())
-        left = leaks(home, handles, sandbox_ids)
+        left = left_now(SETTLE_S)
         results = instance.fetch_materializations(RESULTS_ASSET, limit=5).records
     for pid in left["processes"] + left["orphans"]:  # leave the machine clean regardless
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return {"stage": stage, "sandboxes": len(sandbox_ids),
             "left_by_crash": sum(len(v) for v in left_by_crash.values()),
+            "crash_details": left_by_crash,
             "leaks": sum(len(v) for v in left.values()), "details": left,
             "run_status": run.status if run else None, "results": len(results)}
