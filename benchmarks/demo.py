@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from mlci_dagster.providers.local import SANDBOX_ID_ENV
+from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.providers.processes import marked_processes
 
 ROOT = Path(__file__).resolve().parent.parent

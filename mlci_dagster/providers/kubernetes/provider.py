@@ -34,8 +34,10 @@ from typing import Any
 import requests
 import yaml
 
+from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.providers.kubernetes import diagnose
 from mlci_dagster.providers.kubernetes.client import (
     ClusterAccess,
@@ -51,14 +53,12 @@ from mlci_dagster.providers.kubernetes.cluster import (
     delete_cluster,
 )
 from mlci_dagster.providers.ledger import Ledger
-from mlci_dagster.providers.local import SANDBOX_ID_ENV
-from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, STDOUT, OutputWatcher
+from mlci_dagster.providers.logpipe import STDOUT, OutputWatcher
 from mlci_dagster.providers.processes import (
     GroupResult,
     kill_group,
     kill_marked,
     process_start,
-    run_group,
 )
 from mlci_dagster.redact import Redactor
 from mlci_dagster.registry.kubernetes import (
@@ -510,37 +510,14 @@ class KubernetesProvider:
 
     # --- pipelines -----------------------------------------------------------------------
 
-    def process_env(self, handle: SandboxHandle, extra: dict[str, str]) -> dict[str, str]:
-        """The environment of a pipeline process: engine variables, then its own settings."""
-        context = render_context(handle, dict(os.environ))
-        env = dict(os.environ)
-        env.update(render(handle.variables, context))
-        env.update(extra)
-        env[REDACT_VARS_ENV] = ",".join(self.secret_names)
-        env[SANDBOX_ID_ENV] = handle.sandbox_id
-        return env
-
     def run_command(self, handle: SandboxHandle, name: str, argv: list[str],
                     env: dict[str, str], timeout_s: float,
                     watcher: OutputWatcher | None = None) -> GroupResult:
-        """A `command` pipeline on this machine, as the local provider runs it: its own process
-        group, output redacted into `pipeline-<name>.log`, killed whole at the timeout."""
-        key = f"pipeline:{name}"
-        Path(handle.workdir).mkdir(parents=True, exist_ok=True)
-
-        def track(pgid: int) -> None:
-            handle.process_groups[key] = pgid  # in the ledger while it runs, for the janitor
-            self._record(handle)
-
-        try:
-            return run_group(
-                argv, cwd=handle.workdir, env=self.process_env(handle, env),
-                timeout_s=timeout_s, log_path=Path(handle.log_dir) / f"pipeline-{name}.log",
-                redactor=self.redactor, watcher=watcher, on_start=track,
-            )
-        finally:
-            if handle.process_groups.pop(key, None) is not None:
-                self._record(handle)
+        """A `command` pipeline on this machine, as the local provider runs it (providers/host.py):
+        it reaches the sandbox's services through their endpoints."""
+        return host.run_command(handle, name, argv, env, timeout_s,
+                                secret_names=self.secret_names, redactor=self.redactor,
+                                record=self._record, watcher=watcher)
 
     def run_pipeline(self, handle: SandboxHandle, pipeline: Any, context: dict[str, Any],
                      timeout_s: float) -> PipelineResult:

@@ -16,10 +16,12 @@ from typing import Any
 
 import requests
 
+from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.host import SANDBOX_ID_ENV, sandbox_env
 from mlci_dagster.providers.ledger import Ledger
-from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, OutputWatcher
+from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.ports import allocate_free_port, port_is_free
 from mlci_dagster.providers.probes import wait_until_ready
 from mlci_dagster.providers.processes import (
@@ -28,7 +30,6 @@ from mlci_dagster.providers.processes import (
     kill_group,
     kill_marked,
     process_start,
-    run_group,
     start_group,
 )
 from mlci_dagster.redact import Redactor
@@ -37,7 +38,6 @@ from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
 
 LOG_TAIL_CHARS = 2000
-SANDBOX_ID_ENV = "MLCI_SANDBOX_ID"
 
 
 def log_tail(path: str | Path, chars: int = LOG_TAIL_CHARS) -> str:
@@ -126,14 +126,7 @@ class LocalProvider:
         self.ledger.record(handle)
 
     def process_env(self, handle: SandboxHandle, extra: dict[str, str]) -> dict[str, str]:
-        """The environment of every sandbox process: engine variables, then its own settings."""
-        context = render_context(handle, dict(os.environ))
-        env = dict(os.environ)
-        env.update(render(handle.variables, context))
-        env.update(extra)
-        env[REDACT_VARS_ENV] = ",".join(self.secret_names)
-        env[SANDBOX_ID_ENV] = handle.sandbox_id
-        return env
+        return sandbox_env(handle, self.secret_names, extra)
 
     def wait_until_ready(
         self, handle: SandboxHandle, spec: LocalSandbox, timeout_s: float,
@@ -182,23 +175,10 @@ class LocalProvider:
         self, handle: SandboxHandle, name: str, argv: list[str], env: dict[str, str],
         timeout_s: float, watcher: OutputWatcher | None = None,
     ) -> GroupResult:
-        """Runs a pipeline process in its own group, its output streamed redacted (past
-        `watcher`) into `pipeline-<name>.log`; at the timeout the whole group is killed."""
-        key = f"pipeline:{name}"
-
-        def track(pgid: int) -> None:
-            handle.process_groups[key] = pgid  # in the ledger while it runs, for the janitor
-            self.ledger.record(handle)
-
-        try:
-            return run_group(
-                argv, cwd=handle.workdir, env=self.process_env(handle, env), timeout_s=timeout_s,
-                log_path=Path(handle.log_dir) / f"pipeline-{name}.log", redactor=self.redactor,
-                watcher=watcher, on_start=track,
-            )
-        finally:
-            if handle.process_groups.pop(key, None) is not None:
-                self.ledger.record(handle)
+        """A `command` pipeline: see providers/host.py."""
+        return host.run_command(handle, name, argv, env, timeout_s,
+                                secret_names=self.secret_names, redactor=self.redactor,
+                                record=self.ledger.record, watcher=watcher)
 
     def run_pipeline(self, handle: SandboxHandle, pipeline: Any, context: dict[str, Any],
                      timeout_s: float) -> PipelineResult:
