@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# As an activated venv would: the example's image build finds the venv's python and uv.
+export PATH="$PWD/.venv/bin:$PATH"
 export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
 .venv/bin/mlci validate
 .venv/bin/mlci run "$@"

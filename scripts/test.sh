@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# As an activated venv would: the example's image build finds the venv's python and uv.
+export PATH="$PWD/.venv/bin:$PATH"
 if [ "$(id -u)" = 0 ]; then
   scripts/install-test-services.sh > /dev/null
 fi

