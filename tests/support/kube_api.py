@@ -621,6 +621,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
             segments.pop()
         try:
             self._route(segments, full)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client went away (a killed run): nobody to answer
         except ApiError as error:
             self._send_json(error.code, error.status())
         except ValueError as error:  # a body or a parameter that does not parse
