@@ -24,13 +24,11 @@ from mlci_dagster.janitor import sweep
 from mlci_dagster.providers.base import Provider, build_provider
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.kubernetes import KubernetesProvider, diagnose
+from mlci_dagster.providers.kubernetes.manifests import ManifestError, load_manifest
+from mlci_dagster.providers.kubernetes.pipelines import last_traceback, log_tail
 from mlci_dagster.providers.kubernetes.provider import (
     HANDLE_ANNOTATION,
-    ManifestError,
     label_value,
-    last_traceback,
-    load_manifest,
-    log_tail,
     namespace_name,
 )
 from mlci_dagster.registry import load_registry

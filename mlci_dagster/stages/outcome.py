@@ -7,18 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlci_dagster.redact import NO_SECRETS, Redactor
+from mlci_dagster.summary import summarize
 from mlci_dagster.vocabulary import FailureKind, Stage, Status
-
-ERROR_SUMMARY_CHARS = 500
-HEAD_CHARS = 160
-
-
-def summarize(text: str, limit: int = ERROR_SUMMARY_CHARS) -> str:
-    """At most `limit` characters: the first line (what failed) and the end (why, usually)."""
-    if len(text) <= limit:
-        return text
-    head = text.split("\n", 1)[0][:HEAD_CHARS]
-    return f"{head}\n…\n{text[-(limit - len(head) - 3):]}"
 
 
 @dataclass

@@ -15,8 +15,9 @@ from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.http import dig
-from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped, summarize
+from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.stages.sandbox import handle_of
+from mlci_dagster.summary import summarize
 from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind, Stage
 

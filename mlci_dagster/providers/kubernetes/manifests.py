@@ -1,0 +1,50 @@
+"""Manifest files of a Kubernetes sandbox: read (multi-document YAML, `List`s expanded), the
+`${env.NAME}` references that cannot resolve, and what a handle keeps of a created object."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlci_dagster.templating import iter_references
+
+
+class ManifestError(Exception):
+    """A manifest file that cannot be read or rendered: names the file and the document."""
+
+
+def load_manifest(path: Path) -> list[dict[str, Any]]:
+    """The documents of a multi-document YAML file (a `List` expands to its items)."""
+    try:
+        documents = list(yaml.safe_load_all(path.read_text()))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ManifestError(f"{path}: cannot read: {exc}") from exc
+    objects: list[dict[str, Any]] = []
+    for index, document in enumerate(documents, start=1):
+        if document is None:
+            continue
+        if not isinstance(document, dict):
+            raise ManifestError(f"{path}: document {index}: expected a mapping (an object), "
+                                f"got {type(document).__name__}")
+        if document.get("kind") == "List":
+            objects += [item for item in document.get("items") or [] if item]
+        else:
+            objects.append(document)
+    return objects
+
+
+def unset_env_references(value: Any) -> list[str]:
+    """The `${env.NAME}` references in `value` whose variable is not set (a template error
+    would list every variable that is)."""
+    names = [ref.partition(".")[2] for ref in iter_references(value) if ref.startswith("env.")]
+    return [name for name in names if name not in os.environ]
+
+
+def object_ref(obj: dict[str, Any], namespaced: bool, source: str = "") -> dict[str, Any]:
+    """What the handle keeps of a created object: enough to find it again, nothing more."""
+    return {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+            "name": (obj.get("metadata") or {}).get("name"), "namespaced": namespaced,
+            "source": source}
