@@ -310,6 +310,25 @@ class KubeClient:
             field_selector=field_selector)
         return list(found.get("items") or [])
 
+    def container_logs(self, namespace: str, selector: str | None
+                       ) -> list[tuple[str, str, str]]:
+        """(pod, container, log) of every container of the pods matching `selector` (all pods
+        if None), oldest pod first; a log that cannot be read says why in its place."""
+        pods = sorted(self.pods(namespace, selector),
+                      key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+        logs = []
+        for pod in pods:
+            pod_name = (pod.get("metadata") or {}).get("name", "?")
+            spec = pod.get("spec") or {}
+            for container in [*(spec.get("initContainers") or []),
+                              *(spec.get("containers") or [])]:
+                try:
+                    text = self.pod_log(namespace, pod_name, container.get("name"))
+                except KubeError as exc:
+                    text = f"(log unavailable: {exc})\n"
+                logs.append((pod_name, container.get("name", "?"), text))
+        return logs
+
     def events(self, namespace: str) -> list[dict[str, Any]]:
         found = self._json(f"list events in namespace {namespace}",
                            self.core.list_namespaced_event, namespace)

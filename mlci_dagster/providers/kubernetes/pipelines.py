@@ -11,8 +11,9 @@ keeps a failed Job's pods for the debug bundle, and polls custom resources, whic
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
@@ -20,14 +21,14 @@ from mlci_dagster.providers.kubernetes import diagnose
 from mlci_dagster.providers.kubernetes.client import KubeClient, KubeError
 from mlci_dagster.providers.kubernetes.manifests import ManifestError
 from mlci_dagster.providers.logpipe import STDOUT, OutputWatcher
+from mlci_dagster.redact import Redactor
 from mlci_dagster.registry.kubernetes import K8sJobPipeline, K8sResourcePipeline
 from mlci_dagster.summary import summarize
 from mlci_dagster.templating import render
 from mlci_dagster.vocabulary import FailureKind
 
-if TYPE_CHECKING:
-    from mlci_dagster.providers.kubernetes.provider import KubernetesProvider
-
+# Creates a manifest's documents in the sandbox's namespace: (client, handle, manifest, context).
+Apply = Callable[[KubeClient, SandboxHandle, str, dict[str, Any]], list[dict[str, Any]]]
 SUMMARY_CHARS = 2000  # a pipeline's summary: its first line and the end of its logs
 
 # Terminal states of well-known custom resources (REFERENCE.md): reaching one that the config
@@ -67,10 +68,12 @@ class PipelineRun:
     """One `k8s_job` or `k8s_resource` pipeline: create, poll to a terminal state or the
     timeout, keep the logs, judge."""
 
-    def __init__(self, provider: KubernetesProvider, handle: SandboxHandle, pipeline: Any,
-                 timeout_s: float) -> None:
-        self.provider, self.handle, self.pipeline = provider, handle, pipeline
-        self.timeout_s = timeout_s
+    def __init__(self, handle: SandboxHandle, pipeline: Any, timeout_s: float, *,
+                 connect: Callable[[], KubeClient], apply: Apply, redactor: Redactor,
+                 poll_interval_s: float) -> None:
+        self.handle, self.pipeline, self.timeout_s = handle, pipeline, timeout_s
+        self.connect, self.apply, self.redactor = connect, apply, redactor
+        self.poll_interval_s = poll_interval_s
         self.start = time.monotonic()
         self.deadline = self.start + timeout_s
         self.log_path = Path(handle.log_dir) / f"pipeline-{pipeline.name}.log"
@@ -81,7 +84,7 @@ class PipelineRun:
 
     def finish(self, passed: bool, kind: FailureKind | None = None, summary: str = "",
                logs: str = "", **extra: Any) -> PipelineResult:
-        redact = self.provider.redactor.text
+        redact = self.redactor.text
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text(redact("\n".join(self.transcript) + "\n" + logs))
@@ -94,7 +97,7 @@ class PipelineRun:
 
     def _create(self, client: KubeClient, context: dict[str, Any]) -> list[dict[str, Any]]:
         pipeline = self.pipeline
-        created = self.provider._apply(client, self.handle, pipeline.manifest, context)
+        created = self.apply(client, self.handle, pipeline.manifest, context)
         for obj in created:
             self.note(f"created {obj.get('kind')} {diagnose.dig(obj, 'metadata.name')}")
         return created
@@ -103,7 +106,7 @@ class PipelineRun:
         """The logs of the pods matching `selector`, as one text with a header per container,
         and as the bare texts (what expectations are checked against)."""
         try:
-            logs = self.provider.pod_logs(client, self.handle.sandbox_id, selector)
+            logs = client.container_logs(self.handle.sandbox_id, selector)
         except KubeError as exc:
             return f"--- logs of pods {selector} unavailable: {exc}\n", []
         if not logs:
@@ -138,7 +141,7 @@ class PipelineRun:
         judged. At the timeout the Job is deleted, its pods with it."""
         pipeline: K8sJobPipeline = self.pipeline
         try:
-            client = self.provider._client_for(self.handle)
+            client = self.connect()
             created = self._create(client, context)
         except (KubeError, ManifestError, OSError) as exc:
             return self.finish(False, FailureKind.INFRA, f"could not create the Job: {exc}")
@@ -161,7 +164,7 @@ class PipelineRun:
                 error = str(exc)
             if state.ready or state.terminal or time.monotonic() >= self.deadline:
                 break
-            self._sleep(self.provider.poll_interval_s)
+            self._sleep(self.poll_interval_s)
         self.note(f"Job {name}: {error or state.why}")
         logs, texts = self._logs(client, selector)
         details = {"job": name, "state": error or state.why}
@@ -208,7 +211,7 @@ class PipelineRun:
         timeout, when it is deleted. The logs of its pods are kept, and quoted on failure."""
         pipeline: K8sResourcePipeline = self.pipeline
         try:
-            client = self.provider._client_for(self.handle)
+            client = self.connect()
             created = self._create(client, context)
         except (KubeError, ManifestError, OSError) as exc:
             return self.finish(False, FailureKind.INFRA,

@@ -441,32 +441,15 @@ class KubernetesProvider:
     def run_pipeline(self, handle: SandboxHandle, pipeline: Any, context: dict[str, Any],
                      timeout_s: float) -> PipelineResult:
         """A `k8s_job` or `k8s_resource` pipeline in the sandbox's namespace."""
-        run = PipelineRun(self, handle, pipeline, timeout_s)
+        run = PipelineRun(handle, pipeline, timeout_s, connect=lambda: self._client_for(handle),
+                          apply=self._apply, redactor=self.redactor,
+                          poll_interval_s=self.poll_interval_s)
         if isinstance(pipeline, K8sJobPipeline):
             return run.job(context)
         if isinstance(pipeline, K8sResourcePipeline):
             return run.resource(context)
         return run.finish(False, FailureKind.INFRA,
                           f"a kubernetes sandbox cannot run '{pipeline.kind}' pipelines")
-
-    def pod_logs(self, client: KubeClient, namespace: str, selector: str | None
-                 ) -> list[tuple[str, str, str]]:
-        """(pod, container, log) of every container of the pods matching `selector` (all pods
-        if None), oldest pod first; a log that cannot be read says why in its place."""
-        pods = sorted(client.pods(namespace, selector),
-                      key=lambda p: diagnose.dig(p, "metadata.creationTimestamp", ""))
-        logs = []
-        for pod in pods:
-            pod_name = diagnose.dig(pod, "metadata.name", "?")
-            spec = pod.get("spec") or {}
-            for container in [*(spec.get("initContainers") or []), *(spec.get("containers")
-                                                                      or [])]:
-                try:
-                    text = client.pod_log(namespace, pod_name, container.get("name"))
-                except KubeError as exc:
-                    text = f"(log unavailable: {exc})\n"
-                logs.append((pod_name, container.get("name", "?"), text))
-        return logs
 
     # --- artifacts and teardown ----------------------------------------------------------
 
@@ -504,7 +487,7 @@ class KubernetesProvider:
                 return None
 
         for pod, container, text in attempt("pod logs",
-                                            lambda: self.pod_logs(client, namespace, None)) or []:
+                                            lambda: client.container_logs(namespace, None)) or []:
             path = log_dir / f"k8s-pod-{pod}-{container}.log"
             attempt(str(path), lambda p=path, t=text: p.write_text(self.redactor.text(t)))
         events = attempt("events", lambda: client.events(namespace))
