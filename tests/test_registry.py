@@ -262,7 +262,7 @@ K8S_JOB = {"kind": "k8s_job", "name": "train", "manifest": "k8s/job.yaml"}
     ("overrides", "field", "expected"),
     [
         ({"sandbox": {"provider": "nomad"}}, "sandbox.provider",
-         "unknown provider 'nomad' (expected one of: local, kubernetes)"),
+         "unknown provider 'nomad' (expected one of: local, kubernetes"),
         ({"sandbox": kubernetes_sandbox(manifest=["k8s/app.yaml"])}, "sandbox.manifest",
          "unknown key 'manifest' (did you mean 'manifests'?)"),
         # A local sandbox's field on a Kubernetes sandbox is unknown there.

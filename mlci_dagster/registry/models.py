@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from mlci_dagster.redact import looks_like_credential
+from mlci_dagster.registry.aws import SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.registry.base import (
     Argv,
     EnvName,
@@ -100,9 +101,10 @@ def _provider_of(value: Any) -> str:
 
 # `sandbox.provider` picks the member; each provider's fields are validated strictly.
 SandboxSpec = Annotated[
-    Annotated[LocalSandbox, Tag("local")] | Annotated[KubernetesSandbox, Tag("kubernetes")],
+    Annotated[LocalSandbox, Tag("local")] | Annotated[KubernetesSandbox, Tag("kubernetes")]
+    | Annotated[SageMakerSandbox, Tag("aws-sagemaker")],
     Discriminator(_provider_of, custom_error_type="provider", custom_error_message=(
-        "expected one of: local, kubernetes")),
+        "expected one of: local, kubernetes, aws-sagemaker")),
 ]
 
 
@@ -285,11 +287,13 @@ class SubmitPollPipeline(StrictModel):
 
 
 Pipeline = Annotated[
-    CommandPipeline | SubmitPollPipeline | K8sJobPipeline | K8sResourcePipeline,
+    CommandPipeline | SubmitPollPipeline | K8sJobPipeline | K8sResourcePipeline
+    | SageMakerInvokePipeline,
     Field(discriminator="kind"),
 ]
 # Pipeline kinds that only a provider can run, and which one.
-PROVIDER_PIPELINE_KINDS = {"k8s_job": "kubernetes", "k8s_resource": "kubernetes"}
+PROVIDER_PIPELINE_KINDS = {"k8s_job": "kubernetes", "k8s_resource": "kubernetes",
+                           "sagemaker_invoke": "aws-sagemaker"}
 
 
 # --- UI smoke ------------------------------------------------------------------------------

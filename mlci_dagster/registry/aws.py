@@ -1,0 +1,111 @@
+"""The registry's AWS fields: a SageMaker sandbox (a model, an endpoint config and an endpoint
+serving one container image) and the pipeline kind that invokes it."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
+
+from mlci_dagster.registry.base import EnvName, Name, Seconds, StrictModel
+from mlci_dagster.templating import REFERENCE
+
+REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
+
+
+def _region_or_reference(value: str) -> str:
+    if not (re.fullmatch(REGION_PATTERN, value) or REFERENCE.search(value)):
+        raise ValueError(f"expected an AWS region such as us-east-1, or a ${{...}} reference "
+                         f"(got {value!r})")
+    return value
+
+
+def _url_or_reference(value: str) -> str:
+    if not (value.startswith(("http://", "https://")) or REFERENCE.search(value)):
+        raise ValueError(f"expected an http:// or https:// URL, or a ${{...}} reference "
+                         f"(got {value!r})")
+    return value
+
+
+Region = Annotated[str, AfterValidator(_region_or_reference)]
+EndpointUrl = Annotated[str, AfterValidator(_url_or_reference)]
+InstanceType = Annotated[str, StringConstraints(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")]
+RoleArn = Annotated[str, StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$")]
+# A payload file inside the registry folder, such as payloads/iris.json (checked when loaded).
+PayloadPath = Annotated[str, StringConstraints(pattern=r"^[^/]")]
+
+
+class EndpointService(StrictModel):
+    """The name the endpoint goes by: `${services.<name>.url}` is its invocations URL."""
+
+    name: Name = "endpoint"
+
+
+class SageMakerSandbox(StrictModel):
+    """A SageMaker real-time endpoint per sandbox: model, endpoint config and endpoint, each
+    tagged with the run, the partition and the expiry, waited to InService."""
+
+    provider: Literal["aws-sagemaker"]
+    pool: Name | None = Field(
+        default=None, description="The pool whose limit this sandbox counts against; default: "
+        "the provider's name.")
+    ttl_s: Seconds = 3600
+    region: Region = Field(
+        default="us-east-1", description="The AWS region; may be templated "
+        "(${env.AWS_REGION}).")
+    endpoint_url: EndpointUrl | None = Field(
+        default=None, description="Another SageMaker API endpoint (a VPC endpoint, a moto "
+        "server), for both sagemaker and sagemaker-runtime; may be templated "
+        "(${env.MLCI_AWS_ENDPOINT_URL}). An empty value after templating means AWS itself.")
+    image: str = Field(
+        default="${image.ref}", description="The inference container's image (an ECR image); "
+        "templated, default the config's image.")
+    instance_type: InstanceType = "ml.m5.large"
+    instance_count: Annotated[int, Field(ge=1, le=100)] = 1
+    execution_role_arn: RoleArn = Field(
+        description="The IAM role SageMaker assumes to pull the image and write logs.")
+    environment: dict[EnvName, str] = Field(
+        default={}, description="The container's environment; templated. ${env.NAME} values "
+        "reach SageMaker, where they are visible to anyone who can describe the model: keep "
+        "secrets out.")
+    model_data_url: str | None = Field(
+        default=None, pattern=r"^s3://", description="Model artifacts (model.tar.gz) in S3.")
+    wait_timeout_s: Seconds | None = Field(
+        default=None, description="How long the endpoint may take to reach InService. "
+        "Default: timeouts.sandbox_s.")
+    services: Annotated[list[EndpointService], Field(min_length=1, max_length=1)] = Field(
+        default=[EndpointService()], description="One entry: the endpoint's name in "
+        "${services.<name>.url}.")
+
+
+class SageMakerInvokePipeline(StrictModel):
+    """`invoke_endpoint` on the sandbox's endpoint with a payload, judged on the response's
+    status, content and JSON fields; the latency is an output."""
+
+    kind: Literal["sagemaker_invoke"]
+    name: Name
+    content_type: str = "application/json"
+    accept: str | None = None
+    payload: Any = Field(
+        default=None, description="The request body: JSON (sent serialized) or a string "
+        "(sent as is); templated.")
+    payload_file: PayloadPath | None = Field(
+        default=None, description="A file under the registry root sent as the body, as is.")
+    expect_status: int = Field(
+        default=200, description="The model's HTTP status: 200, or the status of a model error "
+        "(SageMaker's ModelError carries the container's).")
+    contains: list[str] = Field(default=[], description="Substrings the response must hold.")
+    json_equals: dict[str, Any] = Field(
+        default={}, description="Dotted path in the JSON response -> expected value.")
+    outputs: dict[EnvName, str] = Field(
+        default={}, description="Values to capture: dotted paths in the JSON response. "
+        "`latency_ms` is always output.")
+    timeout_s: Seconds | None = Field(
+        default=None, description="Default: what is left of timeouts.pipeline_runs_s.")
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> SageMakerInvokePipeline:
+        if (self.payload is None) == (self.payload_file is None):
+            raise ValueError("expected exactly one of 'payload' or 'payload_file'")
+        return self
