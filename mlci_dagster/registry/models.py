@@ -22,6 +22,7 @@ from mlci_dagster.registry.base import (
     Seconds,
     StrictModel,
 )
+from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.registry.kubernetes import (
     K8sJobPipeline,
     K8sResourcePipeline,
@@ -102,9 +103,10 @@ def _provider_of(value: Any) -> str:
 # `sandbox.provider` picks the member; each provider's fields are validated strictly.
 SandboxSpec = Annotated[
     Annotated[LocalSandbox, Tag("local")] | Annotated[KubernetesSandbox, Tag("kubernetes")]
-    | Annotated[SageMakerSandbox, Tag("aws-sagemaker")],
+    | Annotated[SageMakerSandbox, Tag("aws-sagemaker")]
+    | Annotated[TpuVmSandbox, Tag("gcp-tpu-vm")],
     Discriminator(_provider_of, custom_error_type="provider", custom_error_message=(
-        "expected one of: local, kubernetes, aws-sagemaker")),
+        "expected one of: local, kubernetes, aws-sagemaker, gcp-tpu-vm")),
 ]
 
 
@@ -288,12 +290,12 @@ class SubmitPollPipeline(StrictModel):
 
 Pipeline = Annotated[
     CommandPipeline | SubmitPollPipeline | K8sJobPipeline | K8sResourcePipeline
-    | SageMakerInvokePipeline,
+    | SageMakerInvokePipeline | SshCommandPipeline,
     Field(discriminator="kind"),
 ]
 # Pipeline kinds that only a provider can run, and which one.
 PROVIDER_PIPELINE_KINDS = {"k8s_job": "kubernetes", "k8s_resource": "kubernetes",
-                           "sagemaker_invoke": "aws-sagemaker"}
+                           "sagemaker_invoke": "aws-sagemaker", "ssh_command": "gcp-tpu-vm"}
 
 
 # --- UI smoke ------------------------------------------------------------------------------
