@@ -103,6 +103,7 @@ class Provider(Protocol):
 PROVIDERS = {
     "local": "mlci_dagster.providers.local:LocalProvider",
     "kubernetes": "mlci_dagster.providers.kubernetes:KubernetesProvider",
+    "aws-sagemaker": "mlci_dagster.providers.aws:SageMakerProvider",
 }
 
 

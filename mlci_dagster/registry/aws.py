@@ -12,6 +12,7 @@ from mlci_dagster.registry.base import EnvName, Name, Seconds, StrictModel
 from mlci_dagster.templating import REFERENCE
 
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
+ROLE_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"
 
 
 def _region_or_reference(value: str) -> str:
@@ -28,10 +29,17 @@ def _url_or_reference(value: str) -> str:
     return value
 
 
+def _role_or_reference(value: str) -> str:
+    if not (re.fullmatch(ROLE_PATTERN, value) or REFERENCE.search(value)):
+        raise ValueError(f"expected an IAM role ARN (arn:aws:iam::<account>:role/<name>), or "
+                         f"a ${{...}} reference (got {value!r})")
+    return value
+
+
 Region = Annotated[str, AfterValidator(_region_or_reference)]
 EndpointUrl = Annotated[str, AfterValidator(_url_or_reference)]
+RoleArn = Annotated[str, AfterValidator(_role_or_reference)]
 InstanceType = Annotated[str, StringConstraints(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")]
-RoleArn = Annotated[str, StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$")]
 # A payload file inside the registry folder, such as payloads/iris.json (checked when loaded).
 PayloadPath = Annotated[str, StringConstraints(pattern=r"^[^/]")]
 
@@ -57,14 +65,15 @@ class SageMakerSandbox(StrictModel):
     endpoint_url: EndpointUrl | None = Field(
         default=None, description="Another SageMaker API endpoint (a VPC endpoint, a moto "
         "server), for both sagemaker and sagemaker-runtime; may be templated "
-        "(${env.MLCI_AWS_ENDPOINT_URL}). An empty value after templating means AWS itself.")
+        "(${env.MLCI_AWS_ENDPOINT_URL}): an unset or empty variable means AWS itself.")
     image: str = Field(
         default="${image.ref}", description="The inference container's image (an ECR image); "
         "templated, default the config's image.")
     instance_type: InstanceType = "ml.m5.large"
     instance_count: Annotated[int, Field(ge=1, le=100)] = 1
     execution_role_arn: RoleArn = Field(
-        description="The IAM role SageMaker assumes to pull the image and write logs.")
+        description="The IAM role SageMaker assumes to pull the image and write logs; may be "
+        "templated (${env.NAME}).")
     environment: dict[EnvName, str] = Field(
         default={}, description="The container's environment; templated. ${env.NAME} values "
         "reach SageMaker, where they are visible to anyone who can describe the model: keep "
