@@ -5,7 +5,7 @@ What moto 5 emulates and what it cannot (REFERENCE.md, moto section):
   ValidationException ("Could not find ...") once deleted: all real here.
 - An endpoint is InService as soon as it is created: the Creating -> InService wait returns
   at once, and an endpoint never goes Failed. The failure path is shown on the pure functions
-  and on the provider's wait with a stand-in describe (the one test that does not use moto).
+  and on the provider's wait with a stand-in `describe` (the creates and deletes are moto's).
 - `invoke_endpoint` does not run a container: it returns results queued through moto's
   documented `/moto-api/static/sagemaker/endpoint-results` (FIFO), always with status 200; a
   ModelError (the container's own error status) cannot be emulated, so `expect_status` on an
