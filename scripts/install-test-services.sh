@@ -14,4 +14,5 @@ if command -v systemctl > /dev/null && systemctl is-system-running > /dev/null 2
 elif command -v service > /dev/null; then
   service docker-registry stop > /dev/null 2>&1 || true
 fi
+[ -x /usr/sbin/sshd ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server > /dev/null; }  # the TPU tests' sshd
 /usr/bin/docker-registry --version

@@ -104,6 +104,7 @@ PROVIDERS = {
     "local": "mlci_dagster.providers.local:LocalProvider",
     "kubernetes": "mlci_dagster.providers.kubernetes:KubernetesProvider",
     "aws-sagemaker": "mlci_dagster.providers.aws:SageMakerProvider",
+    "gcp-tpu-vm": "mlci_dagster.providers.gcp_tpu:TpuVmProvider",
 }
 
 

@@ -41,7 +41,8 @@ ApiEndpoint = Annotated[str, _pattern_or_reference(
     r"^https?://[^\s/]+/?$", "an http:// or https:// host[:port] URL")]
 AcceleratorType = Annotated[str, StringConstraints(pattern=r"^v[0-9][a-z0-9]*-[0-9]+$")]
 RuntimeVersion = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
-UserName = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
+UserName = Annotated[str, _pattern_or_reference(r"^[a-z_][a-z0-9_-]{0,31}$",
+                                                "a login name such as mlci")]
 Port = Annotated[int | str, AfterValidator(_port_or_reference)]
 
 
@@ -49,7 +50,8 @@ class SshSpec(StrictModel):
     """How pipelines reach the VM: a user and a private key held in an environment variable."""
 
     user: UserName = Field(description="The login on the VM (its key must be authorized there, "
-                                       "e.g. through the project's or the node's ssh-keys).")
+                                       "e.g. through the project's or the node's ssh-keys); "
+                                       "may be a ${...} reference.")
     private_key_env: EnvName = Field(
         description="The environment variable holding the private key (OpenSSH or PEM; "
         "Ed25519, ECDSA or RSA): a secret, redacted everywhere.")

@@ -1,0 +1,454 @@
+"""The Cloud TPU VM provider against a loopback Cloud TPU v2 API (tests/support/tpu_api.py),
+spoken to by the real `google-cloud-tpu` client over plain HTTP, and a real `sshd` on loopback
+standing in for the VM: nodes created labelled and READY, `ssh_command` pipelines run for real
+(exit codes, expected output, captures, a timeout that kills the remote process group), a
+preemption mid-run failing as infra, a verified delete, `list_live` and the janitor from the
+API alone, the registry's errors, and the example's lifecycle through Dagster."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from mlci_dagster.janitor import sweep
+from mlci_dagster.paths import EXAMPLE_REGISTRY
+from mlci_dagster.providers.base import build_provider, providers_for
+from mlci_dagster.providers.gcp_tpu import TpuVmProvider
+from mlci_dagster.providers.gcp_tpu.diagnose import interruption, readiness
+from mlci_dagster.providers.gcp_tpu.provider import TpuLocation, label_value, node_id
+from mlci_dagster.providers.handle import SandboxError, SandboxHandle
+from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
+from mlci_dagster.registry.models import TestConfig
+from mlci_dagster.vocabulary import FailureKind
+from tests.conftest import run_partition, stage_details
+from tests.support.tpu_api import LoopbackSshd, TpuApiServer, sshd_available
+
+pytestmark = pytest.mark.skipif(
+    not sshd_available(), reason="needs /usr/sbin/sshd and ssh-keygen (Debian openssh-server: "
+    "scripts/install-test-services.sh installs it)")
+
+EXAMPLE_TPU = EXAMPLE_REGISTRY.parent / "gcp-tpu"
+PROJECT, ZONE = "mlci-test-project", "us-central2-b"
+KEY_ENV = "MLCI_TPU_SSH_KEY"
+RUN_ID = "6f1c2d3e-aaaa-bbbb-cccc-0123456789ab"
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackSshd]:
+    with LoopbackSshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture
+def api(sshd: LoopbackSshd, monkeypatch: pytest.MonkeyPatch) -> Iterator[TpuApiServer]:
+    monkeypatch.setenv(KEY_ENV, sshd.private_key)
+    with TpuApiServer() as server:
+        server.state.create_s = server.state.delete_s = 0.2
+        yield server
+
+
+def sandbox_spec(api: TpuApiServer, sshd: LoopbackSshd, **extra: Any) -> TpuVmSandbox:
+    return TpuVmSandbox.model_validate({
+        "provider": "gcp-tpu-vm", "project": PROJECT, "zone": ZONE,
+        "accelerator_type": "v4-8", "runtime_version": "tpu-ubuntu2204-base", "spot": True,
+        "api_endpoint": api.url, "state_poll_s": 0.2,
+        "ssh": {"user": sshd.user, "private_key_env": KEY_ENV, "port": sshd.port},
+        **extra})
+
+
+def make_provider(home: Path, api: TpuApiServer) -> TpuVmProvider:
+    return TpuVmProvider(home, [KEY_ENV], settings=TpuLocation(PROJECT, ZONE, api.url),
+                         poll_interval_s=0.05)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, api: TpuApiServer, sshd: LoopbackSshd
+            ) -> Iterator[tuple[TpuVmProvider, SandboxHandle]]:
+    provider = make_provider(tmp_path / "home", api)
+    spec = sandbox_spec(api, sshd)
+    handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
+                             engine_variables={"MLCI_FRAMEWORK": "jax"})
+    provider.wait_until_ready(handle, spec, timeout_s=20)
+    yield provider, handle
+    assert provider.destroy(handle)["clean"]
+
+
+def ssh_pipeline(name: str, command: list[str] | str, **extra: Any) -> SshCommandPipeline:
+    return SshCommandPipeline.model_validate({"kind": "ssh_command", "name": name,
+                                              "command": command, **extra})
+
+
+def remote_processes(marker: str) -> list[int]:
+    """Processes whose command line holds `marker` (the VM is this machine)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(process.info["cmdline"] or []):
+                found.append(process.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_gone(marker: str, timeout_s: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := remote_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+# --- nodes -----------------------------------------------------------------------------------
+
+
+def test_create_records_the_handle_before_the_node_and_labels_a_ready_spot_node(
+        tmp_path, api, sshd):
+    provider = make_provider(tmp_path / "home", api)
+    spec = sandbox_spec(api, sshd)
+    ledger_at_create: list[list[str]] = []
+    real_create = api.state.create
+
+    def create(parent: str, node: str, body: dict[str, Any]):
+        ledger_at_create.append([h.sandbox_id for h in provider.ledger.live()])
+        return real_create(parent, node, body)
+
+    api.state.create = create  # type: ignore[method-assign]
+    handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
+                             engine_variables={})
+    checks = provider.wait_until_ready(handle, spec, timeout_s=20)
+
+    assert ledger_at_create == [[handle.sandbox_id]]
+    node = api.state.get(handle.state["node"])
+    assert node.state == "READY"
+    assert node.body["labels"] == {"mlci-run-id": RUN_ID, "mlci-partition": "jax-smoke_jax",
+                                   "mlci-expires-at": str(int(handle.expires_at))}
+    assert node.body["schedulingConfig"] == {"spot": True}
+    assert node.body["acceleratorType"] == "v4-8"
+    assert node.body["runtimeVersion"] == "tpu-ubuntu2204-base"
+    assert handle.sandbox_id.startswith("mlci-jax-smoke-jax-")
+    assert handle.state["ip"] == "127.0.0.1"
+    assert [c["object"] for c in checks] == ["create operation", f"node {handle.sandbox_id}",
+                                             "ssh"]
+    assert provider.destroy(handle)["clean"]
+
+
+def test_a_failed_create_operation_fails_the_sandbox_as_infra(tmp_path, api, sshd):
+    provider = make_provider(tmp_path / "home", api)
+    spec = sandbox_spec(api, sshd)
+    api.state.fail_next_create("There is no more capacity in the zone \"us-central2-b\"")
+    handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
+                             engine_variables={})
+
+    with pytest.raises(SandboxError) as error:
+        provider.wait_until_ready(handle, spec, timeout_s=10)
+
+    assert error.value.kind == "infra"
+    assert "no more capacity" in str(error.value) and "create_node" in str(error.value)
+    assert provider.destroy(handle)["clean"]  # nothing exists: idempotent
+
+
+def test_a_node_preempted_before_it_is_ready_fails_the_sandbox_as_infra(tmp_path, api, sshd):
+    api.state.create_s = 1.0
+    provider = make_provider(tmp_path / "home", api)
+    spec = sandbox_spec(api, sshd)
+    handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
+                             engine_variables={})
+    handle.state.pop("create_operation")  # look at the node itself while it is CREATING
+    threading.Timer(0.3, api.preempt, [handle.sandbox_id]).start()
+
+    with pytest.raises(SandboxError, match="PREEMPTED") as error:
+        provider.wait_until_ready(handle, spec, timeout_s=10)
+
+    assert error.value.kind == "infra"
+    assert provider.destroy(handle)["clean"]
+
+
+def test_ssh_that_refuses_the_key_fails_readiness_naming_ssh(tmp_path, api, sshd, monkeypatch):
+    stranger = tmp_path / "stranger_ed25519"  # a key the VM does not authorize
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+                   check=True)
+    monkeypatch.setenv(KEY_ENV, stranger.read_text())
+    provider = make_provider(tmp_path / "home", api)
+    spec = sandbox_spec(api, sshd)
+    handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
+                             engine_variables={})
+
+    with pytest.raises(SandboxError, match="SSH to the node does not work") as error:
+        provider.wait_until_ready(handle, spec, timeout_s=1.5)
+
+    assert error.value.kind in ("infra", "timeout")
+    assert stranger.read_text().splitlines()[1] not in str(error.value)
+    assert provider.destroy(handle)["clean"]
+
+
+# --- ssh_command pipelines -------------------------------------------------------------------
+
+
+def test_ssh_command_passes_with_outputs_captured_and_engine_variables(sandbox):
+    provider, handle = sandbox
+    pipeline = ssh_pipeline(
+        "train", 'echo "framework=$MLCI_FRAMEWORK"; echo "accuracy=0.953"; echo "$GREETING" >&2',
+        env={"GREETING": "hello from ${config}"}, expect_output=["hello from jax-smoke"],
+        outputs={"accuracy": "accuracy=([0-9.]+)", "framework": "framework=(\\w+)"})
+
+    result = provider.run_pipeline(handle, pipeline, {"config": "jax-smoke"}, timeout_s=20)
+
+    assert result.passed, result.summary
+    assert result.outputs == {"accuracy": "0.953", "framework": "jax"}
+    assert result.details["exit_code"] == 0
+    log = Path(result.log_ref).read_text()
+    assert "accuracy=0.953" in log and "--- stderr" in log
+
+
+def test_ssh_command_argv_is_quoted_for_the_remote_shell(sandbox):
+    provider, handle = sandbox
+    pipeline = ssh_pipeline("argv", ["printf", "%s|", "two words", "$HOME", "a'b"],
+                            expect_output=["two words|$HOME|a'b|"])
+
+    result = provider.run_pipeline(handle, pipeline, {}, timeout_s=20)
+
+    assert result.passed, result.summary
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    ({"command": "echo boom >&2; exit 3"}, "exited 3, expected 0"),
+    ({"command": "echo done", "expect_output": ["all tests passed"]},
+     "output lacks 'all tests passed'"),
+    ({"command": "echo done", "outputs": {"loss": "loss=([0-9.]+)"}}, "output 'loss' not found"),
+])
+def test_ssh_command_fails_as_product(sandbox, extra, why):
+    provider, handle = sandbox
+    pipeline = ssh_pipeline("check", **extra)
+
+    result = provider.run_pipeline(handle, pipeline, {}, timeout_s=20)
+
+    assert not result.passed
+    assert result.failure_kind is FailureKind.PRODUCT
+    assert why in result.summary
+
+
+def test_ssh_command_expected_exit_code_passes(sandbox):
+    provider, handle = sandbox
+    result = provider.run_pipeline(handle, ssh_pipeline("nonzero", "exit 4", expect_exit_code=4),
+                                   {}, timeout_s=20)
+    assert result.passed, result.summary
+
+
+def test_ssh_command_timeout_kills_the_remote_process_group(sandbox):
+    provider, handle = sandbox
+    # A child in the background and one in the foreground: both must die with the group.
+    pipeline = ssh_pipeline("hang", "sleep 7301 & sleep 7302; echo never")
+
+    result = provider.run_pipeline(handle, pipeline, {}, timeout_s=1.0)
+
+    assert not result.passed
+    assert result.failure_kind is FailureKind.TIMEOUT
+    assert "killed at its timeout of 1s" in result.summary
+    assert result.details["remote_kill"] == "remote process group killed"
+    assert wait_gone("sleep 730") == []
+    assert result.duration_s < 8
+
+
+def test_a_node_preempted_mid_run_fails_the_pipeline_as_infra(sandbox, api):
+    provider, handle = sandbox
+    pipeline = ssh_pipeline("long-train", "echo step 1; sleep 7401; echo never")
+    threading.Timer(0.5, api.preempt, [handle.sandbox_id]).start()
+
+    result = provider.run_pipeline(handle, pipeline, {}, timeout_s=30)
+
+    assert not result.passed
+    assert result.failure_kind is FailureKind.INFRA
+    assert "PREEMPTED" in result.summary and "infrastructure" in result.summary
+    assert result.duration_s < 10
+    assert wait_gone("sleep 7401") == []
+    # A later pipeline on the lost node fails at once, as infra too.
+    again = provider.run_pipeline(handle, ssh_pipeline("after", "true"), {}, timeout_s=30)
+    assert again.failure_kind is FailureKind.INFRA and "PREEMPTED" in again.summary
+
+
+def test_the_ssh_key_never_reaches_logs_or_the_handle(sandbox, sshd):
+    provider, handle = sandbox
+    key_line = sshd.private_key.splitlines()[1]
+    pipeline = ssh_pipeline("leak", 'echo "$SECRET_IN"', env={"SECRET_IN": "${env.KEY}"})
+
+    result = provider.run_pipeline(handle, pipeline, {"env": {"KEY": sshd.private_key}},
+                                   timeout_s=20)
+
+    assert result.passed, result.summary
+    assert key_line not in Path(result.log_ref).read_text()
+    assert key_line not in str(handle.to_dict())
+
+
+# --- teardown, list_live, janitor ------------------------------------------------------------
+
+
+def test_destroy_deletes_waits_and_verifies_not_found(tmp_path, api, sshd):
+    provider = make_provider(tmp_path / "home", api)
+    spec = sandbox_spec(api, sshd)
+    handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
+                             engine_variables={})
+    provider.wait_until_ready(handle, spec, timeout_s=20)
+    artifacts = provider.collect_artifacts(handle)
+
+    report = provider.destroy(handle)
+
+    assert any(a.endswith("tpu-node.json") for a in artifacts)
+    assert report["clean"] and report["node_gone"], report
+    assert api.state.nodes == {}
+    assert ("DELETE", f"/v2/{handle.state['node']}") in api.requests
+    assert api.requests[-1] == ("GET", f"/v2/{handle.state['node']}")  # the 404 that proves it
+    assert provider.ledger.live() == []
+    assert provider.destroy(handle)["clean"]  # idempotent
+
+
+def test_list_live_and_the_janitor_find_nodes_by_label_when_the_ledger_is_lost(
+        tmp_path, api, sshd):
+    provider = make_provider(tmp_path / "home", api)
+    spec = sandbox_spec(api, sshd)
+    handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
+                             engine_variables={})
+    provider.wait_until_ready(handle, spec, timeout_s=20)
+    api.state.create(f"projects/{PROJECT}/locations/{ZONE}", "someone-elses",
+                     {"acceleratorType": "v4-8", "runtimeVersion": "x"})
+    shutil.rmtree(tmp_path / "home")
+
+    fresh = providers_for([spec], tmp_path / "other-home", [KEY_ENV])[-1]
+    live = fresh.list_live()
+
+    assert [(h.sandbox_id, h.run_id, h.config, h.engine) for h in live] == [
+        (handle.sandbox_id, RUN_ID, "jax-smoke", "jax")]
+    verdicts = sweep([fresh], run_over=lambda run_id: run_id == RUN_ID)
+    assert [(v.sandbox_id, v.reason) for v in verdicts] == [
+        (handle.sandbox_id, f"run {RUN_ID[:8]} is over")]
+    assert verdicts[0].report["node_gone"]
+    assert [n.rsplit("/", 1)[-1] for n in api.state.nodes] == ["someone-elses"]
+
+
+def test_a_node_whose_metadata_is_lost_is_rebuilt_from_its_labels(tmp_path, api):
+    provider = make_provider(tmp_path / "home", api)
+    api.state.create(f"projects/{PROJECT}/locations/{ZONE}", "mlci-orphan-jax-1234abcd",
+                     {"acceleratorType": "v4-8", "runtimeVersion": "x", "labels": {
+                         "mlci-run-id": "r1", "mlci-partition": "orphan_jax",
+                         "mlci-expires-at": "12"}})
+
+    [handle] = provider.list_live()
+
+    assert (handle.run_id, handle.config, handle.engine, handle.expires_at) == (
+        "r1", "orphan", "jax", 12.0)
+    assert [v.reason for v in sweep([provider], run_over=lambda _: False)][0].startswith(
+        "expired")
+    assert api.state.nodes == {}
+
+
+# --- names, labels, diagnosis ----------------------------------------------------------------
+
+
+def test_node_ids_and_label_values_are_what_gcp_accepts():
+    long_config = "c" * 63
+    assert len(node_id(long_config, "jax", "1234abcd")) <= 63
+    assert node_id("Jax_Smoke", "jax", "1234abcd") == "mlci-jax-smoke-jax-1234abcd"
+    assert label_value("Run.ID/7") == "run-id-7"
+    long = label_value("x" * 100)
+    assert len(long) == 63 and long != label_value("x" * 99)
+
+
+@pytest.mark.parametrize(("state", "ready", "terminal"), [
+    ("READY", True, False), ("CREATING", False, False), ("REPAIRING", False, False),
+    ("PREEMPTED", False, True), ("TERMINATED", False, True), ("STOPPED", False, True),
+    ("SOMETHING_NEW", False, True),
+])
+def test_readiness_of_a_node_state(state, ready, terminal):
+    verdict = readiness("n", state)
+    assert (verdict.ready, verdict.terminal) == (ready, terminal)
+
+
+@pytest.mark.parametrize(("state", "cut_short"), [
+    ("READY", False), ("REPAIRING", False), ("PREEMPTED", True), ("TERMINATED", True),
+    (None, True),
+])
+def test_interruption_of_a_running_pipeline(state, cut_short):
+    assert bool(interruption("n", state)) is cut_short
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+def config_with(sandbox: dict[str, Any], pipelines: list[dict[str, Any]] | None = None
+                ) -> dict[str, Any]:
+    return {"name": "tpu", "owners": {"default": "me"}, "image": {"ref": "x"},
+            "sandbox": sandbox, "pipelines": pipelines or [
+                {"kind": "ssh_command", "name": "p", "command": "true"}]}
+
+
+TPU = {"provider": "gcp-tpu-vm", "project": "my-project-1", "zone": "us-central2-b",
+       "accelerator_type": "v5litepod-8", "runtime_version": "v2-alpha-tpuv5-lite",
+       "ssh": {"user": "mlci", "private_key_env": KEY_ENV}}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"accelerator_type": "tpu-big"}, "sandbox.gcp-tpu-vm.accelerator_type"),
+    ({"zone": "central"}, "expected a zone such as us-central2-b"),
+    ({"ssh": {"user": "mlci"}}, "sandbox.gcp-tpu-vm.ssh.private_key_env"),
+    ({"ssh": {**TPU["ssh"], "port": 70000}}, "expected a port between 1 and 65535"),
+    ({"ssh": {**TPU["ssh"], "port": "ssh"}}, "expected a port number, or a ${...} reference"),
+    ({"api_endpoint": "localhost:8080"}, "expected an http:// or https:// host[:port] URL"),
+    ({"machine": "big"}, "sandbox.gcp-tpu-vm.machine"),
+])
+def test_registry_rejects_a_bad_tpu_sandbox(change, message):
+    with pytest.raises(ValidationError) as error:
+        TestConfig.model_validate(config_with({**TPU, **change}))
+    assert message in str(error.value)
+
+
+def test_registry_accepts_references_and_names_the_provider_among_its_choices():
+    config = TestConfig.model_validate(config_with(
+        {**TPU, "project": "${env.P}", "ssh": {**TPU["ssh"], "port": "${env.PORT}"}}))
+    assert config.sandbox.provider == "gcp-tpu-vm"
+    with pytest.raises(ValidationError, match="gcp-tpu-vm"):
+        TestConfig.model_validate(config_with({**TPU, "provider": "gcp-tpu"}))
+
+
+def test_ssh_command_runs_only_in_a_tpu_sandbox():
+    with pytest.raises(ValidationError, match="'ssh_command' runs only in a 'gcp-tpu-vm'"):
+        TestConfig.model_validate(config_with({"provider": "local"}))
+
+
+def test_the_provider_is_found_by_name(tmp_path):
+    provider = build_provider("gcp-tpu-vm", tmp_path, settings=TpuLocation(PROJECT, ZONE))
+    assert isinstance(provider, TpuVmProvider) and provider.hourly_cost(None) == 0.0
+
+
+# --- the example through Dagster -------------------------------------------------------------
+
+
+def test_the_example_passes_end_to_end_on_the_loopback_services(
+        tmp_path, api, sshd, instance, monkeypatch):
+    registry = tmp_path / "gcp-tpu"
+    shutil.copytree(EXAMPLE_TPU, registry)
+    for path in (registry / "configs").glob("*.yaml"):
+        config = yaml.safe_load(path.read_text())
+        config["sandbox"]["state_poll_s"] = 0.5
+        path.write_text(yaml.safe_dump(config))
+    environment = {"MLCI_TPU_PROJECT": PROJECT, "MLCI_TPU_API_ENDPOINT": api.url,
+                   "MLCI_TPU_SSH_PORT": str(sshd.port), "MLCI_TPU_SSH_USER": sshd.user}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+    result, record = run_partition(instance, registry, "tpu-cpu-tests|jax")
+
+    assert record["status"] == "pass", record["error_summary"]
+    assert result.success
+    pipelines = stage_details(instance, result.run_id, "pipeline_runs")
+    assert pipelines["outputs"]["cpu-tests"] == {"framework": "jax"}
+    assert pipelines["outputs"]["python-version"]["python"].startswith("3.")
+    handle = stage_details(instance, result.run_id, "sandbox")["handle"]
+    assert handle["state"]["node"] not in api.state.nodes
+    assert ("DELETE", f"/v2/{handle['state']['node']}") in api.requests
