@@ -10,7 +10,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "installing mlci-dagster into .venv (log: .venv/setup.log) ..."
   # uv resolves and installs the same pins as pip, several times faster.
   if ! { .venv/bin/python -m pip install --upgrade pip uv \
-         && .venv/bin/python -m uv pip install --python .venv/bin/python -e '.[dev]'; } \
+         && .venv/bin/python -m uv pip install --compile-bytecode --python .venv/bin/python \
+              -e '.[dev]'; } \
        > .venv/setup.log 2>&1; then
     tail -30 .venv/setup.log
     exit 1
