@@ -192,8 +192,10 @@ def test_sigkill_of_mlci_run_takes_its_worker_down_and_the_sandbox_with_it(
     mlci.wait()
 
     from tests.support.dagster_services import wait_until
+    # This run's worker (its argv names this test's registry), not another test's.
     wait_until(lambda: not [p for p in psutil.process_iter(["cmdline"])
-                            if "mlci_dagster.runner" in (p.info["cmdline"] or [])],
+                            if {"mlci_dagster.runner", str(registry)} <= set(
+                                p.info["cmdline"] or [])],
                60, "the worker to tear down and exit after losing its parent")
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
     assert instance.fetch_materializations(dg.AssetKey("results"), limit=1).records == []
