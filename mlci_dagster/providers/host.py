@@ -5,12 +5,16 @@ process group of its own, recorded with the handle while it runs."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlci_dagster.providers.handle import SandboxHandle, render_context
+from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, OutputWatcher
-from mlci_dagster.providers.processes import GroupResult, run_group
+from mlci_dagster.providers.processes import GroupResult, kill_group, kill_marked, run_group
 from mlci_dagster.redact import Redactor
 from mlci_dagster.templating import render
 
@@ -53,3 +57,44 @@ def run_command(handle: SandboxHandle, name: str, argv: list[str], env: dict[str
     finally:
         if handle.process_groups.pop(key, None) is not None:
             record(handle)
+
+
+@dataclass
+class HostCleanup:
+    """What destroy stopped of a sandbox on this machine: processes left per group (and outside
+    any), and the ids of those killed outside their group."""
+
+    leaked: dict[str, list[int]]
+    escaped: list[int]
+
+
+def stop_processes(handle: SandboxHandle, timeout_s: float) -> HostCleanup:
+    """Kills the sandbox's process groups here, last started first (a service before the
+    database it depends on), each after a grace of a tenth of `timeout_s` (at most 5 s); then
+    every process that left its group but carries the sandbox's mark."""
+    grace_s = min(5.0, timeout_s / 10)
+    groups = list(reversed(handle.process_groups.items()))
+    leaked = {name: pids for name, pgid in groups if (pids := kill_group(pgid, grace_s))}
+    escaped = kill_marked(SANDBOX_ID_ENV, handle.sandbox_id)
+    if escaped["left"]:
+        leaked["outside their group"] = escaped["left"]
+    return HostCleanup(leaked, escaped["killed"])
+
+
+def finish_destroy(handle: SandboxHandle, stopped: HostCleanup, problems: list[str],
+                   ledger: Ledger, redactor: Redactor, **report: Any) -> dict[str, Any]:
+    """The end of a remote provider's destroy: the work directory removed, what is left here
+    added to the provider's `problems`, the ledger entry dropped only when nothing is left.
+    The report every provider returns, `clean` first and `why` when it is not."""
+    shutil.rmtree(handle.workdir, ignore_errors=True)
+    workdir_left = Path(handle.workdir).exists()
+    if stopped.leaked:
+        problems.append(f"local processes left: {stopped.leaked}")
+    if workdir_left:
+        problems.append(f"work directory {handle.workdir} left")
+    clean = not problems
+    if clean:
+        ledger.remove(handle.sandbox_id)
+    return {"clean": clean, "why": redactor.text("; ".join(problems)), **report,
+            "process_groups": sorted(handle.process_groups), "escaped_group": stopped.escaped,
+            "leaked_pids": stopped.leaked, "busy_ports": [], "workdir_left": workdir_left}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,13 +34,10 @@ from mlci_dagster.providers.aws.client import (
 from mlci_dagster.providers.aws.pipelines import invoke
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
-from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import (
     GroupResult,
-    kill_group,
-    kill_marked,
     process_start,
 )
 from mlci_dagster.redact import Redactor
@@ -280,12 +276,7 @@ class SageMakerProvider:
         longer knows it, then the endpoint config and the model; verifies each `describe`
         says not found. Idempotent. The ledger entry stays while anything is left."""
         deadline = time.monotonic() + timeout_s
-        grace_s = min(5.0, timeout_s / 10)
-        groups = list(reversed(handle.process_groups.items()))
-        leaked = {name: pids for name, pgid in groups if (pids := kill_group(pgid, grace_s))}
-        escaped = kill_marked(SANDBOX_ID_ENV, handle.sandbox_id)
-        if escaped["left"]:
-            leaked["outside their group"] = escaped["left"]
+        stopped = host.stop_processes(handle, timeout_s)
         problems: list[str] = []
         resources: dict[str, str] = {}
         try:
@@ -296,25 +287,8 @@ class SageMakerProvider:
             problems.append(str(exc))
         problems += [f"{kind} {handle.sandbox_id} left: {why}"
                      for kind, why in resources.items() if why != "gone"]
-        shutil.rmtree(handle.workdir, ignore_errors=True)
-        workdir_left = Path(handle.workdir).exists()
-        if leaked:
-            problems.append(f"local processes left: {leaked}")
-        if workdir_left:
-            problems.append(f"work directory {handle.workdir} left")
-        clean = not problems
-        if clean:
-            self.ledger.remove(handle.sandbox_id)
-        return {
-            "clean": clean,
-            "why": self.redactor.text("; ".join(problems)),
-            "resources": resources,
-            "process_groups": sorted(handle.process_groups),
-            "escaped_group": escaped["killed"],
-            "leaked_pids": leaked,
-            "busy_ports": [],
-            "workdir_left": workdir_left,
-        }
+        return host.finish_destroy(handle, stopped, problems, self.ledger, self.redactor,
+                                   resources=resources)
 
     def _delete(self, client: SageMakerClient, kind: str, name: str, deadline: float) -> str:
         """Deletes one resource and waits until `describe` says not found: "gone", or what is

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,10 +29,9 @@ from mlci_dagster.providers.gcp_tpu import diagnose
 from mlci_dagster.providers.gcp_tpu.client import NodeInfo, TpuApiError, TpuClient, parent_of
 from mlci_dagster.providers.gcp_tpu.ssh import SshError, SshTarget, run_remote, wait_for_ssh
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
-from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import OutputWatcher
-from mlci_dagster.providers.processes import GroupResult, kill_group, kill_marked, process_start
+from mlci_dagster.providers.processes import GroupResult, process_start
 from mlci_dagster.redact import Redactor, credential_names
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.summary import summarize
@@ -383,12 +381,7 @@ class TpuVmProvider:
         verifies the API says NOT_FOUND. Idempotent: a node already gone is clean. The ledger
         entry stays while anything is left."""
         deadline = time.monotonic() + timeout_s
-        groups = list(reversed(handle.process_groups.items()))
-        leaked = {name: pids for name, pgid in groups
-                  if (pids := kill_group(pgid, min(5.0, timeout_s / 10)))}
-        escaped = kill_marked(SANDBOX_ID_ENV, handle.sandbox_id)
-        if escaped["left"]:
-            leaked["outside their group"] = escaped["left"]
+        stopped = host.stop_processes(handle, timeout_s)
         problems: list[str] = []
         node = handle.state.get("node", handle.sandbox_id)
         report: dict[str, Any] = {"node": node, "node_gone": False}
@@ -396,19 +389,8 @@ class TpuVmProvider:
             report["node_gone"] = self._delete_node(handle, node, deadline, problems)
         except TpuApiError as exc:
             problems.append(f"node {node} could not be deleted: {exc}")
-        shutil.rmtree(handle.workdir, ignore_errors=True)
-        workdir_left = Path(handle.workdir).exists()
-        if leaked:
-            problems.append(f"local processes left: {leaked}")
-        if workdir_left:
-            problems.append(f"work directory {handle.workdir} left")
-        clean = not problems
-        if clean:
-            self.ledger.remove(handle.sandbox_id)
-        return {"clean": clean, "why": self.redactor.text("; ".join(problems)), **report,
-                "process_groups": sorted(handle.process_groups),
-                "escaped_group": escaped["killed"], "leaked_pids": leaked, "busy_ports": [],
-                "workdir_left": workdir_left}
+        return host.finish_destroy(handle, stopped, problems, self.ledger, self.redactor,
+                                   **report)
 
     def _delete_node(self, handle: SandboxHandle, node: str, deadline: float,
                      problems: list[str]) -> bool:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +27,6 @@ import requests
 from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
-from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.providers.kubernetes import diagnose
 from mlci_dagster.providers.kubernetes.client import (
     ClusterAccess,
@@ -54,8 +52,6 @@ from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import (
     GroupResult,
-    kill_group,
-    kill_marked,
     process_start,
 )
 from mlci_dagster.redact import Redactor
@@ -519,12 +515,7 @@ class KubernetesProvider:
         404. Idempotent: a namespace already gone is clean. The ledger entry stays while
         anything is left (a namespace stuck Terminating is named with what blocks it)."""
         deadline = time.monotonic() + timeout_s
-        grace_s = min(5.0, timeout_s / 10)
-        groups = list(reversed(handle.process_groups.items()))
-        leaked = {name: pids for name, pgid in groups if (pids := kill_group(pgid, grace_s))}
-        escaped = kill_marked(SANDBOX_ID_ENV, handle.sandbox_id)
-        if escaped["left"]:
-            leaked["outside their group"] = escaped["left"]
+        stopped = host.stop_processes(handle, timeout_s)
         problems: list[str] = []
         report: dict[str, Any] = {"namespace": handle.sandbox_id, "namespace_gone": False,
                                   "cluster_scoped_left": []}
@@ -540,25 +531,8 @@ class KubernetesProvider:
                 self._delete_namespace(handle, deadline, report, problems)
             except KubeError as exc:
                 problems.append(f"namespace {handle.sandbox_id} could not be deleted: {exc}")
-        shutil.rmtree(handle.workdir, ignore_errors=True)
-        workdir_left = Path(handle.workdir).exists()
-        if leaked:
-            problems.append(f"local processes left: {leaked}")
-        if workdir_left:
-            problems.append(f"work directory {handle.workdir} left")
-        clean = not problems
-        if clean:
-            self.ledger.remove(handle.sandbox_id)
-        return {
-            "clean": clean,
-            "why": self.redactor.text("; ".join(problems)),
-            **report,
-            "process_groups": sorted(handle.process_groups),
-            "escaped_group": escaped["killed"],
-            "leaked_pids": leaked,
-            "busy_ports": [],
-            "workdir_left": workdir_left,
-        }
+        return host.finish_destroy(handle, stopped, problems, self.ledger, self.redactor,
+                                   **report)
 
     def _delete_namespace(self, handle: SandboxHandle, deadline: float, report: dict[str, Any],
                           problems: list[str]) -> None:

@@ -19,7 +19,7 @@ import requests
 from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
-from mlci_dagster.providers.host import SANDBOX_ID_ENV, sandbox_env
+from mlci_dagster.providers.host import sandbox_env
 from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.ports import allocate_free_port, port_is_free
@@ -27,8 +27,6 @@ from mlci_dagster.providers.probes import wait_until_ready
 from mlci_dagster.providers.processes import (
     GroupResult,
     group_members,
-    kill_group,
-    kill_marked,
     process_start,
     start_group,
 )
@@ -199,15 +197,10 @@ class LocalProvider:
         SIGKILL. Returns what it verified; the ledger entry stays while anything is left, for
         the janitor.
         """
-        grace_s = min(5.0, timeout_s / 10)
-        # Last started, first stopped: a service goes before the database it depends on.
-        groups = list(reversed(handle.process_groups.items()))
-        leaked = {name: pids for name, pgid in groups if (pids := kill_group(pgid, grace_s))}
         # Some platforms (Ray's workers, PostgreSQL's backends) leave their process group; every
         # sandbox process carries the sandbox id in its environment, so none can hide.
-        escaped = kill_marked(SANDBOX_ID_ENV, handle.sandbox_id)
-        if escaped["left"]:
-            leaked["outside their group"] = escaped["left"]
+        stopped = host.stop_processes(handle, timeout_s)
+        leaked = stopped.leaked
         deadline = time.monotonic() + 5
         busy = [p for p in handle.ports.values() if not port_is_free(p)]
         while busy and time.monotonic() < deadline:
@@ -221,7 +214,7 @@ class LocalProvider:
         return {
             "clean": clean,
             "process_groups": sorted(handle.process_groups),
-            "escaped_group": escaped["killed"],
+            "escaped_group": stopped.escaped,
             "leaked_pids": leaked,
             "busy_ports": busy,
             "workdir_left": workdir_left,
