@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mlci_dagster.dotted import dig
 from mlci_dagster.redact import Redactor, looks_like_credential
-from mlci_dagster.stages.http import dig
 from mlci_dagster.stages.outcome import StageClock, skipped
 from mlci_dagster.stages.results import first_failure
 from mlci_dagster.templating import TemplateError, render

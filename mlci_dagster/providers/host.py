@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,13 @@ from typing import Any
 from mlci_dagster.providers.handle import SandboxHandle, render_context
 from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, OutputWatcher
-from mlci_dagster.providers.processes import GroupResult, kill_group, kill_marked, run_group
+from mlci_dagster.providers.processes import (
+    GroupResult,
+    kill_group,
+    kill_marked,
+    process_start,
+    run_group,
+)
 from mlci_dagster.redact import Redactor
 from mlci_dagster.templating import render
 
@@ -98,3 +105,36 @@ def finish_destroy(handle: SandboxHandle, stopped: HostCleanup, problems: list[s
     return {"clean": clean, "why": redactor.text("; ".join(problems)), **report,
             "process_groups": sorted(handle.process_groups), "escaped_group": stopped.escaped,
             "leaked_pids": stopped.leaked, "busy_ports": [], "workdir_left": workdir_left}
+
+
+class ProviderHome:
+    """What every provider keeps on this machine: its home (work and log directories), the
+    shared ledger of live sandboxes, the secret names and their redactor, the registry root
+    (for files a spec names); and the handle of a new sandbox, owned by this process."""
+
+    name: str
+
+    def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = (),
+                 root: Path | None = None) -> None:
+        self.home = Path(home)
+        self.ledger = Ledger(self.home / "ledger")
+        self.secret_names = list(secret_names)
+        self.redactor = Redactor.from_env(self.secret_names)
+        self.root = Path(root) if root is not None else None
+
+    @classmethod
+    def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
+                      settings: Any = None) -> Any:
+        return cls(home, secret_names, root=root, settings=settings)
+
+    def new_handle(self, sandbox_id: str, *, config: str, engine: str, run_id: str,
+                   ttl_s: float, **fields: Any) -> SandboxHandle:
+        """A handle whose work and log directories are under the home, expiring in `ttl_s`,
+        owned by this process (the janitor reaps it if the process dies first)."""
+        now = time.time()
+        return SandboxHandle(
+            sandbox_id=sandbox_id, provider=self.name, config=config, engine=engine,
+            run_id=run_id, created_at=now, expires_at=now + ttl_s,
+            workdir=str(self.home / "sandboxes" / sandbox_id),
+            log_dir=str(self.home / "logs" / sandbox_id),
+            owner_pid=os.getpid(), owner_start=process_start(os.getpid()) or 0, **fields)

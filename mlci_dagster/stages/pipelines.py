@@ -9,12 +9,12 @@ from typing import Any
 
 import requests
 
+from mlci_dagster.dotted import dig
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.http import dig
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.stages.sandbox import handle_of
 from mlci_dagster.summary import summarize

@@ -8,9 +8,9 @@ from typing import Any
 
 import requests
 
+from mlci_dagster.dotted import dig
 from mlci_dagster.registry.models import RouteCheck
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.http import dig
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.stages.sandbox import handle_of
 from mlci_dagster.templating import TemplateError, render

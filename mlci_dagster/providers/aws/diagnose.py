@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from mlci_dagster.dotted import MISSING, dig
 from mlci_dagster.vocabulary import FailureKind
 
 NAME_PREFIX = "mlci-"
@@ -90,19 +91,6 @@ def group_tagged(found: list[tuple[str, str, str, dict[str, str]]]
     return sandboxes
 
 
-def dig(data: Any, path: str) -> tuple[bool, Any]:
-    """(found, value) at a dotted path (`predictions.0.label`) in decoded JSON."""
-    node = data
-    for part in path.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False, None
-    return True, node
-
-
 def judge(status: int, text: str, *, expect_status: int, contains: list[str],
           json_equals: dict[str, Any], outputs: dict[str, str]
           ) -> tuple[list[str], dict[str, Any]]:
@@ -119,14 +107,14 @@ def judge(status: int, text: str, *, expect_status: int, contains: list[str],
             problems.append(f"response is not JSON: {text[:200]!r}")
             return problems, captured
         for path, expected in json_equals.items():
-            found, actual = dig(body, path)
-            if not found:
+            actual = dig(body, path, MISSING)
+            if actual is MISSING:
                 problems.append(f"{path} not in the response")
             elif actual != expected:
                 problems.append(f"{path} = {actual!r}, expected {expected!r}")
         for key, path in outputs.items():
-            found, value = dig(body, path)
-            if found:
+            value = dig(body, path, MISSING)
+            if value is not MISSING:
                 captured[key] = value
             else:
                 problems.append(f"output '{key}': {path} not in the response")

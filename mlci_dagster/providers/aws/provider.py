@@ -34,13 +34,10 @@ from mlci_dagster.providers.aws.client import (
 from mlci_dagster.providers.aws.pipelines import invoke
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
-from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import (
     GroupResult,
-    process_start,
 )
-from mlci_dagster.redact import Redactor
 from mlci_dagster.registry.aws import EndpointService, SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.templating import REFERENCE, TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
@@ -90,25 +87,16 @@ def default_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
-class SageMakerProvider:
+class SageMakerProvider(host.ProviderHome):
     name = "aws-sagemaker"
 
     def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = (),
                  root: Path | None = None, settings: AwsSettings | None = None,
                  poll_interval_s: float = 10.0) -> None:
-        self.home = Path(home)
-        self.ledger = Ledger(self.home / "ledger")
-        self.secret_names = list(secret_names)
-        self.redactor = Redactor.from_env(self.secret_names)
-        self.root = Path(root) if root is not None else None
+        super().__init__(home, secret_names, root)
         self.settings = settings or AwsSettings(default_region())
         self.poll_interval_s = poll_interval_s
         self._clients: dict[AwsAccess, SageMakerClient] = {}
-
-    @classmethod
-    def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
-                      settings: AwsSettings | None = None) -> SageMakerProvider:
-        return cls(home, secret_names, root=root, settings=settings)
 
     @staticmethod
     def settings_of(spec: SageMakerSandbox) -> AwsSettings:
@@ -141,15 +129,11 @@ class SageMakerProvider:
             access = self.settings_of(spec).resolve()
         except TemplateError as exc:  # nothing exists yet: nothing to clean
             raise SandboxError(f"sandbox {name} could not be created: {exc}", "infra") from exc
-        now = time.time()
         service = next((s for s in spec.services if isinstance(s, EndpointService)),
                        EndpointService())
-        handle = SandboxHandle(
-            sandbox_id=name, provider=self.name, config=config, engine=engine, run_id=run_id,
-            created_at=now, expires_at=now + spec.ttl_s,
-            workdir=str(self.home / "sandboxes" / name), log_dir=str(self.home / "logs" / name),
+        handle = self.new_handle(
+            name, config=config, engine=engine, run_id=run_id, ttl_s=spec.ttl_s,
             endpoints={service.name: invocations_url(access, name)},
-            owner_pid=os.getpid(), owner_start=process_start(os.getpid()) or 0,
             state={"access": access.to_dict(), "endpoint_name": name, "created": []},
         )
         self.ledger.record(handle)  # before anything exists that could leak

@@ -29,9 +29,8 @@ from mlci_dagster.providers.gcp_tpu import diagnose
 from mlci_dagster.providers.gcp_tpu.client import NodeInfo, TpuApiError, TpuClient, parent_of
 from mlci_dagster.providers.gcp_tpu.ssh import SshError, SshTarget, run_remote, wait_for_ssh
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
-from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import OutputWatcher
-from mlci_dagster.providers.processes import GroupResult, process_start
+from mlci_dagster.providers.processes import GroupResult
 from mlci_dagster.redact import Redactor, credential_names
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.summary import summarize
@@ -83,25 +82,16 @@ def _resolved(value: Any, what: str) -> Any:
         raise SandboxError(f"{what}: {exc}", "infra") from exc
 
 
-class TpuVmProvider:
+class TpuVmProvider(host.ProviderHome):
     name = "gcp-tpu-vm"
 
     def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = (),
                  root: Path | None = None, settings: TpuLocation | None = None,
                  poll_interval_s: float = 2.0) -> None:
-        self.home = Path(home)
-        self.ledger = Ledger(self.home / "ledger")
-        self.secret_names = list(secret_names)
-        self.redactor = Redactor.from_env(self.secret_names)
-        self.root = Path(root) if root is not None else None
+        super().__init__(home, secret_names, root)
         self.settings = settings
         self.poll_interval_s = poll_interval_s
         self._clients: dict[str | None, TpuClient] = {}
-
-    @classmethod
-    def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
-                      settings: TpuLocation | None = None) -> TpuVmProvider:
-        return cls(home, secret_names, root=root, settings=settings)
 
     @staticmethod
     def settings_of(spec: TpuVmSandbox) -> TpuLocation:
@@ -160,12 +150,8 @@ class TpuVmProvider:
         if not str(port).isdigit():
             raise SandboxError(f"sandbox.ssh.port: expected a port number (got {port!r})",
                                "infra")
-        now = time.time()
-        handle = SandboxHandle(
-            sandbox_id=node, provider=self.name, config=config, engine=engine, run_id=run_id,
-            created_at=now, expires_at=now + spec.ttl_s,
-            workdir=str(self.home / "sandboxes" / node), log_dir=str(self.home / "logs" / node),
-            owner_pid=os.getpid(), owner_start=process_start(os.getpid()) or 0,
+        handle = self.new_handle(
+            node, config=config, engine=engine, run_id=run_id, ttl_s=spec.ttl_s,
             state={"project": project, "zone": zone, "api_endpoint": api_endpoint,
                    "node": f"{parent_of(project, zone)}/nodes/{node}",
                    "ssh": {"user": user, "port": int(port),

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mlci_dagster import dotted
 from mlci_dagster.vocabulary import FailureKind
 
 # The condition that means ready, per kind, unless a check names another; anything else: Ready.
@@ -45,13 +46,9 @@ class Readiness:
 
 
 def dig(obj: Any, path: str, default: Any = None) -> Any:
-    """The value at a dotted path (`status.jobStatus`) in nested dicts, or `default`."""
-    node = obj
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
+    """The value at a dotted path (`status.jobStatus`) of an object: a field an object has not
+    set yet is usual, so `default` (None) rather than an error."""
+    return dotted.dig(obj, path, default)
 
 
 def condition(obj: Mapping[str, Any], kind: str) -> dict[str, Any] | None:

@@ -48,13 +48,10 @@ from mlci_dagster.providers.kubernetes.manifests import (
     unset_env_references,
 )
 from mlci_dagster.providers.kubernetes.pipelines import PipelineRun
-from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import (
     GroupResult,
-    process_start,
 )
-from mlci_dagster.redact import Redactor
 from mlci_dagster.registry.kubernetes import (
     ClusterSpec,
     K8sJobPipeline,
@@ -121,25 +118,16 @@ class ReadyTarget:
         return f"{self.kind} {self.name}" if self.name else f"{self.kind}s ({self.selector})"
 
 
-class KubernetesProvider:
+class KubernetesProvider(host.ProviderHome):
     name = "kubernetes"
 
     def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = (),
                  root: Path | None = None, settings: ClusterSpec | None = None,
                  poll_interval_s: float = 1.0) -> None:
-        self.home = Path(home)
-        self.ledger = Ledger(self.home / "ledger")
-        self.secret_names = list(secret_names)
-        self.redactor = Redactor.from_env(self.secret_names)
-        self.root = Path(root) if root is not None else None
+        super().__init__(home, secret_names, root)
         self.settings = settings or ClusterSpec()
         self.poll_interval_s = poll_interval_s
         self._clients: dict[ClusterAccess, KubeClient] = {}
-
-    @classmethod
-    def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
-                      settings: ClusterSpec | None = None) -> KubernetesProvider:
-        return cls(home, secret_names, root=root, settings=settings)
 
     @staticmethod
     def settings_of(spec: KubernetesSandbox) -> ClusterSpec:
@@ -179,15 +167,9 @@ class KubernetesProvider:
         what it made and raises SandboxError (infra) naming the call and why."""
         suffix = uuid.uuid4().hex[:8]
         namespace = namespace_name(config, engine, suffix)
-        now = time.time()
-        handle = SandboxHandle(
-            sandbox_id=namespace, provider=self.name, config=config, engine=engine,
-            run_id=run_id, created_at=now, expires_at=now + spec.ttl_s,
-            workdir=str(self.home / "sandboxes" / namespace),
-            log_dir=str(self.home / "logs" / namespace),
-            owner_pid=os.getpid(), owner_start=process_start(os.getpid()) or 0,
-            state={"namespace": namespace, "objects": []},
-        )
+        handle = self.new_handle(namespace, config=config, engine=engine, run_id=run_id,
+                                 ttl_s=spec.ttl_s,
+                                 state={"namespace": namespace, "objects": []})
         settings = spec.cluster
         if settings.create:
             assert settings.name is not None  # the registry requires it with create

@@ -20,17 +20,14 @@ from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.host import sandbox_env
-from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.ports import allocate_free_port, port_is_free
 from mlci_dagster.providers.probes import wait_until_ready
 from mlci_dagster.providers.processes import (
     GroupResult,
     group_members,
-    process_start,
     start_group,
 )
-from mlci_dagster.redact import Redactor
 from mlci_dagster.registry.models import LocalSandbox, ServiceSpec
 from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
@@ -48,14 +45,11 @@ def log_tail(path: str | Path, chars: int = LOG_TAIL_CHARS) -> str:
         return ""
 
 
-class LocalProvider:
+class LocalProvider(host.ProviderHome):
     name = "local"
 
     def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = ()) -> None:
-        self.home = Path(home)
-        self.ledger = Ledger(self.home / "ledger")
-        self.secret_names = list(secret_names)
-        self.redactor = Redactor.from_env(self.secret_names)
+        super().__init__(home, secret_names)
 
     @classmethod
     def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
@@ -80,15 +74,8 @@ class LocalProvider:
         image: dict[str, Any] | None = None,
     ) -> SandboxHandle:
         """Reserves ports, makes the directories and starts every service; cleans up on failure."""
-        sandbox_id = f"{config}.{engine}.{uuid.uuid4().hex[:8]}"
-        now = time.time()
-        handle = SandboxHandle(
-            sandbox_id=sandbox_id, provider=self.name, config=config, engine=engine,
-            run_id=run_id, created_at=now, expires_at=now + spec.ttl_s,
-            workdir=str(self.home / "sandboxes" / sandbox_id),
-            log_dir=str(self.home / "logs" / sandbox_id),
-            owner_pid=os.getpid(), owner_start=process_start(os.getpid()) or 0,
-        )
+        handle = self.new_handle(f"{config}.{engine}.{uuid.uuid4().hex[:8]}", config=config,
+                                 engine=engine, run_id=run_id, ttl_s=spec.ttl_s)
         with self.ledger.lock():
             reserved = self.ledger.reserved_ports()
             for service in spec.services:
