@@ -8,7 +8,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
-from mlci_dagster.registry.base import EnvName, Name, Seconds, StrictModel
+from mlci_dagster.registry.base import (
+    BilledResource,
+    EnvName,
+    Name,
+    SandboxBase,
+    Seconds,
+    StrictModel,
+)
 from mlci_dagster.templating import REFERENCE
 
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
@@ -50,15 +57,11 @@ class EndpointService(StrictModel):
     name: Name = "endpoint"
 
 
-class SageMakerSandbox(StrictModel):
+class SageMakerSandbox(SandboxBase):
     """A SageMaker real-time endpoint per sandbox: model, endpoint config and endpoint, each
     tagged with the run, the partition and the expiry, waited to InService."""
 
     provider: Literal["aws-sagemaker"]
-    pool: Name | None = Field(
-        default=None, description="The pool whose limit this sandbox counts against; default: "
-        "the provider's name.")
-    ttl_s: Seconds = 3600
     region: Region = Field(
         default="us-east-1", description="The AWS region; may be templated "
         "(${env.AWS_REGION}).")
@@ -86,6 +89,10 @@ class SageMakerSandbox(StrictModel):
     services: Annotated[list[EndpointService], Field(min_length=1, max_length=1)] = Field(
         default=[EndpointService()], description="One entry: the endpoint's name in "
         "${services.<name>.url}.")
+
+    def billed_resources(self) -> list[BilledResource]:
+        return [BilledResource(self.instance_type, self.instance_count, False,
+                               "sandbox.instance_type")]
 
 
 class SageMakerInvokePipeline(StrictModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
@@ -30,3 +30,27 @@ Argv = Annotated[list[str], Field(min_length=1)]
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BilledResource(NamedTuple):
+    """Something a sandbox holds that a cloud bills by the hour: its type (a rate's key under
+    `costs.hourly_usd`), how many, whether spot, and the field of the config that names it."""
+
+    type: str
+    count: int
+    spot: bool
+    field: str
+
+
+class SandboxBase(StrictModel):
+    """What every provider's sandbox spec has: its pool, its time to live and what it bills."""
+
+    pool: Name | None = Field(
+        default=None, description="The pool (a provider or a hardware reservation) whose limit "
+        "this sandbox counts against; default: the provider's name.")
+    ttl_s: Seconds = 3600
+
+    def billed_resources(self) -> list[BilledResource]:
+        """What a cloud bills while the sandbox exists; nothing for a sandbox on this machine or
+        on a cluster that is paid for anyway."""
+        return []

@@ -8,7 +8,14 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints
 
-from mlci_dagster.registry.base import EnvName, Name, Seconds, StrictModel
+from mlci_dagster.registry.base import (
+    BilledResource,
+    EnvName,
+    Name,
+    SandboxBase,
+    Seconds,
+    StrictModel,
+)
 from mlci_dagster.templating import REFERENCE
 
 
@@ -68,15 +75,11 @@ class VmService(StrictModel):
     scheme: Literal["http", "https"] = "http"
 
 
-class TpuVmSandbox(StrictModel):
+class TpuVmSandbox(SandboxBase):
     """A Cloud TPU VM node per sandbox, labelled with the run, the partition and the expiry,
     waited to READY and to SSH, and always deleted."""
 
     provider: Literal["gcp-tpu-vm"]
-    pool: Name | None = Field(
-        default=None, description="The pool whose limit this sandbox counts against; default: "
-        "the provider's name.")
-    ttl_s: Seconds = 3600
     project: Project = Field(description="The Google Cloud project; may be templated "
                                          "(${env.GCP_PROJECT}).")
     zone: Zone = Field(description="The zone holding the accelerator type, e.g. us-central2-b.")
@@ -84,6 +87,9 @@ class TpuVmSandbox(StrictModel):
     runtime_version: RuntimeVersion = Field(description="e.g. tpu-ubuntu2204-base.")
     spot: bool = Field(default=False, description="A spot VM: cheaper, and may be preempted "
                                                   "(a preempted run fails as infra).")
+    retries_on_preemption: Annotated[int, Field(ge=0, le=5)] = Field(
+        default=0, description="How many times Dagster retries the lifecycle when the node is "
+        "preempted (each attempt is recorded; a preemption is infra, never a regression).")
     external_ip: bool = Field(
         default=False, description="Give the VM an external IP and reach it there (a runner "
         "outside the VPC); default: its internal IP.")
@@ -98,6 +104,9 @@ class TpuVmSandbox(StrictModel):
     services: list[VmService] = Field(
         default=[], description="Ports on the VM that ${services.<name>.url} and ui_smoke "
         "routes reach.")
+
+    def billed_resources(self) -> list[BilledResource]:
+        return [BilledResource(self.accelerator_type, 1, self.spot, "sandbox.accelerator_type")]
 
 
 class SshCommandPipeline(StrictModel):

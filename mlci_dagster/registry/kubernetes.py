@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from mlci_dagster.registry.base import EnvName, Name, Seconds, StrictModel
+from mlci_dagster.registry.base import EnvName, Name, SandboxBase, Seconds, StrictModel
 
 # A path inside the registry folder, such as k8s/mlflow.yaml (checked to exist when loaded).
 ManifestPath = Annotated[str, StringConstraints(pattern=r"^[^/].*\.ya?ml$")]
@@ -83,14 +83,10 @@ class SecretSpec(StrictModel):
     data: Annotated[dict[EnvName, str], Field(min_length=1)]
 
 
-class KubernetesSandbox(StrictModel):
+class KubernetesSandbox(SandboxBase):
     """A namespace per sandbox, with the manifests applied in order and checked ready."""
 
     provider: Literal["kubernetes"]
-    pool: Name | None = Field(
-        default=None, description="The pool whose limit this sandbox counts against; default: "
-        "the provider's name.")
-    ttl_s: Seconds = 3600
     cluster: ClusterSpec = ClusterSpec()
     manifests: Annotated[list[ManifestPath], Field(min_length=1)] = Field(
         description="YAML files under the registry root, templated with ${...}, applied in "

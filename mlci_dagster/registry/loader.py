@@ -244,6 +244,19 @@ def _reference_problems(path: Path, config: TestConfig, settings: Settings) -> l
     return problems
 
 
+def _unrated_resources(path: Path, config: TestConfig, settings: Settings) -> list[str]:
+    """Billed resources without a rate, once rates or a budget are declared: a cost that would
+    silently count as unknown, or a budget that could not be kept."""
+    rates = settings.costs.hourly_usd
+    if not rates and settings.budget is None:
+        return []  # costs not tracked: cost_usd stays unknown
+    return [f"{path}: {resource.field}: no rate for '{resource.type}' under costs.hourly_usd "
+            f"in {SETTINGS_FILE} (expected one: "
+            f"{'a budget is set' if settings.budget else 'costs are tracked'}; known: "
+            f"{', '.join(sorted(rates)) or 'none'})"
+            for resource in config.sandbox.billed_resources() if resource.type not in rates]
+
+
 def _missing_files(path: Path, config: TestConfig, root: Path) -> list[str]:
     """Manifests the config names that are not files under the registry root, and a cluster
     CLI that is not on this machine."""
@@ -333,6 +346,7 @@ def load_registry(root: str | Path) -> Registry:
             if pool is not None and pool not in settings.pools:
                 problems.append(f"{path}: sandbox.pool: unknown pool '{pool}' (expected one of: "
                                 f"{', '.join(settings.pools) or 'none declared in mlci.yaml'})")
+            problems.extend(_unrated_resources(path, config, settings))
         problems.extend(_missing_files(path, config, root))
         configs[config.name] = LoadedConfig(config, path, config_id(config))
     if problems or settings is None:

@@ -19,6 +19,7 @@ from mlci_dagster.registry.base import (
     Argv,
     EnvName,
     Name,
+    SandboxBase,
     Seconds,
     StrictModel,
 )
@@ -84,14 +85,10 @@ class ServiceSpec(StrictModel):
     ready: ProbeSpec
 
 
-class LocalSandbox(StrictModel):
+class LocalSandbox(SandboxBase):
     """Services as local processes, each in its own process group (the embedded default)."""
 
     provider: Literal["local"] = "local"
-    pool: Name | None = Field(
-        default=None, description="The pool (a provider or a hardware reservation) whose limit "
-        "this sandbox counts against; default: the provider's name.")
-    ttl_s: Seconds = 3600
     services: list[ServiceSpec] = []
 
 
@@ -195,6 +192,30 @@ class PoolSpec(StrictModel):
     description: str = ""
 
 
+# A billed resource type as clouds name them: ml.m5.large, v5litepod-8, n2-standard-4.
+ResourceType = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+
+
+class CostSettings(StrictModel):
+    """What each billed resource type costs: a run's cost is the resource-seconds its sandbox
+    held times these rates. A sandbox on this machine (local) or a cluster (kubernetes) bills
+    nothing here."""
+
+    hourly_usd: dict[ResourceType, Annotated[float, Field(ge=0)]] = Field(
+        default={}, description="USD per hour of one resource, on demand, by type "
+        "(ml.m5.large: 0.115, v5litepod-1: 1.2).")
+    spot_multiplier: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0, description="A spot (preemptible) resource costs its rate times this, "
+        "e.g. 0.3 for 70% off.")
+
+
+class BudgetSettings(StrictModel):
+    """A monthly cap: a run whose month would exceed it is refused before anything is created."""
+
+    monthly_usd: Annotated[float, Field(gt=0)] = Field(
+        description="USD per calendar month (UTC) for every run of this registry.")
+
+
 class Settings(StrictModel):
     """The registry's root file: engines, secret and public variable names and defaults for
     every config."""
@@ -217,6 +238,8 @@ class Settings(StrictModel):
                                 "image stage resolves, by host[:port] as image refs write it.")
     image_poll_interval_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
         default=60, description="Seconds between two polls of the image registries.")
+    costs: CostSettings = CostSettings()
+    budget: BudgetSettings | None = None
 
     @model_validator(mode="after")
     def _public_env_holds_no_secret(self) -> Settings:
