@@ -96,6 +96,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mlci_dagster.event_log import record_before
     from mlci_dagster.janitor import registry_providers, sweep
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.pools import pool_of
@@ -116,6 +117,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     def done(item: PartitionRun) -> None:
         verdict = "passed" if item.success else "LOST" if item.lost else "FAILED"
         why = f": {item.lost}; run marked failed, its sandboxes reaped" if item.lost else ""
+        record = record_before(instance, item.key) if item.success else None
+        if record is not None and record.run_id == item.run_id and record.skipped:
+            verdict, why = "SKIPPED", f": {record.error_summary}"
         print(f"  {item.key}: {verdict} in {item.seconds:.1f}s (run {item.run_id[:8]}){why}",
               flush=True)
 
@@ -200,6 +204,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    from mlci_dagster.history.render import cost_text
+    from mlci_dagster.schedules import NIGHTLY_CRON, NIGHTLY_TIER
+    from mlci_dagster.spend import month_spend, project_month
+
+    registry = _registry(args)
+    instance = _instance()
+    now = time.time()
+    projections = project_month(instance, registry, NIGHTLY_CRON, NIGHTLY_TIER, now)
+    spend, _ = month_spend(instance, registry, run_id="", now=now)
+    if args.json:
+        print(json.dumps({
+            "month_recorded_usd": spend.recorded_usd, "in_progress_usd": spend.in_progress_usd,
+            "projected_usd": sum(p.projected_usd for p in projections),
+            "budget_usd": registry.settings.budget.monthly_usd if registry.settings.budget
+            else None,
+            "partitions": [{"partition": p.partition, "rate_usd_h": p.rate_usd_h,
+                            "runs": p.runs, "spent_usd": p.spent_usd,
+                            "per_run_usd": p.per_run.usd, "per_run_basis": p.per_run.basis,
+                            "runs_left": p.runs_left, "projected_usd": p.projected_usd}
+                           for p in projections]}, indent=2))
+        return 0
+    print(cost_text(projections, spend, registry.settings.budget, NIGHTLY_CRON, now))
+    return 0
+
+
 def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
     from mlci_dagster.janitor import registry_providers, sweep
@@ -255,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_filters("status", "counts and coverage: tested, untested, stale, passing")
     status.add_argument("--json", action="store_true")
     status.set_defaults(fn=cmd_status)
+    cost = commands.add_parser("cost", help="this month's cost per partition, projected to "
+                               "the month's end from the nightly schedule, against the budget")
+    cost.add_argument("--json", action="store_true")
+    cost.set_defaults(fn=cmd_cost)
     janitor = commands.add_parser("janitor", help="reap sandboxes whose run is over or expired")
     janitor.add_argument("--dry-run", action="store_true", help="say what would be reaped")
     janitor.set_defaults(fn=cmd_janitor)

@@ -61,3 +61,17 @@ def resolve_run_requests(
     return [r.with_resolved_tags_and_config(target_definition=job, dynamic_partitions_requests=[],
                                             dynamic_partitions_store=store)
             for r in requests]
+
+
+def cron_ticks(cron: str, start: float, end: float, timezone: str = "UTC") -> list[float]:
+    """The times a schedule with this cron string fires in [start, end), as Dagster's scheduler
+    computes them (`dagster._utils.schedules.cron_string_iterator`, not public)."""
+    from dagster._utils.schedules import cron_string_iterator
+
+    ticks = []
+    for tick in cron_string_iterator(start, cron, timezone):
+        if tick.timestamp() >= end:
+            return ticks
+        if tick.timestamp() >= start:
+            ticks.append(tick.timestamp())
+    return ticks

@@ -51,6 +51,17 @@ def new_results(instance: dg.DagsterInstance, after: int) -> Iterator[tuple[int,
         cursor = page.cursor
 
 
+def record_before(instance: dg.DagsterInstance, partition: str, before: int | None = None
+                  ) -> ResultRecord | None:
+    """The partition's result recorded last before storage id `before` (default: the latest)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[partition],
+                              before_storage_id=before), limit=1).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    return read_record(records[0].storage_id, records[0].asset_materialization.metadata)
+
+
 def consolidate(
     instance: dg.DagsterInstance, table: pd.DataFrame | None
 ) -> tuple[pd.DataFrame, int]:

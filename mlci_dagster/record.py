@@ -15,6 +15,7 @@ from mlci_dagster.vocabulary import (
     failed_stage_of,
     partition_key,
     passed,
+    skipped,
 )
 
 
@@ -42,7 +43,8 @@ class MetricRecord(_Record):
 
 
 class ResultRecord(_Record):
-    """`status` is `pass` or `fail-<first failing stage>`; the failure fields tell of that stage."""
+    """`status` is `pass`, `fail-<first failing stage>` (the failure fields tell of that stage),
+    or `skip` (refused before it began; `error_summary` says why)."""
 
     partition: str
     config: str
@@ -65,6 +67,9 @@ class ResultRecord(_Record):
     stages: dict[Stage, StageRecord]
     pipelines: dict[str, PipelineRecord] = {}
     metrics: dict[str, MetricRecord] = {}
+    billed_s: float = 0.0  # how long the sandbox existed (sandbox stage to end of teardown)
+    cost_usd: float | None = None  # billed_s at the rates in mlci.yaml; None: no rate known
+    preempted: bool = False  # a spot node was reclaimed mid-run (always an infra failure)
 
     @model_validator(mode="after")
     def _consistent(self) -> ResultRecord:
@@ -79,6 +84,10 @@ class ResultRecord(_Record):
     @property
     def passed(self) -> bool:
         return passed(self.status)
+
+    @property
+    def skipped(self) -> bool:
+        return skipped(self.status)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

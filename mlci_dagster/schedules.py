@@ -12,9 +12,10 @@ from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
 from mlci_dagster.vocabulary import partition_key
 
 NIGHTLY_TIER = "nightly"
+NIGHTLY_CRON = "0 2 * * *"  # UTC; `mlci cost` projects the month from it
 
 
-def nightly_schedule(job: dg.JobDefinition, cron: str = "0 2 * * *"
+def nightly_schedule(job: dg.JobDefinition, cron: str = NIGHTLY_CRON
                      ) -> dg.ScheduleDefinition:
     @dg.schedule(name="nightly", job=job, cron_schedule=cron,
                  default_status=dg.DefaultScheduleStatus.RUNNING,

@@ -41,17 +41,27 @@ class FailureKind(enum.StrEnum):
 
 
 LIFECYCLE_PASS = "pass"
+# Refused before anything was created (a budget that the run would exceed): neither a pass nor
+# a failure, and left out of the history's analysis.
+LIFECYCLE_SKIP = "skip"
 _FAIL_PREFIX = "fail-"
 
 
-def lifecycle_status(failed_stage: Stage | str | None) -> str:
-    """`pass`, or `fail-<first failing stage>`."""
-    return LIFECYCLE_PASS if failed_stage is None else f"{_FAIL_PREFIX}{failed_stage}"
+def lifecycle_status(failed_stage: Stage | str | None, refused: bool = False) -> str:
+    """`pass`, `fail-<first failing stage>`, or `skip` for a lifecycle refused before it began."""
+    if failed_stage is not None:
+        return f"{_FAIL_PREFIX}{failed_stage}"
+    return LIFECYCLE_SKIP if refused else LIFECYCLE_PASS
 
 
 def passed(lifecycle: str | None) -> bool:
     """Whether a lifecycle status (`pass`, `fail-<stage>`) is a pass."""
     return lifecycle == LIFECYCLE_PASS
+
+
+def skipped(lifecycle: str | None) -> bool:
+    """Whether a lifecycle status is `skip` (refused before it began)."""
+    return lifecycle == LIFECYCLE_SKIP
 
 
 def failed_stage_of(lifecycle: str) -> Stage | None:

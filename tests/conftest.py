@@ -150,14 +150,15 @@ def assert_no_leaks(dagster_home: Path, handle: dict[str, Any]) -> None:
 
 
 def result_record(partition: str, status: str, started_at: float, digest: str = "d1",
-                  kind: str | None = None, duration: float = 1.0) -> ResultRecord:
+                  kind: str | None = None, duration: float = 1.0,
+                  cost: float | None = None) -> ResultRecord:
     """A valid results record, as the lifecycle writes it, with the fields a rule reads."""
     config, engine = partition.split("|")
-    failed = None if status == "pass" else status.removeprefix("fail-")
+    failed = None if status in ("pass", "skip") else status.removeprefix("fail-")
     return ResultRecord.model_validate({
         "partition": partition, "config": config, "engine": engine, "config_id": "c1",
-        "status": status, "failed_stage": failed,
-        "failure_kind": kind or (None if status == "pass" else "product"),
+        "status": status, "failed_stage": failed, "cost_usd": cost,
+        "failure_kind": kind or (None if failed is None else "product"),
         "image_digest": digest, "code_version": "v1", "trigger": "schedule",
         "run_id": f"run-{partition}-{started_at}", "started_at": started_at,
         "finished_at": started_at + 60, "duration_s": duration,

@@ -60,3 +60,14 @@ def test_no_other_module_touches_dagster_internals():
     offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
                  if p.name != "compat.py" and ("dagster._" in p.read_text())]
     assert offenders == []
+
+
+def test_cron_ticks_are_the_schedule_s_fire_times_within_the_window():
+    import datetime as dt
+
+    start = dt.datetime(2026, 2, 1, tzinfo=dt.UTC).timestamp()
+    end = dt.datetime(2026, 3, 1, tzinfo=dt.UTC).timestamp()
+    ticks = compat.cron_ticks("0 2 * * *", start, end)
+    assert len(ticks) == 28  # every night of February 2026
+    assert ticks[0] == start + 2 * 3600 and all(start <= t < end for t in ticks)
+    assert compat.cron_ticks("0 2 * * *", end - 3600, end) == []

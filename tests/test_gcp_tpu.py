@@ -11,15 +11,17 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import psutil
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from mlci_dagster import cli
 from mlci_dagster.janitor import sweep
 from mlci_dagster.paths import EXAMPLE_REGISTRY
 from mlci_dagster.providers.base import build_provider, providers_for
@@ -27,6 +29,7 @@ from mlci_dagster.providers.gcp_tpu import TpuVmProvider
 from mlci_dagster.providers.gcp_tpu.diagnose import interruption, readiness
 from mlci_dagster.providers.gcp_tpu.provider import TpuLocation, label_value, node_id
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle
+from mlci_dagster.registry import loader
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.registry.models import TestConfig
 from mlci_dagster.vocabulary import FailureKind
@@ -423,14 +426,15 @@ def test_ssh_command_runs_only_in_a_tpu_sandbox():
 
 def test_the_provider_is_found_by_name(tmp_path):
     provider = build_provider("gcp-tpu-vm", tmp_path, settings=TpuLocation(PROJECT, ZONE))
-    assert isinstance(provider, TpuVmProvider) and provider.hourly_cost(None) == 0.0
+    assert isinstance(provider, TpuVmProvider)
 
 
 # --- the example through Dagster -------------------------------------------------------------
 
 
-def test_the_example_passes_end_to_end_on_the_loopback_services(
-        tmp_path, api, sshd, instance, monkeypatch):
+@pytest.fixture
+def tpu_example(tmp_path, api, sshd, monkeypatch) -> Path:
+    """The gcp-tpu example's registry, pointed at the loopback TPU API and sshd."""
     registry = tmp_path / "gcp-tpu"
     shutil.copytree(EXAMPLE_TPU, registry)
     for path in (registry / "configs").glob("*.yaml"):
@@ -441,8 +445,22 @@ def test_the_example_passes_end_to_end_on_the_loopback_services(
                    "MLCI_TPU_SSH_PORT": str(sshd.port), "MLCI_TPU_SSH_USER": sshd.user}
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
+    return registry
 
-    result, record = run_partition(instance, registry, "tpu-cpu-tests|jax")
+
+def edit_yaml(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+    loader._cache.clear()  # the resource's cached registry would keep the old file for 2 s
+
+
+def node_creates(api) -> int:
+    return sum(1 for method, path in api.requests if method == "POST" and path.endswith("/nodes"))
+
+
+def test_the_example_passes_end_to_end_on_the_loopback_services(tpu_example, api, instance):
+    result, record = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
 
     assert record["status"] == "pass", record["error_summary"]
     assert result.success
@@ -452,3 +470,68 @@ def test_the_example_passes_end_to_end_on_the_loopback_services(
     handle = stage_details(instance, result.run_id, "sandbox")["handle"]
     assert handle["state"]["node"] not in api.state.nodes
     assert ("DELETE", f"/v2/{handle['state']['node']}") in api.requests
+    # The node existed from the sandbox stage to the end of teardown, at the spot rate.
+    assert 0 < record["billed_s"] <= record["duration_s"]
+    assert record["cost_usd"] == pytest.approx(1.20 * 0.4 * record["billed_s"] / 3600, abs=1e-6)
+
+
+def test_a_run_that_would_exceed_the_monthly_budget_is_refused_before_a_node_exists(
+        tpu_example, api, instance, capsys):
+    _, first = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
+    assert first["status"] == "pass" and first["cost_usd"] > 0
+    # Room for the run recorded, not for a second one like it.
+    edit_yaml(tpu_example / "mlci.yaml",
+              lambda s: s["budget"].update(monthly_usd=first["cost_usd"] * 1.5))
+    creates = node_creates(api)
+
+    result, second = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
+
+    assert second["status"] == "skip"
+    assert "budget" in second["error_summary"] and "median of 1 recorded run" in \
+        second["error_summary"], second["error_summary"]
+    assert second["cost_usd"] == 0 and second["billed_s"] == 0
+    assert node_creates(api) == creates  # nothing was created
+    assert result.success  # a refusal is not a failure: the check is a warning
+    [check] = [e for e in result.get_asset_check_evaluations()
+               if e.check_name == "lifecycle_passed"]
+    assert not check.passed and check.severity is dg.AssetCheckSeverity.WARN
+    # `mlci cost` shows the month: the recorded run, the budget, the projection.
+    assert cli.main(["--registry", str(tpu_example), "cost"]) == 0  # DAGSTER_HOME: instance's
+    out = capsys.readouterr().out
+    assert "tpu-cpu-tests|jax" in out and f"${first['cost_usd']:.4f}" in out
+    assert "budget: $" in out and "tpu-jax-nightly|jax" in out
+
+
+def test_a_node_preempted_mid_run_is_retried_by_dagster_and_recorded_as_infra(
+        tpu_example, api, instance):
+    def slow_and_retried(config: dict[str, Any]) -> None:
+        config["sandbox"]["retries_on_preemption"] = 1
+        config["pipelines"].insert(0, {"kind": "ssh_command", "name": "train",
+                                       "command": "echo training; sleep 3", "timeout_s": 60})
+
+    edit_yaml(tpu_example / "configs" / "tpu-cpu-tests.yaml", slow_and_retried)
+
+    def preempt_the_first_node() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready = [name for name, node in list(api.state.nodes.items())
+                     if node.state == "READY"]
+            if ready:
+                time.sleep(1.0)  # the train pipeline is running on it now
+                api.preempt(ready[0])
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=preempt_the_first_node, daemon=True).start()
+    result, last = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
+
+    records = [dict(r.asset_materialization.metadata["record"].value) for r in
+               instance.fetch_materializations(
+                   dg.AssetRecordsFilter(asset_key=dg.AssetKey("results")), limit=10).records]
+    assert [r["status"] for r in reversed(records)] == ["fail-pipeline_runs", "pass"]
+    preempted, retried = records[1], records[0]
+    assert preempted["failure_kind"] == "infra" and preempted["preempted"]
+    assert "PREEMPTED" in preempted["error_summary"]
+    assert retried["run_id"] == preempted["run_id"] == result.run_id  # one run, two attempts
+    assert result.success and last["status"] == "pass"
+    assert node_creates(api) == 2 and not api.state.nodes

@@ -27,6 +27,7 @@ STAGE_CHECK = "stage_passed"
 LIFECYCLE_CHECK = "lifecycle_passed"
 # A stage's details in metadata stay small whatever the stage saw; the logs hold the rest.
 DETAILS_MAX_CHARS = 4000
+PREEMPTION_RETRY_WAIT_S = 5  # a spot node is not back at once
 
 DESCRIPTIONS = {
     Stage.IMAGE: "The image one partition tests: its digest, and whether it was cached.",
@@ -90,6 +91,8 @@ def results_materialization(record: ResultRecord) -> dg.MaterializeResult:
             "status": record.status,
             "failed_stage": str(record.failed_stage or ""),
             "duration_s": dg.MetadataValue.float(record.duration_s),
+            "cost_usd": dg.MetadataValue.float(record.cost_usd)
+            if record.cost_usd is not None else "",
             "image_digest": record.image_digest or "",
             "trigger": record.trigger,
             "config_id": record.config_id,
@@ -98,9 +101,13 @@ def results_materialization(record: ResultRecord) -> dg.MaterializeResult:
             if record.debug_bundle else "",
             "record": dg.MetadataValue.json(record.to_json()),
         },
+        # A refused run (skip) is yellow: it neither passed nor failed the run.
         check_results=[dg.AssetCheckResult(
             asset_key=RESULTS, check_name=LIFECYCLE_CHECK, passed=record.passed,
+            severity=dg.AssetCheckSeverity.WARN if record.skipped
+            else dg.AssetCheckSeverity.ERROR,
             description=record.status if record.passed else
+            f"skip: {record.error_summary}" if record.skipped else
             f"{record.status} (owner: {record.owner})",
             metadata={"status": record.status, "owner": record.owner or "",
                       "error_summary": record.error_summary},
@@ -137,7 +144,12 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
                                        metadata=outcome_metadata(outcome),
                                        check_results=[stage_check(outcome)])
         record = build_record(ctx, outcomes, trigger=trigger_of(context.run.tags))
-        context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s")
+        context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s"
+                         + (f", ${record.cost_usd:.4f}" if record.cost_usd else ""))
         yield results_materialization(record)
+        retries = getattr(ctx.config.sandbox, "retries_on_preemption", 0)
+        if record.preempted and context.retry_number < retries:
+            # Dagster's step retry: the attempt stays recorded (infra), and a new one starts.
+            raise dg.RetryRequested(max_retries=retries, seconds_to_wait=PREEMPTION_RETRY_WAIT_S)
 
     return lifecycle

@@ -18,12 +18,12 @@ import pandas as pd
 
 from mlci_dagster.history.table import DURATION_PREFIX, series_columns
 from mlci_dagster.registry.models import HistorySettings
-from mlci_dagster.vocabulary import FailureKind, passed, split_partition_key
+from mlci_dagster.vocabulary import LIFECYCLE_SKIP, FailureKind, passed, split_partition_key
 
 DAY_S = 86_400
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normal data
 RUN_FIELDS = ["run_id", "status", "failed_stage", "image_digest", "config_id", "code_version",
-              "finished_at", "duration_s", "trigger"]
+              "finished_at", "duration_s", "trigger", "cost_usd"]
 
 
 class PartitionStatus(enum.StrEnum):
@@ -65,6 +65,8 @@ class PartitionSummary:
     regression: dict[str, Any] | None = None
     flakiness: Flakiness = field(default_factory=Flakiness)
     slowdowns: list[Slowdown] = field(default_factory=list)
+    cost_usd: float | None = None  # every recorded run's cost; None when none had one
+    refused_since_last_run: int = 0  # runs refused (skip: the budget) after the latest run
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -233,6 +235,9 @@ def analyze(
 ) -> list[PartitionSummary]:
     """A summary per partition: the registry's partitions first, then any others on record."""
     summaries: dict[str, PartitionSummary] = {}
+    costs, refused = partition_costs(table), refusals(table)
+    # A refused run (skip) neither passed nor failed: no rule counts it.
+    table = table[table["status"] != LIFECYCLE_SKIP] if not table.empty else table
     if not table.empty:
         table = table.sort_values(["partition", "finished_at"], kind="stable")
         outage = outage_flags(table, settings).to_numpy(dtype=bool)
@@ -247,9 +252,38 @@ def analyze(
         for start, end in zip(bounds, bounds[1:], strict=False):
             summaries[keys[start]] = summarize_partition(
                 keys[start], columns, series, outage, start, end, settings, now)
+    for p in {*costs, *refused} - set(summaries):
+        summaries[p] = PartitionSummary(p, *split_partition_key(p), PartitionStatus.PENDING)
+    for p, summary in summaries.items():
+        summary.cost_usd, summary.refused_since_last_run = costs.get(p), refused.get(p, 0)
     ordered = [summaries.pop(p, None) or PartitionSummary(
         p, *split_partition_key(p), status=PartitionStatus.PENDING) for p in partitions]
     return ordered + [summaries[p] for p in sorted(summaries)]
+
+
+def partition_costs(table: pd.DataFrame) -> dict[str, float]:
+    """Each partition's recorded cost, summed over its runs that carry one."""
+    if table.empty or "cost_usd" not in table:
+        return {}
+    known = table[pd.to_numeric(table["cost_usd"], errors="coerce").notna()]
+    return {str(k): round(float(v), 6) for k, v in
+            pd.to_numeric(known["cost_usd"]).groupby(known["partition"]).sum().items()}
+
+
+def refusals(table: pd.DataFrame) -> dict[str, int]:
+    """Per partition, how many of its latest records in a row are refusals (skip)."""
+    skips = table["status"] == LIFECYCLE_SKIP if not table.empty else None
+    if skips is None or not skips.any():
+        return {}
+    found = {}
+    refused = table[table["partition"].isin(table.loc[skips, "partition"])]
+    for key, rows in refused.sort_values("finished_at", kind="stable").groupby("partition"):
+        statuses = rows["status"].tolist()
+        count = len(statuses) - next((i + 1 for i in range(len(statuses) - 1, -1, -1)
+                                      if statuses[i] != LIFECYCLE_SKIP), 0)
+        if count:
+            found[str(key)] = count
+    return found
 
 
 def coverage(summaries: list[PartitionSummary]) -> dict[str, int]:

@@ -10,12 +10,13 @@ import json
 import pandas as pd
 
 from mlci_dagster.history.analysis import PartitionSummary
-from mlci_dagster.history.render import regression_text, short
-from mlci_dagster.vocabulary import LIFECYCLE_PASS, FailureKind, passed
+from mlci_dagster.history.render import regression_text, short, usd
+from mlci_dagster.vocabulary import LIFECYCLE_PASS, LIFECYCLE_SKIP, FailureKind, passed, skipped
 
 COLUMNS = 30
 COLOURS = {LIFECYCLE_PASS: "#2da44e", FailureKind.PRODUCT: "#cf222e",
-           FailureKind.TIMEOUT: "#bc4c00", FailureKind.INFRA: "#8250df"}
+           FailureKind.TIMEOUT: "#bc4c00", FailureKind.INFRA: "#8250df",
+           LIFECYCLE_SKIP: "#afb8c1"}
 STATUS_COLOURS = {"PASS": "#2da44e", "FLAKY": "#d4a72c", "FAILING": "#cf222e",
                   "BROKEN": "#8250df", "STALE": "#8c959f", "PENDING": "#d0d7de"}
 
@@ -51,13 +52,16 @@ def sparkline(values: list[float], width: int = 120, height: int = 22) -> str:
 
 def _cell(row: pd.Series) -> str:
     status = row["status"]
-    colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS.get(
-        row["failure_kind"] or "", COLOURS[FailureKind.PRODUCT])
+    colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS[LIFECYCLE_SKIP] \
+        if skipped(status) else COLOURS.get(row["failure_kind"] or "",
+                                            COLOURS[FailureKind.PRODUCT])
+    cost = row.get("cost_usd")
     when = dt.datetime.fromtimestamp(row["finished_at"], dt.UTC).strftime("%Y-%m-%d %H:%M")
     stages = json.loads(row["stages"]) if row["stages"] else {}
     title = "\n".join([
         f"{status}" + (f" ({row['failure_kind']})" if row["failure_kind"] else ""),
-        f"{when}Z, {row['duration_s']:.1f}s, {row['trigger']}",
+        f"{when}Z, {row['duration_s']:.1f}s, {row['trigger']}"
+        + (f", ${cost:.4f}" if isinstance(cost, float) and cost == cost else ""),
         f"image {short(row['image_digest'])}, config {row['config_id']}",
         "stages: " + ", ".join(f"{k} {v}" for k, v in stages.items()),
         f"run {row['run_id']}",
@@ -73,15 +77,17 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
         rows = by_partition.get(s.partition)
         cells = "" if rows is None else "".join(
             _cell(row) for _, row in rows.iloc[::-1].head(COLUMNS).iterrows())
-        trend = "" if rows is None else sparkline(
-            [float(v) for v in rows["duration_s"].tail(COLUMNS)])
+        ran = None if rows is None else rows[rows["status"] != LIFECYCLE_SKIP]
+        trend = "" if ran is None else sparkline(
+            [float(v) for v in ran["duration_s"].tail(COLUMNS)])
         regression = regression_text(s)
         extra = f'<div class="reg">{html.escape(regression)}</div>' if regression != "-" else ""
         badge = (f'<span class="badge" style="background:{STATUS_COLOURS[str(s.status)]}">'
                  f'{s.status}</span>')
         lines.append(f'<tr><td class="name">{html.escape(s.config)}</td>'
                      f'<td class="name">{html.escape(s.engine)}</td><td>{badge}</td>'
-                     f'<td>{cells}{extra}</td><td>{trend}</td></tr>')
+                     f'<td>{cells}{extra}</td><td>{trend}</td>'
+                     f'<td>{usd(s.cost_usd) if s.cost_usd else ""}</td></tr>')
     stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d %H:%M")
     legend = "".join(f'<span><span class="cell" style="background:{c}"></span>{k}</span>'
                      for k, c in COLOURS.items())
@@ -92,7 +98,7 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
 Newest run first; hover a cell for its stages.</div>
 <div class="legend">{legend}</div><br>
 <table><tr><th>config</th><th>engine</th><th>status</th><th>runs (newest first)</th>
-<th>duration, oldest → newest</th></tr>
+<th>duration, oldest → newest</th><th>cost, all runs</th></tr>
 {chr(10).join(lines)}
 </table></body></html>
 """

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from mlci_dagster.cost import MonthSpend, PartitionProjection
 from mlci_dagster.history.analysis import PartitionSummary
 from mlci_dagster.record import ResultRecord
+from mlci_dagster.registry.models import BudgetSettings
 
 
 def age(timestamp: float | None, now: float) -> str:
@@ -51,10 +53,17 @@ def table(rows: list[list[str]]) -> str:
                      for row in rows)
 
 
+def usd(value: float | None) -> str:
+    return "-" if value is None else f"${value:.4f}"
+
+
 def report_table(summaries: list[PartitionSummary], now: float | None = None) -> str:
+    """One row per partition; cost columns (last run, every recorded run) once any run has a
+    cost."""
     now = time.time() if now is None else now
+    costed = any(s.cost_usd for s in summaries)
     rows = [["PARTITION", "STATUS", "LAST", "FAILED STAGE", "DURATION", "WHEN", "REGRESSION",
-             "FLAKINESS"]]
+             "FLAKINESS", *(["COST LAST", "COST TOTAL"] if costed else [])]]
     for s in summaries:
         last = s.last or {}
         finished = last.get("finished_at")
@@ -65,6 +74,7 @@ def report_table(summaries: list[PartitionSummary], now: float | None = None) ->
             last.get("failed_stage") or "-",
             f"{last['duration_s']:.1f}s" if last.get("duration_s") is not None else "-",
             when, regression_text(s), flakiness_text(s),
+            *([usd(last.get("cost_usd")), usd(s.cost_usd)] if costed else []),
         ])
     return table(rows)
 
@@ -77,6 +87,9 @@ def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRe
         if not record or record.passed:
             continue
         first = record.error_summary.strip().splitlines()[:1]
+        if record.skipped:
+            notes.append(f"{s.partition}: skip: {first[0] if first else ''}")
+            continue
         notes.append(f"{s.partition}: {record.status} ({record.failure_kind}, "
                      f"owner {record.owner}): {first[0] if first else ''}\n"
                      f"  log: {record.log_ref}")
@@ -91,4 +104,35 @@ def status_text(counts: dict[str, int]) -> str:
         f"{counts['untested']}   stale: {counts['stale']}" if total else "partitions: 0",
         f"passing: {counts['passing']}   failing: {counts['failing']}   flaky: {counts['flaky']}",
     ]
+    return "\n".join(lines)
+
+
+def cost_text(projections: list[PartitionProjection], spend: MonthSpend,
+              budget: BudgetSettings | None, cron: str, now: float) -> str:
+    """`mlci cost`: per billed partition, the month so far and projected; then the totals."""
+    month = f"{dt.datetime.fromtimestamp(now, dt.UTC):%Y-%m}"
+    if not projections:
+        return f"{month}: no partition bills anything (local and kubernetes sandboxes are free)"
+    rows = [["PARTITION", "RATE/H", "RUNS", "SPENT", "PER RUN", "RUNS LEFT", "PROJECTED",
+             "PER RUN FROM"]]
+    for p in projections:
+        rows.append([p.partition, f"${p.rate_usd_h:g}", str(p.runs), usd(p.spent_usd),
+                     usd(p.per_run.usd), "-" if p.runs_left is None else str(p.runs_left),
+                     usd(p.projected_usd), p.per_run.basis])
+    projected = sum(p.projected_usd for p in projections)
+    bounded = [p for p in projections if p.upper_bound]
+    lines = [f"{month} (UTC), nightly schedule '{cron}' ('-': not on it, runs on demand)",
+             table(rows), "",
+             f"recorded this month: {usd(spend.recorded_usd)}"
+             + (f"   in progress: {usd(spend.in_progress_usd)} ({spend.in_progress_runs} runs)"
+                if spend.in_progress_runs else ""),
+             f"projected for the month: {usd(projected)}"
+             + (f" (an upper bound: {len(bounded)} scheduled partition(s) never recorded a run, "
+                "estimated from their stage timeouts)" if bounded else "")]
+    if budget is not None:
+        share = projected / budget.monthly_usd
+        verdict = "within budget" if projected <= budget.monthly_usd else \
+            "OVER BUDGET: runs that would exceed it are refused (skip)"
+        lines.append(f"budget: ${budget.monthly_usd:g}/month; projected {share:.0%} of it, "
+                     f"{verdict}")
     return "\n".join(lines)

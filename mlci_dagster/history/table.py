@@ -18,7 +18,7 @@ from mlci_dagster.record import ResultRecord
 BASE_COLUMNS = [
     "storage_id", "run_id", "partition", "config", "engine", "config_id", "status", "passed",
     "failed_stage", "failure_kind", "image_digest", "code_version", "trigger", "started_at",
-    "finished_at", "duration_s", "stages",
+    "finished_at", "duration_s", "stages", "cost_usd",
 ]
 DURATION_PREFIX = "duration:"
 METRIC_PREFIX = "metric:"

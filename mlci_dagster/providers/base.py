@@ -94,10 +94,6 @@ class Provider(Protocol):
         can be (labels, tags), so the janitor works when the local ledger is lost."""
         ...
 
-    def hourly_cost(self, handle: SandboxHandle) -> float:
-        """USD per hour the sandbox costs while it exists."""
-        ...
-
 
 # name -> "module:Class"; imported on first use, so the core never imports a provider's SDK.
 PROVIDERS = {

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.cost import hourly_rate
 from mlci_dagster.janitor import registry_providers, sweep
 from mlci_dagster.paths import mlci_home
 from mlci_dagster.providers.base import Provider
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.loader import load_registry_cached
+from mlci_dagster.spend import month_spend
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.vocabulary import split_partition_key
+from mlci_dagster.vocabulary import partition_key, split_partition_key
 
 TRIGGER_TAG = "mlci/trigger"
 
@@ -33,9 +35,15 @@ class MlciResource(dg.ConfigurableResource):
     def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
         config, engine = split_partition_key(context.partition_key)
         home = self.home or str(mlci_home())
+        registry = self.registry()
+        spend, past = None, ()
+        if registry.settings.budget is not None and config in registry.configs and \
+                hourly_rate(registry.configs[config].config, registry.settings.costs):
+            spend, costs = month_spend(context.instance, registry, context.run.run_id)
+            past = costs.past(partition_key(config, engine))
         return LifecycleContext.create(
-            self.registry(), config, engine, context.run.run_id, Path(home),
-            run_tags=dict(context.run.tags),
+            registry, config, engine, context.run.run_id, Path(home),
+            run_tags=dict(context.run.tags), month_spend=spend, past_costs=past,
         )
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

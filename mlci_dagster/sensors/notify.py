@@ -12,7 +12,7 @@ from typing import Any
 import dagster as dg
 
 from mlci_dagster.compat import check_evaluations_page
-from mlci_dagster.event_log import RESULTS_ASSET, new_results, read_record
+from mlci_dagster.event_log import RESULTS_ASSET, new_results, record_before
 from mlci_dagster.notify import (
     Notification,
     NotifyError,
@@ -35,25 +35,16 @@ RESULTS_PER_TICK = 500
 CHECK_PAGE = 100
 
 
-def previous_record(instance: dg.DagsterInstance, partition: str, before: int
-                    ) -> ResultRecord | None:
-    """The partition's result recorded just before storage id `before`."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[partition],
-                              before_storage_id=before), limit=1).records
-    if not records:
-        return None
-    return read_record(records[0].storage_id, records[0].asset_materialization.metadata)
-
-
 def result_notification(
     instance: dg.DagsterInstance, storage_id: int, record: ResultRecord, dagster_url: str
 ) -> Notification | None:
     """A failure for every failed lifecycle; a recovery for a pass that follows a failure."""
+    if record.skipped:
+        return None  # refused before it began (the budget): nothing of the product to tell
     if not record.passed:
         return failure_notification(record, dagster_url)
-    previous = previous_record(instance, record.partition, storage_id)
-    if previous is not None and not previous.passed:
+    previous = record_before(instance, record.partition, storage_id)
+    if previous is not None and not previous.passed and not previous.skipped:
         return recovery_notification(record, dagster_url)
     return None
 

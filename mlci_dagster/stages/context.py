@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mlci_dagster import __version__
+from mlci_dagster.cost import MonthSpend
 from mlci_dagster.providers.base import Provider, build_provider, provider_class
 from mlci_dagster.providers.handle import SandboxHandle, render_context
 from mlci_dagster.redact import Redactor
@@ -27,10 +28,15 @@ class LifecycleContext:
     provider: Provider
     redactor: Redactor
     run_tags: dict[str, str] = field(default_factory=dict)
+    # What the month has cost (read from the history by the Dagster layer when a budget is
+    # set; None: nothing recorded) and this partition's recorded costs, for the budget check.
+    month_spend: MonthSpend | None = None
+    past_costs: tuple[float, ...] = ()
 
     @classmethod
     def create(cls, registry: Registry, config: str, engine: str, run_id: str, home: Path,
-               run_tags: dict[str, str] | None = None) -> LifecycleContext:
+               run_tags: dict[str, str] | None = None, month_spend: MonthSpend | None = None,
+               past_costs: tuple[float, ...] = ()) -> LifecycleContext:
         if config not in registry.configs:
             raise KeyError(f"config '{config}' is not in the registry at {registry.root}")
         secrets = registry.secret_names
@@ -41,6 +47,7 @@ class LifecycleContext:
         return cls(
             registry=registry, loaded=loaded, engine=engine, run_id=run_id, home=home,
             provider=provider, redactor=Redactor.from_env(secrets), run_tags=dict(run_tags or {}),
+            month_spend=month_spend, past_costs=past_costs,
         )
 
     @property

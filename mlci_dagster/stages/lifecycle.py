@@ -1,4 +1,5 @@
-"""The whole lifecycle of one partition: the five stages in order, teardown guaranteed.
+"""The whole lifecycle of one partition: the five stages in order, teardown guaranteed; or,
+when the month's budget would be exceeded, every stage skipped before anything is created.
 
 The stages hand their outcomes on in memory, inside one call, so a result is never built from
 another run's outcomes and a sandbox never outlives the call that created it: teardown runs in
@@ -10,9 +11,10 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Iterator
 
+from mlci_dagster.cost import MonthSpend, budget_refusal, estimate_run, hourly_rate
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
-from mlci_dagster.stages.outcome import StageClock, StageOutcome
+from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.stages.pipelines import run_pipelines
 from mlci_dagster.stages.sandbox import start_sandbox
 from mlci_dagster.stages.teardown import tear_down
@@ -31,6 +33,16 @@ def guarded(ctx: LifecycleContext, stage: Stage, body: Callable[[], StageOutcome
         return clock.failed(FailureKind.INFRA, f"harness error:\n{traceback.format_exc()}")
 
 
+def budget_refusal_of(ctx: LifecycleContext) -> str | None:
+    """Why the month's budget refuses this run before anything is created, or None."""
+    settings = ctx.registry.settings
+    rate = hourly_rate(ctx.config, settings.costs)
+    if settings.budget is None or not rate:
+        return None
+    spend = ctx.month_spend or MonthSpend(0.0, 0.0, 0)
+    return budget_refusal(settings.budget, spend, estimate_run(ctx.config, rate, ctx.past_costs))
+
+
 def run_lifecycle(ctx: LifecycleContext) -> Iterator[StageOutcome]:
     """Yields each stage's outcome as it finishes, teardown last, whatever happened before it.
 
@@ -39,7 +51,9 @@ def run_lifecycle(ctx: LifecycleContext) -> Iterator[StageOutcome]:
     """
     done: list[StageOutcome] = []
     try:
-        image = guarded(ctx, Stage.IMAGE, lambda: build_image(ctx))
+        refusal = budget_refusal_of(ctx)
+        image = skipped(Stage.IMAGE, refusal) if refusal else \
+            guarded(ctx, Stage.IMAGE, lambda: build_image(ctx))
         done.append(image)
         yield image
         sandbox = guarded(ctx, Stage.SANDBOX, lambda: start_sandbox(ctx, image))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mlci_dagster.cost import hourly_rate, run_cost
 from mlci_dagster.record import MetricRecord, PipelineRecord, ResultRecord, StageRecord
 from mlci_dagster.stages.context import LifecycleContext, code_version
 from mlci_dagster.stages.outcome import StageOutcome
@@ -16,26 +17,45 @@ def first_failure(outcomes: list[StageOutcome]) -> StageOutcome | None:
     return next((o for o in outcomes if o.status is Status.FAIL), None)
 
 
+def billed_seconds(by_stage: dict[Stage, StageOutcome]) -> float:
+    """How long the sandbox may have existed: from the sandbox stage's start to the end of
+    teardown; 0 when no sandbox was created."""
+    sandbox, teardown = by_stage.get(Stage.SANDBOX), by_stage.get(Stage.TEARDOWN)
+    if sandbox is None or sandbox.status is Status.SKIP:
+        return 0.0
+    end = teardown.started_at + teardown.duration_s if teardown else time.time()
+    return round(max(0.0, end - sandbox.started_at), 3)
+
+
+def was_preempted(pipelines: StageOutcome | None) -> bool:
+    return bool(pipelines) and any(p.get("details", {}).get("preempted")
+                                   for p in pipelines.details.get("pipelines", []))
+
+
 def build_record(
     ctx: LifecycleContext, outcomes: list[StageOutcome], *, trigger: str
 ) -> ResultRecord:
     failed = first_failure(outcomes)
+    # Refused before it began (the budget): the first stage skipped, none failed.
+    refused = failed is None and outcomes[0].status is Status.SKIP
     by_stage = {o.stage: o for o in outcomes}
     image, pipelines = by_stage.get(Stage.IMAGE), by_stage.get(Stage.PIPELINE_RUNS)
     teardown = by_stage.get(Stage.TEARDOWN)
     started = min(o.started_at for o in outcomes)
     finished = time.time()
     pipeline_details = pipelines.details if pipelines else {}
+    billed = billed_seconds(by_stage)
     return ResultRecord(
         partition=partition_key(ctx.config.name, ctx.engine),
         config=ctx.config.name,
         engine=ctx.engine,
         config_id=ctx.loaded.config_id,
-        status=lifecycle_status(failed.stage if failed else None),
+        status=lifecycle_status(failed.stage if failed else None, refused=refused),
         failed_stage=failed.stage if failed else None,
         failure_kind=failed.failure_kind if failed else None,
         owner=ctx.config.owners.for_stage(failed.stage) if failed else None,
-        error_summary=failed.error_summary if failed else "",
+        error_summary=failed.error_summary if failed else
+        outcomes[0].error_summary if refused else "",
         log_ref=failed.log_ref if failed else "",
         # Written by teardown before the sandbox went: its logs, probes and handle.
         debug_bundle=teardown.details.get("debug_bundle", "") if teardown else "",
@@ -54,6 +74,9 @@ def build_record(
                                              duration_s=round(p["duration_s"], 3))
                    for p in pipeline_details.get("pipelines", [])},
         metrics=reported_metrics(ctx, pipeline_details.get("outputs", {})),
+        billed_s=billed,
+        cost_usd=run_cost(hourly_rate(ctx.config, ctx.registry.settings.costs), billed),
+        preempted=was_preempted(pipelines),
     )
 
 

@@ -321,10 +321,6 @@ class SageMakerProvider(host.ProviderHome):
                                                                  key=KINDS.index)})
         return list(found.values())
 
-    def hourly_cost(self, handle: SandboxHandle) -> float:
-        """0.0 for now: cost rates per instance type come with the cost issue (mlci.yaml)."""
-        return 0.0
-
 
 def _public(description: dict[str, Any] | None) -> dict[str, Any] | None:
     """A description without the container's environment (it may hold rendered secrets)."""

@@ -283,16 +283,23 @@ class TpuVmProvider(host.ProviderHome):
         node = handle.state["node"]
         client = self._client_for(handle)
 
+        lost_states: list[str] = []
+
         def node_lost() -> str:
             try:
                 info = client.get_node(node, timeout_s=LIST_TIMEOUT_S)
             except TpuApiError:
                 return ""  # the API's hiccup is not the node's loss; SSH goes on
-            return diagnose.interruption(node, info.state if info else None)
+            why = diagnose.interruption(node, info.state if info else None)
+            if why and info is not None:
+                lost_states.append(info.state)
+            return why
 
         def result(passed: bool, kind: FailureKind | None, why: str, duration_s: float,
                    log_ref: str = "", tail: str = "", **details: Any) -> PipelineResult:
             summary = summarize(redactor.text(f"{why}\n{tail}".strip()), SUMMARY_CHARS)
+            if "PREEMPTED" in lost_states:  # what retries_on_preemption retries
+                details["preempted"] = True
             return PipelineResult(pipeline.name, pipeline.kind, passed, duration_s, kind,
                                   "" if passed else summary, log_ref, details=details)
 
@@ -450,7 +457,3 @@ class TpuVmProvider(host.ProviderHome):
                                         "connect_timeout_s": 30})
         return handle
 
-    def hourly_cost(self, handle: SandboxHandle) -> float:
-        """0.0 for now: cost rates per accelerator type (spot or on demand) come with the cost
-        issue (mlci.yaml)."""
-        return 0.0

@@ -593,10 +593,6 @@ class KubernetesProvider(host.ProviderHome):
             handle.state["access"] = access.to_dict()
         return handle
 
-    def hourly_cost(self, handle: SandboxHandle) -> float:
-        """0.0 for now: cost rates per resource type come with the cost issue (mlci.yaml)."""
-        return 0.0
-
 
 def _status_of(obj: dict[str, Any] | None, api_version: str, kind: str, name: str = ""
                ) -> dict[str, Any]:

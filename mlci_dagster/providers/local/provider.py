@@ -171,9 +171,6 @@ class LocalProvider(host.ProviderHome):
         return PipelineResult(pipeline.name, pipeline.kind, False, 0.0, FailureKind.INFRA,
                               f"a local sandbox cannot run '{pipeline.kind}' pipelines")
 
-    def hourly_cost(self, handle: SandboxHandle) -> float:
-        return 0.0  # this machine's own processes
-
     def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
         return sorted(str(p) for p in Path(handle.log_dir).glob("*.log"))
 
