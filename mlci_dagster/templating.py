@@ -7,6 +7,7 @@ variables), `env.<NAME>` (the environment: where secrets come from), `sandbox.{i
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -29,6 +30,13 @@ def iter_references(value: Any) -> Iterator[str]:
     elif isinstance(value, list | tuple):
         for item in value:
             yield from iter_references(item)
+
+
+def unset_env_references(value: Any) -> list[str]:
+    """The `${env.NAME}` references in `value` whose variable is not set (a template error
+    would list every variable that is)."""
+    names = [ref.partition(".")[2] for ref in iter_references(value) if ref.startswith("env.")]
+    return [name for name in names if name not in os.environ]
 
 
 def _lookup(context: Mapping[str, Any], reference: str) -> Any:

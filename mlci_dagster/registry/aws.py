@@ -3,10 +3,9 @@ serving one container image) and the pipeline kind that invokes it."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from mlci_dagster.registry.base import (
     BilledResource,
@@ -15,37 +14,18 @@ from mlci_dagster.registry.base import (
     SandboxBase,
     Seconds,
     StrictModel,
+    matching_or_reference,
 )
-from mlci_dagster.templating import REFERENCE
 
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
 ROLE_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"
 
 
-def _region_or_reference(value: str) -> str:
-    if not (re.fullmatch(REGION_PATTERN, value) or REFERENCE.search(value)):
-        raise ValueError(f"expected an AWS region such as us-east-1, or a ${{...}} reference "
-                         f"(got {value!r})")
-    return value
-
-
-def _url_or_reference(value: str) -> str:
-    if not (value.startswith(("http://", "https://")) or REFERENCE.search(value)):
-        raise ValueError(f"expected an http:// or https:// URL, or a ${{...}} reference "
-                         f"(got {value!r})")
-    return value
-
-
-def _role_or_reference(value: str) -> str:
-    if not (re.fullmatch(ROLE_PATTERN, value) or REFERENCE.search(value)):
-        raise ValueError(f"expected an IAM role ARN (arn:aws:iam::<account>:role/<name>), or "
-                         f"a ${{...}} reference (got {value!r})")
-    return value
-
-
-Region = Annotated[str, AfterValidator(_region_or_reference)]
-EndpointUrl = Annotated[str, AfterValidator(_url_or_reference)]
-RoleArn = Annotated[str, AfterValidator(_role_or_reference)]
+Region = Annotated[str, matching_or_reference(REGION_PATTERN, "an AWS region such as us-east-1")]
+EndpointUrl = Annotated[str, matching_or_reference(r"(?s)https?://.*",
+                                                   "an http:// or https:// URL")]
+RoleArn = Annotated[str, matching_or_reference(
+    ROLE_PATTERN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")]
 InstanceType = Annotated[str, StringConstraints(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")]
 # A payload file inside the registry folder, such as payloads/iris.json (checked when loaded).
 PayloadPath = Annotated[str, StringConstraints(pattern=r"^[^/]")]

@@ -7,6 +7,8 @@ from typing import Annotated, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
+from mlci_dagster.templating import REFERENCE
+
 # A config name is a Dagster partition key: Dagster does not check dynamic keys, so we do.
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 NAME_RULE = ("at most 63 characters: lowercase letters, digits and '-', starting and ending "
@@ -26,6 +28,17 @@ Name = Annotated[str, AfterValidator(_valid_name),
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
 Argv = Annotated[list[str], Field(min_length=1)]
+
+
+def matching_or_reference(pattern: str, expected: str) -> AfterValidator:
+    """A string that matches `pattern`, or that holds a `${...}` reference (resolved later)."""
+
+    def check(value: str) -> str:
+        if not (re.fullmatch(pattern, value) or REFERENCE.search(value)):
+            raise ValueError(f"expected {expected}, or a ${{...}} reference (got {value!r})")
+        return value
+
+    return AfterValidator(check)
 
 
 class StrictModel(BaseModel):

@@ -3,7 +3,6 @@ runtime version, spot), reached over SSH, and the pipeline kind that runs a comm
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints
@@ -15,17 +14,9 @@ from mlci_dagster.registry.base import (
     SandboxBase,
     Seconds,
     StrictModel,
+    matching_or_reference,
 )
 from mlci_dagster.templating import REFERENCE
-
-
-def _pattern_or_reference(pattern: str, what: str) -> AfterValidator:
-    def check(value: str) -> str:
-        if not (re.fullmatch(pattern, value) or REFERENCE.search(value)):
-            raise ValueError(f"expected {what}, or a ${{...}} reference (got {value!r})")
-        return value
-
-    return AfterValidator(check)
 
 
 def _port_or_reference(value: int | str) -> int | str:
@@ -40,15 +31,15 @@ def _port_or_reference(value: int | str) -> int | str:
     return value
 
 
-Project = Annotated[str, _pattern_or_reference(
+Project = Annotated[str, matching_or_reference(
     r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$", "a Google Cloud project id such as my-project-123")]
-Zone = Annotated[str, _pattern_or_reference(
+Zone = Annotated[str, matching_or_reference(
     r"^[a-z]+-[a-z]+[0-9]+-[a-z]$", "a zone such as us-central2-b")]
-ApiEndpoint = Annotated[str, _pattern_or_reference(
+ApiEndpoint = Annotated[str, matching_or_reference(
     r"^https?://[^\s/]+/?$", "an http:// or https:// host[:port] URL")]
 AcceleratorType = Annotated[str, StringConstraints(pattern=r"^v[0-9][a-z0-9]*-[0-9]+$")]
 RuntimeVersion = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
-UserName = Annotated[str, _pattern_or_reference(r"^[a-z_][a-z0-9_-]{0,31}$",
+UserName = Annotated[str, matching_or_reference(r"^[a-z_][a-z0-9_-]{0,31}$",
                                                 "a login name such as mlci")]
 Port = Annotated[int | str, AfterValidator(_port_or_reference)]
 

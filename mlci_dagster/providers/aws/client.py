@@ -1,9 +1,12 @@
 """The SageMaker API calls the provider makes, through boto3 and the standard AWS credential
 chain: create and delete with tags, describe as found-or-not, a wait on the endpoint's status,
-the tagged resources of the region, and `invoke_endpoint` timed. Every error names its call."""
+the tagged resources of the region, and `invoke_endpoint` timed. Every error names its call.
+Also where any AWS API is reached (AwsSettings as the registry writes it, AwsAccess resolved),
+for the SageMaker provider and CodeBuild image builds alike."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -12,6 +15,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
+
+from mlci_dagster.templating import REFERENCE, TemplateError, render
 
 # The resource kinds a sandbox is made of, in the order they are created.
 KINDS = ("model", "endpoint-config", "endpoint")
@@ -47,6 +52,37 @@ class AwsAccess:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AwsAccess:
         return cls(data["region"], data.get("endpoint_url") or None)
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """Which region and API endpoint, as the registry writes them (maybe `${env.NAME}`)."""
+
+    region: str
+    endpoint_url: str | None = None
+
+    def resolve(self, environ: dict[str, str] | None = None) -> AwsAccess:
+        """The settings with `${env.NAME}` filled in. An unset variable in `endpoint_url`
+        means AWS itself; in `region` it raises TemplateError naming it (and no other
+        variable: the environment is not listed)."""
+        environ = dict(os.environ) if environ is None else environ
+        values = []
+        for field, value in (("region", self.region), ("endpoint_url", self.endpoint_url)):
+            for reference in REFERENCE.findall(value or ""):
+                root, _, name = reference.partition(".")
+                if root != "env":
+                    raise TemplateError(f"{field}: ${{{reference}}}: only ${{env.NAME}} can be "
+                                        "used here")
+                if name not in environ and field == "region":
+                    raise TemplateError(f"{field}: environment variable {name} is not set")
+            values.append(render(value, {"env": _defaulted(value, environ)}) if value else value)
+        return AwsAccess(values[0], values[1] or None)
+
+
+def _defaulted(value: str, environ: dict[str, str]) -> dict[str, str]:
+    """`environ` with every variable `value` references and that is unset as ""."""
+    names = [r.partition(".")[2] for r in REFERENCE.findall(value) if r.startswith("env.")]
+    return {**{name: "" for name in names}, **environ}
 
 
 @dataclass

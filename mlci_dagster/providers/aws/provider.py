@@ -16,7 +16,6 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from mlci_dagster.providers.aws import diagnose
 from mlci_dagster.providers.aws.client import (
     KINDS,
     AwsAccess,
+    AwsSettings,
     SageMakerClient,
     SageMakerError,
     tags_of,
@@ -39,43 +39,12 @@ from mlci_dagster.providers.processes import (
     GroupResult,
 )
 from mlci_dagster.registry.aws import EndpointService, SageMakerInvokePipeline, SageMakerSandbox
-from mlci_dagster.templating import REFERENCE, TemplateError, render
+from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
 
 ENDPOINT_VARIABLE = "MLCI_SAGEMAKER_ENDPOINT"  # what a `command` pipeline invokes
 REGION_VARIABLE = "MLCI_SAGEMAKER_REGION"
 DELETE_ORDER = ("endpoint", "endpoint-config", "model")
-
-
-@dataclass(frozen=True)
-class AwsSettings:
-    """Which region and API endpoint, as the registry writes them (maybe `${env.NAME}`)."""
-
-    region: str
-    endpoint_url: str | None = None
-
-    def resolve(self, environ: dict[str, str] | None = None) -> AwsAccess:
-        """The settings with `${env.NAME}` filled in. An unset variable in `endpoint_url`
-        means AWS itself; in `region` it raises TemplateError naming it (and no other
-        variable: the environment is not listed)."""
-        environ = dict(os.environ) if environ is None else environ
-        values = []
-        for field, value in (("region", self.region), ("endpoint_url", self.endpoint_url)):
-            for reference in REFERENCE.findall(value or ""):
-                root, _, name = reference.partition(".")
-                if root != "env":
-                    raise TemplateError(f"{field}: ${{{reference}}}: only ${{env.NAME}} can be "
-                                        "used here")
-                if name not in environ and field == "region":
-                    raise TemplateError(f"{field}: environment variable {name} is not set")
-            values.append(render(value, {"env": _defaulted(value, environ)}) if value else value)
-        return AwsAccess(values[0], values[1] or None)
-
-
-def _defaulted(value: str, environ: dict[str, str]) -> dict[str, str]:
-    """`environ` with every variable `value` references and that is unset as ""."""
-    names = [r.partition(".")[2] for r in REFERENCE.findall(value) if r.startswith("env.")]
-    return {**{name: "" for name in names}, **environ}
 
 
 def invocations_url(access: AwsAccess, endpoint: str) -> str:

@@ -1,15 +1,12 @@
-"""Manifest files of a Kubernetes sandbox: read (multi-document YAML, `List`s expanded), the
-`${env.NAME}` references that cannot resolve, and what a handle keeps of a created object."""
+"""Manifest files of a Kubernetes sandbox: read (multi-document YAML, `List`s expanded), and
+what a handle keeps of a created object."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from mlci_dagster.templating import iter_references
 
 
 class ManifestError(Exception):
@@ -34,13 +31,6 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
         else:
             objects.append(document)
     return objects
-
-
-def unset_env_references(value: Any) -> list[str]:
-    """The `${env.NAME}` references in `value` whose variable is not set (a template error
-    would list every variable that is)."""
-    names = [ref.partition(".")[2] for ref in iter_references(value) if ref.startswith("env.")]
-    return [name for name in names if name not in os.environ]
 
 
 def object_ref(obj: dict[str, Any], namespaced: bool, source: str = "") -> dict[str, Any]:

@@ -45,7 +45,6 @@ from mlci_dagster.providers.kubernetes.manifests import (
     ManifestError,
     load_manifest,
     object_ref,
-    unset_env_references,
 )
 from mlci_dagster.providers.kubernetes.pipelines import PipelineRun
 from mlci_dagster.providers.logpipe import OutputWatcher
@@ -60,7 +59,7 @@ from mlci_dagster.registry.kubernetes import (
     SecretSpec,
     ServicePort,
 )
-from mlci_dagster.templating import TemplateError, render
+from mlci_dagster.templating import TemplateError, render, unset_env_references
 from mlci_dagster.vocabulary import FailureKind
 
 MANAGED_BY = ("app.kubernetes.io/managed-by", "mlci")
