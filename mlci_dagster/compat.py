@@ -75,3 +75,20 @@ def cron_ticks(cron: str, start: float, end: float, timezone: str = "UTC") -> li
         if tick.timestamp() >= start:
             ticks.append(tick.timestamp())
     return ticks
+
+
+def partitions_of_unfinished_backfills(instance: dg.DagsterInstance) -> set[str]:
+    """The partition keys that backfills still submitting (status REQUESTED: the UI's button,
+    before the daemon has created all their runs) target, for any asset (`get_backfills`,
+    `BulkActionsFilter`, and the backfill's `asset_backfill_data`, not public)."""
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    keys: set[str] = set()
+    for backfill in instance.get_backfills(
+            filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED])):
+        if backfill.asset_backfill_data is not None:
+            keys.update(str(entry.partition_key) for entry in
+                        backfill.asset_backfill_data.target_subset.iterate_asset_partitions()
+                        if entry.partition_key is not None)
+        keys.update(backfill.partition_names or [])
+    return keys

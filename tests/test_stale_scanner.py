@@ -56,3 +56,24 @@ def test_scanner_requests_stale_and_untested_partitions_but_not_running_ones(ins
     assert {r.tags["mlci/trigger"] for r in first} == {"sensor"}
     # The same state gives the same run keys: Dagster never launches them twice.
     assert [r.run_key for r in again] == [r.run_key for r in first]
+
+
+def test_runs_of_any_job_and_unfinished_backfills_hold_the_scanner_off(instance, tmp_path):
+    """A partition a UI backfill is about to launch (no run yet), or whose run another job
+    started (the backfill's asset job), gets no second run from the scanner."""
+    from dagster._core.execution.backfill import PartitionBackfill
+
+    registry = write_registry(tmp_path / "reg", [config(n) for n in ("queued", "asset", "idle")])
+    instance.add_dynamic_partitions("config", ["queued", "asset", "idle"])
+    instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTING,
+                                   tags={"dagster/partition": "asset|e1"}))
+    graph = build_definitions(registry).resolve_asset_graph()
+    instance.add_backfill(PartitionBackfill.from_asset_partitions(
+        backfill_id="b1", asset_graph=graph, partition_names=["queued|e1"],
+        asset_selection=[RESULTS_ASSET], backfill_timestamp=time.time(), tags={},
+        dynamic_partitions_store=instance, all_partitions=False, title=None, description=None,
+        run_config=None))
+
+    requests, _ = tick(instance, registry)
+
+    assert [str(r.partition_key) for r in requests] == ["idle|e1"]

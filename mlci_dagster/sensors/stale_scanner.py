@@ -1,5 +1,6 @@
 """Requests runs for partitions never tested or whose last result is older than the registry's
-`history.stale_after_h` (default 24 h), never for a partition with a run in progress."""
+`history.stale_after_h` (default 24 h), never for a partition with a run in progress or in a
+backfill still launching its runs."""
 
 import json
 import time
@@ -7,6 +8,7 @@ import time
 import dagster as dg
 
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
+from mlci_dagster.compat import partitions_of_unfinished_backfills
 from mlci_dagster.event_log import new_results
 from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
 from mlci_dagster.vocabulary import partition_key, split_partition_key
@@ -38,8 +40,11 @@ def stale_scanner(job: dg.JobDefinition) -> dg.SensorDefinition:
         registry = mlci.registry()
         known = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
         partitions = [partition_key(c, e) for c, e in registry.partitions() if c in known]
-        running = context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS))
+        # Whatever launched them (this job, a UI backfill's asset job, `mlci run`), and what a
+        # backfill still submitting will launch.
+        running = context.instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
         in_progress = {r.tags.get("dagster/partition", "") for r in running}
+        in_progress |= partitions_of_unfinished_backfills(context.instance)
         due = due_for_testing(partitions, cursor["last"], in_progress, time.time(),
                               registry.settings.history.stale_after_h * 3600)
         requests = [
