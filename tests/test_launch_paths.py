@@ -19,7 +19,14 @@ from mlci_dagster.run_coordinator import PoolTaggingRunCoordinator, pool_of_run
 from mlci_dagster.sensors.history_update import history_cursor
 from mlci_dagster.vocabulary import RESULTS, STAGES
 from tests.conftest import PY, command_pipeline, config, write_registry
-from tests.support.dagster_services import daemon, graphql, service_env, wait_until, webserver
+from tests.support.dagster_services import (
+    LAUNCH_BACKFILL,
+    daemon,
+    graphql,
+    service_env,
+    wait_until,
+    webserver,
+)
 
 LIFECYCLE = [*map(str, STAGES), RESULTS]
 LAUNCH_RUN = """
@@ -30,14 +37,6 @@ mutation($params: ExecutionParams!) {
     ... on PythonError { message }
     ... on InvalidSubsetError { message }
     ... on RunConfigValidationInvalid { errors { message } }
-  }
-}"""
-LAUNCH_BACKFILL = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
   }
 }"""
 

@@ -19,6 +19,15 @@ from mlci_dagster.providers.ports import allocate_free_port
 from tests.support.loopback import background
 
 VENV_BIN = Path(sys.executable).parent
+# What the UI's "Materialize" → partitions dialog sends: an asset backfill.
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,

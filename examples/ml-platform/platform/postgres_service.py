@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--db", default="mlflow")
+    parser.add_argument("--max-connections", type=int, default=40)
     args = parser.parse_args()
     data = args.data.resolve()
 
@@ -49,7 +50,8 @@ def main() -> None:
                                      "-j", "postgres"]),
                    input=f"CREATE DATABASE {args.db};\n".encode(), check=True,
                    stdout=subprocess.DEVNULL)
-    options = [arg for key, value in SETTINGS.items() for arg in ("-c", f"{key}={value}")]
+    settings = {**SETTINGS, "max_connections": str(args.max_connections)}
+    options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
     server = subprocess.Popen(as_postgres_user(
         [str(BIN / "postgres"), "-D", str(data), "-p", str(args.port), *options]))
 
