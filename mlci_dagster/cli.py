@@ -44,8 +44,22 @@ def _instance(registry: Registry | None = None):
         current = yaml.safe_load(settings.read_text()) or {}
         wanted = with_pool_limits(current, registry.settings)
         if wanted != current:
-            settings.write_text(yaml.safe_dump(wanted, sort_keys=False))
+            try:
+                settings.write_text(yaml.safe_dump(wanted, sort_keys=False))
+            except OSError as exc:  # a ConfigMap mounted read-only, as the Helm chart does
+                print(f"mlci: {settings}: the registry's pool limits differ from the run "
+                      f"queue's and cannot be written ({exc.strerror}); pass `mlci helm-values` "
+                      "to helm upgrade -f", file=sys.stderr)
     return dg.DagsterInstance.get()
+
+
+def cmd_helm_values(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mlci_dagster.pools import helm_values
+
+    print(yaml.safe_dump(helm_values(_registry(args).settings), sort_keys=False), end="")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -289,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "the month's end from the nightly schedule, against the budget")
     cost.add_argument("--json", action="store_true")
     cost.set_defaults(fn=cmd_cost)
+    commands.add_parser("helm-values", help="the registry's pool limits as values of the "
+                        "official Dagster Helm chart").set_defaults(fn=cmd_helm_values)
     janitor = commands.add_parser("janitor", help="reap sandboxes whose run is over or expired")
     janitor.add_argument("--dry-run", action="store_true", help="say what would be reaped")
     janitor.set_defaults(fn=cmd_janitor)

@@ -22,6 +22,13 @@ def tag_concurrency_limits(settings: Settings) -> list[dict[str, Any]]:
             for name, pool in sorted(settings.pools.items())]
 
 
+def helm_values(settings: Settings) -> dict[str, Any]:
+    """The same limits as values of the official Dagster Helm chart, whose instance ConfigMap
+    `mlci sync` cannot write: `helm upgrade -f` them beside deploy/helm/values.yaml."""
+    return {"concurrency": {"enabled": True,
+                            "runs": {"tagConcurrencyLimits": tag_concurrency_limits(settings)}}}
+
+
 POOL_COORDINATOR = {"module": "mlci_dagster.run_coordinator",
                     "class": "PoolTaggingRunCoordinator"}
 

@@ -21,6 +21,7 @@ from mlci_dagster.vocabulary import RESULTS, STAGES
 from tests.conftest import PY, command_pipeline, config, write_registry
 from tests.support.dagster_services import (
     LAUNCH_BACKFILL,
+    LAUNCH_RUN,
     daemon,
     graphql,
     service_env,
@@ -29,16 +30,6 @@ from tests.support.dagster_services import (
 )
 
 LIFECYCLE = [*map(str, STAGES), RESULTS]
-LAUNCH_RUN = """
-mutation($params: ExecutionParams!) {
-  launchPipelineExecution(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}"""
 
 
 def pooled_registry(root: Path) -> Path:

@@ -19,6 +19,17 @@ from mlci_dagster.providers.ports import allocate_free_port
 from tests.support.loopback import background
 
 VENV_BIN = Path(sys.executable).parent
+# What the UI's Launch / Materialize buttons send: a run.
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
 # What the UI's "Materialize" → partitions dialog sends: an asset backfill.
 LAUNCH_BACKFILL = """
 mutation($params: LaunchBackfillParams!) {
