@@ -33,13 +33,11 @@ from mlci_dagster.providers.aws.client import READ_TIMEOUT, SageMakerClient, Sag
 from mlci_dagster.providers.aws.provider import AwsSettings
 from mlci_dagster.providers.base import Provider, provider_class
 from mlci_dagster.providers.handle import SandboxError
-from mlci_dagster.providers.ports import allocate_free_port
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.aws import SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.vocabulary import FailureKind
-from tests.conftest import PY, run_partition, stage_details, write_registry
-from tests.support.dagster_services import wait_until
-from tests.support.loopback import background
+from tests.conftest import run_partition, stage_details, write_registry
+from tests.support.aws_proxy import create_project_and_image, moto_server
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "aws-sagemaker"
 REGION = "us-east-1"
@@ -50,11 +48,7 @@ IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/ml/iris-serve:latest"
 @pytest.fixture(scope="session")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's server on loopback for the whole file, its process group killed afterwards."""
-    port = allocate_free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with background([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log):
-        wait_until(lambda: requests.get(url, timeout=1), 30, "moto to answer", log)
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
         yield url
 
 
@@ -374,12 +368,14 @@ def test_registry_errors_name_the_file_and_field(tmp_path, change, expected):
 
 def test_the_example_passes_end_to_end_through_dagster_against_moto(aws, instance, sagemaker,
                                                                     dagster_home):
+    digest = create_project_and_image(aws, "iris-serve-image", IMAGE, REGION)
     queue_results(aws, {"predictions": [{"label": "setosa", "score": 0.97}]}, {"count": 3})
 
     result, record = run_partition(instance, EXAMPLE, "iris-classifier|cpu")
 
     assert result.success
     assert record["status"] == "pass", record
+    assert record["image_digest"] == digest  # what ECR gives the tag the CodeBuild build pushed
     assert record["metrics"]["score"]["value"] == 0.97
     assert set(record["pipelines"]) == {"predict-one", "predict-batch"}
     assert stage_details(instance, result.run_id, "pipeline_runs")["outputs"][

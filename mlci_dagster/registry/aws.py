@@ -1,5 +1,6 @@
 """The registry's AWS fields: a SageMaker sandbox (a model, an endpoint config and an endpoint
-serving one container image) and the pipeline kind that invokes it."""
+serving one container image), the pipeline kind that invokes it, and an image built by a
+CodeBuild project that pushes it to ECR."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mlci_dagster.registry.base import (
     StrictModel,
     matching_or_reference,
 )
+from mlci_dagster.templating import iter_references
 
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
 ROLE_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"
@@ -26,6 +28,10 @@ EndpointUrl = Annotated[str, matching_or_reference(r"(?s)https?://.*",
                                                    "an http:// or https:// URL")]
 RoleArn = Annotated[str, matching_or_reference(
     ROLE_PATTERN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")]
+EcrImage = Annotated[str, matching_or_reference(
+    r"[0-9]{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/[a-z0-9][a-z0-9._/-]*:[\w][\w.-]{0,127}",
+    "an ECR image <account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>")]
+CodeBuildProject = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{1,254}$")]
 InstanceType = Annotated[str, StringConstraints(pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$")]
 # A payload file inside the registry folder, such as payloads/iris.json (checked when loaded).
 PayloadPath = Annotated[str, StringConstraints(pattern=r"^[^/]")]
@@ -104,4 +110,44 @@ class SageMakerInvokePipeline(StrictModel):
     def _one_payload(self) -> SageMakerInvokePipeline:
         if (self.payload is None) == (self.payload_file is None):
             raise ValueError("expected exactly one of 'payload' or 'payload_file'")
+        return self
+
+
+class AwsApi(StrictModel):
+    """Where AWS's APIs are reached, written as a SageMaker sandbox writes it."""
+
+    region: Region | None = Field(
+        default=None, description="The AWS region; may be templated (${env.AWS_REGION}). "
+        "Default: the region in the image's ECR host.")
+    endpoint_url: EndpointUrl | None = Field(
+        default=None, description="Another API endpoint (a VPC endpoint, a moto server), for "
+        "every service the build calls (codebuild, logs, ecr); may be templated "
+        "(${env.MLCI_AWS_ENDPOINT_URL}): an unset or empty variable means AWS itself.")
+
+
+class CodeBuildSpec(StrictModel):
+    """An image built by an AWS CodeBuild project, whose buildspec pushes it to ECR: one
+    `start_build`, followed to its end; the digest is ECR's."""
+
+    project: CodeBuildProject = Field(description="The CodeBuild project's name.")
+    source_version: str | None = Field(
+        default=None, description="The commit, branch or tag to build (the project's default "
+        "if unset); may be templated (${env.GIT_COMMIT}).")
+    environment: dict[EnvName, str] = Field(
+        default={}, description="Variables for this build (PLAINTEXT overrides); values may "
+        "be templated (${env.NAME}). CodeBuild shows them to anyone who can read the build: "
+        "keep real secrets in the project's Secrets Manager or Parameter Store variables.")
+    image: EcrImage = Field(
+        description="The image the build pushes, <account>.dkr.ecr.<region>.amazonaws.com/"
+        "<repository>:<tag>; may be templated. Its digest is what the run tests.")
+    aws: AwsApi = AwsApi()
+    poll_interval_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=10, description="Seconds between two looks at the build's status.")
+
+    @model_validator(mode="after")
+    def _env_references_only(self) -> CodeBuildSpec:
+        for reference in iter_references(self.model_dump()):
+            if not reference.startswith("env."):
+                raise ValueError(f"${{{reference}}}: only ${{env.NAME}} can be used in a "
+                                 "codebuild build (nothing else exists before the image)")
         return self

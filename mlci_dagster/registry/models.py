@@ -14,7 +14,7 @@ from pydantic import (
 )
 
 from mlci_dagster.redact import looks_like_credential
-from mlci_dagster.registry.aws import SageMakerInvokePipeline, SageMakerSandbox
+from mlci_dagster.registry.aws import CodeBuildSpec, SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.registry.base import (
     Argv,
     EnvName,
@@ -36,10 +36,30 @@ from mlci_dagster.vocabulary import STAGES, Stage
 
 
 class BuildSpec(StrictModel):
-    command: Argv
-    inputs: Annotated[list[str], Field(min_length=1)] = Field(
-        description="Globs relative to the registry root; their content keys the build cache."
-    )
+    """How the image is built: exactly one of a command on this machine or a CodeBuild
+    project."""
+
+    command: Argv | None = Field(
+        default=None, description="A build on this machine, run in the registry root with "
+        "MLCI_IMAGE_DIR and MLCI_IMAGE_HASH set.")
+    codebuild: CodeBuildSpec | None = Field(
+        default=None, description="A build by an AWS CodeBuild project that pushes to ECR.")
+    inputs: Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None, description="Globs relative to the registry root; their content keys the "
+        "build cache. Required with `command`. With `codebuild` optional: given, an unchanged "
+        "key (inputs, the codebuild block, its resolved source_version) reuses the digest "
+        "built before; not given, every run builds (the source is the project's, which this "
+        "machine cannot hash).")
+
+    @model_validator(mode="after")
+    def _one_builder(self) -> BuildSpec:
+        if (self.command is None) == (self.codebuild is None):
+            raise ValueError("expected exactly one of 'command' (a build on this machine) or "
+                             "'codebuild' (an AWS CodeBuild project)")
+        if self.command is not None and self.inputs is None:
+            raise ValueError("inputs: required with 'command' (globs whose content keys the "
+                             "build cache)")
+        return self
 
 
 class ImageSpec(StrictModel):

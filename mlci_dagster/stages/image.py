@@ -1,17 +1,22 @@
-"""The image stage: a build cached by the content hash of its declared inputs, or a reference."""
+"""The image stage: a reference resolved to its digest, or a build (on this machine or on AWS
+CodeBuild) cached by the content hash of its declared inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mlci_dagster.images import IMAGE_DIGEST_TAG, IMAGE_REF_TAG, ImageRegistryError, current_digest
+from mlci_dagster.images.codebuild import BuildRequest, run_build
 from mlci_dagster.providers.processes import run_group
-from mlci_dagster.registry.models import BuildSpec
+from mlci_dagster.registry.models import BuildSpec, CodeBuildSpec
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.outcome import StageClock, StageOutcome
 from mlci_dagster.vocabulary import FailureKind, Stage
@@ -20,7 +25,7 @@ from mlci_dagster.vocabulary import FailureKind, Stage
 def input_files(root: Path, spec: BuildSpec) -> list[Path]:
     """The files the build's inputs match; raises ValueError naming a glob that matches none."""
     files: set[Path] = set()
-    for i, pattern in enumerate(spec.inputs):
+    for i, pattern in enumerate(spec.inputs or []):
         matched = [p for p in root.glob(pattern) if p.is_file()]
         if not matched:
             raise ValueError(f"image.build.inputs[{i}]: '{pattern}' matches no file under {root}")
@@ -28,8 +33,10 @@ def input_files(root: Path, spec: BuildSpec) -> list[Path]:
     return sorted(files)
 
 
-def content_hash(root: Path, spec: BuildSpec) -> str:
-    digest = hashlib.sha256(json.dumps(spec.command).encode())
+def content_hash(root: Path, spec: BuildSpec, recipe: Any = None) -> str:
+    """The cache key: what builds the image (`recipe`, default the command) and its inputs."""
+    digest = hashlib.sha256(json.dumps(spec.command if recipe is None else recipe,
+                                       sort_keys=True).encode())
     for path in input_files(root, spec):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
@@ -40,34 +47,63 @@ def build_image(ctx: LifecycleContext) -> StageOutcome:
     clock = StageClock(Stage.IMAGE, ctx.redactor)
     spec = ctx.config.image
     if spec.ref is not None:
-        # A run started for a pushed digest tests that digest, even if the tag has moved on.
-        digest = ctx.run_tags.get(IMAGE_DIGEST_TAG)
-        if not digest or ctx.run_tags.get(IMAGE_REF_TAG, spec.ref) != spec.ref:
-            try:
-                digest = current_digest(spec.ref, ctx.registry.settings.image_registries)
-            except ImageRegistryError as exc:
-                return clock.failed(FailureKind.INFRA, f"image {spec.ref}: could not resolve "
-                                                       f"its digest: {exc}")
-        return clock.passed(digest=digest, ref=spec.ref, cached=True, path="")
+        return _resolve_ref(ctx, clock, spec.ref)
     assert spec.build is not None
+    if spec.build.codebuild is not None:
+        return _build_on_codebuild(ctx, clock, spec.build, spec.build.codebuild)
+    return _build_locally(ctx, clock, spec.build)
+
+
+def _resolve_ref(ctx: LifecycleContext, clock: StageClock, ref: str) -> StageOutcome:
+    # A run started for a pushed digest tests that digest, even if the tag has moved on.
+    digest = ctx.run_tags.get(IMAGE_DIGEST_TAG)
+    if not digest or ctx.run_tags.get(IMAGE_REF_TAG, ref) != ref:
+        try:
+            digest = current_digest(ref, ctx.registry.settings.image_registries)
+        except ImageRegistryError as exc:
+            return clock.failed(FailureKind.INFRA, f"image {ref}: could not resolve "
+                                                   f"its digest: {exc}")
+    return clock.passed(digest=digest, ref=ref, cached=True, path="")
+
+
+class _BuildCache:
+    """What was built for one cache key, under `<home>/images/<key>.*`."""
+
+    def __init__(self, home: Path, key: str) -> None:
+        self.images = home / "images"
+        self.lock_path = self.images / f"{key}.lock"
+        self.record_path = self.images / f"{key}.json"
+        self.log_path = self.images / f"{key}.log"
+        self.image_dir = self.images / key
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, Any] | None]:
+        """Holds the key's lock and yields its record, if built before. Two partitions of one
+        config build the same image: the second waits and reuses it."""
+        self.images.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield json.loads(self.record_path.read_text()) if self.record_path.exists() else None
+
+    def store(self, record: dict[str, Any]) -> None:
+        self.record_path.write_text(json.dumps(record))
+
+
+def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec) -> StageOutcome:
+    assert spec.command is not None
     try:
-        key = content_hash(ctx.registry.root, spec.build)
+        key = content_hash(ctx.registry.root, spec)
     except (OSError, ValueError) as exc:
         return clock.failed(FailureKind.INFRA, f"{ctx.loaded.path}: {exc}")
-    images = ctx.home / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    record_path, log_path = images / f"{key}.json", images / f"{key}.log"
-    image_dir = images / key
-    # Two partitions of one config build the same image: the second waits and reuses it.
-    with open(images / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if record_path.exists():
-            record = json.loads(record_path.read_text())
+    cache = _BuildCache(ctx.home, key)
+    log_path = cache.log_path
+    with cache.locked() as record:
+        if record is not None:
             return clock.passed(log_ref=str(log_path), cached=True, **record)
-        image_dir.mkdir(exist_ok=True)
-        env = {**os.environ, "MLCI_IMAGE_DIR": str(image_dir), "MLCI_IMAGE_HASH": key}
+        cache.image_dir.mkdir(exist_ok=True)
+        env = {**os.environ, "MLCI_IMAGE_DIR": str(cache.image_dir), "MLCI_IMAGE_HASH": key}
         try:
-            done = run_group(spec.build.command, cwd=ctx.registry.root, env=env,
+            done = run_group(spec.command, cwd=ctx.registry.root, env=env,
                              timeout_s=ctx.config.timeouts.image_s, log_path=log_path,
                              redactor=ctx.redactor)
         except OSError as exc:
@@ -81,7 +117,36 @@ def build_image(ctx: LifecycleContext) -> StageOutcome:
             return clock.failed(FailureKind.PRODUCT,
                                 f"image build exited {done.exit_code}:\n{tail}",
                                 log_ref=str(log_path))
-        record = {"digest": f"sha256:{key}", "ref": "", "path": str(image_dir),
+        record = {"digest": f"sha256:{key}", "ref": "", "path": str(cache.image_dir),
                   "built_at": time.time()}
-        record_path.write_text(json.dumps(record))
+        cache.store(record)
         return clock.passed(log_ref=str(log_path), cached=False, **record)
+
+
+def _build_on_codebuild(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec,
+                        codebuild: CodeBuildSpec) -> StageOutcome:
+    """One CodeBuild build, or the digest one built before for the same key when `inputs`
+    are given (the codebuild block as written, its resolved source and image, the inputs)."""
+    try:
+        request = BuildRequest.of(codebuild)
+    except ValueError as exc:
+        return clock.failed(FailureKind.INFRA, f"{ctx.loaded.path}: image.build.{exc}")
+    recipe = {"codebuild": codebuild.model_dump(mode="json"),
+              "source_version": request.source_version, "image": request.image}
+    try:
+        cache = _BuildCache(ctx.home, content_hash(ctx.registry.root, spec, recipe)) \
+            if spec.inputs else None
+    except (OSError, ValueError) as exc:
+        return clock.failed(FailureKind.INFRA, f"{ctx.loaded.path}: {exc}")
+    with cache.locked() if cache else contextlib.nullcontext() as record:
+        if record is not None:
+            return clock.passed(log_ref=record.pop("log_ref", ""), cached=True, **record)
+        report = run_build(request, ctx.config.timeouts.image_s)
+        if report.failure_kind is not None:
+            return clock.failed(report.failure_kind, report.summary, log_ref=report.log_ref,
+                                build_id=report.build_id, build_status=report.status)
+        record = {"digest": report.digest, "ref": request.image, "path": "",
+                  "build_id": report.build_id, "built_at": time.time()}
+        if cache:
+            cache.store({**record, "log_ref": report.log_ref})
+        return clock.passed(log_ref=report.log_ref, cached=False, **record)

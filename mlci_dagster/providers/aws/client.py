@@ -1,8 +1,9 @@
 """The SageMaker API calls the provider makes, through boto3 and the standard AWS credential
 chain: create and delete with tags, describe as found-or-not, a wait on the endpoint's status,
 the tagged resources of the region, and `invoke_endpoint` timed. Every error names its call.
-Also where any AWS API is reached (AwsSettings as the registry writes it, AwsAccess resolved),
-for the SageMaker provider and CodeBuild image builds alike."""
+Also where any AWS API is reached (AwsSettings as the registry writes it, AwsAccess resolved,
+a client of any service, a call whose error names it), for the SageMaker provider and
+CodeBuild image builds alike."""
 
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ CALL_TIMEOUT_S = 30.0
 READ_TIMEOUT = "ReadTimeout"  # the code of a call that got no answer in time
 
 
-class SageMakerError(Exception):
-    """A SageMaker call that failed: `call` names it, `code` is AWS's error code ("" when the
+class AwsError(Exception):
+    """An AWS call that failed: `call` names it, `code` is AWS's error code ("" when the
     request never got an answer: a timeout, a refused connection)."""
 
     def __init__(self, message: str, call: str = "", code: str = "") -> None:
         super().__init__(message)
         self.call = call
         self.code = code
+
+
+class SageMakerError(AwsError):
+    """A SageMaker call that failed."""
 
     @property
     def not_found(self) -> bool:
@@ -85,6 +90,31 @@ def _defaulted(value: str, environ: dict[str, str]) -> dict[str, str]:
     return {**{name: "" for name in names}, **environ}
 
 
+def aws_client(service: str, access: AwsAccess, timeout_s: float = CALL_TIMEOUT_S,
+               max_attempts: int = 4) -> Any:
+    """A boto3 client of `service` where `access` says, that gives up after `timeout_s`."""
+    return boto3.client(service, region_name=access.region, endpoint_url=access.endpoint_url,
+                        config=Config(connect_timeout=min(10.0, timeout_s),
+                                      read_timeout=timeout_s,
+                                      retries={"max_attempts": max_attempts,
+                                               "mode": "standard"}))
+
+
+def call_aws(name: str, method: Callable[..., Any], error: type[AwsError] = AwsError,
+             **kwargs: Any) -> Any:
+    """`method(**kwargs)`; what boto3 raises becomes `error`, its message starting with the
+    call's name and AWS's error code."""
+    try:
+        return method(**kwargs)
+    except ClientError as exc:
+        details = exc.response.get("Error", {})
+        code = details.get("Code", "")
+        raise error(f"{name}: {code}: {details.get('Message', exc)}", name, code) from exc
+    except BotoCoreError as exc:
+        code = READ_TIMEOUT if isinstance(exc, ReadTimeoutError) else ""
+        raise error(f"{name}: {type(exc).__name__}: {exc}", name, code) from exc
+
+
 @dataclass
 class Invocation:
     """What `invoke_endpoint` answered: the model's status (200, or a ModelError's original
@@ -113,26 +143,12 @@ class SageMakerClient:
     def __init__(self, access: AwsAccess, timeout_s: float = CALL_TIMEOUT_S,
                  invoke_timeout_s: float = 60.0) -> None:
         self.access = access
-        common = {"region_name": access.region, "endpoint_url": access.endpoint_url}
-        config = Config(connect_timeout=min(10.0, timeout_s), read_timeout=timeout_s,
-                        retries={"max_attempts": 4, "mode": "standard"})
-        self.api = boto3.client("sagemaker", config=config, **common)
+        self.api = aws_client("sagemaker", access, timeout_s)
         # One attempt: a retried invocation would hide its failure and skew its latency.
-        self.runtime = boto3.client("sagemaker-runtime", **common, config=Config(
-            connect_timeout=min(10.0, invoke_timeout_s), read_timeout=invoke_timeout_s,
-            retries={"max_attempts": 1, "mode": "standard"}))
+        self.runtime = aws_client("sagemaker-runtime", access, invoke_timeout_s, max_attempts=1)
 
     def _call(self, name: str, method: Callable[..., Any], **kwargs: Any) -> Any:
-        try:
-            return method(**kwargs)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = error.get("Code", "")
-            raise SageMakerError(f"{name}: {code}: {error.get('Message', exc)}", name,
-                                 code) from exc
-        except BotoCoreError as exc:
-            code = READ_TIMEOUT if isinstance(exc, ReadTimeoutError) else ""
-            raise SageMakerError(f"{name}: {type(exc).__name__}: {exc}", name, code) from exc
+        return call_aws(name, method, SageMakerError, **kwargs)
 
     # --- create --------------------------------------------------------------------------
 
