@@ -14,50 +14,44 @@ kubelet and the Job and Deployment controllers (a Job's pod "runs" for a set tim
 starts); the service proxy forwards to a local HTTP backend. It does not emulate
 authentication, admission, graceful deletion, scheduling or nodes (see its docstring).
 
-Run: .venv/bin/python -m benchmarks.failure_injection [--provider local|kubernetes|all]
+On `aws-sagemaker`, boto3 speaks to moto's server on loopback (fake credentials from the
+environment) through a proxy that gives endpoints the Creating and Deleting time real ones have
+(tests/support/sagemaker_api.py); a leak is a model, endpoint config or endpoint tagged with the
+run that `list_*` still lists. On `gcp-tpu-vm`, google-cloud-tpu speaks to the loopback Cloud TPU
+v2 API (tests/support/tpu_api.py) and pipelines run over SSH on a real sshd standing in for the
+VM; a leak is a node labelled with the run that `list_nodes` still lists. A pipeline's process
+on that "VM" (this machine) outlives the crash: it is counted in what the crash left, not after
+the cleanup, since a real one goes with its node. `killed in` is the stage the kill landed in,
+from the run's event log (a stage a provider has little to do in can end before the kill).
+
+Run: .venv/bin/python -m benchmarks.failure_injection
+     [--provider local|kubernetes|aws-sagemaker|gcp-tpu-vm|all]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from mlci_dagster.vocabulary import STAGES
-from tests.support.injection import (
-    emulated_cluster,
-    inject,
-    write_kubernetes_registry,
-    write_registry,
-)
-
-
-@contextlib.contextmanager
-def registry_for(provider: str, tmp: Path) -> Iterator[Path]:
-    """The registry of config `inject` on `provider` (with its emulated cluster running)."""
-    if provider == "local":
-        yield write_registry(tmp / "registry")
-        return
-    with emulated_cluster(tmp / "cluster") as kubeconfig:
-        yield write_kubernetes_registry(tmp / "registry", kubeconfig)
+from tests.support.injection import PROVIDERS, inject, registry_on
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--provider", choices=["local", "kubernetes", "all"], default="all")
-    providers = ["local", "kubernetes"] if (chosen := parser.parse_args().provider) == "all" \
+    parser.add_argument("--provider", choices=[*PROVIDERS, "all"], default="all")
+    providers = list(PROVIDERS) if (chosen := parser.parse_args().provider) == "all" \
         else [chosen]
-    print(f"{'provider':<12}{'injected stage':<16}{'sandboxes':>10}{'left by crash':>15}"
-          f"{'leaks after cleanup':>21}  run")
+    print(f"{'provider':<15}{'injected stage':<16}{'killed in':<15}{'sandboxes':>10}"
+          f"{'left by crash':>15}{'leaks after cleanup':>21}  run")
     for provider in providers:
-        with tempfile.TemporaryDirectory() as tmp, registry_for(provider, Path(tmp)) as registry:
+        with tempfile.TemporaryDirectory() as tmp, registry_on(provider, Path(tmp)) as registry:
             for stage in STAGES:
                 result = inject(str(stage), Path(tmp) / f"home-{stage}", registry)
-                print(f"{provider:<12}{stage:<16}{result['sandboxes']:>10}"
-                      f"{result['left_by_crash']:>15}{result['leaks']:>21}  "
-                      f"{result['run_status'].value}"
+                print(f"{provider:<15}{stage:<16}{result['killed_in']:<15}"
+                      f"{result['sandboxes']:>10}{result['left_by_crash']:>15}"
+                      f"{result['leaks']:>21}  {result['run_status'].value}"
                       + (f"  {result['details']}" if result["leaks"] else ""), flush=True)
 
 

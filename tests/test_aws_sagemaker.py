@@ -38,6 +38,7 @@ from mlci_dagster.registry.aws import SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.vocabulary import FailureKind
 from tests.conftest import run_partition, stage_details, write_registry
 from tests.support.aws_proxy import create_project_and_image, moto_server
+from tests.support.sagemaker_api import queue_invocation_results
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "aws-sagemaker"
 REGION = "us-east-1"
@@ -88,15 +89,6 @@ def create(provider: SageMakerProvider, spec: SageMakerSandbox | None = None,
            run_id: str = "run-1"):
     return provider.create(spec or sandbox(), config="iris", engine="cpu", run_id=run_id,
                            engine_variables={}, image={"ref": IMAGE, "digest": "sha256:1"})
-
-
-def queue_results(url: str, *bodies: Any) -> None:
-    """moto's documented way to choose what `invoke_endpoint` answers, in order."""
-    results = [{"Body": json.dumps(b) if not isinstance(b, str) else b,
-                "ContentType": "application/json", "InvokedProductionVariant": "AllTraffic",
-                "CustomAttributes": ""} for b in bodies]
-    requests.post(f"{url}/moto-api/static/sagemaker/endpoint-results",
-                  json={"results": results}, timeout=10).raise_for_status()
 
 
 def tags(client: Any, arn: str) -> dict[str, str]:
@@ -194,8 +186,8 @@ def test_create_tags_model_config_and_endpoint_and_waits_to_in_service(provider,
 
 def test_invoke_passes_on_its_assertions_and_records_latency(provider, aws):
     handle = create(provider)
-    queue_results(aws, {"predictions": [{"label": "setosa", "score": 0.98}]},
-                  {"predictions": [{"label": "virginica", "score": 0.7}]})
+    queue_invocation_results(aws, {"predictions": [{"label": "setosa", "score": 0.98}]},
+                             {"predictions": [{"label": "virginica", "score": 0.7}]})
     passing = SageMakerInvokePipeline(
         kind="sagemaker_invoke", name="predict", payload={"instances": [[5.1, 3.5, 1.4, 0.2]]},
         contains=["setosa"], json_equals={"predictions.0.label": "setosa"},
@@ -216,7 +208,7 @@ def test_invoke_passes_on_its_assertions_and_records_latency(provider, aws):
 def test_invoke_sends_a_payload_file_and_a_missing_file_is_infra(provider, aws, tmp_path):
     handle = create(provider)
     (tmp_path / "batch.json").write_text('{"instances": [[1], [2]]}')
-    queue_results(aws, {"count": 2})
+    queue_invocation_results(aws, {"count": 2})
     from_file = SageMakerInvokePipeline(kind="sagemaker_invoke", name="batch",
                                         payload_file="batch.json", json_equals={"count": 2})
     missing = from_file.model_copy(update={"payload_file": "nope.json"})
@@ -369,7 +361,8 @@ def test_registry_errors_name_the_file_and_field(tmp_path, change, expected):
 def test_the_example_passes_end_to_end_through_dagster_against_moto(aws, instance, sagemaker,
                                                                     dagster_home):
     digest = create_project_and_image(aws, "iris-serve-image", IMAGE, REGION)
-    queue_results(aws, {"predictions": [{"label": "setosa", "score": 0.97}]}, {"count": 3})
+    queue_invocation_results(aws, {"predictions": [{"label": "setosa", "score": 0.97}]},
+                             {"count": 3})
 
     result, record = run_partition(instance, EXAMPLE, "iris-classifier|cpu")
 

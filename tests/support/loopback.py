@@ -1,5 +1,6 @@
-"""Servers on loopback for the image-sensor tests and benchmark: processes killed whole on
-exit, and images pushed to a real registry over the OCI distribution API (no docker client)."""
+"""Servers on loopback for tests and benchmarks: processes killed whole on exit, the environment
+their clients inherit, and images pushed to a real registry over the OCI distribution API (no
+docker client)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def background(argv: list[str], log: Path, env: dict[str, str] | None = None
         yield proc
     finally:
         stop_group(proc)
+
+
+@contextlib.contextmanager
+def environment_set(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
+    """os.environ with `values` set and `unset` removed (what child processes inherit),
+    restored on exit."""
+    saved = {name: os.environ.get(name) for name in [*values, *unset]}
+    os.environ.update(values)
+    for name in unset:
+        os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def group_members(pgid: int) -> list[tuple[int, str]]:

@@ -16,7 +16,8 @@ id, a missing acceleratorType or runtimeVersion, or labels GCP would refuse. Eac
 `networkEndpoints[0]` is `ipAddress` 127.0.0.1 (or `endpoint_ip`) and port 8470, as on a real
 TPU VM: the SSH port is not in the API (with `networkConfig.enableExternalIps`, its
 `accessConfig.externalIp` is the same address). Test hooks: `preempt(node)` (state PREEMPTED),
-`fail_next_create(message)` (the next create's Operation ends with an error), `requests`.
+`fail_next_create(message)` (the next create's Operation ends with an error), `requests`;
+`listed_nodes` asks the API, through `google-cloud-tpu`, which nodes carry the mlci labels.
 
 Not emulated: authentication (any or no credentials), IAM, quotas and stockouts, queued
 resources, start/stop/update/guest attributes, accelerator types and runtime versions as
@@ -43,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import psutil
 
 from mlci_dagster.providers.ports import allocate_free_port
 
@@ -195,6 +198,21 @@ class TpuState:
     def fail_next_create(self, message: str) -> None:
         with self.lock:
             self._failing_create = message
+
+
+def listed_nodes(api_url: str, project: str, zone: str, run_id: str | None = None
+                 ) -> list[str]:
+    """The ids of the nodes in the zone labelled `mlci-run-id` (equal to `run_id`, if given),
+    as `google-cloud-tpu`'s `list_nodes` reports them."""
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import tpu_v2
+
+    client = tpu_v2.TpuClient(transport="rest", credentials=AnonymousCredentials(),
+                              client_options=ClientOptions(api_endpoint=api_url))
+    return [node.name.rsplit("/", 1)[-1] for node in client.list_nodes(
+                parent=f"projects/{project}/locations/{zone}", timeout=10)
+            if "mlci-run-id" in node.labels and run_id in (None, node.labels["mlci-run-id"])]
 
 
 class TpuApiServer:
@@ -382,7 +400,13 @@ class LoopbackSshd:
         raise RuntimeError(f"sshd did not listen on 127.0.0.1:{self.port} in {timeout_s:g}s")
 
     def stop(self) -> None:
+        """Stops the listener and every session it forked (commands still running on the
+        "VM" among them: they go with it, as with a real VM)."""
         if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for session in psutil.Process(self.process.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        session.kill()
             self.process.terminate()
             try:
                 self.process.wait(5)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs examples/gcp-tpu against the Cloud TPU emulation and an sshd on loopback, in one command:
+# services on free ports, a DAGSTER_HOME of its own, mlci sync/run/report, everything stopped
+# afterwards; exits non-zero unless every run passed. exec: the Python process itself receives
+# Ctrl-C, SIGTERM and SIGHUP and stops all it started (tests/support/loopback_cloud.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+exec .venv/bin/python -m tests.support.loopback_cloud gcp "$@"
