@@ -88,6 +88,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mlci_dagster.plan import PlanError, plan_revisions, render_plan
+
+    registry = _registry(args)
+    try:
+        plan = plan_revisions(registry, args.base, args.head, tier=args.tier, repo=args.repo)
+    except PlanError as exc:
+        print(f"mlci plan: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    for note in plan.notes:
+        print(f"mlci plan: note: {note}", file=sys.stderr)
+    print(render_plan(plan))
+    return 0
+
+
 def sync_partitions(instance: Any, registry: Registry) -> tuple[list[str], list[str]]:
     from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, partition_changes
 
@@ -292,6 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parallel", type=int, default=2, help="partitions at once (default 2)")
     run.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
+    plan = commands.add_parser("plan", help="the partitions a change needs: files changed from "
+                               "the merge base of --base and --head, matched against what each "
+                               "config depends on")
+    plan.add_argument("--base", required=True, metavar="REV", help="what the change merges into")
+    plan.add_argument("--head", default="HEAD", metavar="REV", help="the change (default HEAD)")
+    plan.add_argument("--tier", help="only this tier's configs, as it selects them")
+    plan.add_argument("--repo", metavar="PATH",
+                      help="the git repository to diff (default: the registry's)")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(fn=cmd_plan)
     report = with_filters("report", "per partition: status, last run, regression, flakiness")
     report.add_argument("--json", action="store_true")
     report.add_argument("--html", metavar="DIR", help="also write the HTML grid into DIR")

@@ -222,7 +222,8 @@ def test_a_bad_engine_or_pool_name_in_settings_says_what_a_name_is(tmp_path):
         ({"sandbox": {"services": [{"name": "web", "command": ["x"], "ready": {"tcp": True},
                                     "envs": {}}]}, "ui_smoke": {}},
          "sandbox.services[0].envs", "unknown key 'envs' (did you mean 'env'?)"),
-        ({"colour": "red"}, "colour", "unknown key 'colour' (expected one of: description, "),
+        ({"colour": "red"}, "colour",
+         "unknown key 'colour' (expected one of: class, description, "),
     ],
 )
 def test_unknown_key_suggests_the_nearest_known_one(tmp_path, overrides, field, expected):

@@ -30,6 +30,17 @@ Seconds = Annotated[float, Field(gt=0, le=86_400)]
 Argv = Annotated[list[str], Field(min_length=1)]
 
 
+def _relative_glob(value: str) -> str:
+    if not value or value.startswith("/") or ".." in value.split("/"):
+        raise ValueError("expected a glob relative to the repository root, without '..' "
+                         f"(got {value!r})")
+    return value
+
+
+# A glob over the files of the git repository holding the registry, from its top level.
+RepoGlob = Annotated[str, AfterValidator(_relative_glob)]
+
+
 def matching_or_reference(pattern: str, expected: str) -> AfterValidator:
     """A string that matches `pattern`, or that holds a `${...}` reference (resolved later)."""
 

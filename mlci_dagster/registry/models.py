@@ -19,6 +19,7 @@ from mlci_dagster.registry.base import (
     Argv,
     EnvName,
     Name,
+    RepoGlob,
     SandboxBase,
     Seconds,
     StrictModel,
@@ -236,6 +237,43 @@ class BudgetSettings(StrictModel):
         description="USD per calendar month (UTC) for every run of this registry.")
 
 
+class TierSpec(StrictModel):
+    """A tier: the configs that list it under `tiers:`, what starts their runs and how much of
+    them a run takes."""
+
+    trigger: Literal["pull_request", "merge", "nightly", "label"] = Field(
+        description="pull_request: a pull request opened or updated; merge: a merge to the "
+        "default branch; nightly: the nightly schedule; label: a label put on a pull request.")
+    label: Annotated[str, StringConstraints(min_length=1, max_length=50)] | None = Field(
+        default=None, description="The pull-request label that starts the tier: with trigger "
+        "'label' only, and required there.")
+    selection: Literal["all", "changed"] = Field(
+        default="all", description="all: every partition of the tier; changed: those whose "
+        "files the change touched (`mlci plan`), every one when mlci.yaml or the harness did.")
+    representatives: bool = Field(
+        default=False, description="One partition per equivalence class (its first config by "
+        "name), standing for the others of the class.")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _label_with_label_trigger(self) -> TierSpec:
+        if self.trigger == "label" and self.label is None:
+            raise ValueError("label: required with trigger 'label' (expected the pull-request "
+                             "label that starts the tier)")
+        if self.trigger != "label" and self.label is not None:
+            raise ValueError(f"label: only with trigger 'label' (trigger is '{self.trigger}')")
+        return self
+
+
+class PlanSettings(StrictModel):
+    """What `mlci plan` counts as a change to every config."""
+
+    select_all_on: list[RepoGlob] = Field(
+        default=["mlci_dagster/**"], description="Globs from the repository's top level whose "
+        "change selects every partition of the tier (default: the harness's own code); a change "
+        "to mlci.yaml always does.")
+
+
 class Settings(StrictModel):
     """The registry's root file: engines, secret and public variable names and defaults for
     every config."""
@@ -260,6 +298,11 @@ class Settings(StrictModel):
         default=60, description="Seconds between two polls of the image registries.")
     costs: CostSettings = CostSettings()
     budget: BudgetSettings | None = None
+    tiers: dict[Name, TierSpec] = Field(
+        default={}, description="The tiers configs may name. None declared: a config's tiers "
+        "are free labels that `--tier` filters on, and `mlci plan --tier T` selects the "
+        "changed configs among those naming T.")
+    plan: PlanSettings = PlanSettings()
 
     @model_validator(mode="after")
     def _public_env_holds_no_secret(self) -> Settings:
@@ -415,7 +458,17 @@ class TestConfig(StrictModel):
     engines: Annotated[list[Name], Field(min_length=1)] | None = Field(
         default=None, description="Default: every engine."
     )
-    tiers: list[Name] = ["nightly"]
+    tiers: list[Name] = Field(
+        default=["nightly"], description="Tiers declared in mlci.yaml that run this config "
+        "(free labels when mlci.yaml declares none).")
+    paths: list[RepoGlob] = Field(
+        default=[], description="Globs from the top level of the git repository holding the "
+        "registry whose change selects this config in `mlci plan`. Its own file, its image "
+        "build inputs and the manifests and payload files it names count without being listed.")
+    class_: Name | None = Field(
+        default=None, alias="class", description="Its equivalence class, instead of the "
+        "fingerprint of what decides its behaviour: configs of one class on one engine are "
+        "interchangeable, and a tier with `representatives` runs one of them.")
     image: ImageSpec
     sandbox: SandboxSpec = LocalSandbox()
     pipelines: Annotated[list[Pipeline], Field(min_length=1)]
