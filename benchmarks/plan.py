@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,17 +32,11 @@ import yaml
 
 from mlci_dagster.plan import plan_changes, plan_revisions
 from mlci_dagster.registry import load_registry
+from tests.support.git_repo import git
 
-GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.test",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.test",
-           "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
 TIERS = {"nightly": {"trigger": "nightly", "selection": "all"},
          "pr": {"trigger": "pull_request", "selection": "changed", "representatives": True}}
 
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                          check=True, env=GIT_ENV).stdout.strip()
 
 
 def config_body(index: int, classes: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for note in plan.notes:
         print(f"mlci plan: note: {note}", file=sys.stderr)
     print(render_plan(plan))
+    return 0
+
+
+def cmd_qualified(args: argparse.Namespace) -> int:
+    from mlci_dagster.sensors.commits import qualified_releases
+
+    with _instance() as instance:
+        found = qualified_releases(instance, args.limit)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print("no qualified SHA yet: none whose nightly run set fully passed")
+    for item in found:
+        when = datetime.fromtimestamp(item["qualified_at"], UTC).strftime("%Y-%m-%d %H:%MZ")
+        print(f"{item['sha']}  {item['tier']}  {item['partitions']} partitions  {when}")
     return 0
 
 
@@ -333,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     cost.set_defaults(fn=cmd_cost)
     commands.add_parser("helm-values", help="the registry's pool limits as values of the "
                         "official Dagster Helm chart").set_defaults(fn=cmd_helm_values)
+    qualified = commands.add_parser("qualified", help="SHAs whose nightly run set fully "
+                                    "passed, newest first")
+    qualified.add_argument("--limit", type=int, default=100)
+    qualified.add_argument("--json", action="store_true")
+    qualified.set_defaults(fn=cmd_qualified)
     janitor = commands.add_parser("janitor", help="reap sandboxes whose run is over or expired")
     janitor.add_argument("--dry-run", action="store_true", help="say what would be reaped")
     janitor.set_defaults(fn=cmd_janitor)

@@ -24,6 +24,14 @@ from mlci_dagster.sensors.cleanup import (
     teardown_after_cancel,
     teardown_after_failure,
 )
+from mlci_dagster.sensors.commits import (
+    commit_poll_sensor,
+    commit_status,
+    commit_summary,
+    pr_label_sensor,
+    pull_request_label,
+    release_qualification,
+)
 from mlci_dagster.sensors.history_update import history_update_sensor
 from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_sensor, pushed_image
 from mlci_dagster.sensors.notify import notify
@@ -63,13 +71,16 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                                       executor_def=dg.in_process_executor,
                                       description="Consolidate results, analyse, draw the grid.")
     return dg.Definitions(
-        assets=[lifecycle, history, grid_report, JANITOR_ASSET, pushed_image],
+        assets=[lifecycle, history, grid_report, JANITOR_ASSET, pushed_image,
+                pull_request_label, commit_summary, release_qualification],
         jobs=[job, history_job],
         schedules=[nightly_schedule(job)],
         sensors=[registry_sync, sandbox_janitor, teardown_after_failure, teardown_after_cancel,
                  notify, image_poll_sensor(job, settings.image_poll_interval_s),
                  image_push_sensor(job), stale_scanner(job),
-                 history_update_sensor(history_job)],
+                 history_update_sensor(history_job), pr_label_sensor(job), commit_status,
+                 commit_poll_sensor(job, settings.repository.poll_interval_s
+                                    if settings.repository else 60)],
         resources={"mlci": MlciResource(registry_path=str(Path(registry).resolve())),
                    "io_manager": io_manager(), "notifier": notifier_resource()},
         executor=dg.in_process_executor,

@@ -5,13 +5,8 @@ HTTP server that answers like GitHub and records every request."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import dagster as dg
 import pytest
@@ -22,105 +17,15 @@ from mlci_dagster.notify.message import Kind
 from mlci_dagster.notify.notifier import GITHUB, WEBHOOK, Notifier, Pending, deliver_in_order
 from mlci_dagster.notify.webhook import Webhook
 from tests.conftest import QUIET, command_pipeline, config, run_partition, write_registry
+from tests.support.github_api import GITHUB_TOKEN, REPO, FakeServices, serve_fake_services
 
 WEBHOOK_TOKEN = "whk-5e1f0c2b9a8d7e6f"
-GITHUB_TOKEN = "ghp-0a1b2c3d4e5f6a7b8c9d"
-REPO = "acme/platform"
-
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class FakeServices:
-    """A webhook at /hook and GitHub's issue API under /api, in memory."""
-
-    url: str = ""
-    requests: list[Recorded] = field(default_factory=list)
-    issues: dict[int, dict[str, Any]] = field(default_factory=dict)
-    comments: dict[int, list[str]] = field(default_factory=dict)
-    fail_webhook: int = 0  # answer the next N webhook posts with 500
-
-    def of(self, method: str, path_part: str) -> list[Recorded]:
-        return [r for r in self.requests if r.method == method and path_part in r.path]
-
-    @property
-    def hooks(self) -> list[dict[str, Any]]:
-        return [r.body for r in self.of("POST", "/hook")]
-
-
-def make_handler(services: FakeServices) -> type[BaseHTTPRequestHandler]:
-    issues_path = f"/api/repos/{REPO}/issues"
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:  # keep pytest's output clean
-            pass
-
-        def _answer(self, status: int, body: Any) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _handle(self) -> None:
-            url = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else None
-            services.requests.append(Recorded(self.command, url.path, parse_qs(url.query),
-                                              dict(self.headers), body))
-            if url.path == "/hook":
-                if services.fail_webhook:
-                    services.fail_webhook -= 1
-                    return self._answer(500, {"error": "down"})
-                return self._answer(200, {"ok": True})
-            if self.headers.get("Authorization") != f"Bearer {GITHUB_TOKEN}":
-                return self._answer(401, {"message": "Bad credentials"})
-            rest = url.path.removeprefix(issues_path)
-            if self.command == "GET" and rest == "":
-                query = parse_qs(url.query)
-                listed = [i for i in services.issues.values()
-                          if i["state"] == query["state"][0]
-                          and query["labels"][0] in i["labels"]]
-                return self._answer(200, listed)
-            if self.command == "POST" and rest == "":
-                number = len(services.issues) + 1
-                services.issues[number] = {"number": number, "state": "open", **body}
-                services.comments[number] = []
-                return self._answer(201, services.issues[number])
-            number = int(rest.strip("/").split("/")[0])
-            if self.command == "POST" and rest.endswith("/comments"):
-                services.comments[number].append(body["body"])
-                return self._answer(201, {"id": len(services.comments[number])})
-            if self.command == "PATCH":
-                services.issues[number].update(body)
-                return self._answer(200, services.issues[number])
-            return self._answer(404, {"message": "Not Found"})
-
-        do_GET = do_POST = do_PATCH = _handle
-
-    return Handler
 
 
 @pytest.fixture
 def services() -> Iterator[FakeServices]:
-    state = FakeServices()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serve_fake_services() as state:
+        yield state
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ equivalence classes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,26 +24,12 @@ from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.loader import config_id
 from mlci_dagster.registry.models import TestConfig
 from tests.conftest import PY, command_pipeline, config
+from tests.support.git_repo import commit, git
 
-GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test",
-           "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
 TIERS = {"nightly": {"trigger": "nightly"},
          "pr": {"trigger": "pull_request", "selection": "changed", "representatives": True}}
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                          check=True, env=GIT_ENV).stdout.strip()
-
-
-def commit(repo: Path, message: str, files: dict[str, str]) -> str:
-    for name, text in files.items():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text(text)
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", message)
-    return git(repo, "rev-parse", "HEAD")
 
 
 def write_registry(root: Path, configs: list[dict[str, Any]], **settings: Any) -> Path:

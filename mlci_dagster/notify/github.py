@@ -1,5 +1,6 @@
-"""One GitHub issue per partition, through the REST API: found by its stable title and label,
-opened on the first failure, commented on later ones, commented and closed on recovery."""
+"""GitHub through the REST API: one issue per partition (found by its stable title and label,
+opened on the first failure, commented on later ones, commented and closed on recovery), and
+one commit status per SHA and tier."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def issue_markdown(notification: Notification) -> str:
 
 
 @dataclass
-class GitHubIssues:
-    """The issues of `repo` ("owner/name") labelled `mlci`; `api_url` for GitHub Enterprise."""
+class GitHubClient:
+    """The REST API of `repo` ("owner/name"); `api_url` for GitHub Enterprise."""
 
     repo: str
     token: str
@@ -62,6 +63,22 @@ class GitHubIssues:
         response = request_json(method, url, what="github", headers=self._headers, body=body,
                                 params=params, redactor=self._redactor)
         return response.json() if response.content else None
+
+
+@dataclass
+class GitHubStatuses(GitHubClient):
+    """Commit statuses of `repo`: GitHub keeps the latest per (SHA, context)."""
+
+    def set_status(self, sha: str, state: str, context: str, description: str,
+                   target_url: str) -> None:
+        self._call("POST", f"/statuses/{sha}", body={
+            "state": state, "context": context, "description": description,
+            "target_url": target_url})
+
+
+@dataclass
+class GitHubIssues(GitHubClient):
+    """The issues of `repo` labelled `mlci`."""
 
     def find_open_issue(self, partition: str) -> int | None:
         """The number of the partition's open issue, if any (pull requests are not issues)."""

@@ -274,6 +274,25 @@ class PlanSettings(StrictModel):
         "to mlci.yaml always does.")
 
 
+GitRef = Annotated[str, StringConstraints(min_length=1, max_length=200,
+                                         pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")]
+
+
+class RepositorySpec(StrictModel):
+    """The git repository the commit sensor polls for new commits (`git ls-remote`)."""
+
+    url: Annotated[str, StringConstraints(min_length=1)] = Field(
+        description="A local path (relative to the registry root) or a URL git can fetch.")
+    branches: Annotated[list[GitRef], Field(min_length=1)] = Field(
+        description="Watched branches: a new commit on one runs the tiers with trigger "
+        "'merge'. The first is the base pull requests are planned against.")
+    pull_requests: bool = Field(
+        default=False, description="Also watch refs/pull/<n>/head: a new head runs the tiers "
+        "with trigger 'pull_request'.")
+    poll_interval_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=60, description="Seconds between two polls of the repository.")
+
+
 class Settings(StrictModel):
     """The registry's root file: engines, secret and public variable names and defaults for
     every config."""
@@ -303,6 +322,9 @@ class Settings(StrictModel):
         "are free labels that `--tier` filters on, and `mlci plan --tier T` selects the "
         "changed configs among those naming T.")
     plan: PlanSettings = PlanSettings()
+    repository: RepositorySpec | None = Field(
+        default=None, description="The git repository whose commits and pull requests start "
+        "the merge, pull_request and label tiers.")
 
     @model_validator(mode="after")
     def _public_env_holds_no_secret(self) -> Settings:

@@ -8,7 +8,7 @@ import os
 import dagster as dg
 
 from mlci_dagster.notify import GitHubIssues, Notifier, Webhook
-from mlci_dagster.notify.github import DEFAULT_API_URL
+from mlci_dagster.notify.github import DEFAULT_API_URL, GitHubStatuses
 
 DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
 # field -> the environment variable it is read from when set
@@ -40,6 +40,13 @@ class NotifierResource(dg.ConfigurableResource):
                                self.github_api_url or DEFAULT_API_URL)
                   if self.github_repo and self.github_token else None)
         return Notifier(webhook, github)
+
+    def commit_statuses(self) -> GitHubStatuses | None:
+        """The GitHub commit statuses of the repository; None when GitHub is not configured."""
+        if not (self.github_repo and self.github_token):
+            return None
+        return GitHubStatuses(self.github_repo, self.github_token,
+                              self.github_api_url or DEFAULT_API_URL)
 
 
 def notifier_resource() -> NotifierResource:

@@ -79,7 +79,7 @@ def image_run_requests(context: dg.SensorEvaluationContext, ref: str, digest: st
     return requests
 
 
-def _load_registry(mlci: MlciResource) -> Registry | dg.SkipReason:
+def registry_or_skip(mlci: MlciResource) -> Registry | dg.SkipReason:
     try:
         return mlci.registry()
     except RegistryError as exc:
@@ -94,7 +94,7 @@ def image_poll_sensor(job: dg.UnresolvedAssetJobDefinition, minimum_interval_sec
                            "starts one run per partition using it.")
     def image_poll(context: dg.SensorEvaluationContext, mlci: MlciResource
                    ) -> dg.SensorResult | dg.SkipReason:
-        registry = _load_registry(mlci)
+        registry = registry_or_skip(mlci)
         if isinstance(registry, dg.SkipReason):
             return registry
         declared = registry.settings.image_registries
@@ -154,7 +154,7 @@ def image_push_sensor(job: dg.UnresolvedAssetJobDefinition, minimum_interval_sec
         ).records
         if not records:
             return dg.SkipReason("no new pushed_image report")
-        registry = _load_registry(mlci)
+        registry = registry_or_skip(mlci)
         if isinstance(registry, dg.SkipReason):
             return registry  # the cursor stays: these reports are read again once it is valid
         watched = watched_images(registry)

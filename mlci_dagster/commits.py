@@ -1,0 +1,227 @@
+"""Commits and pull requests of the registry's git repository, as run sets: which refs moved
+(`git ls-remote`), which tier each new head starts, and which partitions it needs (`plan.py`
+against the pull request's base). Dagster-free: the commit sensors only call it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlci_dagster.plan import PlanError, changed_paths, plan_changes
+from mlci_dagster.registry.loader import SETTINGS_FILE, Registry
+from mlci_dagster.registry.models import RepositorySpec
+
+SHA_TAG = "mlci/sha"
+TIER_TAG = "mlci/tier"
+PR_TAG = "mlci/pr"
+RUNS_TAG = "mlci/runs"  # how many runs the set of this SHA and tier holds
+BRANCH_PREFIX = "refs/heads/"
+PULL_REF = re.compile(r"^refs/pull/(\d+)/head$")
+SHA = re.compile(r"^[0-9a-f]{40}$")
+FETCHED = "refs/mlci/"  # where the local mirror keeps what it fetched
+GIT_TIMEOUT_S = 120
+
+
+class CommitError(RuntimeError):
+    """The repository cannot be read, or a commit cannot be planned; the message says which."""
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """One SHA's runs of one tier: the partitions (`config|engine`) and why they were chosen."""
+
+    sha: str
+    tier: str
+    partitions: tuple[tuple[str, str], ...]
+    pr: int | None = None
+    reason: str = ""
+
+    def run_key(self, config: str, engine: str) -> str:
+        # Run keys dedupe forever: one run per SHA, tier and partition, whatever repeats.
+        return f"commit:{self.sha}:{self.tier}:{config}|{engine}"
+
+    def tags(self) -> dict[str, str]:
+        tags = {SHA_TAG: self.sha, TIER_TAG: self.tier, RUNS_TAG: str(len(self.partitions))}
+        if self.pr is not None:
+            tags[PR_TAG] = str(self.pr)
+        return tags
+
+
+@dataclass(frozen=True)
+class Head:
+    """A ref that moved to `sha` since the last poll (`previous` None: a ref first seen)."""
+
+    ref: str
+    sha: str
+    previous: str | None
+
+    @property
+    def pr(self) -> int | None:
+        found = PULL_REF.match(self.ref)
+        return int(found.group(1)) if found else None
+
+    @property
+    def trigger(self) -> str:
+        return "merge" if self.ref.startswith(BRANCH_PREFIX) else "pull_request"
+
+
+def _git(*args: str, cwd: Path | None = None) -> str:
+    command = ["git", *(["-C", str(cwd)] if cwd else []), *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=GIT_TIMEOUT_S,
+                              check=False, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    except subprocess.TimeoutExpired:
+        raise CommitError(f"git {args[0]}: no answer in {GIT_TIMEOUT_S}s") from None
+    if done.returncode != 0:
+        raise CommitError(f"git {' '.join(args[:2])}: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def repository_url(registry: Registry) -> str:
+    """The repository's URL, a local path resolved against the registry root."""
+    spec = _spec(registry)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", spec.url) or re.match(r"^[^/]+@[^/]+:", spec.url):
+        return spec.url
+    path = (registry.root / spec.url).resolve()
+    if not path.exists():
+        raise CommitError(f"mlci.yaml: repository.url: {path} does not exist (expected a git "
+                          "repository, a path relative to the registry root, or a URL)")
+    return str(path)
+
+
+def _spec(registry: Registry) -> RepositorySpec:
+    if registry.settings.repository is None:
+        raise CommitError("mlci.yaml: no repository declared (expected repository: {url: ..., "
+                          "branches: [main]})")
+    return registry.settings.repository
+
+
+def watched_refs(url: str, spec: RepositorySpec) -> dict[str, str]:
+    """{ref: sha} of the watched branches and, with pull_requests, of every refs/pull/<n>/head."""
+    refs = {}
+    for line in _git("ls-remote", "--", url).splitlines():
+        sha, _, ref = line.partition("\t")
+        branch = ref.startswith(BRANCH_PREFIX) and ref.removeprefix(BRANCH_PREFIX) in spec.branches
+        if branch or (spec.pull_requests and PULL_REF.match(ref)):
+            refs[ref] = sha
+    return refs
+
+
+def moved_heads(refs: dict[str, str], last_seen: dict[str, str]) -> list[Head]:
+    """The refs whose SHA differs from the last poll's, in a stable order."""
+    return [Head(ref, sha, last_seen.get(ref)) for ref, sha in sorted(refs.items())
+            if last_seen.get(ref) != sha]
+
+
+class Mirror:
+    """A local clone of the repository (no checkout) under `home`, fetched on demand, where
+    merge bases and diffs are computed: a remote is never diffed in place."""
+
+    def __init__(self, url: str, home: Path) -> None:
+        self.url = url
+        self.path = home / "git" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    def fetch(self) -> None:
+        if not (self.path / ".git").exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            _git("init", "-q", cwd=self.path)
+        _git("fetch", "-q", "--no-tags", "--force", "--", self.url,
+             f"+refs/heads/*:{FETCHED}heads/*", f"+refs/pull/*:{FETCHED}pull/*", cwd=self.path)
+
+    def is_ancestor(self, old: str, new: str) -> bool:
+        try:
+            _git("merge-base", "--is-ancestor", old, new, cwd=self.path)
+        except CommitError:
+            return False
+        return True
+
+    def first_parent(self, sha: str) -> str | None:
+        parents = _git("rev-list", "--parents", "-n", "1", sha, cwd=self.path).split()
+        return parents[1] if len(parents) > 1 else None
+
+
+def registry_prefix(registry: Registry) -> str | None:
+    """The registry folder from the top of the git work tree holding it (None: in none), so
+    changes to its files count in the diff of the watched repository."""
+    try:
+        top = _git("rev-parse", "--show-toplevel", cwd=registry.root).strip()
+    except CommitError:
+        return None
+    return registry.root.resolve().relative_to(Path(top).resolve()).as_posix()
+
+
+def tiers_with_trigger(registry: Registry, trigger: str, label: str | None = None) -> list[str]:
+    return [name for name, tier in registry.settings.tiers.items()
+            if tier.trigger == trigger and (label is None or tier.label == label)]
+
+
+def plan_run_set(registry: Registry, mirror: Mirror | None, tier: str, sha: str, base: str | None,
+                 pr: int | None = None) -> RunSet:
+    """The run set of `sha` in `tier`: the tier's selection of the changes since `base` (their
+    merge base), or every partition of the tier when there is no base to diff against (or no
+    mirror to diff in)."""
+    if registry.settings.tiers[tier].selection == "all" or base is None or mirror is None:
+        # No diff to read: every partition of the tier, as a change to mlci.yaml selects them.
+        plan = plan_changes(registry, [SETTINGS_FILE], tier=tier, registry_prefix="")
+        reason = "selection: all" if base is not None else "no base to diff: every partition"
+    else:
+        try:
+            revisions, changed = changed_paths(mirror.path, base, sha)
+        except PlanError as exc:
+            raise CommitError(f"{sha[:12]} against {base[:12]}: {exc}") from None
+        plan = plan_changes(registry, changed, tier=tier, registry_prefix=registry_prefix(registry))
+        reason = f"{len(changed)} file(s) changed since {revisions.merge_base[:12]}"
+    return RunSet(sha, tier, tuple((p.config, p.engine) for p in plan.partitions), pr, reason)
+
+
+# --- label events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelEvent:
+    """A label put on a pull request whose head is `sha` (`base`: its base commit, if known)."""
+
+    sha: str
+    label: str
+    pr: int | None = None
+    base: str | None = None
+
+
+def _value(metadata: dict[str, Any], key: str) -> Any:
+    value = metadata.get(key)
+    return getattr(value, "value", value)
+
+
+def label_event(metadata: dict[str, Any]) -> LabelEvent:
+    """The event a `pull_request_label` report carries: flat `sha`, `label` (and `pr`), or a
+    GitHub `pull_request` webhook payload under `github_event`. CommitError saying what is
+    missing otherwise, or when the payload is not a `labeled` action."""
+    payload = _value(metadata, "github_event")
+    if payload is not None:
+        if isinstance(payload, str):
+            try:
+                payload = json.loads(payload)
+            except json.JSONDecodeError as exc:
+                raise CommitError(f"github_event: not JSON ({exc})") from None
+        if not isinstance(payload, dict) or payload.get("action") != "labeled":
+            action = payload.get("action") if isinstance(payload, dict) else None
+            raise CommitError(f"github_event: action {action!r} (expected a pull_request "
+                              "event with action 'labeled')")
+        pull = payload.get("pull_request") or {}
+        sha = str((pull.get("head") or {}).get("sha", ""))
+        base = (pull.get("base") or {}).get("sha")
+        label = str((payload.get("label") or {}).get("name", ""))
+        pr = payload.get("number", pull.get("number"))
+    else:
+        sha, label = str(_value(metadata, "sha") or ""), str(_value(metadata, "label") or "")
+        pr, base = _value(metadata, "pr"), _value(metadata, "base")
+    if not SHA.match(sha) or not label:
+        raise CommitError(f"expected a 40-hex sha and a label, got sha={sha!r} label={label!r}")
+    return LabelEvent(sha, label, int(pr) if pr not in (None, "") else None,
+                      str(base) if base and SHA.match(str(base)) else None)

@@ -1,0 +1,304 @@
+"""Commit sensors: new commits and pull-request heads of the registry's repository, and labels
+put on pull requests, each → one run set per SHA and tier; and the commit status that sums up
+each run set on GitHub, kept as a `commit_summary` observation.
+
+Run keys carry the SHA, the tier and the partition, so nothing runs twice; a newer SHA never
+cancels an older one's runs. Cursors are JSON that Dagster stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+
+from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
+from mlci_dagster.commit_summary import FAILURE, PENDING, SUCCESS, PartitionRun, summarize
+from mlci_dagster.commits import (
+    BRANCH_PREFIX,
+    FETCHED,
+    RUNS_TAG,
+    SHA_TAG,
+    TIER_TAG,
+    CommitError,
+    Mirror,
+    RunSet,
+    label_event,
+    moved_heads,
+    plan_run_set,
+    repository_url,
+    tiers_with_trigger,
+    watched_refs,
+)
+from mlci_dagster.event_log import RESULTS_ASSET, read_record
+from mlci_dagster.notify import NotifyError
+from mlci_dagster.paths import mlci_home
+from mlci_dagster.registry import Registry
+from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
+from mlci_dagster.resources.notify import NotifierResource
+from mlci_dagster.schedules import NIGHTLY_TIER
+from mlci_dagster.sensors.image_build import registry_or_skip
+
+PULL_REQUEST_LABEL = dg.AssetKey("pull_request_label")
+COMMIT_SUMMARY = dg.AssetKey("commit_summary")
+RELEASE_QUALIFICATION = dg.AssetKey("release_qualification")
+LABEL_EVENTS_PER_TICK = 200
+RUNS_PER_TICK = 500
+KEPT_SUMMARIES = 1000  # finished run sets remembered in the cursor
+
+pull_request_label = dg.AssetSpec(
+    PULL_REQUEST_LABEL, group_name="commits", kinds={"github"},
+    description="A label put on a pull request: one materialization per label event, with "
+                "metadata sha, label and pr, or github_event (a pull_request webhook payload).")
+commit_summary = dg.AssetSpec(
+    COMMIT_SUMMARY, group_name="commits", kinds={"github"},
+    description="One observation per state (pending, success, failure) of a SHA's run set in "
+                "a tier: its partitions, their status, failing stage and run link.")
+release_qualification = dg.AssetSpec(
+    RELEASE_QUALIFICATION, group_name="commits", kinds={"github"},
+    description="One observation per SHA whose nightly run set fully passed: a qualified "
+                "release candidate.")
+
+
+def _mirror(mlci: MlciResource, url: str) -> Mirror:
+    return Mirror(url, Path(mlci.home) if mlci.home else mlci_home())
+
+
+def run_set_requests(context: dg.SensorEvaluationContext, run_set: RunSet, known: set[str]
+                     ) -> list[dg.RunRequest]:
+    """One run per partition of the set whose config is a partition already; the set's size
+    tag counts only those, so its summary waits for exactly these runs."""
+    missing = sorted({c for c, _ in run_set.partitions if c not in known})
+    if missing:
+        context.log.warning(f"{', '.join(missing)}: not yet partitions (registry_sync adds them)")
+    run_set = dataclasses.replace(run_set, partitions=tuple(
+        (c, e) for c, e in run_set.partitions if c in known))
+    context.log.info(f"{run_set.sha[:12]} {run_set.tier}: {len(run_set.partitions)} run(s) "
+                     f"({run_set.reason})")
+    return [dg.RunRequest(partition_key=multi_partition_key(config, engine),
+                          run_key=run_set.run_key(config, engine),
+                          tags={TRIGGER_TAG: "sensor", **run_set.tags()})
+            for config, engine in run_set.partitions]
+
+
+def commit_poll_sensor(job: dg.UnresolvedAssetJobDefinition, minimum_interval_seconds: int = 60
+                       ) -> dg.SensorDefinition:
+    @dg.sensor(name="commit_poll", job=job, minimum_interval_seconds=minimum_interval_seconds,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Polls mlci.yaml's repository: a new commit on a watched branch "
+                           "runs the merge tiers, a new pull-request head the pull_request "
+                           "tiers (the partitions its change needs).")
+    def commit_poll(context: dg.SensorEvaluationContext, mlci: MlciResource
+                    ) -> dg.SensorResult | dg.SkipReason:
+        registry = registry_or_skip(mlci)
+        if isinstance(registry, dg.SkipReason):
+            return registry
+        spec = registry.settings.repository
+        if spec is None:
+            return dg.SkipReason("no repository in mlci.yaml: nothing to poll")
+        last_seen: dict[str, str] = json.loads(context.cursor or "{}").get("refs", {})
+        try:
+            url = repository_url(registry)
+            refs = watched_refs(url, spec)
+            heads = moved_heads(refs, last_seen)
+            mirror = _mirror(mlci, url)
+            if heads:
+                mirror.fetch()
+        except CommitError as exc:  # the cursor stays: these heads are read again
+            return dg.SkipReason(f"repository not read: {exc}")
+        known = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
+        requests = []
+        for head in heads:
+            forced = head.previous is not None and not mirror.is_ancestor(head.previous,
+                                                                          head.sha)
+            if forced:
+                context.log.info(f"{head.ref}: force-pushed from {head.previous[:12]} to "
+                                 f"{head.sha[:12]}; the runs of {head.previous[:12]} stay")
+            if head.trigger == "merge":
+                base = head.previous if head.previous and not forced else \
+                    mirror.first_parent(head.sha)
+            else:
+                base = refs.get(BRANCH_PREFIX + spec.branches[0])
+            for tier in tiers_with_trigger(registry, head.trigger):
+                try:
+                    run_set = plan_run_set(registry, mirror, tier, head.sha, base, head.pr)
+                except CommitError as exc:
+                    context.log.warning(f"{head.ref}: {exc}")
+                    continue
+                requests += run_set_requests(context, run_set, known)
+        cursor = json.dumps({"refs": refs}, sort_keys=True)
+        if requests:
+            return dg.SensorResult(run_requests=requests, cursor=cursor)
+        return dg.SensorResult(cursor=cursor, skip_reason=f"{len(heads)} moved ref(s) of "
+                               f"{len(refs)} watched, nothing to run")
+
+    return commit_poll
+
+
+def _label_run_sets(context: dg.SensorEvaluationContext, registry: Registry, mlci: MlciResource,
+                    metadata: dict) -> list[RunSet]:
+    event = label_event(metadata)
+    tiers = tiers_with_trigger(registry, "label", event.label)
+    if not tiers:
+        context.log.info(f"label '{event.label}': no tier with trigger 'label' names it")
+        return []
+    mirror, base = None, event.base
+    if any(registry.settings.tiers[t].selection == "changed" for t in tiers):
+        spec = registry.settings.repository
+        if spec is None:
+            raise CommitError("a label tier with selection 'changed' needs mlci.yaml's "
+                              "repository to diff the pull request")
+        mirror = _mirror(mlci, repository_url(registry))
+        mirror.fetch()
+        base = base or f"{FETCHED}heads/{spec.branches[0]}"
+    return [plan_run_set(registry, mirror, tier, event.sha, base, event.pr)
+            for tier in tiers]
+
+
+def pr_label_sensor(job: dg.UnresolvedAssetJobDefinition, minimum_interval_seconds: int = 5
+                    ) -> dg.SensorDefinition:
+    @dg.sensor(name="pr_label", job=job, minimum_interval_seconds=minimum_interval_seconds,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Turns each pull_request_label report into the run set of the "
+                           "label tier the label names, for the pull request's head SHA.")
+    def pr_label(context: dg.SensorEvaluationContext, mlci: MlciResource
+                 ) -> dg.SensorResult | dg.SkipReason:
+        after = json.loads(context.cursor or "{}").get("storage_id")
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=PULL_REQUEST_LABEL, after_storage_id=after),
+            limit=LABEL_EVENTS_PER_TICK, ascending=True).records
+        if not records:
+            return dg.SkipReason("no new pull_request_label report")
+        registry = registry_or_skip(mlci)
+        if isinstance(registry, dg.SkipReason):
+            return registry
+        known = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
+        requests = []
+        for record in records:
+            event = record.asset_materialization
+            try:
+                run_sets = _label_run_sets(context, registry, mlci,
+                                           dict(event.metadata) if event else {})
+            except CommitError as exc:
+                context.log.warning(f"pull_request_label event {record.storage_id}: {exc}")
+                continue
+            for run_set in run_sets:
+                requests += run_set_requests(context, run_set, known)
+        cursor = json.dumps({"storage_id": records[-1].storage_id})
+        if requests:
+            return dg.SensorResult(run_requests=requests, cursor=cursor)
+        return dg.SensorResult(cursor=cursor, skip_reason=f"{len(records)} label report(s), "
+                               "nothing to run")
+
+    return pr_label
+
+
+# --- the summary of each run set ------------------------------------------------------------
+
+
+def _failed_stage(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
+    """The failing stage the run's results record names; None when it passed or has none."""
+    for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        event = entry.asset_materialization
+        if event is not None and event.asset_key == RESULTS_ASSET:
+            record = read_record(0, event.metadata)  # 0: the warning names no event
+            return record.failed_stage if record is not None and not record.passed else None
+    return None
+
+
+def run_set_runs(instance: dg.DagsterInstance, sha: str, tier: str
+                 ) -> tuple[int, list[PartitionRun]]:
+    """(the set's size, the latest run of each of its partitions)."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={SHA_TAG: sha, TIER_TAG: tier}))
+    latest: dict[str, dg.DagsterRun] = {}
+    for run in runs:  # newest first: a re-execution stands for its partition
+        latest.setdefault(run.tags.get("dagster/partition", run.run_id), run)
+    expected = max((int(r.tags.get(RUNS_TAG, "0")) for r in runs), default=0)
+    return expected, [PartitionRun(key, run.run_id, run.status.value,
+                                   _failed_stage(instance, run) if run.is_finished else None)
+                      for key, run in latest.items()]
+
+
+def qualifying_tiers(registry: Registry | None) -> set[str]:
+    """The tiers whose fully passing run set qualifies a SHA: those with trigger nightly."""
+    declared = registry.settings.tiers if registry is not None else {}
+    return {n for n, t in declared.items() if t.trigger == "nightly"} or {NIGHTLY_TIER}
+
+
+@dg.sensor(
+    name="commit_status", minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Sets one GitHub commit status per SHA and tier (context 'mlci / <tier>'): "
+                "pending once its first run started, then success or failure, and records "
+                "each as a commit_summary observation; a passing nightly qualifies the SHA.",
+)
+def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResource,
+                  mlci: MlciResource) -> dg.SensorResult:
+    state = json.loads(context.cursor or "{}")
+    posted: dict[str, str] = state.get("posted", {})  # "sha tier" → the state last posted
+    since = datetime.fromtimestamp(state.get("updated_after", 0.0), UTC)
+    records = context.instance.get_run_records(
+        filters=dg.RunsFilter(updated_after=since), limit=RUNS_PER_TICK,
+        order_by="update_timestamp", ascending=True)
+    touched = {f"{r.dagster_run.tags[SHA_TAG]} {r.dagster_run.tags[TIER_TAG]}" for r in records
+               if SHA_TAG in r.dagster_run.tags and TIER_TAG in r.dagster_run.tags}
+    touched |= {group for group, last in posted.items() if last == PENDING}
+    try:
+        statuses = notifier.commit_statuses()
+    except NotifyError as exc:
+        return dg.SensorResult(skip_reason=f"notifier misconfigured: {exc}")
+    registry = registry_or_skip(mlci)
+    qualifying = qualifying_tiers(None if isinstance(registry, dg.SkipReason) else registry)
+    events: list[dg.AssetObservation] = []
+    for group in sorted(touched):
+        sha, tier = group.split(" ")
+        expected, runs = run_set_runs(context.instance, sha, tier)
+        summary = summarize(sha, tier, expected, runs, notifier.dagster_url)
+        last = posted.get(group)
+        if summary is None or summary.state == last or (
+                summary.state == PENDING and last in (SUCCESS, FAILURE)):
+            continue
+        if statuses is not None:
+            try:
+                statuses.set_status(sha, summary.state, summary.context, summary.description,
+                                    summary.target_url)
+            except NotifyError as exc:
+                context.log.warning(f"{group}: {summary.state} not posted, retried: {exc}")
+                continue
+        posted.pop(group, None)
+        posted[group] = summary.state
+        metadata = {"sha": sha, "tier": tier, "state": summary.state,
+                    "context": summary.context, "summary": dg.MetadataValue.md(summary.markdown()),
+                    "record": dg.MetadataValue.json(summary.to_dict()),
+                    "target_url": dg.MetadataValue.url(summary.target_url)}
+        events.append(dg.AssetObservation(COMMIT_SUMMARY, metadata=metadata))
+        if summary.state == SUCCESS and tier in qualifying:
+            events.append(dg.AssetObservation(RELEASE_QUALIFICATION, metadata={
+                "sha": sha, "tier": tier, "partitions": len(runs),
+                "record": dg.MetadataValue.json(summary.to_dict())}))
+    latest = max((r.update_timestamp for r in records), default=since)
+    finished = [g for g, s in posted.items() if s != PENDING]
+    for group in finished[:max(0, len(finished) - KEPT_SUMMARIES)]:
+        del posted[group]
+    cursor = json.dumps({"posted": posted, "updated_after": (
+        latest.replace(tzinfo=latest.tzinfo or UTC) - timedelta(seconds=1)).timestamp()})
+    return dg.SensorResult(asset_events=events, cursor=cursor,
+                           skip_reason=None if events else
+                           f"{len(touched)} run set(s) looked at, no new state")
+
+
+def qualified_releases(instance: dg.DagsterInstance, limit: int = 100) -> list[dict]:
+    """The qualified SHAs, newest first: sha, tier, partitions, when."""
+    found = []
+    for record in instance.fetch_observations(RELEASE_QUALIFICATION, limit=limit).records:
+        event = record.asset_observation
+        if event is None:
+            continue
+        meta = {k: getattr(v, "value", v) for k, v in event.metadata.items()}
+        found.append({"sha": meta.get("sha"), "tier": meta.get("tier"),
+                      "partitions": meta.get("partitions"), "qualified_at": record.timestamp})
+    return found
+
