@@ -63,7 +63,7 @@ def test_ctrl_c_in_the_middle_of_the_run_tears_down_and_stops_everything():
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("running 1 partitions"):
-            time.sleep(4)  # the node exists, the pipelines run
+            time.sleep(2)  # mid-run: the node is being created or the pipelines run
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends the foreground job
             break
     output = "".join(lines) + proc.communicate(timeout=240)[0]
