@@ -129,6 +129,10 @@ def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
     waiting for it)."""
 
     def arm() -> None:
+        if sig != signal.SIGKILL:
+            # Inherited as ignored (a background job of a shell without job control), the
+            # signal would be lost; the child is started to receive it.
+            signal.signal(sig, signal.SIG_DFL)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
     return arm

@@ -103,7 +103,7 @@ CLOUDS = {
 
 
 class Stop(Exception):
-    """SIGTERM or SIGHUP: stop as on Ctrl-C."""
+    """SIGINT, SIGTERM or SIGHUP: stop and clean up."""
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -142,7 +142,10 @@ def run_example(name: str, keep: bool = False) -> int:
     passed, left = False, ["(not checked)"]
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: None if keep else shutil.rmtree(tmp, ignore_errors=True))
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        # SIGINT too: a shell without job control starts background jobs with it ignored, and
+        # this process must stop (and leave mlci interruptible: handlers, unlike SIG_IGN, do
+        # not survive exec).
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             stack.callback(signal.signal, signum, signal.signal(signum, _stop))
         cloud = stack.enter_context(example.cloud(tmp))
         env = {**os.environ, **cloud.environment, "DAGSTER_HOME": str(tmp / "dagster_home")}
