@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mlci_dagster.notify.message import run_url
+
 DESCRIPTION_CHARS = 140  # GitHub cuts a commit status's description there
 PENDING, SUCCESS, FAILURE = "pending", "success", "failure"
 
@@ -50,7 +52,7 @@ class CommitSummary:
         return status_context(self.tier)
 
     def run_url(self, run: PartitionRun) -> str:
-        return f"{self.dagster_url.rstrip('/')}/runs/{run.run_id}"
+        return run_url(self.dagster_url, run.run_id)
 
     @property
     def target_url(self) -> str:

@@ -51,6 +51,15 @@ def new_results(instance: dg.DagsterInstance, after: int) -> Iterator[tuple[int,
         cursor = page.cursor
 
 
+def record_of_run(instance: dg.DagsterInstance, run_id: str) -> ResultRecord | None:
+    """The results record the run stored; None when it stored none (or a malformed one)."""
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        event = entry.asset_materialization
+        if event is not None and event.asset_key == RESULTS_ASSET:
+            return read_record(0, event.metadata)  # 0: a warning names no event
+    return None
+
+
 def record_before(instance: dg.DagsterInstance, partition: str, before: int | None = None
                   ) -> ResultRecord | None:
     """The partition's result recorded last before storage id `before` (default: the latest)."""

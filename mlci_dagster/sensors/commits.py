@@ -33,7 +33,7 @@ from mlci_dagster.commits import (
     tiers_with_trigger,
     watched_refs,
 )
-from mlci_dagster.event_log import RESULTS_ASSET, read_record
+from mlci_dagster.event_log import record_of_run
 from mlci_dagster.notify import NotifyError
 from mlci_dagster.paths import mlci_home
 from mlci_dagster.registry import Registry
@@ -201,12 +201,8 @@ def pr_label_sensor(job: dg.UnresolvedAssetJobDefinition, minimum_interval_secon
 
 def _failed_stage(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
     """The failing stage the run's results record names; None when it passed or has none."""
-    for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
-        event = entry.asset_materialization
-        if event is not None and event.asset_key == RESULTS_ASSET:
-            record = read_record(0, event.metadata)  # 0: the warning names no event
-            return record.failed_stage if record is not None and not record.passed else None
-    return None
+    record = record_of_run(instance, run.run_id)
+    return record.failed_stage if record is not None and not record.passed else None
 
 
 def run_set_runs(instance: dg.DagsterInstance, sha: str, tier: str
@@ -224,8 +220,8 @@ def run_set_runs(instance: dg.DagsterInstance, sha: str, tier: str
 
 def qualifying_tiers(registry: Registry | None) -> set[str]:
     """The tiers whose fully passing run set qualifies a SHA: those with trigger nightly."""
-    declared = registry.settings.tiers if registry is not None else {}
-    return {n for n, t in declared.items() if t.trigger == "nightly"} or {NIGHTLY_TIER}
+    declared = tiers_with_trigger(registry, "nightly") if registry is not None else []
+    return set(declared) or {NIGHTLY_TIER}
 
 
 @dg.sensor(
