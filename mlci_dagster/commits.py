@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlci_dagster.plan import PlanError, changed_paths, plan_changes
+from mlci_dagster.plan import PlanError, changed_paths, plan_changes, prefix_in, run_git
 from mlci_dagster.registry.loader import SETTINGS_FILE, Registry
 from mlci_dagster.registry.models import RepositorySpec
 
@@ -72,10 +71,8 @@ class Head:
 
 
 def _git(*args: str, cwd: Path | None = None) -> str:
-    command = ["git", *(["-C", str(cwd)] if cwd else []), *args]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=GIT_TIMEOUT_S,
-                              check=False, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        done = run_git(cwd, *args, timeout_s=GIT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise CommitError(f"git {args[0]}: no answer in {GIT_TIMEOUT_S}s") from None
     if done.returncode != 0:
@@ -153,7 +150,7 @@ def registry_prefix(registry: Registry) -> str | None:
         top = _git("rev-parse", "--show-toplevel", cwd=registry.root).strip()
     except CommitError:
         return None
-    return registry.root.resolve().relative_to(Path(top).resolve()).as_posix()
+    return prefix_in(registry, Path(top))
 
 
 def tiers_with_trigger(registry: Registry, trigger: str, label: str | None = None) -> list[str]:

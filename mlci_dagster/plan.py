@@ -8,6 +8,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import os
 import posixpath
 import re
 import subprocess
@@ -280,35 +281,47 @@ def plan_changes(registry: Registry, changed: Iterable[str], *, tier: str | None
 # --- git ------------------------------------------------------------------------------------
 
 
-def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                          check=False)
+def run_git(repo: Path | None, *args: str, timeout_s: float | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """git in `repo` (None: here), never prompting for credentials; the caller reads the
+    return code."""
+    return subprocess.run(["git", *(["-C", str(repo)] if repo else []), *args],
+                          capture_output=True, text=True, check=False, timeout=timeout_s,
+                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+
+
+def prefix_in(registry: Registry, toplevel: Path) -> str | None:
+    """The registry's folder from the top of the work tree `toplevel`; None outside it."""
+    try:
+        return registry.root.resolve().relative_to(toplevel.resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 def changed_paths(repo: Path, base: str, head: str) -> tuple[Revisions, list[str]]:
     """The files `git diff base...head` lists: what head changed since it left base (their
     merge base), from the repository's top level, a rename as its old and its new path."""
-    top = _git(repo, "rev-parse", "--show-toplevel")
+    top = run_git(repo, "rev-parse", "--show-toplevel")
     if top.returncode != 0:
         raise PlanError(f"{repo}: not in a git work tree ({top.stderr.strip()}); expected the "
                         "registry inside one, or --repo naming one")
     toplevel = Path(top.stdout.strip())
     commits = []
     for flag, revision in (("--base", base), ("--head", head)):
-        found = _git(toplevel, "rev-parse", "--verify", "--quiet", "--end-of-options",
+        found = run_git(toplevel, "rev-parse", "--verify", "--quiet", "--end-of-options",
                      f"{revision}^{{commit}}")
         if found.returncode != 0:
             raise PlanError(f"{flag}: unknown revision '{revision}' in {toplevel} (expected a "
                             "commit, branch or tag there; a shallow clone may lack it)")
         commits.append(found.stdout.strip())
-    merge_base = _git(toplevel, "merge-base", *commits)
+    merge_base = run_git(toplevel, "merge-base", *commits)
     if merge_base.returncode != 0:
         raise PlanError(f"'{base}' and '{head}' have no common ancestor in {toplevel} "
                         f"({merge_base.stderr.strip() or 'unrelated histories'}; expected head "
                         "to branch from base)")
     revisions = Revisions(toplevel, base, head, commits[0], commits[1],
                           merge_base.stdout.split()[0])
-    diff = _git(toplevel, "-c", "diff.relative=false", "diff", "--name-only", "--no-renames",
+    diff = run_git(toplevel, "-c", "diff.relative=false", "diff", "--name-only", "--no-renames",
                 "-z", revisions.merge_base, revisions.head_commit)
     if diff.returncode != 0:
         raise PlanError(f"git diff in {toplevel}: {diff.stderr.strip()}")
@@ -320,16 +333,13 @@ def plan_revisions(registry: Registry, base: str, head: str, *, tier: str | None
     """plan_changes for the files changed from `base` to `head` in `repo` (default: the git
     repository holding the registry). The registry is the one loaded, from the work tree."""
     revisions, changed = changed_paths(Path(repo or registry.root), base, head)
-    try:
-        prefix: str | None = registry.root.relative_to(revisions.repository.resolve()).as_posix()
-    except ValueError:
-        prefix = None
+    prefix = prefix_in(registry, revisions.repository)
     notes = []
     if prefix is None:
         notes.append(f"the registry {registry.root} is not in {revisions.repository}: its own "
                      "files are not in this diff, only `paths:` and plan.select_all_on match")
     else:
-        checked_out = _git(revisions.repository, "rev-parse", "--verify", "--quiet", "HEAD")
+        checked_out = run_git(revisions.repository, "rev-parse", "--verify", "--quiet", "HEAD")
         if checked_out.stdout.strip() != revisions.head_commit:
             notes.append(f"the registry is read from the work tree, at "
                          f"{checked_out.stdout.strip()[:12] or 'no commit'}, not at --head "
