@@ -37,11 +37,16 @@ from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.aws import SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.vocabulary import FailureKind
 from tests.conftest import run_partition, stage_details, write_registry
-from tests.support.aws_proxy import create_project_and_image, moto_server
+from tests.support.aws_proxy import (
+    FAKE_CREDENTIALS,
+    REAL_CREDENTIALS,
+    REGION,
+    create_project_and_image,
+    moto_server,
+)
 from tests.support.sagemaker_api import queue_invocation_results
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "aws-sagemaker"
-REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/mlci-sagemaker"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/ml/iris-serve:latest"
 
@@ -56,11 +61,10 @@ def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Fake credentials through the standard chain (the environment), moto emptied."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": REGION, "MLCI_AWS_ENDPOINT_URL": moto_url,
+    for name, value in {**FAKE_CREDENTIALS, "MLCI_AWS_ENDPOINT_URL": moto_url,
                         "MLCI_SAGEMAKER_ROLE_ARN": ROLE}.items():
         monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    for name in REAL_CREDENTIALS:
         monkeypatch.delenv(name, raising=False)
     requests.post(f"{moto_url}/moto-api/reset", timeout=10).raise_for_status()
     return moto_url

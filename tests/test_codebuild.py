@@ -26,9 +26,16 @@ from mlci_dagster.stages.image import build_image
 from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.vocabulary import FailureKind, Status
 from tests.conftest import config, write_registry
-from tests.support.aws_proxy import AwsProxy, create_project_and_image, log_names, moto_server
+from tests.support.aws_proxy import (
+    FAKE_CREDENTIALS,
+    REAL_CREDENTIALS,
+    REGION,
+    AwsProxy,
+    create_project_and_image,
+    log_names,
+    moto_server,
+)
 
-REGION = "us-east-1"
 PROJECT = "iris-serve-image"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/ml/iris-serve:nightly"
 SECRET = "hf-Zq81x0Lw7Pc4"
@@ -49,11 +56,10 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsProxy]:
 def aws(proxy: AwsProxy, monkeypatch: pytest.MonkeyPatch) -> AwsProxy:
     """Fake credentials through the standard chain (the environment), moto emptied; the image
     stage reaches moto through the proxy, the tests arrange moto's state directly."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": REGION, "MLCI_AWS_ENDPOINT_URL": proxy.url,
+    for name, value in {**FAKE_CREDENTIALS, "MLCI_AWS_ENDPOINT_URL": proxy.url,
                         "MLCI_BUILD_ARG": SECRET}.items():
         monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    for name in REAL_CREDENTIALS:
         monkeypatch.delenv(name, raising=False)
     requests.post(f"{proxy.upstream}/moto-api/reset", timeout=10).raise_for_status()
     proxy.reset()

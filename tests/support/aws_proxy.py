@@ -34,6 +34,13 @@ from mlci_dagster.providers.ports import allocate_free_port
 from tests.support.dagster_services import wait_until
 from tests.support.loopback import background
 
+REGION = "us-east-1"
+# What a process talking to moto gets through the standard credential chain.
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": REGION}
+# Variables of a real account that must not reach a run against moto.
+REAL_CREDENTIALS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
 TARGET_PREFIX = "CodeBuild_20161006."
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
 BUILD_PHASES_AFTER = ("POST_BUILD", "UPLOAD_ARTIFACTS", "FINALIZING", "COMPLETED")

@@ -40,13 +40,10 @@ from mlci_dagster.providers.processes import marked_processes
 from mlci_dagster.registry import load_registry
 from mlci_dagster.sensors.cleanup import sandbox_janitor, teardown_after_failure
 from mlci_dagster.vocabulary import STAGES
-from tests.support.aws_proxy import moto_server
+from tests.support.aws_proxy import FAKE_CREDENTIALS, REAL_CREDENTIALS, REGION, moto_server
 from tests.support.kube_api import TYPES, ApiError, KubeApiServer, KubeController
 from tests.support.loopback import environment_set
 from tests.support.sagemaker_api import (
-    FAKE_CREDENTIALS,
-    REAL_CREDENTIALS,
-    REGION,
     ROLE,
     PacedSageMaker,
     tagged_resources,

@@ -30,12 +30,15 @@ from pathlib import Path
 
 from mlci_dagster.paths import EXAMPLE_REGISTRY
 from mlci_dagster.registry import load_registry
-from tests.support.aws_proxy import create_project_and_image, moto_server
-from tests.support.loopback import environment_set
-from tests.support.sagemaker_api import (
+from tests.support.aws_proxy import (
     FAKE_CREDENTIALS,
     REAL_CREDENTIALS,
     REGION,
+    create_project_and_image,
+    moto_server,
+)
+from tests.support.loopback import environment_set
+from tests.support.sagemaker_api import (
     ROLE,
     queue_invocation_results,
     tagged_resources,

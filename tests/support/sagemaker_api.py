@@ -29,13 +29,9 @@ import boto3
 import requests
 
 from mlci_dagster.providers.aws.diagnose import NAME_PREFIX, RUN_TAG
+from tests.support.aws_proxy import FAKE_CREDENTIALS, REGION
 
-REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/mlci-sagemaker"
-FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": REGION}
-# Variables of a real account that must not reach a run against moto.
-REAL_CREDENTIALS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 SLOW_PATH = "/slow"
 HOP_BY_HOP = {"connection", "content-length", "host", "transfer-encoding", "keep-alive"}
 
