@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -339,6 +340,8 @@ class TpuApiServer:
 # --- a real sshd on loopback ---------------------------------------------------------------
 
 SSHD = Path("/usr/sbin/sshd")
+# Where the gcp-tpu-vm provider's remote shells note their process group (/tmp on the VM).
+REMOTE_PGID_GLOB = "mlci-*.pgid"
 
 
 def sshd_available() -> bool:
@@ -355,11 +358,13 @@ class LoopbackSshd:
     user: str = ""
     private_key: str = ""
     process: subprocess.Popen[bytes] | None = None
+    started_at: float = float("inf")  # none of the VM's files are its own until it starts
 
     def start(self, timeout_s: float = 10.0) -> LoopbackSshd:
         import getpass
 
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
         self.user = getpass.getuser()
         host_key, user_key = self.directory / "host_ed25519", self.directory / "user_ed25519"
         for key in (host_key, user_key):
@@ -401,7 +406,9 @@ class LoopbackSshd:
 
     def stop(self) -> None:
         """Stops the listener and every session it forked (commands still running on the
-        "VM" among them: they go with it, as with a real VM)."""
+        "VM" among them: they go with it, as with a real VM, and so do the process-group files
+        their remote shells wrote since it started, once no process of their group is left:
+        a shell that died with its connection never removed its own)."""
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(psutil.Error):
                 for session in psutil.Process(self.process.pid).children(recursive=True):
@@ -413,6 +420,13 @@ class LoopbackSshd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        for pgid_file in Path("/tmp").glob(REMOTE_PGID_GLOB):
+            with contextlib.suppress(OSError, ValueError):
+                if pgid_file.stat().st_mtime >= self.started_at:
+                    try:
+                        os.killpg(int(pgid_file.read_text().split()[0]), 0)
+                    except ProcessLookupError:
+                        pgid_file.unlink()  # nothing of its group is left
 
     def __enter__(self) -> LoopbackSshd:
         return self.start()
