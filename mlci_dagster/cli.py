@@ -136,21 +136,23 @@ def sync_partitions(instance: Any, registry: Registry) -> tuple[list[str], list[
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    from mlci_dagster.pools import pool_limits
+
     registry = _registry(args)  # raises before any change: nothing is half-registered
     add, remove = sync_partitions(_instance(registry), registry)
+    limits = pool_limits(registry.settings)
     print(f"config partitions: {len(registry.configs)} (added: {', '.join(add) or 'none'}; "
           f"removed: {', '.join(remove) or 'none'}); pool limits: "
-          f"{', '.join(f'{n}={p.limit}' for n, p in registry.settings.pools.items()) or 'none'}")
+          f"{', '.join(f'{n}={limit}' for n, limit in limits.items()) or 'none'}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mlci_dagster.event_log import record_before
-    from mlci_dagster.janitor import registry_providers, sweep
     from mlci_dagster.paths import mlci_home
-    from mlci_dagster.pools import pool_of
+    from mlci_dagster.pools import pool_limits, pool_of
+    from mlci_dagster.reservations.leases import holds_by_reservation
     from mlci_dagster.runner import PartitionRun, run_partitions
-    from mlci_dagster.sensors.cleanup import run_over
 
     registry = _registry(args)
     partitions = registry.partitions(args.config, args.engine, args.tier)
@@ -172,14 +174,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {item.key}: {verdict} in {item.seconds:.1f}s (run {item.run_id[:8]}){why}",
               flush=True)
 
+    resource = _resource(registry)
+
     def reap(item: PartitionRun) -> None:
-        sweep(registry_providers(registry, home), run_over(instance), only_run=item.run_id)
+        resource.reap_run(instance, item.run_id)
+
+    def wait(item: PartitionRun) -> None:
+        print(f"  {item.key}: waiting: pool {item.pool} is full", flush=True)
+
+    def held() -> dict[str, int]:
+        return holds_by_reservation(resource.reservations(instance).store)
 
     start = time.monotonic()
     pools = {key: pool_of(registry, split_partition_key(key)[0]) for key in keys}
-    limits = {name: pool.limit for name, pool in registry.settings.pools.items()}
-    finished = run_partitions(instance, registry.root, keys, pools, limits, args.parallel,
-                              args.trigger, home, on_done=done, on_lost=reap)
+    finished = run_partitions(instance, registry.root, keys, pools,
+                              pool_limits(registry.settings), args.parallel, args.trigger, home,
+                              on_done=done, on_lost=reap, on_wait=wait, held=held)
     print(f"done in {time.monotonic() - start:.1f}s", flush=True)
     grid = update_history(str(registry.root))
     print(f"history updated; grid: {grid}\n")
@@ -255,13 +265,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import cost_text
-    from mlci_dagster.schedules import NIGHTLY_CRON, NIGHTLY_TIER
+    from mlci_dagster.schedules import NIGHTLY_TIER
     from mlci_dagster.spend import month_spend, project_month
 
     registry = _registry(args)
     instance = _instance()
     now = time.time()
-    projections = project_month(instance, registry, NIGHTLY_CRON, NIGHTLY_TIER, now)
+    nightly = registry.settings.nightly
+    projections = project_month(instance, registry, nightly.cron, NIGHTLY_TIER, now,
+                                timezone=nightly.timezone)
     spend, _ = month_spend(instance, registry, run_id="", now=now)
     if args.json:
         print(json.dumps({
@@ -275,7 +287,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
                             "runs_left": p.runs_left, "projected_usd": p.projected_usd}
                            for p in projections]}, indent=2))
         return 0
-    print(cost_text(projections, spend, registry.settings.budget, NIGHTLY_CRON, now))
+    print(cost_text(projections, spend, registry.settings.budget,
+                    f"{nightly.cron} ({nightly.timezone})", now))
     return 0
 
 
@@ -283,24 +296,92 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
     from mlci_dagster.janitor import registry_providers, sweep
     from mlci_dagster.paths import mlci_home
-    from mlci_dagster.sensors.cleanup import end_lost_runs, run_over
+    from mlci_dagster.reservations.guard import tend
+    from mlci_dagster.run_workers import end_lost_runs, run_over
 
     registry = _registry(args)
     instance = _instance()
+    reservations = _resource(registry).reservations(instance)
     if not args.dry_run:
         for run_id in end_lost_runs(instance):
             print(f"run {run_id[:8]}: its worker process is gone; marked failed")
+        for report in tend(reservations):
+            for line in [*report.actions, *(f"LEFT: {p}" for p in report.problems)]:
+                print(f"reservation {report.reservation}: {line}")
+            if report.actions or report.problems:
+                _record_guard(instance, reservations, report)
     verdicts = sweep(registry_providers(registry, mlci_home()), run_over(instance),
-                     dry_run=args.dry_run)
+                     dry_run=args.dry_run, keep=reservations.keep_held())
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
     for v in verdicts:
         result = "-" if v.report is None else "clean" if v.report["clean"] else (
             f"LEFT: pids {v.report['leaked_pids']} ports {v.report['busy_ports']}")
-        rows.append([v.sandbox_id, v.run_id[:8], v.reason or "keep (run in progress)",
+        verdict = v.reason or (f"keep ({v.kept})" if v.kept else "keep (run in progress)")
+        rows.append([v.sandbox_id, v.run_id[:8], verdict,
                      "would reap" if args.dry_run and v.reason else result])
     print(table(rows) if verdicts else "no live sandboxes")
     reaped = [v for v in verdicts if v.report]
     return 0 if all(v.report["clean"] for v in reaped) else 1
+
+
+def _resource(registry: Registry):
+    from mlci_dagster.resources.mlci import MlciResource
+
+    return MlciResource(registry_path=str(registry.root))
+
+
+def _record_guard(instance: Any, reservations: Any, report: Any) -> None:
+    from mlci_dagster.assets.reservations import record_guard
+
+    record_guard(instance, reservations, report)
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    from mlci_dagster.reservations.report import lease_rows, leases_text
+
+    registry = _registry(args)
+    if not registry.settings.reservations:
+        print(f"no reservations declared in {registry.root / 'mlci.yaml'}")
+        return 0
+    reservations = _resource(registry).reservations(_instance())
+    if args.json:
+        print(json.dumps(lease_rows(reservations), indent=2))
+    else:
+        print(leases_text(reservations))
+    return 0
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    from mlci_dagster.definitions import build_definitions
+    from mlci_dagster.reservations.report import hold_text
+    from mlci_dagster.resources.mlci import TRIGGER_TAG
+    from mlci_dagster.runner import QUIET_RUN_CONFIG
+    from mlci_dagster.vocabulary import HELD_SANDBOX, HOLD_DOWN_JOB, HOLD_UP_JOB
+
+    registry = _registry(args)
+    daytime = [r.name for r in registry.settings.reservations if r.daytime is not None]
+    if args.reservation not in daytime:
+        print(f"mlci hold: '{args.reservation}' is not a reservation with a daytime intent "
+              f"(expected one of: {', '.join(daytime) or f'none in {registry.root}/mlci.yaml'})",
+              file=sys.stderr)
+        return 2
+    instance = _instance(registry)
+    job = build_definitions(registry.root).resolve_job_def(
+        HOLD_UP_JOB if args.action == "up" else HOLD_DOWN_JOB)
+    result = job.execute_in_process(
+        partition_key=args.reservation, instance=instance, raise_on_error=False,
+        tags={TRIGGER_TAG: "manual (mlci hold)"},
+        run_config={**QUIET_RUN_CONFIG,
+                    "ops": {HELD_SANDBOX: {"config": {"action": args.action}}}})
+    for failure in result.get_step_failure_events():
+        error = failure.step_failure_data.error
+        while error is not None and error.cause is not None:
+            error = error.cause  # the hold's own error, not Dagster's wrapper
+        print(f"mlci hold {args.action} {args.reservation}: "
+              f"{error.message.strip() if error else 'failed'}", file=sys.stderr)
+    reservations = _resource(registry).reservations(instance)
+    print(hold_text(reservations, args.reservation))
+    return 0 if result.success else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     qualified.add_argument("--limit", type=int, default=100)
     qualified.add_argument("--json", action="store_true")
     qualified.set_defaults(fn=cmd_qualified)
+    leases = commands.add_parser("leases", help="who holds each reservation's slots")
+    leases.add_argument("--json", action="store_true")
+    leases.set_defaults(fn=cmd_leases)
+    hold = commands.add_parser("hold", help="stand a reservation's daytime deployment up, or "
+                               "take it down, now")
+    hold.add_argument("action", choices=["up", "down"])
+    hold.add_argument("reservation")
+    hold.set_defaults(fn=cmd_hold)
     janitor = commands.add_parser("janitor", help="reap sandboxes whose run is over or expired")
     janitor.add_argument("--dry-run", action="store_true", help="say what would be reaped")
     janitor.set_defaults(fn=cmd_janitor)

@@ -92,3 +92,28 @@ def partitions_of_unfinished_backfills(instance: dg.DagsterInstance) -> set[str]
                         if entry.partition_key is not None)
         keys.update(backfill.partition_names or [])
     return keys
+
+
+def instance_connection(instance: dg.DagsterInstance) -> Any:
+    """A connection to the database of the instance's run storage, where the lease table lives
+    beside Dagster's own (`SqlRunStorage.connect`, not public): SQLite under $DAGSTER_HOME on
+    one machine, PostgreSQL when scaled out. Returns a context manager; on SQLite its
+    statements commit together when it closes, on PostgreSQL each commits as it runs."""
+    from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
+
+    storage = instance.run_storage
+    if not isinstance(storage, SqlRunStorage):
+        raise TypeError(f"the instance's run storage {type(storage).__name__} is not an SQL "
+                        "database (expected SQLite or PostgreSQL storage in dagster.yaml)")
+    return storage.connect()
+
+
+def tag_limits(run_queue_config: Any) -> list[dict[str, Any]]:
+    """The tag concurrency limits of the run queue config a QueuedRunCoordinator gives the
+    daemon (`get_run_queue_config`, asked at every dequeue; `RunQueueConfig`, not public)."""
+    return [dict(limit) for limit in run_queue_config.tag_concurrency_limits]
+
+
+def with_tag_limits(run_queue_config: Any, limits: list[dict[str, Any]]) -> Any:
+    """That config with other tag concurrency limits (a NamedTuple's `_replace`)."""
+    return run_queue_config._replace(tag_concurrency_limits=limits)

@@ -10,6 +10,7 @@ import dagster as dg
 from mlci_dagster.assets.history import grid_report, history
 from mlci_dagster.assets.lifecycle import lifecycle_assets
 from mlci_dagster.assets.partitions import lifecycle_partitions
+from mlci_dagster.assets.reservations import reservation_definitions
 from mlci_dagster.paths import registry_path
 from mlci_dagster.pools import POOL_TAG, pool_of
 from mlci_dagster.registry import load_registry
@@ -70,11 +71,14 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
     history_job = dg.define_asset_job(HISTORY_JOB, selection=[history, grid_report],
                                       executor_def=dg.in_process_executor,
                                       description="Consolidate results, analyse, draw the grid.")
+    reserved = reservation_definitions(settings)
     return dg.Definitions(
         assets=[lifecycle, history, grid_report, JANITOR_ASSET, pushed_image,
-                pull_request_label, commit_summary, release_qualification],
-        jobs=[job, history_job],
-        schedules=[nightly_schedule(job)],
+                pull_request_label, commit_summary, release_qualification,
+                *reserved["assets"]],
+        asset_checks=reserved["asset_checks"],
+        jobs=[job, history_job, *reserved["jobs"]],
+        schedules=[nightly_schedule(job, settings.nightly), *reserved["schedules"]],
         sensors=[registry_sync, sandbox_janitor, teardown_after_failure, teardown_after_cancel,
                  notify, image_poll_sensor(job, settings.image_poll_interval_s),
                  image_push_sensor(job), stale_scanner(job),

@@ -6,12 +6,12 @@ Dagster-free: whether a run is over is a question it asks a callable.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlci_dagster import clock
 from mlci_dagster.providers.base import Provider, providers_for
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.processes import process_start
@@ -24,6 +24,7 @@ class Verdict:
     run_id: str
     reason: str  # why it is reaped, or "" when it is kept
     report: dict[str, Any] | None = None  # what destroy verified, once reaped
+    kept: str = ""  # why it is kept although its run is over (a daytime hold)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,9 +37,18 @@ def owner_alive(handle: SandboxHandle) -> bool:
     return process_start(handle.owner_pid) == handle.owner_start
 
 
-def why_reap(handle: SandboxHandle, run_over: Callable[[str], bool], now: float) -> str:
+def keep_none(handle: SandboxHandle) -> str:
+    return ""
+
+
+def why_reap(handle: SandboxHandle, run_over: Callable[[str], bool], now: float,
+             keep: Callable[[SandboxHandle], str] = keep_none) -> str:
+    """Why the sandbox is reaped, or "" to keep it. `keep` names a reason to keep a sandbox
+    whose run is over (a daytime hold's, held until its down time); expiry overrides it."""
     if now >= handle.expires_at:
         return f"expired {now - handle.expires_at:.0f}s ago"
+    if keep(handle):
+        return ""
     if run_over(handle.run_id):
         return f"run {handle.run_id[:8]} is over"
     if not owner_alive(handle):
@@ -56,18 +66,22 @@ def registry_providers(registry: Registry, home: Path) -> list[Provider]:
 def sweep(
     providers: Provider | Sequence[Provider], run_over: Callable[[str], bool], *,
     dry_run: bool = False, now: float | None = None, only_run: str | None = None,
+    keep: Callable[[SandboxHandle], str] = keep_none,
+    select: Callable[[SandboxHandle], bool] = lambda handle: True,
 ) -> list[Verdict]:
-    """A verdict for every live sandbox the providers know (of `only_run`, if given); reaps
-    unless `dry_run`."""
-    now = time.time() if now is None else now
+    """A verdict for every live sandbox the providers know (of `only_run`, if given, and that
+    `select` picks); reaps unless `dry_run`. A sandbox that `keep` names a reason for is kept,
+    even when its run is over, until it expires."""
+    now = clock.now() if now is None else now
     verdicts = []
     for provider in [providers] if isinstance(providers, Provider) else providers:
         for handle in provider.list_live():
-            if only_run and handle.run_id != only_run:
+            if (only_run and handle.run_id != only_run) or not select(handle):
                 continue
-            reason = (why_reap(handle, run_over, now) if not only_run
-                      else f"run {only_run[:8]} failed")
-            verdict = Verdict(handle.sandbox_id, handle.run_id, reason)
+            kept = keep(handle) if now < handle.expires_at else ""
+            reason = "" if kept else (why_reap(handle, run_over, now) if not only_run
+                                      else f"run {only_run[:8]} failed")
+            verdict = Verdict(handle.sandbox_id, handle.run_id, reason, kept=kept)
             if reason and not dry_run:
                 verdict.report = provider.destroy(handle)
             verdicts.append(verdict)

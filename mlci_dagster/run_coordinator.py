@@ -1,4 +1,5 @@
-"""Dagster's queued run coordinator, with every lifecycle run tagged with its pool on submission.
+"""Dagster's queued run coordinator, with every lifecycle run tagged with its pool on submission,
+and each reservation's limit lowered by its daytime holds.
 
 A pool depends on the partition (its config's `sandbox.pool`), so no static op pool can express
 it, and runs of Dagster's implicit asset job (an asset backfill, a Materialize button) carry no
@@ -6,29 +7,60 @@ job tags: only the partition. Every launch path that goes through the queue (UI,
 and asset backfills, schedules, sensors) passes through `submit_run`, so tagging there puts the
 `mlci/pool` tag on each run before the queue's tag concurrency limits count it.
 
-`mlci sync` writes this class into the instance's dagster.yaml (see pools.py).
+A daytime hold keeps a slot of its reservation from morning to evening without a run in
+progress, which the queue's limits, counting runs in progress, cannot see: the daemon asks this
+coordinator for its run queue config at every dequeue, and gets each reservation's limit less
+its holds read from the lease table. Runs on a reservation held whole wait in the queue.
+
+`mlci sync` writes this class, and the limits into its config, into the instance's dagster.yaml
+(see pools.py).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import dagster as dg
 
+from mlci_dagster.compat import instance_connection, tag_limits, with_tag_limits
 from mlci_dagster.paths import registry_path
-from mlci_dagster.pools import POOL_TAG, pool_of
+from mlci_dagster.pools import POOL_TAG, lowered, pool_of
 from mlci_dagster.registry import RegistryError
 from mlci_dagster.registry.loader import load_registry_cached
-from mlci_dagster.vocabulary import RESULTS, STAGES, split_partition_key
+from mlci_dagster.reservations.leases import LeaseError, LeaseStore, holds_by_reservation
+from mlci_dagster.vocabulary import (
+    HELD_SANDBOX,
+    HOLD_DOWN_JOB,
+    HOLD_UP_JOB,
+    RESULTS,
+    STAGES,
+    split_partition_key,
+)
 
 PARTITION_TAG = "dagster/partition"
 LIFECYCLE_KEYS = {dg.AssetKey(str(stage)) for stage in STAGES} | {dg.AssetKey(RESULTS)}
 
 
+HELD_KEY = dg.AssetKey(HELD_SANDBOX)
+log = logging.getLogger("mlci")
+
+
+def hold_action(run: dg.DagsterRun) -> str:
+    """`up` or `down`: what a run of the held_sandbox asset does (its op config)."""
+    ops = (run.run_config or {}).get("ops", {})
+    return ((ops.get(HELD_SANDBOX) or {}).get("config") or {}).get("action", "up")
+
+
 def pool_of_run(run: dg.DagsterRun, registry_root: str) -> str | None:
-    """The pool a lifecycle run counts against; None for a run that is not one (history, say),
-    or whose partition's config the registry no longer has."""
+    """The pool a lifecycle run counts against, or a hold's up (its reservation: a hold's down
+    never waits, it frees a slot); None for a run that is neither (history, say), or whose
+    partition's config the registry no longer has."""
     if POOL_TAG in run.tags or PARTITION_TAG not in run.tags:
         return run.tags.get(POOL_TAG)
     selection = set(run.asset_selection or ())
+    if HELD_KEY in selection or run.job_name in (HOLD_UP_JOB, HOLD_DOWN_JOB):
+        return run.tags[PARTITION_TAG] if hold_action(run) == "up" else None
     if run.job_name != "lifecycle" and not selection & LIFECYCLE_KEYS:
         return None
     try:
@@ -49,3 +81,15 @@ class PoolTaggingRunCoordinator(dg.QueuedRunCoordinator):
             self._instance.add_run_tags(run.run_id, {POOL_TAG: pool})
             context = context._replace(dagster_run=run.with_tags({**run.tags, POOL_TAG: pool}))
         return super().submit_run(context)
+
+    def get_run_queue_config(self) -> Any:
+        config = super().get_run_queue_config()
+        try:
+            holds = holds_by_reservation(LeaseStore(lambda: instance_connection(self._instance)))
+        except LeaseError as exc:
+            # Fails closed further on: a run admitted meanwhile finds no slot and is refused.
+            log.warning(f"daytime holds unknown, reservation limits not lowered: {exc}")
+            return config
+        if not holds:
+            return config
+        return with_tag_limits(config, lowered(tag_limits(config), holds))

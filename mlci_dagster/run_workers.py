@@ -7,6 +7,8 @@ mark it failed, as Dagster's run monitoring does for the runs it launches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dagster as dg
 
 from mlci_dagster.compat import report_run_failed
@@ -40,3 +42,22 @@ def lost_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
 
 def fail_lost_run(instance: dg.DagsterInstance, run: dg.DagsterRun, why: str) -> None:
     report_run_failed(instance, run, f"the process executing this run is gone: {why}")
+
+
+def run_over(instance: dg.DagsterInstance) -> Callable[[str], bool]:
+    """Whether a run is over: finished, unknown, or executed by an `mlci run` worker that is
+    gone (such a run is marked failed by `end_lost_runs`)."""
+
+    def over(run_id: str) -> bool:
+        run = instance.get_run_by_id(run_id)
+        return run is None or run.is_finished or worker_gone(run)
+
+    return over
+
+
+def end_lost_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Marks failed every run in progress whose `mlci run` worker is gone; their ids."""
+    lost = lost_runs(instance)
+    for run in lost:
+        fail_lost_run(instance, run, f"worker {run.tags[WORKER_TAG]} no longer runs")
+    return [run.run_id for run in lost]

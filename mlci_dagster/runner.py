@@ -52,12 +52,15 @@ class PoolGate:
 
     Counts the instance's runs with the pool tag (the daemon's queue counts the same tag), under
     a file lock that concurrent `mlci run`s share; a run counts from the moment it is started
-    here until its worker has created it on the instance.
+    here until its worker has created it on the instance. A reservation's limit is lowered by
+    its daytime holds, as the run queue's is (`held`: slots held outside any run, per pool).
     """
 
-    def __init__(self, instance: dg.DagsterInstance, limits: dict[str, int], home: Path) -> None:
+    def __init__(self, instance: dg.DagsterInstance, limits: dict[str, int], home: Path,
+                 held: Callable[[], dict[str, int]] = dict) -> None:
         self.instance = instance
         self.limits = limits
+        self.held = held
         self.lock_path = home / "pools.lock"
         home.mkdir(parents=True, exist_ok=True)
 
@@ -74,7 +77,7 @@ class PoolGate:
             return True
         with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.in_progress(pool) >= limit:
+            if self.in_progress(pool) >= limit - self.held().get(pool, 0):
                 return False
             run_id = start()
             deadline = time.monotonic() + 60
@@ -88,14 +91,18 @@ def run_partitions(
     limits: dict[str, int], parallel: int, trigger: str, home: Path,
     on_done: Callable[[PartitionRun], None],
     on_lost: Callable[[PartitionRun], None],
+    on_wait: Callable[[PartitionRun], None] = lambda item: None,
+    held: Callable[[], dict[str, int]] = dict,
 ) -> list[PartitionRun]:
-    """Runs every partition, `parallel` at once and within pool limits; calls `on_done` as each
-    finishes. `on_lost` is called for a worker that died (after its run is marked failed), so
-    the caller can reap its sandboxes."""
-    gate = PoolGate(instance, limits, home)
+    """Runs every partition, `parallel` at once and within pool limits (less the slots `held`
+    by daytime holds); calls `on_done` as each finishes. `on_lost` is called for a worker that
+    died (after its run is marked failed), so the caller can reap its sandboxes; `on_wait` once
+    for a partition whose pool is full when its turn comes."""
+    gate = PoolGate(instance, limits, home, held)
     pending = deque(PartitionRun(key, str(uuid.uuid4()), pools[key]) for key in keys)
     running: dict[str, tuple[subprocess.Popen, PartitionRun]] = {}
     finished: list[PartitionRun] = []
+    waited: set[str] = set()
     try:
         while pending or running:
             for _ in range(len(pending)):
@@ -115,6 +122,9 @@ def run_partitions(
 
                 if not gate.try_start(item.pool, start):
                     pending.append(item)  # its pool is full: try the next partition
+                    if item.run_id not in waited:
+                        waited.add(item.run_id)
+                        on_wait(item)
             for run_id, (proc, item) in list(running.items()):
                 code = proc.poll()
                 if code is None:

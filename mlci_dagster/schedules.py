@@ -1,4 +1,7 @@
-"""The nightly schedule: one run per applicable (config, engine) of the nightly tier.
+"""The nightly schedule: one run per applicable (config, engine) of the nightly tier, at
+`nightly.at` in `nightly.timezone` (mlci.yaml), after the pre-batch guard has put every
+reservation in order; a reservation still held or dirty has its runs skipped, with the reason,
+while the others' go ahead.
 
 Dagster's `build_schedule_from_partitioned_job` rejects dynamic × static partitions, so the
 run requests are built here from the registry.
@@ -7,6 +10,7 @@ run requests are built here from the registry.
 import dagster as dg
 
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
+from mlci_dagster.assets.reservations import record_guard
 from mlci_dagster.commits import (
     BRANCH_PREFIX,
     RUNS_TAG,
@@ -18,11 +22,12 @@ from mlci_dagster.commits import (
 )
 from mlci_dagster.compat import resolve_run_requests
 from mlci_dagster.registry import Registry
+from mlci_dagster.registry.reservations import NightlySettings
+from mlci_dagster.reservations.guard import guard
 from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
 from mlci_dagster.vocabulary import partition_key
 
 NIGHTLY_TIER = "nightly"
-NIGHTLY_CRON = "0 2 * * *"  # UTC; `mlci cost` projects the month from it
 
 
 def default_branch_head(registry: Registry, log: dg.DagsterLogManager) -> str | None:
@@ -38,19 +43,43 @@ def default_branch_head(registry: Registry, log: dg.DagsterLogManager) -> str | 
         return None
 
 
-def nightly_schedule(job: dg.JobDefinition, cron: str = NIGHTLY_CRON
-                     ) -> dg.ScheduleDefinition:
-    @dg.schedule(name="nightly", job=job, cron_schedule=cron,
+def guard_reservations(context: dg.ScheduleEvaluationContext, mlci: MlciResource,
+                       partitions: list[tuple[str, str]]) -> dict[str, str]:
+    """The pre-batch guard on every reservation the batch uses, each pass recorded (its
+    `reservation_clean` check); the reservations that stay held or dirty, with why."""
+    rctx = mlci.reservations(context.instance)
+    used = sorted({name for config, _ in partitions
+                   if (name := rctx.registry.configs[config].config.sandbox.reservation)})
+    refused = {}
+    for name in used:
+        report = guard(rctx, name, batch=True, by="pre-batch guard")
+        for action in report.actions:
+            context.log.info(f"{name}: {action}")
+        if not report.clean:
+            refused[name] = report.reason
+            context.log.warning(f"{name}: its runs are skipped: {report.reason}")
+        record_guard(context.instance, rctx, report)
+    return refused
+
+
+def nightly_schedule(job: dg.JobDefinition, nightly: NightlySettings) -> dg.ScheduleDefinition:
+    @dg.schedule(name="nightly", job=job, cron_schedule=nightly.cron,
+                 execution_timezone=nightly.timezone,
                  default_status=dg.DefaultScheduleStatus.RUNNING,
-                 description="Every nightly-tier config on every engine it applies to.")
-    def nightly(context: dg.ScheduleEvaluationContext, mlci: MlciResource):
+                 description=f"Every nightly-tier config on every engine it applies to, at "
+                             f"{nightly.at} {nightly.timezone}, after the pre-batch guard.")
+    def nightly_batch(context: dg.ScheduleEvaluationContext, mlci: MlciResource):
         registry = mlci.registry()
         known = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
         night = context.scheduled_execution_time.strftime("%Y-%m-%d")
+        partitions = [(c, e) for c, e in registry.partitions(tier=NIGHTLY_TIER) if c in known]
+        refused = guard_reservations(context, mlci, partitions)
         requests = []
         for config, engine in registry.partitions(tier=NIGHTLY_TIER):
             if config not in known:
                 context.log.warning(f"{config}: not yet a partition (registry_sync adds it)")
+                continue
+            if registry.configs[config].config.sandbox.reservation in refused:
                 continue
             requests.append(dg.RunRequest(
                 partition_key=multi_partition_key(config, engine),
@@ -59,7 +88,8 @@ def nightly_schedule(job: dg.JobDefinition, cron: str = NIGHTLY_CRON
                 tags={TRIGGER_TAG: "schedule"},
             ))
         if not requests:
-            return dg.SkipReason("no nightly-tier partitions")
+            return dg.SkipReason("no nightly-tier partitions" + "".join(
+                f"; reservation {name} refused: {why}" for name, why in refused.items()))
         sha = default_branch_head(registry, context.log)
         if sha is not None:
             tags = {SHA_TAG: sha, TIER_TAG: NIGHTLY_TIER, RUNS_TAG: str(len(requests))}
@@ -67,4 +97,4 @@ def nightly_schedule(job: dg.JobDefinition, cron: str = NIGHTLY_CRON
         return resolve_run_requests(requests, context.repository_def.get_job(job.name), known,
                              context.instance)
 
-    return nightly
+    return nightly_batch

@@ -107,12 +107,13 @@ def month_spend(instance: dg.DagsterInstance, registry: Registry, run_id: str,
 
 
 def project_month(instance: dg.DagsterInstance, registry: Registry, cron: str, tier: str,
-                  now: float | None = None) -> list[PartitionProjection]:
+                  now: float | None = None, timezone: str = "UTC"
+                  ) -> list[PartitionProjection]:
     """Every billed partition's month: spent so far, and its estimate times the schedule's
     ticks left this month (for the partitions of the scheduled tier)."""
     now = time.time() if now is None else now
     costs = RecordedCosts.read(instance, now)
-    ticks_left = len(cron_ticks(cron, now, month_end(now)))
+    ticks_left = len(cron_ticks(cron, now, month_end(now), timezone))
     scheduled = set(registry.partitions(tier=tier))
     projections = []
     for config, engine in registry.partitions():

@@ -22,6 +22,8 @@ class Stage(enum.StrEnum):
 
 STAGES: tuple[Stage, ...] = tuple(Stage)
 RESULTS = "results"  # the asset holding one lifecycle record per run of a partition
+HELD_SANDBOX = "held_sandbox"  # a reservation's daytime deployment, partitioned by reservation
+HOLD_UP_JOB, HOLD_DOWN_JOB = "hold_up", "hold_down"  # the jobs that stand it up and take it down
 
 
 class Status(enum.StrEnum):

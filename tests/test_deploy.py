@@ -140,10 +140,13 @@ def test_mlci_helm_values_are_the_registrys_pool_limits(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     values = yaml.safe_load(done.stdout)
-    assert values == {"concurrency": {"enabled": True, "runs": {"tagConcurrencyLimits": [
-        {"key": POOL_TAG, "value": "aws-sagemaker", "limit": 2}]}}}
-    # The keys the chart's values take: the same shape as deploy/helm/values.yaml's.
-    assert values["concurrency"].keys() == VALUES["concurrency"].keys()
+    limits = [{"key": POOL_TAG, "value": "aws-sagemaker", "limit": 2}]
+    assert values == {"dagsterDaemon": {"runCoordinator": {"config": {"customRunCoordinator": {
+        "config": {"tag_concurrency_limits": limits}}}}}}
+    # Where deploy/helm/values.yaml holds them (a second -f merges into it, key by key).
+    custom = VALUES["dagsterDaemon"]["runCoordinator"]["config"]["customRunCoordinator"]
+    assert custom["config"]["tag_concurrency_limits"] == []
+    assert "concurrency" not in VALUES  # whose limits Dagster would take over the coordinator's
 
 
 def test_mlci_sync_on_a_read_only_instance_file_says_to_use_helm_values(tmp_path, monkeypatch,

@@ -30,7 +30,8 @@ def test_two_runs_queue_behind_a_pool_limit_of_one(dagster_home, tmp_path):
                           capture_output=True, timeout=60)
     assert "pool limits: gpu=1" in sync.stdout, sync.stdout + sync.stderr
     instance_yaml = yaml.safe_load((dagster_home / "dagster.yaml").read_text())
-    assert instance_yaml["concurrency"]["runs"]["tag_concurrency_limits"] == [
+    # In the coordinator's config, which lowers a reservation's limit by its holds.
+    assert instance_yaml["run_coordinator"]["config"]["tag_concurrency_limits"] == [
         {"key": "mlci/pool", "value": "gpu", "limit": 1}]
 
     # The stale scanner asks for both untested partitions on its first tick.

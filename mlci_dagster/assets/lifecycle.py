@@ -15,6 +15,7 @@ from typing import Any
 
 import dagster as dg
 
+from mlci_dagster.assets.reservations import leases_observation, record_admission
 from mlci_dagster.record import ResultRecord
 from mlci_dagster.resources.mlci import MlciResource, trigger_of
 from mlci_dagster.stages.lifecycle import run_lifecycle
@@ -134,15 +135,22 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
                     partitions_def=partitions,
                     description="The whole lifecycle of one config × engine, teardown included.")
     def lifecycle(context: dg.AssetExecutionContext, mlci: MlciResource):
-        ctx = mlci.lifecycle(context)
-        outcomes = []
-        for outcome in run_lifecycle(ctx):
-            outcomes.append(outcome)
-            context.log.info(f"{outcome.stage}: {outcome.status} in {outcome.duration_s:.2f}s"
-                             + (f" ({outcome.failure_kind})" if outcome.failure_kind else ""))
-            yield dg.MaterializeResult(asset_key=str(outcome.stage),
-                                       metadata=outcome_metadata(outcome),
-                                       check_results=[stage_check(outcome)])
+        # Its reservation's lease is held from before the image to after the teardown.
+        with mlci.admission(context) as admission:
+            record_admission(context, admission)
+            ctx = mlci.lifecycle(context, refusal=admission.refusal)
+            outcomes = []
+            for outcome in run_lifecycle(ctx):
+                outcomes.append(outcome)
+                context.log.info(f"{outcome.stage}: {outcome.status} in "
+                                 f"{outcome.duration_s:.2f}s"
+                                 + (f" ({outcome.failure_kind})" if outcome.failure_kind else ""))
+                yield dg.MaterializeResult(asset_key=str(outcome.stage),
+                                           metadata=outcome_metadata(outcome),
+                                           check_results=[stage_check(outcome)])
+        if admission.lease is not None:
+            context.log_event(leases_observation(admission.rctx,
+                                                 admission.rctx.spec(admission.lease.reservation)))
         record = build_record(ctx, outcomes, trigger=trigger_of(context.run.tags))
         context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s"
                          + (f", ${record.cost_usd:.4f}" if record.cost_usd else ""))

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlci_dagster import clock
 from mlci_dagster.providers.handle import SandboxHandle, render_context
 from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, OutputWatcher
@@ -131,7 +131,7 @@ class ProviderHome:
                    ttl_s: float, **fields: Any) -> SandboxHandle:
         """A handle whose work and log directories are under the home, expiring in `ttl_s`,
         owned by this process (the janitor reaps it if the process dies first)."""
-        now = time.time()
+        now = clock.now()  # the janitor reads expiry on the same clock
         return SandboxHandle(
             sandbox_id=sandbox_id, provider=self.name, config=config, engine=engine,
             run_id=run_id, created_at=now, expires_at=now + ttl_s,

@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, NamedTuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 
 from mlci_dagster.templating import REFERENCE
 
@@ -15,7 +23,8 @@ NAME_RULE = ("at most 63 characters: lowercase letters, digits and '-', starting
              "with a letter or digit")
 
 
-def _valid_name(value: str) -> str:
+def valid_name(value: str) -> str:
+    """`value` if it is a name (see NAME_RULE); ValueError saying what a name is otherwise."""
     if not re.fullmatch(NAME_PATTERN, value):
         shown = f"{len(value)} characters" if len(value) > 63 else repr(value)
         raise ValueError(f"expected a name of {NAME_RULE} (got {shown})")
@@ -23,11 +32,13 @@ def _valid_name(value: str) -> str:
 
 
 # Every name says what a name is, rather than pydantic's bare regex; editors still get it.
-Name = Annotated[str, AfterValidator(_valid_name),
+Name = Annotated[str, AfterValidator(valid_name),
                  WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "maxLength": 63})]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
 Argv = Annotated[list[str], Field(min_length=1)]
+# The sandbox providers, as `sandbox.provider` and a reservation's `provider` name them.
+PROVIDER_NAMES = ("local", "kubernetes", "aws-sagemaker", "gcp-tpu-vm")
 
 
 def _relative_glob(value: str) -> str:
@@ -72,7 +83,17 @@ class SandboxBase(StrictModel):
     pool: Name | None = Field(
         default=None, description="The pool (a provider or a hardware reservation) whose limit "
         "this sandbox counts against; default: the provider's name.")
+    reservation: Name | None = Field(
+        default=None, description="The reservation (mlci.yaml `reservations:`) whose capacity "
+        "this sandbox takes a lease on; it is then the sandbox's pool too.")
     ttl_s: Seconds = 3600
+
+    @model_validator(mode="after")
+    def _pool_or_reservation(self) -> SandboxBase:
+        if self.pool is not None and self.reservation is not None:
+            raise ValueError("pool: a sandbox bound to a reservation counts against its "
+                             "capacity (expected `pool` or `reservation`, not both)")
+        return self
 
     def billed_resources(self) -> list[BilledResource]:
         """What a cloud bills while the sandbox exists; nothing for a sandbox on this machine or

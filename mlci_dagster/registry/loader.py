@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mlci_dagster.registry.models import Settings, TestConfig
+from mlci_dagster.registry.reservations import reservation_problems
 from mlci_dagster.templating import ROOTS, iter_references
 
 SETTINGS_FILE = "mlci.yaml"
@@ -267,6 +268,47 @@ def _tier_problems(path: Path, config: TestConfig, settings: Settings) -> list[s
             for i, t in enumerate(config.tiers) if t not in declared]
 
 
+def _binding_problems(path: Path, config: TestConfig, settings: Settings) -> list[str]:
+    """A reservation the config binds to that mlci.yaml does not declare, or on another
+    provider."""
+    name = config.sandbox.reservation
+    if name is None:
+        return []
+    declared = {r.name: r for r in settings.reservations}
+    if name not in declared:
+        return [f"{path}: sandbox.reservation: unknown reservation '{name}' (expected one of: "
+                f"{', '.join(declared) or f'none declared in {SETTINGS_FILE}'})"]
+    if declared[name].provider != config.sandbox.provider:
+        return [f"{path}: sandbox.reservation: '{name}' reserves '{declared[name].provider}' "
+                f"capacity (sandbox.provider is '{config.sandbox.provider}'; expected the same)"]
+    return []
+
+
+def _intent_problems(path: Path, settings: Settings, configs: dict[str, LoadedConfig]
+                     ) -> list[str]:
+    """A daytime intent must name a config bound to its reservation, on an engine it has."""
+    problems = []
+    for i, reservation in enumerate(settings.reservations):
+        daytime = reservation.daytime
+        if daytime is None:
+            continue
+        field = f"reservations[{i}].daytime.intent"
+        loaded = configs.get(daytime.config)
+        if loaded is None:
+            problems.append(f"{path}: {field}: unknown config '{daytime.config}' (expected one "
+                            f"of: {', '.join(sorted(configs)) or 'none'})")
+            continue
+        if loaded.config.sandbox.reservation != reservation.name:
+            problems.append(f"{path}: {field}: config '{daytime.config}' is not bound to "
+                            f"reservation '{reservation.name}' (expected sandbox.reservation: "
+                            f"{reservation.name} in {loaded.path.name})")
+        engines = loaded.config.engines or list(settings.engines)
+        if daytime.engine is not None and daytime.engine not in engines:
+            problems.append(f"{path}: {field}: engine '{daytime.engine}' does not apply to "
+                            f"'{daytime.config}' (expected one of: {', '.join(engines)})")
+    return problems
+
+
 def _unrated_resources(path: Path, config: TestConfig, settings: Settings) -> list[str]:
     """Billed resources without a rate, once rates or a budget are declared: a cost that would
     silently count as unknown, or a budget that could not be kept."""
@@ -370,9 +412,14 @@ def load_registry(root: str | Path) -> Registry:
             if pool is not None and pool not in settings.pools:
                 problems.append(f"{path}: sandbox.pool: unknown pool '{pool}' (expected one of: "
                                 f"{', '.join(settings.pools) or 'none declared in mlci.yaml'})")
+            problems.extend(_binding_problems(path, config, settings))
             problems.extend(_unrated_resources(path, config, settings))
         problems.extend(_missing_files(path, config, root))
         configs[config.name] = LoadedConfig(config, path, config_id(config))
+    if settings is not None:
+        problems.extend(f"{settings_path}: {problem}" for problem in reservation_problems(
+            settings.reservations, set(settings.pools), settings.nightly, time.time()))
+        problems.extend(_intent_problems(settings_path, settings, configs))
     if problems or settings is None:
         raise RegistryError(problems)
     return Registry(root, settings, configs)

@@ -16,6 +16,7 @@ from pydantic import (
 from mlci_dagster.redact import looks_like_credential
 from mlci_dagster.registry.aws import CodeBuildSpec, SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.registry.base import (
+    PROVIDER_NAMES,
     Argv,
     EnvName,
     Name,
@@ -31,6 +32,7 @@ from mlci_dagster.registry.kubernetes import (
     KubernetesSandbox,
     ManifestPath,
 )
+from mlci_dagster.registry.reservations import NightlySettings, ReservationSpec
 from mlci_dagster.vocabulary import STAGES, Stage
 
 # --- image ---------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ SandboxSpec = Annotated[
     | Annotated[SageMakerSandbox, Tag("aws-sagemaker")]
     | Annotated[TpuVmSandbox, Tag("gcp-tpu-vm")],
     Discriminator(_provider_of, custom_error_type="provider", custom_error_message=(
-        "expected one of: local, kubernetes, aws-sagemaker, gcp-tpu-vm")),
+        f"expected one of: {', '.join(PROVIDER_NAMES)}")),
 ]
 
 
@@ -325,6 +327,15 @@ class Settings(StrictModel):
     repository: RepositorySpec | None = Field(
         default=None, description="The git repository whose commits and pull requests start "
         "the merge, pull_request and label tiers.")
+    nightly: NightlySettings = Field(
+        default=NightlySettings(), description="When the nightly schedule starts.")
+    reservations: list[ReservationSpec] = Field(
+        default=[], description="Reserved hardware: capacity shared through leases between "
+        "test runs and, by day, a deployment for people. Configs bind with "
+        "sandbox.reservation.")
+
+    def reservation(self, name: str) -> ReservationSpec:
+        return next(r for r in self.reservations if r.name == name)
 
     @model_validator(mode="after")
     def _public_env_holds_no_secret(self) -> Settings:

@@ -6,12 +6,17 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.compat import instance_connection
 from mlci_dagster.cost import hourly_rate
-from mlci_dagster.janitor import registry_providers, sweep
+from mlci_dagster.janitor import Verdict, registry_providers, sweep
 from mlci_dagster.paths import mlci_home
 from mlci_dagster.providers.base import Provider
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.loader import load_registry_cached
+from mlci_dagster.reservations.admission import Admission
+from mlci_dagster.reservations.context import HOLD_UP, ReservationContext
+from mlci_dagster.reservations.leases import LeaseStore
+from mlci_dagster.run_workers import run_over
 from mlci_dagster.spend import month_spend
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.vocabulary import partition_key, split_partition_key
@@ -32,7 +37,21 @@ class MlciResource(dg.ConfigurableResource):
         """The providers the janitor and the cleanup sensors sweep."""
         return registry_providers(self.registry(), Path(self.home) if self.home else mlci_home())
 
-    def lifecycle(self, context: dg.AssetExecutionContext) -> LifecycleContext:
+    def reservations(self, instance: dg.DagsterInstance) -> ReservationContext:
+        """Leases, holds and the guard on the instance's lease table."""
+        return ReservationContext(
+            self.registry(), Path(self.home) if self.home else mlci_home(),
+            LeaseStore(lambda: instance_connection(instance)), run_over(instance))
+
+    def admission(self, context: dg.AssetExecutionContext) -> Admission:
+        """The run's admission to its config's reservation (a lease, or why it is refused)."""
+        config, engine = split_partition_key(context.partition_key)
+        return Admission(self.reservations(context.instance), config,
+                         partition_key(config, engine), context.run.run_id)
+
+    def lifecycle(self, context: dg.AssetExecutionContext, refusal: str | None = None
+                  ) -> LifecycleContext:
+        """The partition's lifecycle context; `refusal`: why it is skipped before it begins."""
         config, engine = split_partition_key(context.partition_key)
         home = self.home or str(mlci_home())
         registry = self.registry()
@@ -44,6 +63,7 @@ class MlciResource(dg.ConfigurableResource):
         return LifecycleContext.create(
             registry, config, engine, context.run.run_id, Path(home),
             run_tags=dict(context.run.tags), month_spend=spend, past_costs=past,
+            refusal=refusal,
         )
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -54,7 +74,18 @@ class MlciResource(dg.ConfigurableResource):
         This runs on every launch path, after the run has ended, before its process exits.
         """
         if context.run is not None:
-            sweep(self.providers(), run_over=lambda _: True, only_run=context.run.run_id)
+            self.reap_run(context.instance, context.run.run_id)
+
+    def reap_run(self, instance: dg.DagsterInstance, run_id: str) -> list[Verdict]:
+        """Destroys the sandboxes a run left, then frees its leases; a daytime hold it stood
+        up keeps its sandbox and its lease."""
+        reservations = self.reservations(instance)
+        verdicts = sweep(self.providers(), run_over=lambda _: True, only_run=run_id,
+                         keep=reservations.keep_held())
+        for lease in reservations.store.leases():
+            if lease.holder == run_id and lease.detail.get("state") != HOLD_UP:
+                reservations.store.take_back(lease)
+        return verdicts
 
 
 def trigger_of(tags: dict[str, str]) -> str:

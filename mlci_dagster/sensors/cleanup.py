@@ -4,37 +4,24 @@ In-run teardown is the first layer; these are the second and third, for runs tha
 were cancelled mid-stage, or never got to their teardown step.
 """
 
+
 from collections.abc import Callable
 
 import dagster as dg
 
+from mlci_dagster.assets.reservations import guard_events
 from mlci_dagster.janitor import Verdict, sweep
+from mlci_dagster.providers.handle import SandboxHandle
+from mlci_dagster.reservations.context import ReservationContext
+from mlci_dagster.reservations.guard import tend
+from mlci_dagster.reservations.leases import LeaseError
 from mlci_dagster.resources.mlci import MlciResource
-from mlci_dagster.run_workers import WORKER_TAG, fail_lost_run, lost_runs, worker_gone
+from mlci_dagster.run_workers import end_lost_runs, run_over
 
 JANITOR_ASSET = dg.AssetSpec(
     "sandbox_janitor", group_name="operations", kinds={"python"},
     description="One observation per janitor sweep that reaped sandboxes, listing them.",
 )
-
-
-def run_over(instance: dg.DagsterInstance) -> Callable[[str], bool]:
-    """Whether a run is over: finished, unknown, or executed by an `mlci run` worker that is
-    gone (such a run is marked failed by `end_lost_runs`)."""
-
-    def over(run_id: str) -> bool:
-        run = instance.get_run_by_id(run_id)
-        return run is None or run.is_finished or worker_gone(run)
-
-    return over
-
-
-def end_lost_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Marks failed every run in progress whose `mlci run` worker is gone; their ids."""
-    lost = lost_runs(instance)
-    for run in lost:
-        fail_lost_run(instance, run, f"worker {run.tags[WORKER_TAG]} no longer runs")
-    return [run.run_id for run in lost]
 
 
 def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
@@ -45,26 +32,49 @@ def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
     }
 
 
+def reservation_events(context: dg.SensorEvaluationContext, rctx: ReservationContext
+                       ) -> tuple[list, Callable[[SandboxHandle], str]]:
+    """The janitor's pass over the reservations (holds past their down time taken down, dead
+    holders' leases broken) as events, and which sandboxes to keep: daytime holds'. With the
+    lease table out of reach, every sandbox of a reservation's config is kept (unless expired)."""
+    events: list = []
+    try:
+        for report in tend(rctx):
+            if report.actions or report.problems:
+                context.log.info(f"{report.reservation}: {'; '.join(report.actions)}"
+                                 + (f"; left: {report.reason}" if report.problems else ""))
+                events += guard_events(rctx, rctx.spec(report.reservation), report)
+        return events, rctx.keep_held()
+    except LeaseError as exc:
+        context.log.warning(f"reservations not tended: {exc}")
+        reserved = {c.name for c in rctx.registry.configs.values()
+                    if c.config.sandbox.reservation}
+        return events, lambda handle: "holds unknown" if handle.config in reserved else ""
+
+
 @dg.sensor(
     name="sandbox_janitor", minimum_interval_seconds=120,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Reaps every live sandbox whose run is over, lost its process, or expired.",
+    description="Reaps every live sandbox whose run is over, lost its process, or expired; "
+                "takes down daytime holds past their down time; breaks dead holders' leases.",
 )
 def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
     for run_id in end_lost_runs(context.instance):
         context.log.warning(f"run {run_id} lost its worker process: marked failed")
-    verdicts = sweep(mlci.providers(), run_over(context.instance))
+    events, keep = reservation_events(context, mlci.reservations(context.instance))
+    verdicts = sweep(mlci.providers(), run_over(context.instance), keep=keep)
     reaped = [v for v in verdicts if v.reason]
-    if not reaped:
+    if reaped:
+        context.log.info(f"janitor reaped {len(reaped)}: {[v.sandbox_id for v in reaped]}")
+        events.append(dg.AssetObservation(asset_key=JANITOR_ASSET.key,
+                                          metadata=verdicts_metadata(reaped)))
+    if not events:
         return dg.SkipReason(f"{len(verdicts)} live sandbox(es), none to reap")
-    context.log.info(f"janitor reaped {len(reaped)}: {[v.sandbox_id for v in reaped]}")
-    return dg.SensorResult(asset_events=[
-        dg.AssetObservation(asset_key=JANITOR_ASSET.key, metadata=verdicts_metadata(reaped))])
+    return dg.SensorResult(asset_events=events)
 
 
 def _tear_down_after(context: dg.RunStatusSensorContext, mlci: MlciResource) -> None:
-    verdicts = sweep(mlci.providers(), run_over(context.instance),
-                     only_run=context.dagster_run.run_id)
+    verdicts = mlci.reap_run(context.instance, context.dagster_run.run_id)
     if verdicts:
         context.log.info(f"tore down {[v.sandbox_id for v in verdicts]} left by "
                          f"{context.dagster_run.run_id}")

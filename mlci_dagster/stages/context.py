@@ -32,11 +32,17 @@ class LifecycleContext:
     # set; None: nothing recorded) and this partition's recorded costs, for the budget check.
     month_spend: MonthSpend | None = None
     past_costs: tuple[float, ...] = ()
+    # Why the run is refused before anything is created (its reservation is dirty or full),
+    # decided by the caller; None to go ahead.
+    refusal: str | None = None
+    # The sandbox's time to live instead of its spec's (a daytime hold lives until its down).
+    sandbox_ttl_s: float | None = None
 
     @classmethod
     def create(cls, registry: Registry, config: str, engine: str, run_id: str, home: Path,
                run_tags: dict[str, str] | None = None, month_spend: MonthSpend | None = None,
-               past_costs: tuple[float, ...] = ()) -> LifecycleContext:
+               past_costs: tuple[float, ...] = (), refusal: str | None = None,
+               sandbox_ttl_s: float | None = None) -> LifecycleContext:
         if config not in registry.configs:
             raise KeyError(f"config '{config}' is not in the registry at {registry.root}")
         secrets = registry.secret_names
@@ -47,7 +53,8 @@ class LifecycleContext:
         return cls(
             registry=registry, loaded=loaded, engine=engine, run_id=run_id, home=home,
             provider=provider, redactor=Redactor.from_env(secrets), run_tags=dict(run_tags or {}),
-            month_spend=month_spend, past_costs=past_costs,
+            month_spend=month_spend, past_costs=past_costs, refusal=refusal,
+            sandbox_ttl_s=sandbox_ttl_s,
         )
 
     @property
@@ -59,6 +66,8 @@ class LifecycleContext:
         """The config's sandbox with its engine's part (a database, say) started first."""
         engine = self.registry.settings.engines[self.engine]
         sandbox = self.config.sandbox
+        if self.sandbox_ttl_s is not None:
+            sandbox = sandbox.model_copy(update={"ttl_s": self.sandbox_ttl_s})
         if sandbox.provider == "kubernetes":
             return sandbox.model_copy(update={"manifests": [*engine.manifests,
                                                             *sandbox.manifests]})

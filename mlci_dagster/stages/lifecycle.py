@@ -1,5 +1,6 @@
 """The whole lifecycle of one partition: the five stages in order, teardown guaranteed; or,
-when the month's budget would be exceeded, every stage skipped before anything is created.
+when the month's budget would be exceeded or the caller refused the run (its reservation is
+dirty or full), every stage skipped before anything is created.
 
 The stages hand their outcomes on in memory, inside one call, so a result is never built from
 another run's outcomes and a sandbox never outlives the call that created it: teardown runs in
@@ -51,7 +52,7 @@ def run_lifecycle(ctx: LifecycleContext) -> Iterator[StageOutcome]:
     """
     done: list[StageOutcome] = []
     try:
-        refusal = budget_refusal_of(ctx)
+        refusal = ctx.refusal or budget_refusal_of(ctx)
         image = skipped(Stage.IMAGE, refusal) if refusal else \
             guarded(ctx, Stage.IMAGE, lambda: build_image(ctx))
         done.append(image)

@@ -1,0 +1,308 @@
+"""Reservations on a real Dagster instance, with the harness's clock set to chosen instants of
+Monday 2026-03-09 in New York (the day after the change to daylight-saving time): a daytime
+hold's up/down cycle, a missed down taken down by the pre-batch guard, a dirty reservation whose
+runs the nightly schedule skips while the others go ahead, and the lease of a SIGKILLed run
+broken by the janitor. Each schedule is evaluated at its instant as Dagster's scheduler would,
+and its run executed on the instance. The local provider runs real processes; the Kubernetes
+provider runs against the loopback API emulator (tests/support/kube_api.py) through the
+official client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+import requests
+import yaml
+
+from mlci_dagster import clock
+from mlci_dagster.compat import instance_connection
+from mlci_dagster.definitions import build_definitions
+from mlci_dagster.localtime import WEEKDAYS
+from mlci_dagster.pools import POOL_TAG
+from mlci_dagster.providers.processes import marked_processes
+from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
+from mlci_dagster.sensors.cleanup import sandbox_janitor
+from tests.conftest import PY, latest_record
+from tests.support.dagster_services import (
+    LAUNCH_RUN,
+    daemon,
+    graphql,
+    service_env,
+    wait_until,
+    webserver,
+)
+from tests.support.injection import listed_namespaces
+from tests.support.reservations import (
+    RESERVATION,
+    execute,
+    latest_check,
+    latest_hold,
+    leases,
+    new_york,
+    reserve,
+    reserved_registry,
+    tick,
+)
+from tests.test_cleanup import lifecycle_in_pipeline_runs, start_mlci_run  # noqa: F401
+from tests.test_launch_paths import LIFECYCLE, asset_job_params
+
+MORNING = new_york(2026, 3, 9, 8, 0)
+EVENING = new_york(2026, 3, 9, 19, 0)
+NIGHT = new_york(2026, 3, 9, 22, 0)  # 02:00 UTC: the nightly batch
+
+
+@pytest.fixture(autouse=True)
+def fixed_clock(monkeypatch):
+    """Whatever a test sets the clock to, it is the system's again afterwards."""
+    monkeypatch.setenv(clock.OFFSET_ENV, "0")
+
+
+def sandbox_gone(provider: str, registry: Path, run_id: str, sandbox_id: str) -> bool:
+    """Counted where the sandbox lives: its processes here, or its namespace in the API."""
+    if provider == "kubernetes":
+        sandbox = yaml.safe_load((registry / "configs" / "inject.yaml").read_text())["sandbox"]
+        return listed_namespaces(Path(sandbox["cluster"]["kubeconfig"]), run_id,
+                                 settle_s=30) == []
+    return marked_processes("MLCI_SANDBOX_ID", sandbox_id) == []
+
+
+def hold_up_at_eight(registry, instance) -> dict:
+    [request], _ = tick(registry, instance, "hold_up_gpu_box", MORNING)
+    assert request.partition_key == RESERVATION
+    assert request.run_key == "hold_up:gpu-box:2026-03-09"
+    result = execute(registry, instance, "hold_up", request)
+    assert result.success, result.get_step_failure_events()
+    return latest_hold(instance)
+
+
+@pytest.mark.parametrize("provider", ["local", "kubernetes"])
+def test_a_daytime_hold_goes_up_at_eight_and_down_at_seven_with_no_result(
+        provider, tmp_path, instance):
+    with reserved_registry(provider, tmp_path) as registry:
+        up = hold_up_at_eight(registry, instance)
+
+        assert (up["state"], up["partition"], up["due_down"]) == (
+            "up", "inject|e1", "2026-03-09 19:00 EDT")
+        assert up["by"] == "schedule hold_up_gpu_box"
+        [lease] = leases(instance)
+        assert (lease.kind, lease.partition, lease.holder) == (
+            LeaseKind.HOLD, "inject|e1", up["holder_run"])
+        assert lease.expires_at == EVENING.timestamp()
+        # People reach it after its run ended: the run's own cleanup kept it.
+        assert instance.get_run_by_id(up["holder_run"]).status == dg.DagsterRunStatus.SUCCESS
+        if provider == "local":
+            assert requests.get(up["endpoint_web"], timeout=10).status_code == 200
+        # The janitor keeps it too, at noon.
+        tick(registry, instance, "nightly", new_york(2026, 3, 9, 12, 0))  # moves the clock
+        with dg.build_sensor_context(instance=instance,
+                                     resources=build_definitions(registry).resources) as ctx:
+            kept = sandbox_janitor(ctx)
+        assert isinstance(kept, dg.SkipReason), kept
+        assert not sandbox_gone(provider, registry, up["holder_run"], up["sandbox_id"])
+
+        [request], _ = tick(registry, instance, "hold_down_gpu_box", EVENING)
+        result = execute(registry, instance, "hold_down", request)
+
+        assert result.success
+        down = latest_hold(instance)
+        assert (down["state"], down["by"], down["sandbox_id"]) == (
+            "down", "schedule hold_down_gpu_box", up["sandbox_id"])
+        assert leases(instance) == []
+        assert sandbox_gone(provider, registry, up["holder_run"], up["sandbox_id"])
+        # A hold is no test: no results, so nothing for the history.
+        assert latest_record(instance, "inject|e1") is None
+
+
+def test_a_run_that_finds_its_reservation_held_whole_is_refused_not_run(tmp_path, instance):
+    """Runs wait for a slot in Dagster's queue; one started outside it (here in process)
+    while the hold takes the only slot fails closed: skip, with who holds the slot."""
+    with reserved_registry("local", tmp_path) as registry:
+        up = hold_up_at_eight(registry, instance)
+        instance.add_dynamic_partitions("config", ["inject"])
+
+        result = execute(registry, instance, "lifecycle",
+                         dg.RunRequest(partition_key="inject|e1"))
+
+        record = latest_record(instance, "inject|e1")
+        assert record["status"] == "skip"
+        assert record["error_summary"].startswith(
+            f"reservation gpu-box is full: its 1 slot(s) are leased (hold {up['holder_run'][:8]}"
+            " (inject|e1))")
+        assert result.success  # a skip is no failure
+        assert [lease.kind for lease in leases(instance)] == [LeaseKind.HOLD]
+
+
+@pytest.mark.parametrize("provider", ["local", "kubernetes"])
+def test_a_missed_down_is_taken_down_by_the_pre_batch_guard_and_recorded(
+        provider, tmp_path, instance):
+    with reserved_registry(provider, tmp_path) as registry:
+        instance.add_dynamic_partitions("config", ["inject"])
+        up = hold_up_at_eight(registry, instance)
+        # 19:00 passes with no hold_down run (the daemon was down, say).
+
+        requests_, skipped = tick(registry, instance, "nightly", NIGHT)
+
+        assert [str(r.partition_key) for r in requests_] == ["inject|e1"], skipped
+        down = latest_hold(instance)
+        assert (down["state"], down["by"]) == ("down", "pre-batch guard")
+        assert down["note"] == ("held past its down time 2026-03-09 19:00 EDT: torn down by the "
+                                "pre-batch guard")
+        check = latest_check(instance)
+        assert check.passed
+        assert check.metadata["actions"].value == [
+            f"tore down the daytime deployment inject|e1 ({up['sandbox_id']}), held past its "
+            "down time 2026-03-09 19:00 EDT"]
+        assert leases(instance) == []
+        assert sandbox_gone(provider, registry, up["holder_run"], up["sandbox_id"])
+
+
+def test_a_reservation_still_held_at_the_batch_is_refused_and_the_others_run(
+        tmp_path, instance):
+    """A hold being stood up at 22:00 by a run still in progress is not dead: the guard cannot
+    clear it, so the reservation's runs are skipped with the reason and another config's run
+    goes ahead."""
+    with reserved_registry("local", tmp_path) as registry:
+        free = yaml.safe_load((registry / "configs" / "inject.yaml").read_text())
+        free["name"] = "free"
+        del free["sandbox"]["reservation"]
+        (registry / "configs" / "free.yaml").write_text(yaml.safe_dump(free))
+        instance.add_dynamic_partitions("config", ["inject", "free"])
+        # Created and not finished: in progress, as far as anyone can tell.
+        in_progress = instance.create_run_for_job(
+            build_definitions(registry).resolve_job_def("hold_up"), run_id=str(uuid.uuid4()),
+            tags={"dagster/partition": RESERVATION})
+        store = LeaseStore(lambda: instance_connection(instance))
+        store.acquire(RESERVATION, 1, kind=LeaseKind.HOLD, holder=in_progress.run_id,
+                      partition="inject|e1", now=NIGHT.timestamp() - 5,
+                      expires_at=NIGHT.timestamp() + 3600, detail={"state": "starting"})
+
+        runs, _ = tick(registry, instance, "nightly", NIGHT)
+
+        assert [str(r.partition_key) for r in runs] == ["free|e1"]
+        check = latest_check(instance)
+        assert not check.passed
+        assert check.description == (
+            f"dirty: still held: the daytime deployment inject|e1 of run "
+            f"{in_progress.run_id[:8]} is up until 2026-03-09 23:00 EDT")
+        assert [lease.holder for lease in leases(instance)] == [in_progress.run_id]
+
+
+def test_the_lease_of_a_sigkilled_run_is_broken_by_the_janitor(
+        dagster_home, instance, tmp_path, start_mlci_run):  # noqa: F811
+    with reserved_registry("local", tmp_path) as registry:
+        mlci = start_mlci_run(registry, tmp_path / "run.log")
+        run = lifecycle_in_pipeline_runs(instance)
+        [lease] = leases(instance)
+        assert (lease.kind, lease.holder) == (LeaseKind.RUN, run.run_id)
+
+        os.killpg(mlci.pid, signal.SIGKILL)  # the run's worker and mlci run at once
+        mlci.wait()
+        assert [lease.holder for lease in leases(instance)] == [run.run_id]  # left held
+        janitor = subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(registry),
+                                  "janitor"], capture_output=True, text=True, env=os.environ,
+                                 timeout=120)
+
+        assert janitor.returncode == 0, janitor.stdout + janitor.stderr
+        assert (f"reservation gpu-box: broke the lease of run {run.run_id[:8]} on slot 0 "
+                f"(inject|e1): run {run.run_id[:8]} is over") in janitor.stdout
+        assert leases(instance) == []
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
+        assert not [p for p in psutil.process_iter(["cmdline"])
+                    if str(registry) in " ".join(p.info["cmdline"] or [])]
+        check = latest_check(instance)
+        assert check.passed and "broke the lease" in check.metadata["actions"].value[0]
+
+
+def hold_params(job: str) -> dict:
+    """What the UI's Launch button sends for a hold job of gpu-box (its launchpad's default
+    config)."""
+    action = "up" if job == "hold_up" else "down"
+    return {"mode": "default",
+            "runConfigData": {"ops": {"held_sandbox": {"config": {"action": action}}}},
+            "selector": {"repositoryLocationName": "mlci_dagster.definitions",
+                         "repositoryName": "__repository__", "pipelineName": job},
+            "executionMetadata": {"tags": [{"key": "dagster/partition",
+                                            "value": RESERVATION}]}}
+
+
+@pytest.mark.daemon
+def test_on_capacity_one_the_second_batch_and_a_run_during_a_hold_wait_in_dagsters_queue(
+        tmp_path, dagster_home, instance):
+    """A real daemon and webserver. The stale scanner asks for both untested partitions of the
+    reservation at once: one waits for the other. Then the UI stands the hold up, and a run
+    launched meanwhile stays queued (the limit is the capacity less the hold) until the UI
+    takes the hold down."""
+    with reserved_registry("local", tmp_path) as registry:
+        second = yaml.safe_load((registry / "configs" / "inject.yaml").read_text())
+        second["name"] = "second"
+        (registry / "configs" / "second.yaml").write_text(yaml.safe_dump(second))
+        for path in (registry / "configs").glob("*.yaml"):  # off the nightly schedule
+            body = yaml.safe_load(path.read_text())
+            path.write_text(yaml.safe_dump({**body, "tiers": ["pr"]}))
+        # The hold's own schedules fire on a weekday three days away: not during this test.
+        reserve(registry, "local", weekdays=[WEEKDAYS[(dt.date.today().weekday() + 3) % 7]])
+        env = service_env(dagster_home, registry)
+        sync = subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, text=True,
+                              capture_output=True, timeout=120)
+        assert "pool limits: gpu-box=1" in sync.stdout, sync.stdout + sync.stderr
+
+        def lifecycle_runs() -> list[dg.DagsterRun]:
+            return [r for r in instance.get_runs() if r.job_name in ("lifecycle", "__ASSET_JOB")
+                    and "|" in r.tags.get("dagster/partition", "")]
+
+        log = tmp_path / "daemon.log"
+        most, queued_behind = 0, False
+        with webserver(dagster_home, registry, tmp_path / "web.log") as url, \
+                daemon(dagster_home, registry, log):
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                runs = lifecycle_runs()
+                running = [r for r in runs if r.status in (dg.DagsterRunStatus.STARTING,
+                                                           dg.DagsterRunStatus.STARTED)]
+                most = max(most, len(running))
+                queued_behind |= bool(running) and any(
+                    r.status == dg.DagsterRunStatus.QUEUED for r in runs)
+                if len(runs) == 2 and all(r.is_finished for r in runs):
+                    break
+                time.sleep(0.2)
+            batch = lifecycle_runs()
+
+            up = graphql(url, LAUNCH_RUN, {"params": hold_params("hold_up")})
+            assert up["launchPipelineExecution"]["__typename"] == "LaunchRunSuccess", up
+            wait_until(lambda: leases(instance) and leases(instance)[0].detail.get("state")
+                       == "up", 120, "the hold to be up", log)
+            during = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE,
+                                                                          "second|e1")})
+            run_id = during["launchPipelineExecution"]["run"]["runId"]
+            time.sleep(12)  # several dequeue passes
+            waiting = instance.get_run_by_id(run_id).status
+
+            down = graphql(url, LAUNCH_RUN, {"params": hold_params("hold_down")})
+            assert down["launchPipelineExecution"]["__typename"] == "LaunchRunSuccess", down
+            wait_until(lambda: instance.get_run_by_id(run_id).is_finished, 180,
+                       "the queued run to run once the hold is down", log)
+            hold_runs = {r.job_name: r for r in instance.get_runs()
+                         if r.job_name in ("hold_up", "hold_down")}
+
+        assert sorted(r.tags["dagster/partition"] for r in batch) == ["inject|e1", "second|e1"]
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in batch)
+        assert (most, queued_behind) == (1, True)
+        assert waiting == dg.DagsterRunStatus.QUEUED
+        assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
+        assert hold_runs["hold_up"].tags.get(POOL_TAG) == RESERVATION  # waits like a run
+        assert POOL_TAG not in hold_runs["hold_down"].tags  # never waits: it frees the slot
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in hold_runs.values())
+        up_record = instance.get_run_record_by_id(hold_runs["hold_down"].run_id)
+        assert instance.get_run_record_by_id(run_id).start_time >= up_record.end_time
+        assert leases(instance) == []
