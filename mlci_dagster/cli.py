@@ -179,11 +179,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     def reap(item: PartitionRun) -> None:
         resource.reap_run(instance, item.run_id)
 
-    def wait(item: PartitionRun) -> None:
-        print(f"  {item.key}: waiting: pool {item.pool} is full", flush=True)
-
     def held() -> dict[str, int]:
         return holds_by_reservation(resource.reservations(instance).store)
+
+    def wait(item: PartitionRun) -> None:
+        holds = held().get(item.pool, 0)
+        why = f" (its daytime hold takes {holds} of its slots)" if holds else ""
+        print(f"  {item.key}: waiting: pool {item.pool} is full{why}", flush=True)
 
     start = time.monotonic()
     pools = {key: pool_of(registry, split_partition_key(key)[0]) for key in keys}

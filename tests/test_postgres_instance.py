@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
+import sqlalchemy
 import yaml
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
+from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import HISTORY_JOB, build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
+from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
 from mlci_dagster.run_coordinator import PoolTaggingRunCoordinator
 from mlci_dagster.sensors.history_update import history_cursor
 from tests.conftest import PY, QUIET
@@ -105,3 +109,50 @@ def test_queued_lifecycles_complete_once_each_on_postgres(tmp_path, pg_home, run
     assert result.lock_errors == []
     with dg.DagsterInstance.get() as instance:
         assert {r.run_id for r in lifecycle_runs(instance)} >= set(launched)
+
+
+def test_leases_and_holds_live_in_the_postgres_database(tmp_path, pg_home):
+    """The lease table beside Dagster's own in PostgreSQL: a hold taken by `mlci hold up`
+    lowers the queue's limit the daemon would read, racing writers never share a slot, and
+    `mlci hold down` frees it."""
+    registry = tmp_path / "reservations"
+    shutil.copytree(ROOT / "examples" / "reservations", registry)
+
+    assert mlci(registry, "sync").returncode == 0
+    up = mlci(registry, "hold", "up", "gpu-box")
+    assert up.returncode == 0, up.stdout + up.stderr
+    leases = mlci(registry, "leases", "--json")
+    with dg.DagsterInstance.get() as instance:
+        limits = instance.run_coordinator.get_run_queue_config().tag_concurrency_limits
+        store = LeaseStore(lambda: instance_connection(instance))
+        with instance_connection(instance) as conn:
+            tables = {row[0] for row in conn.execute(sqlalchemy.text(
+                "SELECT table_name FROM information_schema.tables"))}
+        won: list[int] = []
+        barrier = threading.Barrier(6)
+
+        def take(i: int) -> None:
+            barrier.wait()
+            lease = LeaseStore(lambda: instance_connection(instance)).acquire(
+                "race", 2, kind=LeaseKind.RUN, holder=f"run-{i}", partition="a|e", now=1,
+                expires_at=2)
+            if lease is not None:
+                won.append(lease.slot)
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        raced = [lease.slot for lease in store.leases("race")]
+    down = mlci(registry, "hold", "down", "gpu-box")
+
+    assert isinstance(instance.run_storage, PostgresRunStorage)
+    assert {"mlci_leases", "runs"} <= tables
+    assert up.stdout.startswith("gpu-box: up: serve-demo|cpu")
+    [entry] = yaml.safe_load(leases.stdout)
+    assert [(lease["kind"], lease["state"]) for lease in entry["leases"]] == [("hold", "up")]
+    assert [lim["limit"] for lim in limits if lim.get("value") == "gpu-box"] == [0]
+    assert sorted(won) == [0, 1] and sorted(raced) == [0, 1]
+    assert down.returncode == 0 and down.stdout.strip() == "gpu-box: down"
+    assert [lease.reservation for lease in store.leases()] == ["race", "race"]

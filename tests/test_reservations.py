@@ -32,7 +32,7 @@ from mlci_dagster.pools import POOL_TAG
 from mlci_dagster.providers.processes import marked_processes
 from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
 from mlci_dagster.sensors.cleanup import sandbox_janitor
-from tests.conftest import PY, latest_record
+from tests.conftest import PY, latest_record, stage_details
 from tests.support.dagster_services import (
     LAUNCH_RUN,
     daemon,
@@ -51,6 +51,7 @@ from tests.support.reservations import (
     new_york,
     reserve,
     reserved_registry,
+    set_clock,
     tick,
 )
 from tests.test_cleanup import lifecycle_in_pipeline_runs, start_mlci_run  # noqa: F401
@@ -121,6 +122,29 @@ def test_a_daytime_hold_goes_up_at_eight_and_down_at_seven_with_no_result(
         assert sandbox_gone(provider, registry, up["holder_run"], up["sandbox_id"])
         # A hold is no test: no results, so nothing for the history.
         assert latest_record(instance, "inject|e1") is None
+
+
+def test_the_janitor_takes_a_hold_down_only_past_its_down_time_and_grace(tmp_path, instance):
+    with reserved_registry("local", tmp_path) as registry:
+        up = hold_up_at_eight(registry, instance)
+        resources = build_definitions(registry).resources
+
+        def janitor_at(moment) -> object:
+            set_clock(moment)
+            with dg.build_sensor_context(instance=instance, resources=resources) as context:
+                return sandbox_janitor(context)
+
+        early = janitor_at(new_york(2026, 3, 9, 19, 5))  # the evening's run may be coming
+        assert isinstance(early, dg.SkipReason) and leases(instance)
+        late = janitor_at(new_york(2026, 3, 9, 19, 11))
+
+        held = [e for e in late.asset_events if isinstance(e, dg.AssetMaterialization)]
+        [evaluation] = [e for e in late.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
+        assert [(e.partition, e.metadata["state"].value, e.metadata["by"].value)
+                for e in held] == [(RESERVATION, "down", "janitor")]
+        assert evaluation.passed and evaluation.metadata["actions"].value
+        assert leases(instance) == []
+        assert sandbox_gone("local", registry, up["holder_run"], up["sandbox_id"])
 
 
 def test_a_run_that_finds_its_reservation_held_whole_is_refused_not_run(tmp_path, instance):
@@ -197,26 +221,31 @@ def test_a_reservation_still_held_at_the_batch_is_refused_and_the_others_run(
         assert [lease.holder for lease in leases(instance)] == [in_progress.run_id]
 
 
+@pytest.mark.parametrize("provider", ["local",
+                                      pytest.param("kubernetes", marks=pytest.mark.slow)])
 def test_the_lease_of_a_sigkilled_run_is_broken_by_the_janitor(
-        dagster_home, instance, tmp_path, start_mlci_run):  # noqa: F811
-    with reserved_registry("local", tmp_path) as registry:
+        provider, dagster_home, instance, tmp_path, start_mlci_run):  # noqa: F811
+    with reserved_registry(provider, tmp_path) as registry:
         mlci = start_mlci_run(registry, tmp_path / "run.log")
         run = lifecycle_in_pipeline_runs(instance)
         [lease] = leases(instance)
         assert (lease.kind, lease.holder) == (LeaseKind.RUN, run.run_id)
+        sandbox_id = stage_details(instance, run.run_id, "sandbox")["handle"]["sandbox_id"]
 
         os.killpg(mlci.pid, signal.SIGKILL)  # the run's worker and mlci run at once
         mlci.wait()
         assert [lease.holder for lease in leases(instance)] == [run.run_id]  # left held
+        assert not sandbox_gone(provider, registry, run.run_id, sandbox_id)
         janitor = subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(registry),
                                   "janitor"], capture_output=True, text=True, env=os.environ,
-                                 timeout=120)
+                                 timeout=180)
 
         assert janitor.returncode == 0, janitor.stdout + janitor.stderr
         assert (f"reservation gpu-box: broke the lease of run {run.run_id[:8]} on slot 0 "
                 f"(inject|e1): run {run.run_id[:8]} is over") in janitor.stdout
         assert leases(instance) == []
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert sandbox_gone(provider, registry, run.run_id, sandbox_id)
         assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
         assert not [p for p in psutil.process_iter(["cmdline"])
                     if str(registry) in " ".join(p.info["cmdline"] or [])]

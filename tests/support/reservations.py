@@ -78,11 +78,12 @@ def execute(registry: Path, instance: dg.DagsterInstance, job: str, request: dg.
             ) -> dg.ExecuteInProcessResult:
     """Runs a request on the instance, in this process."""
     definitions = build_definitions(registry)
+    quiet: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    if job != "lifecycle":  # a hold job: its action, which its default config would give
+        quiet["ops"] = {"held_sandbox": {"config": {"action": job.removeprefix("hold_")}}}
     return definitions.resolve_job_def(job).execute_in_process(
         partition_key=request.partition_key, instance=instance, tags=dict(request.tags),
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-        if job == "lifecycle" else None)
+        raise_on_error=False, run_config=quiet)
 
 
 def latest_hold(instance: dg.DagsterInstance) -> dict[str, Any]:
