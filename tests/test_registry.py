@@ -324,3 +324,13 @@ def test_a_config_without_sandbox_gets_the_local_provider(tmp_path):
     root = write_registry(tmp_path, [config("plain")])
 
     assert load_registry(root).configs["plain"].config.sandbox.provider == "local"
+
+
+def test_a_harness_upgrade_keeps_every_config_id():
+    """Ids as the harness computed them before reservations existed (examples/local): a field
+    added later with nothing set in it must not make every test look changed in the history."""
+    from mlci_dagster.paths import LOCAL_EXAMPLE
+
+    ids = {name: c.config_id for name, c in load_registry(LOCAL_EXAMPLE).configs.items()}
+
+    assert ids == {"jobs-api": "ba95230a636cb54c", "static-site": "4153b77d99f178b6"}

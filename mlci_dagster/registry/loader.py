@@ -92,10 +92,17 @@ class Registry:
 OUTSIDE_CONFIG_ID = {"paths", "class_"}
 
 
+# Fields added after ids existed, left out while unset, so a harness upgrade keeps every id.
+UNSET_OUTSIDE_CONFIG_ID = (("sandbox", "reservation"),)
+
+
 def config_id(config: TestConfig) -> str:
     """A stable hash of the config's canonical content: a changed test is a new id."""
-    canonical = json.dumps(config.model_dump(mode="json", by_alias=True,
-                                             exclude=OUTSIDE_CONFIG_ID), sort_keys=True)
+    content = config.model_dump(mode="json", by_alias=True, exclude=OUTSIDE_CONFIG_ID)
+    for section, name in UNSET_OUTSIDE_CONFIG_ID:
+        if content[section].get(name) is None:
+            content[section].pop(name, None)
+    canonical = json.dumps(content, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
