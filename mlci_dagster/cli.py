@@ -21,7 +21,10 @@ DEFAULT_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
 
 
 def _registry(args: argparse.Namespace) -> Registry:
-    return load_registry(args.registry)
+    registry = load_registry(args.registry)
+    for warning in registry.warnings:
+        print(f"mlci: warning: {warning}", file=sys.stderr)
+    return registry
 
 
 def _instance(registry: Registry | None = None):
@@ -223,15 +226,18 @@ def _summaries(instance: Any, registry: Registry, keys: list[str]):
 
 def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: bool) -> None:
     from mlci_dagster.event_log import new_results
+    from mlci_dagster.history.analysis import signature_clusters
     from mlci_dagster.history.render import failure_notes, report_table
 
-    summaries, _ = _summaries(instance, registry, keys)
+    summaries, table = _summaries(instance, registry, keys)
+    clusters = signature_clusters(table, summaries)
     if as_json:
-        print(json.dumps([s.to_dict() for s in summaries], indent=2))
+        print(json.dumps({"partitions": [s.to_dict() for s in summaries],
+                          "signatures": [c.to_dict() for c in clusters]}, indent=2))
         return
     print(report_table(summaries))
     latest = {record.partition: record for _, record in new_results(instance, 0)}
-    notes = failure_notes(summaries, latest)
+    notes = failure_notes(summaries, latest, clusters)
     if notes:
         print(f"\n{notes}")
 

@@ -70,6 +70,7 @@ class ResultRecord(_Record):
     billed_s: float = 0.0  # how long the sandbox existed (sandbox stage to end of teardown)
     cost_usd: float | None = None  # billed_s at the rates in mlci.yaml; None: no rate known
     preempted: bool = False  # a spot node was reclaimed mid-run (always an infra failure)
+    batch: str = ""  # what launched it with others: `nightly 2026-03-09`, `commit 1a2b3c4d5e`
 
     @model_validator(mode="after")
     def _consistent(self) -> ResultRecord:

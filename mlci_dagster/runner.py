@@ -6,7 +6,7 @@ way out). A worker that dies is noticed here: its run is marked failed, its sand
 at once, and the partition is reported lost. Runs of a pool start only while fewer than the
 pool's limit are in progress on the instance, whoever started them.
 
-Run as `python -m mlci_dagster.runner REGISTRY KEY RUN_ID TRIGGER` it is that worker.
+Run as `python -m mlci_dagster.runner REGISTRY KEY RUN_ID TRIGGER [BATCH]` it is that worker.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -29,6 +30,7 @@ import dagster as dg
 from mlci_dagster.pools import POOL_TAG
 from mlci_dagster.providers.processes import die_with_parent
 from mlci_dagster.run_workers import IN_PROGRESS, WORKER_TAG, fail_lost_run, worker_identity
+from mlci_dagster.vocabulary import BATCH_TAG
 
 # A failed lifecycle is reported by `mlci`, not by Dagster's console; every event is still in
 # the run's log in the instance.
@@ -99,6 +101,8 @@ def run_partitions(
     died (after its run is marked failed), so the caller can reap its sandboxes; `on_wait` once
     for a partition whose pool is full when its turn comes."""
     gate = PoolGate(instance, limits, home, held)
+    # One `mlci run` is one batch: a column of the grid.
+    batch = f"mlci run {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
     pending = deque(PartitionRun(key, str(uuid.uuid4()), pools[key]) for key in keys)
     running: dict[str, tuple[subprocess.Popen, PartitionRun]] = {}
     finished: list[PartitionRun] = []
@@ -113,7 +117,7 @@ def run_partitions(
                 def start(item: PartitionRun = item) -> str:
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "mlci_dagster.runner", str(registry), item.key,
-                         item.run_id, trigger],
+                         item.run_id, trigger, batch],
                         stdin=subprocess.DEVNULL,
                         preexec_fn=die_with_parent(signal.SIGINT))  # tears down, then dies
                     item.started = time.monotonic()
@@ -155,8 +159,8 @@ def run_partitions(
     return finished
 
 
-def execute(registry: str, key: str, run_id: str, trigger: str) -> bool:
-    """In the worker: the partition's lifecycle as Dagster run `run_id`."""
+def execute(registry: str, key: str, run_id: str, trigger: str, batch: str = "") -> bool:
+    """In the worker: the partition's lifecycle as Dagster run `run_id`, in `batch`."""
     from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
     from mlci_dagster.resources.mlci import TRIGGER_TAG
 
@@ -164,10 +168,11 @@ def execute(registry: str, key: str, run_id: str, trigger: str) -> bool:
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
             partition_key=key, instance=instance, raise_on_error=False, run_id=run_id,
-            tags={TRIGGER_TAG: trigger, WORKER_TAG: worker_identity(os.getpid())},
+            tags={TRIGGER_TAG: trigger, WORKER_TAG: worker_identity(os.getpid()),
+                  **({BATCH_TAG: batch} if batch else {})},
             run_config=QUIET_RUN_CONFIG)
     return result.success
 
 
 if __name__ == "__main__":
-    sys.exit(0 if execute(*sys.argv[1:5]) else 1)
+    sys.exit(0 if execute(*sys.argv[1:6]) else 1)

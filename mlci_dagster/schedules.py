@@ -25,7 +25,7 @@ from mlci_dagster.registry import Registry
 from mlci_dagster.registry.reservations import NightlySettings
 from mlci_dagster.reservations.guard import guard
 from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
-from mlci_dagster.vocabulary import partition_key
+from mlci_dagster.vocabulary import BATCH_TAG, partition_key
 
 NIGHTLY_TIER = "nightly"
 
@@ -85,7 +85,7 @@ def nightly_schedule(job: dg.JobDefinition, nightly: NightlySettings) -> dg.Sche
                 partition_key=multi_partition_key(config, engine),
                 # Run keys dedupe forever: one run per partition per night, even on a retried tick.
                 run_key=f"nightly:{night}:{partition_key(config, engine)}",
-                tags={TRIGGER_TAG: "schedule"},
+                tags={TRIGGER_TAG: "schedule", BATCH_TAG: f"nightly {night}"},
             ))
         if not requests:
             return dg.SkipReason("no nightly-tier partitions" + "".join(

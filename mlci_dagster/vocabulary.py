@@ -24,6 +24,9 @@ STAGES: tuple[Stage, ...] = tuple(Stage)
 RESULTS = "results"  # the asset holding one lifecycle record per run of a partition
 HELD_SANDBOX = "held_sandbox"  # a reservation's daytime deployment, partitioned by reservation
 HOLD_UP_JOB, HOLD_DOWN_JOB = "hold_up", "hold_down"  # the jobs that stand it up and take it down
+# The run tag naming the batch a run belongs to (a night, a commit, an image, an `mlci run`):
+# the grid's columns. Where no launcher set it, results derive one from the run's other tags.
+BATCH_TAG = "mlci/batch"
 
 
 class Status(enum.StrEnum):

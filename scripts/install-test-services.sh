@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system services the tests run for real: Debian's `docker-registry` (the CNCF
-# distribution registry, /usr/bin/docker-registry). Idempotent; run as root on a fresh machine.
+# distribution registry, /usr/bin/docker-registry), `openssh-server` and `chromium`. Idempotent; run as root on a fresh machine.
 # The tests start their own registry on loopback, so a service apt may have started is stopped.
 set -euo pipefail
 if [ ! -x /usr/bin/docker-registry ]; then
@@ -14,5 +14,6 @@ if command -v systemctl > /dev/null && systemctl is-system-running > /dev/null 2
 elif command -v service > /dev/null; then
   service docker-registry stop > /dev/null 2>&1 || true
 fi
+"$(dirname "$0")/install-chromium.sh"  # the browser checks of ui_smoke
 [ -x /usr/sbin/sshd ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server > /dev/null; }  # the TPU tests' sshd
 /usr/bin/docker-registry --version

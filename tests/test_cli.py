@@ -50,7 +50,7 @@ def test_run_then_report_prints_one_row_per_partition(dagster_home):
 
     assert run.returncode == 0, run.stdout + run.stderr
     assert "static-site|sqlite: passed" in run.stdout
-    rows = {r["partition"]: r for r in json.loads(report.stdout)}
+    rows = {r["partition"]: r for r in json.loads(report.stdout)["partitions"]}
     assert rows["static-site|sqlite"]["status"] == rows["static-site|jsonfile"]["status"] == "PASS"
     assert rows["static-site|sqlite"]["last"]["status"] == "pass"
     assert rows["jobs-api|sqlite"]["status"] == "PENDING"

@@ -127,6 +127,10 @@ def test_example_partition_passes_on_real_services(ml_home, instance, key, pipel
     assert RUN_ID.match(runs[pipelines[-1]]["run_id"])
     routes = stage_details(instance, result.run_id, "ui_smoke")["routes"]
     assert routes and all(r["status"] == 200 and not r["problems"] for r in routes)
+    if key.startswith("python-train"):  # MLflow's React app rendered the run in Chromium
+        [page] = [r for r in routes if r.get("kind") == "browser"]
+        assert page["url"].endswith(f"/runs/{runs['train']['run_id']}")
+        assert page["latency_ms"] > 0 and Path(page["screenshot"]).stat().st_size > 10_000
     handle = stage_details(instance, result.run_id, "sandbox")["handle"]
     config, engine = key.split("|")
     if engine == "postgres":  # the engine's service joins the sandbox

@@ -69,7 +69,8 @@ def test_mlci_commands_and_history_work_on_postgres_storage(tmp_path, pg_home):
     assert sync.returncode == 0, sync.stderr
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count(": passed in") == 2
-    assert {s["partition"]: s["status"] for s in yaml.safe_load(report.stdout)} == {
+    assert {s["partition"]: s["status"]
+            for s in yaml.safe_load(report.stdout)["partitions"]} == {
         "static-site|sqlite": "PASS", "static-site|jsonfile": "PASS",
         "jobs-api|sqlite": "PENDING", "jobs-api|jsonfile": "PENDING"}
     assert yaml.safe_load(status.stdout)["passing"] == 2

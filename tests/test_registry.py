@@ -334,3 +334,30 @@ def test_a_harness_upgrade_keeps_every_config_id():
     ids = {name: c.config_id for name, c in load_registry(LOCAL_EXAMPLE).configs.items()}
 
     assert ids == {"jobs-api": "ba95230a636cb54c", "static-site": "4153b77d99f178b6"}
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "expected"),
+    [
+        ({"kind": "browser", "service": "web", "wait_for": {}}, "ui_smoke.routes[0].wait_for",
+         "expected exactly one of 'selector' or 'text'"),
+        ({"kind": "browser", "service": "web", "wait_for": {"text": "ok"},
+          "allow_console": ["(unclosed"]}, "ui_smoke.routes[0].allow_console",
+         "[0]: not a regular expression"),
+        ({"kind": "browser", "service": "web"}, "ui_smoke.routes[0].wait_for", "Field required"),
+        ({"kind": "browser", "service": "web", "wait_for": {"text": "ok"}, "json_equals": {}},
+         "ui_smoke.routes[0].json_equals", "unknown key"),
+        ({"kind": "grpc", "service": "web"}, "ui_smoke.routes[0]",
+         "expected kind http or browser"),
+        ({"kind": "http", "service": "Web"}, "ui_smoke.routes[0].service", NAME_RULE),
+    ],
+)
+def test_browser_routes_are_validated_with_file_and_field(tmp_path, route, field, expected):
+    root = write_registry(tmp_path, [config("good")])
+    bad_file = root / "configs" / "bad.yaml"
+    bad_file.write_text(yaml.safe_dump(config("bad", ui_smoke={"routes": [route]})))
+
+    problems = problems_of(root)
+
+    assert any(p.startswith(f"{bad_file}: {field}: ") and expected in p for p in problems), \
+        problems

@@ -10,7 +10,9 @@ summary that links the logs.
 """
 
 
+import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -18,6 +20,7 @@ import dagster as dg
 from mlci_dagster.assets.reservations import leases_observation, record_admission
 from mlci_dagster.record import ResultRecord
 from mlci_dagster.resources.mlci import MlciResource, trigger_of
+from mlci_dagster.stages.debug_bundle import screenshots_of
 from mlci_dagster.stages.lifecycle import run_lifecycle
 from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.stages.results import build_record
@@ -29,6 +32,7 @@ LIFECYCLE_CHECK = "lifecycle_passed"
 # A stage's details in metadata stay small whatever the stage saw; the logs hold the rest.
 DETAILS_MAX_CHARS = 4000
 PREEMPTION_RETRY_WAIT_S = 5  # a spot node is not back at once
+MAX_SCREENSHOTS = 3
 
 DESCRIPTIONS = {
     Stage.IMAGE: "The image one partition tests: its digest, and whether it was cached.",
@@ -56,8 +60,22 @@ def bounded_json(value: Any, limit: int = DETAILS_MAX_CHARS) -> Any:
     return {"truncated": f"{len(text)} characters; see log_ref", "head": text[:limit // 2]}
 
 
+def screenshot_metadata(outcomes: list[StageOutcome]) -> dict[str, object]:
+    """The browser checks' screenshots, shown inline by the Dagster UI (a few, each small)."""
+    shown = {}
+    for i, shot in enumerate(screenshots_of(outcomes)[:MAX_SCREENSHOTS]):
+        try:
+            data = base64.b64encode(Path(shot).read_bytes()).decode()
+        except OSError:
+            continue
+        shown[f"screenshot_{i}"] = dg.MetadataValue.md(
+            f"![{Path(shot).name}](data:image/jpeg;base64,{data})")
+    return shown
+
+
 def outcome_metadata(outcome: StageOutcome) -> dict[str, object]:
     return {
+        **screenshot_metadata([outcome]),
         "status": str(outcome.status),
         "duration_s": dg.MetadataValue.float(round(outcome.duration_s, 3)),
         "failure_kind": str(outcome.failure_kind or ""),
@@ -83,7 +101,8 @@ def stage_check(outcome: StageOutcome) -> dg.AssetCheckResult:
     )
 
 
-def results_materialization(record: ResultRecord) -> dg.MaterializeResult:
+def results_materialization(record: ResultRecord, outcomes: list[StageOutcome] = ()
+                            ) -> dg.MaterializeResult:
     """The record as metadata (the event log is the source of truth), and the blocking check
     that fails the run, after the record is stored, when the lifecycle failed."""
     return dg.MaterializeResult(
@@ -101,6 +120,7 @@ def results_materialization(record: ResultRecord) -> dg.MaterializeResult:
             "debug_bundle": dg.MetadataValue.path(record.debug_bundle)
             if record.debug_bundle else "",
             "record": dg.MetadataValue.json(record.to_json()),
+            **screenshot_metadata(list(outcomes)),
         },
         # A refused run (skip) is yellow: it neither passed nor failed the run.
         check_results=[dg.AssetCheckResult(
@@ -154,7 +174,7 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
         record = build_record(ctx, outcomes, trigger=trigger_of(context.run.tags))
         context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s"
                          + (f", ${record.cost_usd:.4f}" if record.cost_usd else ""))
-        yield results_materialization(record)
+        yield results_materialization(record, outcomes)
         retries = getattr(ctx.config.sandbox, "retries_on_preemption", 0)
         if record.preempted and context.retry_number < retries:
             # Dagster's step retry: the attempt stays recorded (infra), and a new one starts.

@@ -22,8 +22,9 @@ from mlci_dagster.vocabulary import LIFECYCLE_SKIP, FailureKind, passed, split_p
 
 DAY_S = 86_400
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normal data
-RUN_FIELDS = ["run_id", "status", "failed_stage", "image_digest", "config_id", "code_version",
-              "finished_at", "duration_s", "trigger", "cost_usd"]
+RUN_FIELDS = ["run_id", "status", "failed_stage", "failure_kind", "image_digest", "config_id",
+              "code_version", "finished_at", "duration_s", "trigger", "cost_usd", "signature",
+              "signature_text", "batch"]
 
 
 class PartitionStatus(enum.StrEnum):
@@ -239,7 +240,7 @@ def analyze(
     # A refused run (skip) neither passed nor failed: no rule counts it.
     table = table[table["status"] != LIFECYCLE_SKIP] if not table.empty else table
     if not table.empty:
-        table = table.sort_values(["partition", "finished_at"], kind="stable")
+        table = with_run_fields(table).sort_values(["partition", "finished_at"], kind="stable")
         outage = outage_flags(table, settings).to_numpy(dtype=bool)
         # pandas stores a missing value as NaN: the rules and reports expect None.
         columns = {name: table[name].astype(object).where(table[name].notna(), None).tolist()
@@ -259,6 +260,53 @@ def analyze(
     ordered = [summaries.pop(p, None) or PartitionSummary(
         p, *split_partition_key(p), status=PartitionStatus.PENDING) for p in partitions]
     return ordered + [summaries[p] for p in sorted(summaries)]
+
+
+def with_run_fields(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with every run field, empty where rows from before it existed lack it."""
+    missing = [name for name in RUN_FIELDS if name not in table]
+    return table.assign(**{name: None for name in missing}) if missing else table
+
+
+@dataclass
+class SignatureCluster:
+    """Partitions failing now with one signature, and since when it has been seen."""
+
+    signature: str
+    text: str
+    partitions: list[str]
+    runs: int  # every recorded run with this signature
+    first_seen: dict[str, Any]  # the first such run: when, image digest, run id, batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def signature_clusters(table: pd.DataFrame, summaries: list[PartitionSummary]
+                       ) -> list[SignatureCluster]:
+    """The signatures of the partitions whose latest run failed, each with every such
+    partition, most partitions first: "3 partitions fail with X since image B"."""
+    failing: dict[str, list[str]] = {}
+    texts: dict[str, str] = {}
+    for summary in summaries:
+        last = summary.last or {}
+        if last.get("signature") and not passed(last.get("status")):
+            failing.setdefault(last["signature"], []).append(summary.partition)
+            texts[last["signature"]] = last.get("signature_text") or ""
+    if not failing:
+        return []
+    rows = with_run_fields(table)
+    rows = rows[rows["signature"].isin(list(failing))].sort_values("finished_at", kind="stable")
+    clusters = []
+    for signature, partitions in failing.items():
+        seen = rows[rows["signature"] == signature]
+        first = seen.iloc[0]
+        clusters.append(SignatureCluster(
+            signature, texts[signature], sorted(partitions), len(seen),
+            {"finished_at": float(first["finished_at"]), "run_id": first["run_id"],
+             "image_digest": first["image_digest"], "partition": first["partition"],
+             "batch": first["batch"] if isinstance(first["batch"], str) else None}))
+    return sorted(clusters, key=lambda c: (-len(c.partitions), c.first_seen["finished_at"]))
 
 
 def partition_costs(table: pd.DataFrame) -> dict[str, float]:

@@ -6,7 +6,7 @@ import datetime as dt
 import time
 
 from mlci_dagster.cost import MonthSpend, PartitionProjection
-from mlci_dagster.history.analysis import PartitionSummary
+from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster
 from mlci_dagster.record import ResultRecord
 from mlci_dagster.registry.models import BudgetSettings
 
@@ -79,21 +79,41 @@ def report_table(summaries: list[PartitionSummary], now: float | None = None) ->
     return table(rows)
 
 
-def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRecord]) -> str:
-    """One paragraph per failing partition: owner, error summary's first line, log."""
-    notes = []
+def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRecord],
+                  clusters: list[SignatureCluster] = ()) -> str:
+    """The failing partitions grouped by signature, each group headed by its signature and
+    since when it has been seen, then one line per partition: its status, failure kind, owner
+    and the first line of its error summary, and its log. Refused ones (skip) last."""
+    by_partition = {p: c for c in clusters for p in c.partitions}
+    groups: dict[str, list[str]] = {}
+    refused = []
     for s in summaries:
         record = records.get(s.partition)
         if not record or record.passed:
             continue
         first = record.error_summary.strip().splitlines()[:1]
         if record.skipped:
-            notes.append(f"{s.partition}: skip: {first[0] if first else ''}")
+            refused.append(f"{s.partition}: skip: {first[0] if first else ''}")
             continue
-        notes.append(f"{s.partition}: {record.status} ({record.failure_kind}, "
-                     f"owner {record.owner}): {first[0] if first else ''}\n"
-                     f"  log: {record.log_ref}")
-    return "\n".join(notes)
+        cluster = by_partition.get(s.partition)
+        groups.setdefault(cluster.signature if cluster else "", []).append(
+            f"  {s.partition}: {record.status} ({record.failure_kind}, owner {record.owner}): "
+            f"{first[0] if first else ''}\n    log: {record.log_ref}")
+    heads = {c.signature: signature_head(c) for c in clusters}
+    notes = [heads.get(signature, "failing, signature unknown (recorded before signatures):")
+             + "\n" + "\n".join(lines) for signature, lines in groups.items()]
+    return "\n\n".join([*notes, *refused])
+
+
+def signature_head(cluster: SignatureCluster) -> str:
+    """`2 partitions fail with <signature> [id], since <when>, image <digest> (<batch>)`"""
+    first = cluster.first_seen
+    when = dt.datetime.fromtimestamp(first["finished_at"], dt.UTC).strftime("%Y-%m-%d %H:%MZ")
+    count = len(cluster.partitions)
+    return (f"{count} partition{'s' if count != 1 else ''} fail{'' if count != 1 else 's'} with "
+            f"{cluster.text} [{cluster.signature}]\n  since {when}, image "
+            f"{short(first['image_digest'])}" + (f" ({first['batch']})" if first["batch"] else "")
+            + f", {cluster.runs} run{'s' if cluster.runs != 1 else ''} in all:")
 
 
 def status_text(counts: dict[str, int]) -> str:

@@ -14,11 +14,13 @@ from typing import Any
 import pandas as pd
 
 from mlci_dagster.record import ResultRecord
+from mlci_dagster.signature import signature_of
 
 BASE_COLUMNS = [
     "storage_id", "run_id", "partition", "config", "engine", "config_id", "status", "passed",
     "failed_stage", "failure_kind", "image_digest", "code_version", "trigger", "started_at",
-    "finished_at", "duration_s", "stages", "cost_usd",
+    "finished_at", "duration_s", "stages", "cost_usd", "signature", "signature_text",
+    "batch",
 ]
 DURATION_PREFIX = "duration:"
 METRIC_PREFIX = "metric:"
@@ -29,6 +31,8 @@ def record_to_row(record: ResultRecord, storage_id: int) -> dict[str, Any]:
     row = {column: data.get(column) for column in BASE_COLUMNS}
     row["storage_id"] = storage_id
     row["passed"] = record.passed
+    found = signature_of(record.failed_stage, record.failure_kind, record.error_summary)
+    row["signature"], row["signature_text"] = (found.id, found.text) if found else (None, None)
     # Per-stage statuses stay whole (JSON) for the grid; their durations become columns.
     row["stages"] = json.dumps({str(s): str(v.status) for s, v in record.stages.items()})
     for stage, outcome in record.stages.items():

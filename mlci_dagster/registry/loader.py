@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from mlci_dagster.chromium import INSTALL_HINT, find_chromium
 from mlci_dagster.registry.models import Settings, TestConfig
 from mlci_dagster.registry.reservations import reservation_problems
 from mlci_dagster.templating import ROOTS, iter_references
@@ -52,6 +53,9 @@ class Registry:
     root: Path
     settings: Settings
     configs: dict[str, LoadedConfig]
+    # What this machine lacks for some checks (they fail as infra here), each naming the file
+    # and field: the registry is valid, the machine is not ready for all of it.
+    warnings: tuple[str, ...] = ()
 
     @property
     def engines(self) -> list[str]:
@@ -164,10 +168,18 @@ def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, set[int]]:
 
 
 def _tagged(member: Any, tag: Any) -> bool:
-    """Whether a union member's `Literal` discriminator field takes the value `tag`."""
+    """Whether a union member's `Literal` discriminator field (optional or not) takes the
+    value `tag`."""
     return isinstance(member, type) and issubclass(member, BaseModel) and any(
-        get_origin(f.annotation) is Literal and tag in get_args(f.annotation)
-        for f in member.model_fields.values())
+        tag in _literal_values(f.annotation) for f in member.model_fields.values())
+
+
+def _literal_values(annotation: Any) -> tuple[Any, ...]:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(v for arg in get_args(annotation) for v in _literal_values(arg))
+    return ()
 
 
 def _unknown_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
@@ -345,6 +357,18 @@ def _missing_files(path: Path, config: TestConfig, root: Path) -> list[str]:
     return problems
 
 
+def _machine_warnings(configs: dict[str, LoadedConfig]) -> list[str]:
+    """Browser checks on a machine without Chromium."""
+    browsers = [(loaded.path, i) for loaded in configs.values()
+                for i, route in enumerate(loaded.config.ui_smoke.routes)
+                if route.kind == "browser"]
+    if not browsers or find_chromium() is not None:
+        return []
+    return [f"{path}: ui_smoke.routes[{i}]: kind 'browser' needs Chromium, which this machine "
+            f"does not have ({INSTALL_HINT}); the check fails as infra here"
+            for path, i in browsers]
+
+
 def _signature(root: Path) -> tuple[tuple[str, int, int], ...]:
     """Name, mtime and size of every registry file, read in one directory scan each."""
     entries = []
@@ -429,4 +453,4 @@ def load_registry(root: str | Path) -> Registry:
         problems.extend(_intent_problems(settings_path, settings, configs))
     if problems or settings is None:
         raise RegistryError(problems)
-    return Registry(root, settings, configs)
+    return Registry(root, settings, configs, tuple(_machine_warnings(configs)))

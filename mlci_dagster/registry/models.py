@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -10,6 +11,7 @@ from pydantic import (
     StringConstraints,
     Tag,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -423,6 +425,9 @@ PROVIDER_PIPELINE_KINDS = {"k8s_job": "kubernetes", "k8s_resource": "kubernetes"
 class RouteCheck(StrictModel):
     """One HTTP route: status, content and JSON fields, since an SPA answers 200 everywhere."""
 
+    # Left out of dumps (the config id): routes from before kinds existed keep their ids.
+    kind: Literal["http"] | None = Field(default=None, exclude=True,
+                                         description="http (the default).")
     service: Name
     path: str
     expect_status: int = 200
@@ -433,8 +438,61 @@ class RouteCheck(StrictModel):
     timeout_s: Annotated[float, Field(gt=0, le=600)] = 10
 
 
+class BrowserWait(StrictModel):
+    """What the app's JavaScript renders once the page works: exactly one of a CSS selector or
+    a text."""
+
+    selector: str | None = None
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BrowserWait:
+        if (self.selector is None) == (self.text is None):
+            raise ValueError("expected exactly one of 'selector' or 'text'")
+        return self
+
+
+class BrowserRoute(StrictModel):
+    """One page loaded in headless Chromium: it must render what `wait_for` names, show the
+    `contains` texts, and log no console error beyond `allow_console`; its load time and a
+    screenshot are kept."""
+
+    kind: Literal["browser"]
+    service: Name
+    path: str = "/"
+    wait_for: BrowserWait
+    contains: list[str] = Field(default=[], description="Texts the rendered page shows.")
+    allow_console: list[str] = Field(
+        default=[], description="Regular expressions of console errors that do not fail the "
+        "check (a favicon 404, a known deprecation).")
+    timeout_s: Annotated[float, Field(gt=0, le=600)] = 30
+
+    @field_validator("allow_console")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        for i, pattern in enumerate(values):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"[{i}]: not a regular expression ({exc})") from exc
+        return values
+
+
+def _route_kind(value: Any) -> str:
+    kind = value.get("kind", "http") if isinstance(value, dict) else (value.kind or "http")
+    return kind if isinstance(kind, str) else repr(kind)
+
+
+# `kind` picks the member: http (the default) or browser.
+Route = Annotated[
+    Annotated[RouteCheck, Tag("http")] | Annotated[BrowserRoute, Tag("browser")],
+    Discriminator(_route_kind, custom_error_type="route_kind",
+                  custom_error_message="expected kind http or browser"),
+]
+
+
 class UiSmokeSpec(StrictModel):
-    routes: list[RouteCheck] = []
+    routes: list[Route] = []
 
 
 # --- the config ----------------------------------------------------------------------------

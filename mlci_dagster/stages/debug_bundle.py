@@ -24,8 +24,8 @@ def bundle_path(home: Path, run_id: str, config: str, engine: str) -> Path:
     return home / "bundles" / run_id / f"{config}.{engine}.tar.gz"
 
 
-def _add(tar: tarfile.TarFile, name: str, text: str) -> None:
-    data = text.encode()
+def _add(tar: tarfile.TarFile, name: str, text: str | bytes) -> None:
+    data = text.encode() if isinstance(text, str) else text
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
     tar.addfile(info, io.BytesIO(data))
@@ -41,11 +41,18 @@ def _log_tail(path: Path) -> str:
     return text if cut <= 0 else f"[... first {cut} bytes cut]\n{text}"
 
 
+def screenshots_of(outcomes: list[StageOutcome]) -> list[str]:
+    """The screenshots ui_smoke's browser checks took."""
+    return [route["screenshot"] for o in outcomes if str(o.stage) == "ui_smoke"
+            for route in o.details.get("routes", []) if route.get("screenshot")]
+
+
 def write_debug_bundle(
     path: Path, handle: SandboxHandle, outcomes: list[StageOutcome], logs: list[str],
     redactor: Redactor,
 ) -> Path:
-    """Writes the bundle at `path` (atomically) and returns it; OSError if it cannot."""
+    """Writes the bundle at `path` (atomically) and returns it; OSError if it cannot. The
+    browser checks' screenshots go in as they are: an image cannot be redacted."""
     root = path.name.removesuffix(".tar.gz")
     sandbox = next((o for o in outcomes if str(o.stage) == "sandbox"), None)
     documents: dict[str, Any] = {
@@ -63,5 +70,11 @@ def write_debug_bundle(
                 _add(tar, f"{root}/logs/{Path(log).name}", redactor.text(_log_tail(Path(log))))
             except OSError as exc:
                 _add(tar, f"{root}/logs/{Path(log).name}.missing", f"could not read {log}: {exc}")
+        for shot in screenshots_of(outcomes):
+            try:
+                _add(tar, f"{root}/screenshots/{Path(shot).name}", Path(shot).read_bytes())
+            except OSError as exc:
+                _add(tar, f"{root}/screenshots/{Path(shot).name}.missing",
+                     f"could not read {shot}: {exc}")
     tmp.replace(path)
     return path

@@ -1,4 +1,5 @@
-"""The ui_smoke stage: HTTP routes checked for status, content and JSON fields, with latency."""
+"""The ui_smoke stage: HTTP routes checked for status, content and JSON fields, and pages
+rendered in a browser (stages/browser.py), each with its latency."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import requests
 
 from mlci_dagster.dotted import dig
-from mlci_dagster.registry.models import RouteCheck
+from mlci_dagster.providers.host import SANDBOX_ID_ENV
+from mlci_dagster.registry.models import BrowserRoute, RouteCheck
+from mlci_dagster.stages.browser import check_page
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.stages.sandbox import handle_of
@@ -59,24 +62,31 @@ def smoke_test_ui(
     clock = StageClock(Stage.UI_SMOKE, ctx.redactor)
     context = ctx.render_context(handle, image.details, outputs=pipelines.details["outputs"])
     deadline = time.monotonic() + ctx.config.timeouts.ui_smoke_s
-    checks, failures = [], []
+    checks, failures, broken = [], [], []
     http = ctx.provider.http(handle)
     for i, route in enumerate(ctx.config.ui_smoke.routes):
         if time.monotonic() > deadline:
             return clock.failed(FailureKind.TIMEOUT,
                                 f"ui_smoke exceeded {ctx.config.timeouts.ui_smoke_s:g}s "
                                 f"before routes[{i}]", routes=checks)
+        base = handle.endpoints[route.service]
         try:
-            check = check_route(route, handle.endpoints[route.service], context, http)
+            check = check_page(
+                route, base, context, http=http, env={SANDBOX_ID_ENV: handle.sandbox_id},
+                screenshot=Path(handle.log_dir) / f"ui_smoke-{i}.jpg",
+            ) if isinstance(route, BrowserRoute) else check_route(route, base, context, http)
         except TemplateError as exc:
             return clock.failed(FailureKind.INFRA, f"routes[{i}]: {exc}", routes=checks)
         checks.append(check)
         failures += [f"{check['url']}: {problem}" for problem in check["problems"]]
+        broken += [f"{check['url']}: {problem}" for problem in check.get("infra", [])]
     log_path = Path(handle.log_dir) / "ui_smoke.log"
     log_path.write_text(ctx.redactor.text("\n".join(
-        f"{c['url']} -> {c['status']} in {c['latency_ms']} ms {c['problems'] or 'ok'}"
-        for c in checks)))
-    if failures:
-        return clock.failed(FailureKind.PRODUCT, "\n".join(failures), log_ref=str(log_path),
+        f"{c['url']} -> {c['status']} in {c['latency_ms']} ms "
+        f"{[*c['problems'], *c.get('infra', [])] or 'ok'}" for c in checks)))
+    if failures or broken:
+        # A product that fails its checks outranks a browser that could not check the rest.
+        return clock.failed(FailureKind.PRODUCT if failures else FailureKind.INFRA,
+                            "\n".join([*failures, *broken]), log_ref=str(log_path),
                             routes=checks)
     return clock.passed(log_ref=str(log_path), routes=checks)
