@@ -17,7 +17,7 @@ from mlci_dagster.registry import load_registry
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.resources.io import io_manager
 from mlci_dagster.resources.mlci import MlciResource
-from mlci_dagster.resources.notify import notifier_resource
+from mlci_dagster.resources.notify import notifier_resource, root_cause_resource
 from mlci_dagster.schedules import nightly_schedule
 from mlci_dagster.sensors.cleanup import (
     JANITOR_ASSET,
@@ -35,7 +35,7 @@ from mlci_dagster.sensors.commits import (
 )
 from mlci_dagster.sensors.history_update import history_update_sensor
 from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_sensor, pushed_image
-from mlci_dagster.sensors.notify import notify
+from mlci_dagster.sensors.notify import SIGNATURES_ASSET, notify
 from mlci_dagster.sensors.registry_sync import registry_sync
 from mlci_dagster.sensors.stale_scanner import stale_scanner
 from mlci_dagster.vocabulary import split_partition_key
@@ -74,7 +74,7 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
     reserved = reservation_definitions(settings)
     return dg.Definitions(
         assets=[lifecycle, history, grid_report, JANITOR_ASSET, pushed_image,
-                pull_request_label, commit_summary, release_qualification,
+                pull_request_label, commit_summary, release_qualification, SIGNATURES_ASSET,
                 *reserved["assets"]],
         asset_checks=reserved["asset_checks"],
         jobs=[job, history_job, *reserved["jobs"]],
@@ -86,7 +86,8 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                  commit_poll_sensor(job, settings.repository.poll_interval_s
                                     if settings.repository else 60)],
         resources={"mlci": MlciResource(registry_path=str(Path(registry).resolve())),
-                   "io_manager": io_manager(), "notifier": notifier_resource()},
+                   "io_manager": io_manager(), "notifier": notifier_resource(),
+                   "root_cause": root_cause_resource()},
         executor=dg.in_process_executor,
     )
 

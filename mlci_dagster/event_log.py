@@ -71,6 +71,20 @@ def record_before(instance: dg.DagsterInstance, partition: str, before: int | No
     return read_record(records[0].storage_id, records[0].asset_materialization.metadata)
 
 
+def last_pass_before(instance: dg.DagsterInstance, record: ResultRecord, look_back: int = 50
+                     ) -> ResultRecord | None:
+    """The partition's latest passing result before `record`, among its last `look_back`."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[record.partition]),
+        limit=look_back).records
+    for entry in records:  # newest first
+        found = read_record(entry.storage_id, entry.asset_materialization.metadata) \
+            if entry.asset_materialization is not None else None
+        if found is not None and found.passed and found.finished_at < record.finished_at:
+            return found
+    return None
+
+
 def consolidate(
     instance: dg.DagsterInstance, table: pd.DataFrame | None
 ) -> tuple[pd.DataFrame, int]:

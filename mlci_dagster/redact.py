@@ -58,6 +58,10 @@ class Redactor:
         env = os.environ if environ is None else environ
         return cls(env.get(name, "") for name in [*names, *credential_names(env)])
 
+    def plus(self, values: Iterable[str]) -> Redactor:
+        """This redactor, masking `values` too."""
+        return Redactor([*self._values, *values])
+
     def text(self, value: str) -> str:
         for secret in self._values:
             value = value.replace(secret, MASK)

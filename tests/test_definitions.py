@@ -20,7 +20,7 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
 
     assert sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()) == sorted(
         [*STAGES, "history", "grid_report", "sandbox_janitor", "pushed_image",
-         "pull_request_label", "commit_summary", "release_qualification"])
+         "pull_request_label", "commit_summary", "release_qualification", "failure_signatures"])
     checks = {(c.asset_key.to_user_string(), c.name) for c in repo.asset_graph.asset_check_keys}
     assert checks == {(s, "stage_passed") for s in STAGES[:-1]} | {
         ("results", "lifecycle_passed"), ("history", "no_new_regressions"),
@@ -35,6 +35,23 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
     partitions = repo.asset_graph.get(dg.AssetKey("results")).partitions_def
     assert isinstance(partitions, dg.MultiPartitionsDefinition)
     assert [d.name for d in partitions.partitions_defs] == ["config", "engine"]
+
+
+def test_a_registry_with_reservations_adds_their_assets_checks_jobs_and_schedules():
+    from mlci_dagster.paths import EXAMPLES
+
+    repo = build_definitions(EXAMPLES / "reservations").get_repository_def()
+    repo.get_all_jobs()
+
+    keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    assert {"reservation/gpu-box", "held_sandbox"} <= keys
+    assert ("reservation/gpu-box", "reservation_clean") in {
+        (c.asset_key.to_user_string(), c.name) for c in repo.asset_graph.asset_check_keys}
+    held = repo.asset_graph.get(dg.AssetKey("held_sandbox")).partitions_def
+    assert held.get_partition_keys() == ["gpu-box"]
+    assert repo.has_job("hold_up") and repo.has_job("hold_down")
+    assert sorted(s.name for s in repo.schedule_defs) == [
+        "hold_down_gpu_box", "hold_up_gpu_box", "nightly"]
 
 
 def test_nightly_schedule_requests_every_nightly_partition_with_its_trigger(instance, tmp_path):
@@ -53,6 +70,7 @@ def test_nightly_schedule_requests_every_nightly_partition_with_its_trigger(inst
     assert sorted(r.partition_key for r in requests) == ["a|e1", "a|e2"]
     assert {r.tags["mlci/trigger"] for r in requests} == {"schedule"}
     assert {r.run_key for r in requests} == {"nightly:2026-11-24:a|e1", "nightly:2026-11-24:a|e2"}
+    assert {r.tags["mlci/batch"] for r in requests} == {"nightly 2026-11-24"}  # a grid column
 
 
 def test_registry_sync_sensor_adds_new_and_removes_deleted_configs(instance, tmp_path):

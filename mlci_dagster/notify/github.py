@@ -1,6 +1,7 @@
-"""GitHub through the REST API: one issue per partition (found by its stable title and label,
-opened on the first failure, commented on later ones, commented and closed on recovery), and
-one commit status per SHA and tier."""
+"""GitHub through the REST API: one issue per failure signature (found by its label and the
+signature id its title ends with; opened when the signature is new, commented on when it spreads
+or its partitions regress, commented and closed when it is resolved), and one commit status per
+SHA and tier."""
 
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ PAGE_SIZE = 100
 MAX_PAGES = 20
 
 
-def issue_title(partition: str) -> str:
-    """The stable title that makes the issue of a partition findable (and so deduplicated)."""
-    return f"mlci: {partition} failing"
+TITLE_CHARS = 200
+
+
+def issue_title(signature: str, text: str) -> str:
+    """The title of a signature's issue; its end, `[<id>]`, makes it findable."""
+    head = f"mlci: {text}"
+    room = TITLE_CHARS - len(signature) - 3
+    return f"{head if len(head) <= room else head[:room - 1] + '…'} [{signature}]"
 
 
 def issue_markdown(notification: Notification) -> str:
@@ -80,33 +86,34 @@ class GitHubStatuses(GitHubClient):
 class GitHubIssues(GitHubClient):
     """The issues of `repo` labelled `mlci`."""
 
-    def find_open_issue(self, partition: str) -> int | None:
-        """The number of the partition's open issue, if any (pull requests are not issues)."""
-        title = issue_title(partition)
+    def find_open_issue(self, signature: str) -> int | None:
+        """The number of the signature's open issue, if any (pull requests are not issues)."""
         for page in range(1, MAX_PAGES + 1):
             issues = self._call("GET", "/issues", params={
                 "state": "open", "labels": LABEL, "per_page": PAGE_SIZE, "page": page})
             for issue in issues:
-                if issue.get("title") == title and "pull_request" not in issue:
+                if str(issue.get("title", "")).endswith(f"[{signature}]") and \
+                        "pull_request" not in issue:
                     return int(issue["number"])
             if len(issues) < PAGE_SIZE:
                 return None
         return None
 
     def open_or_comment(self, notification: Notification) -> int:
-        """Comments on the partition's open issue, or opens it: one issue per partition."""
-        number = self.find_open_issue(notification.partition)
+        """Comments on the signature's open issue, or opens it: one issue per signature."""
+        number = self.find_open_issue(notification.signature)
         body = issue_markdown(notification)
         if number is None:
             issue = self._call("POST", "/issues", body={
-                "title": issue_title(notification.partition), "body": body, "labels": [LABEL]})
+                "title": issue_title(notification.signature, notification.signature_text),
+                "body": body, "labels": [LABEL]})
             return int(issue["number"])
         self._call("POST", f"/issues/{number}/comments", body={"body": body})
         return number
 
     def comment_and_close(self, notification: Notification) -> int | None:
-        """On recovery: comments on the partition's open issue and closes it; None if none."""
-        number = self.find_open_issue(notification.partition)
+        """Once resolved: comments on the signature's open issue and closes it; None if none."""
+        number = self.find_open_issue(notification.signature)
         if number is None:
             return None
         self._call("POST", f"/issues/{number}/comments", body={"body": issue_markdown(
@@ -116,6 +123,6 @@ class GitHubIssues(GitHubClient):
         return number
 
     def deliver(self, notification: Notification) -> int | None:
-        if notification.kind is Kind.RECOVERY:
+        if notification.kind is Kind.RESOLVED:
             return self.comment_and_close(notification)
         return self.open_or_comment(notification)

@@ -1,5 +1,10 @@
-"""One notification, built from a results record (a failed or recovered lifecycle) or from a
-history regression (an alert that opened), with its links. Plain data: every channel renders it.
+"""One notification, about one failure signature: the partitions that fail with it, its first
+failure's details and links. Plain data: every channel renders it.
+
+A cause that breaks fourteen partitions is one notification, not fourteen: a new signature is
+announced once, with every partition it reached in that tick; later partitions that join it
+are one `spread` notification; when none fails with it any more, one `resolved`. Regression
+alerts the history opens are grouped by signature the same way.
 """
 
 from __future__ import annotations
@@ -9,22 +14,26 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlci_dagster.record import ResultRecord
-from mlci_dagster.vocabulary import split_partition_key
+from mlci_dagster.signature import Signature, signature_of
 
 
 class Kind(enum.StrEnum):
-    FAILURE = "failure"  # a lifecycle failed
-    RECOVERY = "recovery"  # a partition passes again after a failure
-    REGRESSION = "regression"  # the history analysis opened an alert for the partition
+    SIGNATURE = "signature"  # a failure signature seen for the first time (since it resolved)
+    SPREAD = "spread"  # more partitions fail with an open signature
+    RESOLVED = "resolved"  # no partition fails with the signature any more
+    REGRESSION = "regression"  # the history analysis opened alerts for partitions failing so
 
 
 @dataclass
 class Notification:
-    """What one message says; `key` identifies it (kind, partition and run) for retries and logs."""
+    """What one message says; `key` identifies it (kind, signature and run) for retries and
+    logs; `signature` is its subject: one GitHub issue per signature."""
 
     kind: Kind
-    partition: str
+    signature: str  # the signature's id
     title: str
+    signature_text: str = ""
+    partitions: list[str] = field(default_factory=list)
     status: str = ""
     failed_stage: str = ""
     failure_kind: str = ""
@@ -36,19 +45,14 @@ class Notification:
     debug_bundle: str = ""
     image_digest: str = ""
     verdict: str = ""
+    # A root-cause hypothesis by a language model, when one is configured; always shown
+    # labelled as machine-generated.
+    hypothesis: str = ""
     facts: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
-        return f"{self.kind}:{self.partition}:{self.run_id}"
-
-    @property
-    def config(self) -> str:
-        return split_partition_key(self.partition)[0]
-
-    @property
-    def engine(self) -> str:
-        return split_partition_key(self.partition)[1]
+        return f"{self.kind}:{self.signature}:{self.run_id}"
 
     def links(self) -> dict[str, str]:
         """Label -> target of every link the message carries (URLs and paths on the host)."""
@@ -70,58 +74,91 @@ def run_url(dagster_url: str, run_id: str) -> str:
     return f"{dagster_url.rstrip('/')}/runs/{run_id}" if dagster_url and run_id else ""
 
 
-def failure_notification(record: ResultRecord, dagster_url: str) -> Notification:
-    """From a failed `results` record: the failing stage, its owner, the (redacted) summary."""
-    stage = str(record.failed_stage or "")
+def signature_of_record(record: ResultRecord) -> Signature:
+    found = signature_of(record.failed_stage, record.failure_kind, record.error_summary)
+    assert found is not None, "a failed record has a failed stage"
+    return found
+
+
+def partitions_text(partitions: list[str]) -> str:
+    count = len(partitions)
+    return f"{count} partition{'s' if count != 1 else ''}"
+
+
+def signature_notification(records: list[ResultRecord], dagster_url: str,
+                           kind: Kind = Kind.SIGNATURE) -> Notification:
+    """From the failed records of one signature (a tick's worth): the partitions, and the first
+    record's stage, owner, (redacted) summary and links; every run linked in the facts."""
+    first = records[0]
+    signature = signature_of_record(first)
+    partitions = sorted({r.partition for r in records})
+    owners = sorted({r.owner for r in records if r.owner})
+    what = "new failure" if kind is Kind.SIGNATURE else "spreads to"
+    title = (f"{what}: {partitions_text(partitions)} "
+             f"({', '.join(partitions[:3])}{', ...' if len(partitions) > 3 else ''}) "
+             f"{'fail' if len(partitions) != 1 else 'fails'} with {signature.text}")
     return Notification(
-        kind=Kind.FAILURE, partition=record.partition,
-        title=f"{record.partition} failed at {stage or 'an unknown stage'}",
-        status=record.status, failed_stage=stage,
-        failure_kind=str(record.failure_kind or ""), owner=record.owner or "",
-        error_summary=record.error_summary, run_id=record.run_id,
-        run_url=run_url(dagster_url, record.run_id),
-        log_ref=record.log_ref, debug_bundle=record.debug_bundle,
-        image_digest=record.image_digest or "",
-        facts={"trigger": record.trigger, "code version": record.code_version},
+        kind=kind, signature=signature.id, title=title, signature_text=signature.text,
+        partitions=partitions, status=first.status, failed_stage=str(first.failed_stage or ""),
+        failure_kind=str(first.failure_kind or ""), owner=", ".join(owners),
+        error_summary=first.error_summary, run_id=first.run_id,
+        run_url=run_url(dagster_url, first.run_id), log_ref=first.log_ref,
+        debug_bundle=first.debug_bundle, image_digest=first.image_digest or "",
+        facts={"trigger": first.trigger, "code version": first.code_version,
+               **{f"run of {r.partition}": run_url(dagster_url, r.run_id) or r.run_id
+                  for r in records[:10]}},
     )
 
 
-def recovery_notification(record: ResultRecord, dagster_url: str) -> Notification:
-    """From a passing `results` record of a partition whose previous result failed."""
+def resolved_notification(signature: str, text: str, last: ResultRecord | None,
+                          dagster_url: str, partitions: list[str]) -> Notification:
+    """No partition fails with the signature any more: `last` is the result that ended it."""
     return Notification(
-        kind=Kind.RECOVERY, partition=record.partition,
-        title=f"{record.partition} passes again", status=record.status,
-        run_id=record.run_id, run_url=run_url(dagster_url, record.run_id),
-        image_digest=record.image_digest or "",
+        kind=Kind.RESOLVED, signature=signature, signature_text=text,
+        title=f"resolved: no partition fails with {text} any more "
+              f"({', '.join(partitions)} pass{'es' if len(partitions) == 1 else ''} again "
+              "or fail otherwise)",
+        partitions=partitions, run_id=last.run_id if last else "",
+        run_url=run_url(dagster_url, last.run_id) if last else "",
+        image_digest=(last.image_digest or "") if last else "",
     )
 
 
-def regression_notification(
-    partition: str, regression: dict[str, Any], dagster_url: str, failing_runs: int = 0
-) -> Notification:
-    """From a history regression (PartitionSummary.regression): last pass, first fail, verdict."""
+def regression_notification(signature: str, text: str, alerts: dict[str, dict[str, Any]],
+                            dagster_url: str) -> Notification:
+    """From the history's newly opened alerts of one signature (partition -> its regression:
+    last pass, first fail, verdict)."""
+    partitions = sorted(alerts)
+    regression = alerts[partitions[0]]
     first_fail = regression.get("first_fail") or {}
     last_pass = regression.get("last_pass") or {}
-    facts = {"failing runs": str(failing_runs) if failing_runs else "",
+    verdicts = sorted({a.get("verdict") or "failing" for a in alerts.values()})
+    facts = {"failing runs": ", ".join(f"{p}: {alerts[p].get('failing_runs', '?')}"
+                                      for p in partitions),
              "first failing run": first_fail.get("run_id") or "",
              "first failing image": first_fail.get("image_digest") or "",
              "last passing run": last_pass.get("run_id") or "none on record",
              "last passing image": last_pass.get("image_digest") or ""}
     return Notification(
-        kind=Kind.REGRESSION, partition=partition,
-        title=f"{partition} regressed: {regression.get('verdict') or 'failing'}",
-        status=first_fail.get("status") or "", failed_stage=first_fail.get("failed_stage") or "",
+        kind=Kind.REGRESSION, signature=signature, signature_text=text,
+        title=f"regressed: {partitions_text(partitions)} ({', '.join(partitions)}) with "
+              f"{text or 'an unknown signature'}: {'; '.join(verdicts)}",
+        partitions=partitions, status=first_fail.get("status") or "",
+        failed_stage=first_fail.get("failed_stage") or "",
         run_id=first_fail.get("run_id") or "",
         run_url=run_url(dagster_url, first_fail.get("run_id") or ""),
-        image_digest=first_fail.get("image_digest") or "",
-        verdict=regression.get("verdict") or "", facts={k: v for k, v in facts.items() if v},
+        image_digest=first_fail.get("image_digest") or "", verdict="; ".join(verdicts),
+        facts={k: v for k, v in facts.items() if v},
     )
 
 
 def summary_lines(notification: Notification) -> list[tuple[str, str]]:
     """(label, value) of every fact worth a line, in reading order; empty values left out."""
     n = notification
-    lines = [("partition", n.partition), ("status", n.status), ("failing stage", n.failed_stage),
-             ("failure kind", n.failure_kind), ("owner", n.owner), ("verdict", n.verdict),
-             ("image", n.image_digest), ("run", n.run_id), *n.facts.items()]
+    lines = [("signature", f"{n.signature_text} [{n.signature}]" if n.signature_text else ""),
+             ("partitions", ", ".join(n.partitions)), ("status", n.status),
+             ("failing stage", n.failed_stage), ("failure kind", n.failure_kind),
+             ("owner", n.owner), ("verdict", n.verdict), ("image", n.image_digest),
+             ("run", n.run_id), *n.facts.items(),
+             ("root-cause hypothesis (machine-generated, unverified)", n.hypothesis)]
     return [(label, value) for label, value in lines if value]

@@ -41,25 +41,35 @@ class Pending:
 @dataclass
 class NotifierState:
     """Stored as the sensor cursor: results and check evaluations read up to these ids, the
-    partitions whose regression alert is open (so an alert is announced once), what is pending."""
+    partitions whose regression alert is open (so an alert is announced once), the signature
+    each failing partition last failed with, the open signatures (id -> text and the partitions
+    announced with it), and what is pending."""
 
     results_after: int = 0
     checks_after: int = 0
     open_alerts: list[str] = field(default_factory=list)
     pending: list[Pending] = field(default_factory=list)
+    failing: dict[str, str] = field(default_factory=dict)
+    open_signatures: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def members(self, signature: str) -> list[str]:
+        """The partitions failing with `signature` now."""
+        return sorted(p for p, s in self.failing.items() if s == signature)
 
     def to_json(self) -> str:
         return json.dumps({"results_after": self.results_after,
                            "checks_after": self.checks_after,
                            "open_alerts": sorted(self.open_alerts),
-                           "pending": [p.to_dict() for p in self.pending]})
+                           "pending": [p.to_dict() for p in self.pending],
+                           "failing": self.failing, "open_signatures": self.open_signatures})
 
     @classmethod
     def from_json(cls, text: str) -> NotifierState:
         data = json.loads(text)
         return cls(int(data.get("results_after", 0)), int(data.get("checks_after", 0)),
                    list(data.get("open_alerts", [])),
-                   [Pending.from_dict(p) for p in data.get("pending", [])])
+                   [Pending.from_dict(p) for p in data.get("pending", [])],
+                   dict(data.get("failing", {})), dict(data.get("open_signatures", {})))
 
 
 @dataclass
@@ -99,14 +109,14 @@ class Notifier:
 def deliver_in_order(notifier: Notifier, queue: list[Pending]) -> tuple[list[Pending], list[str]]:
     """Delivers the queue oldest first: (what is still pending, a line per failure).
 
-    Once a channel fails for a partition, that partition's later notifications wait for it on
+    Once a channel fails for a signature, that signature's later notifications wait for it on
     that channel, so an issue is never closed before the failure that opened it was posted.
     """
     blocked: set[tuple[str, str]] = set()
     remaining: list[Pending] = []
     failures: list[str] = []
     for item in queue:
-        partition = item.notification.partition
+        partition = item.notification.signature
         held = [c for c in item.channels if (partition, c) in blocked]
         tryable = [c for c in item.channels if c not in held]
         left = notifier.deliver(Pending(item.notification, tryable, item.attempts,

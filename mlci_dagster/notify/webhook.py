@@ -9,8 +9,8 @@ from mlci_dagster.notify.message import Kind, Notification, summary_lines
 from mlci_dagster.notify.transport import host_of, request_json
 from mlci_dagster.redact import Redactor
 
-ICONS = {Kind.FAILURE: ":red_circle:", Kind.RECOVERY: ":large_green_circle:",
-         Kind.REGRESSION: ":rotating_light:"}
+ICONS = {Kind.SIGNATURE: ":red_circle:", Kind.SPREAD: ":red_circle:",
+         Kind.RESOLVED: ":large_green_circle:", Kind.REGRESSION: ":rotating_light:"}
 SECTION_CHARS = 2900  # Slack caps a section's text at 3000 characters
 
 

@@ -4,11 +4,14 @@ webhook, GitHub issues). Secrets come only from the environment, through `dg.Env
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import dagster as dg
 
 from mlci_dagster.notify import GitHubIssues, Notifier, Webhook
 from mlci_dagster.notify.github import DEFAULT_API_URL, GitHubStatuses
+from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer
+from mlci_dagster.redact import Redactor
 
 DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
 # field -> the environment variable it is read from when set
@@ -54,3 +57,29 @@ def notifier_resource() -> NotifierResource:
     config or snapshot); with none set, a disabled notifier."""
     return NotifierResource(**{name: dg.EnvVar(var) for name, var in ENV_VARS.items()
                                if os.environ.get(var)})
+
+
+class RootCauseResource(dg.ConfigurableResource):
+    """An OpenAI-compatible chat completions endpoint that suggests a cause for each new
+    failure signature: off unless `url` (its base, e.g. https://api.openai.com/v1) and `model`
+    are set; the key only ever from the environment."""
+
+    url: str = ""
+    model: str = ""
+    key: str = ""
+
+    def analyzer(self, secret_names: Sequence[str]) -> ChatCompletionsAnalyzer | None:
+        """The analyzer, masking the registry's secrets (and the key) in what it sends."""
+        if not (self.url and self.model):
+            return None
+        return ChatCompletionsAnalyzer(self.url, self.model, self.key,
+                                       Redactor.from_env(secret_names))
+
+
+ROOT_CAUSE_ENV = {"url": "MLCI_RCA_URL", "model": "MLCI_RCA_MODEL", "key": "MLCI_RCA_KEY"}
+
+
+def root_cause_resource() -> RootCauseResource:
+    """From the environment, as EnvVars; with none set, no analyzer."""
+    return RootCauseResource(**{name: dg.EnvVar(var) for name, var in ROOT_CAUSE_ENV.items()
+                                if os.environ.get(var)})

@@ -1,25 +1,29 @@
-"""Announces failed lifecycles, recoveries and newly opened regression alerts through the
-notifier resource. Reads `results` materializations and the history asset's
+"""Announces failures by signature through the notifier resource: one message when a signature
+is new (with a machine-generated hypothesis when a root-cause analyzer is configured), one when
+it spreads to more partitions, one when none fails with it any more, and one per signature of
+newly opened regression alerts. Reads `results` materializations and the history asset's
 `no_new_regressions` evaluations after its cursor; what a channel did not take stays in the
 cursor and is retried on the next tick."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
 import dagster as dg
 
 from mlci_dagster.compat import check_evaluations_page
-from mlci_dagster.event_log import RESULTS_ASSET, new_results, record_before
+from mlci_dagster.event_log import RESULTS_ASSET, last_pass_before, new_results
 from mlci_dagster.notify import (
+    Kind,
     Notification,
     NotifyError,
-    failure_notification,
-    recovery_notification,
     regression_notification,
+    resolved_notification,
+    signature_notification,
 )
+from mlci_dagster.notify.message import signature_of_record
 from mlci_dagster.notify.notifier import (
     MAX_PENDING,
     Notifier,
@@ -27,26 +31,14 @@ from mlci_dagster.notify.notifier import (
     Pending,
     deliver_in_order,
 )
+from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer, Evidence
 from mlci_dagster.record import ResultRecord
-from mlci_dagster.resources.notify import NotifierResource
+from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.resources.notify import NotifierResource, RootCauseResource
 
 REGRESSION_CHECK = dg.AssetCheckKey(dg.AssetKey("history"), "no_new_regressions")
 RESULTS_PER_TICK = 500
 CHECK_PAGE = 100
-
-
-def result_notification(
-    instance: dg.DagsterInstance, storage_id: int, record: ResultRecord, dagster_url: str
-) -> Notification | None:
-    """A failure for every failed lifecycle; a recovery for a pass that follows a failure."""
-    if record.skipped:
-        return None  # refused before it began (the budget): nothing of the product to tell
-    if not record.passed:
-        return failure_notification(record, dagster_url)
-    previous = record_before(instance, record.partition, storage_id)
-    if previous is not None and not previous.passed and not previous.skipped:
-        return recovery_notification(record, dagster_url)
-    return None
 
 
 def regression_evaluations(
@@ -84,34 +76,131 @@ def latest_state(instance: dg.DagsterInstance) -> NotifierState:
 
 
 def collect(
-    instance: dg.DagsterInstance, state: NotifierState, dagster_url: str
+    instance: dg.DagsterInstance, state: NotifierState, dagster_url: str,
+    explain: Callable[[list[ResultRecord]], str] = lambda records: "",
 ) -> list[Notification]:
-    """New notifications since the cursor; advances it past what it read."""
-    found = []
+    """New notifications since the cursor, one per signature: new ones (explained by
+    `explain` when an analyzer is configured), those that spread to more partitions, those no
+    partition fails with any more, and regression alerts grouped by signature. Advances the
+    cursor past what it read."""
+    grouped: dict[str, list[ResultRecord]] = {}
+    ended: dict[str, ResultRecord] = {}  # signature -> a result that took a partition off it
     for storage_id, record in islice(new_results(instance, state.results_after),
                                      RESULTS_PER_TICK):
         state.results_after = storage_id
-        notification = result_notification(instance, storage_id, record, dagster_url)
-        if notification is not None:
+        if record.skipped:
+            continue  # refused before it began (the budget, a reservation): nothing to tell
+        before = state.failing.pop(record.partition, None)
+        if not record.passed:
+            signature = signature_of_record(record).id
+            state.failing[record.partition] = signature
+            grouped.setdefault(signature, []).append(record)
+        if before is not None and state.failing.get(record.partition) != before:
+            ended[before] = record
+    found = []
+    for signature, records in grouped.items():
+        opened = state.open_signatures.get(signature)
+        if opened is None:
+            notification = signature_notification(records, dagster_url)
+            notification.hypothesis = explain(records)
             found.append(notification)
+        else:
+            joined = [r for r in records if r.partition not in opened["partitions"]]
+            if joined:
+                found.append(signature_notification(joined, dagster_url, Kind.SPREAD))
+        state.open_signatures[signature] = {
+            "text": signature_of_record(records[0]).text,
+            "partitions": sorted({*(opened or {}).get("partitions", []),
+                                  *(r.partition for r in records)})}
+    for signature, opened in list(state.open_signatures.items()):
+        if not state.members(signature):
+            found.append(resolved_notification(signature, opened["text"], ended.get(signature),
+                                               dagster_url, opened["partitions"]))
+            del state.open_signatures[signature]
     for execution_id, alerts in regression_evaluations(instance, state.checks_after):
         state.checks_after = execution_id
-        for partition in sorted(set(alerts) - set(state.open_alerts)):
-            alert = alerts[partition]
-            found.append(regression_notification(partition, alert, dagster_url,
-                                                 alert.get("failing_runs", 0)))
+        new = {p: alerts[p] for p in sorted(set(alerts) - set(state.open_alerts))}
+        by_signature: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for partition, alert in new.items():
+            first_fail = alert.get("first_fail") or {}
+            key = (first_fail.get("signature") or "", first_fail.get("signature_text") or "")
+            by_signature.setdefault(key, {})[partition] = alert
+        for (signature, text), group in by_signature.items():
+            found.append(regression_notification(signature, text, group, dagster_url))
         state.open_alerts = sorted(alerts)
     return found
 
 
+LOG_TAIL_CHARS = 2000
+
+
+def log_tail(path: str, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, 2)
+            log.seek(max(0, log.tell() - chars))
+            return log.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def evidence_of(instance: dg.DagsterInstance, records: list[ResultRecord],
+                analyzer: ChatCompletionsAnalyzer) -> Evidence:
+    """What the analyzer is given for a new signature: redacted by the analyzer once more."""
+    first = records[0]
+    signature = signature_of_record(first)
+    last_pass = last_pass_before(instance, first)
+    keys = ("image_digest", "config_id", "code_version")
+    return Evidence(
+        signature=signature.id, text=signature.text,
+        partitions=sorted({r.partition for r in records}), error_summary=first.error_summary,
+        log_tails={r.partition: analyzer.redactor.text(log_tail(r.log_ref))
+                   for r in records[:3] if r.log_ref},
+        changes={"first_failure": {k: getattr(first, k) for k in keys},
+                 "last_pass": {k: getattr(last_pass, k) for k in keys} if last_pass else None,
+                 "changed": [k for k in keys if last_pass and
+                             getattr(last_pass, k) != getattr(first, k)]})
+
+
+SIGNATURES_ASSET = dg.AssetSpec(
+    "failure_signatures", group_name="operations", kinds={"python"},
+    description="One observation per notifier tick that saw a failure signature appear, spread "
+                "or resolve: its partitions, and a machine-generated hypothesis when a root-cause "
+                "analyzer is configured.")
+
+
+def signatures_observation(notifications: list[Notification], analyzer: str
+                           ) -> dg.AssetObservation | None:
+    """The signatures this tick announced, newly seen, spreading or resolved, with any
+    machine-generated hypothesis, as one observation of `failure_signatures`."""
+    entries = [{"signature": n.signature, "text": n.signature_text, "event": str(n.kind),
+                "partitions": n.partitions, "first_run": n.run_id,
+                **({"hypothesis (machine-generated)": n.hypothesis, "analyzer": analyzer}
+                   if n.hypothesis else {})}
+               for n in notifications if n.kind is not Kind.REGRESSION]
+    if not entries:
+        return None
+    table = "\n".join(f"- **{e['event']}** `{e['signature']}` {e['text']}: "
+                      f"{', '.join(e['partitions'])}"
+                      + (f"\n  - *machine-generated hypothesis ({analyzer}), unverified:* "
+                         f"{e['hypothesis (machine-generated)']}" if "analyzer" in e else "")
+                      for e in entries)
+    return dg.AssetObservation(asset_key=SIGNATURES_ASSET.key, metadata={
+        "signatures": dg.MetadataValue.md(table),
+        "entries": dg.MetadataValue.json(entries)})
+
+
 @dg.sensor(
     name="notify", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Posts failed lifecycles, recoveries and new regression alerts to the webhook "
-                "and to one GitHub issue per partition.",
+    description="Posts one message per failure signature (new, spreading, resolved) and per "
+                "signature of newly regressed partitions, to the webhook and to one GitHub issue "
+                "per signature.",
 )
-def notify(context: dg.SensorEvaluationContext, notifier: NotifierResource) -> dg.SensorResult:
+def notify(context: dg.SensorEvaluationContext, notifier: NotifierResource,
+           mlci: MlciResource, root_cause: RootCauseResource) -> dg.SensorResult:
     try:
         channels: Notifier = notifier.notifier()
+        analyzer = root_cause.analyzer(mlci.registry().secret_names)
     except NotifyError as exc:
         return dg.SensorResult(skip_reason=f"notifier misconfigured: {exc}")
     if not context.cursor or not channels.enabled:
@@ -121,7 +210,17 @@ def notify(context: dg.SensorEvaluationContext, notifier: NotifierResource) -> d
             cursor=state.to_json(),
             skip_reason="notifier disabled" if not channels.enabled else "cursor initialised")
     state = NotifierState.from_json(context.cursor)
-    new = collect(context.instance, state, notifier.dagster_url)
+
+    def explain(records: list[ResultRecord]) -> str:
+        if analyzer is None:
+            return ""
+        try:
+            return analyzer.hypothesis(evidence_of(context.instance, records, analyzer))
+        except NotifyError as exc:
+            context.log.warning(f"no root-cause hypothesis: {exc}")
+            return ""
+
+    new = collect(context.instance, state, notifier.dagster_url, explain)
     queue = state.pending + [Pending(n, channels.channels) for n in new]
     state.pending, failures = deliver_in_order(channels, queue)
     for failure in failures:
@@ -133,7 +232,8 @@ def notify(context: dg.SensorEvaluationContext, notifier: NotifierResource) -> d
         state.pending = state.pending[-MAX_PENDING:]
     sent = len(queue) - len(state.pending)
     context.log.info(f"notify: {len(new)} new, {sent} delivered, {len(state.pending)} pending")
+    observation = signatures_observation(new, analyzer.name if analyzer else "")
     return dg.SensorResult(
-        cursor=state.to_json(),
-        skip_reason=f"{len(new)} new notification(s), {sent} delivered, "
-                    f"{len(state.pending)} pending")
+        cursor=state.to_json(), asset_events=[observation] if observation else [],
+        skip_reason=None if observation else f"{len(new)} new notification(s), {sent} "
+        f"delivered, {len(state.pending)} pending")

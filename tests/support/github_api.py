@@ -1,7 +1,9 @@
 """A loopback HTTP server that answers like GitHub's REST API (issues: list, create, comment,
-close; commit statuses: create) and like a Slack-compatible webhook, recording every request.
-It emulates only those calls and their JSON shapes: no pagination beyond one page, no rate
-limits, no checks API, a single repository and token."""
+close; commit statuses: create), like a Slack-compatible webhook, and like an OpenAI-compatible
+chat completions endpoint (POST /v1/chat/completions: `choices[0].message.content`, which here
+names the signature the request's evidence carried), recording every request. It emulates only
+those calls and their JSON shapes: no pagination beyond one page, no rate limits, no checks
+API, a single repository and token, no model behind the completions."""
 
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ class FakeServices:
     def hooks(self) -> list[dict[str, Any]]:
         return [r.body for r in self.of("POST", "/hook")]
 
+    @property
+    def completions(self) -> list[Recorded]:
+        return self.of("POST", "/v1/chat/completions")
+
 
 def make_handler(services: FakeServices) -> type[BaseHTTPRequestHandler]:
     issues_path = f"/api/repos/{REPO}/issues"
@@ -70,6 +76,15 @@ def make_handler(services: FakeServices) -> type[BaseHTTPRequestHandler]:
             body = json.loads(raw) if raw else None
             services.requests.append(Recorded(self.command, url.path, parse_qs(url.query),
                                               dict(self.headers), body))
+            if url.path == "/v1/chat/completions":
+                evidence = json.loads(body["messages"][-1]["content"])
+                changed = ", ".join(evidence["changes"]["changed"]) or "nothing"
+                answer = (f"Likely cause of {evidence['signature']}: the step that diverges; "
+                          f"check what changed ({changed}).")
+                return self._answer(200, {"object": "chat.completion", "model": body["model"],
+                                          "choices": [{"index": 0, "finish_reason": "stop",
+                                                       "message": {"role": "assistant",
+                                                                   "content": answer}}]})
             if url.path == "/hook":
                 if services.fail_webhook:
                     services.fail_webhook -= 1
