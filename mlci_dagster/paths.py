@@ -11,6 +11,15 @@ EXAMPLE_REGISTRY = EXAMPLES / "ml-platform"  # the demo: MLflow, Ray and Spark
 LOCAL_EXAMPLE = EXAMPLES / "local"  # a small platform of Python's own servers
 
 
+DAGSTER_URL_ENV = "MLCI_DAGSTER_URL"
+DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
+
+
+def dagster_url() -> str:
+    """Where people open the Dagster UI, for links to runs: `$MLCI_DAGSTER_URL`."""
+    return os.environ.get(DAGSTER_URL_ENV) or DEFAULT_DAGSTER_URL
+
+
 def registry_path() -> Path:
     """`$MLCI_REGISTRY`, else the example registry beside the package."""
     return Path(os.environ.get(REGISTRY_ENV) or EXAMPLE_REGISTRY)

@@ -1,16 +1,24 @@
-"""A TestGrid-like HTML grid: rows config × engine, columns runs (newest first), coloured cells
-with the failing stage on hover, and a duration trend per partition. One self-contained file."""
+"""A TestGrid-like HTML grid, one self-contained file: rows config × engine, columns batches (a
+night, a commit, an image, an `mlci run`) aligned across rows, newest left, each headed by its
+date and the image digest it tested. A cell is a run, linked to its Dagster run, lettered by its
+failure signature (hover for the signature, stages and more); a regression's last pass and
+first failure are marked. Under the grid: the failure signatures, and each partition's duration
+and metric trends drawn with axes and units."""
 
 from __future__ import annotations
 
 import datetime as dt
 import html
 import json
+import string
+from collections import Counter
+from typing import Any
 
 import pandas as pd
 
-from mlci_dagster.history.analysis import PartitionSummary
+from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster, with_run_fields
 from mlci_dagster.history.render import regression_text, short, usd
+from mlci_dagster.history.table import METRIC_PREFIX
 from mlci_dagster.vocabulary import LIFECYCLE_PASS, LIFECYCLE_SKIP, FailureKind, passed, skipped
 
 COLUMNS = 30
@@ -22,35 +30,65 @@ STATUS_COLOURS = {"PASS": "#2da44e", "FLAKY": "#d4a72c", "FAILING": "#cf222e",
 
 STYLE = """
 body { font: 13px system-ui, sans-serif; margin: 24px; color: #1f2328; }
-h1 { font-size: 20px; margin: 0 0 4px; } .sub { color: #59636e; margin-bottom: 16px; }
-table { border-collapse: collapse; } td, th { padding: 2px 6px; white-space: nowrap; }
+h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 24px 0 8px; }
+.sub { color: #59636e; margin-bottom: 12px; }
+table { border-collapse: collapse; } td, th { padding: 2px 4px; white-space: nowrap; }
 th { text-align: left; font-weight: 600; color: #59636e; }
-td.name { font-family: ui-monospace, monospace; }
+th.batch { font-weight: 400; font-size: 10px; text-align: center; line-height: 1.25;
+           font-family: ui-monospace, monospace; }
+td.name { font-family: ui-monospace, monospace; padding-right: 8px; }
+td.slot { text-align: center; padding: 1px; }
 .badge { color: white; border-radius: 3px; padding: 1px 6px; font-size: 11px; font-weight: 600; }
-.cell { display: inline-block; width: 16px; height: 16px; border-radius: 2px; margin-right: 2px;
-        vertical-align: middle; }
+.cell { display: inline-block; width: 20px; height: 18px; border-radius: 2px;
+        vertical-align: middle; color: white; font: 600 11px/18px ui-monospace, monospace;
+        text-align: center; text-decoration: none; box-sizing: border-box; }
 .cell:hover { outline: 2px solid #1f2328; }
+.cell.last-pass { border: 2px solid #1f2328; } .cell.first-fail { border: 2px dashed #1f2328; }
+.none { display: inline-block; width: 20px; height: 18px; background: #f6f8fa; }
 .legend span { margin-right: 12px; } .reg { color: #cf222e; font-size: 12px; }
+.sig { font-family: ui-monospace, monospace; }
+.trend { display: inline-block; margin: 0 16px 12px 0; vertical-align: top; }
+.trend .t { font-size: 11px; color: #59636e; }
 """
 
 
-def sparkline(values: list[float], width: int = 120, height: int = 22) -> str:
-    """An inline SVG of durations, oldest left, with the latest point marked."""
-    if len(values) < 2:
-        return ""
-    low, high = min(values), max(values)
-    span = (high - low) or 1.0
-    step = width / (len(values) - 1)
-    points = [(i * step, height - 2 - (v - low) / span * (height - 4))
-              for i, v in enumerate(values)]
-    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-    x, y = points[-1]
-    return (f'<svg width="{width}" height="{height}"><title>duration {low:.1f}s–{high:.1f}s'
-            f'</title><polyline fill="none" stroke="#0969da" stroke-width="1.5" points="{path}"/>'
-            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#0969da"/></svg>')
+def batch_key(row: pd.Series) -> str:
+    """The row's batch, or for a row recorded before batches: its trigger and UTC day."""
+    batch = row.get("batch")
+    if isinstance(batch, str) and batch:
+        return batch
+    return f"{row['trigger']} {dt.datetime.fromtimestamp(row['started_at'], dt.UTC):%Y-%m-%d}"
 
 
-def _cell(row: pd.Series) -> str:
+def batch_columns(table: pd.DataFrame, limit: int = COLUMNS) -> list[dict[str, Any]]:
+    """The newest `limit` batches, newest first: key, first start, the image most tested."""
+    columns = []
+    for key, rows in table.groupby("_batch"):
+        digests = Counter(d for d in rows["image_digest"] if isinstance(d, str) and d)
+        columns.append({"key": str(key), "started": float(rows["started_at"].min()),
+                        "digest": digests.most_common(1)[0][0] if digests else ""})
+    columns.sort(key=lambda c: c["started"], reverse=True)
+    return columns[:limit]
+
+
+def signature_letters(clusters: list[SignatureCluster], table: pd.DataFrame) -> dict[str, str]:
+    """A letter per signature: those failing now first (the clusters' order), then the rest."""
+    order = [c.signature for c in clusters]
+    order += [s for s in table["signature"].dropna().unique() if s not in order]
+    letters = string.ascii_uppercase + string.ascii_lowercase + string.digits
+    return {signature: letters[i] if i < len(letters) else "*"
+            for i, signature in enumerate(order)}
+
+
+def utc(moment: float) -> str:
+    return f"{dt.datetime.fromtimestamp(moment, dt.UTC):%Y-%m-%d %H:%M}Z"
+
+
+def run_link(dagster_url: str, run_id: str) -> str:
+    return f"{dagster_url.rstrip('/')}/runs/{run_id}" if dagster_url else ""
+
+
+def _cell(row: pd.Series, letter: str, mark: str, dagster_url: str, more: int) -> str:
     status = row["status"]
     colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS[LIFECYCLE_SKIP] \
         if skipped(status) else COLOURS.get(row["failure_kind"] or "",
@@ -58,47 +96,167 @@ def _cell(row: pd.Series) -> str:
     cost = row.get("cost_usd")
     when = dt.datetime.fromtimestamp(row["finished_at"], dt.UTC).strftime("%Y-%m-%d %H:%M")
     stages = json.loads(row["stages"]) if row["stages"] else {}
-    title = "\n".join([
+    signature = row.get("signature_text")
+    title = "\n".join(line for line in [
         f"{status}" + (f" ({row['failure_kind']})" if row["failure_kind"] else ""),
+        f"signature {row['signature']}: {signature}" if isinstance(signature, str) else "",
         f"{when}Z, {row['duration_s']:.1f}s, {row['trigger']}"
         + (f", ${cost:.4f}" if isinstance(cost, float) and cost == cost else ""),
         f"image {short(row['image_digest'])}, config {row['config_id']}",
         "stages: " + ", ".join(f"{k} {v}" for k, v in stages.items()),
+        {"last-pass": "the last pass before the regression",
+         "first-fail": "the first failure of the regression"}.get(mark, ""),
+        f"{more} more run(s) in this batch" if more else "",
         f"run {row['run_id']}",
-    ])
-    return f'<span class="cell" style="background:{colour}" title="{html.escape(title)}"></span>'
+    ] if line)
+    href = run_link(dagster_url, row["run_id"])
+    tag, link = ("a", f' href="{html.escape(href)}"') if href else ("span", "")
+    return (f'<{tag} class="cell {mark}"{link} style="background:{colour}" '
+            f'title="{html.escape(title)}">{html.escape(letter)}</{tag}>')
 
 
-def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: float) -> str:
+def signature_rows(table: pd.DataFrame, columns: list[dict[str, Any]], letters: dict[str, str],
+                   clusters: list[SignatureCluster]) -> str:
+    """A row per signature in the grid's columns: its letter and id, how many runs and which
+    partitions it failed, whether partitions fail with it now (and since when), its text."""
+    if table.empty or not columns:
+        return ""
+    shown = table[table["_batch"].isin({c["key"] for c in columns})]
+    now = {c.signature: c for c in clusters}
+    rows = []
+    for signature, runs in shown.dropna(subset=["signature"]).groupby("signature"):
+        cluster = now.get(signature)
+        state = (f"failing now in {len(cluster.partitions)}, since "
+                 f"{utc(cluster.first_seen['finished_at'])}, image "
+                 f"{html.escape(short(cluster.first_seen['image_digest']))}"
+                 if cluster else "not failing now")
+        rows.append((letters.get(signature, ""),
+                     f'<tr><td class="sig"><b>{letters.get(signature, "")}</b></td>'
+                     f'<td class="sig">{signature}</td><td>{len(runs)} run(s) of '
+                     f'{html.escape(", ".join(sorted(runs["partition"].unique())))}</td>'
+                     f'<td>{state}</td><td class="sig">'
+                     f'{html.escape(str(runs["signature_text"].iloc[-1]))}</td></tr>'))
+    return "".join(row for _, row in sorted(rows))
+
+
+def _marks(summary: PartitionSummary) -> dict[str, str]:
+    """run id -> `last-pass` or `first-fail`, for a partition with a regression range."""
+    regression = summary.regression or {}
+    marks = {}
+    for key, mark in (("last_pass", "last-pass"), ("first_fail", "first-fail")):
+        run = regression.get(key) or {}
+        if run.get("run_id"):
+            marks[run["run_id"]] = mark
+    return marks
+
+
+def trend_chart(values: list[float], unit: str, title: str, width: int = 240,
+                height: int = 80) -> str:
+    """A line chart with a y axis (its range in `unit`) and an x axis of runs, oldest left."""
+    if len(values) < 2:
+        return ""
+    low, high = min(values), max(values)
+    if high == low:
+        low, high = low * 0.9 if low else -1.0, high * 1.1 if high else 1.0
+    left, right, top, bottom = 44, 8, 8, 22
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def y(v: float) -> float:
+        return top + plot_h - (v - low) / (high - low) * plot_h
+
+    step = plot_w / (len(values) - 1)
+    points = " ".join(f"{left + i * step:.1f},{y(v):.1f}" for i, v in enumerate(values))
+    ticks = "".join(
+        f'<line x1="{left - 3}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+        f'stroke="#d0d7de" stroke-width="0.5"/><text x="{left - 5}" y="{y(v) + 3:.1f}" '
+        f'text-anchor="end" font-size="9" fill="#59636e">{v:.3g}{unit}</text>'
+        for v in (low, (low + high) / 2, high))
+    last_x, last_y = left + (len(values) - 1) * step, y(values[-1])
+    return (
+        f'<div class="trend"><div class="t">{html.escape(title)}</div>'
+        f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
+        f'{ticks}<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#59636e"/>'
+        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" '
+        f'stroke="#59636e"/><polyline fill="none" stroke="#0969da" stroke-width="1.5" '
+        f'points="{points}"/><circle cx="{last_x:.1f}" cy="{last_y:.1f}" r="2.5" '
+        f'fill="#0969da"/><text x="{left}" y="{height - 6}" font-size="9" fill="#59636e">'
+        f'run 1</text><text x="{left + plot_w}" y="{height - 6}" font-size="9" '
+        f'text-anchor="end" fill="#59636e">run {len(values)} (latest)</text></svg></div>')
+
+
+def trends(rows: pd.DataFrame) -> str:
+    """The partition's lifecycle duration (seconds) and each declared metric, over its runs."""
+    ran = rows[rows["status"] != LIFECYCLE_SKIP].tail(COLUMNS)
+    charts = [trend_chart([float(v) for v in ran["duration_s"]], "s", "duration, seconds")]
+    for column in [c for c in rows.columns if c.startswith(METRIC_PREFIX)]:
+        values = [float(v) for v in pd.to_numeric(ran[column], errors="coerce").dropna()]
+        _, name, way = column.split(":")
+        charts.append(trend_chart(values, "", f"{name} ({way} is better)"))
+    return "".join(charts)
+
+
+def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: float,
+                clusters: list[SignatureCluster] = (), dagster_url: str = "") -> str:
+    table = with_run_fields(table) if not table.empty else table
+    if not table.empty:
+        table = table.assign(_batch=table.apply(batch_key, axis=1))
+    columns = batch_columns(table) if not table.empty else []
+    letters = signature_letters(list(clusters), table) if not table.empty else {}
     by_partition = {p: rows.sort_values("finished_at") for p, rows in table.groupby("partition")} \
         if not table.empty else {}
-    lines = []
+    header = "".join(
+        f'<th class="batch" title="{html.escape(c["key"])}">'
+        f'{dt.datetime.fromtimestamp(c["started"], dt.UTC):%m-%d}<br>'
+        f'{dt.datetime.fromtimestamp(c["started"], dt.UTC):%H:%M}<br>'
+        f'{html.escape(short(c["digest"])[:7]) if c["digest"] else "&nbsp;"}</th>'
+        for c in columns)
+    lines, charts = [], []
     for s in summaries:
         rows = by_partition.get(s.partition)
-        cells = "" if rows is None else "".join(
-            _cell(row) for _, row in rows.iloc[::-1].head(COLUMNS).iterrows())
-        ran = None if rows is None else rows[rows["status"] != LIFECYCLE_SKIP]
-        trend = "" if ran is None else sparkline(
-            [float(v) for v in ran["duration_s"].tail(COLUMNS)])
+        marks = _marks(s)
+        slots = []
+        for column in columns:
+            mine = None if rows is None else rows[rows["_batch"] == column["key"]]
+            if mine is None or mine.empty:
+                slots.append('<td class="slot"><span class="none"></span></td>')
+                continue
+            row = mine.iloc[-1]
+            letter = letters.get(row["signature"], "") if isinstance(row["signature"], str) \
+                else ""
+            cell = _cell(row, letter, marks.get(row["run_id"], ""), dagster_url, len(mine) - 1)
+            slots.append(f'<td class="slot">{cell}</td>')
         regression = regression_text(s)
-        extra = f'<div class="reg">{html.escape(regression)}</div>' if regression != "-" else ""
         badge = (f'<span class="badge" style="background:{STATUS_COLOURS[str(s.status)]}">'
                  f'{s.status}</span>')
         lines.append(f'<tr><td class="name">{html.escape(s.config)}</td>'
                      f'<td class="name">{html.escape(s.engine)}</td><td>{badge}</td>'
-                     f'<td>{cells}{extra}</td><td>{trend}</td>'
+                     f'{"".join(slots)}<td class="reg">'
+                     f'{html.escape(regression) if regression != "-" else ""}</td>'
                      f'<td>{usd(s.cost_usd) if s.cost_usd else ""}</td></tr>')
+        if rows is not None and (chart := trends(rows)):
+            charts.append(f'<tr><td class="name">{html.escape(s.partition)}</td>'
+                          f'<td>{chart}</td></tr>')
+    signatures = signature_rows(table, columns, letters, list(clusters))
     stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d %H:%M")
-    legend = "".join(f'<span><span class="cell" style="background:{c}"></span>{k}</span>'
+    legend = "".join(f'<span><span class="cell" style="background:{c}"></span> {k}</span>'
                      for k, c in COLOURS.items())
+    legend += ('<span><span class="cell last-pass" style="background:#2da44e"></span> last '
+               'pass</span><span><span class="cell first-fail" style="background:#cf222e">'
+               '</span> first failure</span>')
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>mlci grid</title><style>{STYLE}</style></head>
 <body><h1>mlci-dagster: lifecycle grid</h1>
-<div class="sub">{len(summaries)} partitions, {len(table)} results, as of {stamp}Z.
-Newest run first; hover a cell for its stages.</div>
+<div class="sub">{len(summaries)} partitions, {len(table)} results, {len(columns)} batches, as of
+{stamp}Z. Columns are batches (a night, a commit, an image, an <code>mlci run</code>), newest
+left, headed by date (UTC) and the image they tested; a cell links to its Dagster run, its letter
+names its failure signature; hover for the rest.</div>
 <div class="legend">{legend}</div><br>
-<table><tr><th>config</th><th>engine</th><th>status</th><th>runs (newest first)</th>
-<th>duration, oldest → newest</th><th>cost, all runs</th></tr>
+<table><tr><th>config</th><th>engine</th><th>status</th>{header}<th>regression</th>
+<th>cost</th></tr>
 {chr(10).join(lines)}
-</table></body></html>
+</table>
+{f'<h2>Failure signatures in view</h2><table>{signatures}</table>' if signatures else ''}
+<h2>Trends</h2>{f'<table>{"".join(charts)}</table>' if charts
+                 else '<div class="sub">not enough runs yet</div>'}
+</body></html>
 """

@@ -11,9 +11,9 @@ import dagster as dg
 from mlci_dagster.notify import GitHubIssues, Notifier, Webhook
 from mlci_dagster.notify.github import DEFAULT_API_URL, GitHubStatuses
 from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer
+from mlci_dagster.paths import DAGSTER_URL_ENV, DEFAULT_DAGSTER_URL
 from mlci_dagster.redact import Redactor
 
-DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
 # field -> the environment variable it is read from when set
 ENV_VARS = {
     "webhook_url": "MLCI_WEBHOOK_URL",
@@ -21,7 +21,7 @@ ENV_VARS = {
     "github_repo": "MLCI_GITHUB_REPO",
     "github_token": "MLCI_GITHUB_TOKEN",
     "github_api_url": "MLCI_GITHUB_API_URL",
-    "dagster_url": "MLCI_DAGSTER_URL",
+    "dagster_url": DAGSTER_URL_ENV,
 }
 
 
