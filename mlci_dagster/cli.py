@@ -154,6 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mlci_dagster.event_log import record_before
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.pools import pool_limits, pool_of
+    from mlci_dagster.progress import Progress
     from mlci_dagster.reservations.leases import holds_by_reservation
     from mlci_dagster.runner import PartitionRun, run_partitions
 
@@ -167,6 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"on DAGSTER_HOME={os.environ['DAGSTER_HOME']}", flush=True)
     keys = [partition_key(c, e) for c, e in partitions]
     home = mlci_home()
+    progress = Progress(instance, registry, keys, home)
 
     def done(item: PartitionRun) -> None:
         verdict = "passed" if item.success else "LOST" if item.lost else "FAILED"
@@ -174,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         record = record_before(instance, item.key) if item.success else None
         if record is not None and record.run_id == item.run_id and record.skipped:
             verdict, why = "SKIPPED", f": {record.error_summary}"
+        progress.finished(item.key, verdict, f"{item.seconds:.1f}s")
         print(f"  {item.key}: {verdict} in {item.seconds:.1f}s (run {item.run_id[:8]}){why}",
               flush=True)
 
@@ -188,13 +191,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     def wait(item: PartitionRun) -> None:
         holds = held().get(item.pool, 0)
         why = f" (its daytime hold takes {holds} of its slots)" if holds else ""
-        print(f"  {item.key}: waiting: pool {item.pool} is full{why}", flush=True)
+        progress.waiting(item.key, f"pool {item.pool} is full{why}")
 
     start = time.monotonic()
     pools = {key: pool_of(registry, split_partition_key(key)[0]) for key in keys}
-    finished = run_partitions(instance, registry.root, keys, pools,
-                              pool_limits(registry.settings), args.parallel, args.trigger, home,
-                              on_done=done, on_lost=reap, on_wait=wait, held=held)
+    try:
+        finished = run_partitions(
+            instance, registry.root, keys, pools, pool_limits(registry.settings),
+            args.parallel, args.trigger, home, on_done=done, on_lost=reap, on_wait=wait,
+            held=held, on_start=lambda item: progress.started(item.key, item.run_id),
+            on_tick=progress.tick)
+    finally:
+        progress.close()
     print(f"done in {time.monotonic() - start:.1f}s", flush=True)
     grid = update_history(str(registry.root))
     print(f"history updated; grid: {grid}\n")

@@ -95,11 +95,14 @@ def run_partitions(
     on_lost: Callable[[PartitionRun], None],
     on_wait: Callable[[PartitionRun], None] = lambda item: None,
     held: Callable[[], dict[str, int]] = dict,
+    on_start: Callable[[PartitionRun], None] = lambda item: None,
+    on_tick: Callable[[], None] = lambda: None,
 ) -> list[PartitionRun]:
     """Runs every partition, `parallel` at once and within pool limits (less the slots `held`
     by daytime holds); calls `on_done` as each finishes. `on_lost` is called for a worker that
     died (after its run is marked failed), so the caller can reap its sandboxes; `on_wait` once
-    for a partition whose pool is full when its turn comes."""
+    for a partition whose pool is full when its turn comes; `on_start` as a worker starts, and
+    `on_tick` at every pass of the loop (progress)."""
     gate = PoolGate(instance, limits, home, held)
     # One `mlci run` is one batch: a column of the grid.
     batch = f"mlci run {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
@@ -122,6 +125,7 @@ def run_partitions(
                         preexec_fn=die_with_parent(signal.SIGINT))  # tears down, then dies
                     item.started = time.monotonic()
                     running[item.run_id] = (proc, item)
+                    on_start(item)
                     return item.run_id
 
                 if not gate.try_start(item.pool, start):
@@ -147,6 +151,7 @@ def run_partitions(
                     on_lost(item)
                 finished.append(item)
                 on_done(item)
+            on_tick()
             time.sleep(POLL_S)
     finally:
         # Interrupted ourselves: the workers get SIGINT and tear down on their way out.

@@ -16,14 +16,17 @@ venv = target / "venv"
 python = venv / "bin" / "python"
 
 
-def run(*argv: str | Path) -> str:
+def run(*argv: str | Path, capture: bool = False) -> str:
+    """Runs one build step; its output goes to the build log as it comes (the progress `mlci
+    run` shows), or is captured and returned."""
     print("+", " ".join(str(a) for a in argv), flush=True)
-    done = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE,
+    done = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE if capture else None,
                           stderr=subprocess.STDOUT, text=True)
-    print(done.stdout, flush=True)
+    if capture:
+        print(done.stdout, flush=True)
     if done.returncode != 0:
         raise SystemExit(f"build step failed with exit code {done.returncode}")
-    return done.stdout
+    return done.stdout or ""
 
 
 start = time.monotonic()
@@ -31,7 +34,7 @@ shutil.rmtree(venv, ignore_errors=True)  # a half-built venv from a failed build
 run(sys.executable, "-m", "venv", venv)
 pins = ("-r", here / "requirements.txt", "-c", here / "constraints.txt")
 if importlib.util.find_spec("uv"):  # the same pins, installed about four times faster
-    run(sys.executable, "-m", "uv", "pip", "install", "--python", python, "--quiet",
+    run(sys.executable, "-m", "uv", "pip", "install", "--python", python,
         "--compile-bytecode", *pins)  # as pip does: imports need not compile at every start
 else:
     run(python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", *pins)
@@ -42,7 +45,7 @@ run("java", "-version")  # Spark needs a JVM (17+) on the machine
 programs = sorted(p for p in here.glob("*.py") if p.name != "build_image.py")
 for program in programs:
     shutil.copy2(program, target / program.name)
-freeze = run(python, "-m", "pip", "freeze", "--all").split()
+freeze = run(python, "-m", "pip", "freeze", "--all", capture=True).split()
 (target / "manifest.json").write_text(json.dumps(
     {"programs": [p.name for p in programs], "packages": freeze}, indent=1))
 print(f"built the platform venv and {len(programs)} programs into {target} "
