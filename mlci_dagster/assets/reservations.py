@@ -22,6 +22,7 @@ from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
 from mlci_dagster.vocabulary import HELD_SANDBOX, HOLD_DOWN_JOB, HOLD_UP_JOB
 
 GROUP = "reservations"
+ESCAPED_PIPE = "\\|"  # a partition key's `|` would split its Markdown table cell
 CLEAN_CHECK = "reservation_clean"
 
 
@@ -37,7 +38,8 @@ def leases_table(rctx: ReservationContext, spec: ReservationSpec, leases: list[L
     """The leases as a Markdown table, times in the reservation's timezone."""
     rows = ["| slot | kind | holder | partition | acquired | heartbeat | expires |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
-    rows += [f"| {lease.slot} | {lease.kind} | {lease.holder[:8]} | {lease.partition} | "
+    rows += [f"| {lease.slot} | {lease.kind} | {lease.holder[:8]} | "
+             f"{lease.partition.replace('|', ESCAPED_PIPE)} | "
              f"{rctx.shown(spec, lease.acquired_at)} | {rctx.shown(spec, lease.heartbeat_at)} | "
              f"{rctx.shown(spec, lease.expires_at)} |" for lease in leases]
     return "\n".join(rows) if leases else "no leases: every slot is free"
