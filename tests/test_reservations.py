@@ -27,8 +27,10 @@ import yaml
 from mlci_dagster import clock
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import build_definitions
+from mlci_dagster.janitor import sweep
 from mlci_dagster.localtime import WEEKDAYS
 from mlci_dagster.pools import POOL_TAG
+from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.providers.processes import marked_processes
 from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
 from mlci_dagster.sensors.cleanup import sandbox_janitor
@@ -66,6 +68,13 @@ NIGHT = new_york(2026, 3, 9, 22, 0)  # 02:00 UTC: the nightly batch
 def fixed_clock(monkeypatch):
     """Whatever a test sets the clock to, it is the system's again afterwards."""
     monkeypatch.setenv(clock.OFFSET_ENV, "0")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(dagster_home):
+    """A hold a test left up (or a sandbox a failed assertion left) goes with the test."""
+    yield
+    sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True)
 
 
 def sandbox_gone(provider: str, registry: Path, run_id: str, sandbox_id: str) -> bool:
