@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +20,12 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import HISTORY_JOB, build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
-from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
+from mlci_dagster.reservations.leases import LeaseStore
 from mlci_dagster.run_coordinator import PoolTaggingRunCoordinator
 from mlci_dagster.sensors.history_update import history_cursor
 from tests.conftest import PY, QUIET
 from tests.support.postgres import Postgres, postgres_instance_yaml, postgres_server
+from tests.support.reservations import race_for_slots
 from tests.support.scale import lifecycle_runs, queue_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,22 +129,7 @@ def test_leases_and_holds_live_in_the_postgres_database(tmp_path, pg_home):
         with instance_connection(instance) as conn:
             tables = {row[0] for row in conn.execute(sqlalchemy.text(
                 "SELECT table_name FROM information_schema.tables"))}
-        won: list[int] = []
-        barrier = threading.Barrier(6)
-
-        def take(i: int) -> None:
-            barrier.wait()
-            lease = LeaseStore(lambda: instance_connection(instance)).acquire(
-                "race", 2, kind=LeaseKind.RUN, holder=f"run-{i}", partition="a|e", now=1,
-                expires_at=2)
-            if lease is not None:
-                won.append(lease.slot)
-
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        won = race_for_slots(instance, "race", 2, 6)
         raced = [lease.slot for lease in store.leases("race")]
     down = mlci(registry, "hold", "down", "gpu-box")
 
@@ -154,6 +139,6 @@ def test_leases_and_holds_live_in_the_postgres_database(tmp_path, pg_home):
     [entry] = yaml.safe_load(leases.stdout)
     assert [(lease["kind"], lease["state"]) for lease in entry["leases"]] == [("hold", "up")]
     assert [lim["limit"] for lim in limits if lim.get("value") == "gpu-box"] == [0]
-    assert sorted(won) == [0, 1] and sorted(raced) == [0, 1]
+    assert won == [0, 1] and sorted(raced) == [0, 1]
     assert down.returncode == 0 and down.stdout.strip() == "gpu-box: down"
     assert [lease.reservation for lease in store.leases()] == ["race", "race"]

@@ -5,7 +5,6 @@ Dagster's own cron iterator computes them; and the lease table's rules on a real
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -22,6 +21,7 @@ from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.reservations import NightlySettings, ReservationSpec
 from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
 from tests.conftest import config, http_service, write_registry
+from tests.support.reservations import race_for_slots
 
 NEW_YORK = ZoneInfo("America/New_York")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -336,43 +336,5 @@ def test_take_back_frees_only_the_lease_it_read(instance):
 
 def test_concurrent_acquirers_never_share_a_slot(instance):
     """Eight threads, each with its own connections, race for two slots of one reservation."""
-    leases = store(instance)
-    leases.leases()  # the table exists before the race
-    won: list[int] = []
-    barrier = threading.Barrier(8)
-
-    def take(i: int) -> None:
-        barrier.wait()
-        lease = store(instance).acquire("gpu-box", 2, kind=LeaseKind.RUN, holder=f"run-{i}",
-                                        partition="a|e1", now=1, expires_at=2)
-        if lease is not None:
-            won.append(lease.slot)
-
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert sorted(won) == [0, 1]
-    assert len(leases.leases("gpu-box")) == 2
-
-
-def test_a_holds_up_counts_against_its_reservation_and_its_down_never_waits(tmp_path,
-                                                                           monkeypatch):
-    root = reserved_registry(tmp_path, [reservation(daytime=daytime())])
-    monkeypatch.setenv("MLCI_REGISTRY", str(root))
-
-    def run(job: str, action: str, selection: frozenset = frozenset()) -> dg.DagsterRun:
-        return dg.DagsterRun(job_name=job, tags={"dagster/partition": "gpu-box"},
-                             asset_selection=selection or None,
-                             run_config={"ops": {"held_sandbox": {"config": {"action": action}}}})
-
-    from mlci_dagster.run_coordinator import pool_of_run
-
-    assert pool_of_run(run("hold_up", "up"), str(root)) == "gpu-box"
-    assert pool_of_run(run("hold_down", "down"), str(root)) is None
-    # The UI's Materialize button on held_sandbox: the implicit asset job, its config's action.
-    held = frozenset({dg.AssetKey("held_sandbox")})
-    assert pool_of_run(run("__ASSET_JOB", "up", held), str(root)) == "gpu-box"
-    assert pool_of_run(run("__ASSET_JOB", "down", held), str(root)) is None
+    assert race_for_slots(instance, "gpu-box", 2, 8) == [0, 1]
+    assert len(store(instance).leases("gpu-box")) == 2

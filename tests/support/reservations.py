@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import yaml
 from mlci_dagster import clock
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import build_definitions
-from mlci_dagster.reservations.leases import Lease, LeaseStore
+from mlci_dagster.reservations.leases import Lease, LeaseKind, LeaseStore
 from tests.support.injection import registry_on
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -59,6 +60,30 @@ def set_clock(moment: dt.datetime) -> None:
 
 def leases(instance: dg.DagsterInstance) -> list[Lease]:
     return LeaseStore(lambda: instance_connection(instance)).leases()
+
+
+def race_for_slots(instance: dg.DagsterInstance, reservation: str, capacity: int,
+                   racers: int) -> list[int]:
+    """The slots won when `racers` threads, each with connections of its own, ask for one of
+    the reservation's `capacity` slots at once."""
+    LeaseStore(lambda: instance_connection(instance)).leases()  # the table exists first
+    won: list[int] = []
+    barrier = threading.Barrier(racers)
+
+    def take(i: int) -> None:
+        barrier.wait()
+        lease = LeaseStore(lambda: instance_connection(instance)).acquire(
+            reservation, capacity, kind=LeaseKind.RUN, holder=f"racer-{i}", partition="a|e",
+            now=1, expires_at=2)
+        if lease is not None:
+            won.append(lease.slot)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(won)
 
 
 def tick(registry: Path, instance: dg.DagsterInstance, schedule: str, at: dt.datetime
