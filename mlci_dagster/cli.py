@@ -164,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit("mlci run: no partition matches --config/--engine/--tier")
     instance = _instance(registry)
     sync_partitions(instance, registry)
-    print(f"running {len(partitions)} partitions, {args.parallel} at a time, "
+    count = len(partitions)
+    print(f"running {count} partition{'s' if count != 1 else ''}, {args.parallel} at a time, "
           f"on DAGSTER_HOME={os.environ['DAGSTER_HOME']}", flush=True)
     keys = [partition_key(c, e) for c, e in partitions]
     home = mlci_home()

@@ -34,7 +34,15 @@ from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.providers.processes import marked_processes
 from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
 from mlci_dagster.sensors.cleanup import sandbox_janitor
-from tests.conftest import PY, latest_record, stage_details
+from tests.conftest import (
+    PY,
+    command_pipeline,
+    config,
+    http_service,
+    latest_record,
+    stage_details,
+    write_registry,
+)
 from tests.support.dagster_services import (
     LAUNCH_RUN,
     daemon,
@@ -95,7 +103,8 @@ def hold_up_at_eight(registry, instance) -> dict:
     return latest_hold(instance)
 
 
-@pytest.mark.parametrize("provider", ["local", "kubernetes"])
+@pytest.mark.parametrize("provider", ["local",
+                                      pytest.param("kubernetes", marks=pytest.mark.slow)])
 def test_a_daytime_hold_goes_up_at_eight_and_down_at_seven_with_no_result(
         provider, tmp_path, instance):
     with reserved_registry(provider, tmp_path) as registry:
@@ -175,7 +184,8 @@ def test_a_run_that_finds_its_reservation_held_whole_is_refused_not_run(tmp_path
         assert [lease.kind for lease in leases(instance)] == [LeaseKind.HOLD]
 
 
-@pytest.mark.parametrize("provider", ["local", "kubernetes"])
+@pytest.mark.parametrize("provider", ["local",
+                                      pytest.param("kubernetes", marks=pytest.mark.slow)])
 def test_a_missed_down_is_taken_down_by_the_pre_batch_guard_and_recorded(
         provider, tmp_path, instance):
     with reserved_registry(provider, tmp_path) as registry:
@@ -234,7 +244,7 @@ def test_a_reservation_still_held_at_the_batch_is_refused_and_the_others_run(
                                       pytest.param("kubernetes", marks=pytest.mark.slow)])
 def test_the_lease_of_a_sigkilled_run_is_broken_by_the_janitor(
         provider, dagster_home, instance, tmp_path, start_mlci_run):  # noqa: F811
-    with reserved_registry(provider, tmp_path) as registry:
+    with reserved_registry(provider, tmp_path, pipeline_s=30) as registry:
         mlci = start_mlci_run(registry, tmp_path / "run.log")
         run = lifecycle_in_pipeline_runs(instance)
         [lease] = leases(instance)
@@ -281,66 +291,69 @@ def test_on_capacity_one_the_second_batch_and_a_run_during_a_hold_wait_in_dagste
     reservation at once: one waits for the other. Then the UI stands the hold up, and a run
     launched meanwhile stays queued (the limit is the capacity less the hold) until the UI
     takes the hold down."""
-    with reserved_registry("local", tmp_path) as registry:
-        second = yaml.safe_load((registry / "configs" / "inject.yaml").read_text())
-        second["name"] = "second"
-        (registry / "configs" / "second.yaml").write_text(yaml.safe_dump(second))
-        for path in (registry / "configs").glob("*.yaml"):  # off the nightly schedule
-            body = yaml.safe_load(path.read_text())
-            path.write_text(yaml.safe_dump({**body, "tiers": ["pr"]}))
-        # The hold's own schedules fire on a weekday three days away: not during this test.
-        reserve(registry, "local", weekdays=[WEEKDAYS[(dt.date.today().weekday() + 3) % 7]])
-        env = service_env(dagster_home, registry)
-        sync = subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, text=True,
-                              capture_output=True, timeout=120)
-        assert "pool limits: gpu-box=1" in sync.stdout, sync.stdout + sync.stderr
+    # Quick lifecycles: a prebuilt image, a 2 s pipeline; `inject` (the intent) serves HTTP.
+    quick = command_pipeline("train", "import time; time.sleep(2)")
+    registry = write_registry(tmp_path / "reg", [
+        config(name, tiers=["pr"], pipelines=[quick],  # off the nightly schedule
+               sandbox={"services": [http_service()] if name == "inject" else []},
+               ui_smoke={"routes": []}) for name in ("inject", "second")],
+        engines={"e1": {}})
+    # The hold's own schedules fire on a weekday three days away: not during this test.
+    reserve(registry, "local", weekdays=[WEEKDAYS[(dt.date.today().weekday() + 3) % 7]])
+    body = yaml.safe_load((registry / "configs" / "second.yaml").read_text())
+    body["sandbox"]["reservation"] = RESERVATION
+    (registry / "configs" / "second.yaml").write_text(yaml.safe_dump(body))
+    env = service_env(dagster_home, registry)
+    sync = subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert "pool limits: gpu-box=1" in sync.stdout, sync.stdout + sync.stderr
 
-        def lifecycle_runs() -> list[dg.DagsterRun]:
-            return [r for r in instance.get_runs() if r.job_name in ("lifecycle", "__ASSET_JOB")
-                    and "|" in r.tags.get("dagster/partition", "")]
+    def lifecycle_runs() -> list[dg.DagsterRun]:
+        return [r for r in instance.get_runs() if r.job_name in ("lifecycle", "__ASSET_JOB")
+                and "|" in r.tags.get("dagster/partition", "")]
 
-        log = tmp_path / "daemon.log"
-        most, queued_behind = 0, False
-        with webserver(dagster_home, registry, tmp_path / "web.log") as url, \
-                daemon(dagster_home, registry, log):
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                runs = lifecycle_runs()
-                running = [r for r in runs if r.status in (dg.DagsterRunStatus.STARTING,
-                                                           dg.DagsterRunStatus.STARTED)]
-                most = max(most, len(running))
-                queued_behind |= bool(running) and any(
-                    r.status == dg.DagsterRunStatus.QUEUED for r in runs)
-                if len(runs) == 2 and all(r.is_finished for r in runs):
-                    break
-                time.sleep(0.2)
-            batch = lifecycle_runs()
+    log = tmp_path / "daemon.log"
+    most, queued_behind = 0, False
+    with webserver(dagster_home, registry, tmp_path / "web.log") as url, \
+            daemon(dagster_home, registry, log):
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            runs = lifecycle_runs()
+            running = [r for r in runs if r.status in (dg.DagsterRunStatus.STARTING,
+                                                       dg.DagsterRunStatus.STARTED)]
+            most = max(most, len(running))
+            queued_behind |= bool(running) and any(
+                r.status == dg.DagsterRunStatus.QUEUED for r in runs)
+            if len(runs) == 2 and all(r.is_finished for r in runs):
+                break
+            time.sleep(0.2)
+        batch = lifecycle_runs()
 
-            up = graphql(url, LAUNCH_RUN, {"params": hold_params("hold_up")})
-            assert up["launchPipelineExecution"]["__typename"] == "LaunchRunSuccess", up
-            wait_until(lambda: leases(instance) and leases(instance)[0].detail.get("state")
-                       == "up", 120, "the hold to be up", log)
-            during = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE,
-                                                                          "second|e1")})
-            run_id = during["launchPipelineExecution"]["run"]["runId"]
-            time.sleep(12)  # several dequeue passes
-            waiting = instance.get_run_by_id(run_id).status
+        up = graphql(url, LAUNCH_RUN, {"params": hold_params("hold_up")})
+        assert up["launchPipelineExecution"]["__typename"] == "LaunchRunSuccess", up
+        wait_until(lambda: leases(instance) and leases(instance)[0].detail.get("state")
+                   == "up", 120, "the hold to be up", log)
+        during = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE,
+                                                                      "second|e1")})
+        run_id = during["launchPipelineExecution"]["run"]["runId"]
+        time.sleep(10)  # several dequeue passes
+        waiting = instance.get_run_by_id(run_id).status
 
-            down = graphql(url, LAUNCH_RUN, {"params": hold_params("hold_down")})
-            assert down["launchPipelineExecution"]["__typename"] == "LaunchRunSuccess", down
-            wait_until(lambda: instance.get_run_by_id(run_id).is_finished, 180,
-                       "the queued run to run once the hold is down", log)
-            hold_runs = {r.job_name: r for r in instance.get_runs()
-                         if r.job_name in ("hold_up", "hold_down")}
+        down = graphql(url, LAUNCH_RUN, {"params": hold_params("hold_down")})
+        assert down["launchPipelineExecution"]["__typename"] == "LaunchRunSuccess", down
+        wait_until(lambda: instance.get_run_by_id(run_id).is_finished, 180,
+                   "the queued run to run once the hold is down", log)
+        hold_runs = {r.job_name: r for r in instance.get_runs()
+                     if r.job_name in ("hold_up", "hold_down")}
 
-        assert sorted(r.tags["dagster/partition"] for r in batch) == ["inject|e1", "second|e1"]
-        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in batch)
-        assert (most, queued_behind) == (1, True)
-        assert waiting == dg.DagsterRunStatus.QUEUED
-        assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
-        assert hold_runs["hold_up"].tags.get(POOL_TAG) == RESERVATION  # waits like a run
-        assert POOL_TAG not in hold_runs["hold_down"].tags  # never waits: it frees the slot
-        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in hold_runs.values())
-        up_record = instance.get_run_record_by_id(hold_runs["hold_down"].run_id)
-        assert instance.get_run_record_by_id(run_id).start_time >= up_record.end_time
-        assert leases(instance) == []
+    assert sorted(r.tags["dagster/partition"] for r in batch) == ["inject|e1", "second|e1"]
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in batch)
+    assert (most, queued_behind) == (1, True)
+    assert waiting == dg.DagsterRunStatus.QUEUED
+    assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
+    assert hold_runs["hold_up"].tags.get(POOL_TAG) == RESERVATION  # waits like a run
+    assert POOL_TAG not in hold_runs["hold_down"].tags  # never waits: it frees the slot
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in hold_runs.values())
+    up_record = instance.get_run_record_by_id(hold_runs["hold_down"].run_id)
+    assert instance.get_run_record_by_id(run_id).start_time >= up_record.end_time
+    assert leases(instance) == []

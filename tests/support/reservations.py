@@ -22,6 +22,7 @@ from mlci_dagster import clock
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.reservations.leases import Lease, LeaseKind, LeaseStore
+from tests.conftest import command_pipeline, config, write_registry
 from tests.support.injection import registry_on
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -43,8 +44,23 @@ def reserve(root: Path, provider: str, capacity: int = 1, **daytime: Any) -> Pat
     return root
 
 
+def quick_registry(root: Path, pipeline_s: float) -> Path:
+    """Config `inject` on the local provider, quick: a prebuilt image, a web service, one
+    pipeline of `pipeline_s` seconds."""
+    pipeline = command_pipeline("train", f"import time; time.sleep({pipeline_s})",
+                                timeout_s=max(30.0, pipeline_s + 30))
+    return write_registry(root, [config("inject", pipelines=[pipeline],
+                                        ui_smoke={"routes": []})], engines={"e1": {}})
+
+
 @contextlib.contextmanager
-def reserved_registry(provider: str, tmp: Path, capacity: int = 1) -> Iterator[Path]:
+def reserved_registry(provider: str, tmp: Path, capacity: int = 1, pipeline_s: float = 1.0
+                      ) -> Iterator[Path]:
+    """`inject` bound to gpu-box: on the local provider a quick one (see quick_registry); on
+    another, tests/support/injection.py's, its emulated API running until the exit."""
+    if provider == "local":
+        yield reserve(quick_registry(tmp / "registry", pipeline_s), provider, capacity)
+        return
     with registry_on(provider, tmp) as root:
         yield reserve(root, provider, capacity)
 
