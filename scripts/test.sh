@@ -10,4 +10,12 @@ if [ "$(id -u)" = 0 ]; then
   scripts/install-test-services.sh > /dev/null
 fi
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+if [ "$#" -eq 0 ]; then
+  # Two test processes, a file each at a time: most tests wait on processes, servers and
+  # daemons rather than on the CPU. Tests that look at the whole machine (`serial`: the named
+  # semaphores in /dev/shm) run alone afterwards.
+  .venv/bin/python -m pytest -q -n 2 --dist loadfile -m "not serial"
+  .venv/bin/python -m pytest -q -m serial
+else
+  .venv/bin/python -m pytest -q "$@"
+fi

@@ -22,10 +22,9 @@ from tests.conftest import PY, http_service, processes_of_sandbox, stage_details
 from tests.support.injection import inject, write_registry
 
 
-# Every stage is in benchmarks/failure_injection.py; CI keeps one with a sandbox alive and its
-# processes busy (pipeline_runs): the other stages are the same cleanup layers a second time.
+# Every stage is in benchmarks/failure_injection.py; CI keeps the stages with a sandbox alive.
 @pytest.mark.parametrize("stage", [
-    pytest.param(str(s), marks=[] if s is Stage.PIPELINE_RUNS else [pytest.mark.slow])
+    pytest.param(str(s), marks=[pytest.mark.slow] if s in (Stage.IMAGE, Stage.UI_SMOKE) else [])
     for s in STAGES])
 def test_sigkill_in_each_stage_leaves_nothing_after_the_cleanup_layers(stage, tmp_path):
     registry = write_registry(tmp_path / "registry")

@@ -41,11 +41,8 @@ def assert_nothing_left(output: str) -> None:
     assert not Path(tmp).exists()
 
 
-# The scripts share their mechanics (tests/support/loopback_cloud.py); CI runs the GCP one here
-# and through Ctrl-C below, the AWS one with MLCI_SLOW=1 (its provider is in CI elsewhere).
 @pytest.mark.parametrize("script", [
-    pytest.param("loopback-aws.sh", marks=pytest.mark.slow),
-    pytest.param("loopback-gcp.sh", marks=needs_sshd)])
+    "loopback-aws.sh", pytest.param("loopback-gcp.sh", marks=needs_sshd)])
 def test_the_loopback_script_runs_its_example_to_a_pass_and_stops_everything(script):
     proc = start(script)
     output, _ = proc.communicate(timeout=240)

@@ -15,7 +15,6 @@ from tests.support.dagster_services import daemon
 
 
 @pytest.mark.daemon
-@pytest.mark.slow  # in CI through tests/test_reservations.py's queue test and the UI launches'
 def test_two_runs_queue_behind_a_pool_limit_of_one(dagster_home, tmp_path):
     slow = command_pipeline("train", "import time; time.sleep(3)")
     gpu = {"services": [], "pool": "gpu"}

@@ -92,7 +92,7 @@ def test_mlci_commands_and_history_work_on_postgres_storage(tmp_path, pg_home):
 
 @pytest.mark.daemon
 @pytest.mark.parametrize("runs", [
-    6, pytest.param(40, marks=pytest.mark.slow)])  # CI runs 6; MLCI_SLOW=1 the issue's 40
+    8, pytest.param(40, marks=pytest.mark.slow)])  # CI runs 8; MLCI_SLOW=1 the issue's 40
 def test_queued_lifecycles_complete_once_each_on_postgres(tmp_path, pg_home, runs):
     """The examples/local matrix through a real webserver (asset backfills, as the UI
     launches them) and a real daemon (the run queue, limit 4 on the pool, sensors)."""

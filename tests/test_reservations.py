@@ -103,8 +103,7 @@ def hold_up_at_eight(registry, instance) -> dict:
     return latest_hold(instance)
 
 
-@pytest.mark.parametrize("provider", ["local",
-                                      pytest.param("kubernetes", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("provider", ["local", "kubernetes"])
 def test_a_daytime_hold_goes_up_at_eight_and_down_at_seven_with_no_result(
         provider, tmp_path, instance):
     with reserved_registry(provider, tmp_path) as registry:
@@ -184,8 +183,7 @@ def test_a_run_that_finds_its_reservation_held_whole_is_refused_not_run(tmp_path
         assert [lease.kind for lease in leases(instance)] == [LeaseKind.HOLD]
 
 
-@pytest.mark.parametrize("provider", ["local",
-                                      pytest.param("kubernetes", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("provider", ["local", "kubernetes"])
 def test_a_missed_down_is_taken_down_by_the_pre_batch_guard_and_recorded(
         provider, tmp_path, instance):
     with reserved_registry(provider, tmp_path) as registry:

@@ -18,6 +18,7 @@ def semaphores() -> set[str]:
 
 
 @pytest.mark.daemon
+@pytest.mark.serial  # counts every named semaphore on the machine
 def test_stopping_a_daemon_with_a_run_in_flight_leaks_no_semaphore(dagster_home, instance,
                                                                    tmp_path: Path):
     """Dagster's code server holds a spawn-context Queue and Event (named semaphores) per run

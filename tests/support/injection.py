@@ -14,6 +14,7 @@ and Deleting time, which `emulated_sagemaker` starts (tests/support/sagemaker_ap
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -53,6 +54,14 @@ from tests.support.tpu_api import LoopbackSshd, TpuApiServer, TpuState, listed_n
 PY = sys.executable
 MARKER = "mlci-injected-run"
 VM_MARKER = "mlci-injected-on-the-vm"  # a pipeline's process on the TPU "VM" (this machine)
+
+
+def markers(root: Path) -> tuple[str, str]:
+    """The argv marks of the builds and pipelines of the registry at `root` (on this machine,
+    and on the TPU "VM"): its own, so that injections running side by side (another test
+    process) never count, or kill, each other's."""
+    tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:10]
+    return f"{MARKER}-{tag}", f"{VM_MARKER}-{tag}"
 KEY = "inject|e1"
 SLOW_S = 8  # what a ui_smoke request to /slow waits for its answer
 MLCI_NAMESPACES = "app.kubernetes.io/managed-by=mlci"
@@ -131,7 +140,8 @@ def _write_config(root: Path, sandbox: dict[str, Any], pipeline: dict[str, Any],
     (root / "mlci.yaml").write_text(yaml.safe_dump({"engines": {"e1": {}}, **(settings or {})}))
     config = {
         "name": "inject", "owners": {"default": "ops"},
-        "image": {"build": {"command": [PY, "-c", "import time; time.sleep(4)", MARKER],
+        "image": {"build": {"command": [PY, "-c", "import time; time.sleep(4)",
+                                        markers(root)[0]],
                             "inputs": inputs}},
         "sandbox": sandbox, "pipelines": [*before, pipeline],
         "ui_smoke": {"routes": [{"service": "web", "path": "/slow", "timeout_s": 20}]},
@@ -140,11 +150,11 @@ def _write_config(root: Path, sandbox: dict[str, Any], pipeline: dict[str, Any],
     return root
 
 
-def _local_pipeline() -> dict[str, Any]:
+def _local_pipeline(root: Path) -> dict[str, Any]:
     """A 4 s command pipeline on this machine that leaves a child behind if it is killed."""
     return {"kind": "command", "name": "train", "command": [
         PY, "-c", "import subprocess, time; subprocess.Popen(['sleep', '600']); "
-        "time.sleep(4)", MARKER]}
+        "time.sleep(4)", markers(root)[0]]}
 
 
 def write_registry(root: Path) -> Path:
@@ -154,7 +164,7 @@ def write_registry(root: Path) -> Path:
     (root / "slow_server.py").write_text(SLOW_SERVER)
     return _write_config(root, {"services": [{
         "name": "web", "command": [PY, str(root / "slow_server.py"), "${port}", "3"],
-        "ready": {"http": {"path": "/"}}}]}, _local_pipeline(), ["slow_server.py"])
+        "ready": {"http": {"path": "/"}}}]}, _local_pipeline(root), ["slow_server.py"])
 
 
 def write_kubernetes_registry(root: Path, kubeconfig: Path) -> Path:
@@ -180,7 +190,7 @@ def write_sagemaker_registry(root: Path, endpoint_url: str) -> Path:
     return _write_config(root, {
         "provider": "aws-sagemaker", "region": REGION, "endpoint_url": endpoint_url,
         "execution_role_arn": ROLE, "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/"
-        "inject:1", "services": [{"name": "web"}]}, _local_pipeline(), ["inputs.txt"],
+        "inject:1", "services": [{"name": "web"}]}, _local_pipeline(root), ["inputs.txt"],
         before=({"kind": "sagemaker_invoke", "name": "invoke", "payload": {"x": 1}},))
 
 
@@ -224,7 +234,7 @@ def write_tpu_registry(root: Path, tpu: LoopbackTpu) -> Path:
         "ssh": {"user": tpu.ssh_user, "private_key_env": TPU_KEY_ENV, "port": tpu.ssh_port},
         "services": [{"name": "web", "port": tpu.web_port}]},
         {"kind": "ssh_command", "name": "train",
-         "command": [PY, "-c", f"import time; time.sleep({TRAIN_S})", VM_MARKER]},
+         "command": [PY, "-c", f"import time; time.sleep({TRAIN_S})", markers(root)[1]]},
         ["inputs.txt"], settings={"secrets": [TPU_KEY_ENV]})
 
 
@@ -336,7 +346,7 @@ def listed_namespaces(kubeconfig: Path, run_id: str, settle_s: float = 0) -> lis
             label_selector=f"{MLCI_NAMESPACES},mlci.dev/run-id={run_id}").items], settle_s)
 
 
-def injected_processes(marker: str = MARKER) -> list[int]:
+def injected_processes(marker: str) -> list[int]:
     """Builds and pipelines of the injected config still alive (their argv carries `marker`)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
@@ -358,10 +368,11 @@ def stage_in_progress(instance: dg.DagsterInstance, run_id: str, stage: str) -> 
                    run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION))
 
 
-def leaks(home: Path, handles: list[dict], sandbox_ids: set[str]) -> dict[str, list]:
+def leaks(home: Path, handles: list[dict], sandbox_ids: set[str], marker: str
+          ) -> dict[str, list]:
     return {
         "processes": [p for s in sandbox_ids for p in marked_processes("MLCI_SANDBOX_ID", s)],
-        "orphans": injected_processes(),
+        "orphans": injected_processes(marker),
         "ports": [p for h in handles for p in h["ports"].values() if not port_is_free(p)],
         "directories": [str(d) for d in (home / "mlci").glob("sandboxes/*")],
         "ledger": [p.name for p in (home / "mlci").glob("ledger/*.json")],
@@ -402,6 +413,7 @@ def inject(stage: str, home: Path, registry: Path, timeout_s: float = 60) -> dic
     os.environ["DAGSTER_HOME"] = str(home)
     run_id = str(uuid.uuid4())
     in_the_cloud = cloud_listing(registry)
+    marker, vm_marker = markers(registry)
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("config", ["inject"])
         worker = subprocess.Popen(
@@ -425,11 +437,12 @@ def inject(stage: str, home: Path, registry: Path, timeout_s: float = 60) -> dic
 
         def left_now(settle_s: float = 0) -> dict[str, list]:
             """What is left here, and what the provider's API still lists of the run."""
-            return {**leaks(home, handles, sandbox_ids), **in_the_cloud(run_id, settle_s)}
+            return {**leaks(home, handles, sandbox_ids, marker),
+                    **in_the_cloud(run_id, settle_s)}
 
         # A pipeline's process on the TPU "VM" outlives the crash; on a real VM it goes with
         # the node, here (the VM is this machine) it is only shown, then killed below.
-        left_by_crash = {**left_now(), "vm_processes": injected_processes(VM_MARKER)}
+        left_by_crash = {**left_now(), "vm_processes": injected_processes(vm_marker)}
 
         resources = build_definitions(registry).resources
         # Layer 2: the janitor ends the run whose worker is gone and reaps its sandboxes.
@@ -447,7 +460,7 @@ def inject(stage: str, home: Path, registry: Path, timeout_s: float = 60) -> dic
                 teardown_after_failure(context.for_run_failure())
         left = left_now(SETTLE_S)
         results = instance.fetch_materializations(RESULTS_ASSET, limit=5).records
-    leftovers = left["processes"] + left["orphans"] + injected_processes(VM_MARKER)
+    leftovers = left["processes"] + left["orphans"] + injected_processes(vm_marker)
     for pid in leftovers:  # leave the machine clean regardless
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
