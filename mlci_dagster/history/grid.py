@@ -52,12 +52,12 @@ td.slot { text-align: center; padding: 1px; }
 """
 
 
-def batch_key(row: pd.Series) -> str:
-    """The row's batch, or for a row recorded before batches: its trigger and UTC day."""
-    batch = row.get("batch")
-    if isinstance(batch, str) and batch:
-        return batch
-    return f"{row['trigger']} {dt.datetime.fromtimestamp(row['started_at'], dt.UTC):%Y-%m-%d}"
+def batch_keys(table: pd.DataFrame) -> pd.Series:
+    """Each row's batch, or for a row recorded before batches: its trigger and UTC day."""
+    day = pd.to_datetime(table["started_at"].astype(float), unit="s", utc=True)
+    derived = table["trigger"].astype(str) + " " + day.dt.strftime("%Y-%m-%d")
+    recorded = table["batch"].map(lambda b: isinstance(b, str) and bool(b))
+    return table["batch"].where(recorded, derived)
 
 
 def batch_columns(table: pd.DataFrame, limit: int = COLUMNS) -> list[dict[str, Any]]:
@@ -88,7 +88,7 @@ def run_link(dagster_url: str, run_id: str) -> str:
     return f"{dagster_url.rstrip('/')}/runs/{run_id}" if dagster_url else ""
 
 
-def _cell(row: pd.Series, letter: str, mark: str, dagster_url: str, more: int) -> str:
+def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: int) -> str:
     status = row["status"]
     colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS[LIFECYCLE_SKIP] \
         if skipped(status) else COLOURS.get(row["failure_kind"] or "",
@@ -199,7 +199,7 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
                 clusters: list[SignatureCluster] = (), dagster_url: str = "") -> str:
     table = with_run_fields(table) if not table.empty else table
     if not table.empty:
-        table = table.assign(_batch=table.apply(batch_key, axis=1))
+        table = table.assign(_batch=batch_keys(table))
     columns = batch_columns(table) if not table.empty else []
     letters = signature_letters(list(clusters), table) if not table.empty else {}
     by_partition = {p: rows.sort_values("finished_at") for p, rows in table.groupby("partition")} \
@@ -214,16 +214,21 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
     for s in summaries:
         rows = by_partition.get(s.partition)
         marks = _marks(s)
+        # The partition's latest run in each batch, and how many it had there.
+        latest = {} if rows is None else {
+            row["_batch"]: row for row in rows.drop_duplicates("_batch", keep="last")
+            .to_dict("records")}
+        runs = {} if rows is None else rows["_batch"].value_counts().to_dict()
         slots = []
         for column in columns:
-            mine = None if rows is None else rows[rows["_batch"] == column["key"]]
-            if mine is None or mine.empty:
+            row = latest.get(column["key"])
+            if row is None:
                 slots.append('<td class="slot"><span class="none"></span></td>')
                 continue
-            row = mine.iloc[-1]
             letter = letters.get(row["signature"], "") if isinstance(row["signature"], str) \
                 else ""
-            cell = _cell(row, letter, marks.get(row["run_id"], ""), dagster_url, len(mine) - 1)
+            cell = _cell(row, letter, marks.get(row["run_id"], ""), dagster_url,
+                         runs[column["key"]] - 1)
             slots.append(f'<td class="slot">{cell}</td>')
         regression = regression_text(s)
         badge = (f'<span class="badge" style="background:{STATUS_COLOURS[str(s.status)]}">'
