@@ -94,6 +94,8 @@ def test_columns_are_batches_aligned_across_rows_with_links_signatures_and_marks
            in a[0]["title"]
     # The regression: the last pass and the first failure are marked.
     assert "first-fail" in a[0]["class"] and "last-pass" in a[1]["class"]
+    assert a[1]["title"].startswith("pass\n")  # no failure kind shown for a pass (not "nan")
+    assert a[0]["title"].startswith("fail-pipeline_runs (product)\n")
     assert "the first failure of the regression" in a[0]["title"]
     # Trends with axes and units.
     assert re.search(r'<text[^>]*>\d+(\.\d+)?s</text>', page)

@@ -90,15 +90,16 @@ def run_link(dagster_url: str, run_id: str) -> str:
 
 def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: int) -> str:
     status = row["status"]
+    # pandas keeps a missing value as NaN (truthy) where a column mixes values and gaps.
+    kind = row["failure_kind"] if isinstance(row["failure_kind"], str) else ""
     colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS[LIFECYCLE_SKIP] \
-        if skipped(status) else COLOURS.get(row["failure_kind"] or "",
-                                            COLOURS[FailureKind.PRODUCT])
+        if skipped(status) else COLOURS.get(kind, COLOURS[FailureKind.PRODUCT])
     cost = row.get("cost_usd")
     when = dt.datetime.fromtimestamp(row["finished_at"], dt.UTC).strftime("%Y-%m-%d %H:%M")
     stages = json.loads(row["stages"]) if row["stages"] else {}
     signature = row.get("signature_text")
     title = "\n".join(line for line in [
-        f"{status}" + (f" ({row['failure_kind']})" if row["failure_kind"] else ""),
+        f"{status}" + (f" ({kind})" if kind else ""),
         f"signature {row['signature']}: {signature}" if isinstance(signature, str) else "",
         f"{when}Z, {row['duration_s']:.1f}s, {row['trigger']}"
         + (f", ${cost:.4f}" if isinstance(cost, float) and cost == cost else ""),
