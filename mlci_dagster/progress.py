@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from mlci_dagster.providers.logpipe import log_tail
 from mlci_dagster.registry import Registry
 from mlci_dagster.stages.image import content_hash
 from mlci_dagster.vocabulary import STAGES, split_partition_key
@@ -40,13 +41,7 @@ class Row:
 
 def last_line(path: Path, chars: int = 4096) -> str:
     """The last non-empty line of a log being written (redacted as it was written)."""
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, 2)
-            log.seek(max(0, log.tell() - chars))
-            lines = log.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return ""
+    lines = log_tail(path, chars).splitlines()
     text = next((line.strip() for line in reversed(lines)
                  if line.strip() and not line.startswith("---")), "")
     return text if len(text) <= BUILD_LINE_CHARS else text[:BUILD_LINE_CHARS - 1] + "…"
@@ -78,6 +73,7 @@ class Progress:
     _display: Any = field(init=False, default=None)
     _polled: float = field(init=False, default=0.0)
     _said: dict[str, tuple[str, str, float]] = field(init=False, default_factory=dict)
+    _build_logs: dict[str, Path | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rows = {key: Row(key) for key in self.keys}
@@ -135,15 +131,20 @@ class Progress:
 
     def _build_line(self, key: str) -> str:
         """The last line of the partition's image build log, when it builds on this machine."""
+        if key not in self._build_logs:  # hashing the build's inputs once, not every tick
+            self._build_logs[key] = self._build_log(key)
+        log = self._build_logs[key]
+        return last_line(log) if log is not None else ""
+
+    def _build_log(self, key: str) -> Path | None:
         config = self.registry.configs[split_partition_key(key)[0]].config
         build = config.image.build
         if build is None or build.command is None:
-            return ""
+            return None
         try:
-            cache_key = content_hash(self.registry.root, build)
+            return self.home / "images" / f"{content_hash(self.registry.root, build)}.log"
         except (OSError, ValueError):
-            return ""
-        return last_line(self.home / "images" / f"{cache_key}.log")
+            return None
 
     def _show(self, row: Row) -> None:
         """Appends a line when a partition's state changes, or every HEARTBEAT_S of one state

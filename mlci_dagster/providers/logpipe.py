@@ -26,6 +26,20 @@ STDOUT, STDERR = "stdout", "stderr"
 _WHITESPACE = " \t\r\f\v"
 
 
+LOG_TAIL_CHARS = 2000
+
+
+def log_tail(path: str | os.PathLike[str], chars: int = LOG_TAIL_CHARS) -> str:
+    """The last `chars` bytes of a log, decoded; "" when it cannot be read."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - chars))
+            return log.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 class SharedLog:
     """A log file that several streams write to; a `--- <stream>` line marks each change of
     stream (an unnamed stream gets no marker)."""

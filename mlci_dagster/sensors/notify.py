@@ -32,6 +32,7 @@ from mlci_dagster.notify.notifier import (
     deliver_in_order,
 )
 from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer, Evidence
+from mlci_dagster.providers.logpipe import log_tail
 from mlci_dagster.record import ResultRecord
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource, RootCauseResource
@@ -129,19 +130,6 @@ def collect(
             found.append(regression_notification(signature, text, group, dagster_url))
         state.open_alerts = sorted(alerts)
     return found
-
-
-LOG_TAIL_CHARS = 2000
-
-
-def log_tail(path: str, chars: int = LOG_TAIL_CHARS) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, 2)
-            log.seek(max(0, log.tell() - chars))
-            return log.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
 
 
 def evidence_of(instance: dg.DagsterInstance, records: list[ResultRecord],

@@ -20,7 +20,7 @@ from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.host import sandbox_env
-from mlci_dagster.providers.logpipe import OutputWatcher
+from mlci_dagster.providers.logpipe import OutputWatcher, log_tail
 from mlci_dagster.providers.ports import allocate_free_port, port_is_free
 from mlci_dagster.providers.probes import wait_until_ready
 from mlci_dagster.providers.processes import (
@@ -31,18 +31,6 @@ from mlci_dagster.providers.processes import (
 from mlci_dagster.registry.models import LocalSandbox, ServiceSpec
 from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
-
-LOG_TAIL_CHARS = 2000
-
-
-def log_tail(path: str | Path, chars: int = LOG_TAIL_CHARS) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - chars))
-            return log.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
 
 
 class LocalProvider(host.ProviderHome):
