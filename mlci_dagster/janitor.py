@@ -38,17 +38,13 @@ def owner_alive(handle: SandboxHandle) -> bool:
 
 
 def keep_none(handle: SandboxHandle) -> str:
+    """No reason to keep a sandbox whose run is over."""
     return ""
 
 
-def why_reap(handle: SandboxHandle, run_over: Callable[[str], bool], now: float,
-             keep: Callable[[SandboxHandle], str] = keep_none) -> str:
-    """Why the sandbox is reaped, or "" to keep it. `keep` names a reason to keep a sandbox
-    whose run is over (a daytime hold's, held until its down time); expiry overrides it."""
+def why_reap(handle: SandboxHandle, run_over: Callable[[str], bool], now: float) -> str:
     if now >= handle.expires_at:
         return f"expired {now - handle.expires_at:.0f}s ago"
-    if keep(handle):
-        return ""
     if run_over(handle.run_id):
         return f"run {handle.run_id[:8]} is over"
     if not owner_alive(handle):

@@ -17,8 +17,8 @@ from mlci_dagster.reservations.admission import Admission
 from mlci_dagster.reservations.context import ReservationContext
 from mlci_dagster.reservations.guard import GuardReport, guard
 from mlci_dagster.reservations.holds import UP, HoldReport, hold_down, hold_up
-from mlci_dagster.reservations.leases import Lease
-from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
+from mlci_dagster.reservations.leases import Lease, LeaseKind
+from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource, trigger_of
 from mlci_dagster.vocabulary import HELD_SANDBOX, HOLD_DOWN_JOB, HOLD_UP_JOB
 
 GROUP = "reservations"
@@ -52,7 +52,7 @@ def leases_observation(rctx: ReservationContext, spec: ReservationSpec,
     return dg.AssetObservation(asset_key=reservation_key(spec.name), metadata={
         "capacity": dg.MetadataValue.int(spec.capacity),
         "leased": dg.MetadataValue.int(len(leases)),
-        "holds": dg.MetadataValue.int(sum(lease.kind == "hold" for lease in leases)),
+        "holds": dg.MetadataValue.int(sum(lease.kind is LeaseKind.HOLD for lease in leases)),
         "leases": dg.MetadataValue.md(leases_table(rctx, spec, leases)),
         "lease_records": dg.MetadataValue.json([lease.to_dict() for lease in leases]),
     })
@@ -118,10 +118,11 @@ def record_admission(context: dg.AssetExecutionContext, admission: Admission) ->
 
 
 def trigger_by(tags: dict[str, str]) -> str:
-    """Who asked for a hold's up or down: its schedule, else a person."""
+    """Who asked for a hold's up or down: its schedule by name, else how the run was started
+    (a person: `manual`, or what `mlci hold` says)."""
     if "dagster/schedule_name" in tags:
         return f"schedule {tags['dagster/schedule_name']}"
-    return tags.get(TRIGGER_TAG, "manual")
+    return trigger_of(tags)
 
 
 class HoldAction(dg.Config):
