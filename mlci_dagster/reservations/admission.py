@@ -80,11 +80,8 @@ class Admission:
             self.refusal = f"reservation {spec.name}: {exc}"
             return self
         if self.lease is None:
-            holders = ", ".join(f"{lease.kind} {lease.holder[:8]} ({lease.partition})"
-                                for lease in self.rctx.store.leases(spec.name))
-            self.refusal = (f"reservation {spec.name} is full: its {spec.capacity} slot(s) are "
-                            f"leased ({holders}); runs wait for a slot in Dagster's queue, and "
-                            "this one was started outside it")
+            self.refusal = (f"{self.rctx.full(spec)}; runs wait for a slot in Dagster's queue, "
+                            "and this one was started outside it")
             return self
         self._heartbeat = Heartbeat(self.rctx.store, self.lease).start()
         return self

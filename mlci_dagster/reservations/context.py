@@ -51,6 +51,13 @@ class ReservationContext:
         nightly = self.registry.settings.nightly.next_start(now)
         return min(spec.next_down(now), nightly) if spec.daytime else nightly
 
+    def full(self, spec: ReservationSpec) -> str:
+        """Why no slot of the reservation is free: who holds each."""
+        holders = ", ".join(f"{lease.kind} {lease.holder[:8]} ({lease.partition})"
+                            for lease in self.store.leases(spec.name))
+        return f"reservation {spec.name} is full: its {spec.capacity} slot(s) are leased " \
+               f"({holders})"
+
     def shown(self, spec: ReservationSpec, moment: float) -> str:
         return localtime.shown(moment, localtime.zone(spec.timezone))
 

@@ -111,10 +111,7 @@ def hold_up(rctx: ReservationContext, name: str, run_id: str, by: str) -> HoldRe
                                partition=partition, now=now, expires_at=until,
                                detail={"state": HOLD_STARTING, "by": by})
     if lease is None:
-        holders = ", ".join(f"{lease.kind} {lease.holder[:8]} ({lease.partition})"
-                            for lease in rctx.store.leases(name))
-        report.problems.append(f"reservation {name} is full: its {spec.capacity} slot(s) are "
-                               f"leased ({holders})")
+        report.problems.append(rctx.full(spec))
         return report
     ctx = _context(rctx, spec, run_id, ttl_s=until - now + HELD_SANDBOX_MARGIN_S)
     image = build_image(ctx)
