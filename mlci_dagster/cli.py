@@ -314,6 +314,7 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.janitor import registry_providers, sweep
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.reservations.guard import tend
+    from mlci_dagster.reservations.leases import LeaseError
     from mlci_dagster.run_workers import end_lost_runs, run_over
 
     registry = _registry(args)
@@ -322,11 +323,14 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     if not args.dry_run:
         for run_id in end_lost_runs(instance):
             print(f"run {run_id[:8]}: its worker process is gone; marked failed")
-        for report in tend(reservations):
-            for line in [*report.actions, *(f"LEFT: {p}" for p in report.problems)]:
-                print(f"reservation {report.reservation}: {line}")
-            if report.actions or report.problems:
-                _record_guard(instance, reservations, report)
+        try:
+            for report in tend(reservations):
+                for line in [*report.actions, *(f"LEFT: {p}" for p in report.problems)]:
+                    print(f"reservation {report.reservation}: {line}")
+                if report.actions or report.problems:
+                    _record_guard(instance, reservations, report)
+        except LeaseError as exc:
+            print(f"mlci janitor: reservations not tended: {exc}", file=sys.stderr)
     verdicts = sweep(registry_providers(registry, mlci_home()), run_over(instance),
                      dry_run=args.dry_run, keep=reservations.keep_held())
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]

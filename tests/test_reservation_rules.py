@@ -338,3 +338,28 @@ def test_concurrent_acquirers_never_share_a_slot(instance):
     """Eight threads, each with its own connections, race for two slots of one reservation."""
     assert race_for_slots(instance, "gpu-box", 2, 8) == [0, 1]
     assert len(store(instance).leases("gpu-box")) == 2
+
+
+def test_with_the_lease_table_out_of_reach_reserved_sandboxes_are_kept(tmp_path):
+    """No sandbox of a reserved config is known not to be a hold's: none is reaped for its
+    run being over (expiry still reaps it)."""
+    from mlci_dagster.providers.handle import SandboxHandle
+    from mlci_dagster.reservations.context import ReservationContext
+
+    def unreachable():
+        raise OSError("connection refused")
+
+    registry = load_registry(reserved_registry(tmp_path, [reservation()],
+                                               configs=[config("demo", sandbox={
+                                                   "services": [http_service()],
+                                                   "reservation": "gpu-box"}),
+                                                        config("free")]))
+    rctx = ReservationContext(registry, tmp_path, LeaseStore(unreachable), lambda run: True)
+
+    keep = rctx.keep_held()
+
+    def handle(name: str) -> SandboxHandle:
+        return SandboxHandle(f"{name}.e1.1", "local", name, "e1", "run-1", 0, 1e12, "", "")
+
+    assert keep(handle("demo")) == "holds unknown"
+    assert keep(handle("free")) == ""

@@ -11,7 +11,7 @@ from mlci_dagster import localtime
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.reservations import ReservationSpec
-from mlci_dagster.reservations.leases import Lease, LeaseKind, LeaseStore
+from mlci_dagster.reservations.leases import Lease, LeaseError, LeaseKind, LeaseStore
 
 # A run's lease lives this long past its last heartbeat; the heartbeat comes far more often.
 RUN_LEASE_TTL_S = 120.0
@@ -67,9 +67,16 @@ class ReservationContext:
                 if lease.kind is LeaseKind.HOLD and lease.detail.get("state") == HOLD_UP}
 
     def keep_held(self) -> Callable[[SandboxHandle], str]:
-        """For the janitor: why a sandbox is kept although its run is over (it is a daytime
-        hold's, up until its down time), or ""."""
-        held = self.held_runs()
+        """For the janitor and every run's cleanup: why a sandbox is kept although its run is
+        over (it is a daytime hold's, up until its down time), or "". With the lease table out
+        of reach, every sandbox of a reservation's config is kept (unless it expired): none is
+        known not to be held."""
+        try:
+            held = self.held_runs()
+        except LeaseError:
+            reserved = {c.name for c in self.registry.configs.values()
+                        if c.config.sandbox.reservation}
+            return lambda handle: "holds unknown" if handle.config in reserved else ""
 
         def keep(handle: SandboxHandle) -> str:
             lease = held.get(handle.run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import dagster as dg
@@ -15,7 +16,7 @@ from mlci_dagster.registry import Registry
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.reservations.admission import Admission
 from mlci_dagster.reservations.context import HOLD_UP, ReservationContext
-from mlci_dagster.reservations.leases import LeaseStore
+from mlci_dagster.reservations.leases import LeaseError, LeaseStore
 from mlci_dagster.run_workers import run_over
 from mlci_dagster.spend import month_spend
 from mlci_dagster.stages.context import LifecycleContext
@@ -82,9 +83,11 @@ class MlciResource(dg.ConfigurableResource):
         reservations = self.reservations(instance)
         verdicts = sweep(self.providers(), run_over=lambda _: True, only_run=run_id,
                          keep=reservations.keep_held())
-        for lease in reservations.store.leases():
-            if lease.holder == run_id and lease.detail.get("state") != HOLD_UP:
-                reservations.store.take_back(lease)
+        # The lease table out of reach: the janitor breaks the run's lease once it is over.
+        with contextlib.suppress(LeaseError):
+            for lease in reservations.store.leases():
+                if lease.holder == run_id and lease.detail.get("state") != HOLD_UP:
+                    reservations.store.take_back(lease)
         return verdicts
 
 

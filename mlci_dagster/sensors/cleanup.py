@@ -5,13 +5,11 @@ were cancelled mid-stage, or never got to their teardown step.
 """
 
 
-from collections.abc import Callable
 
 import dagster as dg
 
 from mlci_dagster.assets.reservations import guard_events
 from mlci_dagster.janitor import Verdict, sweep
-from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.reservations.context import ReservationContext
 from mlci_dagster.reservations.guard import tend
 from mlci_dagster.reservations.leases import LeaseError
@@ -33,10 +31,9 @@ def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
 
 
 def reservation_events(context: dg.SensorEvaluationContext, rctx: ReservationContext
-                       ) -> tuple[list, Callable[[SandboxHandle], str]]:
+                       ) -> list:
     """The janitor's pass over the reservations (holds past their down time taken down, dead
-    holders' leases broken) as events, and which sandboxes to keep: daytime holds'. With the
-    lease table out of reach, every sandbox of a reservation's config is kept (unless expired)."""
+    holders' leases broken) as events."""
     events: list = []
     try:
         for report in tend(rctx):
@@ -44,12 +41,9 @@ def reservation_events(context: dg.SensorEvaluationContext, rctx: ReservationCon
                 context.log.info(f"{report.reservation}: {'; '.join(report.actions)}"
                                  + (f"; left: {report.reason}" if report.problems else ""))
                 events += guard_events(rctx, rctx.spec(report.reservation), report)
-        return events, rctx.keep_held()
     except LeaseError as exc:
         context.log.warning(f"reservations not tended: {exc}")
-        reserved = {c.name for c in rctx.registry.configs.values()
-                    if c.config.sandbox.reservation}
-        return events, lambda handle: "holds unknown" if handle.config in reserved else ""
+    return events
 
 
 @dg.sensor(
@@ -61,8 +55,10 @@ def reservation_events(context: dg.SensorEvaluationContext, rctx: ReservationCon
 def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
     for run_id in end_lost_runs(context.instance):
         context.log.warning(f"run {run_id} lost its worker process: marked failed")
-    events, keep = reservation_events(context, mlci.reservations(context.instance))
-    verdicts = sweep(mlci.providers(), run_over(context.instance), keep=keep)
+    reservations = mlci.reservations(context.instance)
+    events = reservation_events(context, reservations)
+    verdicts = sweep(mlci.providers(), run_over(context.instance),
+                     keep=reservations.keep_held())
     reaped = [v for v in verdicts if v.reason]
     if reaped:
         context.log.info(f"janitor reaped {len(reaped)}: {[v.sandbox_id for v in reaped]}")
