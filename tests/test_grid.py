@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 
 from mlci_dagster.history.analysis import analyze, signature_clusters
 from mlci_dagster.history.grid import render_grid
+from mlci_dagster.history.render import report_table
 from mlci_dagster.history.table import append_rows, record_to_row
 from mlci_dagster.registry.models import HistorySettings
 from tests.conftest import result_record
@@ -101,3 +102,31 @@ def test_columns_are_batches_aligned_across_rows_with_links_signatures_and_marks
     assert re.search(r'<text[^>]*>\d+(\.\d+)?s</text>', page)
     assert "duration, seconds" in page and "run 3 (latest)" in page
     assert f"{cluster.signature}</td><td>2 run(s) of a|e1, b|e1" in page
+
+
+def test_a_batch_with_refused_runs_renders_everywhere_with_no_nan():
+    """A refused run (skip) has no image digest, failure kind or signature: pandas would keep
+    those gaps as NaN beside the strings of the runs that ran, which string code trips on."""
+    records = [
+        record("a|e1", "pass", 0, "sha256:aaaa1111"),
+        record("a|e1", "fail-pipeline_runs", 1, "sha256:bbbb2222", "ValueError: broke"),
+        record("b|e1", "skip", 1, "").model_copy(update={"image_digest": None}),
+    ]
+    table = append_rows(None, [record_to_row(r, i + 1) for i, r in enumerate(records)])
+    # The table as a later update extends it (its stored part, then one more refusal).
+    table = append_rows(table, [record_to_row(record("b|e1", "skip", 2, "").model_copy(
+        update={"image_digest": None}), 4)])
+    assert all(value is None or isinstance(value, str)
+               for column in ("image_digest", "failure_kind", "signature", "batch")
+               for value in table[column])
+    summaries = analyze(table, ["a|e1", "b|e1"], HistorySettings(), NIGHT + 3 * 86_400)
+    clusters = signature_clusters(table, summaries)
+
+    page = render_grid(table, summaries, NIGHT + 3 * 86_400, clusters, "http://dagster.test")
+    text = report_table(summaries, NIGHT + 3 * 86_400)
+
+    grid = Grid()
+    grid.feed(page)
+    b = next(row for row in grid.rows if len(row) == 3 and row[0] and "b|e1" in row[0]["href"])
+    assert b[0]["title"].startswith("skip\n") and "image -," in b[0]["title"]
+    assert "nan" not in page.lower() and "nan" not in text.lower()

@@ -305,7 +305,7 @@ def signature_clusters(table: pd.DataFrame, summaries: list[PartitionSummary]
             signature, texts[signature], sorted(partitions), len(seen),
             {"finished_at": float(first["finished_at"]), "run_id": first["run_id"],
              "image_digest": first["image_digest"], "partition": first["partition"],
-             "batch": first["batch"] if isinstance(first["batch"], str) else None}))
+             "batch": first["batch"] or None}))
     return sorted(clusters, key=lambda c: (-len(c.partitions), c.first_seen["finished_at"]))
 
 

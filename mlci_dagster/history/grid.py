@@ -56,7 +56,7 @@ def batch_keys(table: pd.DataFrame) -> pd.Series:
     """Each row's batch, or for a row recorded before batches: its trigger and UTC day."""
     day = pd.to_datetime(table["started_at"].astype(float), unit="s", utc=True)
     derived = table["trigger"].astype(str) + " " + day.dt.strftime("%Y-%m-%d")
-    recorded = table["batch"].map(lambda b: isinstance(b, str) and bool(b))
+    recorded = table["batch"].map(bool)
     return table["batch"].where(recorded, derived)
 
 
@@ -64,7 +64,7 @@ def batch_columns(table: pd.DataFrame, limit: int = COLUMNS) -> list[dict[str, A
     """The newest `limit` batches, newest first: key, first start, the image most tested."""
     columns = []
     for key, rows in table.groupby("_batch"):
-        digests = Counter(d for d in rows["image_digest"] if isinstance(d, str) and d)
+        digests = Counter(d for d in rows["image_digest"] if d)
         columns.append({"key": str(key), "started": float(rows["started_at"].min()),
                         "digest": digests.most_common(1)[0][0] if digests else ""})
     columns.sort(key=lambda c: c["started"], reverse=True)
@@ -90,8 +90,7 @@ def run_link(dagster_url: str, run_id: str) -> str:
 
 def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: int) -> str:
     status = row["status"]
-    # pandas keeps a missing value as NaN (truthy) where a column mixes values and gaps.
-    kind = row["failure_kind"] if isinstance(row["failure_kind"], str) else ""
+    kind = row["failure_kind"] or ""
     colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS[LIFECYCLE_SKIP] \
         if skipped(status) else COLOURS.get(kind, COLOURS[FailureKind.PRODUCT])
     cost = row.get("cost_usd")
@@ -100,7 +99,7 @@ def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: i
     signature = row.get("signature_text")
     title = "\n".join(line for line in [
         f"{status}" + (f" ({kind})" if kind else ""),
-        f"signature {row['signature']}: {signature}" if isinstance(signature, str) else "",
+        f"signature {row['signature']}: {signature}" if signature else "",
         f"{when}Z, {row['duration_s']:.1f}s, {row['trigger']}"
         + (f", ${cost:.4f}" if isinstance(cost, float) and cost == cost else ""),
         f"image {short(row['image_digest'])}, config {row['config_id']}",
@@ -226,8 +225,7 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
             if row is None:
                 slots.append('<td class="slot"><span class="none"></span></td>')
                 continue
-            letter = letters.get(row["signature"], "") if isinstance(row["signature"], str) \
-                else ""
+            letter = letters.get(row["signature"] or "", "")
             cell = _cell(row, letter, marks.get(row["run_id"], ""), dagster_url,
                          runs[column["key"]] - 1)
             slots.append(f'<td class="slot">{cell}</td>')

@@ -22,6 +22,11 @@ BASE_COLUMNS = [
     "finished_at", "duration_s", "stages", "cost_usd", "signature", "signature_text",
     "batch",
 ]
+# Text columns hold None where a run has no value (a skip has no image digest): pandas would
+# store such a gap as NaN (a float) in a column of strings, which string code then trips on.
+TEXT_COLUMNS = [c for c in BASE_COLUMNS
+                if c not in ("storage_id", "passed", "started_at", "finished_at", "duration_s",
+                             "cost_usd")]
 DURATION_PREFIX = "duration:"
 METRIC_PREFIX = "metric:"
 
@@ -50,16 +55,24 @@ def empty_table() -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype="object") for column in BASE_COLUMNS})
 
 
+def with_text_gaps_as_none(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with every text column of plain objects, a gap None (never NaN)."""
+    present = [c for c in TEXT_COLUMNS if c in table]
+    return table.assign(**{c: table[c].astype(object).where(table[c].notna(), None)
+                           for c in present})
+
+
 def append_rows(table: pd.DataFrame | None, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """The table with `rows` appended; rows already present (same storage id) are skipped."""
+    """The table with `rows` appended; rows already present (same storage id) are skipped.
+    Every table the history holds comes out of here, its text gaps None."""
     new = pd.DataFrame(list(rows))
     if table is None or table.empty:
-        return new if not new.empty else empty_table()
-    if new.empty:
-        return table
-    # Append-only: a row at or below the table's last storage id is already in it.
-    new = new[new["storage_id"] > table["storage_id"].max()]
-    return pd.concat([table, new], ignore_index=True)
+        table = new if not new.empty else empty_table()
+    elif not new.empty:
+        # Append-only: a row at or below the table's last storage id is already in it.
+        new = new[new["storage_id"] > table["storage_id"].max()]
+        table = pd.concat([table, new], ignore_index=True)
+    return with_text_gaps_as_none(table)
 
 
 def series_columns(table: pd.DataFrame) -> list[str]:
