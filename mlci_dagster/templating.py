@@ -1,8 +1,7 @@
 """`${a.b.c}` references in registry strings, resolved against what earlier stages produced.
 
-Roots: `port` (the service's own port), `services.<name>.{port,url,host}`, `vars.<NAME>` (engine
-variables), `env.<NAME>` (the environment: where secrets come from), `sandbox.{id,workdir}`,
-`image.{digest,ref}`, `outputs.<pipeline>.<key>`, `config`, `engine`, `id` (a submitted job's id).
+What each root provides is declared once, in PROVIDES: the registry loader rejects a reference
+that can never resolve, and tests pin PROVIDES to the code that builds the context.
 """
 
 from __future__ import annotations
@@ -13,7 +12,35 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
-ROOTS = {"port", "services", "vars", "env", "sandbox", "image", "outputs", "config", "engine", "id"}
+# What the image stage's details hold (stages/image.py), per way of giving the image: an image
+# given by `ref` has an empty `path`, one built on this machine an empty `ref`.
+IMAGE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "image.ref": ("cached", "digest", "path", "ref"),
+    "image.build.command": ("built_at", "cached", "digest", "path", "ref"),
+    "image.build.codebuild": ("build_id", "built_at", "cached", "digest", "path", "ref"),
+}
+# Outputs a pipeline of a kind has whatever it declares: a submit_poll pipeline's job id
+# (stages/pipelines.py), a sagemaker_invoke pipeline's latency (providers/aws/pipelines.py).
+KIND_OUTPUTS: dict[str, tuple[str, ...]] = {"submit_poll": ("id",),
+                                            "sagemaker_invoke": ("latency_ms",)}
+# What each root provides at run time: providers/handle.py `render_context` builds config,
+# engine, sandbox, services, vars and env; the stages add image and outputs; a local service's
+# own definition has its port, a submit_poll pipeline's poll and logs URLs the job's id. A
+# mapping lists the attributes, a `<placeholder>` stands for the names the registry declares
+# (under env, any variable), None is a value.
+PROVIDES: dict[str, Any] = {
+    "config": None,  # the config's name
+    "engine": None,
+    "sandbox": {"id": None, "workdir": None},
+    "services": {"<service>": {"port": None, "host": None, "url": None}},
+    "vars": {"<engine variable>": None},
+    "env": {"<variable>": None},
+    "image": {"<attribute>": None},  # which ones: IMAGE_ATTRIBUTES
+    "outputs": {"<pipeline>": {"<output>": None}},
+    "port": None,
+    "id": None,
+}
+ROOTS = frozenset(PROVIDES)
 
 
 class TemplateError(ValueError):

@@ -24,6 +24,7 @@ from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
 from mlci_dagster.stages.outcome import StageOutcome
+from mlci_dagster.templating import IMAGE_ATTRIBUTES
 from mlci_dagster.vocabulary import FailureKind, Status
 from tests.conftest import config, write_registry
 from tests.support.aws_proxy import (
@@ -113,6 +114,8 @@ def test_a_succeeded_build_records_the_digest_ecr_describes(aws, tmp_path):
     assert outcome.details["digest"] == digest
     assert outcome.details["ref"] == IMAGE
     assert outcome.details["build_id"].startswith(f"{PROJECT}:")
+    # What `${image.<attribute>}` may name with a CodeBuild image (the registry checks it).
+    assert set(outcome.details) == set(IMAGE_ATTRIBUTES["image.build.codebuild"])
     [started] = aws.called("StartBuild")
     assert started["projectName"] == PROJECT
     assert started["sourceVersion"] == "refs/heads/main"

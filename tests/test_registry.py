@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from mlci_dagster.images import IMAGE_DIGEST_TAG
+from mlci_dagster.paths import EXAMPLE_REGISTRY
+from mlci_dagster.providers.handle import SandboxHandle, render_context
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.loader import config_id
-from tests.conftest import config, write_registry
+from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.image import build_image
+from mlci_dagster.templating import (
+    IMAGE_ATTRIBUTES,
+    PROVIDES,
+    REFERENCE,
+    ROOTS,
+    iter_references,
+)
+from tests.conftest import PY, config, write_registry
 
 NAME_RULE = ("at most 63 characters: lowercase letters, digits and '-', starting and ending "
              "with a letter or digit")
@@ -44,9 +58,9 @@ def problems_of(root: Path) -> list[str]:
         ({"sandbox": {"services": [{"name": "web", "command": ["x"], "ready": {}}]}},
          "sandbox.services[0].ready", "exactly one of 'http', 'tcp' or 'command'"),
         ({"pipelines": [{"kind": "command", "name": "p", "command": ["${vars.MISSING}"]}]},
-         "pipelines", "engine variable not declared by engine(s) e1"),
+         "pipelines[0].command[0]", "unknown engine variable 'MISSING' of 'vars'"),
         ({"pipelines": [{"kind": "command", "name": "p", "command": ["${servics.web.url}"]}]},
-         "pipelines", "unknown root 'servics'"),
+         "pipelines[0].command[0]", "unknown root 'servics'"),
     ],
 )
 def test_bad_config_is_reported_with_file_and_field(tmp_path, overrides, field, expected):
@@ -361,3 +375,221 @@ def test_browser_routes_are_validated_with_file_and_field(tmp_path, route, field
 
     assert any(p.startswith(f"{bad_file}: {field}: ") and expected in p for p in problems), \
         problems
+
+
+# --- references that can never resolve ------------------------------------------------------
+
+
+def served_by(*words: str) -> dict[str, Any]:
+    """The sandbox of one local service `web` whose command is `words`."""
+    return {"services": [{"name": "web", "command": list(words), "ready": {"tcp": True}}]}
+
+
+def run(*words: str, name: str = "ok", **fields: Any) -> dict[str, Any]:
+    return {"kind": "command", "name": name, "command": list(words)} | fields
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        ({"pipelines": [run("train", "${image.pth}/train.py")]}, "pipelines[0].command[1]",
+         "${image.pth}: unknown attribute 'pth' of 'image' (did you mean 'path'?)"),
+        ({"sandbox": served_by("serve", "--root", "${sandbox.workdr}")},
+         "sandbox.services[0].command[2]",
+         "${sandbox.workdr}: unknown attribute 'workdr' of 'sandbox' (did you mean 'workdir'?)"),
+        ({"ui_smoke": {"routes": [{"service": "web", "path": "/?port=${services.web.prot}"}]}},
+         "ui_smoke.routes[0].path", "${services.web.prot}: unknown attribute 'prot' of "
+         "'services.web' (did you mean 'port'?)"),
+        ({"pipelines": [run("check", env={"DIR": "${sandbox.workdir.x}"})]},
+         "pipelines[0].env.DIR", "${sandbox.workdir.x}: too deep: 'sandbox.workdir' is a "
+         "value, without attribute 'x' (expected ${sandbox.workdir})"),
+        ({"pipelines": [run("check", "${config.name}")]}, "pipelines[0].command[1]",
+         "${config.name}: too deep: 'config' is a value, without attribute 'name' "
+         "(expected ${config})"),
+        ({"sandbox": served_by("serve", "${port.x}")}, "sandbox.services[0].command[1]",
+         "${port.x}: too deep: 'port' is a value, without attribute 'x' (expected ${port})"),
+        ({"pipelines": [run("check", "${sandbox}")]}, "pipelines[0].command[1]",
+         "${sandbox}: incomplete: expected ${sandbox.<attribute>}, one of: id, workdir"),
+        ({"pipelines": [run("check", "${services.wbe.url}")]}, "pipelines[0].command[1]",
+         "${services.wbe.url}: unknown service 'wbe' of 'services' (did you mean 'web'?)"),
+        ({"pipelines": [run("check", "${vars.STOR}")]}, "pipelines[0].command[1]",
+         "${vars.STOR}: unknown engine variable 'STOR' of 'vars' (did you mean 'STORE'?)"),
+        # What exists only for another kind of image, or only in other fields.
+        ({"pipelines": [run("check", "${image.built_at}")]}, "pipelines[0].command[1]",
+         "${image.built_at}: attribute 'built_at' of 'image' does not exist with image.ref "
+         "(only with image.build.command, image.build.codebuild)"),
+        ({"image": {"build": {"command": ["make", "${sandbox.workdir}"],
+                              "inputs": ["mlci.yaml"]}}}, "image.build.command[1]",
+         "${sandbox.workdir}: root 'sandbox' does not exist before the image is built "
+         "(only ${env.NAME} does)"),
+        ({"sandbox": served_by("serve", "--after", "${outputs.ok.run_id}")},
+         "sandbox.services[0].command[2]", "${outputs.ok.run_id}: root 'outputs' is only in "
+         "pipelines (the outputs of those before) and ui_smoke"),
+        ({"pipelines": [run("echo", "${outputs.ok.run_id}", outputs={"run_id": "(.*)"})]},
+         "pipelines[0].command[1]", "${outputs.ok.run_id}: pipeline 'ok' of 'outputs' has not "
+         "run yet here (outputs come from the pipelines before)"),
+        ({"pipelines": [run("check", "${id}")]}, "pipelines[0].command[1]",
+         "${id}: root 'id' is only in a submit_poll pipeline's poll_url and logs_url"),
+        ({"ui_smoke": {"routes": [{"service": "web", "path": "/${port}"}]}},
+         "ui_smoke.routes[0].path", "${port}: root 'port' is only in a local service's own "
+         "definition (its command, env and ready.command)"),
+    ],
+)
+def test_a_reference_that_can_never_resolve_names_file_field_and_nearest_name(
+        tmp_path, overrides, field, expected):
+    root = write_registry(tmp_path, [config("bad") | overrides])
+
+    problems = problems_of(root)
+
+    assert f"{root / 'configs' / 'bad.yaml'}: {field}: {expected}" in problems, problems
+
+
+@pytest.mark.parametrize(
+    ("engine", "field", "expected"),
+    [
+        ({"variables": {"STORE": "${sandbox.workdr}/db"}}, "engines.e1.variables.STORE",
+         "${sandbox.workdr}: unknown attribute 'workdr' of 'sandbox' (did you mean 'workdir'?)"),
+        ({"variables": {"HOST": "db", "URL": "http://${vars.HOST}"}}, "engines.e1.variables.URL",
+         "${vars.HOST}: root 'vars' does not exist here (engine variables are rendered before "
+         "any is set)"),
+        ({"services": [{"name": "db", "command": ["${image.pth}/db", "${port}"],
+                        "ready": {"tcp": True}}]}, "engines.e1.services[0].command[0]",
+         "${image.pth}: unknown attribute 'pth' of 'image' (did you mean 'path'?)"),
+        ({"variables": {"DB": "${services.db.url}"}}, "engines.e1.variables.DB",
+         "${services.db.url}: unknown service 'db' of 'services' (expected one of: web)"),
+    ],
+)
+def test_a_reference_in_an_engine_that_can_never_resolve_names_mlci_yaml_and_field(
+        tmp_path, engine, field, expected):
+    root = write_registry(tmp_path, [config("ok")], engines={"e1": engine})
+
+    problems = problems_of(root)
+
+    assert problems == [f"{root / 'mlci.yaml'}: {field}: {expected}"]
+
+
+def test_a_reference_in_a_manifest_that_can_never_resolve_names_the_manifest_and_field(
+        tmp_path):
+    job = K8S_JOB | {"outputs": {"run_id": "run_id=(.*)"}}
+    body = config("bad", sandbox=kubernetes_sandbox(), pipelines=[job], ui_smoke={})
+    root = write_registry(tmp_path, [body], engines={
+        "e1": {"variables": {"STORE": "db"}, "manifests": ["k8s/db.yaml"]}})
+    (root / "k8s").mkdir()
+    (root / "k8s" / "db.yaml").write_text("kind: Pod\nspec: {image: '${image.digst}'}\n")
+    (root / "k8s" / "app.yaml").write_text(
+        "kind: ConfigMap\ndata: {store: '${vars.STORE}'}\n---\n"
+        "kind: Deployment\nspec: {image: '${image.ref}', run: '${outputs.train.run_id}'}\n")
+    (root / "k8s" / "job.yaml").write_text("kind: Job\nspec: {dir: '${sandbox.workdr}'}\n")
+    bad = root / "configs" / "bad.yaml"
+
+    problems = problems_of(root)
+
+    assert problems == [
+        f"{bad}: sandbox.manifests[0]: k8s/app.yaml: document 2: spec.run: "
+        "${outputs.train.run_id}: root 'outputs' is only in pipelines (the outputs of those "
+        "before) and ui_smoke",
+        f"{bad}: pipelines[0].manifest: k8s/job.yaml: document 1: spec.dir: ${{sandbox.workdr}}: "
+        "unknown attribute 'workdr' of 'sandbox' (did you mean 'workdir'?)",
+        f"{root / 'mlci.yaml'}: engines.e1.manifests[0]: k8s/db.yaml: document 1: spec.image: "
+        "${image.digst}: unknown attribute 'digst' of 'image' (did you mean 'digest'?)",
+    ]
+
+
+def test_valid_references_in_every_section_load(tmp_path):
+    engines = {
+        "e1": {"variables": {"STORE": "${sandbox.workdir}/db", "WEB": "${services.web.url}",
+                             "IMAGE": "${image.ref}", "TOKEN": "${env.MLCI_TOKEN}"},
+               "services": [{"name": "db", "command": ["${image.path}/db", "${port}",
+                                                       "${vars.STORE}"],
+                             "ready": {"command": ["probe", "${port}"]}}]},
+        "e2": {"variables": {"MODEL": "iris"}},
+        "e3": {"variables": {"DB": "postgres"}, "manifests": ["k8s/db.yaml"]},
+    }
+    web = {"name": "web", "command": ["serve", "${port}", "${sandbox.workdir}"],
+           "env": {"DB": "${services.db.url}", "STORE": "${vars.STORE}",
+                   "BUILT": "${image.built_at}"},
+           "ready": {"command": ["probe", "${services.web.host}:${port}"]}}
+    job = {"kind": "submit_poll", "name": "job", "id_field": "id", "success_states": ["ok"],
+           "submit": {"url": "${services.web.url}/jobs?after=${outputs.ok.run_id}",
+                      "json": {"image": "${image.digest}", "sandbox": "${sandbox.id}"}},
+           "poll_url": "${services.web.url}/jobs/${id}", "logs_url": "${services.db.url}/${id}"}
+    local = config(
+        "local", engines=["e1"], image={"build": {"command": ["make"], "inputs": ["mlci.yaml"]}},
+        sandbox={"services": [web]},
+        pipelines=[run("train", "${config}", "${engine}", "${env.HOME}",
+                       outputs={"run_id": "run_id=(.*)"}),
+                   job, run("check", "${outputs.job.id}", "${outputs.ok.run_id}", name="check")],
+        ui_smoke={"routes": [{"service": "web", "path": "/jobs/${outputs.job.id}",
+                              "contains": ["${config}"], "json_equals": {"id": "${engine}"}}]})
+    served = config(
+        "served", engines=["e2"], ui_smoke={},
+        sandbox={"provider": "aws-sagemaker", "environment": {"RUN": "${sandbox.id}"},
+                 "execution_role_arn": "${env.MLCI_ROLE_ARN}"},
+        pipelines=[{"kind": "sagemaker_invoke", "name": "predict",
+                    "payload": {"model": "${vars.MODEL}"}}],
+        metrics={"latency": {"source": "predict.latency_ms", "direction": "lower_is_better"}})
+    on_kubernetes = config(
+        "on-kubernetes", engines=["e3"], ui_smoke={},
+        sandbox=kubernetes_sandbox(services=[{"name": "api", "service": "api", "port": 80}]),
+        pipelines=[K8S_JOB | {"outputs": {"run_id": "run_id=(.*)"}},
+                   run("after", "${outputs.train.run_id}", name="after")])
+    root = write_registry(tmp_path, [local, served, on_kubernetes], engines=engines)
+    (root / "k8s").mkdir()
+    (root / "k8s" / "db.yaml").write_text("kind: Pod\nspec: {image: '${image.ref}', "
+                                          "db: '${vars.DB}'}\n")
+    (root / "k8s" / "app.yaml").write_text("kind: Deployment\nspec: {url: '${services.api.url}', "
+                                           "sandbox: '${sandbox.id}'}\n")
+    (root / "k8s" / "job.yaml").write_text("kind: Job\nspec: {image: '${image.digest}'}\n")
+
+    assert sorted(load_registry(root).configs) == ["local", "on-kubernetes", "served"]
+
+
+EXAMPLES = sorted(p.parent for p in EXAMPLE_REGISTRY.parent.glob("*/mlci.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+def test_every_example_registry_is_valid_and_each_of_its_references_is_checked(
+        tmp_path, example):
+    assert load_registry(example).configs
+    copy = shutil.copytree(example, tmp_path / example.name)
+    misspelled = set()  # every reference but ${env.NAME} (any name may be set), one letter more
+    for file in [copy / "mlci.yaml", *sorted((copy / "configs").glob("*.yaml"))]:
+        text = REFERENCE.sub(lambda m: m[0] if m[1].startswith("env.") else f"${{{m[1]}x}}",
+                             file.read_text())
+        file.write_text(text)
+        misspelled |= {(str(file), ref) for ref in iter_references(yaml.safe_load(text))
+                       if not ref.startswith("env.")}
+
+    problems = problems_of(copy) if misspelled else []
+
+    # Each problem reads `file: field: ${reference}: why`.
+    assert {(p.split(": ")[0], p.split("${")[1].split("}")[0]) for p in problems} == misspelled
+
+
+def test_the_declared_roots_are_what_a_sandbox_context_holds():
+    handle = SandboxHandle("sb-1", "local", "c", "e1", "run-1", 0.0, 60.0, "/work", "/logs",
+                           endpoints={"web": "http://127.0.0.1:8080"}, variables={"V": "1"})
+
+    context = render_context(handle, {"HOME": "/root"})
+
+    # `image` and `outputs` are what the stages add, `port` and `id` what a field adds.
+    assert set(context) == ROOTS - {"image", "outputs", "port", "id"}
+    assert set(context["sandbox"]) == set(PROVIDES["sandbox"])
+    assert set(context["services"]["web"]) == set(PROVIDES["services"]["<service>"])
+
+
+@pytest.mark.parametrize(
+    ("image", "source"),
+    [({"ref": "example.test/platform:nightly"}, "image.ref"),
+     ({"build": {"command": [PY, "-c", "pass"], "inputs": ["mlci.yaml"]}},
+      "image.build.command")],
+)
+def test_the_declared_image_attributes_are_what_the_image_stage_gives(tmp_path, image, source):
+    registry = load_registry(write_registry(tmp_path / "reg", [config("c", image=image)]))
+    ctx = LifecycleContext.create(registry, "c", "e1", "run-1", tmp_path / "home",
+                                  run_tags={IMAGE_DIGEST_TAG: "sha256:" + "0" * 64})
+
+    outcome = build_image(ctx)
+
+    assert outcome.passed, outcome.error_summary
+    assert set(outcome.details) == set(IMAGE_ATTRIBUTES[source])

@@ -20,8 +20,13 @@ from pydantic import BaseModel, ValidationError
 
 from mlci_dagster.chromium import INSTALL_HINT, find_chromium
 from mlci_dagster.registry.models import Settings, TestConfig
+from mlci_dagster.registry.references import (
+    engine_reference_problems,
+    location_text,
+    reference_problems,
+)
 from mlci_dagster.registry.reservations import reservation_problems
-from mlci_dagster.templating import ROOTS, iter_references
+from mlci_dagster.templating import iter_references
 
 SETTINGS_FILE = "mlci.yaml"
 # libyaml's parser where PyYAML has it: a tenth of the time on a registry of hundreds of files.
@@ -114,12 +119,7 @@ def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     """`pipelines[1].timeout_s`: the location as the YAML writes it, without the union tags
     pydantic inserts (`command`, `kubernetes`, ...)."""
     _, tags = _walk(model, loc)
-    path = ""
-    for i, part in enumerate(loc):
-        if i in tags:
-            continue
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
+    return location_text(part for i, part in enumerate(loc) if i not in tags) or "(top level)"
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -222,54 +222,6 @@ def _read_yaml(path: Path, problems: list[str]) -> Any:
         problems.append(f"{path}: (top level): expected a mapping, got {type(data).__name__}")
         return None
     return data
-
-
-def _reference_problems(path: Path, config: TestConfig, settings: Settings) -> list[str]:
-    """References that can never resolve: unknown roots, services, engine variables, outputs."""
-    problems = []
-    engines = [e for e in (config.engines or settings.engines) if e in settings.engines]
-    # An engine's services join every sandbox on it: usable when every applicable engine has it.
-    per_engine = [{s.name for s in settings.engines[e].services} for e in engines]
-    shared = set.intersection(*per_engine) if per_engine else set()
-    services = {s.name for s in config.sandbox.services} | shared
-    for engine in engines:
-        for name in {s.name for s in settings.engines[engine].services} & {
-                s.name for s in config.sandbox.services}:
-            problems.append(f"{path}: sandbox.services: '{name}' is also a service of engine "
-                            f"'{engine}' (expected distinct names)")
-    # A submit-and-poll pipeline always outputs the job's `id`.
-    outputs = {p.name: set(p.outputs) | ({"id"} if p.kind == "submit_poll" else set())
-               for p in config.pipelines}
-    for name, metric in config.metrics.items():
-        pipeline, output = metric.source.split(".")
-        if output not in outputs.get(pipeline, ()):
-            problems.append(f"{path}: metrics.{name}.source: '{metric.source}' is not a declared "
-                            "output (expected <pipeline>.<output>)")
-    for i, route in enumerate(config.ui_smoke.routes):
-        if route.service not in services:
-            problems.append(
-                f"{path}: ui_smoke.routes[{i}].service: unknown service '{route.service}' "
-                f"(expected one of: {', '.join(sorted(services)) or 'no services declared'})")
-    body = config.model_dump(mode="json", by_alias=True)
-    for section in ("image", "sandbox", "pipelines", "ui_smoke"):
-        for ref in iter_references(body[section]):
-            root, *rest = ref.split(".")
-            if root not in ROOTS:
-                problems.append(f"{path}: {section}: ${{{ref}}}: unknown root '{root}' "
-                                f"(expected one of: {', '.join(sorted(ROOTS))})")
-            elif root == "services" and (not rest or rest[0] not in services):
-                problems.append(f"{path}: {section}: ${{{ref}}}: unknown service "
-                                f"(expected one of: {', '.join(sorted(services)) or 'none'})")
-            elif root == "vars":
-                missing = [e for e in engines if not rest or rest[0] not in
-                           settings.engines[e].variables]
-                if missing:
-                    problems.append(f"{path}: {section}: ${{{ref}}}: engine variable not "
-                                    f"declared by engine(s) {', '.join(missing)}")
-            elif root == "outputs" and (len(rest) != 2 or rest[1] not in outputs.get(rest[0], ())):
-                problems.append(f"{path}: {section}: ${{{ref}}}: expected "
-                                "outputs.<pipeline>.<declared output>")
-    return problems
 
 
 def _tier_problems(path: Path, config: TestConfig, settings: Settings) -> list[str]:
@@ -437,7 +389,7 @@ def load_registry(root: str | Path) -> Registry:
                 if engine not in settings.engines:
                     problems.append(f"{path}: engines[{i}]: unknown engine '{engine}' "
                                     f"(expected one of: {', '.join(settings.engines)})")
-            problems.extend(_reference_problems(path, config, settings))
+            problems.extend(reference_problems(path, config, settings, root, settings_path))
             problems.extend(_tier_problems(path, config, settings))
             pool = config.sandbox.pool
             if pool is not None and pool not in settings.pools:
@@ -451,6 +403,10 @@ def load_registry(root: str | Path) -> Registry:
         problems.extend(f"{settings_path}: {problem}" for problem in reservation_problems(
             settings.reservations, set(settings.pools), settings.nightly, time.time()))
         problems.extend(_intent_problems(settings_path, settings, configs))
+        problems.extend(engine_reference_problems(
+            settings_path, settings, [loaded.config for loaded in configs.values()]))
     if problems or settings is None:
-        raise RegistryError(problems)
+        # An engine's manifest is checked with every config that applies it, and a string
+        # may hold a reference twice: each problem is said once.
+        raise RegistryError(list(dict.fromkeys(problems)))
     return Registry(root, settings, configs, tuple(_machine_warnings(configs)))
