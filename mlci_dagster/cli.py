@@ -311,7 +311,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
-    from mlci_dagster.janitor import registry_providers, sweep
+    from mlci_dagster.janitor import registry_providers, registry_teardown_timeout, sweep
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.reservations.guard import tend
     from mlci_dagster.reservations.leases import LeaseError
@@ -332,10 +332,12 @@ def cmd_janitor(args: argparse.Namespace) -> int:
         except LeaseError as exc:
             print(f"mlci janitor: reservations not tended: {exc}", file=sys.stderr)
     verdicts = sweep(registry_providers(registry, mlci_home()), run_over(instance),
+                     teardown_timeout=registry_teardown_timeout(registry),
                      dry_run=args.dry_run, keep=reservations.keep_held())
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
     for v in verdicts:
         result = "-" if v.report is None else "clean" if v.report["clean"] else (
+            f"LEFT: {v.report['why']}" if v.report.get("why") else
             f"LEFT: pids {v.report['leaked_pids']} ports {v.report['busy_ports']}")
         verdict = v.reason or (f"keep ({v.kept})" if v.kept else "keep (run in progress)")
         rows.append([v.sandbox_id, v.run_id[:8], verdict,

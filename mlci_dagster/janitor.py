@@ -16,6 +16,8 @@ from mlci_dagster.providers.base import Provider, providers_for
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.processes import process_start
 from mlci_dagster.registry import Registry
+from mlci_dagster.registry.models import DEFAULT_TIMEOUTS_S
+from mlci_dagster.vocabulary import Stage
 
 
 @dataclass
@@ -59,15 +61,28 @@ def registry_providers(registry: Registry, home: Path) -> list[Provider]:
                          registry.secret_names, registry.root)
 
 
+def registry_teardown_timeout(registry: Registry) -> Callable[[SandboxHandle], float]:
+    """How long destroying a sandbox may take: its config's `timeouts.teardown_s`, or the
+    registry's default when its config has left the registry (the handle names its config).
+    Every sweep (the janitor sensor, `mlci janitor`, a run's last cleanup, the guard) is given
+    this, so none waits a timeout of its own."""
+    default_s = DEFAULT_TIMEOUTS_S[Stage.TEARDOWN]
+    by_config = {name: loaded.config.timeouts.for_stage(Stage.TEARDOWN)
+                 for name, loaded in registry.configs.items()}
+    return lambda handle: by_config.get(handle.config, default_s)
+
+
 def sweep(
     providers: Provider | Sequence[Provider], run_over: Callable[[str], bool], *,
+    teardown_timeout: Callable[[SandboxHandle], float],
     dry_run: bool = False, now: float | None = None, only_run: str | None = None,
     keep: Callable[[SandboxHandle], str] = keep_none,
     select: Callable[[SandboxHandle], bool] = lambda handle: True,
 ) -> list[Verdict]:
     """A verdict for every live sandbox the providers know (of `only_run`, if given, and that
-    `select` picks); reaps unless `dry_run`. A sandbox that `keep` names a reason for is kept,
-    even when its run is over, until it expires."""
+    `select` picks); reaps unless `dry_run`, giving each destroy `teardown_timeout(handle)`
+    seconds (see `registry_teardown_timeout`). A sandbox that `keep` names a reason for is
+    kept, even when its run is over, until it expires."""
     now = clock.now() if now is None else now
     verdicts = []
     for provider in [providers] if isinstance(providers, Provider) else providers:
@@ -79,6 +94,6 @@ def sweep(
                                       else f"run {only_run[:8]} failed")
             verdict = Verdict(handle.sandbox_id, handle.run_id, reason, kept=kept)
             if reason and not dry_run:
-                verdict.report = provider.destroy(handle)
+                verdict.report = provider.destroy(handle, timeout_s=teardown_timeout(handle))
             verdicts.append(verdict)
     return verdicts

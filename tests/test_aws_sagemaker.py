@@ -92,7 +92,8 @@ def sandbox(**fields: Any) -> SageMakerSandbox:
 def create(provider: SageMakerProvider, spec: SageMakerSandbox | None = None,
            run_id: str = "run-1"):
     return provider.create(spec or sandbox(), config="iris", engine="cpu", run_id=run_id,
-                           engine_variables={}, image={"ref": IMAGE, "digest": "sha256:1"})
+                           engine_variables={}, teardown_s=60,
+                           image={"ref": IMAGE, "digest": "sha256:1"})
 
 
 def tags(client: Any, arn: str) -> dict[str, str]:
@@ -185,7 +186,7 @@ def test_create_tags_model_config_and_endpoint_and_waits_to_in_service(provider,
     assert handle.endpoints["endpoint"] == f"{provider.settings.resolve().endpoint_url}" \
         f"/endpoints/{name}/invocations"
     assert handle.variables["MLCI_SAGEMAKER_ENDPOINT"] == name
-    assert provider.destroy(handle)["clean"]
+    assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
 def test_invoke_passes_on_its_assertions_and_records_latency(provider, aws):
@@ -206,7 +207,7 @@ def test_invoke_passes_on_its_assertions_and_records_latency(provider, aws):
     assert "InvokeEndpoint" in Path(ok.log_ref).read_text()
     assert not bad.passed and bad.failure_kind is FailureKind.PRODUCT
     assert "predictions.0.label = 'virginica', expected 'setosa'" in bad.summary
-    assert provider.destroy(handle)["clean"]
+    assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
 def test_invoke_sends_a_payload_file_and_a_missing_file_is_infra(provider, aws, tmp_path):
@@ -221,14 +222,14 @@ def test_invoke_sends_a_payload_file_and_a_missing_file_is_infra(provider, aws, 
     result = provider.run_pipeline(handle, missing, {}, timeout_s=20)
 
     assert result.failure_kind is FailureKind.INFRA and "nope.json" in result.summary
-    assert provider.destroy(handle)["clean"]
+    assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
 def test_destroy_deletes_and_verifies_each_resource_and_is_idempotent(provider, sagemaker):
     handle = create(provider)
 
-    report = provider.destroy(handle)
-    again = provider.destroy(handle)
+    report = provider.destroy(handle, timeout_s=60)
+    again = provider.destroy(handle, timeout_s=60)
 
     assert report["clean"], report["why"]
     assert report["resources"] == {"endpoint": "gone", "endpoint-config": "gone",
@@ -252,7 +253,9 @@ def test_list_live_finds_sandboxes_from_their_tags_when_the_ledger_is_wiped(prov
     found = live[handle.sandbox_id]
     assert (found.run_id, found.config, found.engine) == ("run-lost", "iris", "cpu")
     assert found.expires_at == int(handle.expires_at)
-    assert sweep([fresh], run_over=lambda run: run == "run-lost")[0].report["clean"]
+    verdicts = sweep([fresh], run_over=lambda run: run == "run-lost",
+                     teardown_timeout=lambda _: 60)
+    assert verdicts[0].report["clean"]
     assert fresh.list_live() == []
 
 
@@ -268,7 +271,8 @@ def test_the_janitor_reaps_an_orphaned_model_created_without_an_endpoint(provide
     sagemaker.create_model(ModelName="mlci-not-ours", ExecutionRoleArn=ROLE,
                            PrimaryContainer={"Image": IMAGE})
 
-    verdicts = sweep([provider], run_over=lambda run: run == "run-crashed")
+    verdicts = sweep([provider], run_over=lambda run: run == "run-crashed",
+                     teardown_timeout=lambda _: 60)
 
     assert [(v.sandbox_id, v.report["clean"]) for v in verdicts] == [(name, True)]
     assert verdicts[0].report["resources"]["model"] == "gone"
@@ -317,7 +321,7 @@ def test_a_failed_endpoint_fails_the_wait_with_its_reason(provider, tmp_path):
     assert raised.value.kind == "product"
     assert "EndpointStatus Failed" in Path(raised.value.log_ref).read_text()
     provider._clients.clear()
-    assert provider.destroy(handle)["clean"]
+    assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
 # --- registry ------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ import dagster as dg
 import psutil
 import pytest
 
-from mlci_dagster.janitor import sweep
+from mlci_dagster.janitor import registry_teardown_timeout, sweep
+from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import load_registry
+from mlci_dagster.registry.models import DEFAULT_TIMEOUTS_S
 from mlci_dagster.vocabulary import STAGES, Stage
 from tests.conftest import PY, http_service, processes_of_sandbox, stage_details
 from tests.support.injection import inject, write_registry
@@ -43,7 +45,8 @@ def test_sigkill_in_each_stage_leaves_nothing_after_the_cleanup_layers(stage, tm
 def start_sandbox(provider: LocalProvider, registry_root: Path, run_id: str, ttl_s: float = 600):
     spec = load_registry(registry_root).configs["c"].config.sandbox.model_copy(
         update={"ttl_s": ttl_s})
-    handle = provider.create(spec, config="c", engine="e1", run_id=run_id, engine_variables={})
+    handle = provider.create(spec, config="c", engine="e1", run_id=run_id, engine_variables={},
+                             teardown_s=60)
     provider.wait_until_ready(handle, spec, 30)
     return handle
 
@@ -71,8 +74,10 @@ def test_janitor_reaps_a_sandbox_whose_process_died_and_keeps_live_ones(provider
     crashed = creator.stdout.strip()
     alive = start_sandbox(provider, root, "still-running")  # owned by this live process
 
-    dry = sweep(provider, run_over=lambda run_id: False, dry_run=True)
-    verdicts = {v.sandbox_id: v for v in sweep(provider, run_over=lambda run_id: False)}
+    dry = sweep(provider, run_over=lambda run_id: False, teardown_timeout=lambda _: 60,
+                dry_run=True)
+    verdicts = {v.sandbox_id: v for v in sweep(provider, run_over=lambda run_id: False,
+                                               teardown_timeout=lambda _: 60)}
 
     assert {v.sandbox_id for v in dry if v.reason} == {crashed}
     assert "lost its process" in verdicts[crashed].reason
@@ -80,7 +85,7 @@ def test_janitor_reaps_a_sandbox_whose_process_died_and_keeps_live_ones(provider
     assert processes_of_sandbox(crashed) == []
     assert verdicts[alive.sandbox_id].reason == ""  # kept: its run is alive
     assert processes_of_sandbox(alive.sandbox_id) != []
-    provider.destroy(alive)
+    provider.destroy(alive, timeout_s=60)
 
 
 def test_janitor_reaps_expired_and_finished_runs(provider_registry):
@@ -89,6 +94,7 @@ def test_janitor_reaps_expired_and_finished_runs(provider_registry):
     finished = start_sandbox(provider, root, "done-run")
 
     verdicts = {v.sandbox_id: v for v in sweep(provider, run_over=lambda r: r == "done-run",
+                                               teardown_timeout=lambda _: 60,
                                                now=time.time() + 61)}
 
     assert verdicts[expired.sandbox_id].reason.startswith("expired")
@@ -114,7 +120,25 @@ def test_mlci_janitor_dry_run_lists_without_reaping(dagster_home, provider_regis
         assert real.returncode == 0 and "clean" in real.stdout
         assert processes_of_sandbox(handle.sandbox_id) == []
     finally:
-        provider.destroy(handle)
+        provider.destroy(handle, timeout_s=60)
+
+
+def test_the_janitor_gives_a_sandbox_its_configs_teardown_s_or_the_registry_default(tmp_path):
+    from tests.conftest import config
+    from tests.conftest import write_registry as write
+
+    root = write(tmp_path / "reg", [config("quick", timeouts={"teardown_s": 2}),
+                                    config("plain")])
+    teardown_timeout = registry_teardown_timeout(load_registry(root))
+
+    def handle(config_name: str) -> SandboxHandle:
+        return SandboxHandle(f"{config_name}.e1.0", "local", config_name, "e1", "run", 0.0, 1.0,
+                             str(tmp_path / "w"), str(tmp_path / "l"))
+
+    assert teardown_timeout(handle("quick")) == 2
+    assert teardown_timeout(handle("plain")) == DEFAULT_TIMEOUTS_S[Stage.TEARDOWN]
+    # Its config left the registry; the sandbox is still reaped, within the default.
+    assert teardown_timeout(handle("removed")) == DEFAULT_TIMEOUTS_S[Stage.TEARDOWN]
 
 
 def test_janitor_sensor_reports_what_it_reaped_as_metadata(instance, provider_registry):
@@ -165,7 +189,8 @@ def start_mlci_run(dagster_home: Path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True)
+    sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True,
+          teardown_timeout=lambda _: 60)
 
 
 def lifecycle_in_pipeline_runs(instance: dg.DagsterInstance) -> dg.DagsterRun:
@@ -240,7 +265,8 @@ def test_an_interrupt_while_dagster_stores_a_stage_still_tears_the_sandbox_down(
         assert sandbox_left(instance, run_id) == []
         assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
     finally:
-        sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True)
+        sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True,
+              teardown_timeout=lambda _: 60)
 
 
 def test_sigkill_of_a_worker_is_one_lost_line_a_failed_run_and_a_non_zero_exit(

@@ -80,10 +80,10 @@ def sandbox(tmp_path: Path, api: TpuApiServer, sshd: LoopbackSshd
     provider = make_provider(tmp_path / "home", api)
     spec = sandbox_spec(api, sshd)
     handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
-                             engine_variables={"MLCI_FRAMEWORK": "jax"})
+                             engine_variables={"MLCI_FRAMEWORK": "jax"}, teardown_s=60)
     provider.wait_until_ready(handle, spec, timeout_s=20)
     yield provider, handle
-    assert provider.destroy(handle)["clean"]
+    assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
 def ssh_pipeline(name: str, command: list[str] | str, **extra: Any) -> SshCommandPipeline:
@@ -126,7 +126,7 @@ def test_create_records_the_handle_before_the_node_and_labels_a_ready_spot_node(
 
     api.state.create = create  # type: ignore[method-assign]
     handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
-                             engine_variables={})
+                             engine_variables={}, teardown_s=60)
     checks = provider.wait_until_ready(handle, spec, timeout_s=20)
 
     assert ledger_at_create == [[handle.sandbox_id]]
@@ -141,7 +141,7 @@ def test_create_records_the_handle_before_the_node_and_labels_a_ready_spot_node(
     assert handle.state["ip"] == "127.0.0.1"
     assert [c["object"] for c in checks] == ["create operation", f"node {handle.sandbox_id}",
                                              "ssh"]
-    assert provider.destroy(handle)["clean"]
+    assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
 def test_a_failed_create_operation_fails_the_sandbox_as_infra(tmp_path, api, sshd):
@@ -149,14 +149,14 @@ def test_a_failed_create_operation_fails_the_sandbox_as_infra(tmp_path, api, ssh
     spec = sandbox_spec(api, sshd)
     api.state.fail_next_create("There is no more capacity in the zone \"us-central2-b\"")
     handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
-                             engine_variables={})
+                             engine_variables={}, teardown_s=60)
 
     with pytest.raises(SandboxError) as error:
         provider.wait_until_ready(handle, spec, timeout_s=10)
 
     assert error.value.kind == "infra"
     assert "no more capacity" in str(error.value) and "create_node" in str(error.value)
-    assert provider.destroy(handle)["clean"]  # nothing exists: idempotent
+    assert provider.destroy(handle, timeout_s=60)["clean"]  # nothing exists: idempotent
 
 
 def test_a_node_preempted_before_it_is_ready_fails_the_sandbox_as_infra(tmp_path, api, sshd):
@@ -164,7 +164,7 @@ def test_a_node_preempted_before_it_is_ready_fails_the_sandbox_as_infra(tmp_path
     provider = make_provider(tmp_path / "home", api)
     spec = sandbox_spec(api, sshd)
     handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
-                             engine_variables={})
+                             engine_variables={}, teardown_s=60)
     handle.state.pop("create_operation")  # look at the node itself while it is CREATING
     threading.Timer(0.3, api.preempt, [handle.sandbox_id]).start()
 
@@ -172,7 +172,7 @@ def test_a_node_preempted_before_it_is_ready_fails_the_sandbox_as_infra(tmp_path
         provider.wait_until_ready(handle, spec, timeout_s=10)
 
     assert error.value.kind == "infra"
-    assert provider.destroy(handle)["clean"]
+    assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
 def test_ssh_that_refuses_the_key_fails_readiness_naming_ssh(tmp_path, api, sshd, monkeypatch):
@@ -183,14 +183,14 @@ def test_ssh_that_refuses_the_key_fails_readiness_naming_ssh(tmp_path, api, sshd
     provider = make_provider(tmp_path / "home", api)
     spec = sandbox_spec(api, sshd)
     handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
-                             engine_variables={})
+                             engine_variables={}, teardown_s=60)
 
     with pytest.raises(SandboxError, match="SSH to the node does not work") as error:
         provider.wait_until_ready(handle, spec, timeout_s=1.5)
 
     assert error.value.kind in ("infra", "timeout")
     assert stranger.read_text().splitlines()[1] not in str(error.value)
-    assert provider.destroy(handle)["clean"]
+    assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
 # --- ssh_command pipelines -------------------------------------------------------------------
@@ -298,11 +298,11 @@ def test_destroy_deletes_waits_and_verifies_not_found(tmp_path, api, sshd):
     provider = make_provider(tmp_path / "home", api)
     spec = sandbox_spec(api, sshd)
     handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
-                             engine_variables={})
+                             engine_variables={}, teardown_s=60)
     provider.wait_until_ready(handle, spec, timeout_s=20)
     artifacts = provider.collect_artifacts(handle)
 
-    report = provider.destroy(handle)
+    report = provider.destroy(handle, timeout_s=60)
 
     assert any(a.endswith("tpu-node.json") for a in artifacts)
     assert report["clean"] and report["node_gone"], report
@@ -310,7 +310,7 @@ def test_destroy_deletes_waits_and_verifies_not_found(tmp_path, api, sshd):
     assert ("DELETE", f"/v2/{handle.state['node']}") in api.requests
     assert api.requests[-1] == ("GET", f"/v2/{handle.state['node']}")  # the 404 that proves it
     assert provider.ledger.live() == []
-    assert provider.destroy(handle)["clean"]  # idempotent
+    assert provider.destroy(handle, timeout_s=60)["clean"]  # idempotent
 
 
 def test_list_live_and_the_janitor_find_nodes_by_label_when_the_ledger_is_lost(
@@ -318,7 +318,7 @@ def test_list_live_and_the_janitor_find_nodes_by_label_when_the_ledger_is_lost(
     provider = make_provider(tmp_path / "home", api)
     spec = sandbox_spec(api, sshd)
     handle = provider.create(spec, config="jax-smoke", engine="jax", run_id=RUN_ID,
-                             engine_variables={})
+                             engine_variables={}, teardown_s=60)
     provider.wait_until_ready(handle, spec, timeout_s=20)
     api.state.create(f"projects/{PROJECT}/locations/{ZONE}", "someone-elses",
                      {"acceleratorType": "v4-8", "runtimeVersion": "x"})
@@ -329,7 +329,8 @@ def test_list_live_and_the_janitor_find_nodes_by_label_when_the_ledger_is_lost(
 
     assert [(h.sandbox_id, h.run_id, h.config, h.engine) for h in live] == [
         (handle.sandbox_id, RUN_ID, "jax-smoke", "jax")]
-    verdicts = sweep([fresh], run_over=lambda run_id: run_id == RUN_ID)
+    verdicts = sweep([fresh], run_over=lambda run_id: run_id == RUN_ID,
+                     teardown_timeout=lambda _: 60)
     assert [(v.sandbox_id, v.reason) for v in verdicts] == [
         (handle.sandbox_id, f"run {RUN_ID[:8]} is over")]
     assert verdicts[0].report["node_gone"]
@@ -347,8 +348,8 @@ def test_a_node_whose_metadata_is_lost_is_rebuilt_from_its_labels(tmp_path, api)
 
     assert (handle.run_id, handle.config, handle.engine, handle.expires_at) == (
         "r1", "orphan", "jax", 12.0)
-    assert [v.reason for v in sweep([provider], run_over=lambda _: False)][0].startswith(
-        "expired")
+    verdicts = sweep([provider], run_over=lambda _: False, teardown_timeout=lambda _: 60)
+    assert verdicts[0].reason.startswith("expired")
     assert api.state.nodes == {}
 
 

@@ -56,7 +56,7 @@ def test_the_janitor_reaps_a_namespace_known_only_by_its_labels_when_the_ledger_
                   if p.name == "kubernetes"]
     run_id = str(uuid.uuid4())  # a run the instance never heard of: over
     handle = provider.create(spec, config="inject", engine="e1", run_id=run_id,
-                             engine_variables={})
+                             engine_variables={}, teardown_s=60)
     # Lose everything but the labels: the ledger, and the handle the namespace carries.
     shutil.rmtree(dagster_home / "mlci" / "ledger")
     with k8s_config.new_client_from_config(config_file=str(kubeconfig)) as api:

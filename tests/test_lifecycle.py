@@ -270,9 +270,9 @@ def test_teardown_finds_the_runs_sandboxes_in_the_ledger_without_a_handle(dagste
     ctx = LifecycleContext.create(registry, "lost", "e1", "run-1", dagster_home / "mlci")
     spec = ctx.sandbox_spec
     handle = ctx.provider.create(spec, config="lost", engine="e1", run_id="run-1",
-                                 engine_variables={})
+                                 engine_variables={}, teardown_s=60)
     other = ctx.provider.create(spec, config="lost", engine="e1", run_id="run-2",
-                                engine_variables={})
+                                engine_variables={}, teardown_s=60)
     # What a sandbox stage that crashed half-way records: a failure, and no handle.
     crashed = StageClock(Stage.SANDBOX).failed(FailureKind.INFRA, "harness error")
 
@@ -282,7 +282,7 @@ def test_teardown_finds_the_runs_sandboxes_in_the_ledger_without_a_handle(dagste
     assert [s["sandbox_id"] for s in outcome.details["sandboxes"]] == [handle.sandbox_id]
     assert processes_of_sandbox(handle.sandbox_id) == []
     assert [h.sandbox_id for h in ctx.provider.list_live()] == [other.sandbox_id]  # not ours
-    ctx.provider.destroy(other)
+    ctx.provider.destroy(other, timeout_s=60)
 
 
 def test_harness_error_summary_is_redacted(dagster_home, tmp_path, monkeypatch):

@@ -82,7 +82,8 @@ def fixed_clock(monkeypatch):
 def nothing_left(dagster_home):
     """A hold a test left up (or a sandbox a failed assertion left) goes with the test."""
     yield
-    sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True)
+    sweep(LocalProvider(dagster_home / "mlci"), run_over=lambda _: True,
+          teardown_timeout=lambda _: 60)
 
 
 def sandbox_gone(provider: str, registry: Path, run_id: str, sandbox_id: str) -> bool:

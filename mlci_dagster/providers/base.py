@@ -56,10 +56,11 @@ class Provider(Protocol):
     name: str
 
     def create(self, spec: Any, *, config: str, engine: str, run_id: str,
-               engine_variables: dict[str, str], image: dict[str, Any] | None = None
-               ) -> SandboxHandle:
+               engine_variables: dict[str, str], teardown_s: float,
+               image: dict[str, Any] | None = None) -> SandboxHandle:
         """Starts a sandbox for (config, engine); the handle is in the ledger before anything
-        exists to leak, labelled with the run, the launching process and the expiry."""
+        exists to leak, labelled with the run, the launching process and the expiry. What a
+        failed create made is destroyed within `teardown_s` (the config's teardown timeout)."""
         ...
 
     def wait_until_ready(self, handle: SandboxHandle, spec: Any, timeout_s: float,
@@ -85,8 +86,10 @@ class Provider(Protocol):
         """Files for the debug bundle: logs, and the state of what the sandbox holds."""
         ...
 
-    def destroy(self, handle: SandboxHandle, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Idempotent; returns what it verified, with `clean` true only if nothing is left."""
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
+        """Idempotent; returns what it verified, with `clean` true only if nothing is left.
+        `timeout_s` is the sandbox's config's `timeouts.teardown_s`, never a default: the
+        stages pass their config's, the janitor asks `janitor.registry_teardown_timeout`."""
         ...
 
     def list_live(self) -> list[SandboxHandle]:

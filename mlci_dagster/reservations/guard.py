@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlci_dagster import clock
-from mlci_dagster.janitor import Verdict, sweep
+from mlci_dagster.janitor import Verdict, registry_teardown_timeout, sweep
 from mlci_dagster.providers.base import providers_for
 from mlci_dagster.reservations.context import HOLD_GRACE_S, HOLD_UP, ReservationContext
 from mlci_dagster.reservations.holds import HoldReport, end_unfinished, hold_down, hold_lease
@@ -109,6 +109,7 @@ def sweep_reservation(rctx: ReservationContext, name: str, now: float, report: G
     providers = providers_for(list(bound.values()), rctx.home, rctx.registry.secret_names,
                               rctx.registry.root)
     verdicts = [v for v in sweep(providers, rctx.run_over, now=now, keep=rctx.keep_held(),
+                                 teardown_timeout=registry_teardown_timeout(rctx.registry),
                                  select=lambda handle: handle.config in bound) if v.reason]
     for verdict in verdicts:
         if verdict.report and verdict.report["clean"]:

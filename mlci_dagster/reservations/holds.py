@@ -120,7 +120,7 @@ def hold_up(rctx: ReservationContext, name: str, run_id: str, by: str) -> HoldRe
     if not sandbox.passed or handle is None:
         failed = sandbox if image.passed else image
         for leftover in held_sandboxes(ctx, run_id):
-            ctx.provider.destroy(leftover)
+            ctx.provider.destroy(leftover, timeout_s=ctx.config.timeouts.teardown_s)
         rctx.store.release(name, run_id)
         report.problems.append(f"{failed.stage} {failed.status}: {failed.error_summary}")
         report.details = {str(Stage.IMAGE): image.to_dict(), str(Stage.SANDBOX): sandbox.to_dict()}
@@ -140,7 +140,7 @@ def end_unfinished(rctx: ReservationContext, lease: Lease) -> list[str]:
     ctx = _context(rctx, rctx.spec(lease.reservation), lease.holder)
     problems = [f"sandbox {h.sandbox_id} not fully destroyed"
                 for h in held_sandboxes(ctx, lease.holder)
-                if not ctx.provider.destroy(h)["clean"]]
+                if not ctx.provider.destroy(h, timeout_s=ctx.config.timeouts.teardown_s)["clean"]]
     if not problems:
         rctx.store.take_back(lease)
     return problems

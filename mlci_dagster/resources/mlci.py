@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.cost import hourly_rate
-from mlci_dagster.janitor import Verdict, registry_providers, sweep
+from mlci_dagster.janitor import Verdict, registry_providers, registry_teardown_timeout, sweep
 from mlci_dagster.paths import mlci_home
-from mlci_dagster.providers.base import Provider
+from mlci_dagster.providers.base import Provider, SandboxHandle
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.reservations.admission import Admission
@@ -37,6 +38,10 @@ class MlciResource(dg.ConfigurableResource):
     def providers(self) -> list[Provider]:
         """The providers the janitor and the cleanup sensors sweep."""
         return registry_providers(self.registry(), Path(self.home) if self.home else mlci_home())
+
+    def teardown_timeout(self) -> Callable[[SandboxHandle], float]:
+        """How long the janitor and the cleanup sensors wait for each sandbox they destroy."""
+        return registry_teardown_timeout(self.registry())
 
     def reservations(self, instance: dg.DagsterInstance) -> ReservationContext:
         """Leases, holds and the guard on the instance's lease table."""
@@ -82,6 +87,7 @@ class MlciResource(dg.ConfigurableResource):
         up keeps its sandbox and its lease."""
         reservations = self.reservations(instance)
         verdicts = sweep(self.providers(), run_over=lambda _: True, only_run=run_id,
+                         teardown_timeout=self.teardown_timeout(),
                          keep=reservations.keep_held())
         # The lease table out of reach: the janitor breaks the run's lease once it is over.
         with contextlib.suppress(LeaseError):

@@ -58,7 +58,7 @@ def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
     reservations = mlci.reservations(context.instance)
     events = reservation_events(context, reservations)
     verdicts = sweep(mlci.providers(), run_over(context.instance),
-                     keep=reservations.keep_held())
+                     teardown_timeout=mlci.teardown_timeout(), keep=reservations.keep_held())
     reaped = [v for v in verdicts if v.reason]
     if reaped:
         context.log.info(f"janitor reaped {len(reaped)}: {[v.sandbox_id for v in reaped]}")

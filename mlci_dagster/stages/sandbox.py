@@ -13,19 +13,20 @@ def start_sandbox(ctx: LifecycleContext, image: StageOutcome) -> StageOutcome:
         return skipped(Stage.SANDBOX, "image did not pass")
     clock = StageClock(Stage.SANDBOX, ctx.redactor)
     spec = ctx.sandbox_spec
+    teardown_s = ctx.config.timeouts.for_stage(Stage.TEARDOWN)
     handle: SandboxHandle | None = None
     try:
         handle = ctx.provider.create(
             spec, config=ctx.config.name, engine=ctx.engine, run_id=ctx.run_id,
             engine_variables=ctx.registry.settings.engines[ctx.engine].variables,
-            image=image.details,
+            teardown_s=teardown_s, image=image.details,
         )
         probes = ctx.provider.wait_until_ready(handle, spec, ctx.config.timeouts.sandbox_s,
                                                image=image.details)
     except SandboxError as exc:
         # Cleanup next to creation: partial services die now; teardown re-checks later.
         if handle is not None:
-            ctx.provider.destroy(handle)
+            ctx.provider.destroy(handle, timeout_s=teardown_s)
         return clock.failed(
             FailureKind(exc.kind), str(exc), log_ref=exc.log_ref,
             handle=handle.to_dict() if handle else None,

@@ -88,8 +88,8 @@ class SageMakerProvider(host.ProviderHome):
     # --- lifecycle -----------------------------------------------------------------------
 
     def create(self, spec: SageMakerSandbox, *, config: str, engine: str, run_id: str,
-               engine_variables: dict[str, str], image: dict[str, Any] | None = None
-               ) -> SandboxHandle:
+               engine_variables: dict[str, str], teardown_s: float,
+               image: dict[str, Any] | None = None) -> SandboxHandle:
         """Creates the model, the endpoint config and the endpoint, tagged, in that order; the
         handle is in the ledger first. On any failure deletes all three and raises
         SandboxError (infra) naming the call and why."""
@@ -130,7 +130,7 @@ class SageMakerProvider(host.ProviderHome):
             handle.state["endpoint_arn"] = arns["endpoint"]
             self._created(handle, "endpoint")
         except (SageMakerError, TemplateError, OSError) as exc:
-            report = self.destroy(handle)
+            report = self.destroy(handle, timeout_s=teardown_s)
             left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
             raise SandboxError(self.redactor.text(
                 f"sandbox {name} could not be created: {exc}{left}"), "infra") from exc
@@ -224,7 +224,7 @@ class SageMakerProvider(host.ProviderHome):
         except OSError:
             return []
 
-    def destroy(self, handle: SandboxHandle, timeout_s: float = 60.0) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
         """Kills local pipeline processes; deletes the endpoint and waits until SageMaker no
         longer knows it, then the endpoint config and the model; verifies each `describe`
         says not found. Idempotent. The ledger entry stays while anything is left."""

@@ -136,8 +136,8 @@ class TpuVmProvider(host.ProviderHome):
     # --- lifecycle -----------------------------------------------------------------------
 
     def create(self, spec: TpuVmSandbox, *, config: str, engine: str, run_id: str,
-               engine_variables: dict[str, str], image: dict[str, Any] | None = None
-               ) -> SandboxHandle:
+               engine_variables: dict[str, str], teardown_s: float,
+               image: dict[str, Any] | None = None) -> SandboxHandle:
         """Starts creating the node (labelled, its handle in its metadata); the handle is in the
         ledger first. On failure deletes what may exist and raises SandboxError (infra)."""
         suffix = uuid.uuid4().hex[:8]
@@ -182,7 +182,7 @@ class TpuVmProvider(host.ProviderHome):
             handle.state["create_operation"] = operation
             self.ledger.record(handle)
         except (TpuApiError, TemplateError, OSError) as exc:
-            report = self.destroy(handle)
+            report = self.destroy(handle, timeout_s=teardown_s)
             left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
             raise SandboxError(self.redactor.text(
                 f"sandbox {node} could not be created: {exc}{left}"), "infra") from exc
@@ -369,7 +369,7 @@ class TpuVmProvider(host.ProviderHome):
         except OSError:
             return []
 
-    def destroy(self, handle: SandboxHandle, timeout_s: float = 60.0) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
         """Kills local pipeline processes, deletes the node, waits for the delete operation and
         verifies the API says NOT_FOUND. Idempotent: a node already gone is clean. The ledger
         entry stays while anything is left."""

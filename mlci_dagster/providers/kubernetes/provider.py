@@ -160,8 +160,8 @@ class KubernetesProvider(host.ProviderHome):
     # --- lifecycle -----------------------------------------------------------------------
 
     def create(self, spec: KubernetesSandbox, *, config: str, engine: str, run_id: str,
-               engine_variables: dict[str, str], image: dict[str, Any] | None = None
-               ) -> SandboxHandle:
+               engine_variables: dict[str, str], teardown_s: float,
+               image: dict[str, Any] | None = None) -> SandboxHandle:
         """Creates the namespace, its secrets and its manifests in order; on any failure deletes
         what it made and raises SandboxError (infra) naming the call and why."""
         suffix = uuid.uuid4().hex[:8]
@@ -205,7 +205,7 @@ class KubernetesProvider(host.ProviderHome):
                 self._apply(client, handle, manifest, context)
             client.annotate_namespace(namespace, {HANDLE_ANNOTATION: json.dumps(handle.to_dict())})
         except (KubeError, ClusterError, ManifestError, TemplateError, OSError) as exc:
-            report = self.destroy(handle)
+            report = self.destroy(handle, timeout_s=teardown_s)
             left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
             raise SandboxError(self.redactor.text(
                 f"sandbox {namespace} could not be created: {exc}{left}"), "infra") from exc
@@ -490,7 +490,7 @@ class KubernetesProvider(host.ProviderHome):
     def _write_json(self, path: Path, value: Any) -> None:
         path.write_text(self.redactor.text(json.dumps(value, indent=1, default=str)))
 
-    def destroy(self, handle: SandboxHandle, timeout_s: float = 60.0) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
         """Kills local pipeline processes, deletes the namespace (its content first) and any
         cluster-scoped object or cluster the sandbox made, and waits until the API server says
         404. Idempotent: a namespace already gone is clean. The ledger entry stays while

@@ -59,6 +59,7 @@ class LocalProvider(host.ProviderHome):
         engine: str,
         run_id: str,
         engine_variables: dict[str, str],
+        teardown_s: float,
         image: dict[str, Any] | None = None,
     ) -> SandboxHandle:
         """Reserves ports, makes the directories and starts every service; cleans up on failure."""
@@ -79,7 +80,7 @@ class LocalProvider(host.ProviderHome):
             for service in spec.services:
                 self._start_service(handle, service, image or {})
         except (OSError, TemplateError) as exc:
-            self.destroy(handle)
+            self.destroy(handle, timeout_s=teardown_s)
             raise SandboxError(f"sandbox could not start: {exc}", "infra") from exc
         return handle
 
@@ -162,7 +163,7 @@ class LocalProvider(host.ProviderHome):
     def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
         return sorted(str(p) for p in Path(handle.log_dir).glob("*.log"))
 
-    def destroy(self, handle: SandboxHandle, timeout_s: float = 60.0) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
         """Kills every process group, frees the ports, removes the work directory. Idempotent.
 
         Each group gets SIGTERM and a grace of a tenth of `timeout_s` (at most 5 s) before
