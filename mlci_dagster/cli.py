@@ -5,19 +5,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlci_dagster.paths import REGISTRY_ENV, registry_path
+from mlci_dagster import __version__
+from mlci_dagster.paths import DEFAULT_DAGSTER_HOME, REGISTRY_ENV, registry_path
 from mlci_dagster.registry import Registry, RegistryError, load_registry
 from mlci_dagster.registry.models import Settings, TestConfig
-from mlci_dagster.vocabulary import partition_key, split_partition_key
+from mlci_dagster.selection import (
+    Selected,
+    SelectionError,
+    by_filters,
+    by_keys,
+    by_plan,
+    plan_label,
+    read_plan,
+)
 
 # An embedded-default instance: SQLite storage under $DAGSTER_HOME (deploy/ holds the others).
 DEFAULT_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+
+
+class UsageError(Exception):
+    """A command line that cannot be acted on: printed as argparse prints its own, exit 2."""
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -27,23 +42,35 @@ def _registry(args: argparse.Namespace) -> Registry:
     return registry
 
 
-def _instance(registry: Registry | None = None):
-    """The Dagster instance at $DAGSTER_HOME, which must be set: the history is the product.
-    With a registry, its pool limits are written into the instance's dagster.yaml first."""
+def _home(create: bool) -> Path:
+    """$DAGSTER_HOME, or ./.dagster_home when it is not set (said once, and set for every
+    process mlci starts). A command that only reads the history needs the home to exist."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        home = str(Path.cwd() / DEFAULT_DAGSTER_HOME)
+        if not create and not Path(home).is_dir():
+            raise SystemExit(
+                f"mlci: no history here: DAGSTER_HOME is not set and {home} does not exist; "
+                "run `mlci run` in this folder first, or export DAGSTER_HOME=<the folder that "
+                "keeps the history> (the demo's is .dagster_home in the project folder)")
+        print(f"mlci: DAGSTER_HOME is not set: using {home}", file=sys.stderr)
+        os.environ["DAGSTER_HOME"] = home
+    Path(home).mkdir(parents=True, exist_ok=True)
+    settings = Path(home) / "dagster.yaml"
+    if not settings.exists():
+        settings.write_text(DEFAULT_INSTANCE_YAML)
+    return Path(home)
+
+
+def _instance(registry: Registry | None = None, create: bool = True):
+    """The Dagster instance at $DAGSTER_HOME (see `_home`). With a registry, its pool limits
+    are written into the instance's dagster.yaml first."""
     import dagster as dg
     import yaml
 
     from mlci_dagster.pools import with_pool_limits
 
-    home = os.environ.get("DAGSTER_HOME")
-    if not home:
-        raise SystemExit(
-            "mlci: DAGSTER_HOME is not set (e.g. export DAGSTER_HOME=$PWD/.dagster_home)"
-        )
-    Path(home).mkdir(parents=True, exist_ok=True)
-    settings = Path(home) / "dagster.yaml"
-    if not settings.exists():
-        settings.write_text(DEFAULT_INSTANCE_YAML)
+    settings = _home(create) / "dagster.yaml"
     if registry is not None:
         current = yaml.safe_load(settings.read_text()) or {}
         wanted = with_pool_limits(current, registry.settings)
@@ -55,6 +82,11 @@ def _instance(registry: Registry | None = None):
                       f"queue's and cannot be written ({exc.strerror}); pass `mlci helm-values` "
                       "to helm upgrade -f", file=sys.stderr)
     return dg.DagsterInstance.get()
+
+
+def _history():
+    """The instance, for a command that only reads the history."""
+    return _instance(create=False)
 
 
 def cmd_helm_values(args: argparse.Namespace) -> int:
@@ -82,9 +114,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     registry = _registry(args)
     rows = [("PARTITION", "TIERS", "CONFIG ID", "FILE")]
-    for config, engine in registry.partitions(args.config, args.engine, args.tier):
-        loaded = registry.configs[config]
-        rows.append((partition_key(config, engine), ",".join(loaded.config.tiers), loaded.config_id,
+    for selected in _selection(registry, args):
+        loaded = registry.configs[selected.config]
+        rows.append((selected.key, ",".join(loaded.config.tiers), loaded.config_id,
                      str(loaded.path.relative_to(registry.root))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -113,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_qualified(args: argparse.Namespace) -> int:
     from mlci_dagster.sensors.commits import qualified_releases
 
-    with _instance() as instance:
+    with _history() as instance:
         found = qualified_releases(instance, args.limit)
     if args.json:
         print(json.dumps(found, indent=2))
@@ -126,19 +158,8 @@ def cmd_qualified(args: argparse.Namespace) -> int:
     return 0
 
 
-def sync_partitions(instance: Any, registry: Registry) -> tuple[list[str], list[str]]:
-    from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, partition_changes
-
-    existing = set(instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
-    add, remove = partition_changes(set(registry.configs), existing)
-    if add:
-        instance.add_dynamic_partitions(CONFIG_PARTITIONS.name, add)
-    for name in remove:
-        instance.delete_dynamic_partition(CONFIG_PARTITIONS.name, name)
-    return add, remove
-
-
 def cmd_sync(args: argparse.Namespace) -> int:
+    from mlci_dagster.operations import sync_partitions
     from mlci_dagster.pools import pool_limits
 
     registry = _registry(args)  # raises before any change: nothing is half-registered
@@ -150,65 +171,190 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selection(registry: Registry, args: argparse.Namespace) -> list[Selected]:
+    """The partitions a command's --config/--engine/--tier (or run's --partitions/--plan)
+    select, each name checked against the registry; nothing selected is a usage error."""
+    try:
+        if getattr(args, "plan", None):
+            selected = by_plan(registry, read_plan(args.plan))
+        elif getattr(args, "partitions", None):
+            selected = by_keys(registry, [k for group in args.partitions
+                                          for k in group.split(",") if k])
+        else:
+            selected = by_filters(registry, args.config, args.engine, args.tier)
+    except SelectionError as exc:
+        raise UsageError(str(exc)) from exc
+    if not selected and not getattr(args, "plan", None):
+        raise UsageError(f"no partition matches {selected_by(args) or 'the registry'}")
+    return selected
+
+
+def selected_by(args: argparse.Namespace) -> str:
+    return " ".join(f"--{k} {','.join(v)}" for k in ("config", "engine", "tier")
+                    if (v := getattr(args, k, None)))
+
+
+def _keys(registry: Registry, args: argparse.Namespace) -> list[str]:
+    return [s.key for s in _selection(registry, args)]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from mlci_dagster.event_log import record_before
+    from mlci_dagster.history.render import table
+    from mlci_dagster.operations import guard_batch, sync_partitions
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.pools import pool_limits, pool_of
     from mlci_dagster.progress import Progress
     from mlci_dagster.reservations.leases import holds_by_reservation
-    from mlci_dagster.runner import PartitionRun, run_partitions
+    from mlci_dagster.runner import PartitionRun, Verdict, new_batch, run_partitions
 
     registry = _registry(args)
-    partitions = registry.partitions(args.config, args.engine, args.tier)
-    if not partitions:
-        raise SystemExit("mlci run: no partition matches --config/--engine/--tier")
+    selected = _selection(registry, args)
+    limits = pool_limits(registry.settings)
+    pools = {s.key: pool_of(registry, s.config) for s in selected}
+    if args.dry_run:
+        return _dry_run(registry, selected, pools, limits, args)
+    if not selected:
+        print("the plan selects no partition: nothing to run")
+        return 0
     instance = _instance(registry)
     sync_partitions(instance, registry)
-    count = len(partitions)
+    resource = _resource(registry)
+    refused = guard_batch(instance, resource, [(s.config, s.engine) for s in selected],
+                          lambda line: print(f"  {line}", flush=True))
+    count = len(selected)
     print(f"running {count} partition{'s' if count != 1 else ''}, {args.parallel} at a time, "
           f"on DAGSTER_HOME={os.environ['DAGSTER_HOME']}", flush=True)
-    keys = [partition_key(c, e) for c, e in partitions]
     home = mlci_home()
-    progress = Progress(instance, registry, keys, home)
-
-    def done(item: PartitionRun) -> None:
-        verdict = "passed" if item.success else "LOST" if item.lost else "FAILED"
-        why = f": {item.lost}; run marked failed, its sandboxes reaped" if item.lost else ""
-        record = record_before(instance, item.key) if item.success else None
-        if record is not None and record.run_id == item.run_id and record.skipped:
-            verdict, why = "SKIPPED", f": {record.error_summary}"
-        progress.finished(item.key, verdict, f"{item.seconds:.1f}s")
-        print(f"  {item.key}: {verdict} in {item.seconds:.1f}s (run {item.run_id[:8]}){why}",
-              flush=True)
-
-    resource = _resource(registry)
-
-    def reap(item: PartitionRun) -> None:
-        resource.reap_run(instance, item.run_id)
-
-    def held() -> dict[str, int]:
-        return holds_by_reservation(resource.reservations(instance).store)
-
-    def wait(item: PartitionRun) -> None:
-        holds = held().get(item.pool, 0)
-        why = f" (its daytime hold takes {holds} of its slots)" if holds else ""
-        progress.waiting(item.key, f"pool {item.pool} is full{why}")
-
+    items = [PartitionRun(s.key, str(uuid.uuid4()), pools[s.key]) for s in selected]
+    for s, item in zip(selected, items, strict=True):
+        reservation = registry.configs[s.config].config.sandbox.reservation
+        if reservation in refused:  # held or dirty after the guard: not run in this batch
+            item.verdict = Verdict.SKIPPED
+            item.why = f"reservation {reservation}: {refused[reservation]}"
+    progress = Progress(instance, registry, [item.key for item in items], home)
+    events = _RunPrinter(progress, resource, instance)
+    for item in items:
+        if item.verdict is not None:
+            events.finished(item)
+    # The longest any lifecycle of a pool may take: a wait for its slot longer than that
+    # means something holds it that will not let go.
+    longest: dict[str, float] = {}
+    for loaded in registry.configs.values():
+        pool = pool_of(registry, loaded.name)
+        longest[pool] = max(longest.get(pool, 0.0), loaded.config.timeouts.lifecycle_s)
     start = time.monotonic()
-    pools = {key: pool_of(registry, split_partition_key(key)[0]) for key in keys}
+    stop_signal = _stop_on_sigterm()
     try:
-        finished = run_partitions(
-            instance, registry.root, keys, pools, pool_limits(registry.settings),
-            args.parallel, args.trigger, home, on_done=done, on_lost=reap, on_wait=wait,
-            held=held, on_start=lambda item: progress.started(item.key, item.run_id),
-            on_tick=progress.tick)
+        _, stopped = run_partitions(
+            instance, registry.root, [item for item in items if item.verdict is None], limits,
+            args.parallel, args.trigger, home, events,
+            batch=new_batch(label=plan_label(read_plan(args.plan)) if args.plan else ""),
+            max_wait_s=lambda pool: args.max_wait if args.max_wait is not None
+            else longest.get(pool, 0.0),
+            fail_fast=args.fail_fast,
+            held=lambda: holds_by_reservation(resource.reservations(instance).store))
     finally:
         progress.close()
-    print(f"done in {time.monotonic() - start:.1f}s", flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    seconds = time.monotonic() - start
+    if stopped == "interrupted":
+        canceled = sum(item.verdict is Verdict.CANCELED for item in items)
+        print(f"interrupted after {seconds:.1f}s: {canceled} partition(s) cancelled and torn "
+              "down; `mlci report` shows what was recorded", flush=True)
+        return 128 + stop_signal[0]
+    print(f"done in {seconds:.1f}s" + (f" ({stopped})" if stopped else ""), flush=True)
     grid = update_history(str(registry.root))
     print(f"history updated; grid: {grid}\n")
-    _print_report(instance, registry, keys, as_json=False)
-    return 0 if all(item.success for item in finished) else 1
+    _print_report(instance, registry, [item.key for item in items], as_json=False)
+    not_run = [[item.key, item.why] for item in items if item.verdict is Verdict.NOT_RUN]
+    if not_run:
+        print(f"\nnot run:\n{table([['PARTITION', 'WHY'], *not_run])}")
+    return 1 if any(item.failed for item in items) else 0
+
+
+class _RunPrinter:
+    """`mlci run`'s lines (the runner's RunEvents): the progress display, and a line per
+    partition as it ends."""
+
+    def __init__(self, progress: Any, resource: Any, instance: Any) -> None:
+        self.progress, self.resource, self.instance = progress, resource, instance
+
+    def started(self, item: Any) -> None:
+        self.progress.started(item.key, item.run_id)
+
+    def waiting(self, item: Any, why: str) -> None:
+        self.progress.waiting(item.key, why)
+
+    def finished(self, item: Any) -> None:
+        ran = item.started > 0
+        self.progress.finished(item.key, str(item.verdict),
+                               f"{item.seconds:.1f}s" if ran else item.why)
+        timing = f" in {item.seconds:.1f}s (run {item.run_id[:8]})" if ran else ""
+        print(f"  {item.key}: {item.verdict}{timing}" + (f": {item.why}" if item.why else ""),
+              flush=True)
+
+    def lost(self, item: Any) -> None:
+        self.resource.reap_run(self.instance, item.run_id)
+
+    def stopping(self, running: list[Any], why: str) -> None:
+        if running:
+            print(f"{why}: cancelling {len(running)} partition(s) in progress and tearing down "
+                  f"their sandboxes: {', '.join(item.key for item in running)}", flush=True)
+
+    def tick(self) -> None:
+        self.progress.tick()
+
+
+def _stop_on_sigterm() -> list[int]:
+    """SIGTERM (a CI runner cancelling the job) stops `mlci run` as Ctrl-C does: its runs are
+    cancelled and torn down. The list holds the signal that stopped it."""
+    received = [signal.SIGINT]
+
+    def stop(signum: int, frame: Any) -> None:
+        received[0] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    return received
+
+
+def _dry_run(registry: Registry, selected: list[Selected], pools: dict[str, str],
+             limits: dict[str, int], args: argparse.Namespace) -> int:
+    """What `mlci run` would run and why; nothing is created or changed."""
+    from mlci_dagster.history.render import table
+
+    in_progress = _active_partitions()
+    rows = [["PARTITION", "POOL", "WOULD", "WHY"]]
+    for s in selected:
+        pool = pools[s.key]
+        limit = f" (limit {limits[pool]})" if pool in limits else ""
+        reservation = registry.configs[s.config].config.sandbox.reservation
+        would = f"not run: already in progress ({in_progress[s.key]})" \
+            if s.key in in_progress else "run" + (
+                f" after the pre-batch guard of {reservation}" if reservation else "")
+        rows.append([s.key, pool + limit, would, s.why])
+    count = len(selected)
+    print(f"would run {count} partition{'s' if count != 1 else ''}, {args.parallel} at a time "
+          "(dry run: nothing is started)")
+    print(table(rows) if selected else "the plan selects no partition")
+    return 0
+
+
+def _active_partitions() -> dict[str, str]:
+    """Partitions with a run queued or in progress on the home, when there is one: a dry run
+    creates nothing."""
+    import dagster as dg
+
+    from mlci_dagster.runner import ACTIVE, PARTITION_TAG
+
+    home = os.environ.get("DAGSTER_HOME") or str(Path.cwd() / DEFAULT_DAGSTER_HOME)
+    if not (Path(home) / "dagster.yaml").is_file():
+        return {}
+    os.environ.setdefault("DAGSTER_HOME", home)
+    with dg.DagsterInstance.get() as instance:
+        return {run.tags[PARTITION_TAG]: f"run {run.run_id[:8]}" for run in
+                instance.get_runs(dg.RunsFilter(statuses=ACTIVE))
+                if PARTITION_TAG in run.tags}
 
 
 def update_history(registry: str) -> str:
@@ -251,14 +397,9 @@ def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: b
         print(f"\n{notes}")
 
 
-def _keys(registry: Registry, args: argparse.Namespace) -> list[str]:
-    return [partition_key(c, e)
-            for c, e in registry.partitions(args.config, args.engine, args.tier)]
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     registry = _registry(args)
-    instance = _instance()
+    instance = _history()
     if args.html:
         from mlci_dagster.assets.history import write_grid
 
@@ -274,7 +415,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import status_text
 
     registry = _registry(args)
-    summaries, _ = _summaries(_instance(), registry, _keys(registry, args))
+    summaries, _ = _summaries(_history(), registry, _keys(registry, args))
     counts = coverage(summaries)
     print(json.dumps(counts, indent=2) if args.json else status_text(counts))
     return 0
@@ -286,7 +427,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from mlci_dagster.spend import month_spend, project_month
 
     registry = _registry(args)
-    instance = _instance()
+    instance = _history()
     now = time.time()
     nightly = registry.settings.nightly
     projections = project_month(instance, registry, nightly.cron, NIGHTLY_TIER, now,
@@ -366,7 +507,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
     if not registry.settings.reservations:
         print(f"no reservations declared in {registry.root / 'mlci.yaml'}")
         return 0
-    reservations = _resource(registry).reservations(_instance())
+    reservations = _resource(registry).reservations(_history())
     if args.json:
         print(json.dumps(lease_rows(reservations), indent=2))
     else:
@@ -408,78 +549,151 @@ def cmd_hold(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlci", description=__doc__)
-    parser.add_argument("--registry", default=str(registry_path()),
-                        help=f"registry folder (default: ${REGISTRY_ENV} or the example)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("validate", help="validate the registry").set_defaults(fn=cmd_validate)
-    schema = commands.add_parser("schema", help="print the JSON Schema of a registry file")
-    schema.add_argument("--kind", choices=["config", "settings"], default="config")
-    schema.set_defaults(fn=cmd_schema)
-    commands.add_parser("sync", help="make the config partitions equal the registry"
-                        ).set_defaults(fn=cmd_sync)
+    parser = argparse.ArgumentParser(
+        prog="mlci", description=__doc__,
+        epilog="The history lives in the Dagster instance at $DAGSTER_HOME (default: "
+               "./.dagster_home). `mlci COMMAND --help` describes each command.")
+    parser.add_argument("--version", action="version", version=f"mlci-dagster {__version__}")
+    registry_help = (f"the registry folder: its mlci.yaml and configs/ (default: ${REGISTRY_ENV}, "
+                     "else examples/ml-platform)")
+    parser.add_argument("--registry", default=str(registry_path()), metavar="PATH",
+                        help=registry_help)
+    # Accepted after the command too (`mlci run --registry PATH`), where it wins.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", default=argparse.SUPPRESS, metavar="PATH",
+                        help=registry_help)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_filters(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--config")
-        sub.add_argument("--engine")
-        sub.add_argument("--tier")
+    def command(name: str, summary: str, description: str, fn: Any, *, filters: bool = False,
+                as_json: str = "") -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description,
+                                  parents=[common])
+        sub.set_defaults(fn=fn)
+        if filters:
+            sub.add_argument("--config", action="append", metavar="NAME",
+                             help="only this config (repeat for several)")
+            sub.add_argument("--engine", action="append", metavar="NAME",
+                             help="only this engine (repeat for several)")
+            sub.add_argument("--tier", action="append", metavar="NAME",
+                             help="only configs of this tier (repeat for several)")
+        if as_json:
+            sub.add_argument("--json", action="store_true", help=as_json)
         return sub
 
-    with_filters("list", "list partitions").set_defaults(fn=cmd_list)
-    run = with_filters("run", "run lifecycles through the Dagster instance at $DAGSTER_HOME")
-    run.add_argument("--parallel", type=int, default=2, help="partitions at once (default 2)")
+    command("validate", "check the registry",
+            "Validates every file of the registry: each problem is printed as `file: field: what "
+            "was expected`, and the command exits 2 while any remains.", cmd_validate)
+    schema = command("schema", "print the JSON Schema of a registry file",
+                     "Prints the JSON Schema of a config file (configs/*.yaml) or of the root "
+                     "settings file (mlci.yaml), for editors.", cmd_schema)
+    schema.add_argument("--kind", choices=["config", "settings"], default="config",
+                        help="which file (default: config)")
+    command("list", "list the partitions", "Lists the partitions (config|engine) the registry "
+            "has, with their tiers, config id and file.", cmd_list, filters=True)
+    command("sync", "make the config partitions equal the registry",
+            "Adds a config partition for each registry config and removes those whose config "
+            "is gone; writes the registry's pool limits into $DAGSTER_HOME/dagster.yaml.",
+            cmd_sync)
+    run = command(
+        "run", "run lifecycles through the Dagster instance at $DAGSTER_HOME",
+        "Runs each selected partition's lifecycle as a Dagster run on the instance at "
+        "$DAGSTER_HOME, N side by side, within pool limits, after the pre-batch guard of the "
+        "reservations they use; prints a line per partition as it ends, then the report. Exits "
+        "0 when every lifecycle passed or was refused (skip), 1 when one failed or could not "
+        "run, 128+N when stopped by signal N (its runs cancelled and torn down).",
+        cmd_run, filters=True)
+    run.add_argument("--partitions", action="append", metavar="KEYS",
+                     help="these partitions, comma-separated config|engine keys (repeatable)")
+    run.add_argument("--plan", metavar="FILE",
+                     help="the partitions `mlci plan --json` selected, from FILE (`-`: stdin)")
+    run.add_argument("--parallel", type=positive_int, default=2, metavar="N",
+                     help="partitions at once (default 2)")
+    run.add_argument("--max-wait", type=positive_float, metavar="SECONDS",
+                     help="how long a partition waits for a slot of its pool before it is "
+                          "given up (default: the longest lifecycle of that pool, its stage "
+                          "timeouts end to end)")
+    run.add_argument("--fail-fast", action="store_true",
+                     help="at the first failure, cancel the partitions in progress and start "
+                          "no more")
+    run.add_argument("--dry-run", action="store_true",
+                     help="say what would run and why; start nothing")
     run.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
-    run.set_defaults(fn=cmd_run)
-    plan = commands.add_parser("plan", help="the partitions a change needs: files changed from "
-                               "the merge base of --base and --head, matched against what each "
-                               "config depends on")
+    plan = command("plan", "what a change needs to run, and why",
+                   "The partitions a change needs: the files changed from the merge base of "
+                   "--base and --head, matched against what each config depends on.", cmd_plan,
+                   as_json="the plan as JSON (what `mlci run --plan` takes)")
     plan.add_argument("--base", required=True, metavar="REV", help="what the change merges into")
     plan.add_argument("--head", default="HEAD", metavar="REV", help="the change (default HEAD)")
     plan.add_argument("--tier", help="only this tier's configs, as it selects them")
     plan.add_argument("--repo", metavar="PATH",
                       help="the git repository to diff (default: the registry's)")
-    plan.add_argument("--json", action="store_true")
-    plan.set_defaults(fn=cmd_plan)
-    report = with_filters("report", "per partition: status, last run, regression, flakiness")
-    report.add_argument("--json", action="store_true")
+    report = command("report", "per partition: status, last run, regression, flakiness",
+                     "Prints a row per partition (status, last run, failing stage, duration, "
+                     "regression range, flakiness), then the failing partitions grouped by "
+                     "failure signature, each with its log and debug bundle.", cmd_report,
+                     filters=True, as_json="{\"partitions\": [...], \"signatures\": [...]}")
     report.add_argument("--html", metavar="DIR", help="also write the HTML grid into DIR")
-    report.set_defaults(fn=cmd_report)
-    status = with_filters("status", "counts and coverage: tested, untested, stale, passing")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(fn=cmd_status)
-    cost = commands.add_parser("cost", help="this month's cost per partition, projected to "
-                               "the month's end from the nightly schedule, against the budget")
-    cost.add_argument("--json", action="store_true")
-    cost.set_defaults(fn=cmd_cost)
-    commands.add_parser("helm-values", help="the registry's pool limits as values of the "
-                        "official Dagster Helm chart").set_defaults(fn=cmd_helm_values)
-    qualified = commands.add_parser("qualified", help="SHAs whose nightly run set fully "
-                                    "passed, newest first")
-    qualified.add_argument("--limit", type=int, default=100)
-    qualified.add_argument("--json", action="store_true")
-    qualified.set_defaults(fn=cmd_qualified)
-    leases = commands.add_parser("leases", help="who holds each reservation's slots")
-    leases.add_argument("--json", action="store_true")
-    leases.set_defaults(fn=cmd_leases)
-    hold = commands.add_parser("hold", help="stand a reservation's daytime deployment up, or "
-                               "take it down, now")
-    hold.add_argument("action", choices=["up", "down"])
-    hold.add_argument("reservation")
-    hold.set_defaults(fn=cmd_hold)
-    janitor = commands.add_parser("janitor", help="reap sandboxes whose run is over or expired")
+    command("status", "counts and coverage: tested, untested, stale, passing",
+            "Prints how many partitions are tested, untested, stale, passing, failing and "
+            "flaky.", cmd_status, filters=True, as_json="the counts as JSON")
+    command("cost", "this month's cost per partition, projected, against the budget",
+            "This month's cost per billed partition, projected to the month's end from the "
+            "nightly schedule, against the budget.", cmd_cost, as_json="the figures as JSON")
+    command("helm-values", "the pool limits as values of the official Dagster Helm chart",
+            "Prints the registry's pool limits as values for the official Dagster Helm chart "
+            "(`helm upgrade -f`), whose instance ConfigMap `mlci sync` cannot write.",
+            cmd_helm_values)
+    qualified = command("qualified", "SHAs whose nightly run set fully passed",
+                        "Lists the SHAs whose nightly run set fully passed, newest first.",
+                        cmd_qualified, as_json="the list as JSON")
+    qualified.add_argument("--limit", type=positive_int, default=100, metavar="N",
+                           help="at most N (default 100)")
+    command("leases", "who holds each reservation's slots",
+            "Shows who holds each reservation's slots (test runs, daytime holds), since when, "
+            "and when each lease expires.", cmd_leases, as_json="the leases as JSON")
+    hold = command("hold", "stand a reservation's daytime deployment up, or take it down",
+                   "Stands a reservation's daytime deployment up now, or takes it down, as its "
+                   "schedules do at their hours.", cmd_hold)
+    hold.add_argument("action", choices=["up", "down"], help="up or down")
+    hold.add_argument("reservation", help="a reservation with a daytime intent")
+    janitor = command("janitor", "reap sandboxes whose run is over or expired",
+                      "Marks failed the runs whose `mlci run` worker is gone, takes down daytime "
+                      "holds past their down time, breaks dead holders' leases, and reaps every "
+                      "sandbox whose run is over or that expired.", cmd_janitor)
     janitor.add_argument("--dry-run", action="store_true", help="say what would be reaped")
-    janitor.set_defaults(fn=cmd_janitor)
     return parser
+
+
+def positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of `kind` above 0, else a usage error saying so."""
+    what = "whole number" if kind is int else "number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a {what} above 0, got {text}")
+        return value
+
+    return parse
+
+
+positive_int, positive_float = positive(int), positive(float)
 
 
 def main(argv: list[str] | None = None) -> int:
     # Progress lines as they happen, into a pipe too (`mlci run | tee`, a CI log).
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
+    except UsageError as exc:
+        print(f"mlci {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except RegistryError as exc:
         count = len(exc.problems)
         print(f"mlci: the registry is invalid ({count} problem{'s' if count != 1 else ''}):",

@@ -19,6 +19,13 @@ def report_run_failed(instance: dg.DagsterInstance, run: dg.DagsterRun, message:
     instance.report_run_failed(run, message=message)
 
 
+def report_run_canceling(instance: dg.DagsterInstance, run: dg.DagsterRun, message: str
+                         ) -> None:
+    """Asks a run to stop (`DagsterInstance.report_run_canceling`, not public): what the UI's
+    Terminate does first, so that the interrupt which follows ends the run CANCELED."""
+    instance.report_run_canceling(run, message=message)
+
+
 def check_evaluations_page(
     instance: dg.DagsterInstance, check: dg.AssetCheckKey, limit: int, cursor: int | None
 ) -> Sequence[Any]:

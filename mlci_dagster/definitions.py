@@ -52,7 +52,9 @@ def pool_tagged_config(
 
     def tags(key: str) -> dict[str, str]:
         config, _ = split_partition_key(key)
-        return {POOL_TAG: pool_of(load_registry_cached(registry), config)}
+        loaded = load_registry_cached(registry)
+        # A config the registry lacks gets no pool: its run is refused before any stage.
+        return {POOL_TAG: pool_of(loaded, config)} if config in loaded.configs else {}
 
     return dg.PartitionedConfig(partitions_def=partitions,
                                 run_config_for_partition_key_fn=lambda key: {},

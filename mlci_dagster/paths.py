@@ -11,6 +11,8 @@ EXAMPLE_REGISTRY = EXAMPLES / "ml-platform"  # the demo: MLflow, Ray and Spark
 LOCAL_EXAMPLE = EXAMPLES / "local"  # a small platform of Python's own servers
 
 
+# Where `mlci` keeps the history when DAGSTER_HOME is not set: beside where it runs.
+DEFAULT_DAGSTER_HOME = ".dagster_home"
 DAGSTER_URL_ENV = "MLCI_DAGSTER_URL"
 DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
 
@@ -23,6 +25,11 @@ def dagster_url() -> str:
 def registry_path() -> Path:
     """`$MLCI_REGISTRY`, else the example registry beside the package."""
     return Path(os.environ.get(REGISTRY_ENV) or EXAMPLE_REGISTRY)
+
+
+def run_log_dir(home: Path, run_id: str) -> Path:
+    """Logs of one run that belong to no sandbox: its worker's output, a stage's own error."""
+    return home / "logs" / "runs" / run_id
 
 
 def mlci_home() -> Path:

@@ -173,8 +173,8 @@ class Progress:
         for row in self.rows.values():
             elapsed = "" if row.started is None else (
                 f"{now - row.started:.0f}s" if not row.done else "")
-            style = {"passed": "green", "FAILED": "red", "LOST": "red",
-                     "SKIPPED": "yellow"}.get(row.state, "")
+            style = {"passed": "green", "FAILED": "red", "LOST": "red", "NOT RUN": "red",
+                     "SKIPPED": "yellow", "CANCELED": "yellow"}.get(row.state, "")
             table.add_row(row.key, f"[{style}]{row.state}[/]" if style else row.state,
                           elapsed, row.note)
         return table

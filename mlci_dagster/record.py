@@ -12,7 +12,9 @@ from mlci_dagster.vocabulary import (
     FailureKind,
     Stage,
     Status,
+    canceled,
     failed_stage_of,
+    judged,
     partition_key,
     passed,
     skipped,
@@ -44,7 +46,8 @@ class MetricRecord(_Record):
 
 class ResultRecord(_Record):
     """`status` is `pass`, `fail-<first failing stage>` (the failure fields tell of that stage),
-    or `skip` (refused before it began; `error_summary` says why)."""
+    `skip` (refused before it began; `error_summary` says why) or `canceled` (interrupted before
+    it finished, its sandbox torn down; `error_summary` says where)."""
 
     partition: str
     config: str
@@ -89,6 +92,15 @@ class ResultRecord(_Record):
     @property
     def skipped(self) -> bool:
         return skipped(self.status)
+
+    @property
+    def canceled(self) -> bool:
+        return canceled(self.status)
+
+    @property
+    def judged(self) -> bool:
+        """A verdict on what it tested (pass or fail), which the history's rules count."""
+        return judged(self.status)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,10 +1,16 @@
 """How `mlci run` executes partitions: each lifecycle is a Dagster run on the instance at
 $DAGSTER_HOME, executed in a worker process of its own.
 
-A worker dies with its parent (SIGINT at the parent's death, so the lifecycle tears down on the
-way out). A worker that dies is noticed here: its run is marked failed, its sandboxes are reaped
-at once, and the partition is reported lost. Runs of a pool start only while fewer than the
-pool's limit are in progress on the instance, whoever started them.
+A worker runs in a session of its own, so a terminal's Ctrl-C reaches `mlci run` alone, which
+then asks each run to stop (CANCELING, as the UI's Terminate does) and interrupts its worker:
+the lifecycle tears down, records that it was interrupted, and its run ends CANCELED. A worker
+dies with its parent (SIGINT at the parent's death, so it tears down on the way out). A worker
+that dies is noticed here: its run is marked failed, its sandboxes are reaped at once, and the
+partition is reported lost.
+
+A partition starts only when no run of it is in progress on the instance (whoever started that
+one) and its pool has a free slot; the check and the run's creation happen under one file lock
+that every `mlci run` on the home shares. A partition waits for its pool at most `max_wait_s`.
 
 Run as `python -m mlci_dagster.runner REGISTRY KEY RUN_ID TRIGGER [BATCH]` it is that worker.
 """
@@ -12,6 +18,7 @@ Run as `python -m mlci_dagster.runner REGISTRY KEY RUN_ID TRIGGER [BATCH]` it is
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import os
 import signal
@@ -19,14 +26,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.compat import report_run_canceling
+from mlci_dagster.event_log import record_of_run
+from mlci_dagster.paths import run_log_dir
 from mlci_dagster.pools import POOL_TAG
 from mlci_dagster.providers.processes import die_with_parent
 from mlci_dagster.run_workers import IN_PROGRESS, WORKER_TAG, fail_lost_run, worker_identity
@@ -36,6 +45,25 @@ from mlci_dagster.vocabulary import BATCH_TAG
 # the run's log in the instance.
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 POLL_S = 0.2
+PARTITION_TAG = "dagster/partition"
+# A run of a partition that is queued or running: it is not started a second time.
+ACTIVE = [dg.DagsterRunStatus.QUEUED, *IN_PROGRESS]
+CREATE_WAIT_S = 60  # how long the lock is held for a worker to create its run
+
+
+class Verdict(enum.StrEnum):
+    """How one partition of an `mlci run` ended."""
+
+    PASSED = "passed"
+    FAILED = "FAILED"
+    LOST = "LOST"  # its worker died before its run finished
+    SKIPPED = "SKIPPED"  # refused before it began (the budget, a reservation): no verdict
+    CANCELED = "CANCELED"  # interrupted and torn down: no verdict
+    NOT_RUN = "NOT RUN"  # never started: already in progress, waited too long, interrupted
+
+
+# Verdicts that make `mlci run` exit non-zero: a failure, or a partition it could not run.
+FAILING = {Verdict.FAILED, Verdict.LOST}
 
 
 @dataclass
@@ -45,12 +73,54 @@ class PartitionRun:
     pool: str
     started: float = 0.0
     seconds: float = 0.0
-    success: bool = False
-    lost: str = ""  # why the worker is gone, when it died before its run finished
+    verdict: Verdict | None = None
+    why: str = ""  # what the verdict rests on, in a line
+    waiting_since: float | None = None
+    counts: bool = True  # a NOT RUN that is no failure (the partition runs elsewhere) is False
+
+    @property
+    def success(self) -> bool:
+        return self.verdict is Verdict.PASSED
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict in FAILING or (self.verdict is Verdict.NOT_RUN and self.counts)
 
 
-class PoolGate:
-    """Lets a run of a pool start only while fewer than the pool's limit are in progress.
+class RunEvents:
+    """What the runner tells as it goes (the CLI prints it); each method does nothing here."""
+
+    def started(self, item: PartitionRun) -> None: ...
+
+    def waiting(self, item: PartitionRun, why: str) -> None: ...
+
+    def finished(self, item: PartitionRun) -> None: ...
+
+    def lost(self, item: PartitionRun) -> None:
+        """A worker died before its run finished (the run is marked failed): reap its sandboxes."""
+
+    def stopping(self, running: list[PartitionRun], why: str) -> None: ...
+
+    def tick(self) -> None: ...
+
+
+def new_batch(label: str = "", now: datetime | None = None) -> str:
+    """An `mlci run`'s batch (a column of the grid): when it started, and a mark of its own, so
+    two runs started in the same second are two batches; `label` says what it ran (a plan)."""
+    return f"mlci run {label + ' ' if label else ''}" \
+           f"{(now or datetime.now(UTC)):%Y-%m-%d %H:%M:%S} {uuid.uuid4().hex[:6]}"
+
+
+def describe_run(run: dg.DagsterRun) -> str:
+    """`run 4a8878cb (inject|e1, schedule)`: a run as the waiting lines name it."""
+    from mlci_dagster.resources.mlci import trigger_of
+
+    return f"run {run.run_id[:8]} ({run.tags.get(PARTITION_TAG, run.job_name)}, " \
+           f"{trigger_of(run.tags)})"
+
+
+class Gate:
+    """Lets a partition start only when no run of it is active and its pool has a free slot.
 
     Counts the instance's runs with the pool tag (the daemon's queue counts the same tag), under
     a file lock that concurrent `mlci run`s share; a run counts from the moment it is started
@@ -66,102 +136,204 @@ class PoolGate:
         self.lock_path = home / "pools.lock"
         home.mkdir(parents=True, exist_ok=True)
 
-    def in_progress(self, pool: str) -> int:
-        return self.instance.get_runs_count(dg.RunsFilter(tags={POOL_TAG: pool},
-                                                          statuses=IN_PROGRESS))
+    def active_runs(self, tags: dict[str, str], statuses: list[dg.DagsterRunStatus]
+                    ) -> list[dg.DagsterRun]:
+        return list(self.instance.get_runs(dg.RunsFilter(tags=tags, statuses=statuses)))
 
-    def try_start(self, pool: str, start: Callable[[], str]) -> bool:
-        """Calls `start` (which returns the run id it launched) if the pool has room, and holds
-        the lock until that run exists on the instance, so no one else counts past the limit."""
-        limit = self.limits.get(pool)
-        if limit is None:
-            start()
-            return True
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         with open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.in_progress(pool) >= limit - self.held().get(pool, 0):
-                return False
+            yield
+
+    def try_start(self, item: PartitionRun, start: Callable[[], str]) -> tuple[bool, str]:
+        """Calls `start` (which returns the run id it launched) when the partition may start,
+        and holds the lock until that run exists on the instance. Else (False, why): `running
+        elsewhere: ...` when a run of the partition is active, or what fills its pool."""
+        with self._locked():
+            active = self.active_runs({PARTITION_TAG: item.key}, ACTIVE)
+            if active:
+                return False, f"already in progress: {describe_run(active[0])}"
+            limit = self.limits.get(item.pool)
+            if limit is not None:
+                holds = self.held().get(item.pool, 0)
+                taken = self.active_runs({POOL_TAG: item.pool}, IN_PROGRESS)
+                if len(taken) >= limit - holds:
+                    return False, self.full(item.pool, limit, holds, taken)
             run_id = start()
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + CREATE_WAIT_S
             while not self.instance.has_run(run_id) and time.monotonic() < deadline:
                 time.sleep(POLL_S)
-        return True
+        return True, ""
+
+    @staticmethod
+    def full(pool: str, limit: int, holds: int, taken: list[dg.DagsterRun]) -> str:
+        """`pool gpu-box is full (limit 1): run 4a8878cb (inject|e1, schedule)`."""
+        shown = ", ".join(describe_run(run) for run in taken[:3])
+        more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+        held = f"{holds} slot(s) held by its daytime hold" if holds else ""
+        return f"pool {pool} is full (limit {limit}): " + "; ".join(
+            part for part in (shown + more, held) if part)
+
+
+class Stop(Exception):
+    """Asks the runner to stop: its partitions in progress are cancelled and torn down."""
 
 
 def run_partitions(
-    instance: dg.DagsterInstance, registry: Path, keys: list[str], pools: dict[str, str],
-    limits: dict[str, int], parallel: int, trigger: str, home: Path,
-    on_done: Callable[[PartitionRun], None],
-    on_lost: Callable[[PartitionRun], None],
-    on_wait: Callable[[PartitionRun], None] = lambda item: None,
+    instance: dg.DagsterInstance, registry: Path, items: list[PartitionRun],
+    limits: dict[str, int], parallel: int, trigger: str, home: Path, events: RunEvents,
+    *, batch: str, max_wait_s: Callable[[str], float], fail_fast: bool = False,
     held: Callable[[], dict[str, int]] = dict,
-    on_start: Callable[[PartitionRun], None] = lambda item: None,
-    on_tick: Callable[[], None] = lambda: None,
-) -> list[PartitionRun]:
+) -> tuple[list[PartitionRun], str]:
     """Runs every partition, `parallel` at once and within pool limits (less the slots `held`
-    by daytime holds); calls `on_done` as each finishes. `on_lost` is called for a worker that
-    died (after its run is marked failed), so the caller can reap its sandboxes; `on_wait` once
-    for a partition whose pool is full when its turn comes; `on_start` as a worker starts, and
-    `on_tick` at every pass of the loop (progress)."""
-    gate = PoolGate(instance, limits, home, held)
-    # One `mlci run` is one batch: a column of the grid.
-    batch = f"mlci run {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
-    pending = deque(PartitionRun(key, str(uuid.uuid4()), pools[key]) for key in keys)
+    by daytime holds), each waiting for its pool at most `max_wait_s(pool)`. Returns every
+    item with its verdict, and why the runner stopped early ("" when it did not): an interrupt
+    (KeyboardInterrupt: Ctrl-C, or SIGTERM turned into one by the caller) or `fail_fast` after a
+    failure. Either way the partitions in progress are cancelled and torn down first."""
+    gate = Gate(instance, limits, home, held)
+    pending = list(items)
     running: dict[str, tuple[subprocess.Popen, PartitionRun]] = {}
-    finished: list[PartitionRun] = []
-    waited: set[str] = set()
+    stopped = ""
+
+    def start(item: PartitionRun) -> str:
+        # What the worker prints (Dagster's own warnings) goes to a log of its own, not into
+        # mlci run's lines; every event of its run is in the instance.
+        log = worker_log(home, item.run_id)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mlci_dagster.runner", str(registry), item.key,
+                 item.run_id, trigger, batch],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGINT))  # tears down, then dies
+        item.started = time.monotonic()
+        running[item.run_id] = (proc, item)
+        events.started(item)
+        return item.run_id
+
+    def settle(proc: subprocess.Popen, item: PartitionRun) -> None:
+        del running[item.run_id]
+        settled(instance, item, proc, home, stopping=bool(stopped))
+        if item.verdict is Verdict.LOST:
+            events.lost(item)
+        events.finished(item)
+
     try:
         while pending or running:
-            for _ in range(len(pending)):
+            for item in list(pending):
                 if len(running) >= parallel:
                     break
-                item = pending.popleft()
-
-                def start(item: PartitionRun = item) -> str:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "mlci_dagster.runner", str(registry), item.key,
-                         item.run_id, trigger, batch],
-                        stdin=subprocess.DEVNULL,
-                        preexec_fn=die_with_parent(signal.SIGINT))  # tears down, then dies
-                    item.started = time.monotonic()
-                    running[item.run_id] = (proc, item)
-                    on_start(item)
-                    return item.run_id
-
-                if not gate.try_start(item.pool, start):
-                    pending.append(item)  # its pool is full: try the next partition
-                    if item.run_id not in waited:
-                        waited.add(item.run_id)
-                        on_wait(item)
-            for run_id, (proc, item) in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                del running[run_id]
-                item.seconds = time.monotonic() - item.started
-                run = instance.get_run_by_id(run_id)
-                item.success = code == 0 and run is not None and \
-                    run.status == dg.DagsterRunStatus.SUCCESS
-                if run is None or not run.is_finished:
-                    item.lost = (f"worker pid {proc.pid} " + (
-                        f"killed by {signal.Signals(-code).name}" if code < 0
-                        else f"exited {code}") + " before its run finished")
-                    if run is not None:
-                        fail_lost_run(instance, run, item.lost)
-                    on_lost(item)
-                finished.append(item)
-                on_done(item)
-            on_tick()
+                started, why = gate.try_start(item, lambda item=item: start(item))
+                if started:
+                    pending.remove(item)
+                elif why.startswith("already in progress"):
+                    pending.remove(item)
+                    not_run(item, why + "; its result is recorded there", counts=False)
+                    events.finished(item)
+                elif item.waiting_since is None or why != item.why:
+                    item.waiting_since = item.waiting_since or time.monotonic()
+                    item.why = why
+                    events.waiting(item, why)
+                elif time.monotonic() - item.waiting_since > max_wait_s(item.pool):
+                    pending.remove(item)
+                    not_run(item, f"waited {time.monotonic() - item.waiting_since:.0f}s (the "
+                                  f"most any lifecycle of pool {item.pool} may take), {why}")
+                    events.finished(item)
+            for proc, item in list(running.values()):
+                if proc.poll() is not None:
+                    settle(proc, item)
+                    if fail_fast and item.failed:
+                        raise Stop(f"--fail-fast: {item.key} {item.verdict}")
+            events.tick()
             time.sleep(POLL_S)
+    except (KeyboardInterrupt, Stop) as exc:
+        stopped = str(exc) if isinstance(exc, Stop) else "interrupted"
+        events.stopping([item for _, item in running.values()], stopped)
+        cancel(instance, [proc for proc, _ in running.values()],
+               [item for _, item in running.values()], stopped)
+        with ignoring_interrupts():
+            for proc, item in list(running.values()):
+                proc.wait()
+                settle(proc, item)
+        for item in pending:
+            not_run(item, f"{stopped} before it started")
+            events.finished(item)
     finally:
-        # Interrupted ourselves: the workers get SIGINT and tear down on their way out.
+        # Anything else (a bug here): the workers get SIGINT and tear down on their way out.
         for proc, _ in running.values():
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGINT)
         for proc, _ in running.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=120)
-    return finished
+    return items, stopped
+
+
+def not_run(item: PartitionRun, why: str, counts: bool = True) -> None:
+    item.verdict, item.why, item.counts = Verdict.NOT_RUN, why, counts
+
+
+def cancel(instance: dg.DagsterInstance, procs: list[subprocess.Popen],
+           items: list[PartitionRun], why: str) -> None:
+    """Asks each run to stop, as the UI's Terminate does, then interrupts its worker: the
+    lifecycle tears down and records that it was interrupted."""
+    for proc, item in zip(procs, items, strict=True):
+        run = instance.get_run_by_id(item.run_id)
+        if run is not None and not run.is_finished:
+            report_run_canceling(instance, run, f"mlci run: {why}")
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def ignoring_interrupts() -> Iterator[None]:
+    """While the workers tear down, another Ctrl-C would only leave their sandboxes behind."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def worker_log(home: Path, run_id: str) -> Path:
+    """Where a worker's own output goes."""
+    return run_log_dir(home, run_id) / "worker.log"
+
+
+def settled(instance: dg.DagsterInstance, item: PartitionRun, proc: subprocess.Popen,
+            home: Path, stopping: bool = False) -> None:
+    """The item's verdict once its worker has exited: from its run's status and record.
+    `stopping`: the runner interrupted it, so a worker gone before its run began did not run."""
+    item.seconds = time.monotonic() - item.started
+    code = proc.returncode
+    run = instance.get_run_by_id(item.run_id)
+    if run is None and stopping:
+        not_run(item, "interrupted before its run began")
+        return
+    if run is None or not run.is_finished:
+        item.verdict = Verdict.LOST
+        item.why = (f"worker pid {proc.pid} " + (
+            f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}")
+            + " before its run finished; run marked failed, its sandboxes reaped (its output: "
+            f"{worker_log(home, item.run_id)})")
+        if run is not None:
+            fail_lost_run(instance, run, item.why)
+        return
+    record = record_of_run(instance, item.run_id)
+    summary = record.error_summary.strip().splitlines()[:1] if record else []
+    if run.status == dg.DagsterRunStatus.CANCELED or (record is not None and record.canceled):
+        teardown = record.stages.get("teardown") if record else None
+        item.verdict = Verdict.CANCELED
+        item.why = (summary[0] if summary else "interrupted") + (
+            f"; teardown: {teardown.status}" if teardown else "")
+    elif run.status == dg.DagsterRunStatus.SUCCESS and record is not None and record.skipped:
+        item.verdict, item.why = Verdict.SKIPPED, summary[0] if summary else ""
+    elif run.status == dg.DagsterRunStatus.SUCCESS and code == 0:
+        item.verdict = Verdict.PASSED
+    else:
+        item.verdict = Verdict.FAILED
 
 
 def execute(registry: str, key: str, run_id: str, trigger: str, batch: str = "") -> bool:
@@ -180,4 +352,7 @@ def execute(registry: str, key: str, run_id: str, trigger: str, batch: str = "")
 
 
 if __name__ == "__main__":
-    sys.exit(0 if execute(*sys.argv[1:6]) else 1)
+    try:
+        sys.exit(0 if execute(*sys.argv[1:6]) else 1)
+    except KeyboardInterrupt:  # interrupted before its run began: nothing to tear down
+        sys.exit(128 + signal.SIGINT)

@@ -10,7 +10,6 @@ run requests are built here from the registry.
 import dagster as dg
 
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
-from mlci_dagster.assets.reservations import record_guard
 from mlci_dagster.commits import (
     BRANCH_PREFIX,
     RUNS_TAG,
@@ -21,9 +20,9 @@ from mlci_dagster.commits import (
     watched_refs,
 )
 from mlci_dagster.compat import resolve_run_requests
+from mlci_dagster.operations import guard_batch
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.reservations import NightlySettings
-from mlci_dagster.reservations.guard import guard
 from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
 from mlci_dagster.vocabulary import BATCH_TAG, partition_key
 
@@ -43,25 +42,6 @@ def default_branch_head(registry: Registry, log: dg.DagsterLogManager) -> str | 
         return None
 
 
-def guard_reservations(context: dg.ScheduleEvaluationContext, mlci: MlciResource,
-                       partitions: list[tuple[str, str]]) -> dict[str, str]:
-    """The pre-batch guard on every reservation the batch uses, each pass recorded (its
-    `reservation_clean` check); the reservations that stay held or dirty, with why."""
-    rctx = mlci.reservations(context.instance)
-    used = sorted({name for config, _ in partitions
-                   if (name := rctx.registry.configs[config].config.sandbox.reservation)})
-    refused = {}
-    for name in used:
-        report = guard(rctx, name, batch=True, by="pre-batch guard")
-        for action in report.actions:
-            context.log.info(f"{name}: {action}")
-        if not report.clean:
-            refused[name] = report.reason
-            context.log.warning(f"{name}: its runs are skipped: {report.reason}")
-        record_guard(context.instance, rctx, report)
-    return refused
-
-
 def nightly_schedule(job: dg.JobDefinition, nightly: NightlySettings) -> dg.ScheduleDefinition:
     @dg.schedule(name="nightly", job=job, cron_schedule=nightly.cron,
                  execution_timezone=nightly.timezone,
@@ -73,7 +53,9 @@ def nightly_schedule(job: dg.JobDefinition, nightly: NightlySettings) -> dg.Sche
         known = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
         night = context.scheduled_execution_time.strftime("%Y-%m-%d")
         partitions = [(c, e) for c, e in registry.partitions(tier=NIGHTLY_TIER) if c in known]
-        refused = guard_reservations(context, mlci, partitions)
+        refused = guard_batch(context.instance, mlci, partitions, context.log.info)
+        for name, why in refused.items():
+            context.log.warning(f"{name}: its runs are skipped: {why}")
         requests = []
         for config, engine in registry.partitions(tier=NIGHTLY_TIER):
             if config not in known:

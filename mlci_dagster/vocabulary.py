@@ -38,22 +38,32 @@ class Status(enum.StrEnum):
 
 
 class FailureKind(enum.StrEnum):
-    """Why a stage failed: the product (a test verdict), the infrastructure, or a time limit."""
+    """Why a stage failed: the product (a test verdict), the infrastructure, a time limit, or
+    the test configuration itself (a command that does not exist, a reference that does not
+    resolve at run time): the test's own fault, owned by the config's owners."""
 
     PRODUCT = "product"
     INFRA = "infra"
     TIMEOUT = "timeout"
+    CONFIG = "config"
 
 
 LIFECYCLE_PASS = "pass"
-# Refused before anything was created (a budget that the run would exceed): neither a pass nor
-# a failure, and left out of the history's analysis.
+# Refused before anything was created (a budget that the run would exceed, a reservation that
+# is dirty): neither a pass nor a failure, and left out of the history's analysis.
 LIFECYCLE_SKIP = "skip"
+# Interrupted before it finished (Ctrl-C of `mlci run`, Terminate in the UI), its sandbox torn
+# down: it says nothing of the product, and is left out of the history's analysis too.
+LIFECYCLE_CANCELED = "canceled"
 _FAIL_PREFIX = "fail-"
 
 
-def lifecycle_status(failed_stage: Stage | str | None, refused: bool = False) -> str:
-    """`pass`, `fail-<first failing stage>`, or `skip` for a lifecycle refused before it began."""
+def lifecycle_status(failed_stage: Stage | str | None, refused: bool = False,
+                     interrupted: bool = False) -> str:
+    """`pass`, `fail-<first failing stage>`, `skip` for a lifecycle refused before it began, or
+    `canceled` for one interrupted before it finished (whatever had failed by then)."""
+    if interrupted:
+        return LIFECYCLE_CANCELED
     if failed_stage is not None:
         return f"{_FAIL_PREFIX}{failed_stage}"
     return LIFECYCLE_SKIP if refused else LIFECYCLE_PASS
@@ -67,6 +77,17 @@ def passed(lifecycle: str | None) -> bool:
 def skipped(lifecycle: str | None) -> bool:
     """Whether a lifecycle status is `skip` (refused before it began)."""
     return lifecycle == LIFECYCLE_SKIP
+
+
+def canceled(lifecycle: str | None) -> bool:
+    """Whether a lifecycle status is `canceled` (interrupted before it finished)."""
+    return lifecycle == LIFECYCLE_CANCELED
+
+
+def judged(lifecycle: str | None) -> bool:
+    """Whether a lifecycle status is a verdict on what it tested (`pass` or `fail-<stage>`),
+    which the history's rules count; a refusal or an interruption is none."""
+    return lifecycle is not None and not skipped(lifecycle) and not canceled(lifecycle)
 
 
 def failed_stage_of(lifecycle: str) -> Stage | None:

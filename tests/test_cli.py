@@ -68,5 +68,53 @@ def test_validate_list_and_missing_dagster_home(tmp_path):
                                        "jsonfile").stdout
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     done = subprocess.run([PY, "-m", "mlci_dagster.cli", "report"], capture_output=True,
-                          text=True, env=env, timeout=60)
-    assert done.returncode != 0 and "DAGSTER_HOME is not set" in done.stderr
+                          text=True, env=env, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0
+    assert (f"no history here: DAGSTER_HOME is not set and {tmp_path}/.dagster_home does not "
+            "exist") in done.stderr
+    assert not (tmp_path / ".dagster_home").exists()  # reading creates nothing
+
+
+def test_without_dagster_home_the_default_is_dot_dagster_home_for_every_command(tmp_path):
+    """As the README says: `mlci` run from a folder keeps the history in ./.dagster_home, and
+    every later command there (and every process it starts) finds it."""
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+
+    def here(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(LOCAL_EXAMPLE),
+                               *args], capture_output=True, text=True, env=env, timeout=300,
+                              cwd=tmp_path)
+
+    run = here("run", "--partitions", "static-site|sqlite")
+    report = here("report", "--json")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"mlci: DAGSTER_HOME is not set: using {tmp_path}/.dagster_home" in run.stderr
+    assert f"on DAGSTER_HOME={tmp_path}/.dagster_home" in run.stdout
+    rows = {r["partition"]: r for r in json.loads(report.stdout)["partitions"]}
+    assert rows["static-site|sqlite"]["status"] == "PASS"
+
+
+def test_the_command_line_says_what_it_takes_and_refuses_what_it_cannot_act_on(
+        dagster_home, tmp_path):
+    registry = write_registry(tmp_path / "reg", [config("a"), config("b")])
+    assert mlci("--version").stdout.startswith("mlci-dagster ")
+    # --registry is taken after the command too; several --config are all kept.
+    listed = mlci("list", "--registry", str(registry), "--config", "a", "--config", "b")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["a|e1", "b|e1"]
+    for command in ("run", "report", "status", "list"):
+        unknown = mlci("--registry", str(registry), command, "--engine", "mysql")
+        assert unknown.returncode == 2, (command, unknown.stdout, unknown.stderr)
+        assert f"mlci {command}: error: --engine mysql: not in the registry (known: e1)" \
+            in unknown.stderr
+    none = mlci("--registry", str(registry), "run", "--config", "a", "--tier", "weekly")
+    assert none.returncode == 2 and "--tier weekly: not in the registry" in none.stderr
+    for command in ("run", "report", "janitor", "hold", "plan", "validate"):
+        page = mlci(command, "--help").stdout
+        assert page.count("\n") > 6, page  # a description, and help for each option
+        assert "--registry PATH" in page
+    run_help = mlci("run", "--help").stdout
+    for option in ("--parallel N", "--max-wait SECONDS", "--fail-fast", "--dry-run",
+                   "--plan FILE", "--partitions KEYS"):
+        assert option in run_help

@@ -211,13 +211,13 @@ def test_an_unknown_project_is_infra_naming_start_build(aws, tmp_path):
     assert aws.called("BatchGetBuilds") == []
 
 
-def test_an_unset_variable_is_infra_naming_the_field_and_the_variable(aws, tmp_path,
+def test_an_unset_variable_is_the_tests_own_fault_naming_the_field_and_the_variable(aws, tmp_path,
                                                                      monkeypatch):
     monkeypatch.delenv("MLCI_BUILD_ARG")
 
     outcome = run_image_stage(tmp_path)
 
-    assert outcome.failure_kind is FailureKind.INFRA
+    assert outcome.failure_kind is FailureKind.CONFIG
     assert outcome.error_summary.endswith("iris.yaml: image.build.codebuild.environment: "
                                           "environment variable MLCI_BUILD_ARG is not set")
     assert aws.called("StartBuild") == []

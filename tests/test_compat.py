@@ -23,6 +23,17 @@ def test_report_run_failed_marks_a_started_run_failed(instance):
     assert "worker gone" in failure.message
 
 
+def test_report_run_canceling_asks_a_started_run_to_stop(instance):
+    run = instance.add_run(dg.DagsterRun(job_name="lifecycle",
+                                         status=dg.DagsterRunStatus.STARTED))
+
+    compat.report_run_canceling(instance, run, "interrupted by mlci run")
+
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.CANCELING
+    [event] = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_CANCELING)
+    assert "interrupted by mlci run" in event.message
+
+
 def test_history_reads_back_its_table_and_check_evaluations_are_paged(instance, tmp_path):
     registry = write_registry(tmp_path / "reg", [config("a")])
     instance.report_runless_asset_event(dg.AssetMaterialization(

@@ -1016,3 +1016,17 @@ def test_the_janitor_and_a_runs_cleanup_wait_the_configs_teardown_s_for_a_stuck_
     assert swept_in < 30
     # Left for the next pass, and named as left.
     assert [h.sandbox_id for h in provider.list_live()] == [stuck.sandbox_id]
+
+
+def test_a_manifest_of_the_tests_own_that_cannot_be_used_fails_as_config(
+        provider, kube, registry):
+    """A document that is no object, or a reference that does not resolve, is the test's own
+    mistake (`config`), not the cluster's; what was made before it is deleted all the same."""
+    server, _ = kube
+    (registry / "k8s" / "broken.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(SandboxError) as failed:
+        create(provider, sandbox(manifests=["k8s/db.yaml", "k8s/broken.yaml"]))
+    assert failed.value.kind == "config"
+    assert "k8s/broken.yaml: document 1: expected a mapping" in str(failed.value)
+    assert [n for n in server.namespaces() if n.startswith("train-")] == []
+    assert provider.ledger.live() == []

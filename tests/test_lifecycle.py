@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from mlci_dagster.paths import LOCAL_EXAMPLE
 from tests.conftest import (
@@ -253,7 +254,7 @@ def test_probe_that_cannot_render_fails_the_sandbox_and_teardown_stops_its_servi
     result, record = run_partition(instance, registry, "unrendered|e1")
 
     assert record["status"] == "fail-sandbox"
-    assert record["failure_kind"] == "infra"
+    assert record["failure_kind"] == "config"  # the test names a variable this run lacks
     assert "MLCI_UNSET_VARIABLE" in record["error_summary"]
     assert record["stages"]["teardown"]["status"] == "pass"
     assert_no_leaks(dagster_home, stage_details(instance, result.run_id, "sandbox")["handle"])
@@ -304,3 +305,60 @@ def test_harness_error_summary_is_redacted(dagster_home, tmp_path, monkeypatch):
     assert outcome.failure_kind == "infra"
     assert "harness error" in outcome.error_summary and "RuntimeError" in outcome.error_summary
     assert secret not in outcome.error_summary and "could not parse ***" in outcome.error_summary
+
+
+@pytest.mark.parametrize(("key", "problem"), [
+    ("nope|e1", "config 'nope' is not in the registry at {root} (known: only-e1)"),
+    ("only-e1|e2", "engine 'e2' does not apply to config 'only-e1' (expected one of: e1)"),
+])
+def test_a_partition_the_registry_lacks_is_refused_before_any_stage(
+        key, problem, instance, dagster_home, tmp_path):
+    """As when a key is added by hand in the UI's partition picker and launched, or the matrix
+    offers a cell the config does not apply to: the run fails naming what is wrong, and
+    nothing is created or recorded."""
+    registry = write_registry(tmp_path / "reg", [config("only-e1", engines=["e1"])],
+                              engines={"e1": {}, "e2": {}})
+
+    result, record = run_partition(instance, registry, key)
+
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert failure.step_failure_data.error.message.strip().endswith(
+        f"partition {key} refused: {problem.format(root=registry.resolve())}")
+    assert record is None
+    assert result.asset_materializations_for_node("run_lifecycle") == []
+    assert not (dagster_home / "mlci" / "ledger").exists() or \
+        list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
+
+
+def test_a_pipeline_command_that_does_not_exist_is_the_tests_own_fault_with_a_log(
+        instance, dagster_home, tmp_path):
+    """Not an outage (infra, left out of the history's rules): a failure of kind `config`,
+    counted, owned by the config's owners, pointing at a log and at its debug bundle."""
+    from mlci_dagster.event_log import consolidate, new_results
+    from mlci_dagster.history.analysis import analyze, signature_clusters
+    from mlci_dagster.history.render import failure_notes
+    from mlci_dagster.registry.models import HistorySettings
+
+    registry = write_registry(tmp_path / "reg", [config("typo", pipelines=[
+        {"kind": "command", "name": "train", "command": ["no-such-command-xyz", "--epochs", "1"],
+         "timeout_s": 30}])])
+
+    result, record = run_partition(instance, registry, "typo|e1")
+
+    assert not result.success
+    assert (record["status"], record["failure_kind"]) == ("fail-pipeline_runs", "config")
+    assert record["error_summary"] == ("pipeline 'train': could not start "
+                                       "'no-such-command-xyz': No such file or directory")
+    assert "could not start 'no-such-command-xyz'" in Path(record["log_ref"]).read_text()
+    assert Path(record["debug_bundle"]).is_file()
+    table, _ = consolidate(instance, None)
+    [summary] = analyze(table, ["typo|e1"], HistorySettings(), record["finished_at"] + 1)
+    assert str(summary.status) == "FAILING"  # counted: not BROKEN, as an outage would be
+    assert summary.last["log_ref"] == record["log_ref"]
+    assert summary.last["debug_bundle"] == record["debug_bundle"]
+    notes = failure_notes([summary], dict((r.partition, r) for _, r in new_results(instance, 0)),
+                          signature_clusters(table, [summary]))
+    assert "typo|e1: fail-pipeline_runs (config (the test's own setup), owner test-team)" in notes
+    assert f"log: {record['log_ref']}" in notes
+    assert f"debug bundle: {record['debug_bundle']}" in notes

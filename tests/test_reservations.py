@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 import subprocess
 import time
 import uuid
@@ -64,7 +63,11 @@ from tests.support.reservations import (
     set_clock,
     tick,
 )
-from tests.test_cleanup import lifecycle_in_pipeline_runs, start_mlci_run  # noqa: F401
+from tests.test_cleanup import (  # noqa: F401
+    kill_with_workers,
+    lifecycle_in_pipeline_runs,
+    start_mlci_run,
+)
 from tests.test_launch_paths import LIFECYCLE, asset_job_params
 
 MORNING = new_york(2026, 3, 9, 8, 0)
@@ -93,6 +96,14 @@ def sandbox_gone(provider: str, registry: Path, run_id: str, sandbox_id: str) ->
         return listed_namespaces(Path(sandbox["cluster"]["kubeconfig"]), run_id,
                                  settle_s=30) == []
     return marked_processes("MLCI_SANDBOX_ID", sandbox_id) == []
+
+
+def with_free_config(registry: Path) -> None:
+    """Config `free` beside `inject`: the same, bound to no reservation."""
+    free = yaml.safe_load((registry / "configs" / "inject.yaml").read_text())
+    free["name"] = "free"
+    del free["sandbox"]["reservation"]
+    (registry / "configs" / "free.yaml").write_text(yaml.safe_dump(free))
 
 
 def hold_up_at_eight(registry, instance) -> dict:
@@ -182,6 +193,66 @@ def test_a_run_that_finds_its_reservation_held_whole_is_refused_not_run(tmp_path
             " (inject|e1))")
         assert result.success  # a skip is no failure
         assert [lease.kind for lease in leases(instance)] == [LeaseKind.HOLD]
+        # The skip has no image digest, beside the hold's records that have one: every view
+        # of the history still renders.
+        grid = tmp_path / "grid"
+        report = subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(registry),
+                                 "report", "--html", str(grid)], capture_output=True, text=True,
+                                env=os.environ, timeout=120)
+        assert report.returncode == 0, report.stderr
+        assert "inject|e1: skip: reservation gpu-box is full" in report.stdout
+        assert "nan" not in (grid / "grid.html").read_text().lower()
+
+
+def mlci_run(registry: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mlci run` at the harness's clock (its offset is in the environment it inherits)."""
+    return subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(registry), "run",
+                           *args], capture_output=True, text=True, env=os.environ, timeout=300)
+
+
+def test_mlci_run_takes_a_missed_down_down_first_as_the_nightly_does(tmp_path, instance):
+    """A hold whose down time passed with no hold_down run (the daemon was off) used to keep
+    `mlci run` waiting for its pool forever; the pre-batch guard takes it down first."""
+    with reserved_registry("local", tmp_path) as registry:
+        instance.add_dynamic_partitions("config", ["inject"])
+        up = hold_up_at_eight(registry, instance)
+        set_clock(NIGHT)
+
+        done = mlci_run(registry)
+
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (f"reservation gpu-box: tore down the daytime deployment inject|e1 "
+                f"({up['sandbox_id']}), held past its down time 2026-03-09 19:00 EDT") \
+            in done.stdout
+        assert "inject|e1: passed" in done.stdout
+        assert (latest_hold(instance)["state"], latest_hold(instance)["by"]) == \
+            ("down", "pre-batch guard")
+        assert latest_check(instance).passed
+        assert sandbox_gone("local", registry, up["holder_run"], up["sandbox_id"])
+        assert leases(instance) == []
+
+
+def test_mlci_run_skips_a_reservation_still_held_and_runs_the_rest(tmp_path, instance):
+    """At noon the daytime deployment is up: its reservation's partitions are skipped with
+    the reason, at once, and another config's run goes ahead; a skip is no failure."""
+    with reserved_registry("local", tmp_path) as registry:
+        with_free_config(registry)
+        instance.add_dynamic_partitions("config", ["inject", "free"])
+        up = hold_up_at_eight(registry, instance)
+        set_clock(new_york(2026, 3, 9, 12, 0))
+
+        done = mlci_run(registry)
+
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (f"inject|e1: SKIPPED: reservation gpu-box: still held: the daytime deployment "
+                f"inject|e1 of run {up['holder_run'][:8]} is up until 2026-03-09 19:00 EDT") \
+            in done.stdout
+        assert "free|e1: passed" in done.stdout
+        assert "PARTITION" in done.stdout  # the report was printed
+        assert [r.tags["dagster/partition"] for r in instance.get_runs()
+                if r.job_name == "lifecycle"] == ["free|e1"]
+        assert not latest_check(instance).passed
+        assert [lease.kind for lease in leases(instance)] == [LeaseKind.HOLD]
 
 
 @pytest.mark.parametrize("provider", ["local", "kubernetes"])
@@ -214,10 +285,7 @@ def test_a_reservation_still_held_at_the_batch_is_refused_and_the_others_run(
     clear it, so the reservation's runs are skipped with the reason and another config's run
     goes ahead."""
     with reserved_registry("local", tmp_path) as registry:
-        free = yaml.safe_load((registry / "configs" / "inject.yaml").read_text())
-        free["name"] = "free"
-        del free["sandbox"]["reservation"]
-        (registry / "configs" / "free.yaml").write_text(yaml.safe_dump(free))
+        with_free_config(registry)
         instance.add_dynamic_partitions("config", ["inject", "free"])
         # Created and not finished: in progress, as far as anyone can tell.
         in_progress = instance.create_run_for_job(
@@ -250,8 +318,7 @@ def test_the_lease_of_a_sigkilled_run_is_broken_by_the_janitor(
         assert (lease.kind, lease.holder) == (LeaseKind.RUN, run.run_id)
         sandbox_id = stage_details(instance, run.run_id, "sandbox")["handle"]["sandbox_id"]
 
-        os.killpg(mlci.pid, signal.SIGKILL)  # the run's worker and mlci run at once
-        mlci.wait()
+        kill_with_workers(mlci)  # the run's worker and mlci run at once
         assert [lease.holder for lease in leases(instance)] == [run.run_id]  # left held
         assert not sandbox_gone(provider, registry, run.run_id, sandbox_id)
         janitor = subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(registry),

@@ -24,7 +24,7 @@ from mlci_dagster.stages.debug_bundle import screenshots_of
 from mlci_dagster.stages.lifecycle import run_lifecycle
 from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.stages.results import build_record
-from mlci_dagster.vocabulary import RESULTS, STAGES, Stage, Status
+from mlci_dagster.vocabulary import RESULTS, STAGES, Stage, Status, split_partition_key
 
 LIFECYCLE_OP = "run_lifecycle"  # the op; the job that runs it is `lifecycle`
 STAGE_CHECK = "stage_passed"
@@ -122,13 +122,13 @@ def results_materialization(record: ResultRecord, outcomes: list[StageOutcome] =
             "record": dg.MetadataValue.json(record.to_json()),
             **screenshot_metadata(list(outcomes)),
         },
-        # A refused run (skip) is yellow: it neither passed nor failed the run.
+        # A refused or interrupted run is yellow: it neither passed nor failed what it tested.
         check_results=[dg.AssetCheckResult(
             asset_key=RESULTS, check_name=LIFECYCLE_CHECK, passed=record.passed,
-            severity=dg.AssetCheckSeverity.WARN if record.skipped
-            else dg.AssetCheckSeverity.ERROR,
+            severity=dg.AssetCheckSeverity.ERROR if record.judged
+            else dg.AssetCheckSeverity.WARN,
             description=record.status if record.passed else
-            f"skip: {record.error_summary}" if record.skipped else
+            f"{record.status}: {record.error_summary}" if not record.judged else
             f"{record.status} (owner: {record.owner})",
             metadata={"status": record.status, "owner": record.owner or "",
                       "error_summary": record.error_summary},
@@ -155,26 +155,44 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
                     partitions_def=partitions,
                     description="The whole lifecycle of one config × engine, teardown included.")
     def lifecycle(context: dg.AssetExecutionContext, mlci: MlciResource):
+        # A partition the registry lacks (a key added by hand in the UI, a config removed
+        # since) is refused before anything is created.
+        problem = mlci.registry().partition_problem(*split_partition_key(context.partition_key))
+        if problem:
+            raise dg.Failure(description=f"partition {context.partition_key} refused: {problem}",
+                             allow_retries=False)
         # Its reservation's lease is held from before the image to after the teardown.
+        stop: BaseException | None = None
         with mlci.admission(context) as admission:
             record_admission(context, admission)
             ctx = mlci.lifecycle(context, refusal=admission.refusal)
             outcomes = []
-            for outcome in run_lifecycle(ctx):
-                outcomes.append(outcome)
-                context.log.info(f"{outcome.stage}: {outcome.status} in "
-                                 f"{outcome.duration_s:.2f}s"
-                                 + (f" ({outcome.failure_kind})" if outcome.failure_kind else ""))
-                yield dg.MaterializeResult(asset_key=str(outcome.stage),
-                                           metadata=outcome_metadata(outcome),
-                                           check_results=[stage_check(outcome)])
+            try:
+                for outcome in run_lifecycle(ctx):
+                    outcomes.append(outcome)
+                    context.log.info(f"{outcome.stage}: {outcome.status} in "
+                                     f"{outcome.duration_s:.2f}s" + (
+                                         f" ({outcome.failure_kind})" if outcome.failure_kind
+                                         else ""))
+                    yield dg.MaterializeResult(asset_key=str(outcome.stage),
+                                               metadata=outcome_metadata(outcome),
+                                               check_results=[stage_check(outcome)])
+            except GeneratorExit:
+                raise
+            except BaseException as exc:  # noqa: BLE001 (interrupted: recorded, raised again)
+                stop = exc  # the lifecycle tore down first
         if admission.lease is not None:
             context.log_event(leases_observation(admission.rctx,
                                                  admission.rctx.spec(admission.lease.reservation)))
-        record = build_record(ctx, outcomes, trigger=trigger_of(context.run.tags))
+        record = build_record(ctx, outcomes, trigger=trigger_of(context.run.tags),
+                              interrupted=stop is not None)
         context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s"
                          + (f", ${record.cost_usd:.4f}" if record.cost_usd else ""))
         yield results_materialization(record, outcomes)
+        if stop is not None:
+            # Dagster ends the run CANCELED when termination was asked (its status CANCELING:
+            # the UI's Terminate, `mlci run`'s Ctrl-C), else failed.
+            raise stop
         retries = getattr(ctx.config.sandbox, "retries_on_preemption", 0)
         if record.preempted and context.retry_number < retries:
             # Dagster's step retry: the attempt stays recorded (infra), and a new one starts.

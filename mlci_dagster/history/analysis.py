@@ -18,13 +18,19 @@ import pandas as pd
 
 from mlci_dagster.history.table import DURATION_PREFIX, series_columns
 from mlci_dagster.registry.models import HistorySettings
-from mlci_dagster.vocabulary import LIFECYCLE_SKIP, FailureKind, passed, split_partition_key
+from mlci_dagster.vocabulary import (
+    LIFECYCLE_SKIP,
+    FailureKind,
+    judged,
+    passed,
+    split_partition_key,
+)
 
 DAY_S = 86_400
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normal data
 RUN_FIELDS = ["run_id", "status", "failed_stage", "failure_kind", "image_digest", "config_id",
               "code_version", "finished_at", "duration_s", "trigger", "cost_usd", "signature",
-              "signature_text", "batch"]
+              "signature_text", "batch", "log_ref", "debug_bundle"]
 
 
 class PartitionStatus(enum.StrEnum):
@@ -237,8 +243,8 @@ def analyze(
     """A summary per partition: the registry's partitions first, then any others on record."""
     summaries: dict[str, PartitionSummary] = {}
     costs, refused = partition_costs(table), refusals(table)
-    # A refused run (skip) neither passed nor failed: no rule counts it.
-    table = table[table["status"] != LIFECYCLE_SKIP] if not table.empty else table
+    # A refused or an interrupted run neither passed nor failed: no rule counts it.
+    table = table[table["status"].map(judged)] if not table.empty else table
     if not table.empty:
         table = with_run_fields(table).sort_values(["partition", "finished_at"], kind="stable")
         outage = outage_flags(table, settings).to_numpy(dtype=bool)

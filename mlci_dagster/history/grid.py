@@ -19,12 +19,23 @@ import pandas as pd
 from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster, with_run_fields
 from mlci_dagster.history.render import regression_text, short, usd
 from mlci_dagster.history.table import METRIC_PREFIX
-from mlci_dagster.vocabulary import LIFECYCLE_PASS, LIFECYCLE_SKIP, FailureKind, passed, skipped
+from mlci_dagster.vocabulary import (
+    LIFECYCLE_CANCELED,
+    LIFECYCLE_PASS,
+    LIFECYCLE_SKIP,
+    STAGES,
+    FailureKind,
+    judged,
+    passed,
+)
 
 COLUMNS = 30
+# A cell's colour: a pass, a failure by its kind, or a run that was no verdict (refused before
+# it began, interrupted before it finished).
 COLOURS = {LIFECYCLE_PASS: "#2da44e", FailureKind.PRODUCT: "#cf222e",
-           FailureKind.TIMEOUT: "#bc4c00", FailureKind.INFRA: "#8250df",
-           LIFECYCLE_SKIP: "#afb8c1"}
+           FailureKind.TIMEOUT: "#bc4c00", FailureKind.CONFIG: "#0969da",
+           FailureKind.INFRA: "#8250df", LIFECYCLE_SKIP: "#afb8c1",
+           LIFECYCLE_CANCELED: "#6e7781"}
 STATUS_COLOURS = {"PASS": "#2da44e", "FLAKY": "#d4a72c", "FAILING": "#cf222e",
                   "BROKEN": "#8250df", "STALE": "#8c959f", "PENDING": "#d0d7de"}
 
@@ -91,8 +102,8 @@ def run_link(dagster_url: str, run_id: str) -> str:
 def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: int) -> str:
     status = row["status"]
     kind = row["failure_kind"] or ""
-    colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS[LIFECYCLE_SKIP] \
-        if skipped(status) else COLOURS.get(kind, COLOURS[FailureKind.PRODUCT])
+    colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS.get(status) \
+        if not judged(status) else COLOURS.get(kind, COLOURS[FailureKind.PRODUCT])
     cost = row.get("cost_usd")
     when = dt.datetime.fromtimestamp(row["finished_at"], dt.UTC).strftime("%Y-%m-%d %H:%M")
     stages = json.loads(row["stages"]) if row["stages"] else {}
@@ -103,7 +114,11 @@ def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: i
         f"{when}Z, {row['duration_s']:.1f}s, {row['trigger']}"
         + (f", ${cost:.4f}" if isinstance(cost, float) and cost == cost else ""),
         f"image {short(row['image_digest'])}, config {row['config_id']}",
-        "stages: " + ", ".join(f"{k} {v}" for k, v in stages.items()),
+        # In lifecycle order: the event log may hand the record's mapping back sorted.
+        "stages: " + ", ".join(f"{stage} {stages[stage]}" for stage in STAGES
+                               if stage in stages),
+        f"log {row['log_ref']}" if row.get("log_ref") else "",
+        f"debug bundle {row['debug_bundle']}" if row.get("debug_bundle") else "",
         {"last-pass": "the last pass before the regression",
          "first-fail": "the first failure of the regression"}.get(mark, ""),
         f"{more} more run(s) in this batch" if more else "",
@@ -186,7 +201,7 @@ def trend_chart(values: list[float], unit: str, title: str, width: int = 240,
 
 def trends(rows: pd.DataFrame) -> str:
     """The partition's lifecycle duration (seconds) and each declared metric, over its runs."""
-    ran = rows[rows["status"] != LIFECYCLE_SKIP].tail(COLUMNS)
+    ran = rows[rows["status"].map(judged)].tail(COLUMNS)
     charts = [trend_chart([float(v) for v in ran["duration_s"]], "s", "duration, seconds")]
     for column in [c for c in rows.columns if c.startswith(METRIC_PREFIX)]:
         values = [float(v) for v in pd.to_numeric(ran[column], errors="coerce").dropna()]

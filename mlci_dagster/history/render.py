@@ -9,6 +9,7 @@ from mlci_dagster.cost import MonthSpend, PartitionProjection
 from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster
 from mlci_dagster.record import ResultRecord
 from mlci_dagster.registry.models import BudgetSettings
+from mlci_dagster.vocabulary import FailureKind
 
 
 def age(timestamp: float | None, now: float) -> str:
@@ -83,7 +84,8 @@ def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRe
                   clusters: list[SignatureCluster] = ()) -> str:
     """The failing partitions grouped by signature, each group headed by its signature and
     since when it has been seen, then one line per partition: its status, failure kind, owner
-    and the first line of its error summary, and its log. Refused ones (skip) last."""
+    and the first line of its error summary, and its log. Refused and interrupted ones (skip,
+    canceled) last."""
     by_partition = {p: c for c in clusters for p in c.partitions}
     groups: dict[str, list[str]] = {}
     refused = []
@@ -92,13 +94,15 @@ def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRe
         if not record or record.passed:
             continue
         first = record.error_summary.strip().splitlines()[:1]
-        if record.skipped:
-            refused.append(f"{s.partition}: skip: {first[0] if first else ''}")
+        if not record.judged:  # refused before it began, or interrupted: no verdict
+            refused.append(f"{s.partition}: {record.status}: {first[0] if first else ''}")
             continue
         cluster = by_partition.get(s.partition)
+        whose = " (the test's own setup)" if record.failure_kind is FailureKind.CONFIG else ""
         groups.setdefault(cluster.signature if cluster else "", []).append(
-            f"  {s.partition}: {record.status} ({record.failure_kind}, owner {record.owner}): "
-            f"{first[0] if first else ''}\n    log: {record.log_ref}")
+            f"  {s.partition}: {record.status} ({record.failure_kind}{whose}, owner "
+            f"{record.owner}): {first[0] if first else ''}\n    log: {record.log_ref or '-'}"
+            + (f"\n    debug bundle: {record.debug_bundle}" if record.debug_bundle else ""))
     heads = {c.signature: signature_head(c) for c in clusters}
     notes = [heads.get(signature, "failing, signature unknown (recorded before signatures):")
              + "\n" + "\n".join(lines) for signature, lines in groups.items()]

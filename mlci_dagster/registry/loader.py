@@ -83,6 +83,18 @@ class Registry:
     def engines_for(self, config: TestConfig) -> list[str]:
         return config.engines if config.engines is not None else self.engines
 
+    def partition_problem(self, config: str, engine: str) -> str:
+        """Why (config, engine) is no partition of this registry; "" when it is one. A key
+        typed into the UI, or left from a config since removed, is refused with this."""
+        if config not in self.configs:
+            return (f"config '{config}' is not in the registry at {self.root} (known: "
+                    f"{', '.join(sorted(self.configs)) or 'none'})")
+        engines = self.engines_for(self.configs[config].config)
+        if engine not in engines:
+            return (f"engine '{engine}' does not apply to config '{config}' (expected one of: "
+                    f"{', '.join(engines)})")
+        return ""
+
     def partitions(
         self, config: str | None = None, engine: str | None = None, tier: str | None = None
     ) -> list[tuple[str, str]]:

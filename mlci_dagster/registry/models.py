@@ -517,6 +517,11 @@ class _TimeoutsBase(StrictModel):
     def for_stage(self, stage: Stage) -> float:
         return getattr(self, f"{stage}_s")
 
+    @property
+    def lifecycle_s(self) -> float:
+        """The longest a whole lifecycle may take: every stage's timeout, end to end."""
+        return sum(self.for_stage(stage) for stage in STAGES)
+
 
 Timeouts = create_model(
     "Timeouts", __base__=_TimeoutsBase, __doc__="Seconds each stage may take.",

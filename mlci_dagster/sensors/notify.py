@@ -89,8 +89,8 @@ def collect(
     for storage_id, record in islice(new_results(instance, state.results_after),
                                      RESULTS_PER_TICK):
         state.results_after = storage_id
-        if record.skipped:
-            continue  # refused before it began (the budget, a reservation): nothing to tell
+        if not record.judged:
+            continue  # refused before it began or interrupted: no verdict, nothing to tell
         before = state.failing.pop(record.partition, None)
         if not record.passed:
             signature = signature_of_record(record).id

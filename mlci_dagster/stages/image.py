@@ -18,7 +18,7 @@ from mlci_dagster.images.codebuild import BuildRequest, run_build
 from mlci_dagster.providers.processes import run_group
 from mlci_dagster.registry.models import BuildSpec, CodeBuildSpec
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.outcome import StageClock, StageOutcome
+from mlci_dagster.stages.outcome import StageClock, StageOutcome, start_failure_kind
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 
@@ -93,8 +93,8 @@ def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec) ->
     assert spec.command is not None
     try:
         key = content_hash(ctx.registry.root, spec)
-    except (OSError, ValueError) as exc:
-        return clock.failed(FailureKind.INFRA, f"{ctx.loaded.path}: {exc}")
+    except (OSError, ValueError) as exc:  # its inputs, as the config names them
+        return clock.failed(FailureKind.CONFIG, f"{ctx.loaded.path}: {exc}")
     cache = _BuildCache(ctx.home, key)
     log_path = cache.log_path
     with cache.locked() as record:
@@ -107,7 +107,7 @@ def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec) ->
                              timeout_s=ctx.config.timeouts.image_s, log_path=log_path,
                              redactor=ctx.redactor)
         except OSError as exc:
-            return clock.failed(FailureKind.INFRA, f"image build could not start: {exc}")
+            return clock.failed(start_failure_kind(exc), f"image build could not start: {exc}")
         tail = done.stderr_tail or done.stdout_tail  # the whole output is in the log
         if done.timed_out:
             return clock.failed(FailureKind.TIMEOUT,
@@ -130,14 +130,14 @@ def _build_on_codebuild(ctx: LifecycleContext, clock: StageClock, spec: BuildSpe
     try:
         request = BuildRequest.of(codebuild)
     except ValueError as exc:
-        return clock.failed(FailureKind.INFRA, f"{ctx.loaded.path}: image.build.{exc}")
+        return clock.failed(FailureKind.CONFIG, f"{ctx.loaded.path}: image.build.{exc}")
     recipe = {"codebuild": codebuild.model_dump(mode="json"),
               "source_version": request.source_version, "image": request.image}
     try:
         cache = _BuildCache(ctx.home, content_hash(ctx.registry.root, spec, recipe)) \
             if spec.inputs else None
     except (OSError, ValueError) as exc:
-        return clock.failed(FailureKind.INFRA, f"{ctx.loaded.path}: {exc}")
+        return clock.failed(FailureKind.CONFIG, f"{ctx.loaded.path}: {exc}")
     with cache.locked() if cache else contextlib.nullcontext() as record:
         if record is not None:
             return clock.passed(log_ref=record.pop("log_ref", ""), cached=True, **record)

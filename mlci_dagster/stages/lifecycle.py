@@ -9,29 +9,42 @@ a `finally`, after a failed stage, a harness error or an interruption (a cancell
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections.abc import Callable, Iterator
 
 from mlci_dagster.cost import MonthSpend, budget_refusal, estimate_run, hourly_rate
+from mlci_dagster.paths import run_log_dir
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
-from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
+from mlci_dagster.stages.outcome import StageClock, StageOutcome, interrupted, skipped
 from mlci_dagster.stages.pipelines import run_pipelines
 from mlci_dagster.stages.sandbox import start_sandbox
 from mlci_dagster.stages.teardown import tear_down
 from mlci_dagster.stages.ui_smoke import smoke_test_ui
-from mlci_dagster.vocabulary import FailureKind, Stage
+from mlci_dagster.vocabulary import STAGES, FailureKind, Stage, Status
 
 
 def guarded(ctx: LifecycleContext, stage: Stage, body: Callable[[], StageOutcome]
             ) -> StageOutcome:
     """Runs a stage; even a harness bug becomes an `infra` outcome (its traceback redacted), so
-    every later stage still runs and decides for itself."""
+    every later stage still runs and decides for itself. A failure always points at a log:
+    where the stage wrote none (a command that could not start, a reference that did not
+    resolve, a harness error), its whole error is written into one."""
     clock = StageClock(stage, ctx.redactor)
     try:
-        return body()
+        outcome = body()
+        error = outcome.error_summary
     except Exception:  # noqa: BLE001 (the one place that turns any error into an outcome)
-        return clock.failed(FailureKind.INFRA, f"harness error:\n{traceback.format_exc()}")
+        error = f"harness error:\n{traceback.format_exc()}"
+        outcome = clock.failed(FailureKind.INFRA, error)
+    if outcome.status is Status.FAIL and not outcome.log_ref:
+        log = run_log_dir(ctx.home, ctx.run_id) / f"{stage}.log"
+        with contextlib.suppress(OSError):  # a full disk loses this log, not the outcome
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(ctx.redactor.text(error) + "\n")
+            outcome.log_ref = str(log)
+    return outcome
 
 
 def budget_refusal_of(ctx: LifecycleContext) -> str | None:
@@ -47,25 +60,56 @@ def budget_refusal_of(ctx: LifecycleContext) -> str | None:
 def run_lifecycle(ctx: LifecycleContext) -> Iterator[StageOutcome]:
     """Yields each stage's outcome as it finishes, teardown last, whatever happened before it.
 
-    If the caller stops early (an exception at a yield, or an interrupt inside a stage),
-    teardown still runs before the exception goes on.
+    An interrupt inside a stage (Ctrl-C, a terminated run: any BaseException a stage raises)
+    stops the stages: teardown runs, the interrupted stage and those after it are yielded as
+    skips with no verdict (the interrupted one `interrupted`), then teardown, and the interrupt
+    is raised again for the caller. If the caller stops early (it closes the generator), teardown
+    still runs before that goes on.
     """
     done: list[StageOutcome] = []
+    current: list[StageClock] = []  # the clock of the stage in progress
+
+    def run(stage: Stage, body: Callable[[], StageOutcome]) -> StageOutcome:
+        current[:] = [StageClock(stage, ctx.redactor)]
+        done.append(guarded(ctx, stage, body))
+        return done[-1]
+
+    stop: BaseException | None = None
     try:
         refusal = ctx.refusal or budget_refusal_of(ctx)
-        image = skipped(Stage.IMAGE, refusal) if refusal else \
-            guarded(ctx, Stage.IMAGE, lambda: build_image(ctx))
-        done.append(image)
+        if refusal:
+            done.append(skipped(Stage.IMAGE, refusal))
+        image = done[-1] if refusal else run(Stage.IMAGE, lambda: build_image(ctx))
         yield image
-        sandbox = guarded(ctx, Stage.SANDBOX, lambda: start_sandbox(ctx, image))
-        done.append(sandbox)
+        sandbox = run(Stage.SANDBOX, lambda: start_sandbox(ctx, image))
         yield sandbox
-        pipelines = guarded(ctx, Stage.PIPELINE_RUNS, lambda: run_pipelines(ctx, image, sandbox))
-        done.append(pipelines)
+        pipelines = run(Stage.PIPELINE_RUNS, lambda: run_pipelines(ctx, image, sandbox))
         yield pipelines
-        ui = guarded(ctx, Stage.UI_SMOKE, lambda: smoke_test_ui(ctx, image, sandbox, pipelines))
-        done.append(ui)
-        yield ui
+        yield run(Stage.UI_SMOKE, lambda: smoke_test_ui(ctx, image, sandbox, pipelines))
+    except GeneratorExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 (an interrupt: recorded, then raised again)
+        stop = exc
     finally:
         teardown = guarded(ctx, Stage.TEARDOWN, lambda: tear_down(ctx, done))
+    if stop is not None:
+        yield from interrupted_rest(done, current, stop)
     yield teardown
+    if stop is not None:
+        raise stop
+
+
+def interrupted_rest(done: list[StageOutcome], current: list[StageClock], stop: BaseException
+                     ) -> Iterator[StageOutcome]:
+    """The stage an interrupt stopped, and a skip for each stage it kept from running."""
+    # KeyboardInterrupt, or Dagster's DagsterExecutionInterruptedError: said plainly.
+    why = "the run was cancelled, or its process interrupted" + (
+        "" if "Interrupt" in type(stop).__name__ else f" ({type(stop).__name__}: {stop})")
+    finished = {o.stage for o in done}
+    for stage in STAGES:
+        if stage is Stage.TEARDOWN or stage in finished:
+            continue
+        if current and current[0].stage is stage:
+            yield interrupted(current[0], why)
+        else:
+            yield skipped(stage, "the run was interrupted before this stage")

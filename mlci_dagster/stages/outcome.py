@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ class StageOutcome:
     error_summary: str = ""
     log_ref: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    # The stage was stopped by an interrupt (Ctrl-C, a terminated run) before it finished.
+    interrupted: bool = False
 
     @property
     def passed(self) -> bool:
@@ -47,12 +50,30 @@ class StageOutcome:
             error_summary=data.get("error_summary", ""),
             log_ref=data.get("log_ref", ""),
             details=dict(data.get("details", {})),
+            interrupted=bool(data.get("interrupted", False)),
         )
+
+
+# A command that is not there, or not runnable, is named by the test's own files.
+NOT_RUNNABLE = {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR}
+
+
+def start_failure_kind(error: OSError) -> FailureKind:
+    """Why a command could not start: the test configuration's fault (`config`) when what it
+    names does not exist or cannot run, else the machine's (`infra`: no memory, no pids)."""
+    return FailureKind.CONFIG if error.errno in NOT_RUNNABLE else FailureKind.INFRA
 
 
 def skipped(stage: Stage, reason: str) -> StageOutcome:
     """The outcome of a stage whose prerequisite did not pass."""
     return StageOutcome(stage, Status.SKIP, time.time(), 0.0, error_summary=reason)
+
+
+def interrupted(clock: StageClock, why: str) -> StageOutcome:
+    """The outcome of a stage stopped by an interrupt before it finished: no verdict."""
+    return StageOutcome(clock.stage, Status.SKIP, clock.started_at, clock.elapsed(),
+                        error_summary=f"interrupted after {clock.elapsed():.1f}s: {why}",
+                        interrupted=True)
 
 
 class StageClock:

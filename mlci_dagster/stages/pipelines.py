@@ -15,7 +15,7 @@ from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
+from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped, start_failure_kind
 from mlci_dagster.stages.sandbox import handle_of
 from mlci_dagster.summary import summarize
 from mlci_dagster.templating import TemplateError, render
@@ -46,9 +46,9 @@ def run_pipelines(
                 result = run_submit_poll_pipeline(ctx, handle, pipeline, context, timeout_s)
             else:  # a kind only the sandbox's provider runs
                 result = ctx.provider.run_pipeline(handle, pipeline, context, timeout_s)
-        except TemplateError as exc:
+        except TemplateError as exc:  # the test's own reference, unresolvable at run time
             result = PipelineResult(pipeline.name, pipeline.kind, False,
-                                    time.monotonic() - started, FailureKind.INFRA, str(exc))
+                                    time.monotonic() - started, FailureKind.CONFIG, str(exc))
         results.append(result)
         outputs[pipeline.name] = result.outputs
         if not result.passed:
@@ -72,7 +72,7 @@ def run_command_pipeline(
     try:
         done = ctx.provider.run_command(handle, pipeline.name, argv, env, timeout_s, watcher)
     except OSError as exc:
-        return PipelineResult(pipeline.name, pipeline.kind, False, 0.0, FailureKind.INFRA,
+        return PipelineResult(pipeline.name, pipeline.kind, False, 0.0, start_failure_kind(exc),
                               f"could not start {argv[0]!r}: {exc.strerror or exc}")
 
     def failed(kind: FailureKind, why: str) -> PipelineResult:

@@ -56,11 +56,16 @@ def was_preempted(pipelines: StageOutcome | None) -> bool:
 
 
 def build_record(
-    ctx: LifecycleContext, outcomes: list[StageOutcome], *, trigger: str
+    ctx: LifecycleContext, outcomes: list[StageOutcome], *, trigger: str,
+    interrupted: bool = False,
 ) -> ResultRecord:
-    failed = first_failure(outcomes)
+    """`interrupted`: the lifecycle was stopped before it finished (the record is `canceled`,
+    whatever had failed by then)."""
+    stopped = next((o for o in outcomes if o.interrupted), None)
+    interrupted = interrupted or stopped is not None
+    failed = None if interrupted else first_failure(outcomes)
     # Refused before it began (the budget): the first stage skipped, none failed.
-    refused = failed is None and outcomes[0].status is Status.SKIP
+    refused = failed is None and not interrupted and outcomes[0].status is Status.SKIP
     by_stage = {o.stage: o for o in outcomes}
     image, pipelines = by_stage.get(Stage.IMAGE), by_stage.get(Stage.PIPELINE_RUNS)
     teardown = by_stage.get(Stage.TEARDOWN)
@@ -73,12 +78,15 @@ def build_record(
         config=ctx.config.name,
         engine=ctx.engine,
         config_id=ctx.loaded.config_id,
-        status=lifecycle_status(failed.stage if failed else None, refused=refused),
+        status=lifecycle_status(failed.stage if failed else None, refused=refused,
+                                interrupted=interrupted),
         failed_stage=failed.stage if failed else None,
         failure_kind=failed.failure_kind if failed else None,
         owner=ctx.config.owners.for_stage(failed.stage) if failed else None,
         error_summary=failed.error_summary if failed else
-        outcomes[0].error_summary if refused else "",
+        outcomes[0].error_summary if refused else
+        f"{stopped.stage}: {stopped.error_summary}" if stopped else
+        "interrupted during teardown" if interrupted else "",
         log_ref=failed.log_ref if failed else "",
         # Written by teardown before the sandbox went: its logs, probes and handle.
         debug_bundle=teardown.details.get("debug_bundle", "") if teardown else "",

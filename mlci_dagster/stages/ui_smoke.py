@@ -76,7 +76,7 @@ def smoke_test_ui(
                 screenshot=Path(handle.log_dir) / f"ui_smoke-{i}.jpg",
             ) if isinstance(route, BrowserRoute) else check_route(route, base, context, http)
         except TemplateError as exc:
-            return clock.failed(FailureKind.INFRA, f"routes[{i}]: {exc}", routes=checks)
+            return clock.failed(FailureKind.CONFIG, f"routes[{i}]: {exc}", routes=checks)
         checks.append(check)
         failures += [f"{check['url']}: {problem}" for problem in check["problems"]]
         broken += [f"{check['url']}: {problem}" for problem in check.get("infra", [])]

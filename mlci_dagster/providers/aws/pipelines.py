@@ -68,8 +68,8 @@ def invoke(handle: SandboxHandle, pipeline: SageMakerInvokePipeline, context: di
         body = payload_bytes(pipeline, context, root)
         contains = render(pipeline.contains, context)
         json_equals = render(pipeline.json_equals, context)
-    except (ValueError, TemplateError) as exc:
-        return finish(False, FailureKind.INFRA, str(exc))
+    except (ValueError, TemplateError) as exc:  # its payload file or references
+        return finish(False, FailureKind.CONFIG, str(exc))
     transcript.append(f"InvokeEndpoint {endpoint} ({pipeline.content_type}, {len(body)} "
                       f"bytes): {body[:LOGGED_BODY_CHARS].decode(errors='replace')}")
     try:

@@ -97,7 +97,8 @@ class SageMakerProvider(host.ProviderHome):
         try:
             access = self.settings_of(spec).resolve()
         except TemplateError as exc:  # nothing exists yet: nothing to clean
-            raise SandboxError(f"sandbox {name} could not be created: {exc}", "infra") from exc
+            raise SandboxError(f"sandbox {name} could not be created: {exc}",
+                               FailureKind.CONFIG) from exc
         service = next((s for s in spec.services if isinstance(s, EndpointService)),
                        EndpointService())
         handle = self.new_handle(
@@ -133,7 +134,9 @@ class SageMakerProvider(host.ProviderHome):
             report = self.destroy(handle, timeout_s=teardown_s)
             left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
             raise SandboxError(self.redactor.text(
-                f"sandbox {name} could not be created: {exc}{left}"), "infra") from exc
+                f"sandbox {name} could not be created: {exc}{left}"),
+                FailureKind.CONFIG if isinstance(exc, TemplateError) else FailureKind.INFRA
+            ) from exc
         return handle
 
     def _created(self, handle: SandboxHandle, kind: str) -> None:

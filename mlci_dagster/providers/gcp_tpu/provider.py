@@ -79,7 +79,7 @@ def _resolved(value: Any, what: str) -> Any:
     try:
         return render(value, {"env": dict(os.environ)})
     except TemplateError as exc:
-        raise SandboxError(f"{what}: {exc}", "infra") from exc
+        raise SandboxError(f"{what}: {exc}", FailureKind.CONFIG) from exc
 
 
 class TpuVmProvider(host.ProviderHome):
@@ -185,7 +185,9 @@ class TpuVmProvider(host.ProviderHome):
             report = self.destroy(handle, timeout_s=teardown_s)
             left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
             raise SandboxError(self.redactor.text(
-                f"sandbox {node} could not be created: {exc}{left}"), "infra") from exc
+                f"sandbox {node} could not be created: {exc}{left}"),
+                FailureKind.CONFIG if isinstance(exc, TemplateError) else FailureKind.INFRA
+            ) from exc
         return handle
 
     def wait_until_ready(self, handle: SandboxHandle, spec: TpuVmSandbox, timeout_s: float,

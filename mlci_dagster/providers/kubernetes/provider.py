@@ -207,8 +207,11 @@ class KubernetesProvider(host.ProviderHome):
         except (KubeError, ClusterError, ManifestError, TemplateError, OSError) as exc:
             report = self.destroy(handle, timeout_s=teardown_s)
             left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
+            # Its manifests and references are the test's own; the cluster's answers are not.
+            own = isinstance(exc, ManifestError | TemplateError)
             raise SandboxError(self.redactor.text(
-                f"sandbox {namespace} could not be created: {exc}{left}"), "infra") from exc
+                f"sandbox {namespace} could not be created: {exc}{left}"),
+                FailureKind.CONFIG if own else FailureKind.INFRA) from exc
         return handle
 
     def _create_secret(self, client: KubeClient, handle: SandboxHandle, secret: SecretSpec,

@@ -81,7 +81,9 @@ class LocalProvider(host.ProviderHome):
                 self._start_service(handle, service, image or {})
         except (OSError, TemplateError) as exc:
             self.destroy(handle, timeout_s=teardown_s)
-            raise SandboxError(f"sandbox could not start: {exc}", "infra") from exc
+            raise SandboxError(f"sandbox could not start: {exc}",
+                               FailureKind.CONFIG if isinstance(exc, TemplateError)
+                               else FailureKind.INFRA) from exc
         return handle
 
     def _start_service(
@@ -119,7 +121,7 @@ class LocalProvider(host.ProviderHome):
                     probe = probe.model_copy(update={"command": render(probe.command, context)})
                 except TemplateError as exc:
                     raise SandboxError(f"service '{service.name}': ready.command: {exc}",
-                                       "infra", log_ref=str(log_path)) from exc
+                                       FailureKind.CONFIG, log_ref=str(log_path)) from exc
             pgid = handle.process_groups[f"service:{service.name}"]
 
             def exited(pgid: int = pgid) -> str | None:
