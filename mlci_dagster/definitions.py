@@ -10,10 +10,10 @@ import dagster as dg
 from mlci_dagster.assets.history import grid_report, history
 from mlci_dagster.assets.lifecycle import lifecycle_assets
 from mlci_dagster.assets.partitions import lifecycle_partitions
+from mlci_dagster.assets.registry import REGISTRY_ASSET, REGISTRY_CHECKS
 from mlci_dagster.assets.reservations import reservation_definitions
 from mlci_dagster.paths import registry_path
 from mlci_dagster.pools import POOL_TAG, pool_of
-from mlci_dagster.registry import load_registry
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.resources.io import io_manager
 from mlci_dagster.resources.mlci import MlciResource
@@ -63,7 +63,9 @@ def pool_tagged_config(
 
 def build_definitions(registry: str | Path) -> dg.Definitions:
     """Definitions for the registry at `registry`: its engines are the static partition axis."""
-    settings = load_registry(registry).settings
+    # The registry as far as it is valid: one invalid file never stops the location (the
+    # janitor, the cleanup sensors, the other configs), see load_usable_registry.
+    settings = load_registry_cached(registry).settings
     partitions = lifecycle_partitions(list(settings.engines))
     lifecycle = lifecycle_assets(partitions)
     job = dg.define_asset_job(LIFECYCLE_JOB, selection=[lifecycle],
@@ -75,10 +77,10 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                                       description="Consolidate results, analyse, draw the grid.")
     reserved = reservation_definitions(settings)
     return dg.Definitions(
-        assets=[lifecycle, history, grid_report, JANITOR_ASSET, pushed_image,
+        assets=[lifecycle, history, grid_report, JANITOR_ASSET, REGISTRY_ASSET, pushed_image,
                 pull_request_label, commit_summary, release_qualification, SIGNATURES_ASSET,
                 *reserved["assets"]],
-        asset_checks=reserved["asset_checks"],
+        asset_checks=[*reserved["asset_checks"], *REGISTRY_CHECKS],
         jobs=[job, history_job, *reserved["jobs"]],
         schedules=[nightly_schedule(job, settings.nightly), *reserved["schedules"]],
         sensors=[registry_sync, sandbox_janitor, teardown_after_failure, teardown_after_cancel,

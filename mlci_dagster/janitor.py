@@ -56,9 +56,10 @@ def why_reap(handle: SandboxHandle, run_over: Callable[[str], bool], now: float)
 
 def registry_providers(registry: Registry, home: Path) -> list[Provider]:
     """Every provider (and cluster) the registry's configs use, the local one always: what the
-    janitor sweeps."""
-    return providers_for([c.config.sandbox for c in registry.configs.values()], home,
-                         registry.secret_names, registry.root)
+    janitor sweeps. A config whose file is invalid now is swept as it was last valid."""
+    configs = [*registry.configs.values(), *registry.held_over.values()]
+    return providers_for([c.config.sandbox for c in configs], home, registry.secret_names,
+                         registry.root)
 
 
 def registry_teardown_timeout(registry: Registry) -> Callable[[SandboxHandle], float]:
@@ -68,7 +69,7 @@ def registry_teardown_timeout(registry: Registry) -> Callable[[SandboxHandle], f
     this, so none waits a timeout of its own."""
     default_s = DEFAULT_TIMEOUTS_S[Stage.TEARDOWN]
     by_config = {name: loaded.config.timeouts.for_stage(Stage.TEARDOWN)
-                 for name, loaded in registry.configs.items()}
+                 for name, loaded in [*registry.held_over.items(), *registry.configs.items()]}
     return lambda handle: by_config.get(handle.config, default_s)
 
 

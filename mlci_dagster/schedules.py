@@ -53,6 +53,8 @@ def nightly_schedule(job: dg.JobDefinition, nightly: NightlySettings) -> dg.Sche
         known = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
         night = context.scheduled_execution_time.strftime("%Y-%m-%d")
         partitions = [(c, e) for c, e in registry.partitions(tier=NIGHTLY_TIER) if c in known]
+        for name, problems in registry.invalid.items():  # the registry_valid check says more
+            context.log.warning(f"{name}: left out until its file is valid: {problems[0]}")
         refused = guard_batch(context.instance, mlci, partitions, context.log.info)
         for name, why in refused.items():
             context.log.warning(f"{name}: its runs are skipped: {why}")

@@ -210,7 +210,8 @@ def test_invoke_passes_on_its_assertions_and_records_latency(provider, aws):
     assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
-def test_invoke_sends_a_payload_file_and_a_missing_file_is_the_tests_own_fault(provider, aws, tmp_path):
+def test_invoke_sends_a_payload_file_and_a_missing_file_is_the_tests_own_fault(
+        provider, aws, tmp_path):
     handle = create(provider)
     (tmp_path / "batch.json").write_text('{"instances": [[1], [2]]}')
     queue_invocation_results(aws, {"count": 2})

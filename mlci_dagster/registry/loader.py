@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -61,6 +61,15 @@ class Registry:
     # What this machine lacks for some checks (they fail as infra here), each naming the file
     # and field: the registry is valid, the machine is not ready for all of it.
     warnings: tuple[str, ...] = ()
+    # Only on a registry loaded to keep the daemon going (load_usable_registry): every problem
+    # of the files, and the configs left out for them by name (each with its own problems).
+    problems: tuple[str, ...] = ()
+    invalid: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The last valid version of each config left out, known to this process: its sandboxes are
+    # still swept by the janitor; it is never run.
+    held_over: dict[str, LoadedConfig] = field(default_factory=dict)
+    # Set when mlci.yaml itself is invalid and the last valid one is used in its place.
+    settings_from: str = ""
 
     @property
     def engines(self) -> list[str]:
@@ -85,7 +94,10 @@ class Registry:
 
     def partition_problem(self, config: str, engine: str) -> str:
         """Why (config, engine) is no partition of this registry; "" when it is one. A key
-        typed into the UI, or left from a config since removed, is refused with this."""
+        typed into the UI, left from a config since removed, or of a config whose file is
+        invalid now, is refused with this."""
+        if config in self.invalid:
+            return f"config '{config}' is invalid: " + "; ".join(self.invalid[config])
         if config not in self.configs:
             return (f"config '{config}' is not in the registry at {self.root} (known: "
                     f"{', '.join(sorted(self.configs)) or 'none'})")
@@ -224,9 +236,10 @@ def _validation_problems(path: Path, error: ValidationError, model: type[BaseMod
     return problems
 
 
-def _read_yaml(path: Path, problems: list[str]) -> Any:
+def _read_yaml(path: Path, problems: list[str], text: str | None = None) -> Any:
+    """The mapping in `path` (or `text`, read from it before); a problem when there is none."""
     try:
-        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
+        data = yaml.load(path.read_text() if text is None else text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         problems.append(f"{path}: not valid YAML: {exc}")
         return None
@@ -346,34 +359,34 @@ def _signature(root: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(entries))
 
 
-# root as given -> (when its files were last looked at, their signature, the parsed registry)
-_cache: dict[str, tuple[float, tuple[tuple[str, int, int], ...], Registry]] = {}
-RECHECK_S = 2.0
+@dataclass
+class _Parsed:
+    """Every file of a registry folder, parsed and checked, with each problem kept beside the
+    config file it is about (the rest are the root settings' or the folder's)."""
+
+    settings: Settings | None
+    configs: dict[str, LoadedConfig]  # every config that parsed, valid or not
+    config_problems: dict[Path, list[str]]
+    names: dict[Path, str]  # a config file's `name`, where it could be read
+    problems: list[str]  # mlci.yaml's, the folder's, and rules across files
+
+    def all_problems(self) -> list[str]:
+        # An engine's manifest is checked with every config that applies it, and a string may
+        # hold a reference twice: each problem is said once.
+        found = [*self.problems, *(p for ps in self.config_problems.values() for p in ps)]
+        return list(dict.fromkeys(found))
 
 
-def load_registry_cached(root: str | Path) -> Registry:
-    """load_registry, parsed again only when a registry file changed. Every stage, and the
-    tags of every run request, ask for it: the files are looked at no more than every 2 s."""
-    now = time.monotonic()
-    entry = _cache.get(str(root))
-    if entry is not None and now - entry[0] <= RECHECK_S:
-        return entry[2]
-    resolved = Path(root).resolve()
-    signature = _signature(resolved)
-    registry = entry[2] if entry is not None and entry[1] == signature else load_registry(resolved)
-    _cache[str(root)] = (now, signature, registry)
-    return registry
-
-
-def load_registry(root: str | Path) -> Registry:
-    """Parses and validates the whole registry; raises RegistryError listing every problem."""
-    root = Path(root).resolve()
+def _parse(root: Path, settings_text: str | None = None) -> _Parsed:
+    """`settings_text`: mlci.yaml's text to use instead of the file (the last valid one)."""
     problems: list[str] = []
     settings_path = root / SETTINGS_FILE
-    if not settings_path.is_file():
-        raise RegistryError([f"{settings_path}: missing (the registry's root settings file)"])
     settings = None
-    raw = _read_yaml(settings_path, problems)
+    raw = None
+    if settings_text is None and not settings_path.is_file():
+        problems.append(f"{settings_path}: missing (the registry's root settings file)")
+    else:
+        raw = _read_yaml(settings_path, problems, settings_text)
     if raw is not None:
         try:
             settings = Settings.model_validate(raw)
@@ -382,43 +395,189 @@ def load_registry(root: str | Path) -> Registry:
     paths = sorted((root / CONFIGS_DIR).glob("*.y*ml"))
     if not paths:
         problems.append(f"{root / CONFIGS_DIR}: no config files (*.yaml) found")
-    configs: dict[str, LoadedConfig] = {}
+    parsed = _Parsed(settings, {}, {}, {}, problems)
     for path in paths:
-        raw = _read_yaml(path, problems)
+        mine = parsed.config_problems.setdefault(path, [])
+        raw = _read_yaml(path, mine)
         if raw is None:
             continue
+        if isinstance(raw.get("name"), str):
+            parsed.names[path] = raw["name"]
         try:
             config = TestConfig.model_validate(raw)
         except ValidationError as exc:
-            problems.extend(_validation_problems(path, exc, TestConfig))
+            mine.extend(_validation_problems(path, exc, TestConfig))
             continue
-        if config.name in configs:
-            problems.append(f"{path}: name: duplicate config name '{config.name}' "
-                            f"(also in {configs[config.name].path})")
+        if config.name in parsed.configs:
+            mine.append(f"{path}: name: duplicate config name '{config.name}' "
+                        f"(also in {parsed.configs[config.name].path})")
             continue
         if settings is not None:
-            for i, engine in enumerate(config.engines or []):
-                if engine not in settings.engines:
-                    problems.append(f"{path}: engines[{i}]: unknown engine '{engine}' "
-                                    f"(expected one of: {', '.join(settings.engines)})")
-            problems.extend(reference_problems(path, config, settings, root, settings_path))
-            problems.extend(_tier_problems(path, config, settings))
-            pool = config.sandbox.pool
-            if pool is not None and pool not in settings.pools:
-                problems.append(f"{path}: sandbox.pool: unknown pool '{pool}' (expected one of: "
-                                f"{', '.join(settings.pools) or 'none declared in mlci.yaml'})")
-            problems.extend(_binding_problems(path, config, settings))
-            problems.extend(_unrated_resources(path, config, settings))
-        problems.extend(_missing_files(path, config, root))
-        configs[config.name] = LoadedConfig(config, path, config_id(config))
+            mine.extend(_config_problems(path, config, settings, root))
+        mine.extend(_missing_files(path, config, root))
+        parsed.configs[config.name] = LoadedConfig(config, path, config_id(config))
     if settings is not None:
-        problems.extend(f"{settings_path}: {problem}" for problem in reservation_problems(
-            settings.reservations, set(settings.pools), settings.nightly, time.time()))
-        problems.extend(_intent_problems(settings_path, settings, configs))
-        problems.extend(engine_reference_problems(
-            settings_path, settings, [loaded.config for loaded in configs.values()]))
-    if problems or settings is None:
-        # An engine's manifest is checked with every config that applies it, and a string
-        # may hold a reference twice: each problem is said once.
-        raise RegistryError(list(dict.fromkeys(problems)))
-    return Registry(root, settings, configs, tuple(_machine_warnings(configs)))
+        problems.extend(_across_files(root, settings, parsed.configs))
+    return parsed
+
+
+def _config_problems(path: Path, config: TestConfig, settings: Settings, root: Path
+                     ) -> list[str]:
+    """A config's problems against the root settings: engines, references, tiers, its pool,
+    its reservation, its billed resources."""
+    problems = [f"{path}: engines[{i}]: unknown engine '{engine}' (expected one of: "
+                f"{', '.join(settings.engines)})"
+                for i, engine in enumerate(config.engines or []) if engine not in settings.engines]
+    problems.extend(reference_problems(path, config, settings, root, root / SETTINGS_FILE))
+    problems.extend(_tier_problems(path, config, settings))
+    pool = config.sandbox.pool
+    if pool is not None and pool not in settings.pools:
+        problems.append(f"{path}: sandbox.pool: unknown pool '{pool}' (expected one of: "
+                        f"{', '.join(settings.pools) or 'none declared in mlci.yaml'})")
+    problems.extend(_binding_problems(path, config, settings))
+    problems.extend(_unrated_resources(path, config, settings))
+    return problems
+
+
+def _across_files(root: Path, settings: Settings, configs: dict[str, LoadedConfig]
+                  ) -> list[str]:
+    """The rules that read mlci.yaml with the configs: reservations, their intents, the strings
+    of engines."""
+    settings_path = root / SETTINGS_FILE
+    return [*(f"{settings_path}: {problem}" for problem in reservation_problems(
+                settings.reservations, set(settings.pools), settings.nightly, time.time())),
+            *_intent_problems(settings_path, settings, configs),
+            *engine_reference_problems(settings_path, settings,
+                                       [loaded.config for loaded in configs.values()])]
+
+
+def load_registry(root: str | Path) -> Registry:
+    """Parses and validates the whole registry; raises RegistryError listing every problem.
+    What `mlci` uses: nothing is registered or run while any problem remains."""
+    root = Path(root).resolve()
+    if not (root / SETTINGS_FILE).is_file():  # not a registry at all: said alone
+        raise RegistryError([f"{root / SETTINGS_FILE}: missing (the registry's root settings "
+                             "file)"])
+    parsed = _parse(root)
+    problems = parsed.all_problems()
+    if problems or parsed.settings is None:
+        raise RegistryError(problems)
+    return Registry(root, parsed.settings, parsed.configs,
+                    tuple(_machine_warnings(parsed.configs)))
+
+
+def load_usable_registry(root: str | Path, previous: Registry | None = None,
+                         snapshot: Path | None = None) -> Registry:
+    """The registry as far as it is valid, for the daemon and the UI, which must keep going (the
+    janitor, the cleanup sensors, the other configs' runs) while a file is being fixed.
+
+    A config file with a problem is left out, named in `invalid` with its problems, and its last
+    valid version (from `previous`) kept in `held_over` for the janitor. When mlci.yaml itself,
+    or a rule across files, is invalid, the last valid mlci.yaml stands in: `previous`'s, else
+    the copy in `snapshot`, which every fully valid load writes. Raises RegistryError only when
+    no valid mlci.yaml was ever seen."""
+    root = Path(root).resolve()
+    parsed = _parse(root)
+    problems = parsed.all_problems()
+    if not problems and parsed.settings is not None:
+        _write_snapshot(snapshot, root)
+        return Registry(root, parsed.settings, parsed.configs,
+                        tuple(_machine_warnings(parsed.configs)))
+    settings_from = ""
+    if parsed.problems:  # mlci.yaml's own, or a rule across files
+        settings, settings_from = _last_valid_settings(root, previous, snapshot)
+        if settings is None:
+            raise RegistryError(problems)
+        parsed = _checked_against(root, settings, parsed)
+    configs = {name: loaded for name, loaded in parsed.configs.items()
+               if not parsed.config_problems.get(loaded.path)}
+    invalid = {name: tuple(found) for path, found in parsed.config_problems.items()
+               if found and (name := parsed.names.get(path, path.stem)) not in configs}
+    held_over = {name: previous.configs[name] for name in invalid
+                 if previous is not None and name in previous.configs}
+    assert parsed.settings is not None
+    return Registry(root, parsed.settings, configs, tuple(_machine_warnings(configs)),
+                    problems=tuple(problems), invalid=invalid, held_over=held_over,
+                    settings_from=settings_from)
+
+
+def _last_valid_settings(root: Path, previous: Registry | None, snapshot: Path | None
+                         ) -> tuple[Settings | None, str]:
+    if previous is not None:
+        return previous.settings, "the last valid mlci.yaml this process loaded"
+    text = _read_snapshot(snapshot)
+    if text is None:
+        return None, ""
+    return _parse(root, settings_text=text).settings, f"the last valid mlci.yaml ({snapshot})"
+
+
+def _checked_against(root: Path, settings: Settings, parsed: _Parsed) -> _Parsed:
+    """The configs checked again against `settings` (the last valid root settings), each
+    problem beside its file; the rules across files, failing, leave every config out."""
+    again = _Parsed(settings, {}, {}, dict(parsed.names), [])
+    for path, found in parsed.config_problems.items():
+        loaded = next((c for c in parsed.configs.values() if c.path == path), None)
+        if loaded is None:  # it did not parse: its problems stand
+            again.config_problems[path] = found
+            continue
+        again.config_problems[path] = [*_config_problems(path, loaded.config, settings, root),
+                                       *_missing_files(path, loaded.config, root)]
+        again.configs[loaded.name] = loaded
+    across = _across_files(root, settings, again.configs)
+    for path in again.config_problems if across else ():
+        again.config_problems[path] = [*again.config_problems[path], *across]
+    return again
+
+
+def _write_snapshot(snapshot: Path | None, root: Path) -> None:
+    if snapshot is None:
+        return
+    with contextlib.suppress(OSError):  # a read-only home keeps no copy: only this process's
+        text = (root / SETTINGS_FILE).read_text()
+        if not snapshot.is_file() or snapshot.read_text() != text:
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            tmp = snapshot.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(snapshot)
+
+
+def _read_snapshot(snapshot: Path | None) -> str | None:
+    try:
+        return snapshot.read_text() if snapshot is not None else None
+    except OSError:
+        return None
+
+
+def snapshot_path(root: Path) -> Path | None:
+    """Where the last valid mlci.yaml of `root` is kept: under $DAGSTER_HOME/mlci, a file per
+    registry folder; None without a DAGSTER_HOME."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        return None
+    tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return Path(home) / "mlci" / "registry" / f"{tag}.{SETTINGS_FILE}"
+
+
+# root as given -> (when its files were last looked at, their signature, the registry)
+_cache: dict[str, tuple[float, tuple[tuple[str, int, int], ...], Registry]] = {}
+RECHECK_S = 2.0
+
+
+def load_registry_cached(root: str | Path) -> Registry:
+    """load_usable_registry, parsed again only when a registry file changed, the registry it
+    loaded last standing in for what is invalid now. What the daemon, the UI and every run use:
+    every stage, and the tags of every run request, ask for it, so the files are looked at no
+    more than every 2 s."""
+    now = time.monotonic()
+    entry = _cache.get(str(root))
+    if entry is not None and now - entry[0] <= RECHECK_S:
+        return entry[2]
+    resolved = Path(root).resolve()
+    signature = _signature(resolved)
+    if entry is not None and entry[1] == signature:
+        registry = entry[2]
+    else:
+        registry = load_usable_registry(resolved, entry[2] if entry else None,
+                                        snapshot_path(resolved))
+    _cache[str(root)] = (now, signature, registry)
+    return registry
