@@ -177,3 +177,63 @@ def test_a_daemon_run_whose_worker_is_killed_is_marked_failed_and_its_sandbox_re
 
     assert instance.fetch_materializations(RESULTS_ASSET, limit=1).records == []
     assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
+
+
+# What the UI's Terminate button sends.
+TERMINATE_RUNS = """
+mutation($runIds: [String!]!) {
+  terminateRuns(runIds: $runIds, terminatePolicy: SAFE_TERMINATE) {
+    __typename
+    ... on TerminateRunsResult { terminateRunResults { __typename } }
+    ... on PythonError { message }
+  }
+}"""
+
+
+@pytest.mark.daemon
+def test_from_the_ui_terminate_cancels_and_records_and_an_unknown_partition_is_refused(
+        tmp_path, dagster_home, instance):
+    """The UI's Terminate: the lifecycle is interrupted inside its stage, tears down, records a
+    `canceled` result, and the run ends CANCELED. A key added by hand in the partition picker
+    for a config the registry lacks: its run fails before any stage, naming the known ones."""
+    from tests.conftest import http_service, latest_record, processes_of_sandbox, stage_details
+    from tests.support.injection import stage_in_progress
+
+    slow = command_pipeline("train", "import time; time.sleep(50)", timeout_s=60)
+    registry = write_registry(tmp_path / "reg", [config(
+        "slow", sandbox={"services": [http_service()]}, pipelines=[slow],
+        ui_smoke={"routes": []})], engines={"e1": {}})
+    env = service_env(dagster_home, registry)
+    subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, check=True, timeout=120,
+                   capture_output=True)
+    instance.add_dynamic_partitions("config", ["nope"])  # the UI's "Add a partition"
+    log = tmp_path / "daemon.log"
+    with webserver(dagster_home, registry, tmp_path / "web.log") as url, \
+            daemon(dagster_home, registry, log):
+        launched = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE, "slow|e1")})
+        run_id = launched["launchPipelineExecution"]["run"]["runId"]
+        unknown = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE, "nope|e1")})
+        unknown_id = unknown["launchPipelineExecution"]["run"]["runId"]
+        wait_until(lambda: stage_in_progress(instance, run_id, "pipeline_runs"), 120,
+                   "the run to reach pipeline_runs", log)
+        handle = stage_details(instance, run_id, "sandbox")["handle"]
+
+        terminated = graphql(url, TERMINATE_RUNS, {"runIds": [run_id]})
+        assert terminated["terminateRuns"]["__typename"] == "TerminateRunsResult", terminated
+        wait_until(lambda: instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.CANCELED,
+                   120, "the run to end CANCELED", log)
+        wait_until(lambda: instance.get_run_by_id(unknown_id).is_finished, 120,
+                   "the unknown partition's run to end", log)
+
+    record = latest_record(instance, "slow|e1")
+    assert record["status"] == "canceled" and record["run_id"] == run_id
+    assert record["error_summary"].startswith("pipeline_runs: interrupted after")
+    assert record["stages"]["teardown"]["status"] == "pass"
+    assert processes_of_sandbox(handle["sandbox_id"]) == []
+    assert instance.get_run_by_id(unknown_id).status == dg.DagsterRunStatus.FAILURE
+    [failure] = instance.all_logs(unknown_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    assert "partition nope|e1 refused: config 'nope' is not in the registry at " \
+           f"{registry.resolve()} (known: slow)" in \
+           failure.dagster_event.step_failure_data.error.message
+    assert instance.get_runs(dg.RunsFilter(run_ids=[unknown_id]))[0].tags.get(POOL_TAG) is None
+    assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
