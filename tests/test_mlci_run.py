@@ -134,15 +134,20 @@ def test_batches_started_in_the_same_second_are_two():
     assert first != second and first.startswith("mlci run 2026-12-06 20:41:15 ")
 
 
-def test_a_wait_for_a_full_pool_is_bounded_and_says_what_holds_it(dagster_home, instance,
-                                                                 tmp_path):
-    registry = slow_registry(tmp_path / "reg")
+def pooled(registry: Path) -> Path:
+    """The registry with `quick` in pool `gpu`, limit 1."""
     settings = yaml.safe_load((registry / "mlci.yaml").read_text())
     settings["pools"] = {"gpu": {"limit": 1}}
     (registry / "mlci.yaml").write_text(yaml.safe_dump(settings))
     body = yaml.safe_load((registry / "configs" / "quick.yaml").read_text())
     body["sandbox"]["pool"] = "gpu"
     (registry / "configs" / "quick.yaml").write_text(yaml.safe_dump(body))
+    return registry
+
+
+def test_a_wait_for_a_full_pool_is_bounded_and_says_what_holds_it(dagster_home, instance,
+                                                                 tmp_path):
+    registry = pooled(slow_registry(tmp_path / "reg"))
     # A run of the pool that never ends, started elsewhere (its process gone for good).
     holder = instance.add_run(dg.DagsterRun(
         job_name="lifecycle", status=dg.DagsterRunStatus.STARTED,
@@ -161,6 +166,26 @@ def test_a_wait_for_a_full_pool_is_bounded_and_says_what_holds_it(dagster_home, 
            f"{waiting}" in done.stdout or "quick|e1: NOT RUN: waited 4s" in done.stdout
     assert [r.run_id for r in instance.get_runs() if r.job_name == "lifecycle"] == \
            [holder.run_id]
+
+
+def test_ctrl_c_while_waiting_for_a_pool_starts_nothing_and_says_so(dagster_home, instance,
+                                                                    tmp_path, mlci):
+    registry = pooled(slow_registry(tmp_path / "reg"))
+    instance.add_run(dg.DagsterRun(
+        job_name="lifecycle", status=dg.DagsterRunStatus.STARTED,
+        tags={POOL_TAG: "gpu", "dagster/partition": "other|e1", "mlci/trigger": "schedule"}))
+    log = tmp_path / "run.log"
+    proc = mlci(registry, "--config", "quick", log=log)
+    wait_until(lambda: "quick|e1: waiting: pool gpu is full" in log.read_text(), 60,
+               "mlci run to wait for its pool")
+
+    os.killpg(proc.pid, signal.SIGINT)
+
+    assert proc.wait(timeout=60) == 130
+    output = log.read_text()
+    assert "Traceback" not in output
+    assert "quick|e1: NOT RUN: interrupted before it started" in output
+    assert [r.tags["dagster/partition"] for r in instance.get_runs()] == ["other|e1"]
 
 
 def test_fail_fast_cancels_what_runs_and_starts_no_more(dagster_home, instance, tmp_path):
