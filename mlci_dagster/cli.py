@@ -454,6 +454,7 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
     from mlci_dagster.janitor import registry_providers, registry_teardown_timeout, sweep
     from mlci_dagster.paths import mlci_home
+    from mlci_dagster.providers.base import left_behind
     from mlci_dagster.reservations.guard import tend
     from mlci_dagster.reservations.leases import LeaseError
     from mlci_dagster.run_workers import end_lost_runs, run_over
@@ -477,9 +478,8 @@ def cmd_janitor(args: argparse.Namespace) -> int:
                      dry_run=args.dry_run, keep=reservations.keep_held())
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
     for v in verdicts:
-        result = "-" if v.report is None else "clean" if v.report["clean"] else (
-            f"LEFT: {v.report['why']}" if v.report.get("why") else
-            f"LEFT: pids {v.report['leaked_pids']} ports {v.report['busy_ports']}")
+        result = "-" if v.report is None else "clean" if v.report["clean"] else \
+            f"LEFT: {left_behind(v.report)}"
         verdict = v.reason or (f"keep ({v.kept})" if v.kept else "keep (run in progress)")
         rows.append([v.sandbox_id, v.run_id[:8], verdict,
                      "would reap" if args.dry_run and v.reason else result])

@@ -35,10 +35,14 @@ def check_evaluations_page(
 
 
 def load_stored_value(context: dg.AssetExecutionContext, asset_key: dg.AssetKey) -> Any:
-    """An asset's last stored value, read back through the run's IO manager (Dagster's testing
-    helpers build the input context: an unpartitioned asset cannot depend on itself)."""
-    return context.resources.io_manager.load_input(dg.build_input_context(
-        asset_key=asset_key, instance=context.instance,
+    """An asset's last stored value, read back through the run's IO manager (an unpartitioned
+    asset cannot depend on itself). The input context is built here rather than by
+    `dg.build_input_context`, which gives it a console logger of its own at DEBUG: the IO
+    manager's "Loading file from ..." line would reach stderr at every `mlci run`. With the
+    run's own log manager it goes where the run's other messages go (the event log, and the
+    console at the run's level); an error still raises."""
+    return context.resources.io_manager.load_input(dg.InputContext(
+        asset_key=asset_key, instance=context.instance, log_manager=context.log,
         upstream_output=dg.build_output_context(asset_key=asset_key),
     ))
 

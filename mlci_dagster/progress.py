@@ -26,6 +26,9 @@ POLL_S = 0.5  # how often the runs' events are read
 HEARTBEAT_S = 30.0  # a plain line repeats a long stage this often
 NOTE_EVERY_S = 10.0  # and says a build's newer progress at most this often
 BUILD_LINE_CHARS = 90
+# A file's time is the kernel's coarse clock, a tick behind time.time(): a log written as the
+# partition started still counts as written by this run.
+MTIME_SLACK_S = 1.0
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Row:
     key: str
     state: str = "queued"  # queued, waiting, starting, <stage>, or the verdict
     started: float | None = None
+    started_at: float = 0.0  # the same moment by the wall clock, to compare with files' times
     stage_since: float = 0.0
     note: str = ""  # a waiting partition's reason, a build's last line, a verdict's detail
     done: bool = False
@@ -89,6 +93,7 @@ class Progress:
     def started(self, key: str, run_id: str) -> None:
         row = self.rows[key]
         row.state, row.started, row.run_id, row.note = "starting", time.monotonic(), run_id, ""
+        row.started_at = time.time()
         row.stage_since = row.started
         self._show(row)
 
@@ -117,7 +122,7 @@ class Progress:
             if stage != row.state:
                 row.state, row.stage_since, row.note = stage, now, ""
             if stage == "image":
-                row.note = self._build_line(row.key)
+                row.note = self._build_line(row)
             self._show(row)
         if self.live:
             self._refresh()
@@ -129,12 +134,19 @@ class Progress:
 
     # --- how it is shown -------------------------------------------------------------------
 
-    def _build_line(self, key: str) -> str:
-        """The last line of the partition's image build log, when it builds on this machine."""
-        if key not in self._build_logs:  # hashing the build's inputs once, not every tick
-            self._build_logs[key] = self._build_log(key)
-        log = self._build_logs[key]
-        return last_line(log) if log is not None else ""
+    def _build_line(self, row: Row) -> str:
+        """The last line of the partition's image build log while a build writes it: written
+        since the partition started (by its own build, or the one it waits for). A cached
+        image's log is an old build's: nothing is being built, so no line."""
+        if row.key not in self._build_logs:  # hashing the build's inputs once, not every tick
+            self._build_logs[row.key] = self._build_log(row.key)
+        log = self._build_logs[row.key]
+        try:
+            if log is None or log.stat().st_mtime < row.started_at - MTIME_SLACK_S:
+                return ""
+        except OSError:  # no build has written it yet
+            return ""
+        return last_line(log)
 
     def _build_log(self, key: str) -> Path | None:
         config = self.registry.configs[split_partition_key(key)[0]].config

@@ -4,10 +4,13 @@ killed run left, and the janitor alone reaps crashed and expired sandboxes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +18,7 @@ import psutil
 import pytest
 
 from mlci_dagster.janitor import registry_teardown_timeout, sweep
+from mlci_dagster.providers.base import left_behind
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import load_registry
@@ -48,13 +52,34 @@ def test_sigkill_in_each_stage_leaves_nothing_after_the_cleanup_layers(stage, tm
     assert result["results"] == 0  # never recorded, least of all as a pass
 
 
-def start_sandbox(provider: LocalProvider, registry_root: Path, run_id: str, ttl_s: float = 600):
-    spec = load_registry(registry_root).configs["c"].config.sandbox.model_copy(
+def start_sandbox(provider: LocalProvider, registry_root: Path, run_id: str, ttl_s: float = 600,
+                  config: str = "c"):
+    spec = load_registry(registry_root).configs[config].config.sandbox.model_copy(
         update={"ttl_s": ttl_s})
-    handle = provider.create(spec, config="c", engine="e1", run_id=run_id, engine_variables={},
-                             teardown_s=60)
+    handle = provider.create(spec, config=config, engine="e1", run_id=run_id,
+                             engine_variables={}, teardown_s=60)
     provider.wait_until_ready(handle, spec, 30)
     return handle
+
+
+@contextlib.contextmanager
+def a_port_kept_busy(provider: LocalProvider, handle: SandboxHandle) -> Iterator[int]:
+    """The sandbox's ledger entry also names a port that something outside it listens on, so
+    its destroy is unclean for a real reason: a port still in use. Yields that port; on the
+    way out the port is let go and the sandbox destroyed."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        provider.ledger.record(dataclasses.replace(
+            handle, ports={**handle.ports, "squatter": port}))
+        try:
+            yield port
+        finally:
+            squatter.close()
+            for live in provider.list_live():
+                if live.sandbox_id == handle.sandbox_id:
+                    provider.destroy(live, timeout_s=60)
 
 
 @pytest.fixture
@@ -127,6 +152,47 @@ def test_mlci_janitor_dry_run_lists_without_reaping(dagster_home, provider_regis
         assert processes_of_sandbox(handle.sandbox_id) == []
     finally:
         provider.destroy(handle, timeout_s=60)
+
+
+def test_mlci_janitor_says_in_words_what_a_destroy_left(dagster_home, provider_registry):
+    _, root = provider_registry
+    provider = LocalProvider(dagster_home / "mlci")
+    handle = start_sandbox(provider, root, "no-such-run")
+    with a_port_kept_busy(provider, handle) as port:
+        done = subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(root), "janitor"],
+                              capture_output=True, text=True, env=os.environ, timeout=120)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    [row] = [line for line in done.stdout.splitlines() if handle.sandbox_id in line]
+    assert row.endswith(f"LEFT: ports still in use: {port}")
+
+
+def test_the_teardown_stage_says_in_words_what_a_destroy_left(provider_registry, tmp_path):
+    from mlci_dagster.stages.context import LifecycleContext
+    from mlci_dagster.stages.teardown import tear_down
+
+    provider, root = provider_registry
+    handle = start_sandbox(provider, root, "run-1")
+    ctx = LifecycleContext.create(load_registry(root), "c", "e1", "run-1", provider.home)
+    with a_port_kept_busy(provider, handle) as port:
+        outcome = tear_down(ctx, [])
+
+    assert outcome.failure_kind == "infra"
+    assert outcome.error_summary == (f"sandbox {handle.sandbox_id} not fully destroyed: ports "
+                                     f"still in use: {port}")
+
+
+def test_a_destroy_report_is_said_in_words_whichever_provider_made_it():
+    local = {"clean": False, "process_groups": [4100], "escaped_group": [],
+             "leaked_pids": {"web": [4121, 4122], "outside their group": [4130]},
+             "busy_ports": [8123], "workdir_left": True}
+    remote = {"clean": False, "why": "namespace s-e1-1 is Terminating (finalizers: x/y)",
+              "leaked_pids": {}, "busy_ports": [], "workdir_left": False}
+
+    assert left_behind(local) == ("processes left: web 4121 4122, outside their group 4130; "
+                                  "ports still in use: 8123; work directory left")
+    assert left_behind(remote) == "namespace s-e1-1 is Terminating (finalizers: x/y)"
+    assert left_behind({"clean": True, "leaked_pids": {}, "busy_ports": []}) == ""
 
 
 def test_the_janitor_gives_a_sandbox_its_configs_teardown_s_or_the_registry_default(tmp_path):

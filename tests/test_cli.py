@@ -62,6 +62,18 @@ def test_run_then_report_prints_one_row_per_partition(dagster_home):
     assert (counts["tested"], counts["untested"], counts["passing"]) == (2, 2, 2)
 
 
+def test_a_second_mlci_run_on_one_home_prints_no_debug_line(dagster_home):
+    """The second run reads the history table back through the IO manager: its "Loading file
+    from ..." is Dagster's debug chatter, not for stderr."""
+    runs = [mlci("--registry", str(LOCAL_EXAMPLE), "run", "--partitions", "static-site|sqlite")
+            for _ in range(2)]
+
+    for run in runs:
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "DEBUG" not in run.stderr, run.stderr
+    assert "static-site|sqlite: passed" in runs[1].stdout
+
+
 def test_validate_list_and_missing_dagster_home(tmp_path):
     assert "ok: 3 configs, 2 engines, 6 partitions" in mlci("validate").stdout  # the default
     assert "jobs-api|jsonfile" in mlci("--registry", str(LOCAL_EXAMPLE), "list", "--engine",

@@ -47,6 +47,11 @@ def test_history_reads_back_its_table_and_check_evaluations_are_paged(instance, 
     [history] = second.asset_materializations_for_node("history")
     # load_stored_value read the first table back: one row, none new.
     assert (history.metadata["rows"].value, history.metadata["new_rows"].value) == (1, 0)
+    # Through the run's own log manager: the IO manager's line is in the history step's log
+    # (not on a console logger of its own, which printed it to stderr).
+    history_step = [e.user_message for e in instance.all_logs(second.run_id)
+                    if e.step_key == "history"]
+    assert any(m.startswith("Loading file from") for m in history_step), history_step
     check = dg.AssetCheckKey(dg.AssetKey("history"), "no_new_regressions")
     page = compat.check_evaluations_page(instance, check, limit=10, cursor=None)
     assert len(page) == 2 and page[0].id > page[1].id  # newest first

@@ -147,3 +147,31 @@ def test_trigger_is_read_from_run_tags(tags, trigger):
     from mlci_dagster.resources.mlci import trigger_of
 
     assert trigger_of(tags) == trigger
+
+
+def test_the_results_description_shows_every_lifecycle_status_in_the_dagster_ui():
+    """Dagster's UI renders an asset's description as Markdown, where a bare `<stage>` is an
+    HTML tag and vanishes: the page read "pass or fail-."."""
+    from html.parser import HTMLParser
+
+    import dagster as dg
+    from markdown_it import MarkdownIt
+
+    from mlci_dagster.assets.lifecycle import lifecycle_assets
+    from mlci_dagster.assets.partitions import lifecycle_partitions
+
+    class Text(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shown = ""
+
+        def handle_data(self, data: str) -> None:
+            self.shown += data
+
+    description = lifecycle_assets(lifecycle_partitions(["e1"])).descriptions_by_key[
+        dg.AssetKey("results")]
+    page = Text()
+    page.feed(MarkdownIt("commonmark").render(description))
+
+    for status in ("pass", "fail-<stage>", "skip", "canceled"):
+        assert status in page.shown, page.shown

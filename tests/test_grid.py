@@ -130,3 +130,106 @@ def test_a_batch_with_refused_runs_renders_everywhere_with_no_nan():
     b = next(row for row in grid.rows if len(row) == 3 and row[0] and "b|e1" in row[0]["href"])
     assert b[0]["title"].startswith("skip\n") and "image -," in b[0]["title"]
     assert "nan" not in page.lower() and "nan" not in text.lower()
+
+
+def page_text(page: str) -> str:
+    """The page's words as a reader sees them: tags dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", " ", page).split())
+
+
+def grid_of(records, now: float = NIGHT + 40 * 86_400) -> tuple[str, Grid]:
+    table = append_rows(None, [record_to_row(r, i + 1) for i, r in enumerate(records)])
+    partitions = sorted({r.partition for r in records})
+    summaries = analyze(table, partitions, HistorySettings(), now)
+    page = render_grid(table, summaries, now, signature_clusters(table, summaries),
+                       "http://dagster.test")
+    grid = Grid()
+    grid.feed(page)
+    return page, grid
+
+
+def test_batches_started_within_one_minute_are_told_apart_by_their_seconds():
+    batches = [record("a|e1", "pass", 0, "sha256:aaaa1111", batch=f"mlci run {i}")
+               .model_copy(update={"started_at": NIGHT + 5 * i, "finished_at": NIGHT + 5 * i + 4,
+                                   "run_id": f"run-{i}"}) for i in range(3)]
+    alone = record("a|e1", "pass", 1, "sha256:aaaa1111")  # a day later, its minute its own
+
+    _, grid = grid_of([*batches, alone])
+
+    assert grid.headers == ["05-29|20:26|aaaa111", "05-28|20:26:50|aaaa111",
+                            "05-28|20:26:45|aaaa111", "05-28|20:26:40|aaaa111"]
+
+
+def test_an_image_recorded_as_a_tag_reference_is_shown_by_its_name():
+    """A tag no declared registry resolves is recorded as written; its digest part would be
+    `1`, so the views show the reference's name instead."""
+    records = [record("a|e1", "pass", 0, "registry.test/app:1"),
+               record("a|e1", "fail-pipeline_runs", 1, "registry.test/app:2", "ValueError: x")]
+
+    page, grid = grid_of(records)
+
+    assert [h.split("|")[-1] for h in grid.headers] == ["app:2", "app:1"]
+    [[fail, ok]] = [row for row in grid.rows if len(row) == 2]
+    assert "image app:2, config c1" in fail["title"] and "image app:1," in ok["title"]
+    assert "app:1→app:2 (the product changed)" in page_text(page)
+    assert "image 1" not in page_text(page) and "1→2" not in page_text(page)
+
+
+def test_the_cost_column_is_shown_only_when_a_partition_costs_something():
+    free = [record("a|e1", "pass", 0, "sha256:aaaa1111")]
+    billed = [free[0].model_copy(update={"cost_usd": 0.25})]
+
+    free_page, _ = grid_of(free)
+    billed_page, _ = grid_of(billed)
+
+    assert re.findall(r"<th>(\w+)</th>", free_page) == ["config", "engine", "status",
+                                                        "regression"]
+    assert re.findall(r"<th>(\w+)</th>", billed_page)[-1] == "cost"
+    assert "$0.2500" in page_text(billed_page)
+
+
+def test_one_of_each_is_said_in_the_singular():
+    page, _ = grid_of([record("a|e1", "pass", 0, "sha256:aaaa1111")])
+
+    assert "1 partition, 1 result, 1 batch, as of" in page_text(page)
+
+
+def wide_history() -> list:
+    """A month of nights on six partitions, failing the last week with a long error line."""
+    error = ("RuntimeError: CUDA error: an illegal memory access was encountered while the "
+             "trainer synchronised gradients across the data parallel group of the pipeline "
+             "stage; compile with TORCH_USE_CUDA_DSA to enable device-side assertions")
+    return [record(f"{config}|{engine}", "pass" if night < 23 else "fail-pipeline_runs", night,
+                   f"sha256:{night:04d}abcd{night:04d}", error if night >= 23 else "")
+            for night in range(30) for config in ("python-train", "ray-train", "spark-features")
+            for engine in ("sqlite", "postgres")]
+
+
+def test_the_page_fits_a_900_px_window_and_the_grid_scrolls_in_its_own_box(tmp_path):
+    """In headless Chromium at 900 px wide: nothing overflows the window; the 30 columns
+    scroll inside the grid's box, and the long failure signature wraps."""
+    import pytest
+
+    from mlci_dagster.chromium import find_chromium, launch_args
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium on this machine")
+    from playwright.sync_api import sync_playwright
+
+    page_html, _ = grid_of(wide_history())
+    (tmp_path / "grid.html").write_text(page_html)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=launch_args())
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.goto((tmp_path / "grid.html").as_uri())
+        page_width = page.evaluate("document.documentElement.scrollWidth")
+        box = page.evaluate("(() => { const box = document.querySelector('.scroll'); "
+                            "return [box.scrollWidth, box.clientWidth]; })()")
+        page.screenshot(path=str(tmp_path / "grid-900.png"), full_page=True)
+        browser.close()
+
+    assert page_width <= 900, f"the page is {page_width} px wide in a 900 px window"
+    assert box[0] > box[1]  # the grid is wider than its box, and scrolls there
+    assert (tmp_path / "grid-900.png").stat().st_size > 0

@@ -12,9 +12,10 @@ from mlci_dagster.history.analysis import (
     coverage,
     flakiness,
     regression_range,
+    signature_clusters,
     slowdown,
 )
-from mlci_dagster.history.render import regression_text, report_table
+from mlci_dagster.history.render import failure_notes, regression_text, report_table
 from mlci_dagster.history.table import append_rows, record_to_row
 from mlci_dagster.record import ResultRecord
 from mlci_dagster.registry.models import HistorySettings
@@ -334,3 +335,87 @@ def test_report_flakiness_is_a_dash_unless_flaky():
     assert rows["broke|e1"].endswith("  -")  # flipped once, but a new build: not flaky
     assert rows["flaky|e1"].endswith("flaky (100% flips)")
     assert "flips" not in rows["steady|e1"] + rows["broke|e1"]
+
+
+def test_an_image_recorded_as_a_tag_reference_is_shown_by_its_name_not_its_tag():
+    """A tag no declared registry resolves is recorded as written (`registry.test/app:1`):
+    the report names it `app:1`, where a digest shows its first 12 hex characters."""
+    night = NOW - DAY / 2
+    digest = "sha256:" + "4f2a1b3c9d8e" + "0" * 52
+    records = [
+        record("tagged|e1", "pass", night - DAY, digest="registry.test/app:1"),
+        record("tagged|e1", "fail-sandbox", night - 3600, digest="registry.test/app:2"),
+        record("pinned|e1", "pass", night - DAY, digest="registry.test/app@" + digest),
+        record("pinned|e1", "fail-sandbox", night, digest=digest.replace("4f2a", "5e3b")),
+    ]
+    records = [r.model_copy(update={"error_summary": "ValueError: broke"}) for r in records]
+    table = table_of(records)
+    summaries = analyze(table, [], SETTINGS, NOW)
+
+    rows = report_rows(records, [])
+    notes = failure_notes(summaries, {r.partition: r for r in records[1::2]},
+                          signature_clusters(table, summaries))
+
+    assert "app:1→app:2 (the product changed)" in rows["tagged|e1"]
+    assert "4f2a1b3c9d8e→5e3b1b3c9d8e (the product changed)" in rows["pinned|e1"]
+    assert "image app:2, 2 runs in all" in notes  # the signature's first failure
+    assert "image 2," not in notes and " 1→2 " not in rows["tagged|e1"]
+
+
+def committed_registry(root, message: str):
+    """A registry inside a git repository of its own (a product's), at a commit of its own."""
+    import subprocess
+
+    from tests.conftest import config, write_registry
+
+    write_registry(root, [config("a")])
+    (root / "product.txt").write_text(message)
+    for argv in (["init", "-q"], ["add", "-A"],
+                 ["-c", "user.name=t", "-c", "user.email=t@example.test", "commit", "-qm",
+                  message]):
+        subprocess.run(["git", *argv], cwd=root, check=True, capture_output=True)
+    return root
+
+
+def test_a_commit_to_the_registry_s_repository_is_no_harness_change(tmp_path):
+    """The registry lives in the product's repository: a commit there between the last pass
+    and the first failure changed the product (a new image), not the harness that tested it."""
+    from mlci_dagster.registry import load_registry
+    from mlci_dagster.stages.context import LifecycleContext
+    from mlci_dagster.stages.outcome import StageClock
+    from mlci_dagster.stages.results import build_record
+    from mlci_dagster.vocabulary import FailureKind, Stage
+
+    records = []
+    for name, digest, fails in (("before", "sha256:aaaa", False), ("after", "sha256:bbbb", True)):
+        root = committed_registry(tmp_path / name, name)
+        ctx = LifecycleContext.create(load_registry(root), "a", "e1", f"run-{name}",
+                                      tmp_path / "home")
+        outcomes = [StageClock(Stage.IMAGE).passed(digest=digest)]
+        if fails:
+            outcomes.append(StageClock(Stage.SANDBOX).failed(FailureKind.PRODUCT, "it broke"))
+        records.append(build_record(ctx, outcomes, trigger="manual"))
+
+    rows = report_rows(records, [])
+
+    assert records[0].code_version == records[1].code_version
+    assert "aaaa→bbbb (the product changed)" in rows["a|e1"]
+    assert "harness" not in rows["a|e1"]
+
+
+def test_the_harness_version_changes_exactly_when_its_own_source_does(tmp_path):
+    import shutil
+
+    from mlci_dagster import __version__
+    from mlci_dagster.stages.context import PACKAGE_DIR, code_version
+
+    same, changed = tmp_path / "same" / "mlci_dagster", tmp_path / "changed" / "mlci_dagster"
+    for copy in (same, changed):
+        shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (same / "notes.txt").write_text("not source")  # only the Python source counts
+    results = changed / "stages" / "results.py"
+    results.write_text(results.read_text() + "\n# a change to the harness\n")
+
+    assert code_version(same) == code_version() == code_version(PACKAGE_DIR)
+    assert code_version(changed) != code_version(same)
+    assert code_version(changed).startswith(f"{__version__}+")

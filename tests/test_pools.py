@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import PY, command_pipeline, config, write_registry
-from tests.support.dagster_services import daemon
+from tests.support.dagster_services import daemon, start_sensor
 
 
 @pytest.mark.daemon
@@ -34,7 +34,8 @@ def test_two_runs_queue_behind_a_pool_limit_of_one(dagster_home, tmp_path):
     assert instance_yaml["run_coordinator"]["config"]["tag_concurrency_limits"] == [
         {"key": "mlci/pool", "value": "gpu", "limit": 1}]
 
-    # The stale scanner asks for both untested partitions on its first tick.
+    # The stale scanner, turned on, asks for both untested partitions on its first tick.
+    start_sensor(dagster_home, registry, "stale_scanner")
     seen_queued_behind = False
     with daemon(dagster_home, registry, tmp_path / "daemon.log"), \
             dg.DagsterInstance.get() as instance:

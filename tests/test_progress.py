@@ -68,18 +68,57 @@ def test_on_a_terminal_a_table_is_redrawn_in_place(dagster_home):
     assert re.search(r"static-site\|sqlite\s+passed", text)
 
 
-def test_an_image_build_shows_its_own_last_line(tmp_path, instance):
+def image_stage_lines(instance, monkeypatch, home, build_log: str, written_ago_s: float
+                      ) -> str:
+    """What a pipe shows of static-site|sqlite once it is in its image stage, its image's build
+    log holding `build_log`, last written `written_ago_s` seconds ago (0: as it started)."""
+    import mlci_dagster.progress as progress_module
+
     registry = load_registry(LOCAL_EXAMPLE)
     config = registry.configs["static-site"].config
-    home = tmp_path / "mlci"
     log = home / "images" / f"{content_hash(registry.root, config.image.build)}.log"
-    log.parent.mkdir(parents=True)
-    log.write_text("--- stdout\nresolving 152 packages\nDownloading torch (1.2 GiB) 48%\n\n")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(build_log)
     out = io.StringIO()
     progress = Progress(instance, registry, ["static-site|sqlite"], home, stream=out,
                         live=False)
+    progress.started("static-site|sqlite", "run-1")
+    written = time.time() - written_ago_s
+    os.utime(log, (written, written))
+    monkeypatch.setattr(progress_module, "current_stage", lambda instance, run_id: "image")
 
-    assert progress._build_line("static-site|sqlite") == "Downloading torch (1.2 GiB) 48%"
+    progress.tick()
+
+    return out.getvalue()
+
+
+def test_an_image_build_shows_its_own_last_line(tmp_path, instance, monkeypatch):
+    shown = image_stage_lines(instance, monkeypatch, tmp_path / "mlci",
+                              "--- stdout\nresolving 152 packages\nDownloading torch (1.2 GiB) "
+                              "48%\n\n", written_ago_s=0)
+
+    assert shown.splitlines()[-1] == \
+        "  static-site|sqlite: image 0s: Downloading torch (1.2 GiB) 48%"
     assert last_line(tmp_path / "missing.log") == ""
+
+
+def test_a_cached_image_shows_no_line_of_the_build_that_made_it(tmp_path, instance,
+                                                                monkeypatch):
+    """Its log is the old build's: nothing is being built, so nothing of it is shown."""
+    shown = image_stage_lines(instance, monkeypatch, tmp_path / "mlci",
+                              "--- stdout\nSuccessfully installed torch-2.4.0\n",
+                              written_ago_s=3600)
+
+    assert shown.splitlines()[-1] == "  static-site|sqlite: image 0s"
+    assert "Successfully installed" not in shown
+
+
+def test_a_waiting_partition_says_why(tmp_path, instance):
+    registry = load_registry(LOCAL_EXAMPLE)
+    out = io.StringIO()
+    progress = Progress(instance, registry, ["static-site|sqlite"], tmp_path / "mlci",
+                        stream=out, live=False)
+
     progress.waiting("static-site|sqlite", "pool gpu is full")
+
     assert out.getvalue() == "  static-site|sqlite: waiting: pool gpu is full\n"

@@ -31,7 +31,10 @@ from mlci_dagster.localtime import WEEKDAYS
 from mlci_dagster.pools import POOL_TAG
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.providers.processes import marked_processes
+from mlci_dagster.reservations.guard import guard
+from mlci_dagster.reservations.holds import end_unfinished, hold_down, hold_lease
 from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
+from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.sensors.cleanup import sandbox_janitor
 from tests.conftest import (
     PY,
@@ -47,6 +50,7 @@ from tests.support.dagster_services import (
     daemon,
     graphql,
     service_env,
+    start_sensor,
     wait_until,
     webserver,
 )
@@ -64,9 +68,11 @@ from tests.support.reservations import (
     tick,
 )
 from tests.test_cleanup import (  # noqa: F401
+    a_port_kept_busy,
     kill_with_workers,
     lifecycle_in_pipeline_runs,
     start_mlci_run,
+    start_sandbox,
 )
 from tests.test_launch_paths import LIFECYCLE, asset_job_params
 
@@ -307,6 +313,55 @@ def test_a_reservation_still_held_at_the_batch_is_refused_and_the_others_run(
         assert [lease.holder for lease in leases(instance)] == [in_progress.run_id]
 
 
+def test_a_hold_still_held_past_its_down_time_is_said_to_be_overdue(tmp_path, instance):
+    """At 22:00 a hold due down at 19:00 is still held (the run standing it up is still in
+    progress): the guard says when it was due, never that it "is up until" a time gone by."""
+    with reserved_registry("local", tmp_path) as registry:
+        in_progress = instance.create_run_for_job(
+            build_definitions(registry).resolve_job_def("hold_up"), run_id=str(uuid.uuid4()),
+            tags={"dagster/partition": RESERVATION})
+        store = LeaseStore(lambda: instance_connection(instance))
+        store.acquire(RESERVATION, 1, kind=LeaseKind.HOLD, holder=in_progress.run_id,
+                      partition="inject|e1", now=MORNING.timestamp(),
+                      expires_at=EVENING.timestamp(), detail={"state": "starting"})
+        set_clock(NIGHT)
+
+        report = guard(MlciResource(registry_path=str(registry)).reservations(instance),
+                       RESERVATION, batch=True)
+
+    assert report.problems == [
+        f"still held: the daytime deployment inject|e1 of run {in_progress.run_id[:8]} was "
+        "due down at 2026-03-09 19:00 EDT, 3h ago"]
+
+
+def test_what_a_hold_s_take_down_left_is_said_in_words(tmp_path, instance, dagster_home):
+    """A hold's down and the end of an unfinished hold both say what their destroy left (here a
+    port still in use), never the provider's raw report nor nothing at all."""
+    with reserved_registry("local", tmp_path) as registry:
+        rctx = MlciResource(registry_path=str(registry)).reservations(instance)
+        provider = LocalProvider(dagster_home / "mlci")
+        store = LeaseStore(lambda: instance_connection(instance))
+        said = {}
+        for state in ("up", "starting"):  # a hold up; one whose run ended before it was up
+            holder = f"hold-{state}"
+            handle = start_sandbox(provider, registry, holder, config="inject")
+            store.acquire(RESERVATION, 1, kind=LeaseKind.HOLD, holder=holder,
+                          partition="inject|e1", now=clock.now(), expires_at=clock.now() + 3600,
+                          detail={"state": state, "sandbox_id": handle.sandbox_id})
+            with a_port_kept_busy(provider, handle) as port:
+                if state == "up":
+                    said[state] = hold_down(rctx, RESERVATION, by="test").problems
+                else:
+                    said[state] = end_unfinished(rctx, hold_lease(rctx, RESERVATION))
+            store.take_back(hold_lease(rctx, RESERVATION))
+            said[state] = (said[state], handle.sandbox_id, port)
+
+    for state in ("up", "starting"):
+        problems, sandbox_id, port = said[state]
+        assert problems == [f"sandbox {sandbox_id} not fully destroyed: ports still in use: "
+                            f"{port}"], state
+
+
 @pytest.mark.parametrize("provider", ["local",
                                       pytest.param("kubernetes", marks=pytest.mark.slow)])
 def test_the_lease_of_a_sigkilled_run_is_broken_by_the_janitor(
@@ -353,10 +408,10 @@ def hold_params(job: str) -> dict:
 @pytest.mark.daemon
 def test_on_capacity_one_the_second_batch_and_a_run_during_a_hold_wait_in_dagsters_queue(
         tmp_path, dagster_home, instance):
-    """A real daemon and webserver. The stale scanner asks for both untested partitions of the
-    reservation at once: one waits for the other. Then the UI stands the hold up, and a run
-    launched meanwhile stays queued (the limit is the capacity less the hold) until the UI
-    takes the hold down."""
+    """A real daemon and webserver. The stale scanner, turned on, asks for both untested
+    partitions of the reservation at once: one waits for the other. Then the UI stands the hold
+    up, and a run launched meanwhile stays queued (the limit is the capacity less the hold)
+    until the UI takes the hold down."""
     # Quick lifecycles: a prebuilt image, a 2 s pipeline; `inject` (the intent) serves HTTP.
     quick = command_pipeline("train", "import time; time.sleep(2)")
     registry = write_registry(tmp_path / "reg", [
@@ -373,6 +428,7 @@ def test_on_capacity_one_the_second_batch_and_a_run_during_a_hold_wait_in_dagste
     sync = subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, text=True,
                           capture_output=True, timeout=120)
     assert "pool limits: gpu-box=1" in sync.stdout, sync.stdout + sync.stderr
+    start_sensor(dagster_home, registry, "stale_scanner")  # off by default
 
     def lifecycle_runs() -> list[dg.DagsterRun]:
         return [r for r in instance.get_runs() if r.job_name in ("lifecycle", "__ASSET_JOB")

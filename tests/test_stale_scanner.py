@@ -77,3 +77,25 @@ def test_runs_of_any_job_and_unfinished_backfills_hold_the_scanner_off(instance,
     requests, _ = tick(instance, registry)
 
     assert [str(r.partition_key) for r in requests] == ["idle|e1"]
+
+
+def test_the_stale_scanner_is_off_and_only_nightly_and_event_sensors_start_lifecycle_runs(
+        tmp_path):
+    """What is on by default while the daemon runs (the README lists it): of it, only the
+    nightly schedule and the image and commit event sensors start lifecycle runs. The stale
+    scanner, which would run every never-tested partition of a freshly synced home within
+    seconds, is off until turned on."""
+    registry = write_registry(tmp_path / "reg", [config("a")])
+    repository = build_definitions(registry).get_repository_def()
+    running = dg.DefaultSensorStatus.RUNNING
+
+    on = {s.name: [t.job_name for t in s.targets] if s.has_jobs else []
+          for s in repository.sensor_defs if s.default_status == running}
+    on |= {s.name: [s.job_name] for s in repository.schedule_defs
+           if s.default_status == dg.DefaultScheduleStatus.RUNNING}
+
+    assert repository.get_sensor_def("stale_scanner").default_status == \
+        dg.DefaultSensorStatus.STOPPED
+    assert "stale_scanner" not in on
+    assert sorted(name for name, jobs in on.items() if "lifecycle" in jobs) == [
+        "commit_poll", "image_poll", "image_push", "nightly", "pr_label"]

@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from tests.conftest import command_pipeline, config, write_registry
-from tests.support.dagster_services import daemon, wait_until
+from tests.support.dagster_services import daemon, start_sensor, wait_until
 
 
 def semaphores() -> set[str]:
@@ -30,6 +30,7 @@ def test_stopping_a_daemon_with_a_run_in_flight_leaks_no_semaphore(dagster_home,
     instance.add_dynamic_partitions("config", ["slow"])
     before = semaphores()
     log = tmp_path / "daemon.log"
+    start_sensor(dagster_home, registry, "stale_scanner")  # off by default
 
     with daemon(dagster_home, registry, log):  # the stale scanner starts the untested partition
         wait_until(lambda: [r for r in instance.get_runs()

@@ -143,7 +143,8 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
                           deps=[str(s) for s in UPSTREAM[stage]])
              for stage in STAGES]
     specs.append(dg.AssetSpec(
-        RESULTS, description="One lifecycle record per run of a partition: pass or fail-<stage>.",
+        RESULTS, description="One lifecycle record per run of a partition: `pass`, `fail-<stage>` "
+        "(the first stage that failed), `skip` (refused before it began) or `canceled`.",
         group_name="lifecycle", kinds={"python"}, partitions_def=partitions,
         deps=[str(Stage.TEARDOWN)]))
     checks = [dg.AssetCheckSpec(STAGE_CHECK, asset=str(stage),

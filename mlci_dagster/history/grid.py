@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster, with_run_fields
-from mlci_dagster.history.render import regression_text, short, usd
+from mlci_dagster.history.render import counted, regression_text, short, usd
 from mlci_dagster.history.table import METRIC_PREFIX
 from mlci_dagster.vocabulary import (
     LIFECYCLE_CANCELED,
@@ -41,6 +41,7 @@ STATUS_COLOURS = {"PASS": "#2da44e", "FLAKY": "#d4a72c", "FAILING": "#cf222e",
 
 STYLE = """
 body { font: 13px system-ui, sans-serif; margin: 24px; color: #1f2328; }
+.scroll { overflow-x: auto; max-width: 100%; }
 h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 24px 0 8px; }
 .sub { color: #59636e; margin-bottom: 12px; }
 table { border-collapse: collapse; } td, th { padding: 2px 4px; white-space: nowrap; }
@@ -58,6 +59,8 @@ td.slot { text-align: center; padding: 1px; }
 .none { display: inline-block; width: 20px; height: 18px; background: #f6f8fa; }
 .legend span { margin-right: 12px; } .reg { color: #cf222e; font-size: 12px; }
 .sig { font-family: ui-monospace, monospace; }
+table.wraps td { white-space: normal; overflow-wrap: anywhere; }
+table.wraps td.name, table.wraps td.id { white-space: nowrap; }
 .trend { display: inline-block; margin: 0 16px 12px 0; vertical-align: top; }
 .trend .t { font-size: 11px; color: #59636e; }
 """
@@ -89,6 +92,22 @@ def signature_letters(clusters: list[SignatureCluster], table: pd.DataFrame) -> 
     letters = string.ascii_uppercase + string.ascii_lowercase + string.digits
     return {signature: letters[i] if i < len(letters) else "*"
             for i, signature in enumerate(order)}
+
+
+def column_times(columns: list[dict[str, Any]]) -> list[str]:
+    """Each column's time of day (UTC): `HH:MM`, and `HH:MM:SS` where two columns share a
+    minute (batches started a minute apart would otherwise look alike)."""
+    moments = [dt.datetime.fromtimestamp(c["started"], dt.UTC) for c in columns]
+    minutes = Counter(f"{m:%Y-%m-%d %H:%M}" for m in moments)
+    return [f"{m:%H:%M:%S}" if minutes[f"{m:%Y-%m-%d %H:%M}"] > 1 else f"{m:%H:%M}"
+            for m in moments]
+
+
+def image_label(image: str) -> str:
+    """A column's image, narrow: a digest's first 7 hex characters, a reference's last
+    component clipped to 10 characters (the whole is in the column's title)."""
+    label = short(image, 7)
+    return label if len(label) <= 10 else label[:9] + "…"
 
 
 def utc(moment: float) -> str:
@@ -147,7 +166,7 @@ def signature_rows(table: pd.DataFrame, columns: list[dict[str, Any]], letters: 
                  if cluster else "not failing now")
         rows.append((letters.get(signature, ""),
                      f'<tr><td class="sig"><b>{letters.get(signature, "")}</b></td>'
-                     f'<td class="sig">{signature}</td><td>{len(runs)} run(s) of '
+                     f'<td class="sig id">{signature}</td><td>{len(runs)} run(s) of '
                      f'{html.escape(", ".join(sorted(runs["partition"].unique())))}</td>'
                      f'<td>{state}</td><td class="sig">'
                      f'{html.escape(str(runs["signature_text"].iloc[-1]))}</td></tr>'))
@@ -220,11 +239,13 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
     by_partition = {p: rows.sort_values("finished_at") for p, rows in table.groupby("partition")} \
         if not table.empty else {}
     header = "".join(
-        f'<th class="batch" title="{html.escape(c["key"])}">'
-        f'{dt.datetime.fromtimestamp(c["started"], dt.UTC):%m-%d}<br>'
-        f'{dt.datetime.fromtimestamp(c["started"], dt.UTC):%H:%M}<br>'
-        f'{html.escape(short(c["digest"])[:7]) if c["digest"] else "&nbsp;"}</th>'
-        for c in columns)
+        f'<th class="batch" title="{html.escape(c["key"])}'
+        f'{html.escape(chr(10) + "image " + c["digest"]) if c["digest"] else ""}">'
+        f'{dt.datetime.fromtimestamp(c["started"], dt.UTC):%m-%d}<br>{time_of_day}<br>'
+        f'{html.escape(image_label(c["digest"])) if c["digest"] else "&nbsp;"}</th>'
+        for c, time_of_day in zip(columns, column_times(columns), strict=True))
+    # A cost column only where something costs: local and Kubernetes sandboxes are free.
+    costed = any(s.cost_usd for s in summaries)
     lines, charts = [], []
     for s in summaries:
         rows = by_partition.get(s.partition)
@@ -251,7 +272,8 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
                      f'<td class="name">{html.escape(s.engine)}</td><td>{badge}</td>'
                      f'{"".join(slots)}<td class="reg">'
                      f'{html.escape(regression) if regression != "-" else ""}</td>'
-                     f'<td>{usd(s.cost_usd) if s.cost_usd else ""}</td></tr>')
+                     + (f'<td>{usd(s.cost_usd) if s.cost_usd else ""}</td>' if costed else "")
+                     + '</tr>')
         if rows is not None and (chart := trends(rows)):
             charts.append(f'<tr><td class="name">{html.escape(s.partition)}</td>'
                           f'<td>{chart}</td></tr>')
@@ -265,17 +287,19 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>mlci grid</title><style>{STYLE}</style></head>
 <body><h1>mlci-dagster: lifecycle grid</h1>
-<div class="sub">{len(summaries)} partitions, {len(table)} results, {len(columns)} batches, as of
-{stamp}Z. Columns are batches (a night, a commit, an image, an <code>mlci run</code>), newest
-left, headed by date (UTC) and the image they tested; a cell links to its Dagster run, its letter
-names its failure signature; hover for the rest.</div>
+<div class="sub">{counted(len(summaries), "partition")}, {counted(len(table), "result")},
+{counted(len(columns), "batch")}, as of {stamp}Z. Columns are batches (a night, a commit, an
+image, an <code>mlci run</code>), newest left, headed by date and time (UTC) and the image they
+tested; a cell links to its Dagster run, its letter names its failure signature; hover for the
+rest.</div>
 <div class="legend">{legend}</div><br>
-<table><tr><th>config</th><th>engine</th><th>status</th>{header}<th>regression</th>
-<th>cost</th></tr>
+<div class="scroll"><table><tr><th>config</th><th>engine</th><th>status</th>{header}
+<th>regression</th>{'<th>cost</th>' if costed else ''}</tr>
 {chr(10).join(lines)}
-</table>
-{f'<h2>Failure signatures in view</h2><table>{signatures}</table>' if signatures else ''}
-<h2>Trends</h2>{f'<table>{"".join(charts)}</table>' if charts
-                 else '<div class="sub">not enough runs yet</div>'}
+</table></div>
+{f'<h2>Failure signatures in view</h2><div class="scroll"><table class="wraps">{signatures}'
+ '</table></div>' if signatures else ''}
+<h2>Trends</h2>{f'<div class="scroll"><table class="wraps">{"".join(charts)}</table></div>'
+                 if charts else '<div class="sub">not enough runs yet</div>'}
 </body></html>
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 
 from mlci_dagster.cost import MonthSpend, PartitionProjection
@@ -22,10 +23,26 @@ def age(timestamp: float | None, now: float) -> str:
     return f"{int(seconds)}s ago"
 
 
-def short(digest: str | None) -> str:
-    if not digest:
+# A content digest (OCI's registered algorithms), alone or pinning a reference.
+_DIGEST = re.compile(r"^(?:[^@]*@)?(?:sha256|sha384|sha512|blake3):([0-9a-fA-F]+)$")
+
+
+def short(image: str | None, hex_chars: int = 12) -> str:
+    """An image as every view shows it: a digest (`sha256:<hex>`, or a reference pinned to
+    one) as its first `hex_chars` hex characters; a reference recorded as written (a tag no
+    registry resolved) as its last path component, `registry.test/app:1` as `app:1`; `-` for
+    none."""
+    if not image:
         return "-"
-    return digest.split(":", 1)[-1][:12]
+    if found := _DIGEST.match(image):
+        return found.group(1)[:hex_chars]
+    return image.rsplit("/", 1)[-1]
+
+
+def counted(count: int, noun: str) -> str:
+    """`1 batch`, `3 batches`, `0 results`."""
+    plural = noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+    return f"{count} {noun if count == 1 else plural}"
 
 
 def regression_text(summary: PartitionSummary) -> str:

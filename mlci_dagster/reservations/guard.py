@@ -15,7 +15,7 @@ from typing import Any
 
 from mlci_dagster import clock
 from mlci_dagster.janitor import Verdict, registry_teardown_timeout, sweep
-from mlci_dagster.providers.base import providers_for
+from mlci_dagster.providers.base import left_behind, providers_for
 from mlci_dagster.reservations.context import HOLD_GRACE_S, HOLD_UP, ReservationContext
 from mlci_dagster.reservations.holds import HoldReport, end_unfinished, hold_down, hold_lease
 from mlci_dagster.reservations.leases import Lease, LeaseError, LeaseKind
@@ -115,8 +115,9 @@ def sweep_reservation(rctx: ReservationContext, name: str, now: float, report: G
         if verdict.report and verdict.report["clean"]:
             report.actions.append(f"reaped sandbox {verdict.sandbox_id}: {verdict.reason}")
         else:
+            left = f": {left_behind(verdict.report)}" if verdict.report else ""
             report.problems.append(f"sandbox {verdict.sandbox_id} left on the reservation "
-                                   f"({verdict.reason}) could not be destroyed")
+                                   f"({verdict.reason}) could not be destroyed{left}")
     return verdicts
 
 
@@ -136,10 +137,21 @@ def guard(rctx: ReservationContext, name: str, *, batch: bool, by: str = "guard"
         return report
     held = hold_lease(rctx, name)
     if batch and held is not None:
-        report.problems.append(
-            f"still held: the daytime deployment {held.partition} of run {held.holder[:8]} is "
-            f"up until {rctx.shown(rctx.spec(name), held.expires_at)}")
+        report.problems.append(f"still held: the daytime deployment {held.partition} of run "
+                               f"{held.holder[:8]} {hold_due(rctx, name, held, now)}")
     return report
+
+
+def hold_due(rctx: ReservationContext, name: str, lease: Lease, now: float) -> str:
+    """When a hold is due down, true either side of that time: `is up until 19:00 EDT`, or
+    once it has passed (its run still standing it up, or its take-down failed) `was due down
+    at 19:00 EDT, 3h ago`."""
+    from mlci_dagster.history.render import age  # here: it brings pandas, the guard need not
+
+    due = rctx.shown(rctx.spec(name), lease.expires_at)
+    if now < lease.expires_at:
+        return f"is up until {due}"
+    return f"was due down at {due}, {age(lease.expires_at, now)}"
 
 
 def tend(rctx: ReservationContext, by: str = "janitor") -> list[GuardReport]:

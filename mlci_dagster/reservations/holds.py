@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlci_dagster import clock
+from mlci_dagster.providers.base import left_behind
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.registry.reservations import ReservationSpec
 from mlci_dagster.reservations.context import (
@@ -138,9 +139,12 @@ def end_unfinished(rctx: ReservationContext, lease: Lease) -> list[str]:
     """Destroys what a hold's run left when it ended before its sandbox was up, then frees its
     slot; the problems, if anything is left (the slot then stays taken)."""
     ctx = _context(rctx, rctx.spec(lease.reservation), lease.holder)
-    problems = [f"sandbox {h.sandbox_id} not fully destroyed"
-                for h in held_sandboxes(ctx, lease.holder)
-                if not ctx.provider.destroy(h, timeout_s=ctx.config.timeouts.teardown_s)["clean"]]
+    problems = []
+    for handle in held_sandboxes(ctx, lease.holder):
+        verified = ctx.provider.destroy(handle, timeout_s=ctx.config.timeouts.teardown_s)
+        if not verified["clean"]:
+            problems.append(f"sandbox {handle.sandbox_id} not fully destroyed: "
+                            f"{left_behind(verified)}")
     if not problems:
         rctx.store.take_back(lease)
     return problems
@@ -174,7 +178,7 @@ def hold_down(rctx: ReservationContext, name: str, by: str, reason: str = "") ->
         destroyed.append({"sandbox_id": handle.sandbox_id, **verified})
         if not verified["clean"]:
             report.problems.append(f"sandbox {handle.sandbox_id} not fully destroyed: "
-                                   f"{verified.get('why') or verified}")
+                                   f"{left_behind(verified)}")
     _from_lease(report, lease, DOWN if not report.problems else UP,
                 note=reason or "taken down", destroyed=destroyed)
     if not report.problems:

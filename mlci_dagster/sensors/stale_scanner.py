@@ -1,6 +1,10 @@
 """Requests runs for partitions never tested or whose last result is older than the registry's
 `history.stale_after_h` (default 24 h), never for a partition with a run in progress or in a
-backfill still launching its runs."""
+backfill still launching its runs.
+
+Off until turned on (Automation → Sensors in the UI, or `dagster sensor start stale_scanner`):
+on a freshly synced home every partition is untested, and a UI just opened must launch nothing
+until the nightly schedule, an image or commit event, or a person does."""
 
 import json
 import time
@@ -30,8 +34,9 @@ def due_for_testing(
 
 def stale_scanner(job: dg.JobDefinition) -> dg.SensorDefinition:
     @dg.sensor(name="stale_scanner", job=job, minimum_interval_seconds=300,
-               default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Runs partitions never tested, or not tested within stale_after_h.")
+               default_status=dg.DefaultSensorStatus.STOPPED,
+               description="Runs partitions never tested, or not tested within stale_after_h. "
+                           "Off until turned on.")
     def scanner(context: dg.SensorEvaluationContext, mlci: MlciResource):
         cursor = json.loads(context.cursor) if context.cursor else {"after": 0, "last": {}}
         for storage_id, record in new_results(context.instance, cursor["after"]):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,14 +78,19 @@ class LifecycleContext:
         return render_context(handle, dict(os.environ), image=image, **extra)
 
 
+# The installed package's own folder: what the harness is, however it was installed.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
 @functools.cache
-def code_version(root: Path) -> str:
-    """The harness version plus the commit of the repository holding the registry, if any."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        commit = ""
-    return f"{__version__}+{commit}" if commit else __version__
+def code_version(package_dir: Path = PACKAGE_DIR) -> str:
+    """The harness's version: `__version__` plus a short hash of the package's own source
+    (`**/*.py` under `package_dir`, by sorted relative path), computed once per process. It
+    changes exactly when the harness code does, installed editable, from a wheel or in an
+    image, and never with the repository that holds the registry."""
+    digest = hashlib.sha256()
+    for relative in sorted(p.relative_to(package_dir).as_posix()
+                           for p in package_dir.rglob("*.py")):
+        digest.update(relative.encode() + b"\0")
+        digest.update(hashlib.sha256((package_dir / relative).read_bytes()).digest())
+    return f"{__version__}+{digest.hexdigest()[:12]}"

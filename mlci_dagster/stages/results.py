@@ -92,7 +92,7 @@ def build_record(
         debug_bundle=teardown.details.get("debug_bundle", "") if teardown else "",
         image_digest=image.details.get("digest") if image else None,
         trigger=trigger,
-        code_version=code_version(ctx.registry.root),
+        code_version=code_version(),
         run_id=ctx.run_id,
         started_at=started,
         finished_at=finished,

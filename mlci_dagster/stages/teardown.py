@@ -11,6 +11,7 @@ import tarfile
 import time
 from typing import Any
 
+from mlci_dagster.providers.base import left_behind
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.debug_bundle import bundle_path, write_debug_bundle
@@ -52,13 +53,8 @@ def tear_down(ctx: LifecycleContext, outcomes: list[StageOutcome]) -> StageOutco
                                      **report})
         if not report["clean"]:
             within = f" within timeouts.teardown_s ({timeout_s:g}s)" if waited_out else ""
-            # A provider says why in `why` (a namespace's finalizers); else the local facts.
-            problems.append(
-                f"sandbox {handle.sandbox_id} not fully destroyed{within}: " + (
-                    report.get("why") or (
-                        f"leaked processes {report['leaked_pids']}, busy ports "
-                        f"{report['busy_ports']}, work directory left: "
-                        f"{report['workdir_left']}")))
+            problems.append(f"sandbox {handle.sandbox_id} not fully destroyed{within}: "
+                            f"{left_behind(report)}")
     log_ref = handles[0].log_dir
     if not problems:
         return clock.passed(log_ref=log_ref, **details)

@@ -58,6 +58,17 @@ def service_env(dagster_home: Path, registry: Path) -> dict[str, str]:
     return {**os.environ, "DAGSTER_HOME": str(dagster_home), "MLCI_REGISTRY": str(registry)}
 
 
+def start_sensor(dagster_home: Path, registry: Path, name: str) -> None:
+    """Turns on a sensor that is off by default (the stale scanner), as its toggle in the UI
+    does: `dagster sensor start` on the home, so a daemon started after ticks it."""
+    done = subprocess.run([str(VENV_BIN / "dagster"), "sensor", "start", "-m",
+                           "mlci_dagster.definitions", name],
+                          env=service_env(dagster_home, registry), capture_output=True,
+                          text=True, timeout=180)
+    if done.returncode != 0:
+        raise AssertionError(f"dagster sensor start {name}: {done.stdout}{done.stderr}")
+
+
 @contextlib.contextmanager
 def daemon(dagster_home: Path, registry: Path, log: Path) -> Iterator[subprocess.Popen]:
     argv = [str(VENV_BIN / "dagster-daemon"), "run", "-m", "mlci_dagster.definitions"]
