@@ -104,9 +104,17 @@ def test_new_commits_and_pull_requests_run_what_their_change_needs_once(
     git(repo, "update-ref", "refs/pull/1/head", pr1)
     sensor = Sensor(instance, repo / "reg", "commit_poll")
 
-    first = sensor.tick()
+    first = sensor.tick()  # a fresh home: the heads as they are, nothing run
+    assert first.run_requests == [] and first.skip_reason.skip_message.startswith(
+        "first poll: 2 head(s)")
+    assert json.loads(sensor.cursor)["refs"] == {"refs/heads/main": main_sha,
+                                                 "refs/pull/1/head": pr1}
+    pr1 = on_branch(repo, "feat-a", "feat-a", {"src/alpha/a.py": "a = 4\n"})  # a new push
+    git(repo, "update-ref", "refs/pull/1/head", pr1)
+    main_sha = commit(repo, "on main", {"src/gamma.py": "g = 1\n"})
+    second = sensor.tick()
     by_set = {}
-    for request in first.run_requests:
+    for request in second.run_requests:
         by_set.setdefault((request.tags["mlci/sha"], request.tags["mlci/tier"]), []).append(
             request)
     assert {k: sorted(str(r.partition_key) for r in v) for k, v in by_set.items()} == {

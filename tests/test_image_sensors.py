@@ -320,13 +320,14 @@ def test_ecr_digest_change_requests_one_run_per_partition_using_the_image(ecr, t
     second = put_ecr_image(client, "nightly", sha256(b"layer-2"))
     tick3 = evaluate(registry, instance, "image_poll", cursor=tick2.cursor)
 
-    assert sorted(r.partition_key for r in tick1.run_requests) == AFFECTED
-    assert {r.run_key for r in tick1.run_requests} == {f"image:{first}:{p}" for p in AFFECTED}
-    assert {r.tags["mlci/image_digest"] for r in tick1.run_requests} == {first}
-    assert {r.tags["mlci/trigger"] for r in tick1.run_requests} == {"sensor"}
+    # A fresh home: the digests as they are, nothing run (no surprise in a new UI).
+    assert tick1.run_requests == [] and tick1.skip_message.startswith("first poll")
+    assert json.loads(tick1.cursor) == {"digests": {ref: first}}
     assert tick2.run_requests == []  # unchanged digest; `other` missing is a warning only
     assert sorted(r.partition_key for r in tick3.run_requests) == AFFECTED
     assert {r.run_key for r in tick3.run_requests} == {f"image:{second}:{p}" for p in AFFECTED}
+    assert {r.tags["mlci/image_digest"] for r in tick3.run_requests} == {second}
+    assert {r.tags["mlci/trigger"] for r in tick3.run_requests} == {"sensor"}
     assert json.loads(tick3.cursor) == {"digests": {ref: second}}
 
 
@@ -342,10 +343,13 @@ def test_polled_new_digest_runs_each_partition_once_even_across_a_daemon_restart
                               image_registries={host: {"kind": "oci", "insecure": True}},
                               image_poll_interval_s=1)
     instance.add_dynamic_partitions("config", ["a", "b", "c"])
-    digest = push_image(base, "ml/platform", "nightly", b"layer-1")
+    push_image(base, "ml/platform", "nightly", b"layer-0")  # there before: recorded, not run
 
     log1 = tmp_path / "daemon-1.log"
     with daemon(dagster_home, registry, log1):
+        wait_until(lambda: sensor_tick_after(instance, "image_poll", 0), 120,
+                   "the first image_poll tick", log1)
+        digest = push_image(base, "ml/platform", "nightly", b"layer-1")
         runs = wait_until(lambda: finished_runs(instance, "image_poll", 3), 180,
                           "3 finished runs", log1)
     restarted_at = time.time()

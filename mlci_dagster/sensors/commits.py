@@ -103,6 +103,13 @@ def commit_poll_sensor(job: dg.UnresolvedAssetJobDefinition, minimum_interval_se
         try:
             url = repository_url(registry)
             refs = watched_refs(url, spec)
+            if context.cursor is None:
+                # The first poll of a home records the heads as they are: commits and pull
+                # requests from before are no new change, and a fresh UI starts nothing.
+                return dg.SensorResult(cursor=json.dumps({"refs": refs}, sort_keys=True),
+                                       skip_reason=f"first poll: {len(refs)} head(s) recorded "
+                                       "as they are; a new commit or pull request from now on "
+                                       "runs its tiers")
             heads = moved_heads(refs, last_seen)
             mirror = _mirror(mlci, url)
             if heads:

@@ -122,9 +122,15 @@ def image_poll_sensor(job: dg.UnresolvedAssetJobDefinition, minimum_interval_sec
                     digests[ref] = last_seen[ref]
                 continue
             digests[ref] = digest
-            if digest != last_seen.get(ref):
+            # The first poll of a home records the digests as they are: what the registries
+            # held before is no new image, and a fresh UI starts nothing by itself.
+            if context.cursor is not None and digest != last_seen.get(ref):
                 requests.extend(image_run_requests(context, ref, digest, partitions, known))
         cursor = json.dumps({"digests": digests}, sort_keys=True)
+        if context.cursor is None:
+            return dg.SensorResult(skip_reason=f"first poll: {len(digests)} watched image "
+                                   "digest(s) recorded as they are; a new one from now on runs "
+                                   "the partitions that use it", cursor=cursor)
         if requests:
             return dg.SensorResult(run_requests=requests, cursor=cursor)
         reason = ("registries did not answer:\n" + "\n".join(problems) if problems
