@@ -16,7 +16,7 @@ import requests
 
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
-from mlci_dagster.providers.processes import GroupResult
+from mlci_dagster.providers.processes import GroupResult, pids_text
 from mlci_dagster.vocabulary import FailureKind
 
 __all__ = ["PROVIDERS", "PipelineResult", "Provider", "SandboxError", "SandboxHandle",
@@ -109,20 +109,12 @@ def left_behind(report: dict[str, Any]) -> str:
         return str(report["why"])
     left = []
     if report.get("leaked_pids"):
-        left.append(f"processes left: {_pids(report['leaked_pids'])}")
+        left.append(f"processes left: {pids_text(report['leaked_pids'])}")
     if report.get("busy_ports"):
         left.append("ports still in use: " + ", ".join(str(p) for p in report["busy_ports"]))
     if report.get("workdir_left"):
         left.append("work directory left")
     return "; ".join(left) or "the provider could not verify that nothing is left"
-
-
-def _pids(leaked: Any) -> str:
-    """`web 4121 4122, db 4130`: a provider gives leaked pids per service, or as a list."""
-    if isinstance(leaked, dict):
-        return ", ".join(f"{name} {' '.join(str(p) for p in pids)}"
-                         for name, pids in leaked.items())
-    return " ".join(str(p) for p in leaked)
 
 
 # name -> "module:Class"; imported on first use, so the core never imports a provider's SDK.

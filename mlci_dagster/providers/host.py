@@ -19,6 +19,7 @@ from mlci_dagster.providers.processes import (
     GroupResult,
     kill_group,
     kill_marked,
+    pids_text,
     process_start,
     run_group,
 )
@@ -96,7 +97,7 @@ def finish_destroy(handle: SandboxHandle, stopped: HostCleanup, problems: list[s
     shutil.rmtree(handle.workdir, ignore_errors=True)
     workdir_left = Path(handle.workdir).exists()
     if stopped.leaked:
-        problems.append(f"local processes left: {stopped.leaked}")
+        problems.append(f"local processes left: {pids_text(stopped.leaked)}")
     if workdir_left:
         problems.append(f"work directory {handle.workdir} left")
     clean = not problems

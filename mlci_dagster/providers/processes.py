@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -217,3 +218,11 @@ def _pump(writers: dict[int, RedactingWriter], deadline: float,
                     writers[key.fd].write(chunk)
                 else:
                     selector.unregister(key.fd)
+
+
+def pids_text(leaked: Any) -> str:
+    """`web 4121 4122, db 4130`: leaked pids per process group's name, or a list of them."""
+    if isinstance(leaked, dict):
+        return ", ".join(f"{name} {' '.join(str(p) for p in pids)}"
+                         for name, pids in leaked.items())
+    return " ".join(str(p) for p in leaked)
