@@ -222,8 +222,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     refused = guard_batch(instance, resource, [(s.config, s.engine) for s in selected],
                           lambda line: print(f"  {line}", flush=True))
     count = len(selected)
-    print(f"running {count} partition{'s' if count != 1 else ''}, {args.parallel} at a time, "
-          f"on DAGSTER_HOME={os.environ['DAGSTER_HOME']}", flush=True)
+    print(f"running {count} partition{'s' if count != 1 else ''}, "
+          f"{min(args.parallel, count)} at a time, on DAGSTER_HOME={os.environ['DAGSTER_HOME']}",
+          flush=True)
     home = mlci_home()
     items = [PartitionRun(s.key, str(uuid.uuid4()), pools[s.key]) for s in selected]
     for s, item in zip(selected, items, strict=True):
@@ -334,8 +335,8 @@ def _dry_run(registry: Registry, selected: list[Selected], pools: dict[str, str]
                 f" after the pre-batch guard of {reservation}" if reservation else "")
         rows.append([s.key, pool + limit, would, s.why])
     count = len(selected)
-    print(f"would run {count} partition{'s' if count != 1 else ''}, {args.parallel} at a time "
-          "(dry run: nothing is started)")
+    print(f"would run {count} partition{'s' if count != 1 else ''}, "
+          f"{min(args.parallel, count)} at a time (dry run: nothing is started)")
     print(table(rows) if selected else "the plan selects no partition")
     return 0
 

@@ -33,7 +33,7 @@ def test_into_a_pipe_each_partition_says_its_stages_as_lines(dagster_home):
     out, _ = proc.communicate(timeout=300)
 
     assert proc.returncode == 0, out
-    assert out.startswith("running 1 partition, 2 at a time")
+    assert out.startswith("running 1 partition, 1 at a time")
     assert len(STAGE_LINE.findall(out)) >= 2, out  # at least its start and one stage
     assert "\x1b[" not in out  # no terminal control codes in a log
     said = out.index("static-site|sqlite: starting")
