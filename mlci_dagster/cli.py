@@ -176,7 +176,9 @@ def _selection(registry: Registry, args: argparse.Namespace) -> list[Selected]:
     select, each name checked against the registry; nothing selected is a usage error."""
     try:
         if getattr(args, "plan", None):
-            selected = by_plan(registry, read_plan(args.plan))
+            plan = read_plan(args.plan)  # once: it may come from a pipe
+            args.batch_label = plan_label(plan)
+            selected = by_plan(registry, plan)
         elif getattr(args, "partitions", None):
             selected = by_keys(registry, [k for group in args.partitions
                                           for k in group.split(",") if k])
@@ -249,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _, stopped = run_partitions(
             instance, registry.root, [item for item in items if item.verdict is None], limits,
             args.parallel, args.trigger, home, events,
-            batch=new_batch(label=plan_label(read_plan(args.plan)) if args.plan else ""),
+            batch=new_batch(label=getattr(args, "batch_label", "")),
             max_wait_s=lambda pool: args.max_wait if args.max_wait is not None
             else longest.get(pool, 0.0),
             fail_fast=args.fail_fast,

@@ -224,8 +224,8 @@ def test_a_plan_from_mlci_plan_is_one_batch_and_a_dry_run_starts_nothing(dagster
     assert instance.get_runs() == []
 
     done = subprocess.run([PY, "-m", "mlci_dagster.cli", "run", "--registry", str(registry),
-                           "--plan", str(plan)], capture_output=True, text=True,
-                          env=os.environ, timeout=180)
+                           "--plan", "-"], input=plan.read_text(), capture_output=True,
+                          text=True, env=os.environ, timeout=180)  # as from `mlci plan | `
 
     assert done.returncode == 0, done.stdout + done.stderr
     [run] = [r for r in instance.get_runs() if r.job_name == "lifecycle"]
