@@ -65,7 +65,7 @@ def test_one_invalid_config_stops_no_automation_and_the_ui_names_file_and_field(
         sync = definitions.resolve_sensor_def("registry_sync")(context)
     [check] = sync.asset_events
     assert (check.check_name, check.passed) == (VALID_CHECK, False)
-    assert check.description.endswith("left out until fixed: b")
+    assert check.description == f"configs/b.yaml: {NEGATIVE}; left out until fixed: b"
     assert f"`{broken}: {NEGATIVE}`" in check.metadata["problems"].value
     assert not any(isinstance(r, dg.DeleteDynamicPartitionsRequest)
                    for r in sync.dynamic_partitions_requests)

@@ -20,8 +20,10 @@ def validity(registry: Registry) -> dg.AssetCheckEvaluation:
     expected), the configs left out (they are not run until fixed) and, when mlci.yaml itself
     is invalid, which mlci.yaml stands in for it."""
     left_out = sorted(registry.invalid)
+    first = registry.problems[0].removeprefix(f"{registry.root}/") if registry.problems else ""
+    more = len(registry.problems) - 1
     description = "every file valid" if not registry.problems else (
-        f"{len(registry.problems)} problem(s); "
+        f"{first}" + (f" (and {more} more problem(s))" if more else "") + "; "
         + (f"left out until fixed: {', '.join(left_out)}" if left_out else "no config left out")
         + (f"; mlci.yaml from {registry.settings_from}" if registry.settings_from else ""))
     return dg.AssetCheckEvaluation(
@@ -29,8 +31,7 @@ def validity(registry: Registry) -> dg.AssetCheckEvaluation:
         severity=dg.AssetCheckSeverity.ERROR, description=description,
         metadata={"problems": dg.MetadataValue.md("\n".join(f"- `{p}`" for p in registry.problems)
                                                   or "none"),
-                  "left_out": dg.MetadataValue.json(left_out),
-                  "configs": dg.MetadataValue.int(len(registry.configs))})
+                  "left_out": dg.MetadataValue.json(left_out)})
 
 
 @dg.asset_check(asset=REGISTRY_ASSET.key, name=VALID_CHECK,

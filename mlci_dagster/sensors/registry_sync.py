@@ -42,4 +42,4 @@ def registry_sync(context: dg.SensorEvaluationContext, mlci: MlciResource) -> dg
     skip = None if add or remove else "partitions match the registry" if not registry.problems \
         else "registry invalid, partitions unchanged:\n" + "\n".join(registry.problems)
     return dg.SensorResult(dynamic_partitions_requests=requests, asset_events=events,
-                           cursor=said, skip_reason=skip if not events else None)
+                           cursor=said, skip_reason=skip)
