@@ -694,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        # Ctrl-C outside mlci run's batch (which cancels its own runs): nothing to tear down.
+        print(f"mlci {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except UsageError as exc:
         print(f"mlci {args.command}: error: {exc}", file=sys.stderr)
         return 2
