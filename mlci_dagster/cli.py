@@ -602,8 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Runs each selected partition's lifecycle as a Dagster run on the instance at "
         "$DAGSTER_HOME, N side by side, within pool limits, after the pre-batch guard of the "
         "reservations they use; prints a line per partition as it ends, then the report. Exits "
-        "0 when every lifecycle passed or was refused (skip), 1 when one failed or could not "
-        "run, 128+N when stopped by signal N (its runs cancelled and torn down).",
+        "0 when every lifecycle passed or was refused (skip), 1 when one failed, was cancelled "
+        "from outside or could not run, 128+N when stopped by signal N (its runs cancelled and "
+        "torn down).",
         cmd_run, filters=True)
     run.add_argument("--partitions", action="append", metavar="KEYS",
                      help="these partitions, comma-separated config|engine keys (repeatable)")

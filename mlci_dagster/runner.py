@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -62,8 +63,9 @@ class Verdict(enum.StrEnum):
     NOT_RUN = "NOT RUN"  # never started: already in progress, waited too long, interrupted
 
 
-# Verdicts that make `mlci run` exit non-zero: a failure, or a partition it could not run.
-FAILING = {Verdict.FAILED, Verdict.LOST}
+# Verdicts that make `mlci run` exit non-zero: a failure, a run lost or stopped from outside
+# (Terminate in the UI) before its verdict; NOT RUN too, unless the partition runs elsewhere.
+NON_ZERO = {Verdict.FAILED, Verdict.LOST, Verdict.CANCELED}
 
 
 @dataclass
@@ -84,7 +86,7 @@ class PartitionRun:
 
     @property
     def failed(self) -> bool:
-        return self.verdict in FAILING or (self.verdict is Verdict.NOT_RUN and self.counts)
+        return self.verdict in NON_ZERO or (self.verdict is Verdict.NOT_RUN and self.counts)
 
 
 class RunEvents:
@@ -342,13 +344,46 @@ def execute(registry: str, key: str, run_id: str, trigger: str, batch: str = "")
     from mlci_dagster.resources.mlci import TRIGGER_TAG
 
     job = build_definitions(registry).resolve_job_def(LIFECYCLE_JOB)
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance, until_stopped(instance, run_id):
         result = job.execute_in_process(
             partition_key=key, instance=instance, raise_on_error=False, run_id=run_id,
             tags={TRIGGER_TAG: trigger, WORKER_TAG: worker_identity(os.getpid()),
                   **({BATCH_TAG: batch} if batch else {})},
             run_config=QUIET_RUN_CONFIG)
     return result.success
+
+
+RESEND_S = 5.0
+
+
+@contextlib.contextmanager
+def until_stopped(instance: dg.DagsterInstance, run_id: str) -> Iterator[None]:
+    """While the worker runs: once its run is asked to stop (CANCELING) or its parent is gone,
+    SIGINT to itself every RESEND_S until the lifecycle has seen an interrupt. The first one,
+    from the parent, can be lost on its way (Python drops an exception a signal handler raises
+    inside a fork's callbacks or a finalizer), and the lifecycle would then run to its end."""
+    from mlci_dagster.stages.lifecycle import INTERRUPT_SEEN
+
+    parent = os.getppid()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(RESEND_S):
+            if INTERRUPT_SEEN.is_set():
+                return
+            run = instance.get_run_by_id(run_id)
+            if run is not None and run.is_finished:
+                return
+            stopping = run is not None and run.status == dg.DagsterRunStatus.CANCELING
+            if stopping or os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=watch, name="mlci-until-stopped", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,19 @@ def pooled_registry(root: Path) -> Path:
     return root
 
 
+def slow_synced_registry(root: Path, dagster_home: Path) -> Path:
+    """Config `slow` (a web service, a 50 s pipeline), synced into the home for the daemon."""
+    from tests.conftest import http_service
+
+    slow = command_pipeline("train", "import time; time.sleep(50)", timeout_s=60)
+    registry = write_registry(root, [config(
+        "slow", sandbox={"services": [http_service()]}, pipelines=[slow],
+        ui_smoke={"routes": []})], engines={"e1": {}})
+    subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=service_env(dagster_home, registry),
+                   check=True, timeout=120, capture_output=True)
+    return registry
+
+
 def asset_job_params(assets: list[str], partition: str) -> dict:
     """What the UI's Materialize button sends for `assets` of one partition (with their
     checks, as the UI selects them)."""
@@ -146,16 +159,10 @@ def test_a_daemon_run_whose_worker_is_killed_is_marked_failed_and_its_sandbox_re
         tmp_path, dagster_home, instance):
     """Under the daemon, Dagster itself notices a run worker that died (its code server reports
     the run failed); the teardown_after_failure sensor then reaps the sandbox."""
-    from tests.conftest import http_service, processes_of_sandbox, stage_details
+    from tests.conftest import processes_of_sandbox, stage_details
     from tests.support.injection import stage_in_progress
 
-    slow = command_pipeline("train", "import time; time.sleep(50)", timeout_s=60)
-    registry = write_registry(tmp_path / "reg", [config(
-        "slow", sandbox={"services": [http_service()]}, pipelines=[slow],
-        ui_smoke={"routes": []})], engines={"e1": {}})
-    env = service_env(dagster_home, registry)
-    subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, check=True, timeout=120,
-                   capture_output=True)
+    registry = slow_synced_registry(tmp_path / "reg", dagster_home)
     log = tmp_path / "daemon.log"
     with webserver(dagster_home, registry, tmp_path / "web.log") as url, \
             daemon(dagster_home, registry, log):
@@ -196,16 +203,10 @@ def test_from_the_ui_terminate_cancels_and_records_and_an_unknown_partition_is_r
     """The UI's Terminate: the lifecycle is interrupted inside its stage, tears down, records a
     `canceled` result, and the run ends CANCELED. A key added by hand in the partition picker
     for a config the registry lacks: its run fails before any stage, naming the known ones."""
-    from tests.conftest import http_service, latest_record, processes_of_sandbox, stage_details
+    from tests.conftest import latest_record, processes_of_sandbox, stage_details
     from tests.support.injection import stage_in_progress
 
-    slow = command_pipeline("train", "import time; time.sleep(50)", timeout_s=60)
-    registry = write_registry(tmp_path / "reg", [config(
-        "slow", sandbox={"services": [http_service()]}, pipelines=[slow],
-        ui_smoke={"routes": []})], engines={"e1": {}})
-    env = service_env(dagster_home, registry)
-    subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"], env=env, check=True, timeout=120,
-                   capture_output=True)
+    registry = slow_synced_registry(tmp_path / "reg", dagster_home)
     instance.add_dynamic_partitions("config", ["nope"])  # the UI's "Add a partition"
     log = tmp_path / "daemon.log"
     with webserver(dagster_home, registry, tmp_path / "web.log") as url, \

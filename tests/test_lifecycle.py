@@ -362,3 +362,17 @@ def test_a_pipeline_command_that_does_not_exist_is_the_tests_own_fault_with_a_lo
     assert "typo|e1: fail-pipeline_runs (config (the test's own setup), owner test-team)" in notes
     assert f"log: {record['log_ref']}" in notes
     assert f"debug bundle: {record['debug_bundle']}" in notes
+
+
+def test_an_interrupt_during_teardown_waits_until_it_is_done():
+    """Teardown holds SIGINT: one that arrives meanwhile is handled right after, not lost."""
+    import signal
+
+    from mlci_dagster.stages.lifecycle import signals_held
+
+    finished = False
+    # Python's own handler raises once the block is over; the block itself goes on.
+    with pytest.raises(KeyboardInterrupt), signals_held(signal.SIGINT):
+        os.kill(os.getpid(), signal.SIGINT)
+        finished = True
+    assert finished

@@ -94,6 +94,28 @@ def test_ctrl_c_cancels_each_run_tears_it_down_records_it_and_exits_128_plus_n(
     assert "slow|e1: canceled: pipeline_runs: interrupted after" in report.stdout
 
 
+def test_a_stop_whose_signal_never_arrives_still_cancels_and_records(dagster_home, instance,
+                                                                     tmp_path, mlci):
+    """The run asked to stop (CANCELING, as the UI's Terminate marks it) while no interrupt
+    reaches its worker (Python can drop one raised inside a fork's callbacks): the worker sends
+    itself one until its lifecycle has seen it. From outside, so mlci run exits 1."""
+    from mlci_dagster.compat import report_run_canceling
+
+    registry = slow_registry(tmp_path / "reg")
+    log = tmp_path / "run.log"
+    proc = mlci(registry, "--config", "slow", log=log)
+    run = run_in(instance, "pipeline_runs")
+
+    report_run_canceling(instance, run, "asked with no signal")
+
+    assert proc.wait(timeout=120) == 1, log.read_text()
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.CANCELED
+    record = latest_record(instance, "slow|e1")
+    assert record["status"] == "canceled" and record["stages"]["teardown"]["status"] == "pass"
+    assert "slow|e1: CANCELED" in log.read_text()
+    assert no_sandbox_left(dagster_home)
+
+
 def test_a_second_mlci_run_never_starts_a_partition_in_progress_and_batches_stay_apart(
         dagster_home, instance, tmp_path, mlci):
     registry = slow_registry(tmp_path / "reg", seconds=8)

@@ -10,6 +10,9 @@ a `finally`, after a failed stage, a harness error or an interruption (a cancell
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -57,6 +60,33 @@ def budget_refusal_of(ctx: LifecycleContext) -> str | None:
     return budget_refusal(settings.budget, spend, estimate_run(ctx.config, rate, ctx.past_costs))
 
 
+# Set when a lifecycle of this process has caught an interrupt. An interrupt can be lost before
+# it reaches the lifecycle (Python drops an exception its handler raises inside a fork's
+# callbacks or a finalizer): a process that sends one again until it is seen (an `mlci run`
+# worker whose run was asked to stop) stops once this is set.
+INTERRUPT_SEEN = threading.Event()
+
+
+@contextlib.contextmanager
+def signals_held(*signals: signal.Signals) -> Iterator[None]:
+    """Handles `signals` only after the block: one that arrives meanwhile is noted, then sent
+    again to this process once the handlers before are back. Python handles signals in the
+    main thread only, so elsewhere this holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum))
+                for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():  # None: set outside Python, its default
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(arrived):
+            os.kill(os.getpid(), signum)
+
+
 def run_lifecycle(ctx: LifecycleContext) -> Iterator[StageOutcome]:
     """Yields each stage's outcome as it finishes, teardown last, whatever happened before it.
 
@@ -66,6 +96,7 @@ def run_lifecycle(ctx: LifecycleContext) -> Iterator[StageOutcome]:
     is raised again for the caller. If the caller stops early (it closes the generator), teardown
     still runs before that goes on.
     """
+    INTERRUPT_SEEN.clear()
     done: list[StageOutcome] = []
     current: list[StageClock] = []  # the clock of the stage in progress
 
@@ -89,9 +120,12 @@ def run_lifecycle(ctx: LifecycleContext) -> Iterator[StageOutcome]:
     except GeneratorExit:
         raise
     except BaseException as exc:  # noqa: BLE001 (an interrupt: recorded, then raised again)
+        INTERRUPT_SEEN.set()
         stop = exc
     finally:
-        teardown = guarded(ctx, Stage.TEARDOWN, lambda: tear_down(ctx, done))
+        # An interrupt during teardown waits until it is done: it would only leave the sandbox.
+        with signals_held(signal.SIGINT, signal.SIGTERM):
+            teardown = guarded(ctx, Stage.TEARDOWN, lambda: tear_down(ctx, done))
     if stop is not None:
         yield from interrupted_rest(done, current, stop)
     yield teardown
