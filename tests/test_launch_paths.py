@@ -238,3 +238,46 @@ def test_from_the_ui_terminate_cancels_and_records_and_an_unknown_partition_is_r
            failure.dagster_event.step_failure_data.error.message
     assert instance.get_runs(dg.RunsFilter(run_ids=[unknown_id]))[0].tags.get(POOL_TAG) is None
     assert list((dagster_home / "mlci" / "ledger").glob("*.json")) == []
+
+
+@pytest.mark.daemon
+def test_from_the_ui_terminate_cancels_a_kubernetes_lifecycle_and_deletes_its_namespace(
+        tmp_path, dagster_home, instance):
+    """The same Terminate on the Kubernetes provider (the emulated API server, its controller
+    running the `train` Job for a minute): CANCELED promptly, the namespace deleted and gone from
+    the API, the record says cancelled."""
+    from tests.conftest import latest_record, stage_details
+    from tests.support.injection import (
+        SETTLE_S,
+        emulated_cluster,
+        listed_namespaces,
+        stage_in_progress,
+        write_kubernetes_registry,
+    )
+
+    with emulated_cluster(tmp_path / "cloud", train_s=60) as kubeconfig:
+        registry = write_kubernetes_registry(tmp_path / "reg", kubeconfig)
+        subprocess.run([PY, "-m", "mlci_dagster.cli", "sync"],
+                       env=service_env(dagster_home, registry), check=True, timeout=120,
+                       capture_output=True)
+        log = tmp_path / "daemon.log"
+        with webserver(dagster_home, registry, tmp_path / "web.log") as url, \
+                daemon(dagster_home, registry, log):
+            launched = graphql(url, LAUNCH_RUN,
+                               {"params": asset_job_params(LIFECYCLE, "inject|e1")})
+            run_id = launched["launchPipelineExecution"]["run"]["runId"]
+            wait_until(lambda: stage_in_progress(instance, run_id, "pipeline_runs"), 120,
+                       "the run to reach pipeline_runs", log)
+            assert stage_details(instance, run_id, "sandbox")["handle"]["sandbox_id"]
+
+            terminated = graphql(url, TERMINATE_RUNS, {"runIds": [run_id]})
+            assert terminated["terminateRuns"]["__typename"] == "TerminateRunsResult"
+            wait_until(lambda: instance.get_run_by_id(run_id).status ==
+                       dg.DagsterRunStatus.CANCELED, 120, "the run to end CANCELED", log)
+
+        record = latest_record(instance, "inject|e1")
+        assert record["status"] == "canceled" and record["run_id"] == run_id
+        assert record["error_summary"].startswith("pipeline_runs: interrupted after")
+        assert record["stages"]["pipeline_runs"]["duration_s"] < 30  # not the Job's minute
+        assert record["stages"]["teardown"]["status"] == "pass"
+        assert listed_namespaces(kubeconfig, run_id, settle_s=SETTLE_S) == []

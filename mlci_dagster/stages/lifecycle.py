@@ -122,12 +122,13 @@ def run_lifecycle(ctx: LifecycleContext) -> Iterator[StageOutcome]:
     except BaseException as exc:  # noqa: BLE001 (an interrupt: recorded, then raised again)
         INTERRUPT_SEEN.set()
         stop = exc
+        rest = list(interrupted_rest(done, current, stop))  # timed now, before the teardown
     finally:
         # An interrupt during teardown waits until it is done: it would only leave the sandbox.
         with signals_held(signal.SIGINT, signal.SIGTERM):
             teardown = guarded(ctx, Stage.TEARDOWN, lambda: tear_down(ctx, done))
     if stop is not None:
-        yield from interrupted_rest(done, current, stop)
+        yield from rest
     yield teardown
     if stop is not None:
         raise stop

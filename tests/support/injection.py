@@ -290,17 +290,17 @@ def _release_slow_finalizers(api: KubeApiServer, stop: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def emulated_cluster(home: Path) -> Iterator[Path]:
+def emulated_cluster(home: Path, train_s: float = TRAIN_S) -> Iterator[Path]:
     """The loopback Kubernetes API emulator and its controller, paced for
-    `write_kubernetes_registry`: the migration Job runs MIGRATE_S, `train` TRAIN_S, the service
-    `web` (in any namespace) answers /slow after SLOW_S, the slow finalizer goes CLEANUP_S after
-    a deletion. Yields its kubeconfig, written under `home`."""
+    `write_kubernetes_registry`: the migration Job runs MIGRATE_S, `train` `train_s`, the
+    service `web` (in any namespace) answers /slow after SLOW_S, the slow finalizer goes
+    CLEANUP_S after a deletion. Yields its kubeconfig, written under `home`."""
     stop = threading.Event()
     try:
         with _slow_backend() as web_port, KubeApiServer() as api, \
                 KubeController(api) as controller:
             controller.behave("Job", "migrate", run_s=MIGRATE_S)
-            controller.behave("Job", "train", run_s=TRAIN_S)
+            controller.behave("Job", "train", run_s=train_s)
             api.route_service(None, "web", f"http://127.0.0.1:{web_port}")
             threading.Thread(target=_release_slow_finalizers, args=(api, stop),
                              daemon=True).start()
