@@ -18,19 +18,36 @@ from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.providers.ports import port_is_free
 from mlci_dagster.providers.processes import marked_processes
 from mlci_dagster.record import ResultRecord
+from tests.support.services import MARK, require_marked
 
 PY = sys.executable
 SLOW = os.environ.get("MLCI_SLOW") == "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARK}(name): runs a system service (tests/support/services.py): skipped "
+        "where it is missing, a failure under CI=true")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`slow` tests repeat, on the same real service, a path another test covers in CI."""
+    """`slow` tests repeat, on the same real service, a path another test covers in CI: an
+    opt-in (MLCI_SLOW=1), so skipped in CI too."""
     if SLOW:
         return
     skip = pytest.mark.skip(reason="slow: a second case of a covered path; set MLCI_SLOW=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `needs(service)` whose service is missing is skipped, or fails in CI,
+    before its fixtures try to start the service."""
+    require_marked(item)
+
+
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 

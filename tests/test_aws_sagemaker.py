@@ -1,6 +1,9 @@
 """The aws-sagemaker provider, through the real boto3 against moto's server on loopback.
 
-What moto 5 emulates and what it cannot (REFERENCE.md, moto section):
+What moto emulates and what it cannot (moto 5.2.6, the installed package: `moto/sagemaker/
+models.py`, where `FakeEndpoint` is InService when created and `delete_endpoint` removes it at
+once; `moto/sagemakerruntime/models.py`, whose `invoke_endpoint` pops the results queued through
+`moto/moto_api/_internal/urls.py`'s `/moto-api/static/sagemaker/endpoint-results`):
 - models, endpoint configs and endpoints with their tags, `list_*` and `list_tags`, and
   ValidationException ("Could not find ...") once deleted: all real here.
 - An endpoint is InService as soon as it is created: the Creating -> InService wait returns

@@ -18,7 +18,7 @@ import pytest
 
 from mlci_dagster.vocabulary import STAGES, Stage
 from tests.support.injection import inject, registry_on
-from tests.support.tpu_api import sshd_available
+from tests.support.services import SSHD, require
 
 # Per provider: the stage CI kills it in, and what its API lists of a run in the result.
 CLOUDS = {"aws-sagemaker": (Stage.SANDBOX, "sagemaker"),
@@ -28,8 +28,8 @@ CLOUDS = {"aws-sagemaker": (Stage.SANDBOX, "sagemaker"),
 @pytest.fixture
 def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     """Config `inject` on the provider `request.param`, its cloud emulated on loopback."""
-    if request.param == "gcp-tpu-vm" and not sshd_available():
-        pytest.skip("needs /usr/sbin/sshd and ssh-keygen (scripts/install-test-services.sh)")
+    if request.param == "gcp-tpu-vm":
+        require(SSHD)
     with registry_on(request.param, tmp_path) as root:
         yield root
 

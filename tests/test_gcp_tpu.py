@@ -34,11 +34,9 @@ from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.registry.models import TestConfig
 from mlci_dagster.vocabulary import FailureKind
 from tests.conftest import run_partition, stage_details
-from tests.support.tpu_api import LoopbackSshd, TpuApiServer, sshd_available
-
-pytestmark = pytest.mark.skipif(
-    not sshd_available(), reason="needs /usr/sbin/sshd and ssh-keygen (Debian openssh-server: "
-    "scripts/install-test-services.sh installs it)")
+from tests.support.dagster_services import wait_until
+from tests.support.services import SSHD, require
+from tests.support.tpu_api import LoopbackSshd, TpuApiServer
 
 EXAMPLE_TPU = EXAMPLE_REGISTRY.parent / "gcp-tpu"
 PROJECT, ZONE = "mlci-test-project", "us-central2-b"
@@ -48,6 +46,9 @@ RUN_ID = "6f1c2d3e-aaaa-bbbb-cccc-0123456789ab"
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackSshd]:
+    """The VM: every test that reaches a node needs it (the registry's and the naming rules'
+    tests run without)."""
+    require(SSHD)
     with LoopbackSshd(tmp_path_factory.mktemp("sshd")) as server:
         yield server
 
@@ -101,6 +102,34 @@ def remote_processes(marker: str) -> list[int]:
         except psutil.Error:
             continue
     return found
+
+
+def pipeline_running(sandbox_id: str, pipeline: str) -> Path | None:
+    """The file in which the pipeline's remote shell notes its process group on the VM (this
+    machine), while the pipeline runs there: its command has started and not ended."""
+    pgid = Path(f"/tmp/mlci-{sandbox_id}-{pipeline}.pgid")
+    return pgid if pgid.exists() else None
+
+
+def preempt_once_running(api: TpuApiServer, pipeline: str, node: str | None = None
+                         ) -> threading.Event:
+    """Preempts the node (`node`, else the first READY one) as soon as `pipeline` runs on it,
+    from a thread: mid-run whatever the machine's speed, never before it started. The event is
+    set once it did."""
+    def node_running_it() -> str | None:
+        names = [node] if node else [name.rsplit("/", 1)[-1] for name, n in
+                                     list(api.state.nodes.items()) if n.state == "READY"]
+        return next((name for name in names if pipeline_running(name, pipeline)), None)
+
+    preempted = threading.Event()
+
+    def preempt() -> None:
+        api.preempt(wait_until(node_running_it, 60, f"{pipeline} running on a node",
+                               interval_s=0.02))
+        preempted.set()
+
+    threading.Thread(target=preempt, daemon=True).start()
+    return preempted
 
 
 def wait_gone(marker: str, timeout_s: float = 5.0) -> list[int]:
@@ -264,9 +293,11 @@ def test_ssh_command_timeout_kills_the_remote_process_group(sandbox):
 def test_a_node_preempted_mid_run_fails_the_pipeline_as_infra(sandbox, api):
     provider, handle = sandbox
     pipeline = ssh_pipeline("long-train", "echo step 1; sleep 7401; echo never")
-    threading.Timer(0.5, api.preempt, [handle.sandbox_id]).start()
+    preempted = preempt_once_running(api, "long-train", handle.sandbox_id)
 
     result = provider.run_pipeline(handle, pipeline, {}, timeout_s=30)
+
+    assert preempted.wait(10)  # while long-train ran on the node
 
     assert not result.passed
     assert result.failure_kind is FailureKind.INFRA
@@ -425,9 +456,25 @@ def test_ssh_command_runs_only_in_a_tpu_sandbox():
         TestConfig.model_validate(config_with({"provider": "local"}))
 
 
-def test_the_provider_is_found_by_name(tmp_path):
-    provider = build_provider("gcp-tpu-vm", tmp_path, settings=TpuLocation(PROJECT, ZONE))
-    assert isinstance(provider, TpuVmProvider)
+def test_the_provider_is_found_by_name_and_finds_the_nodes_of_its_project_and_zone(
+        tmp_path, api, sshd):
+    location = TpuLocation(PROJECT, ZONE, api.url)
+    provider = build_provider("gcp-tpu-vm", tmp_path / "by-name", [KEY_ENV], settings=location)
+    creator = make_provider(tmp_path / "home", api)
+    handle = creator.create(sandbox_spec(api, sshd), config="jax-smoke", engine="jax",
+                            run_id=RUN_ID, engine_variables={}, teardown_s=60)
+    elsewhere = TpuLocation(PROJECT, "europe-west4-a", api.url)
+    try:
+        assert (provider.name, provider.settings) == ("gcp-tpu-vm", location)
+        assert [(h.sandbox_id, h.provider, h.run_id, h.config, h.engine)
+                for h in provider.list_live()] == [
+            (handle.sandbox_id, "gcp-tpu-vm", RUN_ID, "jax-smoke", "jax")]
+        assert build_provider("gcp-tpu-vm", tmp_path / "other-zone",
+                              settings=elsewhere).list_live() == []
+    finally:
+        assert creator.destroy(handle, timeout_s=60)["clean"]
+    with pytest.raises(KeyError, match="unknown provider 'gcp-tpu' .*gcp-tpu-vm"):
+        build_provider("gcp-tpu", tmp_path)
 
 
 # --- the example through Dagster -------------------------------------------------------------
@@ -512,19 +559,9 @@ def test_a_node_preempted_mid_run_is_retried_by_dagster_and_recorded_as_infra(
 
     edit_yaml(tpu_example / "configs" / "tpu-cpu-tests.yaml", slow_and_retried)
 
-    def preempt_the_first_node() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready = [name for name, node in list(api.state.nodes.items())
-                     if node.state == "READY"]
-            if ready:
-                time.sleep(1.0)  # the train pipeline is running on it now
-                api.preempt(ready[0])
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=preempt_the_first_node, daemon=True).start()
+    preempted = preempt_once_running(api, "train")  # the first node, while train runs on it
     result, last = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
+    assert preempted.wait(10)
 
     records = [dict(r.asset_materialization.metadata["record"].value) for r in
                instance.fetch_materializations(

@@ -13,6 +13,7 @@ from mlci_dagster.history.render import report_table
 from mlci_dagster.history.table import append_rows, record_to_row
 from mlci_dagster.registry.models import HistorySettings
 from tests.conftest import result_record
+from tests.support.services import CHROMIUM, require
 
 NIGHT = 1_780_000_000.0  # 2026-05-28 20:26:40Z
 
@@ -208,13 +209,10 @@ def wide_history() -> list:
 def test_the_page_fits_a_900_px_window_and_the_grid_scrolls_in_its_own_box(tmp_path):
     """In headless Chromium at 900 px wide: nothing overflows the window; the 30 columns
     scroll inside the grid's box, and the long failure signature wraps."""
-    import pytest
-
     from mlci_dagster.chromium import find_chromium, launch_args
 
+    require(CHROMIUM)
     chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("no Chromium on this machine")
     from playwright.sync_api import sync_playwright
 
     page_html, _ = grid_of(wide_history())

@@ -9,18 +9,21 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from mlci_dagster.providers.ports import port_is_free
-from tests.support.tpu_api import sshd_available
+from mlci_dagster.registry import load_registry
+from tests.support.dagster_services import wait_until
+from tests.support.loopback_cloud import EXAMPLES, TPU_PROJECT
+from tests.support.services import SSHD, needs
+from tests.support.tpu_api import listed_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_sshd = pytest.mark.skipif(not sshd_available(), reason="needs /usr/sbin/sshd and "
-                                "ssh-keygen (scripts/install-test-services.sh)")
+TPU_ZONE = load_registry(EXAMPLES / "gcp-tpu").configs["tpu-cpu-tests"].config.sandbox.zone
+needs_sshd = needs(SSHD)
 
 
 def start(script: str) -> subprocess.Popen[str]:
@@ -58,17 +61,22 @@ def test_the_loopback_script_runs_its_example_to_a_pass_and_stops_everything(scr
 @needs_sshd
 def test_ctrl_c_in_the_middle_of_the_run_tears_down_and_stops_everything():
     proc = start("loopback-gcp.sh")
-    lines = []
+    lines: list[str] = []
+    nodes: list[str] = []  # the run's nodes in the cloud when Ctrl-C is pressed
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("running 1 partition,"):
-            time.sleep(2)  # mid-run: the node is being created or the pipelines run
+            # Mid-run: once the run's TPU node exists in the cloud, for the teardown to delete.
+            [api] = re.findall(r"Cloud TPU API at (http://\S+?);", lines[0])
+            nodes = wait_until(lambda api=api: listed_nodes(api, TPU_PROJECT, TPU_ZONE), 120,
+                               "the run's TPU node", interval_s=0.1)
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends the foreground job
             break
     output = "".join(lines) + proc.communicate(timeout=240)[0]
 
     assert proc.returncode == 1, output
+    assert len(nodes) == 1, output
     assert "loopback gcp: interrupted (SIGINT); cleaning up" in output
     assert "left in the cloud: nothing; services stopped" in output.splitlines()[-1], output
     assert_nothing_left(output)

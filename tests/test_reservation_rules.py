@@ -117,7 +117,14 @@ def test_daytime_reservations_on_distinct_accounts_are_allowed(tmp_path):
         configs=[config("demo", sandbox={"services": [http_service()], "reservation": "gpu-box"}),
                  config("train", sandbox={"services": [http_service()], "reservation": "other"})])
 
-    assert len(load_registry(root).settings.reservations) == 2
+    registry = load_registry(root)
+
+    assert [(r.name, r.account, r.capacity, r.daytime.intent if r.daytime else None)
+            for r in registry.settings.reservations] == [("gpu-box", "default", 1, "demo"),
+                                                         ("other", "lab-2", 1, "train")]
+    assert {name: loaded.config.sandbox.reservation
+            for name, loaded in registry.configs.items()} == {"demo": "gpu-box",
+                                                              "train": "other"}
 
 
 def test_a_nightly_start_moved_into_the_window_is_refused(tmp_path):
@@ -337,7 +344,11 @@ def test_take_back_frees_only_the_lease_it_read(instance):
 def test_concurrent_acquirers_never_share_a_slot(instance):
     """Eight threads, each with its own connections, race for two slots of one reservation."""
     assert race_for_slots(instance, "gpu-box", 2, 8) == [0, 1]
-    assert len(store(instance).leases("gpu-box")) == 2
+    leases = store(instance).leases("gpu-box")
+    assert [(lease.slot, lease.kind, lease.partition, lease.expires_at) for lease in leases] == [
+        (0, LeaseKind.RUN, "a|e", 2), (1, LeaseKind.RUN, "a|e", 2)]
+    holders = [lease.holder for lease in leases]  # two of the racers, one slot each
+    assert len(set(holders)) == 2 and set(holders) <= {f"racer-{i}" for i in range(8)}, holders
 
 
 def test_with_the_lease_table_out_of_reach_reserved_sandboxes_are_kept(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mlci_dagster.registry import RegistryError, load_registry
+from mlci_dagster.stages.context import LifecycleContext
 from tests.conftest import (
     PY,
     assert_no_leaks,
@@ -81,7 +82,7 @@ def test_undeclared_env_values_never_reach_logs_metadata_or_the_event_log(
         assert all(secret not in str(e) for e in instance.all_logs(result.run_id)), secret
 
 
-def test_a_referenced_value_is_masked_unless_declared_public(tmp_path):
+def test_a_referenced_value_is_masked_unless_declared_public(tmp_path, monkeypatch):
     engines = {"e1": {"variables": {"URI": "db://${env.MLCI_DB_HOST}/x"},
                       "services": [{"name": "db", "command": ["${env.MLCI_DB_BIN}"],
                                     "env": {"AREA": "${env.MLCI_AREA}"},
@@ -97,6 +98,17 @@ def test_a_referenced_value_is_masked_unless_declared_public(tmp_path):
 
     assert registry.secret_names == ("MLCI_DB_BIN", "MLCI_DB_HOST", "MLCI_DECLARED",
                                      "MLCI_LEVEL")
+    # What a log line of the lifecycle shows: every value masked but the public ones.
+    values = {"MLCI_DB_BIN": "/opt/db-bin-7a1", "MLCI_DB_HOST": "db-host-3c2",
+              "MLCI_DECLARED": "declared-9f3", "MLCI_LEVEL": "level-5e4",
+              "HOME": "/home/tester-6d5", "MLCI_AREA": "area-public-8b6"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    redactor = LifecycleContext.create(registry, "c", "e1", "run-1", tmp_path / "home").redactor
+    line = " ".join(f"{name}={value}" for name, value in values.items())
+    assert redactor.text(line) == ("MLCI_DB_BIN=*** MLCI_DB_HOST=*** MLCI_DECLARED=*** "
+                                   "MLCI_LEVEL=*** HOME=/home/tester-6d5 "
+                                   "MLCI_AREA=area-public-8b6")
 
 
 @pytest.mark.parametrize(

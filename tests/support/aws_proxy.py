@@ -1,8 +1,10 @@
 """A loopback HTTP proxy in front of moto's server, for the CodeBuild answers moto cannot give,
 and the moto state a CodeBuild image build needs (a project, and the image it would push).
 
-moto 5's CodeBuild (REFERENCE.md) turns every build SUCCEEDED on its first `batch_get_builds`,
-has no FAILED path, and names no CloudWatch log stream (`logs` has no groupName/streamName).
+moto's CodeBuild (moto 5.2.6, the installed package: `moto/codebuild/models.py`,
+`batch_get_builds` and the build's `logs`) turns every build SUCCEEDED on its first
+`batch_get_builds`, has no FAILED path, and names no CloudWatch log stream (`logs` has no
+groupName/streamName).
 `AwsProxy` forwards every request to moto as it came and changes only this:
 - A StartBuild answer: `on_start(build, request)` is called first, when set, so a test can write
   the build's log where the build names it (`log_names`), as the running build would.

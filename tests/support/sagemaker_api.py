@@ -5,14 +5,15 @@ boto3), and `PacedSageMaker`, a proxy in front of moto that gives its endpoints 
 ones have.
 
 moto's endpoints are InService the moment they are created and gone the moment they are deleted
-(REFERENCE.md, moto section); real ones are Creating, then Deleting, for minutes. The proxy
-forwards every request to moto unchanged and keeps only that clock (`EndpointClock`, apart from
-the wire format): DescribeEndpoint and ListEndpoints answer `Creating` for `create_s` after
-CreateEndpoint, and a DeleteEndpoint is answered at once but reaches moto `delete_s` later,
-the endpoint `Deleting` meanwhile (a second DeleteEndpoint of it is accepted and changes
-nothing). It also answers GET `<anything>/slow` itself after `slow_s`: a stand-in for a slow
-route of a UI in front of the endpoint, which SageMaker does not have. Not emulated: Failed or
-OutOfService endpoints, updates, the runtime's own errors.
+(moto 5.2.6, the installed package: `moto/sagemaker/models.py`, `FakeEndpoint.__init__` and
+`SageMakerModelBackend.delete_endpoint`); real ones are Creating, then Deleting, for minutes.
+The proxy forwards every request to moto unchanged and keeps only that clock (`EndpointClock`,
+apart from the wire format): DescribeEndpoint and ListEndpoints answer `Creating` for
+`create_s` after CreateEndpoint, and a DeleteEndpoint is answered at once but reaches moto
+`delete_s` later, the endpoint `Deleting` meanwhile (a second DeleteEndpoint of it is accepted
+and changes nothing). It also answers GET `<anything>/slow` itself after `slow_s`: a stand-in
+for a slow route of a UI in front of the endpoint, which SageMaker does not have. Not emulated:
+Failed or OutOfService endpoints, updates, the runtime's own errors.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The embedded default provider: services as local child processes, one sandbox per partition.
 
 Each sandbox has its own work directory, a free port per service and a ledger entry; every
-process runs in its own process group, so destroy can kill all of it and prove it did.
+process runs in its own process group, so destroy can kill all of it and prove it did. A
+service's port stays reserved against every other allocation on the machine until the sandbox is
+ready (its services listening) or destroyed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.host import sandbox_env
 from mlci_dagster.providers.logpipe import OutputWatcher, log_tail
-from mlci_dagster.providers.ports import allocate_free_port, port_is_free
+from mlci_dagster.providers.ports import PortReservation, port_is_free, reserve_free_port
 from mlci_dagster.providers.probes import wait_until_ready
 from mlci_dagster.providers.processes import (
     GroupResult,
@@ -38,6 +40,8 @@ class LocalProvider(host.ProviderHome):
 
     def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = ()) -> None:
         super().__init__(home, secret_names)
+        # Per sandbox, its ports' reservations until its services listen on them.
+        self._port_holds: dict[str, list[PortReservation]] = {}
 
     @classmethod
     def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
@@ -65,13 +69,19 @@ class LocalProvider(host.ProviderHome):
         """Reserves ports, makes the directories and starts every service; cleans up on failure."""
         handle = self.new_handle(f"{config}.{engine}.{uuid.uuid4().hex[:8]}", config=config,
                                  engine=engine, run_id=run_id, ttl_s=spec.ttl_s)
-        with self.ledger.lock():
-            reserved = self.ledger.reserved_ports()
-            for service in spec.services:
-                port = allocate_free_port(reserved | set(handle.ports.values()))
-                handle.ports[service.name] = port
-                handle.endpoints[service.name] = f"http://127.0.0.1:{port}"
-            self.ledger.record(handle)
+        holds = self._port_holds.setdefault(handle.sandbox_id, [])
+        try:
+            with self.ledger.lock():
+                reserved = self.ledger.reserved_ports()
+                for service in spec.services:
+                    holds.append(reserve_free_port(reserved | set(handle.ports.values())))
+                    port = holds[-1].port
+                    handle.ports[service.name] = port
+                    handle.endpoints[service.name] = f"http://127.0.0.1:{port}"
+                self.ledger.record(handle)
+        except BaseException:
+            self.release_ports(handle)
+            raise
         try:
             Path(handle.workdir).mkdir(parents=True)
             Path(handle.log_dir).mkdir(parents=True, exist_ok=True)
@@ -108,7 +118,22 @@ class LocalProvider(host.ProviderHome):
         self, handle: SandboxHandle, spec: LocalSandbox, timeout_s: float,
         image: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """Probes every service in turn; raises SandboxError (with the log tail) if one fails."""
+        """Probes every service in turn; raises SandboxError (with the log tail) if one fails.
+        The sandbox's ports are released to other allocations either way: its services listen
+        on them now, or it is about to be destroyed."""
+        try:
+            return self._wait_until_ready(handle, spec, timeout_s, image)
+        finally:
+            self.release_ports(handle)
+
+    def release_ports(self, handle: SandboxHandle) -> None:
+        for reservation in self._port_holds.pop(handle.sandbox_id, []):
+            reservation.release()
+
+    def _wait_until_ready(
+        self, handle: SandboxHandle, spec: LocalSandbox, timeout_s: float,
+        image: dict[str, Any] | None,
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s
         results = []
         for service in spec.services:
@@ -175,6 +200,7 @@ class LocalProvider(host.ProviderHome):
         # Some platforms (Ray's workers, PostgreSQL's backends) leave their process group; every
         # sandbox process carries the sandbox id in its environment, so none can hide.
         stopped = host.stop_processes(handle, timeout_s)
+        self.release_ports(handle)
         leaked = stopped.leaked
         deadline = time.monotonic() + 5
         busy = [p for p in handle.ports.values() if not port_is_free(p)]
