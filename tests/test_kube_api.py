@@ -1,6 +1,10 @@
 """The Kubernetes API emulator, through the official client over real HTTP on loopback: the
 wire subset (discovery, verbs, errors, selectors, watches, logs, service proxy), namespace
-termination, and the controller's healthy and failing workloads as REFERENCE.md shapes them."""
+termination, the controller's healthy and failing workloads as the upstream types shape them
+(kubernetes/api `core/v1/types.go` and `apps/v1/types.go`: container waiting reasons, Deployment
+conditions, namespace deletion; ray-project/kuberay `ray-operator/apis/ray/v1/rayjob_types.go`;
+kubeflow/spark-operator `api/v1beta2/sparkapplication_types.go`), and bearer-token
+authentication and RBAC with the bodies a real server answers."""
 
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from tests.support.kube_api import (
     KubeApiServer,
     KubeController,
     wait_until,
+    write_exec_plugin,
 )
 
 
@@ -834,3 +839,191 @@ def test_behave_rejects_what_it_cannot_emulate(api: KubeApiServer) -> None:
         controller.behave("ConfigMap", "settings")
     with pytest.raises(ValueError):
         controller.behave("Pod", "p", failure="melts")
+
+
+# --- authentication and RBAC
+
+UNAUTHORIZED = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[KubeApiServer]:
+    """RBAC on, a namespace `x` with a pod that has a log and a routed Service, and the
+    ServiceAccount x/runner."""
+    with KubeApiServer(rbac=True) as server:
+        with kubernetes.config.new_client_from_config(
+                config_file=str(server.kubeconfig(tmp_path / "admin"))) as admin:
+            core = CoreV1Api(admin)
+            core.create_namespace({"metadata": {"name": "x"}})
+            core.create_namespaced_service_account("x", {"metadata": {"name": "runner"}})
+            core.create_namespaced_pod("x", pod_manifest("p"))
+            core.create_namespaced_service("x", {"metadata": {"name": "web"}, "spec": {}})
+        server.store.set_log("x", "p", "main", "hello")
+        yield server
+
+
+def client_as(api: KubeApiServer, path: Path, token: str) -> ApiClient:
+    return kubernetes.config.new_client_from_config(
+        config_file=str(api.kubeconfig(path, token=token)))
+
+
+def grant(api: KubeApiServer, tmp_path: Path, namespace: str, rules: list[dict[str, Any]],
+          subject: dict[str, Any]) -> None:
+    """An admin's Role of `rules` in namespace, bound to subject."""
+    with kubernetes.config.new_client_from_config(
+            config_file=str(api.kubeconfig(tmp_path / "admin"))) as admin:
+        rbac = kubernetes.client.RbacAuthorizationV1Api(admin)
+        name = f"granted-{len(api.objects('Role'))}"
+        rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": rules})
+        rbac.create_namespaced_role_binding(namespace, {
+            "metadata": {"name": name}, "subjects": [subject],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": name}})
+
+
+RUNNER = {"kind": "ServiceAccount", "name": "runner", "namespace": "x"}
+
+
+@pytest.mark.parametrize("path", [
+    "/version", "/api", "/apis", "/apis/apps/v1", "/api/v1/namespaces",
+    "/api/v1/namespaces/x/pods/p/log", "/api/v1/namespaces/x/services/http:web:80/proxy/",
+])
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-token", "Basic YWRtaW46YWRtaW4="])
+def test_every_path_wants_a_token_the_server_issued(secured: KubeApiServer, backend: str,
+                                                    path: str, authorization: str | None
+                                                    ) -> None:
+    secured.route_service("x", "web", backend)
+    headers = {"Authorization": authorization} if authorization else {}
+
+    refused = requests.get(secured.url + path, headers=headers, timeout=5)
+    admitted = requests.get(secured.url + path, timeout=5, headers={
+        "Authorization": f"bearer {secured.admin_token}"})  # the scheme in any case
+
+    assert (refused.status_code, refused.json()) == (401, UNAUTHORIZED)
+    assert admitted.status_code == 200, admitted.text
+
+
+def test_a_token_kubeconfig_and_its_service_account(secured: KubeApiServer,
+                                                    tmp_path: Path) -> None:
+    token = secured.service_account_token("x", "runner")
+    grant(secured, tmp_path, "x", [{"apiGroups": [""], "resources": ["pods"],
+                                    "verbs": ["list"]}], RUNNER)
+    config = json.loads(secured.kubeconfig(tmp_path / "runner", token=token).read_text())
+    assert config["users"][0]["user"] == {"token": token}
+
+    with client_as(secured, tmp_path / "runner", token) as runner:
+        assert [p.metadata.name for p in CoreV1Api(runner).list_namespaced_pod("x").items] == [
+            "p"]
+        with kubernetes.config.new_client_from_config(
+                config_file=str(secured.kubeconfig(tmp_path / "admin"))) as admin:
+            CoreV1Api(admin).delete_namespaced_service_account("runner", "x")
+        with pytest.raises(ApiException) as gone:
+            CoreV1Api(runner).list_namespaced_pod("x")
+
+    assert gone.value.status == 401  # a deleted account's token authenticates no more
+    assert {user for user, _, _ in secured.request_log} == {
+        "kubernetes-admin", "system:serviceaccount:x:runner"}
+
+
+def test_rbac_refuses_with_the_body_a_real_server_writes(secured: KubeApiServer,
+                                                         tmp_path: Path) -> None:
+    grant(secured, tmp_path, "x", [{"apiGroups": [""], "resources": ["pods"],
+                                    "verbs": ["get", "list"]}], RUNNER)
+    with client_as(secured, tmp_path / "runner",
+                   secured.service_account_token("x", "runner")) as runner:
+        core = CoreV1Api(runner)
+        core.list_namespaced_pod("x")
+        DynamicClient(runner)  # discovery: every authenticated user's (system:discovery)
+        refusals = []
+        for call in (lambda: core.create_namespaced_pod("x", pod_manifest("q")),
+                     lambda: core.list_namespaced_pod("default"),
+                     lambda: core.read_namespaced_pod_log("p", "x"),
+                     lambda: core.connect_get_namespaced_service_proxy_with_path(
+                         "http:web:80", "x", "health"),
+                     lambda: core.list_namespace(),
+                     lambda: list(Watch().stream(core.list_namespaced_pod, "x",
+                                                 timeout_seconds=1))):
+            with pytest.raises(ApiException) as refused:
+                call()
+            refusals.append(json.loads(refused.value.body))
+
+    user = 'User "system:serviceaccount:x:runner"'
+    assert refusals[0] == {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": f'pods is forbidden: {user} cannot create resource "pods" in API group "" '
+                   'in the namespace "x"',
+        "reason": "Forbidden", "details": {"kind": "pods"}, "code": 403}
+    assert [r["message"] for r in refusals[1:]] == [
+        f'pods is forbidden: {user} cannot list resource "pods" in API group "" in the '
+        'namespace "default"',
+        f'pods "p" is forbidden: {user} cannot get resource "pods/log" in API group "" in the '
+        'namespace "x"',
+        f'services "http:web:80" is forbidden: {user} cannot get resource "services/proxy" in '
+        'API group "" in the namespace "x"',
+        f'namespaces is forbidden: {user} cannot list resource "namespaces" in API group "" at '
+        'the cluster scope',
+        f'pods is forbidden: {user} cannot watch resource "pods" in API group "" in the '
+        'namespace "x"']
+
+
+def test_rbac_lets_a_role_grant_only_what_its_author_holds(secured: KubeApiServer,
+                                                           tmp_path: Path) -> None:
+    """The example's spark-rbac.yaml, by an account that may create Roles and RoleBindings
+    and holds pods but not configmaps; then with `escalate`, then `bind`."""
+    grant(secured, tmp_path, "x", [
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+         "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["*"]}], RUNNER)
+    driver_role = {"metadata": {"name": "spark-driver"}, "rules": [
+        {"apiGroups": [""], "resources": ["pods", "configmaps"], "verbs": ["create", "get"]}]}
+    driver_binding = {"metadata": {"name": "spark-driver"},
+                      "subjects": [{"kind": "ServiceAccount", "name": "spark"}],
+                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "spark-driver"}}
+    with client_as(secured, tmp_path / "runner",
+                   secured.service_account_token("x", "runner")) as runner:
+        rbac = kubernetes.client.RbacAuthorizationV1Api(runner)
+        with pytest.raises(ApiException) as escalation:
+            rbac.create_namespaced_role("x", driver_role)
+        grant(secured, tmp_path, "x", [{"apiGroups": ["rbac.authorization.k8s.io"],
+                                        "resources": ["roles"], "verbs": ["escalate"]}], RUNNER)
+        rbac.create_namespaced_role("x", driver_role)
+        with pytest.raises(ApiException) as binding:
+            rbac.create_namespaced_role_binding("x", driver_binding)
+        grant(secured, tmp_path, "x", [{"apiGroups": ["rbac.authorization.k8s.io"],
+                                        "resources": ["roles"], "verbs": ["bind"],
+                                        "resourceNames": ["spark-driver"]}], RUNNER)
+        rbac.create_namespaced_role_binding("x", driver_binding)
+
+    held = '["system:serviceaccounts" "system:serviceaccounts:x" "system:authenticated"]'
+    assert escalation.value.status == 403
+    assert json.loads(escalation.value.body) == {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": 'roles.rbac.authorization.k8s.io "spark-driver" is forbidden: user '
+                   f'"system:serviceaccount:x:runner" (groups={held}) is attempting to grant '
+                   'RBAC permissions not currently held:\n{APIGroups:[""], '
+                   'Resources:["configmaps"], Verbs:["create" "get"]}',
+        "reason": "Forbidden", "details": {"name": "spark-driver",
+                                           "group": "rbac.authorization.k8s.io",
+                                           "kind": "roles"}, "code": 403}
+    assert binding.value.status == 403
+    assert "rolebindings.rbac.authorization.k8s.io \"spark-driver\" is forbidden" in \
+        json.loads(binding.value.body)["message"]
+    assert [r["metadata"]["name"] for r in secured.objects("RoleBinding", "x")
+            if r["metadata"]["name"] == "spark-driver"] == ["spark-driver"]
+
+
+def test_an_exec_plugin_kubeconfig_hands_the_client_its_token(secured: KubeApiServer,
+                                                              tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(secured.issue_token("ci", ["system:masters"]))
+    plugin = write_exec_plugin(tmp_path / "get-token", token_file)
+    config = secured.kubeconfig(tmp_path / "exec", exec_command=plugin)
+
+    with kubernetes.config.new_client_from_config(config_file=str(config)) as client:
+        names = [n.metadata.name for n in CoreV1Api(client).list_namespace().items]
+
+    assert "x" in names
+    assert json.loads(config.read_text())["users"][0]["user"]["exec"]["command"] == plugin[0]
+    assert secured.request_log[-1][0] == "ci"

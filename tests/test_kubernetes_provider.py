@@ -1,10 +1,15 @@
 """The Kubernetes provider against an emulated API server on loopback, through the official
 client (create, readiness, pipelines, the service proxy, artifacts, destroy, the janitor), and
-its pure rules (readiness, diagnosis, names) by tables."""
+its pure rules (readiness, diagnosis, names) by tables.
+
+The emulator wants a bearer token on every request, the service proxy's included, as EKS, GKE
+and in-cluster service accounts do: the kubeconfigs here hold a token (or an exec plugin that
+hands one out), so a session that reaches services without the client's credentials gets 401."""
 
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import re
@@ -20,6 +25,9 @@ from typing import Any
 
 import dagster as dg
 import pytest
+import requests
+from kubernetes import client as k8s
+from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.history.analysis import PartitionStatus, analyze
@@ -28,6 +36,7 @@ from mlci_dagster.janitor import registry_providers, sweep
 from mlci_dagster.providers.base import Provider, build_provider
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.kubernetes import KubernetesProvider, diagnose
+from mlci_dagster.providers.kubernetes.client import session_for
 from mlci_dagster.providers.kubernetes.manifests import ManifestError, load_manifest
 from mlci_dagster.providers.kubernetes.pipelines import last_traceback, log_tail
 from mlci_dagster.providers.kubernetes.provider import (
@@ -49,7 +58,14 @@ from mlci_dagster.stages.lifecycle import run_lifecycle
 from mlci_dagster.stages.results import build_record
 from mlci_dagster.vocabulary import FailureKind, Stage
 from tests.conftest import config, write_registry
-from tests.support.kube_api import TRACEBACK, KubeApiServer, KubeController, wait_until
+from tests.support.kube_api import (
+    TRACEBACK,
+    TYPES,
+    KubeApiServer,
+    KubeController,
+    wait_until,
+    write_exec_plugin,
+)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -348,7 +364,9 @@ spec:
 
 @pytest.fixture
 def kube() -> Iterator[tuple[KubeApiServer, KubeController]]:
-    with KubeApiServer() as server, KubeController(server, interval_s=0.05) as controller:
+    """The emulated API server, wanting a token (its kubeconfig() writes the admin's)."""
+    with KubeApiServer(authentication=True) as server, \
+            KubeController(server, interval_s=0.05) as controller:
         yield server, controller
         assert controller.errors == []
 
@@ -726,6 +744,87 @@ def test_a_service_is_reached_through_the_api_servers_proxy(provider, kube, back
     assert response.json() == {"path": "/v1/models?x=1", "ok": True}
     assert ("GET", f"/api/v1/namespaces/{handle.sandbox_id}/services/http:web:8080/proxy/"
                    "v1/models") in server.requests
+
+
+def test_the_proxy_refuses_a_session_without_the_clusters_token(provider, kube, backend):
+    server, _ = kube
+    handle = create(provider)
+    server.route_service(handle.sandbox_id, "web", backend)
+    response = requests.get(handle.endpoints["web"] + "/v1/models", timeout=5)
+    assert response.status_code == 401
+    assert response.json() == {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                               "status": "Failure", "message": "Unauthorized",
+                               "reason": "Unauthorized", "code": 401}
+
+
+@pytest.mark.parametrize("key", ["BearerToken", "authorization"])
+def test_the_session_sends_the_token_whichever_key_the_client_keeps_it_under(kube, backend,
+                                                                            key):
+    """kubernetes >= 36 keeps a kubeconfig's or pod's token in api_key["BearerToken"]; older
+    clients (and code that sets it by hand) in api_key["authorization"]."""
+    server, _ = kube
+    server.store.create(TYPES["Service"], "default", {"metadata": {"name": "web"}})
+    server.route_service("default", "web", backend)
+    configuration = k8s.Configuration(host=server.url,
+                                      api_key={key: f"Bearer {server.admin_token}"})
+    response = session_for(configuration).get(
+        f"{server.url}/api/v1/namespaces/default/services/http:web:8080/proxy/ping", timeout=5)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"path": "/ping", "ok": True}
+
+
+def test_an_exec_plugins_token_is_fetched_again_when_it_is_rotated(tmp_path, kube, backend,
+                                                                   monkeypatch):
+    """An exec credential plugin (aws eks get-token, gke-gcloud-auth-plugin) hands out
+    short-lived tokens: the client runs it again as the last one expires, and the session the
+    UI smoke uses must take each new one, not the first it saw."""
+    server, _ = kube
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    token_file = tmp_path / "token"
+    token_file.write_text(server.issue_token("ci-bot", ["system:masters"]))
+    plugin = write_exec_plugin(tmp_path / "get-token", token_file)
+    root = tmp_path / "exec-registry"
+    (root / "k8s").mkdir(parents=True)
+    for name, text in {"db.yaml": DB, "app.yaml": APP}.items():
+        (root / "k8s" / name).write_text(text)
+    server.kubeconfig(root / "kubeconfig.json", exec_command=plugin)
+    provider = KubernetesProvider(tmp_path / "exec-home", [SECRET_ENV], root=root,
+                                  settings=ClusterSpec(kubeconfig="kubeconfig.json"),
+                                  poll_interval_s=0.05)
+    handle = create(provider)
+    server.route_service(handle.sandbox_id, "web", backend)
+    session = provider.http(handle)
+    assert session.get(handle.endpoints["web"] + "/one", timeout=5).status_code == 200
+
+    server.revoke_token(token_file.read_text())
+    token_file.write_text(server.issue_token("ci-bot", ["system:masters"]))
+    calls = len(Path(f"{plugin[0]}.calls").read_text().splitlines())
+    response = session.get(handle.endpoints["web"] + "/two", timeout=5)
+
+    assert response.status_code == 200, response.text
+    assert len(Path(f"{plugin[0]}.calls").read_text().splitlines()) > calls
+    assert provider.destroy(handle, timeout_s=10)["clean"]
+
+
+def test_an_in_cluster_token_file_is_read_again_after_it_rotates(tmp_path):
+    """A pod's service account token file is rotated by the kubelet; the client reads it again
+    once its refresh period has passed (a minute; none here), and the session takes it."""
+    token_file, ca_file = tmp_path / "token", tmp_path / "ca.crt"
+    token_file.write_text("first-token")
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\n")
+    loader = InClusterConfigLoader(str(token_file), str(ca_file), environ={
+        "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"})
+    loader._token_refresh_period = datetime.timedelta(0)  # the client's own knob, a minute
+    configuration = k8s.Configuration()
+    loader.load_and_set(configuration)
+    session = session_for(configuration)
+    url = "https://10.96.0.1:443/api/v1/namespaces/x/services/web:80/proxy/"
+
+    first = session.prepare_request(requests.Request("GET", url)).headers["Authorization"]
+    token_file.write_text("second-token")
+    second = session.prepare_request(requests.Request("GET", url)).headers["Authorization"]
+
+    assert (first, second) == ("bearer first-token", "bearer second-token")
 
 
 def test_collect_artifacts_keeps_pod_logs_events_and_statuses_redacted(provider, kube):

@@ -15,13 +15,25 @@ cascade with propagationPolicy, batch/v1 Jobs orphaning by default), deletecolle
 a test registers, namespace termination, Events. 409 on stale `resourceVersion`, 404 in a
 missing namespace, 403 in a terminating one.
 
-Not emulated: authentication, authorization, admission and validation (bodies are stored as
-sent, beyond a few defaults), schemas and defaulting of most fields, server-side apply,
-strategic-merge list semantics (lists are replaced), `limit`/`continue` pagination, bookmarks,
-dry runs, graceful deletion (objects without finalizers go at once; garbage collection is
-synchronous), protobuf/CBOR/YAML, port-forward, exec/attach and every WebSocket, real scheduling,
-nodes, ReplicaSet rollouts (a new template replaces the old ReplicaSet at once), Ray worker pods
-and Spark executors, previous container logs.
+Authentication and authorization are off by default: every request is allowed. With
+`authentication=True` every path (discovery, pod logs and the service proxy included) wants
+`Authorization: Bearer <token>` of a token the server issued (`admin_token`, a system:masters
+user; `issue_token`; `service_account_token`, refused once its ServiceAccount is gone) and
+answers 401 with the body a real server writes otherwise, as with `--anonymous-auth=false`. With
+`rbac=True` (which implies it) requests are also authorized by RBAC over the Roles,
+ClusterRoles, RoleBindings and ClusterRoleBindings the server holds (plus bootstrap
+cluster-admin, system:discovery and system:public-info-viewer), with the escalation checks on
+writing them, and refused with the real 403 bodies (tests/support/kube_rbac.py).
+
+Not emulated: anonymous requests, client certificates and TLS (plain HTTP only), token expiry
+and JWTs (tokens are opaque strings in a table), impersonation, the identities of the
+controller (it writes the store directly, unchecked), admission and validation (bodies are
+stored as sent, beyond a few defaults), schemas and defaulting of most fields, server-side
+apply, strategic-merge list semantics (lists are replaced), `limit`/`continue` pagination,
+bookmarks, dry runs, graceful deletion (objects without finalizers go at once; garbage
+collection is synchronous), protobuf/CBOR/YAML, port-forward, exec/attach and every WebSocket,
+real scheduling, nodes, ReplicaSet rollouts (a new template replaces the old ReplicaSet at
+once), Ray worker pods and Spark executors, previous container logs.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import re
 import secrets
 import select
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -52,6 +65,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.support.kube_rbac import (
+    AUTHENTICATED,
+    BOOTSTRAP_POLICY,
+    MASTERS,
+    RBAC_GROUP,
+    Attributes,
+    Policy,
+    User,
+    escalation_denial,
+    forbidden,
+    request_attributes,
+)
 
 Obj = dict[str, Any]
 
@@ -93,6 +119,10 @@ RESOURCE_TYPES = (
     ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role", subresources=()),
     ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding",
                  subresources=()),
+    ResourceType("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole",
+                 namespaced=False, subresources=()),
+    ResourceType("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding",
+                 namespaced=False, subresources=()),
     ResourceType("ray.io", "v1", "rayjobs", "RayJob", custom=True),
     ResourceType("ray.io", "v1", "rayclusters", "RayCluster", custom=True),
     ResourceType("sparkoperator.k8s.io", "v1beta2", "sparkapplications", "SparkApplication",
@@ -104,6 +134,8 @@ SUBRESOURCE_SHAPES = {  # subresource: (kind, verbs) in discovery; None = the pa
     "log": (None, ["get"]), "proxy": ("ServiceProxyOptions",
                                       ["create", "delete", "get", "patch", "update"]),
 }
+SPECLESS_KINDS = ("ConfigMap", "Secret", "Event", "ServiceAccount", "Role", "RoleBinding",
+                  "ClusterRole", "ClusterRoleBinding")
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.0+mlci-emulator", "gitCommit": "",
            "gitTreeState": "clean", "buildDate": "2024-08-13T00:00:00Z", "goVersion": "go1.22.5",
@@ -137,16 +169,23 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 5, what: str = "
 
 
 class ApiError(Exception):
-    """An error the server answers with a `kind: Status` body."""
+    """An error the server answers with a `kind: Status` body (`bare`: without `details`, as
+    401s and plain 400s come)."""
 
-    def __init__(self, code: int, reason: str, message: str, details: Obj | None = None) -> None:
+    def __init__(self, code: int, reason: str, message: str, details: Obj | None = None,
+                 bare: bool = False) -> None:
         super().__init__(f"{code} {reason}: {message}")
         self.code, self.reason, self.message, self.details = code, reason, message, details
+        self.bare = bare
 
     def status(self) -> Obj:
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "details": self.details or {},
-                "code": self.code}
+                "message": self.message, "reason": self.reason,
+                **({} if self.bare else {"details": self.details or {}}), "code": self.code}
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "Unauthorized", "Unauthorized", bare=True)
 
 
 def _details(rtype: ResourceType, name: str) -> Obj:
@@ -264,6 +303,9 @@ def json_patch(document: Obj, operations: list[Obj]) -> Obj:
 
 # --- the state model -----------------------------------------------------------------------
 
+Admit = Callable[[Obj | None, Obj], None]  # (current or None, new): raises ApiError to refuse
+
+
 class Change(NamedTuple):
     rv: int
     type: str  # ADDED, MODIFIED, DELETED
@@ -328,7 +370,9 @@ class ObjectStore:
         with self._cond:
             return [copy.deepcopy(o) for objs in self._objects.values() for o in objs.values()]
 
-    def create(self, rtype: ResourceType, namespace: str | None, body: Obj) -> Obj:
+    def create(self, rtype: ResourceType, namespace: str | None, body: Obj,
+               admit: Admit | None = None) -> Obj:
+        """admit(None, new) may refuse the object (raising ApiError) once it is complete."""
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         with self._cond:
@@ -355,6 +399,8 @@ class ObjectStore:
             obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
             _omit_empty(meta)
             self._apply_defaults(obj)
+            if admit is not None:
+                admit(None, obj)
             self._bump(obj)
             self._objects[rtype.kind][key] = obj
             self._record("ADDED", obj)
@@ -375,8 +421,7 @@ class ObjectStore:
     def _apply_defaults(self, obj: Obj) -> None:
         """The few defaults clients and the controller rely on; status starts over on create."""
         kind = obj["kind"]
-        spec = {} if kind in ("ConfigMap", "Secret", "Event", "ServiceAccount") else \
-            obj.setdefault("spec", {})
+        spec = {} if kind in SPECLESS_KINDS else obj.setdefault("spec", {})
         if "status" in TYPES[kind].subresources:  # built-in kinds always show a status
             obj.pop("status", None) if TYPES[kind].custom else obj.update(status={})
         if kind == "Namespace":
@@ -398,9 +443,11 @@ class ObjectStore:
             spec.setdefault("completions", 1)
 
     def update(self, rtype: ResourceType, namespace: str | None, name: str, body: Obj,
-               part: str = "main", check_version: bool = True) -> Obj:
+               part: str = "main", check_version: bool = True, admit: Admit | None = None
+               ) -> Obj:
         """A PUT. part: "main" (status kept), "status" (only status), "finalize" (only
-        spec.finalizers) or "all" (a controller writing everything but identity)."""
+        spec.finalizers) or "all" (a controller writing everything but identity);
+        admit(current, new) may refuse the change."""
         meta = body.get("metadata") or {}
         if meta.get("name", name) != name:
             raise bad_request(f"the name of the object ({meta['name']}) does not match the name "
@@ -430,6 +477,8 @@ class ObjectStore:
             _omit_empty(new["metadata"])
             if new == current:
                 return copy.deepcopy(current)
+            if admit is not None:
+                admit(current, new)
             if "generation" in new["metadata"] and _spec_of(new) != _spec_of(current):
                 new["metadata"]["generation"] += 1
             self._bump(new)
@@ -440,7 +489,7 @@ class ObjectStore:
             return copy.deepcopy(new)
 
     def patch(self, rtype: ResourceType, namespace: str | None, name: str, patch: Any,
-              content_type: str, part: str = "main") -> Obj:
+              content_type: str, part: str = "main", admit: Admit | None = None) -> Obj:
         with self._cond:
             current = self._get(rtype, namespace, name)
             if content_type == "application/json-patch+json":
@@ -451,7 +500,7 @@ class ObjectStore:
                 raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an "
                                f"unknown format - accepted media types include: "
                                f"{', '.join(PATCH_TYPES)} (server-side apply is not emulated)")
-            return self.update(rtype, namespace, name, patched, part)
+            return self.update(rtype, namespace, name, patched, part, admit=admit)
 
     def delete(self, rtype: ResourceType, namespace: str | None, name: str,
                propagation: str | None = None) -> tuple[Obj, bool]:
@@ -623,6 +672,12 @@ class _ApiHandler(BaseHTTPRequestHandler):
         while segments and not segments[-1]:
             segments.pop()
         try:
+            # As the real filter chain: authentication, then authorization, then the handler.
+            self.user = self.api.authenticate(self.headers.get("Authorization"))
+            self.api._request_log.append((self.user.name if self.user else "", self.command,
+                                          unquote(raw_path)))
+            self.attrs = request_attributes(self.command, unquote(raw_path), self.params)
+            self.api.authorize(self.user, self.attrs)
             self._route(segments, full)
         except (BrokenPipeError, ConnectionResetError):
             return  # the client went away (a killed run): nobody to answer
@@ -717,19 +772,35 @@ class _ApiHandler(BaseHTTPRequestHandler):
         self._send_json(200, {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version,
                               "metadata": {"resourceVersion": rv}, "items": items})
 
+    def _admit(self, rtype: ResourceType) -> Admit | None:
+        """With RBAC, a write of a Role, ClusterRole or binding grants only what its author
+        holds (or may escalate or bind)."""
+        if not self.api.rbac or rtype.group != RBAC_GROUP or self.user is None:
+            return None
+        user, attrs, api = self.user, self.attrs, self.api
+
+        def admit(current: Obj | None, new: Obj) -> None:
+            denial = escalation_denial(api.policy(), user, attrs, current, new)
+            if denial is not None:
+                raise ApiError(denial.code, denial.reason, denial.message, denial.details,
+                               bare=denial.code == 400)
+        return admit
+
     def _create(self, rtype: ResourceType, namespace: str | None, *_: Any) -> None:
-        self._send_json(201, self.store.create(rtype, namespace, self._json_body()))
+        self._send_json(201, self.store.create(rtype, namespace, self._json_body(),
+                                               self._admit(rtype)))
 
     def _get(self, rtype: ResourceType, namespace: str | None, name: str, *_: Any) -> None:
         self._send_json(200, self.store.get(rtype, namespace, name))
 
     def _replace(self, rtype: ResourceType, namespace: str | None, name: str, part: str) -> None:
-        self._send_json(200, self.store.update(rtype, namespace, name, self._json_body(), part))
+        self._send_json(200, self.store.update(rtype, namespace, name, self._json_body(), part,
+                                               admit=self._admit(rtype)))
 
     def _patch(self, rtype: ResourceType, namespace: str | None, name: str, part: str) -> None:
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip()
         self._send_json(200, self.store.patch(rtype, namespace, name, self._json_body(),
-                                              content_type, part))
+                                              content_type, part, self._admit(rtype)))
 
     def _propagation(self) -> str | None:
         options = self._json_body() if self.body else {}
@@ -865,16 +936,27 @@ def _resource_list(group: str, version: str, types: Any) -> Obj:
 class KubeApiServer:
     """The emulated API server on http://127.0.0.1:<port> (port 0: a free one), started by
     start() or a with block. Tests reach its state directly: objects(), namespaces(), requests,
-    and register service proxy backends with route_service()."""
+    and register service proxy backends with route_service().
+
+    authentication: every request must carry a bearer token this server issued (401 if not).
+    rbac: and be allowed by the RBAC objects it holds (403 if not); implies authentication."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1",
-                 namespaces: tuple[str, ...] = DEFAULT_NAMESPACES) -> None:
+                 namespaces: tuple[str, ...] = DEFAULT_NAMESPACES, *,
+                 authentication: bool = False, rbac: bool = False) -> None:
         self.store = ObjectStore()
         for name in namespaces:
             self.store.create(TYPES["Namespace"], None, {"metadata": {"name": name}})
+        self.authentication, self.rbac = authentication or rbac, rbac
+        if rbac:
+            for obj in BOOTSTRAP_POLICY:
+                self.store.create(TYPES[obj["kind"]], None, obj)
+        self._tokens: dict[str, User] = {}
+        self.admin_token = self.issue_token("kubernetes-admin", [MASTERS])
         self._address = (host, port)
         self._routes: dict[tuple[str | None, str], str] = {}
         self._requests: list[tuple[str, str]] = []
+        self._request_log: list[tuple[str, str, str]] = []
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -912,28 +994,95 @@ class KubeApiServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
-        """Writes a kubeconfig (JSON is YAML) whose current context is this server, no auth."""
+    def kubeconfig(self, path: str | Path, namespace: str = "default", *,
+                   token: str | None = None, exec_command: list[str] | None = None) -> Path:
+        """Writes a kubeconfig (JSON is YAML) whose current context is this server. Its user
+        has `token`, or an exec credential plugin (`exec_command`, see write_exec_plugin), or
+        else the admin token when authentication is on, or no credentials at all."""
         name = "mlci-emulator"
+        if token is None and exec_command is None and self.authentication:
+            token = self.admin_token
+        user: Obj = {"token": token} if token is not None else {}
+        if exec_command is not None:
+            user = {"exec": {"apiVersion": EXEC_CREDENTIAL_VERSION, "command": exec_command[0],
+                             "args": exec_command[1:], "interactiveMode": "Never"}}
         config = {"apiVersion": "v1", "kind": "Config", "current-context": name,
                   "clusters": [{"name": name, "cluster": {"server": self.url}}],
-                  "users": [{"name": name, "user": {}}],
+                  "users": [{"name": name, "user": user}],
                   "contexts": [{"name": name, "context": {"cluster": name, "user": name,
                                                           "namespace": namespace}}]}
         Path(path).write_text(json.dumps(config, indent=2))
         return Path(path)
 
     def route_service(self, namespace: str | None, service: str, backend_url: str) -> None:
-        """The service proxy forwards to backend_url for this service (None: in any namespace)."""
+        """The service proxy forwards to backend_url for this service (None: in any namespace;
+        a `{namespace}` in backend_url becomes the namespace asked for, so one backend can
+        answer as each sandbox's own)."""
         self._routes[(namespace, service)] = backend_url
 
     def backend_for(self, namespace: str, service: str) -> str | None:
-        return self._routes.get((namespace, service)) or self._routes.get((None, service))
+        backend = self._routes.get((namespace, service)) or self._routes.get((None, service))
+        return backend.replace("{namespace}", namespace) if backend else None
+
+    # --- who may do what
+    def issue_token(self, user: str, groups: list[str] | tuple[str, ...] = ()) -> str:
+        """A new bearer token for user in groups (system:authenticated added, as every
+        authenticated user gets it)."""
+        token = secrets.token_urlsafe(32)
+        self._tokens[token] = User(user, (*groups, *(
+            [] if AUTHENTICATED in groups else [AUTHENTICATED])))
+        return token
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """A token of the ServiceAccount (valid while the ServiceAccount exists)."""
+        token = secrets.token_urlsafe(32)
+        self._tokens[token] = User.service_account(namespace, name)
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        self._tokens.pop(token, None)
+
+    def authenticate(self, authorization: str | None) -> User | None:
+        """The user an Authorization header names (None while authentication is off); raises
+        the 401 otherwise. `Bearer` in any case, as the server reads it."""
+        if not self.authentication:
+            return None
+        parts = (authorization or "").strip().split(" ", 2)
+        user = self._tokens.get(parts[1]) if len(parts) >= 2 and parts[0].lower() == \
+            "bearer" else None
+        if user is None:
+            raise unauthorized()
+        account = user.service_account_ref()
+        if account is not None:
+            try:
+                self.store.get(TYPES["ServiceAccount"], account[0], account[1])
+            except ApiError:
+                raise unauthorized() from None
+        return user
+
+    def policy(self) -> Policy:
+        """The RBAC objects held now."""
+        return Policy.from_objects(o for kind in ("Role", "ClusterRole", "RoleBinding",
+                                                  "ClusterRoleBinding")
+                                   for o in self.store.list(TYPES[kind])[0])
+
+    def authorize(self, user: User | None, attrs: Attributes) -> None:
+        """Raises the 403 a real server answers when RBAC does not allow the request."""
+        if not self.rbac or user is None or self.policy().allows(user, attrs):
+            return
+        denial = forbidden(user, attrs)
+        raise ApiError(denial.code, denial.reason, denial.message, denial.details)
 
     @property
     def requests(self) -> list[tuple[str, str]]:
         """(method, percent-decoded path without the query) of every request so far."""
         return list(self._requests)
+
+    @property
+    def request_log(self) -> list[tuple[str, str, str]]:
+        """(user, method, path) of every request that passed authentication ("" as the user
+        while authentication is off)."""
+        return list(self._request_log)
 
     def objects(self, kind: str | None = None, namespace: str | None = None) -> list[Obj]:
         return [o for o in self.store.all_objects() if kind in (None, o["kind"])
@@ -941,6 +1090,35 @@ class KubeApiServer:
 
     def namespaces(self) -> list[str]:
         return [ns["metadata"]["name"] for ns in self.objects("Namespace")]
+
+
+EXEC_CREDENTIAL_VERSION = "client.authentication.k8s.io/v1"
+_EXEC_PLUGIN = """#!{python}
+# An exec credential plugin (as aws eks get-token or gke-gcloud-auth-plugin are): prints the
+# token in {token_file} as an ExecCredential expiring in {lifetime_s}s, and counts its calls.
+import json, sys
+from datetime import datetime, timedelta, timezone
+with open({calls!r}, "a") as calls:
+    calls.write("1\\n")
+expires = datetime.now(timezone.utc) + timedelta(seconds={lifetime_s})
+json.dump({{"apiVersion": {version!r}, "kind": "ExecCredential", "status": {{
+    "token": open({token_file!r}).read().strip(),
+    "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}}}}, sys.stdout)
+"""
+
+
+def write_exec_plugin(path: str | Path, token_file: str | Path, lifetime_s: float = 60
+                      ) -> list[str]:
+    """Writes an exec credential plugin that hands out whatever token token_file holds then,
+    and returns its command for KubeApiServer.kubeconfig(exec_command=...). Each run appends a
+    line to `<path>.calls`. The official client runs a plugin again whenever its last token
+    expires within 5 minutes: with the default lifetime, before each request."""
+    script = Path(path)
+    script.write_text(_EXEC_PLUGIN.format(
+        python=sys.executable, token_file=str(token_file), lifetime_s=lifetime_s,
+        calls=f"{script}.calls", version=EXEC_CREDENTIAL_VERSION))
+    script.chmod(0o755)
+    return [str(script)]
 
 
 # --- the controller: kubelet, scheduler and operators --------------------------------------

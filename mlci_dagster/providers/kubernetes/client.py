@@ -116,15 +116,28 @@ def api_error_text(exc: k8s.ApiException) -> str:
     return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
 
 
+def bearer_authorization(configuration: k8s.Configuration) -> str | None:
+    """The `Authorization` value the client itself sends, read through its own auth settings:
+    the token sits in `api_key["BearerToken"]` (kubernetes >= 36, from kubeconfigs, exec
+    plugins and in-cluster config) or `api_key["authorization"]` (older clients, code that sets
+    it by hand), and reading it runs the configuration's `refresh_api_key_hook` (which runs an
+    exec plugin again once its token is about to expire, and re-reads a pod's token file)."""
+    for setting in configuration.auth_settings().values():
+        if setting.get("in") == "header" and str(setting.get("key", "")).lower() == \
+                "authorization" and setting.get("value"):
+            return str(setting["value"])
+    return None
+
+
 class _KubeAuth(requests.auth.AuthBase):
-    """The client's bearer token on every request, fetched anew each time (exec plugins and
+    """The client's credentials on every request, fetched anew each time (exec plugins and
     service-account tokens refresh)."""
 
     def __init__(self, configuration: k8s.Configuration) -> None:
         self.configuration = configuration
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        token = self.configuration.get_api_key_with_prefix("authorization")
+        token = bearer_authorization(self.configuration)
         if token:
             request.headers["Authorization"] = token
         elif self.configuration.username or self.configuration.password:
@@ -347,16 +360,21 @@ class KubeClient:
     def session(self) -> requests.Session:
         """A requests session with this client's credentials and TLS settings: it reaches the
         API server's service proxy as the client does."""
-        configuration = self.configuration
-        session = requests.Session()
-        session.auth = _KubeAuth(configuration)
-        if configuration.cert_file:
-            session.cert = ((configuration.cert_file, configuration.key_file)
-                            if configuration.key_file else configuration.cert_file)
-        if not configuration.verify_ssl:
-            session.verify = False
-        elif configuration.ssl_ca_cert:
-            session.verify = configuration.ssl_ca_cert
-        if configuration.proxy:
-            session.proxies = {"http": configuration.proxy, "https": configuration.proxy}
-        return session
+        return session_for(self.configuration)
+
+
+def session_for(configuration: k8s.Configuration) -> requests.Session:
+    """A requests session that sends what the client sends: its credentials (asked for anew on
+    each request) and its TLS settings."""
+    session = requests.Session()
+    session.auth = _KubeAuth(configuration)
+    if configuration.cert_file:
+        session.cert = ((configuration.cert_file, configuration.key_file)
+                        if configuration.key_file else configuration.cert_file)
+    if not configuration.verify_ssl:
+        session.verify = False
+    elif configuration.ssl_ca_cert:
+        session.verify = configuration.ssl_ca_cert
+    if configuration.proxy:
+        session.proxies = {"http": configuration.proxy, "https": configuration.proxy}
+    return session

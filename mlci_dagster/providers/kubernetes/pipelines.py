@@ -31,7 +31,9 @@ from mlci_dagster.vocabulary import FailureKind
 Apply = Callable[[KubeClient, SandboxHandle, str, dict[str, Any]], list[dict[str, Any]]]
 SUMMARY_CHARS = 2000  # a pipeline's summary: its first line and the end of its logs
 
-# Terminal states of well-known custom resources (REFERENCE.md): reaching one that the config
+# Terminal states of well-known custom resources (ray-project/kuberay
+# `ray-operator/apis/ray/v1/rayjob_types.go`, JobStatus; kubeflow/spark-operator
+# `api/v1beta2/sparkapplication_types.go`, ApplicationStateType): reaching one that the config
 # does not list as a success is a failure, not a wait until the timeout.
 KNOWN_TERMINAL = {
     ("RayJob", "status.jobStatus"): {"SUCCEEDED", "FAILED", "STOPPED"},
