@@ -34,11 +34,14 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.watch import Watch
 
 from tests.support.kube_api import (
+    NAMESPACE_DELETION_S,
     RESOURCE_TYPES,
     STUCK_FINALIZER,
+    TRACEBACK,
     Failure,
     KubeApiServer,
     KubeController,
+    ManualClock,
     wait_until,
     write_exec_plugin,
 )
@@ -162,8 +165,14 @@ def test_dynamic_client_creates_gets_and_lists_a_rayjob_and_a_deployment(
 
 def test_namespace_deletion_terminates_then_removes_it_with_its_content(
         api: KubeApiServer, core: CoreV1Api) -> None:
+    """A real namespace takes a while to go (its pods get their grace period): this one stays
+    Terminating for the server's namespace_deletion_s, its pod terminating gracefully, the rest
+    of its content gone at once, then goes."""
+    clock = ManualClock()
+    namespace_controller = KubeController(api, clock=clock.monotonic)
     core.create_namespace({"metadata": {"name": "team-a"}})
     core.create_namespaced_config_map("team-a", {"metadata": {"name": "settings"}})
+    core.create_namespaced_pod("team-a", pod_manifest("worker"))
     assert "team-a" in [ns.metadata.name for ns in core.list_namespace().items]
 
     core.delete_namespace("team-a")
@@ -178,12 +187,51 @@ def test_namespace_deletion_terminates_then_removes_it_with_its_content(
         core.delete_namespace("team-a")
     assert again.value.status == 409
 
-    KubeController(api).tick()  # the namespace controller's pass
+    namespace_controller.tick()  # its first pass: content deleted, the pod given its grace
+    clock.advance(NAMESPACE_DELETION_S - 0.1)
+    namespace_controller.tick()
+
+    assert core.read_namespace("team-a").status.phase == "Terminating"
+    assert [c.metadata.name for c in core.list_namespaced_config_map("team-a").items] == []
+    worker = core.read_namespaced_pod("worker", "team-a")
+    assert worker.metadata.deletion_timestamp is not None
+    assert worker.metadata.deletion_grace_period_seconds == 1
+    conditions = {c.type: c for c in core.read_namespace("team-a").status.conditions}
+    assert (conditions["NamespaceContentRemaining"].status,
+            conditions["NamespaceContentRemaining"].message) == (
+        "True", "Some resources are remaining: pods. has 1 resource instances")
+
+    clock.advance(0.1)
+    namespace_controller.tick()
+
     assert "team-a" not in api.namespaces()
     assert api.objects(namespace="team-a") == []
     with pytest.raises(ApiException) as gone:
         core.read_namespace("team-a")
     assert gone.value.status == 404
+
+
+def test_a_namespace_takes_its_servers_deletion_time_to_go(tmp_path: Path) -> None:
+    """As a client sees it, with the controller running: Terminating, then 404 once the
+    server's namespace_deletion_s has passed, never before."""
+    with KubeApiServer(namespace_deletion_s=0.6) as slow, KubeController(
+            slow, interval_s=0.02), kubernetes.config.new_client_from_config(
+                config_file=str(slow.kubeconfig(tmp_path / "slow"))) as client:
+        slow_core = CoreV1Api(client)
+        slow_core.create_namespace({"metadata": {"name": "team-b"}})
+        started = time.monotonic()
+        slow_core.delete_namespace("team-b")
+
+        def gone() -> bool:
+            try:
+                slow_core.read_namespace("team-b")
+            except ApiException as error:
+                return error.status == 404
+            return False
+        wait_until(gone, timeout_s=5, what="the namespace gone")
+
+    assert 0.6 <= time.monotonic() - started < 2
+    assert KubeApiServer().store.namespace_deletion_s == NAMESPACE_DELETION_S == 1.0
 
 
 def test_a_namespace_finalizer_keeps_it_terminating_until_released(
@@ -192,10 +240,12 @@ def test_a_namespace_finalizer_keeps_it_terminating_until_released(
                            "spec": {"finalizers": ["example.com/hold"]}})
     core.create_namespaced_config_map("held", {"metadata": {"name": "settings"}})
     core.delete_namespace("held")
-    namespace_controller = KubeController(api)
+    clock = ManualClock()
+    namespace_controller = KubeController(api, clock=clock.monotonic)
 
     for _ in range(3):
         namespace_controller.tick()
+        clock.advance(NAMESPACE_DELETION_S)
 
     held = core.read_namespace("held")
     assert held.status.phase == "Terminating"
@@ -218,8 +268,10 @@ def test_content_with_finalizers_holds_the_namespace_until_they_go(
     core.create_namespaced_config_map("busy", {"metadata": {
         "name": "guarded", "finalizers": ["example.com/backup"]}})
     core.delete_namespace("busy")
-    namespace_controller = KubeController(api)
+    clock = ManualClock()
+    namespace_controller = KubeController(api, clock=clock.monotonic)
     namespace_controller.tick()
+    clock.advance(NAMESPACE_DELETION_S)
 
     conditions = {c.type: c for c in core.read_namespace("busy").status.conditions}
     assert conditions["NamespaceContentRemaining"].reason == "SomeResourcesRemain"
@@ -229,7 +281,7 @@ def test_content_with_finalizers_holds_the_namespace_until_they_go(
 
     core.patch_namespaced_config_map("guarded", "busy", {"metadata": {"finalizers": None}})
     namespace_controller.tick()
-    assert "busy" not in api.namespaces()
+    assert "busy" not in api.namespaces()  # its deletion time is over meanwhile
 
 
 def test_stuck_namespace_behaviour_holds_it_terminating(
@@ -486,6 +538,68 @@ def test_pod_logs_honour_tail_lines_timestamps_and_containers(
     assert "a container name must be specified" in status_body(ambiguous)["message"]
 
 
+def test_pod_logs_honour_limit_bytes_as_the_kubelet_does(
+        core: CoreV1Api, controller: KubeController) -> None:
+    """The kubelet (pkg/kubelet/kuberuntime/logs/logs.go ReadLogs) selects the last tailLines
+    lines first, then writes them (timestamps included) until limitBytes bytes are out: the
+    head of the selection, cut mid-line."""
+    controller.behave("Pod", "trainer", log="epoch 1\nepoch 2\nepoch 3")
+    core.create_namespaced_pod("default", pod_manifest("trainer", restart="Never"))
+    wait_until(lambda: core.read_namespaced_pod("trainer", "default").status.phase == "Succeeded")
+
+    def log(**kwargs: Any) -> str:
+        return core.read_namespaced_pod_log("trainer", "default", _preload_content=False,
+                                            **kwargs).data.decode()
+
+    assert log(limit_bytes=10) == "epoch 1\nep"
+    assert log(tail_lines=2, limit_bytes=10) == "epoch 2\nep"
+    assert log(limit_bytes=1000) == "epoch 1\nepoch 2\nepoch 3\n"
+    stamped = log(timestamps=True, limit_bytes=40)
+    assert len(stamped) == 40 and re.match(r"\d{4}-\d\d-\d\dT", stamped)
+    with pytest.raises(ApiException) as invalid:
+        log(limit_bytes=0)
+    assert invalid.value.status == 422
+    assert status_body(invalid)["message"] == (
+        'PodLogOptions "trainer" is invalid: limitBytes: Invalid value: 0: must be greater '
+        "than 0")
+
+
+def test_previous_is_the_last_terminated_run_of_a_container_or_a_400(
+        core: CoreV1Api, controller: KubeController) -> None:
+    """`previous` reads the run lastState.terminated names, by its container ID (kubelet
+    pkg/kubelet/kubelet_pods.go validateContainerLogStatus); a container that never restarted
+    has none."""
+    controller.behave("Pod", "flaky", failure="crash-loop")
+    core.create_namespaced_pod("default", pod_manifest("flaky"))
+    core.create_namespaced_pod("default", pod_manifest("steady"))
+    core.create_namespaced_pod("default", pod_manifest("once", restart="Never"))
+
+    def crashed() -> Any:
+        pod = core.read_namespaced_pod("flaky", "default")
+        statuses = pod.status.container_statuses or []
+        return statuses and statuses[0].restart_count >= 2 and statuses[0]
+    status = wait_until(crashed, what="restarts")
+    wait_until(lambda: core.read_namespaced_pod("once", "default").status.phase == "Succeeded")
+    wait_until(lambda: core.read_namespaced_pod("steady", "default").status.phase == "Running")
+
+    def log(name: str, **kwargs: Any) -> str:
+        return core.read_namespaced_pod_log(name, "default", _preload_content=False,
+                                            **kwargs).data.decode()
+
+    assert status.last_state.terminated.container_id.startswith("containerd://")
+    assert log("flaky", previous=True) == f"{TRACEBACK}\n"
+    assert log("flaky", previous=True, tail_lines=1) == f"{TRACEBACK.splitlines()[-1]}\n"
+    assert log("flaky") == f"{TRACEBACK}\n"  # backing off: its last run's, as kubectl shows
+    assert log("once") == "main: starting\nmain: ready\nmain: done\n"
+    for never_restarted in ("steady", "once"):
+        with pytest.raises(ApiException) as none:
+            log(never_restarted, previous=True)
+        assert (none.value.status, status_body(none)) == (400, {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": f'previous terminated container "main" in pod "{never_restarted}" not '
+                       "found", "reason": "BadRequest", "code": 400})
+
+
 def test_following_a_log_streams_until_the_container_stops(
         api: KubeApiServer, core: CoreV1Api, controller: KubeController) -> None:
     controller.behave("Pod", "streamer", log="first", run_s=1.0)
@@ -530,10 +644,22 @@ def backend() -> Iterator[str]:
     thread.join()
 
 
+def served_by_a_ready_pod(core: CoreV1Api, name: str, ports: list[dict[str, Any]],
+                          container_ports: list[dict[str, Any]] | None = None) -> Any:
+    """A Service `name` selecting app=<name>, and its pod once the controller made it ready."""
+    core.create_namespaced_service("default", {"metadata": {"name": name}, "spec": {
+        "selector": {"app": name}, "ports": ports}})
+    manifest = pod_manifest(f"{name}-0", labels={"app": name})
+    manifest["spec"]["containers"][0]["ports"] = container_ports or []
+    core.create_namespaced_pod("default", manifest)
+    return wait_until(lambda: (pod := core.read_namespaced_pod(f"{name}-0", "default")) and any(
+        c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []) and pod,
+        what=f"{name}-0 ready")
+
+
 def test_service_proxy_reaches_the_registered_backend(
-        api: KubeApiServer, core: CoreV1Api, backend: str) -> None:
-    core.create_namespaced_service("default", {"metadata": {"name": "model"},
-                                               "spec": {"ports": [{"port": 8080}]}})
+        api: KubeApiServer, core: CoreV1Api, controller: KubeController, backend: str) -> None:
+    served_by_a_ready_pod(core, "model", [{"port": 8080}])
     api.route_service("default", "model", backend)
 
     response = core.connect_get_namespaced_service_proxy_with_path(
@@ -549,26 +675,160 @@ def test_service_proxy_reaches_the_registered_backend(
                    "v1/models/m:predict") in api.requests
 
 
-def test_service_proxy_is_unavailable_without_a_backend_or_when_it_refuses(
-        api: KubeApiServer, core: CoreV1Api) -> None:
-    core.create_namespaced_service("default", {"metadata": {"name": "model"}, "spec": {}})
-    with pytest.raises(ApiException) as unrouted:
-        core.connect_get_namespaced_service_proxy_with_path("model", "default", "health")
+def proxy_refusal(core: CoreV1Api, service_id: str) -> tuple[int, dict[str, Any]]:
+    with pytest.raises(ApiException) as refused:
+        core.connect_get_namespaced_service_proxy_with_path(service_id, "default", "health")
+    return refused.value.status, status_body(refused)
+
+
+def unavailable(message: str) -> dict[str, Any]:
+    """NewServiceUnavailable's body: no details."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": "ServiceUnavailable", "code": 503}
+
+
+def test_service_proxy_answers_503_until_a_ready_pod_backs_the_port(
+        api: KubeApiServer, core: CoreV1Api, controller: KubeController, backend: str) -> None:
+    """As kube-apiserver resolves a proxied Service (kubernetes/kubernetes
+    pkg/registry/core/service/storage/storage.go ResourceLocation): a port number the Service
+    declares, then an address among the Service's Endpoints (ready pods its selector matches
+    that have the port) for that port's name; whatever the backend, until then."""
+    api.route_service(None, "model", backend)
+    controller.behave("Pod", "model-0", failure="crash-loop")
+    core.create_namespaced_service("default", {"metadata": {"name": "model"}, "spec": {
+        "selector": {"app": "model"}, "ports": [{"name": "http", "port": 8080}]}})
+
+    no_pods = proxy_refusal(core, "http:model:8080")
+    core.create_namespaced_pod("default", pod_manifest("model-0", labels={"app": "model"}))
+    wait_until(lambda: "CrashLoopBackOff" in str(core.read_namespaced_pod(
+        "model-0", "default").status.container_statuses), what="the pod crash-looping")
+    not_ready = proxy_refusal(core, "http:model:8080")
+    no_such_port = proxy_refusal(core, "http:model:9090")
+
+    assert no_pods == (503, unavailable('no endpoints available for service "model"'))
+    assert not_ready == (503, unavailable('no endpoints available for service '
+                                          '"http:model:8080"'))
+    assert no_such_port == (503, unavailable('no service port 9090 found for service "model"'))
+
+    served_by_a_ready_pod(core, "ready", [{"name": "http", "port": 8080}])
+    core.patch_namespaced_service("model", "default", {"spec": {"selector": {"app": "ready"}}})
+    response = core.connect_get_namespaced_service_proxy_with_path(
+        "http:model:8080", "default", "health", _preload_content=False)
+    assert json.loads(response.data)["path"] == "/health"
+    # A port by name must be the name the Service gave it; `http:model` is Service `http`.
+    assert proxy_refusal(core, "model:metrics") == (
+        503, unavailable('no endpoints available for service "model:metrics"'))
+    assert proxy_refusal(core, "http:model")[0] == 404
+
+
+def test_service_proxy_refusals_name_what_is_missing(
+        api: KubeApiServer, core: CoreV1Api, controller: KubeController) -> None:
+    served_by_a_ready_pod(core, "model", [{"port": 8080}])
+    # a named targetPort no container declares: the pod is no endpoint of that port
+    served_by_a_ready_pod(core, "named", [{"port": 80, "targetPort": "http"}],
+                          container_ports=[{"name": "grpc", "containerPort": 9000}])
+    core.create_namespaced_service("default", {"metadata": {"name": "manual"},
+                                               "spec": {"ports": [{"port": 80}]}})
+    pod = core.read_namespaced_pod("model-0", "default")
+
+    nothing_listens = proxy_refusal(core, "model:8080")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     api.route_service(None, "model", f"http://127.0.0.1:{closed_port}")
-    with pytest.raises(ApiException) as refused:
-        core.connect_get_namespaced_service_proxy_with_path("model", "default", "health")
-    with pytest.raises(ApiException) as no_service:
-        core.connect_get_namespaced_service_proxy_with_path("ghost", "default", "health")
+    refused = proxy_refusal(core, "model:8080")
 
-    for error in (unrouted, refused):
-        assert error.value.status == 503
-        assert status_body(error)["reason"] == "ServiceUnavailable"
-    assert "no endpoints available" in status_body(unrouted)["message"]
-    assert "connection refused" in status_body(refused)["message"].lower()
-    assert no_service.value.status == 404
+    assert nothing_listens == (503, unavailable(
+        f"error trying to reach service: dial tcp {pod.status.pod_ip}:8080: connect: "
+        "connection refused"))
+    assert refused[0] == 503 and "connection refused" in refused[1]["message"].lower()
+    assert proxy_refusal(core, "named:80") == (
+        503, unavailable('no endpoints available for service "named"'))
+    # no selector: its Endpoints would be written by hand, and the emulator keeps none
+    assert proxy_refusal(core, "manual:80") == (404, {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": 'endpoints "manual" not found', "reason": "NotFound",
+        "details": {"name": "manual", "kind": "endpoints"}, "code": 404})
+    assert proxy_refusal(core, "ghost:80")[1]["message"] == 'services "ghost" not found'
+    assert proxy_refusal(core, "ghost")[1]["message"] == 'endpoints "ghost" not found'
+
+
+# --- faults on request
+
+def test_injected_throttling_answers_as_api_priority_and_fairness_does(
+        api: KubeApiServer) -> None:
+    """kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/server/filters/maxinflight.go
+    tooManyRequests (APF calls it too): Retry-After 1, a plain-text body."""
+    throttled = api.inject(429, plain=True)
+
+    answer = requests.get(f"{api.url}/api/v1/namespaces", timeout=5)
+
+    assert answer.status_code == 429
+    assert answer.text == "Too many requests, please try again later.\n"
+    assert answer.headers["Retry-After"] == "1"
+    assert answer.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert "X-Kubernetes-PF-FlowSchema-UID" in answer.headers
+    assert throttled.answered == 1
+    assert requests.get(f"{api.url}/api/v1/namespaces", timeout=5).status_code == 200
+
+
+STATUS = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure"}
+
+
+@pytest.mark.parametrize("status, retry_after, body", [
+    (429, 2, {**STATUS, "message": "storage is (re)initializing", "reason": "TooManyRequests",
+              "details": {"retryAfterSeconds": 2}, "code": 429}),
+    (500, None, {**STATUS, "message": "Internal error occurred: etcdserver: request timed out",
+                 "reason": "InternalError", "details": {"causes": [
+                     {"message": "etcdserver: request timed out"}]}, "code": 500}),
+    (503, None, {**STATUS, "message": "the server is currently unable to handle the request",
+                 "reason": "ServiceUnavailable", "code": 503}),
+    (504, 3, {**STATUS, "message": "Timeout: request did not complete within requested "
+              "timeout - context deadline exceeded", "reason": "Timeout",
+              "details": {"retryAfterSeconds": 3}, "code": 504}),
+])
+def test_injected_errors_answer_the_status_bodies_of_a_real_server(
+        api: KubeApiServer, status: int, retry_after: int | None, body: dict[str, Any]) -> None:
+    """apimachinery pkg/api/errors: NewTooManyRequests, NewInternalError,
+    NewServiceUnavailable, NewTimeoutError; Retry-After from details.retryAfterSeconds
+    (apiserver responsewriters ErrorNegotiated). Asked with requests: the official client's
+    urllib3 would retry a 429 or 503 carrying Retry-After by itself."""
+    api.inject(status, retry_after=retry_after)
+
+    failed = requests.get(f"{api.url}/api/v1/namespaces", timeout=5)
+
+    assert (failed.status_code, failed.json()) == (status, body)
+    assert failed.headers.get("Retry-After") == (
+        None if retry_after is None else str(retry_after))
+    assert requests.get(f"{api.url}/api/v1/namespaces", timeout=5).status_code == 200
+
+
+def test_faults_match_by_method_and_path_until_cleared(api: KubeApiServer, core: CoreV1Api
+                                                       ) -> None:
+    storm = api.inject(503, count=None, methods=("POST",), path_regex=r"/configmaps$")
+
+    for attempt in range(3):
+        with pytest.raises(ApiException) as refused:
+            core.create_namespaced_config_map("default", {"metadata": {"name": f"c{attempt}"}})
+        assert refused.value.status == 503
+    core.list_namespaced_config_map("default")  # a GET of the same path
+    core.create_namespaced_secret("default", {"metadata": {"name": "s"}})  # another path
+    api.clear_faults()
+    core.create_namespaced_config_map("default", {"metadata": {"name": "after"}})
+
+    assert storm.answered == 3
+    assert [c.metadata.name for c in core.list_namespaced_config_map("default").items] == [
+        "after"]
+
+
+def test_an_injected_reset_drops_the_connection_without_an_answer(api: KubeApiServer) -> None:
+    api.inject(reset=True, methods=("GET",))
+
+    with pytest.raises(requests.ConnectionError) as dropped:
+        requests.get(f"{api.url}/api/v1/namespaces", timeout=5)
+
+    assert "reset" in str(dropped.value).lower() or "aborted" in str(dropped.value).lower()
+    assert requests.get(f"{api.url}/api/v1/namespaces", timeout=5).status_code == 200
 
 
 # --- the controller: healthy workloads
@@ -857,8 +1117,12 @@ def secured(tmp_path: Path) -> Iterator[KubeApiServer]:
             core = CoreV1Api(admin)
             core.create_namespace({"metadata": {"name": "x"}})
             core.create_namespaced_service_account("x", {"metadata": {"name": "runner"}})
-            core.create_namespaced_pod("x", pod_manifest("p"))
-            core.create_namespaced_service("x", {"metadata": {"name": "web"}, "spec": {}})
+            core.create_namespaced_pod("x", pod_manifest("p", labels={"app": "web"}))
+            core.create_namespaced_service("x", {"metadata": {"name": "web"}, "spec": {
+                "selector": {"app": "web"}, "ports": [{"port": 80}]}})
+        kubelet = KubeController(server)
+        for _ in range(2):  # scheduled, then running and ready
+            kubelet.tick()
         server.store.set_log("x", "p", "main", "hello")
         yield server
 

@@ -36,7 +36,7 @@ from mlci_dagster.janitor import registry_providers, sweep
 from mlci_dagster.providers.base import Provider, build_provider
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.kubernetes import KubernetesProvider, diagnose
-from mlci_dagster.providers.kubernetes.client import session_for
+from mlci_dagster.providers.kubernetes.client import RetryPolicy, session_for
 from mlci_dagster.providers.kubernetes.manifests import ManifestError, load_manifest
 from mlci_dagster.providers.kubernetes.pipelines import last_traceback, log_tail
 from mlci_dagster.providers.kubernetes.provider import (
@@ -51,11 +51,12 @@ from mlci_dagster.registry.kubernetes import (
     K8sResourcePipeline,
     KubernetesSandbox,
 )
-from mlci_dagster.registry.models import DEFAULT_TIMEOUTS_S, HistorySettings
+from mlci_dagster.registry.models import DEFAULT_TIMEOUTS_S, HistorySettings, RouteCheck
 from mlci_dagster.sensors.cleanup import sandbox_janitor
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.lifecycle import run_lifecycle
 from mlci_dagster.stages.results import build_record
+from mlci_dagster.stages.ui_smoke import check_route
 from mlci_dagster.vocabulary import FailureKind, Stage
 from tests.conftest import config, write_registry
 from tests.support.kube_api import (
@@ -63,6 +64,7 @@ from tests.support.kube_api import (
     TYPES,
     KubeApiServer,
     KubeController,
+    ManualClock,
     wait_until,
     write_exec_plugin,
 )
@@ -196,6 +198,40 @@ def test_readiness_by_kind(kind, found, wanted, ready, failed, why):
 ])
 def test_pod_selector_of_an_object(kind, found, selector):
     assert diagnose.pod_selector(kind, found, "train") == selector
+
+
+SERVICE = {"metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}, "ports": [
+    {"name": "http", "port": 8080, "targetPort": "http"}]}}
+
+
+def backend_pod(ready: bool = True, port_name: str = "http", **metadata: Any) -> dict:
+    return {"metadata": {"name": "web-1", **metadata},
+            "spec": {"containers": [{"name": "app", "ports": [
+                {"name": port_name, "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIP": "10.244.0.7",
+                       "conditions": [cond("Ready", "True" if ready else "False")]}}
+
+
+@pytest.mark.parametrize("service, pods, port, ready, failed, why", [
+    (SERVICE, [backend_pod()], 8080, True, None, "1/1 pods (app=web) ready behind it"),
+    (SERVICE, [backend_pod()], "http", True, None, "1/1 pods"),
+    (SERVICE, [backend_pod(), backend_pod(ready=False)], 8080, True, None, "1/2 pods"),
+    (SERVICE, [backend_pod(ready=False)], 8080, False, None, "0/1 pods (app=web) ready"),
+    (SERVICE, [backend_pod(deletionTimestamp="2026-01-01T00:00:00Z")], 8080, False, None,
+     "0/1 pods"),
+    (SERVICE, [backend_pod(port_name="grpc")], 8080, False, None, "0/1 pods"),  # no `http`
+    (SERVICE, [], 8080, False, None, "no pods match its selector app=web"),
+    (SERVICE, [backend_pod()], 9090, False, FailureKind.CONFIG,
+     "the Service has no port 9090 (its ports: http)"),
+    ({"metadata": {"name": "ext"}, "spec": {"ports": [{"port": 80}]}}, [], 80, True, None,
+     "no selector"),
+    (None, [], 8080, False, None, "not found"),
+])
+def test_service_readiness_is_a_ready_pod_behind_the_port(service, pods, port, ready, failed,
+                                                          why):
+    state = diagnose.service_readiness(service, pods, port)
+    assert (state.ready, state.failed) == (ready, failed)
+    assert why in state.why
 
 
 # --- diagnosis --------------------------------------------------------------------------------
@@ -450,11 +486,15 @@ def test_create_makes_a_labelled_namespace_holding_its_handle_and_the_templated_
     assert SECRET not in files_under(tmp_path / "home")
 
 
-def test_ready_when_every_deployment_and_statefulset_is(provider):
+def test_ready_when_every_deployment_and_statefulset_is_and_every_service_has_a_ready_pod(
+        provider):
     handle = create(provider)
     probes = provider.wait_until_ready(handle, sandbox(), timeout_s=10)
-    assert sorted(p["object"] for p in probes) == ["Deployment web", "StatefulSet db"]
+    assert sorted(p["object"] for p in probes) == [
+        "Deployment web", "Service web port 8080", "StatefulSet db"]
     assert all(p["ready"] for p in probes)
+    service = next(p for p in probes if p["object"].startswith("Service"))
+    assert service["why"] == "1/1 pods (app=web) ready behind it"
     assert provider.destroy(handle, timeout_s=60)["clean"]
 
 
@@ -463,8 +503,82 @@ def test_explicit_ready_checks_by_name_selector_and_condition(provider):
                           {"kind": "Deployment", "name": "web", "condition": "Progressing"}])
     handle = create(provider, spec)
     probes = provider.wait_until_ready(handle, spec, timeout_s=10)
-    assert sorted(p["object"] for p in probes) == ["Deployment web", "Pods (app=web)"]
+    assert sorted(p["object"] for p in probes) == [
+        "Deployment web", "Pods (app=web)", "Service web port 8080"]
     assert all(p["ready"] for p in probes)
+
+
+BARE_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web, labels: {app: web}}
+spec:
+  containers: [{name: app, image: "${image.ref}", ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 8080, targetPort: http}]
+"""
+
+
+def test_readiness_waits_for_a_ready_pod_behind_each_service_the_stages_reach(
+        provider, kube, registry, backend):
+    """A bare Pod is no default readiness check: before the Service's own check, a sandbox of
+    a Pod and a Service was "ready" at once, and its UI smoke met the proxy's 503."""
+    server, controller = kube
+    (registry / "k8s" / "pod.yaml").write_text(BARE_POD)
+    controller.behave("Pod", "web", failure="unschedulable")
+    spec = sandbox(manifests=["k8s/pod.yaml"], secrets=[])
+    handle = create(provider, spec)
+    server.route_service(None, "web", backend)
+
+    with pytest.raises(SandboxError) as failed:
+        provider.wait_until_ready(handle, spec, timeout_s=1)
+
+    message = str(failed.value)
+    assert failed.value.kind == "infra", message  # it cannot be scheduled
+    assert message.startswith(f"Service web port 8080 not ready in namespace {handle.sandbox_id}")
+    assert "Service web port 8080: 0/1 pods (app=web) ready behind it" in message
+    assert "pod web unschedulable: 0/1 nodes are available" in message
+
+
+def test_a_service_port_the_service_does_not_declare_fails_readiness_as_config_at_once(
+        provider, kube):
+    spec = sandbox(services=[{"name": "web", "service": "web", "port": 9090}])
+    handle = create(provider, spec)
+    started = time.monotonic()
+
+    with pytest.raises(SandboxError) as failed:
+        provider.wait_until_ready(handle, spec, timeout_s=30)
+
+    assert failed.value.kind == "config"
+    assert "Service web port 9090: the Service has no port 9090 (its ports: 8080)" in str(
+        failed.value)
+    assert time.monotonic() - started < 10  # not the 30 s of the timeout
+
+
+def test_a_ui_route_hit_before_its_pods_are_ready_fails_naming_the_proxys_answer(
+        provider, kube, backend):
+    """The API server's proxy answers 503 `no endpoints available` until a ready pod backs the
+    port (the emulator used to forward whatever the pods' state, and this route passed)."""
+    server, controller = kube
+    controller.behave("Deployment", "web", failure="unschedulable")
+    handle = create(provider)
+    server.route_service(None, "web", backend)
+    route = RouteCheck.model_validate({"service": "web", "path": "/health"})
+
+    check = check_route(route, handle.endpoints["web"], {}, provider.http(handle))
+
+    assert check["status"] is None
+    [problem] = check["problems"]
+    assert problem.startswith(f"GET {handle.endpoints['web']}/health: ServiceProxyRefusal: "
+                              "the API server's service proxy answered 503 ServiceUnavailable "
+                              f"for service http:web:8080 in namespace {handle.sandbox_id}: "
+                              'no endpoints available for service "web" (no ready pod backs '
+                              "this port of the Service")
 
 
 def crash_looping(server: KubeApiServer, ns: str) -> bool:
@@ -490,6 +604,8 @@ def test_a_crash_looping_deployment_is_a_product_failure_naming_its_pod_and_even
     assert failed.value.kind == "product"
     assert re.match(rf"Deployment web not ready in namespace {handle.sandbox_id} after "
                     rf"[\d.]+s: pod {pod} container app: CrashLoopBackOff", message), message
+    # (its Service waits on the same pod: named below, not in the first line)
+    assert "\nService web port 8080: 0/1 pods (app=web) ready behind it\n" in message
     assert "Deployment web: Available=False" in message
     assert f"pod {pod}" in message and "waiting CrashLoopBackOff" in message
     assert f"Warning BackOff pod/{pod}: Back-off restarting failed container app" in message
@@ -738,6 +854,7 @@ def backend() -> Iterator[str]:
 def test_a_service_is_reached_through_the_api_servers_proxy(provider, kube, backend):
     server, _ = kube
     handle = create(provider)
+    provider.wait_until_ready(handle, sandbox(), timeout_s=10)
     server.route_service(handle.sandbox_id, "web", backend)
     response = provider.http(handle).get(handle.endpoints["web"] + "/v1/models?x=1", timeout=5)
     assert response.status_code == 200
@@ -763,7 +880,12 @@ def test_the_session_sends_the_token_whichever_key_the_client_keeps_it_under(kub
     """kubernetes >= 36 keeps a kubeconfig's or pod's token in api_key["BearerToken"]; older
     clients (and code that sets it by hand) in api_key["authorization"]."""
     server, _ = kube
-    server.store.create(TYPES["Service"], "default", {"metadata": {"name": "web"}})
+    server.store.create(TYPES["Service"], "default", {"metadata": {"name": "web"}, "spec": {
+        "selector": {"app": "web"}, "ports": [{"port": 8080}]}})
+    server.store.create(TYPES["Pod"], "default", {"metadata": {"name": "web-0", "labels": {
+        "app": "web"}}, "spec": {"containers": [{"name": "app", "image": "web:1"}]}})
+    wait_until(lambda: diagnose.readiness("Pod", server.store.get(
+        TYPES["Pod"], "default", "web-0")).ready, what="web-0 ready")
     server.route_service("default", "web", backend)
     configuration = k8s.Configuration(host=server.url,
                                       api_key={key: f"Bearer {server.admin_token}"})
@@ -792,6 +914,7 @@ def test_an_exec_plugins_token_is_fetched_again_when_it_is_rotated(tmp_path, kub
                                   settings=ClusterSpec(kubeconfig="kubeconfig.json"),
                                   poll_interval_s=0.05)
     handle = create(provider)
+    provider.wait_until_ready(handle, sandbox(), timeout_s=10)
     server.route_service(handle.sandbox_id, "web", backend)
     session = provider.http(handle)
     assert session.get(handle.endpoints["web"] + "/one", timeout=5).status_code == 200
@@ -874,6 +997,44 @@ def test_destroy_deletes_the_namespace_verifies_it_and_is_idempotent(provider, k
     assert provider.ledger.live() == [] and not Path(handle.workdir).exists()
     assert ("DELETE", f"/api/v1/namespaces/{handle.sandbox_id}") in server.requests
     assert provider.destroy(handle, timeout_s=2)["clean"]
+
+
+def test_a_namespace_that_takes_20s_to_go_is_torn_down_clean_within_the_default_teardown(
+        registry, tmp_path, monkeypatch):
+    """A real namespace takes tens of seconds to go (its pods' grace periods, the namespace
+    controller's sweep of every API group): timeouts.teardown_s's default waits it out, and
+    destroy deletes it and waits until the API says 404, as the README says; a teardown_s too
+    short names what is still there. On a clock the test moves: each of the provider's polls
+    is one pass of the controller."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    clock = ManualClock()
+    with KubeApiServer(authentication=True, namespace_deletion_s=20) as server:
+        controller = KubeController(server, clock=clock.monotonic)
+        clock.on_sleep.append(controller.tick)
+        server.kubeconfig(registry / "kubeconfig.json")
+        provider = KubernetesProvider(tmp_path / "slow-home", [SECRET_ENV], root=registry,
+                                      settings=ClusterSpec(kubeconfig="kubeconfig.json"),
+                                      sleep=clock.sleep, clock=clock.monotonic)
+        hurried, patient = create(provider), create(provider)
+        for _ in range(3):  # scheduled, running: pods that will take their grace to stop
+            controller.tick()
+
+        too_short = provider.destroy(hurried, timeout_s=10)
+        started = clock.now
+        report = provider.destroy(patient, timeout_s=DEFAULT_TIMEOUTS_S[Stage.TEARDOWN])
+        waited = clock.now - started
+
+        assert not too_short["clean"] and not too_short["namespace_gone"]
+        assert f"namespace {hurried.sandbox_id} is Terminating" in too_short["why"]
+        assert "NamespaceContentRemaining: Some resources are remaining: pods. has 2 " \
+               "resource instances" in too_short["why"]
+        assert report["clean"] and report["namespace_gone"], report
+        assert 20 <= waited <= 22  # its 20 s, and a poll's worth
+        assert patient.sandbox_id not in server.namespaces()
+        assert [h.sandbox_id for h in provider.ledger.live()] == [hurried.sandbox_id]
+        reads = [path for method, path in server.requests
+                 if (method, path) == ("GET", f"/api/v1/namespaces/{patient.sandbox_id}")]
+        assert len(reads) >= 10  # asked at each poll until it answered 404
 
 
 def test_a_namespace_stuck_terminating_is_not_clean_and_names_its_finalizer(provider, kube):
@@ -1129,3 +1290,123 @@ def test_a_manifest_of_the_tests_own_that_cannot_be_used_fails_as_config(
     assert "k8s/broken.yaml: document 1: expected a mapping" in str(failed.value)
     assert [n for n in server.namespaces() if n.startswith("train-")] == []
     assert provider.ledger.live() == []
+
+
+# --- an API server that throttles and fails --------------------------------------------------
+
+NOT_THE_PROXY = r"^(?!.*/proxy(/|$))"  # the UI smoke's routes answer for the service, not the API
+
+
+def a_storm(server: KubeApiServer, scale: int = 1, throttled: int = 3,
+            errors: tuple[int, ...] = (503, 500, 504)) -> list[Any]:
+    """A burst of what a busy API server answers: API Priority and Fairness's 429s, a
+    TooManyRequests Status, then 5xx and a dropped connection on reads."""
+    return [server.inject(429, plain=True, count=throttled * scale, path_regex=NOT_THE_PROXY),
+            server.inject(429, retry_after=1, count=scale, path_regex=NOT_THE_PROXY),
+            *[server.inject(status, count=scale, methods=("GET",), path_regex=NOT_THE_PROXY)
+              for status in errors],
+            server.inject(reset=True, count=scale, methods=("GET",), path_regex=NOT_THE_PROXY)]
+
+
+def test_a_429_storm_is_survived_from_create_to_destroy(kube, registry, tmp_path, monkeypatch):
+    """create → ready → a k8s_job pipeline → destroy while the API server throttles every verb
+    and fails reads: each call waits as Retry-After says (here on a recorded sleep), or backs
+    off, and succeeds."""
+    server, controller = kube
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    controller.behave("Job", "train", log="run_id=42\n")
+    slept: list[float] = []
+    provider = KubernetesProvider(tmp_path / "storm-home", [SECRET_ENV], root=registry,
+                                  settings=ClusterSpec(kubeconfig="kubeconfig.json"),
+                                  poll_interval_s=0.05, retry=RetryPolicy(sleep=slept.append))
+    storms = [a_storm(server, scale=2)]
+
+    handle = create(provider)
+    storms.append(a_storm(server))
+    provider.wait_until_ready(handle, sandbox(), timeout_s=10)
+    storms.append(a_storm(server))
+    result = provider.run_pipeline(handle, job_pipeline(outputs={"RUN_ID": r"run_id=(\d+)"}),
+                                   context_of(handle), timeout_s=10)
+    storms.append(a_storm(server))
+    report = provider.destroy(handle, timeout_s=60)
+
+    assert result.passed and result.outputs == {"RUN_ID": "42"}, result.summary
+    assert report["clean"] and handle.sandbox_id not in server.namespaces(), report
+    assert [f.answered for storm in storms for f in storm] == [
+        f.count for storm in storms for f in storm]  # every fault was met, and survived
+    assert slept.count(1.0) >= 4 * 5  # Retry-After: 1 (APF's and the Status's), each storm
+
+
+def test_a_storm_that_never_ends_fails_create_as_infra_in_bounded_time(
+        kube, registry, tmp_path, monkeypatch):
+    server, _ = kube
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    clock = ManualClock()
+    provider = KubernetesProvider(tmp_path / "endless-home", [SECRET_ENV], root=registry,
+                                  settings=ClusterSpec(kubeconfig="kubeconfig.json"),
+                                  retry=RetryPolicy(sleep=clock.sleep, clock=clock.monotonic))
+    endless = server.inject(429, plain=True, count=None)
+    started = time.monotonic()
+
+    with pytest.raises(SandboxError) as failed:
+        create(provider)
+
+    message = str(failed.value)
+    [namespace] = [h.sandbox_id for h in provider.ledger.live()]  # left for the janitor
+    assert failed.value.kind == "infra"
+    assert message.startswith(
+        f"sandbox {namespace} could not be created: create namespace {namespace}: gave up "
+        f"after 10 attempts in 9.0s: the API server {server.url} answered 429 Too Many "
+        "Requests: Too many requests, please try again later.")
+    assert f"namespace {namespace} could not be deleted: delete namespace {namespace}: gave " \
+           "up after 10 attempts in 9.0s" in message
+    assert endless.answered == 20  # create's ten, and the cleanup's ten
+    assert clock.slept == [1.0] * 18  # as Retry-After said, never past the attempts
+    assert time.monotonic() - started < 10
+
+
+def test_reads_failing_with_5xx_until_the_timeout_fail_readiness_as_infra(
+        kube, registry, tmp_path, monkeypatch):
+    """A 5xx without Retry-After is retried for reads only, with a backoff, a bounded number of
+    times; the readiness wait then ends as the API server's fault, naming the answer."""
+    server, _ = kube
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    clock = ManualClock()
+    provider = KubernetesProvider(tmp_path / "failing-home", [SECRET_ENV], root=registry,
+                                  settings=ClusterSpec(kubeconfig="kubeconfig.json"),
+                                  retry=RetryPolicy(sleep=clock.sleep, clock=clock.monotonic))
+    handle = create(provider)
+    server.inject(503, count=None, methods=("GET",),
+                  path_regex=rf"/namespaces/{handle.sandbox_id}/")
+
+    with pytest.raises(SandboxError) as failed:
+        provider.wait_until_ready(handle, sandbox(), timeout_s=0.5)
+
+    assert failed.value.kind == "infra", str(failed.value)
+    assert "gave up after 10 attempts in 47.5s: the API server" in str(failed.value)
+    assert "503 Service Unavailable: the server is currently unable to handle the request" in \
+        str(failed.value)
+    assert clock.slept[:9] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0]
+    server.clear_faults()
+    assert provider.destroy(handle, timeout_s=60)["clean"]
+
+
+def test_the_lifecycle_survives_a_429_storm(kube, backend, tmp_path, monkeypatch):
+    """The whole lifecycle, stages and all, with the provider the registry builds (its real
+    retry policy, its real sleeps: Retry-After 1 is what API Priority and Fairness sends), so
+    a short burst: about 4 s of waiting."""
+    server, controller = kube
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    controller.behave("Job", "train", log="run_id=42\n")
+    server.route_service(None, "web", backend)
+    root = kubernetes_registry(tmp_path / "registry", server)
+    ctx = LifecycleContext.create(load_registry(root), "served", "e1", "run-1", tmp_path / "home")
+    storm = a_storm(server, throttled=2, errors=(503,))
+
+    outcomes = {str(o.stage): o for o in run_lifecycle(ctx)}
+
+    assert {stage: str(o.status) for stage, o in outcomes.items()} == dict.fromkeys(
+        ["image", "sandbox", "pipeline_runs", "ui_smoke", "teardown"], "pass"), \
+        {stage: o.error_summary for stage, o in outcomes.items()}
+    assert [f.answered for f in storm] == [f.count for f in storm]
+    assert ctx.provider.list_live() == []

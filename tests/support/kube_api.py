@@ -10,10 +10,25 @@ Emulated: discovery (`/version`, `/api`, `/apis`, APIResourceLists with subresou
 get, list (per namespace and across them, label and field selectors), replace, patch (merge and
 strategic merge both as JSON merge patch, JSON patch), delete (finalizers, ownerReferences
 cascade with propagationPolicy, batch/v1 Jobs orphaning by default), deletecollection,
-`/status` and `namespaces/finalize`, watches (`resourceVersion`, `timeoutSeconds`), pod logs
-(`container`, `tailLines`, `timestamps`, `sinceSeconds`, `follow`), the service proxy to backends
-a test registers, namespace termination, Events. 409 on stale `resourceVersion`, 404 in a
-missing namespace, 403 in a terminating one.
+`/status` and `namespaces/finalize`, watches (`resourceVersion`, `timeoutSeconds`), Events. 409
+on stale `resourceVersion`, 404 in a missing namespace, 403 in a terminating one.
+- Namespace termination that takes time: a deleted namespace stays Terminating for
+  `namespace_deletion_s` (a second by default, set per server), its pods terminating gracefully
+  meanwhile (listed with `deletionTimestamp`, not ready, named by `NamespaceContentRemaining`),
+  the rest of its content deleted at once; finalizers hold it longer.
+- Pod logs as the kubelet reads them: `container`, `tailLines` (first), `sinceSeconds`,
+  `timestamps`, `limitBytes` (the head of what is selected, cut mid-line), `follow`, and
+  `previous` (the last terminated run of a container, kept per container ID: a crash loop's;
+  400 `previous terminated container "x" in pod "y" not found` when there is none).
+- The service proxy as the API server resolves it: `[scheme:]name[:port]`, a port number the
+  Service must declare (503 `no service port`), endpoints as the endpoints controller makes
+  them from the ready pods its selector matches that have the port (503 `no endpoints
+  available for service`; 404 `endpoints "x" not found` for a Service without a selector), then
+  the backend a test routed the Service to (`route_service`: what listens in those pods; 503
+  `error trying to reach service` when nothing does).
+- Faults on request (`inject`, tests/support/kube_faults.py): 429 (APF's plain text or a
+  TooManyRequests Status, `Retry-After`), 500, 503 and 504 Status bodies, connection resets, for
+  a count of requests or until cleared, by method and path.
 
 Authentication and authorization are off by default: every request is allowed. With
 `authentication=True` every path (discovery, pod logs and the service proxy included) wants
@@ -30,10 +45,12 @@ and JWTs (tokens are opaque strings in a table), impersonation, the identities o
 controller (it writes the store directly, unchecked), admission and validation (bodies are
 stored as sent, beyond a few defaults), schemas and defaulting of most fields, server-side
 apply, strategic-merge list semantics (lists are replaced), `limit`/`continue` pagination,
-bookmarks, dry runs, graceful deletion (objects without finalizers go at once; garbage
-collection is synchronous), protobuf/CBOR/YAML, port-forward, exec/attach and every WebSocket,
-real scheduling, nodes, ReplicaSet rollouts (a new template replaces the old ReplicaSet at
-once), Ray worker pods and Spark executors, previous container logs.
+bookmarks, dry runs, graceful deletion outside a terminating namespace (objects without
+finalizers go at once; garbage collection is synchronous), Endpoints and EndpointSlices as
+objects (so no Service without a selector can be proxied), protobuf/CBOR/YAML, port-forward,
+exec/attach and every WebSocket, real scheduling, nodes, ReplicaSet rollouts (a new template
+replaces the old ReplicaSet at once), Ray worker pods and Spark executors, throttling of its
+own (a 429 comes only from `inject`), log rotation (a container's whole log is kept).
 """
 
 from __future__ import annotations
@@ -45,11 +62,13 @@ import hashlib
 import http.client
 import itertools
 import json
+import math
 import random
 import re
 import secrets
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -66,6 +85,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tests.support.kube_faults import Fault, FaultPlan
 from tests.support.kube_rbac import (
     AUTHENTICATED,
     BOOTSTRAP_POLICY,
@@ -140,13 +160,18 @@ DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease"
 VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.0+mlci-emulator", "gitCommit": "",
            "gitTreeState": "clean", "buildDate": "2024-08-13T00:00:00Z", "goVersion": "go1.22.5",
            "compiler": "gc", "platform": "linux/amd64"}
+# How long a namespace stays Terminating after its deletion, by default: a real one takes tens of
+# seconds (its pods get their termination grace period, the namespace controller sweeps every
+# API group), which would add minutes to the suite; a second still shows every teardown a
+# namespace that outlives its DELETE, over several of the provider's polls.
+NAMESPACE_DELETION_S = 1.0
 PATCH_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json",
                "application/json-patch+json")
 _SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now_rfc3339(later_s: float = 0) -> str:
+    return datetime.fromtimestamp(time.time() + later_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def rfc3339_nano(ns: int) -> str:
@@ -166,6 +191,28 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 5, what: str = "
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.02)
     return value
+
+
+class ManualClock:
+    """Time a test moves itself: monotonic() reads it, sleep() and advance() move it on (and
+    run each on_sleep callback, a controller's tick say), so a wait of minutes takes none."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.slept: list[float] = []
+        self.on_sleep: list[Callable[[], Any]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        for callback in self.on_sleep:
+            callback()
 
 
 class ApiError(Exception):
@@ -202,7 +249,7 @@ def conflict(rtype: ResourceType, name: str, why: str) -> ApiError:
 
 
 def bad_request(message: str) -> ApiError:
-    return ApiError(400, "BadRequest", message)
+    return ApiError(400, "BadRequest", message, bare=True)  # NewBadRequest: no details
 
 
 # --- selectors and patches: pure functions over plain dicts --------------------------------
@@ -314,17 +361,28 @@ class Change(NamedTuple):
     obj: Obj
 
 
+class LogInstance(NamedTuple):
+    """One run of a container, as the runtime keeps its log: its container ID and lines."""
+
+    container_id: str
+    lines: list[tuple[int, str]]
+
+
 class ObjectStore:
     """The cluster's state: objects by kind, namespace and name, the history of their changes
-    (what watches replay) and container logs. Thread-safe; reads return copies."""
+    (what watches replay) and container logs (the current and the previous run of each
+    container). Thread-safe; reads return copies. `namespace_deletion_s`: how long a deleted
+    namespace stays Terminating (the namespace controller reads it)."""
 
-    def __init__(self, history: int = 20_000) -> None:
+    def __init__(self, history: int = 20_000,
+                 namespace_deletion_s: float = NAMESPACE_DELETION_S) -> None:
         self._cond = threading.Condition()
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {t.kind: {} for t in RESOURCE_TYPES}
         self._changes: list[Change] = []
         self._history, self._oldest_rv, self._rv = history, 0, 0
-        self._logs: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
+        self._logs: dict[tuple[str, str, str], list[LogInstance]] = {}
         self._cluster_ips = itertools.count(10)
+        self.namespace_deletion_s = namespace_deletion_s
         self.closed = False
 
     def close(self) -> None:
@@ -503,8 +561,12 @@ class ObjectStore:
             return self.update(rtype, namespace, name, patched, part, admit=admit)
 
     def delete(self, rtype: ResourceType, namespace: str | None, name: str,
-               propagation: str | None = None) -> tuple[Obj, bool]:
-        """Returns the object and whether it is gone (else its deletion waits on finalizers)."""
+               propagation: str | None = None, grace_s: float | None = None
+               ) -> tuple[Obj, bool]:
+        """Returns the object and whether it is gone (else its deletion waits on finalizers, or
+        on a Pod's termination). grace_s > 0 terminates a Pod gracefully: it stays, with
+        deletionTimestamp and deletionGracePeriodSeconds, until a delete with grace_s=0; a
+        plain delete (None) leaves a Pod terminating so, as a real one keeps its grace."""
         with self._cond:
             obj = self._get(rtype, namespace, name)
             meta = obj["metadata"]
@@ -512,6 +574,19 @@ class ObjectStore:
                 raise conflict(rtype, name, "The system is ensuring all content is removed from "
                                "this namespace.  Upon completion, this namespace will "
                                "automatically be purged by the system.")
+            if rtype.kind == "Pod" and grace_s != 0 and (grace_s or _terminating(obj)):
+                if not meta.get("deletionTimestamp"):
+                    # the time after which it goes, as a real server sets it
+                    meta["deletionTimestamp"] = now_rfc3339(grace_s or 0)
+                    meta["deletionGracePeriodSeconds"] = math.ceil(grace_s or 0)
+                    self._bump(obj)
+                    self._record("MODIFIED", obj)
+                return copy.deepcopy(obj), False
+            if rtype.kind == "Pod" and _terminating(obj):  # grace_s=0: its grace ends now
+                meta["deletionGracePeriodSeconds"] = 0
+                if meta.get("finalizers"):
+                    self._bump(obj)
+                    self._record("MODIFIED", obj)
             if rtype.kind == "Namespace" or meta.get("finalizers"):
                 if not meta.get("deletionTimestamp"):
                     meta["deletionTimestamp"] = now_rfc3339()
@@ -579,28 +654,45 @@ class ObjectStore:
                         matches(change.obj):
                     yield change.type, change.obj
 
-    # Container logs, as a container runtime keeps them: timestamped lines per container.
-    def set_log(self, namespace: str, pod: str, container: str, text: str) -> None:
+    # Container logs, as a container runtime keeps them: timestamped lines per run of each
+    # container (its container ID), the current run and the one before it.
+    def set_log(self, namespace: str, pod: str, container: str, text: str,
+                container_id: str | None = None) -> None:
+        """The log of the container's run container_id (a new run, if it is not the latest;
+        None: the latest run), replaced by text."""
         with self._cond:
-            self._logs[(namespace, pod, container)] = []
+            runs = self._logs.setdefault((namespace, pod, container), [])
+            if not runs or container_id not in (None, runs[-1].container_id):
+                runs.append(LogInstance(container_id or "", []))
+                del runs[:-2]  # the kubelet keeps the previous run's log, no older one
+            runs[-1].lines.clear()
             self.append_log(namespace, pod, container, text)
 
     def append_log(self, namespace: str, pod: str, container: str, text: str) -> None:
+        """Lines printed by the container's latest run."""
         with self._cond:
-            self._logs.setdefault((namespace, pod, container), []).extend(
-                (time.time_ns(), line) for line in text.splitlines())
+            runs = self._logs.setdefault((namespace, pod, container), [])
+            if not runs:
+                runs.append(LogInstance("", []))
+            runs[-1].lines.extend((time.time_ns(), line) for line in text.splitlines())
             self._cond.notify_all()
 
-    def log_lines(self, namespace: str, pod: str, container: str) -> list[tuple[int, str]]:
+    def log_lines(self, namespace: str, pod: str, container: str,
+                  container_id: str | None = None) -> list[tuple[int, str]]:
+        """The lines of the run container_id (None, or a run not kept: the latest)."""
         with self._cond:
-            return list(self._logs.get((namespace, pod, container), []))
+            runs = self._logs.get((namespace, pod, container), [])
+            run = next((r for r in runs if r.container_id == container_id), None) or (
+                runs[-1] if runs else None)
+            return list(run.lines) if run else []
 
     def follow_log(self, namespace: str, pod: str, container: str, start: int
                    ) -> Iterator[tuple[int, str] | None]:
         """Lines from index start on as they come, until the container stops running."""
         while True:
             with self._cond:
-                lines = self._logs.get((namespace, pod, container), [])
+                runs = self._logs.get((namespace, pod, container), [])
+                lines = runs[-1].lines if runs else []
                 new, start = lines[start:], max(start, len(lines))
                 if not new:
                     obj = self._objects["Pod"].get((namespace, pod))
@@ -624,9 +716,16 @@ def _spec_of(obj: Obj) -> Obj:
 
 
 def _released(obj: Obj) -> bool:
-    """A deleted object whose finalizers are all gone is removed."""
+    """A deleted object whose finalizers are all gone is removed (a Pod once it terminated)."""
     return bool(obj["metadata"].get("deletionTimestamp")) and not obj["metadata"].get(
-        "finalizers") and not (obj["kind"] == "Namespace" and obj["spec"].get("finalizers"))
+        "finalizers") and not (obj["kind"] == "Namespace" and obj["spec"].get(
+            "finalizers")) and not _terminating(obj)
+
+
+def _terminating(obj: Obj) -> bool:
+    """A Pod deleted gracefully, still within its grace period."""
+    return obj["kind"] == "Pod" and bool(obj["metadata"].get("deletionTimestamp")) and bool(
+        obj["metadata"].get("deletionGracePeriodSeconds"))
 
 
 # --- the wire format -----------------------------------------------------------------------
@@ -654,7 +753,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         self.server.connections.discard(self.connection)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a connection reset here
             super().finish()
 
     def log_message(self, *args: Any) -> None:  # tests read api.requests instead
@@ -672,10 +771,14 @@ class _ApiHandler(BaseHTTPRequestHandler):
         while segments and not segments[-1]:
             segments.pop()
         try:
-            # As the real filter chain: authentication, then authorization, then the handler.
+            # As the real filter chain: authentication, then flow control (the faults a test
+            # injected: throttling and errors), then authorization, then the handler.
             self.user = self.api.authenticate(self.headers.get("Authorization"))
             self.api._request_log.append((self.user.name if self.user else "", self.command,
                                           unquote(raw_path)))
+            fault = self.api.faults.take(self.command, unquote(raw_path))
+            if fault is not None:
+                return self._answer_fault(fault)
             self.attrs = request_attributes(self.command, unquote(raw_path), self.params)
             self.api.authorize(self.user, self.attrs)
             self._route(segments, full)
@@ -689,6 +792,21 @@ class _ApiHandler(BaseHTTPRequestHandler):
             self._send_json(500, ApiError(500, "InternalError", f"{error!r}").status())
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
+
+    def _answer_fault(self, fault: Fault) -> None:
+        if fault.reset:  # RST instead of an answer: SO_LINGER with a zero timeout
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+            return
+        code, headers, body = fault.response()
+        self.send_response(code)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _route(self, segments: list[str], full: list[str]) -> None:
         if segments in (["version"], ["api"], ["apis"]) or segments[:1] == ["apis"] and len(
@@ -835,39 +953,80 @@ class _ApiHandler(BaseHTTPRequestHandler):
         if container not in containers:
             raise bad_request(f"container {container} is not valid for pod {name}")
         status = next((s for s in pod["status"].get("containerStatuses", [])
-                       if s["name"] == container), {})
-        waiting = status.get("state", {}).get("waiting")
-        if waiting and not status.get("lastState", {}).get("terminated"):
-            why = {"ErrImagePull": "image can't be pulled",
-                   "ImagePullBackOff": "trying and failing to pull image"}
-            raise bad_request(f'container "{container}" in pod "{name}" is waiting to start: '
-                              f"{why.get(waiting.get('reason'), waiting.get('reason'))}")
-        lines = everything = self.store.log_lines(namespace or "", name, container)
+                       if s["name"] == container), None)
+        previous = self.params.get("previous", "").lower() in ("true", "1")
+        if status is None and not previous:  # not scheduled yet: nothing to read, no error
+            return self._send(200, b"", "text/plain")
+        run = container_run(name, container, status or {}, previous)
+        follow = self.params.get("follow", "").lower() in ("true", "1") and not previous
+        everything = self.store.log_lines(namespace or "", name, container, run)
+        # As the kubelet reads a log (pkg/kubelet/kuberuntime/logs/logs.go ReadLogs): the last
+        # tailLines lines, those of them not older than sinceSeconds, each with its timestamp
+        # if asked, cut once limitBytes bytes are written: the head of that range.
+        lines = everything
+        if self.params.get("tailLines"):
+            lines = lines[len(lines) - min(len(lines), int(self.params["tailLines"])):]
         if self.params.get("sinceSeconds"):
             since = time.time_ns() - int(self.params["sinceSeconds"]) * 1_000_000_000
             lines = [line for line in lines if line[0] >= since]
-        if self.params.get("tailLines"):
-            lines = lines[len(lines) - min(len(lines), int(self.params["tailLines"])):]
         stamped = self.params.get("timestamps", "").lower() in ("true", "1")
+        limit = int(self.params["limitBytes"]) if self.params.get("limitBytes") else None
+        if limit is not None and limit < 1:
+            raise ApiError(422, "Invalid", f'PodLogOptions "{name}" is invalid: limitBytes: '
+                           f"Invalid value: {limit}: must be greater than 0",
+                           {"name": name, "kind": "PodLogOptions"})
 
         def render(ts: int, line: str) -> bytes:
             return f"{rfc3339_nano(ts) + ' ' if stamped else ''}{line}\n".encode()
 
-        if self.params.get("follow", "").lower() not in ("true", "1"):
-            return self._send(200, b"".join(render(*line) for line in lines), "text/plain")
+        if not follow:
+            return self._send(200, b"".join(render(*line) for line in lines)[:limit],
+                              "text/plain")
         tail = (render(*line) for line in lines)
-        follow = (None if line is None else render(*line) for line in self.store.follow_log(
+        more = (None if line is None else render(*line) for line in self.store.follow_log(
             namespace or "", name, container, len(everything)))
-        self._stream(itertools.chain(tail, follow), "text/plain")
+        self._stream(_limited(itertools.chain(tail, more), limit), "text/plain")
 
-    def _proxy(self, namespace: str, name_and_port: str, path: str) -> None:
-        parts = name_and_port.split(":")
-        service = parts[1] if parts[0] in ("http", "https") and len(parts) > 1 else parts[0]
-        self.store.get(TYPES["Service"], namespace, service)
+    def _proxy(self, namespace: str, service_id: str, path: str) -> None:
+        """As the API server resolves `[scheme:]name[:port]` (pkg/registry/core/service/
+        storage/storage.go ResourceLocation): a port number must be one the Service declares
+        (503), its endpoints must exist (404: a Service without a selector has none here) and
+        hold a ready address for that port (503); then the backend a test routed the Service to
+        answers, as the process listening in that pod would (503 when nothing listens)."""
+        _, service, port = split_scheme_name_port(service_id)
+        port_name = port
+        if port.isdigit():
+            declared = self.store.get(TYPES["Service"], namespace, service)
+            match = next((p for p in (declared.get("spec") or {}).get("ports") or []
+                          if str(p.get("port")) == port), None)
+            if match is None:
+                raise ApiError(503, "ServiceUnavailable", f'no service port {port} found for '
+                               f'service "{service}"', bare=True)
+            port_name = match.get("name", "")
+        try:
+            found = self.store.get(TYPES["Service"], namespace, service)
+        except ApiError:
+            found = None
+        selector = ((found or {}).get("spec") or {}).get("selector")
+        if not selector:
+            raise ApiError(404, "NotFound", f'endpoints "{service}" not found',
+                           {"name": service, "kind": "endpoints"})
+        assert found is not None
+        pods = self.store.list(TYPES["Pod"], namespace, lambda p: all(
+            (p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items()))[0]
+        subsets = endpoint_addresses(found, pods)
+        if not subsets:
+            raise ApiError(503, "ServiceUnavailable",
+                           f'no endpoints available for service "{service}"', bare=True)
+        ready = subsets.get(port_name, ([], []))[0]
+        if not ready:
+            raise ApiError(503, "ServiceUnavailable",
+                           f'no endpoints available for service "{service_id}"', bare=True)
+        address = random.choice(ready)
         backend = self.api.backend_for(namespace, service)
         if backend is None:
-            raise ApiError(503, "ServiceUnavailable",
-                           f'no endpoints available for service "{service}"')
+            raise ApiError(503, "ServiceUnavailable", f"error trying to reach service: dial tcp "
+                           f"{address}: connect: connection refused", bare=True)
         target = urlsplit(backend)
         connection = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port,
                                                 timeout=30)
@@ -879,7 +1038,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
             data = response.read()
         except OSError as error:
             raise ApiError(503, "ServiceUnavailable", f"error trying to reach service: dial tcp "
-                           f"{target.netloc}: {error}") from error
+                           f"{address} (routed to {target.netloc}): {error}",
+                           bare=True) from error
         finally:
             connection.close()
         self._send(response.status, data, response.getheader("Content-Type") or "text/plain")
@@ -916,6 +1076,86 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
 
 
+def split_scheme_name_port(service_id: str) -> tuple[str, str, str]:
+    """`name`, `name:port` or `scheme:name:port`, as apimachinery's util/net SplitSchemeNamePort
+    reads a proxied Service's id (`http:web` is the Service `http`, port `web`)."""
+    parts = service_id.split(":")
+    scheme, name, port = ("", parts[0], "") if len(parts) == 1 else (
+        "", parts[0], parts[1]) if len(parts) == 2 else (*parts,) if len(parts) == 3 else (
+        "", "", "")
+    if not name or scheme not in ("", "http", "https"):
+        raise bad_request(f'invalid service request "{service_id}"')
+    return scheme, name, port
+
+
+def endpoint_addresses(service: Obj, pods: list[Obj]) -> dict[str, tuple[list[str], list[str]]]:
+    """What the endpoints controller makes of a Service's pods (pkg/controller/endpoint
+    endpoints_controller.go syncService): per port name, the ready and the not-ready
+    `ip:port` of each pod its selector matched that may be an endpoint (an IP, not terminating
+    nor ended: endpointslice ShouldPodBeInEndpoints) and has the port (a named targetPort is
+    a container port's name: FindPort). Empty: the Endpoints have no subsets."""
+    spec = service.get("spec") or {}
+    publish_not_ready = bool(spec.get("publishNotReadyAddresses"))
+    found: dict[str, tuple[list[str], list[str]]] = {}
+    for pod in pods:
+        status, restart = pod.get("status") or {}, pod["spec"].get("restartPolicy", "Always")
+        ended = {"Never": ("Failed", "Succeeded"), "OnFailure": ("Succeeded",)}.get(restart, ())
+        if not status.get("podIP") or status.get("phase") in ended or (
+                pod["metadata"].get("deletionTimestamp") and not publish_not_ready):
+            continue
+        ready = publish_not_ready or pod_ready(pod)
+        named = {p.get("name"): p.get("containerPort") for c in pod["spec"].get(
+            "containers") or [] for p in c.get("ports") or [] if p.get("name")}
+        for port in spec.get("ports") or []:
+            target = port.get("targetPort", port.get("port"))
+            number = named.get(target) if isinstance(target, str) else target
+            if number is None:
+                continue
+            addresses = found.setdefault(port.get("name", ""), ([], []))
+            addresses[0 if ready else 1].append(f"{status['podIP']}:{number}")
+    return found
+
+
+def container_run(pod: str, container: str, status: Obj, previous: bool) -> str:
+    """The container ID of the run whose log is read, or the 400 the kubelet answers
+    (pkg/kubelet/kubelet_pods.go validateContainerLogStatus): the previous run is the last
+    terminated one; otherwise the running one, else the one that ended."""
+    state, last = status.get("state") or {}, (status.get("lastState") or {}).get("terminated")
+    if previous:
+        if not (last or {}).get("containerID"):
+            raise bad_request(f'previous terminated container "{container}" in pod "{pod}" not '
+                              "found")
+        return last["containerID"]
+    if "running" in state:
+        return status.get("containerID", "")
+    if "terminated" in state or last:
+        run = (state.get("terminated") or {}).get("containerID") or (last or {}).get(
+            "containerID")
+        if not run:
+            raise bad_request(f'container "{container}" in pod "{pod}" is terminated')
+        return run
+    waiting = state.get("waiting")
+    if waiting:
+        why = {"ErrImagePull": "image can't be pulled",
+               "ImagePullBackOff": "trying and failing to pull image"}
+        raise bad_request(f'container "{container}" in pod "{pod}" is waiting to start: '
+                          f"{why.get(waiting.get('reason'), waiting.get('reason'))}")
+    raise bad_request(f'container "{container}" in pod "{pod}" is waiting to start - no logs '
+                      "yet")
+
+
+def _limited(chunks: Iterator[bytes | None], limit: int | None) -> Iterator[bytes | None]:
+    """chunks until limit bytes have gone (a log followed with limitBytes ends there)."""
+    for chunk in chunks:
+        if chunk is None or limit is None:
+            yield chunk
+            continue
+        yield chunk[:limit]
+        limit -= len(chunk)
+        if limit <= 0:
+            return
+
+
 def _resource_list(group: str, version: str, types: Any) -> Obj:
     resources = []
     for t in types:
@@ -936,15 +1176,20 @@ def _resource_list(group: str, version: str, types: Any) -> Obj:
 class KubeApiServer:
     """The emulated API server on http://127.0.0.1:<port> (port 0: a free one), started by
     start() or a with block. Tests reach its state directly: objects(), namespaces(), requests,
-    and register service proxy backends with route_service().
+    register what listens behind a Service's pods with route_service(), and make it fail
+    requests with inject().
 
     authentication: every request must carry a bearer token this server issued (401 if not).
-    rbac: and be allowed by the RBAC objects it holds (403 if not); implies authentication."""
+    rbac: and be allowed by the RBAC objects it holds (403 if not); implies authentication.
+    namespace_deletion_s: how long a deleted namespace stays Terminating (its pods terminating
+    gracefully meanwhile); `store.namespace_deletion_s` changes it on a running server."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1",
                  namespaces: tuple[str, ...] = DEFAULT_NAMESPACES, *,
-                 authentication: bool = False, rbac: bool = False) -> None:
-        self.store = ObjectStore()
+                 authentication: bool = False, rbac: bool = False,
+                 namespace_deletion_s: float = NAMESPACE_DELETION_S) -> None:
+        self.store = ObjectStore(namespace_deletion_s=namespace_deletion_s)
+        self.faults = FaultPlan()
         for name in namespaces:
             self.store.create(TYPES["Namespace"], None, {"metadata": {"name": name}})
         self.authentication, self.rbac = authentication or rbac, rbac
@@ -1015,14 +1260,33 @@ class KubeApiServer:
         return Path(path)
 
     def route_service(self, namespace: str | None, service: str, backend_url: str) -> None:
-        """The service proxy forwards to backend_url for this service (None: in any namespace;
-        a `{namespace}` in backend_url becomes the namespace asked for, so one backend can
-        answer as each sandbox's own)."""
+        """What listens in this Service's pods (None: in any namespace): once a ready pod backs
+        the port asked for, the service proxy forwards to backend_url. A `{namespace}` in it
+        becomes the namespace asked for, so one backend can answer as each sandbox's own."""
         self._routes[(namespace, service)] = backend_url
 
     def backend_for(self, namespace: str, service: str) -> str | None:
         backend = self._routes.get((namespace, service)) or self._routes.get((None, service))
         return backend.replace("{namespace}", namespace) if backend else None
+
+    # --- faults on request
+    def inject(self, status: int | None = None, *, count: int | None = 1,
+               retry_after: int | None = None, methods: tuple[str, ...] | None = None,
+               path_regex: str | None = None, plain: bool = False, message: str | None = None,
+               reset: bool = False) -> Fault:
+        """Answers the next `count` matching requests (None: all of them until clear_faults)
+        with `status` as a real server does (429 TooManyRequests, `plain` for the text body
+        API Priority and Fairness sends; 500, 503, 504), or drops their connection (`reset`).
+        Requests match by method (`methods`, None: any) and by a regular expression searched
+        in the percent-decoded path (`path_regex`). Faults come after authentication, before
+        authorization, as flow control does; the first added that matches answers. The
+        returned Fault counts what it answered. See tests/support/kube_faults.py."""
+        return self.faults.add(Fault(
+            status, count, retry_after, frozenset(methods) if methods is not None else None,
+            path_regex, plain, message, reset))
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
 
     # --- who may do what
     def issue_token(self, user: str, groups: list[str] | tuple[str, ...] = ()) -> str:
@@ -1201,9 +1465,14 @@ class KubeController:
     Spark operator would. Everything is healthy unless `behave` says otherwise for an object;
     a Pod, ReplicaSet or Job without a rule of its own follows its controlling owner's."""
 
-    def __init__(self, api: KubeApiServer | ObjectStore, interval_s: float = 0.1) -> None:
+    def __init__(self, api: KubeApiServer | ObjectStore, interval_s: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """clock: the time namespace deletion is measured by (a test may drive a fake one,
+        calling tick() itself instead of start())."""
         self.store = api.store if isinstance(api, KubeApiServer) else api
         self.interval_s = interval_s
+        self.clock = clock
+        self._deleting_since: dict[str, float] = {}
         self.errors: list[str] = []  # unexpected exceptions of a reconcile, with tracebacks
         self._rules: list[tuple[str, str, str | None, Behaviour]] = []
         self._started: dict[str, float] = {}
@@ -1371,19 +1640,28 @@ class KubeController:
                     self.store.create(TYPES["ServiceAccount"], name,
                                       {"metadata": {"name": "default"}})
             return
+        # The namespace takes store.namespace_deletion_s to go: its pods terminate gracefully
+        # over that time (as a real namespace waits out their grace periods), the rest of its
+        # content goes at once.
+        since = self._deleting_since.setdefault(meta["uid"], self.clock())
+        left_s = self.store.namespace_deletion_s - (self.clock() - since)
         remaining: list[Obj] = []
         for rtype in (t for t in RESOURCE_TYPES if t.namespaced):
             for obj in self.store.list(rtype, name)[0]:
-                if not obj["metadata"].get("deletionTimestamp"):
+                grace = None if rtype.kind != "Pod" else max(left_s, 1) if left_s > 0 else 0
+                if not obj["metadata"].get("deletionTimestamp") or (
+                        grace == 0 and _terminating(obj)):
                     with contextlib.suppress(ApiError):
-                        obj, gone = self.store.delete(rtype, name, obj["metadata"]["name"])
+                        obj, gone = self.store.delete(rtype, name, obj["metadata"]["name"],
+                                                      grace_s=grace)
                         if gone:
                             continue
                 remaining.append(obj)
         held = Counter(f for o in remaining for f in o["metadata"].get("finalizers", []))
         own = [f for f in ns["spec"].get("finalizers", []) if f != "kubernetes"] + meta.get(
             "finalizers", [])
-        kinds = Counter(TYPES[o["kind"]].resource for o in remaining)
+        # as the namespace controller names them: <resource>.<group> ("pods." for the core group)
+        kinds = Counter(f"{TYPES[o['kind']].plural}.{TYPES[o['kind']].group}" for o in remaining)
         conditions = copy.deepcopy(ns["status"].get("conditions", []))
         set_condition(conditions, "NamespaceDeletionDiscoveryFailure", "False",
                       "ResourcesDiscovered", "All resources successfully discovered")
@@ -1404,7 +1682,7 @@ class KubeController:
             if held or own else ("False", "ContentHasNoFinalizers",
                                  "All content-preserving finalizers finished")))
         self._write_status(ns, {**ns["status"], "conditions": conditions})
-        if not remaining and "kubernetes" in ns["spec"].get("finalizers", []):
+        if not remaining and left_s <= 0 and "kubernetes" in ns["spec"].get("finalizers", []):
             self.store.update(TYPES["Namespace"], None, name, {"spec": {"finalizers": [
                 f for f in ns["spec"]["finalizers"] if f != "kubernetes"]}}, part="finalize")
 
@@ -1692,6 +1970,8 @@ class KubeController:
         failure = behaviour.failure
         meta, spec, status = pod["metadata"], pod["spec"], pod["status"]
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+        if meta.get("deletionTimestamp"):
+            return  # terminating: whoever deleted it removes it when its grace ends
         containers = spec.get("containers") or []
         conditions = status.setdefault("conditions", [])
         if not spec.get("nodeName"):
@@ -1734,15 +2014,21 @@ class KubeController:
                 "restartPolicy") != "Never":
             statuses = status["containerStatuses"]
             for c, s in zip(containers, statuses, strict=False):
+                # The run that crashed: the one started, then one more per back-off.
+                crashed = s.get("containerID") if "running" in s["state"] else None
+                crashed = crashed or new_container_id()
+                if crashed != s.get("containerID"):
+                    self.store.set_log(namespace, name, c["name"],
+                                       self._log_text(pod, behaviour, c), crashed)
                 s.update(ready=False, started=False, restartCount=s["restartCount"] + 1,
-                         lastState={"terminated": {
+                         containerID=crashed, lastState={"terminated": {
                              "exitCode": behaviour.exit_code, "reason": "Error",
-                             "startedAt": s["state"].get("running", {}).get("startedAt"),
-                             "finishedAt": now_rfc3339()}},
+                             "startedAt": s["state"].get("running", {}).get(
+                                 "startedAt", now_rfc3339()),
+                             "finishedAt": now_rfc3339(), "containerID": crashed}},
                          state={"waiting": {"reason": "CrashLoopBackOff", "message": (
                              f"back-off {min(10 * 2 ** s['restartCount'], 300)}s restarting "
                              f"failed container={c['name']} pod={name}_{namespace}({uid})")}})
-                self.store.set_log(namespace, name, c["name"], self._log_text(pod, behaviour, c))
                 self._event(pod, "Warning", "BackOff", f"Back-off restarting failed container "
                             f"{c['name']} in pod {name}_{namespace}({uid})")
             unready = f"containers with unready status: [{' '.join(c['name'] for c in containers)}]"
@@ -1759,7 +2045,7 @@ class KubeController:
                 s.update(ready=False, started=False, state={"terminated": {
                     "exitCode": code, "reason": "Completed" if code == 0 else "Error",
                     "startedAt": s["state"].get("running", {}).get("startedAt", now_rfc3339()),
-                    "finishedAt": now_rfc3339()}})
+                    "finishedAt": now_rfc3339(), "containerID": s.get("containerID", "")}})
             status["phase"] = "Succeeded" if code == 0 else "Failed"
             set_condition(conditions, "Ready", "False", "PodCompleted")
             set_condition(conditions, "ContainersReady", "False", "PodCompleted")
@@ -1768,17 +2054,19 @@ class KubeController:
     def _start(self, pod: Obj, behaviour: Behaviour) -> None:
         meta, status, now = pod["metadata"], pod["status"], now_rfc3339()
         containers = pod["spec"].get("containers") or []
+        runs = {c["name"]: new_container_id() for c in containers}
         for c in containers:
             self._event(pod, "Normal", "Pulled", f'Container image "{c.get("image")}" already '
                         "present on machine")
             self._event(pod, "Normal", "Created", f"Created container {c['name']}")
             self.store.set_log(meta["namespace"], meta["name"], c["name"],
-                               self._log_text(pod, behaviour, c))
+                               self._log_text(pod, behaviour, c), runs[c["name"]])
             self._event(pod, "Normal", "Started", f"Started container {c['name']}")
         ip = f"10.244.0.{next(self._pod_ips) % 250 + 2}"
         status.update(phase="Running", startTime=now, podIP=ip, podIPs=[{"ip": ip}],
                       containerStatuses=[_container_status(c, {"running": {"startedAt": now}},
-                                                           ready=True) for c in containers])
+                                                           True, runs[c["name"]])
+                                         for c in containers])
         for type_ in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady"):
             set_condition(status["conditions"], type_, "True")
         self._started[meta["uid"]] = time.monotonic()
@@ -1817,11 +2105,15 @@ class KubeController:
         return "\n".join([f"{name}: starting", f"{name}: ready", *done])
 
 
-def _container_status(container: Obj, state: Obj, ready: bool = False) -> Obj:
+def new_container_id() -> str:
+    return f"containerd://{secrets.token_hex(32)}"
+
+
+def _container_status(container: Obj, state: Obj, ready: bool = False,
+                      container_id: str | None = None) -> Obj:
     image = container.get("image", "")
     started = "running" in state
     return {"name": container["name"], "image": image, "ready": ready, "started": started,
             "restartCount": 0, "state": state, "lastState": {},
             "imageID": f"{image}@sha256:{hashlib.sha256(image.encode()).hexdigest()}"
-            if started else "", **({"containerID": f"containerd://{secrets.token_hex(32)}"}
-                                   if started else {})}
+            if started else "", **({"containerID": container_id} if container_id else {})}

@@ -1,5 +1,7 @@
 """One small client over the Kubernetes API: which cluster (kubeconfig, context, in-cluster), the
-calls the provider makes, and errors that say what was asked and why it failed.
+calls the provider makes, the one retry policy they all go through (`RetryPolicy`: throttling,
+server errors, dropped connections, bounded), and errors that say what was asked and why it
+failed.
 
 Objects go in and come out as plain camelCase dicts, as on the wire, so `diagnose` reads them
 the same whichever API returned them. Any kind is applied through the dynamic client (found by
@@ -11,12 +13,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import http.client
 import json
 import os
+import re
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import requests
 import urllib3
@@ -29,6 +35,7 @@ from kubernetes.dynamic.exceptions import ResourceNotFoundError
 REQUEST_TIMEOUT_S = 30.0
 LOG_LIMIT_BYTES = 8 * 1024 * 1024  # a pod's log read at most this far: memory stays bounded
 IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
+PROXY_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/services/([^/]+)/proxy(/|$)")
 
 
 class KubeError(Exception):
@@ -107,13 +114,81 @@ def load_configuration(access: ClusterAccess) -> k8s.Configuration:
 
 
 def api_error_text(exc: k8s.ApiException) -> str:
-    """`<status> <reason>: <the Status object's message>`, without the response headers."""
-    message = ""
+    """`<status> <reason>: <the Status object's message>` (or the body, when it is no Status:
+    a throttled request's is plain text), without the response headers."""
+    body = exc.body.decode("utf-8", errors="replace") if isinstance(exc.body, bytes) else str(
+        exc.body or "")
     try:
-        message = json.loads(exc.body or "{}").get("message", "")
+        message = str(json.loads(body or "{}").get("message", ""))
     except (ValueError, AttributeError):
-        message = str(exc.body or "")[:500]
+        message = body.strip()[:500]
     return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+
+
+def _retry_after_s(exc: BaseException) -> float | None:
+    """The seconds a refusal asks the client to wait: its Retry-After header (what client-go
+    reads), else its Status's details.retryAfterSeconds."""
+    headers = getattr(exc, "headers", None) or {}
+    for key, value in dict(headers).items():
+        if str(key).lower() == "retry-after":
+            try:
+                return max(0.0, float(int(str(value).strip())))
+            except ValueError:
+                break  # an HTTP date: not what API servers send
+    try:
+        seconds = json.loads(getattr(exc, "body", None) or "{}")["details"]["retryAfterSeconds"]
+        return max(0.0, float(seconds))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _dropped(exc: BaseException) -> bool:
+    """The connection broke under a request already sent (reset, closed before or during the
+    answer): the server may or may not have acted on it. Not a refused connection."""
+    return isinstance(exc, urllib3.exceptions.ProtocolError | ConnectionResetError
+                      | http.client.RemoteDisconnected | http.client.IncompleteRead)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When an API call is sent again, and for how long: the one place the client decides it.
+
+    As client-go does (k8s.io/client-go rest/with_retry.go IsNextRetry and checkWait; request.go
+    retries a reset connection for GETs only): a 429 (API Priority and Fairness throttling, the
+    watch cache initialising) and any 5xx carrying Retry-After are sent again after that many
+    seconds whatever the verb, since the server says it did not act; a 5xx without it, or a
+    connection reset, only when the call is idempotent (a read, a delete: never a create that
+    may have happened), after an exponential backoff. Never a refused connection or a timeout:
+    the server is down or slow, and the caller's own deadline decides. Each call gives up after
+    max_attempts or when the next wait would pass max_elapsed_s since its first attempt. Time is
+    sleep and clock, injected so tests do not wait (as dagster-k8s's client takes a sleeper and
+    a timer)."""
+
+    max_attempts: int = 10
+    max_elapsed_s: float = 60.0
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+
+    def wait_before_retry(self, exc: BaseException, attempt: int, idempotent: bool
+                          ) -> float | None:
+        """The seconds to wait before sending again a call whose attempt number `attempt`
+        failed with exc; None when it must not be sent again."""
+        if isinstance(exc, k8s.ApiException) and exc.status is not None:
+            status = int(exc.status)
+            told = _retry_after_s(exc) if status == 429 or status >= 500 else None
+            if told is not None:
+                return told
+            if status == 429 or (status >= 500 and idempotent):
+                return self.backoff(attempt)
+            return None
+        if _dropped(exc) and idempotent:
+            return self.backoff(attempt)
+        return None
 
 
 def bearer_authorization(configuration: k8s.Configuration) -> str | None:
@@ -146,13 +221,20 @@ class _KubeAuth(requests.auth.AuthBase):
 
 
 class KubeClient:
-    """The calls the provider makes against one cluster, each wrapped so a failure is a
-    KubeError that names the call."""
+    """The calls the provider makes against one cluster, each sent again as `retry` says and
+    wrapped so a failure is a KubeError that names the call."""
 
     def __init__(self, access: ClusterAccess, cache_dir: Path | None = None,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+                 request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 retry: RetryPolicy | None = None,
+                 log_limit_bytes: int = LOG_LIMIT_BYTES) -> None:
         self.access = access
         self.configuration = load_configuration(access)
+        # urllib3 would otherwise retry by itself (three times: a 429 or 503 with Retry-After,
+        # sleeping as told, and dropped connections): the retry policy is this client's alone.
+        self.configuration.retries = False
+        self.retry = retry or RetryPolicy()
+        self.log_limit_bytes = log_limit_bytes
         self.api = k8s.ApiClient(self.configuration)
         self.core = k8s.CoreV1Api(self.api)
         self.timeout = request_timeout_s
@@ -169,23 +251,58 @@ class KubeClient:
 
     # --- calls ---------------------------------------------------------------------------
 
-    def _call(self, what: str, call: Callable[[], Any]) -> Any:
-        try:
-            return call()
-        except k8s.ApiException as exc:
-            raise KubeError(f"{what}: {api_error_text(exc)}", exc.status) from exc
-        except ResourceNotFoundError as exc:
-            raise KubeError(f"{what}: the cluster does not serve this kind ({exc}); is its "
-                            "CustomResourceDefinition installed?") from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise KubeError(f"{what}: cannot reach the API server {self.server}: {exc}") from exc
+    def _call(self, what: str, call: Callable[[], Any], *, idempotent: bool = True) -> Any:
+        """call(), sent again while the retry policy says so (idempotent: whether sending it
+        twice is harmless, as reads and deletes are and creates are not); a failure is a
+        KubeError naming `what`, the status and, after retries, how long it kept trying."""
+        policy = self.retry
+        start, attempt = policy.clock(), 0
+        while True:
+            attempt += 1
+            try:
+                return call()
+            except Exception as exc:
+                error = self._error(what, exc)
+                if error is None:
+                    raise
+                wait = policy.wait_before_retry(exc, attempt, idempotent)
+                if wait is None:
+                    raise error from exc
+                elapsed = policy.clock() - start
+                if attempt >= policy.max_attempts or elapsed + wait > policy.max_elapsed_s:
+                    beyond = (f"; it asked to wait {wait:g}s more, past the "
+                              f"{policy.max_elapsed_s:g}s a call may take"
+                              if elapsed + wait > policy.max_elapsed_s else "")
+                    raise KubeError(f"{what}: gave up after {attempt} attempts in "
+                                    f"{elapsed:.1f}s: {self._reason(exc)}{beyond}",
+                                    error.status) from exc
+                policy.sleep(wait)
 
-    def _json(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A core API call whose response is read as the JSON the server sent."""
-        response = self._call(what, lambda: call(*args, _preload_content=False,
-                                                 _request_timeout=self.timeout, **kwargs))
+    def _reason(self, exc: BaseException) -> str:
+        if isinstance(exc, k8s.ApiException):
+            return f"the API server {self.server} answered {api_error_text(exc)}"
+        return f"the API server {self.server} dropped the connection: {exc}"
+
+    def _error(self, what: str, exc: BaseException) -> KubeError | None:
+        """The KubeError exc means, or None for an exception no API call raises."""
+        if isinstance(exc, k8s.ApiException):
+            return KubeError(f"{what}: {api_error_text(exc)}", exc.status)
+        if isinstance(exc, ResourceNotFoundError):
+            return KubeError(f"{what}: the cluster does not serve this kind ({exc}); is its "
+                             "CustomResourceDefinition installed?")
+        if isinstance(exc, urllib3.exceptions.HTTPError | OSError | http.client.HTTPException):
+            return KubeError(f"{what}: cannot reach the API server {self.server}: {exc}")
+        return None
+
+    def _json(self, what: str, call: Callable[..., Any], *args: Any,
+              idempotent: bool = True, **kwargs: Any) -> Any:
+        """A core API call whose response is read as the JSON the server sent (read inside
+        the call: a connection dropped while the body comes is retried like any other)."""
+        data = self._call(what, lambda: call(*args, _preload_content=False,
+                                             _request_timeout=self.timeout, **kwargs).data,
+                          idempotent=idempotent)
         try:
-            return json.loads(response.data or b"null")
+            return json.loads(data or b"null")
         except ValueError as exc:
             raise KubeError(f"{what}: the API server answered with no JSON: {exc}") from exc
 
@@ -227,7 +344,7 @@ class KubeClient:
                                        else " (cluster-scoped)"),
             lambda: self.dynamic.create(resource, body=body,
                                         namespace=namespace if resource.namespaced else None,
-                                        _request_timeout=self.timeout))
+                                        _request_timeout=self.timeout), idempotent=False)
         return created.to_dict(), bool(resource.namespaced)
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None
@@ -267,12 +384,13 @@ class KubeClient:
                          annotations: dict[str, str]) -> dict[str, Any]:
         body = {"apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": name, "labels": labels, "annotations": annotations}}
-        return self._json(f"create namespace {name}", self.core.create_namespace, body)
+        return self._json(f"create namespace {name}", self.core.create_namespace, body,
+                          idempotent=False)
 
     def annotate_namespace(self, name: str, annotations: dict[str, str]) -> None:
         # The client would label a dict body a JSON patch (a list of operations): say it is not.
         self._json(f"annotate namespace {name}", self.core.patch_namespace, name,
-                   {"metadata": {"annotations": annotations}},
+                   {"metadata": {"annotations": annotations}}, idempotent=False,
                    _content_type="application/merge-patch+json")
 
     def read_namespace(self, name: str) -> dict[str, Any] | None:
@@ -311,7 +429,8 @@ class KubeClient:
                 "metadata": {"name": name, "labels": labels}, "stringData": string_data}
         self._call(f"create secret {name} in namespace {namespace}",
                    lambda: self.core.create_namespaced_secret(
-                       namespace, body, _preload_content=False, _request_timeout=self.timeout))
+                       namespace, body, _preload_content=False, _request_timeout=self.timeout),
+                   idempotent=False)
 
     def pods(self, namespace: str, label_selector: str | None = None,
              name: str | None = None) -> list[dict[str, Any]]:
@@ -349,11 +468,30 @@ class KubeClient:
 
     def pod_log(self, namespace: str, pod: str, container: str | None = None,
                 previous: bool = False) -> str:
+        """The container's log (its previous run's, if asked), or, when it is longer than
+        log_limit_bytes, as many of its last lines as fit, after a line that says so: the end
+        is where a run's verdict is. The kubelet cuts the head of what it selects (tailLines
+        first, then limitBytes: pkg/kubelet/kuberuntime/logs/logs.go), so a long log is asked
+        again for fewer last lines until they fit."""
         what = f"read the log of pod {pod}" + (f" container {container}" if container else "")
-        response = self._call(what, lambda: self.core.read_namespaced_pod_log(
-            pod, namespace, container=container, previous=previous,
-            limit_bytes=LOG_LIMIT_BYTES, _preload_content=False, _request_timeout=self.timeout))
-        return (response.data or b"").decode("utf-8", errors="replace")
+        limit = self.log_limit_bytes
+
+        def read(tail_lines: int | None = None) -> bytes:
+            # one byte past the limit tells a log cut at the limit from one that fits in it
+            return self._call(what, lambda: self.core.read_namespaced_pod_log(
+                pod, namespace, container=container, previous=previous, tail_lines=tail_lines,
+                limit_bytes=limit + 1, _preload_content=False,
+                _request_timeout=self.timeout).data) or b""
+
+        data = read()
+        if len(data) <= limit:
+            return data.decode("utf-8", errors="replace")
+        lines = max(1, data.count(b"\n"))  # about as many last lines as first lines fitted
+        while len(data := read(lines)) > limit and lines > 1:
+            lines //= 2
+        kept = data[:limit].decode("utf-8", errors="replace")
+        return (f"(mlci: this log is longer than {limit} bytes; only its last "
+                f"{kept.count(chr(10))} lines are kept)\n{kept}")
 
     # --- HTTP to services ----------------------------------------------------------------
 
@@ -363,10 +501,48 @@ class KubeClient:
         return session_for(self.configuration)
 
 
+class ServiceProxyRefusal(requests.HTTPError):
+    """The API server's service proxy answered for the service: it could not reach it (no ready
+    pod backs the port, no such port or Service), so the service itself said nothing."""
+
+
+PROXY_HINTS = {
+    "no endpoints available": "no ready pod backs this port of the Service: its pods are not "
+                              "ready (yet, or any more), or its selector or port matches none",
+    "no service port": "the Service declares no such port",
+    "error trying to reach service": "a pod is ready but nothing answered on its port",
+}
+
+
+def explain_proxy_refusal(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """A response hook: an answer of the service proxy itself (a `kind: Status` failure on a
+    proxy path: 503 ServiceUnavailable, 404 NotFound) raises ServiceProxyRefusal naming the
+    service and why, rather than passing for the service's own 503 or 404."""
+    match = PROXY_PATH.search(unquote(urlsplit(response.url).path))
+    if match is None or response.status_code not in (404, 503) or not response.headers.get(
+            "Content-Type", "").startswith("application/json"):
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        return
+    if not (isinstance(body, dict) and body.get("kind") == "Status"
+            and body.get("status") == "Failure"):
+        return
+    message = str(body.get("message", ""))
+    hint = next((h for start, h in PROXY_HINTS.items() if message.startswith(start)), "")
+    raise ServiceProxyRefusal(
+        f"the API server's service proxy answered {response.status_code} "
+        f"{body.get('reason', '')} for service {match[2]} in namespace {match[1]}: {message}"
+        + (f" ({hint})" if hint else ""), response=response)
+
+
 def session_for(configuration: k8s.Configuration) -> requests.Session:
     """A requests session that sends what the client sends: its credentials (asked for anew on
-    each request) and its TLS settings."""
+    each request) and its TLS settings. A refusal of the service proxy itself raises
+    ServiceProxyRefusal (a requests.RequestException)."""
     session = requests.Session()
+    session.hooks["response"].append(explain_proxy_refusal)
     session.auth = _KubeAuth(configuration)
     if configuration.cert_file:
         session.cert = ((configuration.cert_file, configuration.key_file)

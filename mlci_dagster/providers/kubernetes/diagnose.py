@@ -107,6 +107,57 @@ def readiness(kind: str, obj: Mapping[str, Any] | None, wanted: str | None = Non
     return Readiness(False, _condition_text(entry, name))
 
 
+def service_selector(service: Mapping[str, Any] | None) -> str | None:
+    """A Service's selector as a label selector (None: it has none, its endpoints are written
+    by hand)."""
+    selector = dig(service, "spec.selector") if service else None
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items())) if selector else None
+
+
+def _serves(pod: Mapping[str, Any], port: Mapping[str, Any], publish_not_ready: bool) -> bool:
+    """Whether the pod is a ready endpoint of the Service port, as the endpoints controller
+    counts them (kubernetes/kubernetes pkg/controller/endpoint: an IP, not terminating nor
+    ended, Ready, and a named targetPort among its containers' ports)."""
+    phase = dig(pod, "status.phase")
+    ended = {"Never": ("Failed", "Succeeded"), "OnFailure": ("Succeeded",)}.get(
+        dig(pod, "spec.restartPolicy", "Always"), ())
+    if not dig(pod, "status.podIP") or phase in ended or (
+            dig(pod, "metadata.deletionTimestamp") and not publish_not_ready):
+        return False
+    target = port.get("targetPort", port.get("port"))
+    if isinstance(target, str) and target not in {
+            p.get("name") for c in dig(pod, "spec.containers") or [] for p in c.get("ports") or []}:
+        return False
+    return publish_not_ready or (_is_true(condition(pod, "Ready"))
+                                 and not dig(pod, "metadata.deletionTimestamp"))
+
+
+def service_readiness(service: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]],
+                      port: int | str) -> Readiness:
+    """Whether the API server's service proxy reaches `port` (a number or a port name) of the
+    Service now: the Service declares it and a ready pod its selector matched backs it. A
+    Service without a selector has its endpoints written by hand, which this cannot see: it is
+    taken as ready. No such port is the config's mistake, for good."""
+    if service is None:
+        return Readiness(False, "not found")
+    ports = dig(service, "spec.ports") or []
+    match = next((p for p in ports if p.get("port") == port or (
+        isinstance(port, str) and p.get("name") == port)), None)
+    if match is None:
+        declared = ", ".join(str(p.get("name") or p.get("port")) for p in ports) or "none"
+        return Readiness(False, f"the Service has no port {port} (its ports: {declared})",
+                         FailureKind.CONFIG)
+    selector = service_selector(service)
+    if selector is None:
+        return Readiness(True, "no selector: its endpoints are written by hand, unseen here")
+    pods = list(pods)
+    publish = bool(dig(service, "spec.publishNotReadyAddresses"))
+    ready = sum(_serves(pod, match, publish) for pod in pods)
+    if not pods:
+        return Readiness(False, f"no pods match its selector {selector}")
+    return Readiness(ready > 0, f"{ready}/{len(pods)} pods ({selector}) ready behind it")
+
+
 def pod_selector(kind: str, obj: Mapping[str, Any] | None, name: str) -> str | None:
     """The label selector of the pods behind an object (None if it has no pods we can name)."""
     labels = dig(obj, "spec.selector.matchLabels") if obj else None
@@ -252,13 +303,14 @@ def event_kind(event: Mapping[str, Any]) -> FailureKind | None:
 
 def failure_kind(states: Iterable[Readiness], pods: Iterable[Mapping[str, Any]],
                  events: Iterable[Mapping[str, Any]]) -> FailureKind:
-    """`product` if anything crashed or failed for good; else `infra` if scheduling or an image
-    is at fault; else `timeout`. A crash is evidence about the product even when another pod
-    waits for the cluster, so it wins."""
+    """`config` if the test's own manifests can never be ready (a Service without the port it
+    names); else `product` if anything crashed or failed for good; else `infra` if scheduling
+    or an image is at fault; else `timeout`. A crash is evidence about the product even when
+    another pod waits for the cluster, so it wins."""
     kinds = [kind for pod in pods for kind, _ in pod_problems(pod)]
     kinds += [k for event in events if (k := event_kind(event)) is not None]
     kinds += [s.failed for s in states if s.failed is not None]
-    for kind in (FailureKind.PRODUCT, FailureKind.INFRA):
+    for kind in (FailureKind.CONFIG, FailureKind.PRODUCT, FailureKind.INFRA):
         if kind in kinds:
             return kind
     return FailureKind.TIMEOUT
@@ -273,12 +325,18 @@ def not_ready_report(namespace: str, not_ready: Iterable[tuple[str, Readiness,
     crashed container printed last; the namespace's recent warnings end it, where a summary
     that keeps the head and the tail finds them."""
     not_ready = list(not_ready)
+    # A Service waiting on pods an object named beside it waits on too says nothing new: the
+    # first line (all a summary may keep) names the object alone.
+    covered = {dig(pod, "metadata.name") for label, _, pods in not_ready
+               if not label.startswith("Service ") for pod in pods}
+    named = [label for label, _, pods in not_ready if not (
+        label.startswith("Service ") and pods and {dig(p, "metadata.name") for p in pods}
+        <= covered)]
     gist = list(dict.fromkeys(
         [s.why for _, s, _ in not_ready if s.terminal]
         + [text[:PROBLEM_CHARS] for _, _, pods in not_ready for pod in pods
            for _, text in pod_problems(pod)]))
-    head = (f"{', '.join(label for label, _, _ in not_ready)} not ready in namespace "
-            f"{namespace} after {elapsed_s:.1f}s")
+    head = f"{', '.join(named)} not ready in namespace {namespace} after {elapsed_s:.1f}s"
     lines = [head + (f": {'; '.join(gist[:3])}" if gist else "")]
     for label, state, pods in not_ready:
         lines.append(f"{label}: {state.why or 'not ready'}")

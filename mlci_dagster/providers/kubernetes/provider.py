@@ -1,6 +1,7 @@
 """The Kubernetes provider: a namespace per sandbox, holding the registry's templated manifests,
-checked ready on their conditions; pipelines as Jobs or custom resources polled to a terminal
-state; services reached through the API server's service proxy.
+checked ready on their conditions (and each service the stages reach, on a ready pod behind its
+port); pipelines as Jobs or custom resources polled to a terminal state; services reached
+through the API server's service proxy.
 
 The namespace is the sandbox: labelled with the run, the partition and the expiry, the whole
 handle in an annotation, so the janitor finds and reaps it from the cluster alone when the local
@@ -18,7 +19,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from mlci_dagster.providers.kubernetes.client import (
     ClusterAccess,
     KubeClient,
     KubeError,
+    RetryPolicy,
     resolve_access,
 )
 from mlci_dagster.providers.kubernetes.cluster import (
@@ -103,7 +105,8 @@ def proxy_url(server: str, namespace: str, service: ServicePort) -> str:
 
 @dataclass
 class ReadyTarget:
-    """One object (or set of pods) the readiness wait looks at, with its own deadline."""
+    """One object (or set of pods) the readiness wait looks at, with its own deadline; for a
+    Service, the port the stages reach it on."""
 
     kind: str
     api_version: str
@@ -111,9 +114,12 @@ class ReadyTarget:
     selector: str | None
     condition: str | None
     deadline: float
+    port: int | str | None = None
 
     @property
     def label(self) -> str:
+        if self.port is not None:
+            return f"{self.kind} {self.name} port {self.port}"
         return f"{self.kind} {self.name}" if self.name else f"{self.kind}s ({self.selector})"
 
 
@@ -122,10 +128,16 @@ class KubernetesProvider(host.ProviderHome):
 
     def __init__(self, home: str | Path, secret_names: list[str] | tuple[str, ...] = (),
                  root: Path | None = None, settings: ClusterSpec | None = None,
-                 poll_interval_s: float = 1.0) -> None:
+                 poll_interval_s: float = 1.0, *, retry: RetryPolicy | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """retry: how every API call is sent again (client.RetryPolicy); sleep and clock: the
+        time the readiness wait and destroy poll by (injected, so tests need not wait)."""
         super().__init__(home, secret_names, root)
         self.settings = settings or ClusterSpec()
         self.poll_interval_s = poll_interval_s
+        self.retry = retry or RetryPolicy()
+        self.sleep, self.clock = sleep, clock
         self._clients: dict[ClusterAccess, KubeClient] = {}
 
     @staticmethod
@@ -140,7 +152,8 @@ class KubernetesProvider(host.ProviderHome):
 
     def _client(self, access: ClusterAccess) -> KubeClient:
         if access not in self._clients:
-            self._clients[access] = KubeClient(access, cache_dir=self.home / "kube-discovery")
+            self._clients[access] = KubeClient(access, cache_dir=self.home / "kube-discovery",
+                                               retry=self.retry)
         return self._clients[access]
 
     def _client_for(self, handle: SandboxHandle) -> KubeClient:
@@ -271,19 +284,33 @@ class KubernetesProvider(host.ProviderHome):
 
     def _ready_targets(self, handle: SandboxHandle, spec: KubernetesSandbox, timeout_s: float,
                        start: float) -> list[ReadyTarget]:
+        """The config's checks (else every Deployment, StatefulSet and Job it made), and every
+        service the stages reach: the API server's proxy answers 503 until a ready pod backs
+        the port, whatever the checks said."""
         if spec.ready:
-            return [ReadyTarget(c.kind, c.api_version or DEFAULT_API_VERSIONS[c.kind], c.name,
-                                c.selector, c.condition,
-                                start + min(c.timeout_s or timeout_s, timeout_s))
-                    for c in spec.ready]
-        return [ReadyTarget(o["kind"], o["apiVersion"], o["name"], None, None, start + timeout_s)
-                for o in handle.state.get("objects", [])
-                if o["kind"] in CHECKED_BY_DEFAULT and o["namespaced"]]
+            targets = [ReadyTarget(c.kind, c.api_version or DEFAULT_API_VERSIONS[c.kind],
+                                   c.name, c.selector, c.condition,
+                                   start + min(c.timeout_s or timeout_s, timeout_s))
+                       for c in spec.ready]
+        else:
+            targets = [ReadyTarget(o["kind"], o["apiVersion"], o["name"], None, None,
+                                   start + timeout_s)
+                       for o in handle.state.get("objects", [])
+                       if o["kind"] in CHECKED_BY_DEFAULT and o["namespaced"]]
+        services = {(s.service, s.port) for s in spec.services}
+        return targets + [ReadyTarget("Service", "v1", name, None, None, start + timeout_s, port)
+                          for name, port in sorted(services, key=str)]
 
     def _look(self, client: KubeClient, namespace: str, target: ReadyTarget
               ) -> tuple[diagnose.Readiness, bool]:
         """The target's readiness, and whether the API (not the object) failed to say."""
         try:
+            if target.kind == "Service" and target.port is not None:
+                assert target.name is not None
+                service = client.get("v1", "Service", target.name, namespace)
+                selector = diagnose.service_selector(service)
+                pods = client.pods(namespace, selector) if selector else []
+                return diagnose.service_readiness(service, pods, target.port), False
             if target.selector is not None:  # every Pod matching it
                 pods = client.pods(namespace, target.selector)
                 if not pods:
@@ -310,7 +337,8 @@ class KubernetesProvider(host.ProviderHome):
                 return client.pods(namespace, name=target.name)
             assert target.name is not None
             obj = client.get(target.api_version, target.kind, target.name, namespace)
-            selector = diagnose.pod_selector(target.kind, obj, target.name)
+            selector = diagnose.service_selector(obj) if target.kind == "Service" else \
+                diagnose.pod_selector(target.kind, obj, target.name)
             return client.pods(namespace, selector) if selector else []
         except KubeError:
             return []
@@ -321,7 +349,7 @@ class KubernetesProvider(host.ProviderHome):
         """Polls every check together, each until its own deadline (all within `timeout_s`);
         stops at the first object that failed for good or ran out of time, and raises a
         SandboxError naming every object not ready, its pods and the namespace's events."""
-        start = time.monotonic()
+        start = self.clock()
         namespace = handle.sandbox_id
         try:
             client = self._client_for(handle)
@@ -339,15 +367,15 @@ class KubernetesProvider(host.ProviderHome):
                 if state.ready:
                     pending.remove(target)
                     results.append({"object": target.label, "ready": True, "why": state.why,
-                                    "elapsed_s": round(time.monotonic() - start, 2)})
-                elif state.terminal or time.monotonic() >= target.deadline:
+                                    "elapsed_s": round(self.clock() - start, 2)})
+                elif state.terminal or self.clock() >= target.deadline:
                     stop = True
             if pending and not stop:
                 wake = min(t.deadline for t in pending)
-                time.sleep(max(0.0, min(self.poll_interval_s, wake - time.monotonic())))
+                self.sleep(max(0.0, min(self.poll_interval_s, wake - self.clock())))
         if not pending:
             return results
-        elapsed = time.monotonic() - start
+        elapsed = self.clock() - start
         not_ready = [(t.label, states[id(t)], self._pods_of(client, namespace, t))
                      for t in pending]
         try:
@@ -498,7 +526,7 @@ class KubernetesProvider(host.ProviderHome):
         cluster-scoped object or cluster the sandbox made, and waits until the API server says
         404. Idempotent: a namespace already gone is clean. The ledger entry stays while
         anything is left (a namespace stuck Terminating is named with what blocks it)."""
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock() + timeout_s
         stopped = host.stop_processes(handle, timeout_s)
         problems: list[str] = []
         report: dict[str, Any] = {"namespace": handle.sandbox_id, "namespace_gone": False,
@@ -530,8 +558,8 @@ class KubernetesProvider(host.ProviderHome):
                 problems.append(str(exc))
         client.delete_namespace(namespace)
         remaining: dict[str, Any] | None = client.read_namespace(namespace)
-        while remaining is not None and time.monotonic() < deadline:
-            time.sleep(max(0.0, min(self.poll_interval_s, deadline - time.monotonic())))
+        while remaining is not None and self.clock() < deadline:
+            self.sleep(max(0.0, min(self.poll_interval_s, deadline - self.clock())))
             remaining = client.read_namespace(namespace)
         report["namespace_gone"] = remaining is None
         if remaining is not None:
@@ -558,11 +586,13 @@ class KubernetesProvider(host.ProviderHome):
         try:
             access = self._default_access()
             client = self._client(access)
-            saved, client.timeout = client.timeout, LIST_TIMEOUT_S
+            saved = client.timeout, client.retry
+            client.timeout = LIST_TIMEOUT_S
+            client.retry = replace(client.retry, max_elapsed_s=LIST_TIMEOUT_S)
             try:
                 namespaces = client.list_namespaces(f"{MANAGED_BY[0]}={MANAGED_BY[1]}")
             finally:
-                client.timeout = saved
+                client.timeout, client.retry = saved
         except KubeError:
             return list(found.values())
         for namespace in namespaces:
