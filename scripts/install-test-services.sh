@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system services the tests run for real: Debian's `docker-registry` (the CNCF
-# distribution registry, /usr/bin/docker-registry), `openssh-server` and `chromium`. Idempotent; run as root on a fresh machine.
+# distribution registry, /usr/bin/docker-registry), `openssh-server`, `chromium` and
+# `kubernetes-client`. Idempotent; run as root on a fresh machine.
 # The tests start their own registry on loopback, so a service apt may have started is stopped.
 set -euo pipefail
 if [ ! -x /usr/bin/docker-registry ]; then
@@ -16,4 +17,15 @@ elif command -v service > /dev/null; then
 fi
 "$(dirname "$0")/install-chromium.sh"  # the browser checks of ui_smoke
 [ -x /usr/sbin/sshd ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server > /dev/null; }  # the TPU tests' sshd
+# Real kubectls against the Kubernetes emulator: the one on PATH (1.27 or later; this machine's
+# kind ships the Google Cloud CLI's), and Debian's kubernetes-client (1.20), unpacked beside it
+# rather than installed, since its /usr/bin/kubectl would clash with the first.
+DEBIAN_KUBECTL_DIR=/opt/debian-kubernetes-client
+if [ ! -x "$DEBIAN_KUBECTL_DIR/usr/bin/kubectl" ]; then
+  apt-get update -qq
+  work="$(mktemp -d)" && chmod 755 "$work"  # apt downloads as _apt
+  (cd "$work" && apt-get download -qq kubernetes-client > /dev/null)
+  dpkg -x "$work"/kubernetes-client_*.deb "$DEBIAN_KUBECTL_DIR"
+  rm -rf "$work"
+fi
 /usr/bin/docker-registry --version

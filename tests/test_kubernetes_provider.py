@@ -16,10 +16,8 @@ import re
 import shutil
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +63,7 @@ from tests.support.kube_api import (
     KubeApiServer,
     KubeController,
     ManualClock,
+    echo_backend,
     wait_until,
     write_exec_plugin,
 )
@@ -828,27 +827,10 @@ def test_k8s_resource_spark_application_ends_on_its_terminal_state(provider, kub
     assert result.duration_s < 5
 
 
-class _Hello(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
-        body = json.dumps({"path": self.path, "ok": True}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def backend() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with echo_backend() as url:
+        yield url
 
 
 def test_a_service_is_reached_through_the_api_servers_proxy(provider, kube, backend):
@@ -861,6 +843,44 @@ def test_a_service_is_reached_through_the_api_servers_proxy(provider, kube, back
     assert response.json() == {"path": "/v1/models?x=1", "ok": True}
     assert ("GET", f"/api/v1/namespaces/{handle.sandbox_id}/services/http:web:8080/proxy/"
                    "v1/models") in server.requests
+
+
+def test_a_client_certificate_over_tls_reaches_the_cluster_and_its_services(
+        tmp_path, registry, backend, monkeypatch):
+    """A kubeconfig with a client certificate (as kind's and k3d's are) against an HTTPS API
+    server whose CA it trusts: the API calls and the service proxy's requests both present the
+    certificate and verify the server. RBAC on, the certificate's O is system:masters.
+
+    The environment names a CA bundle of public CAs and a proxy the API server is exempt from,
+    as many machines' do: the session must keep to the cluster's CA and to NO_PROXY as the
+    client does (requests alone would verify against REQUESTS_CA_BUNDLE and fail)."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens: must be unused
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with KubeApiServer(rbac=True, tls=True) as server, \
+            KubeController(server, interval_s=0.05):
+        server.kubeconfig(registry / "kubeconfig.json",
+                          client_certificate=("kind-admin", ["system:masters"]))
+        provider = KubernetesProvider(tmp_path / "tls-home", [SECRET_ENV], root=registry,
+                                      settings=ClusterSpec(kubeconfig="kubeconfig.json"),
+                                      poll_interval_s=0.05)
+        handle = create(provider)
+        provider.wait_until_ready(handle, sandbox(), timeout_s=10)
+        server.route_service(handle.sandbox_id, "web", backend)
+
+        response = provider.http(handle).get(handle.endpoints["web"] + "/ping", timeout=5)
+        report = provider.destroy(handle, timeout_s=30)
+
+        assert handle.endpoints["web"].startswith(server.url + "/api/v1/")
+        assert server.url.startswith("https://")
+        assert response.status_code == 200, response.text
+        assert response.json() == {"path": "/ping", "ok": True}
+        assert report["clean"], report
+        users = {user for user, _, _ in server.request_log}
+        assert users == {"kind-admin"}, users
+        with pytest.raises(requests.exceptions.SSLError):  # the server's CA is its own
+            requests.get(server.url + "/version", timeout=5)
 
 
 def test_the_proxy_refuses_a_session_without_the_clusters_token(provider, kube, backend):

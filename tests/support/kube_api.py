@@ -6,7 +6,10 @@ wire format on top of it (HTTP routing, JSON bodies, `kind: Status` errors, chun
 `KubeController` advances the store as kubelet, scheduler and controllers would: healthy by
 default, failing for the objects `KubeController.behave` names (kind, name glob, namespace).
 
-Emulated: discovery (`/version`, `/api`, `/apis`, APIResourceLists with subresources); create,
+Emulated: discovery (`/version`, `/api`, `/apis`, APIResourceLists with subresources, short
+names and the `all` category), `/openapi/v3` for the kinds it holds with server-side field
+validation (`fieldValidation=Strict` refuses unknown fields, `Warn` names them in `Warning`
+headers: tests/support/kube_openapi.py), so a real `kubectl` works against it; create,
 get, list (per namespace and across them, label and field selectors), replace, patch (merge and
 strategic merge both as JSON merge patch, JSON patch), delete (finalizers, ownerReferences
 cascade with propagationPolicy, batch/v1 Jobs orphaning by default), deletecollection,
@@ -33,28 +36,32 @@ on stale `resourceVersion`, 404 in a missing namespace, 403 in a terminating one
 Authentication and authorization are off by default: every request is allowed. With
 `authentication=True` every path (discovery, pod logs and the service proxy included) wants
 `Authorization: Bearer <token>` of a token the server issued (`admin_token`, a system:masters
-user; `issue_token`; `service_account_token`, refused once its ServiceAccount is gone) and
-answers 401 with the body a real server writes otherwise, as with `--anonymous-auth=false`. With
-`rbac=True` (which implies it) requests are also authorized by RBAC over the Roles,
-ClusterRoles, RoleBindings and ClusterRoleBindings the server holds (plus bootstrap
-cluster-admin, system:discovery and system:public-info-viewer), with the escalation checks on
-writing them, and refused with the real 403 bodies (tests/support/kube_rbac.py).
+user; `issue_token`; `service_account_token`, refused once its ServiceAccount is gone), or with
+`tls=True` a client certificate its CA signed (CN the user, O the groups), and answers 401 with
+the body a real server writes otherwise, as with `--anonymous-auth=false`. With `rbac=True`
+(which implies it) requests are also authorized by RBAC over the Roles, ClusterRoles,
+RoleBindings and ClusterRoleBindings the server holds (plus bootstrap cluster-admin,
+system:discovery and system:public-info-viewer), with the escalation checks on writing them,
+and refused with the real 403 bodies (tests/support/kube_rbac.py). `tls=True` serves HTTPS with
+a certificate of its own CA (trustme), which its kubeconfigs trust: kubectl sends credentials
+over TLS only (client-go clientcmd reads a kubeconfig's user only for a TLS server).
 
-Not emulated: anonymous requests, client certificates and TLS (plain HTTP only), token expiry
-and JWTs (tokens are opaque strings in a table), impersonation, the identities of the
-controller (it writes the store directly, unchecked), admission and validation (bodies are
-stored as sent, beyond a few defaults), schemas and defaulting of most fields, server-side
-apply, strategic-merge list semantics (lists are replaced), `limit`/`continue` pagination,
-bookmarks, dry runs, graceful deletion outside a terminating namespace (objects without
-finalizers go at once; garbage collection is synchronous), Endpoints and EndpointSlices as
-objects (so no Service without a selector can be proxied), protobuf/CBOR/YAML, port-forward,
-exec/attach and every WebSocket, real scheduling, nodes, ReplicaSet rollouts (a new template
-replaces the old ReplicaSet at once), Ray worker pods and Spark executors, throttling of its
-own (a 429 comes only from `inject`), log rotation (a container's whole log is kept).
+Not emulated: anonymous requests, token expiry and JWTs (tokens are opaque strings in a table),
+impersonation, the identities of the controller (it writes the store directly, unchecked),
+admission and validation beyond unknown fields (bodies are stored as sent, beyond a few
+defaults), OpenAPI v2, schemas and defaulting of most fields, server-side apply,
+strategic-merge list semantics (lists are replaced), `limit`/`continue` pagination, bookmarks,
+dry runs, graceful deletion outside a terminating namespace (objects without finalizers go at
+once; garbage collection is synchronous), Endpoints and EndpointSlices as objects (so no
+Service without a selector can be proxied), protobuf/CBOR/YAML, port-forward, exec/attach and
+every WebSocket, real scheduling, nodes, ReplicaSet rollouts (a new template replaces the old
+ReplicaSet at once), Ray worker pods and Spark executors, throttling of its own (a 429 comes
+only from `inject`), log rotation (a container's whole log is kept).
 """
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
 import copy
@@ -68,6 +75,7 @@ import re
 import secrets
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -85,6 +93,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import trustme
+
+from tests.support import kube_openapi
 from tests.support.kube_faults import Fault, FaultPlan
 from tests.support.kube_rbac import (
     AUTHENTICATED,
@@ -111,6 +122,7 @@ class ResourceType:
     namespaced: bool = True
     subresources: tuple[str, ...] = ("status",)
     short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()  # `kubectl get all` lists the kinds in category "all"
     custom: bool = False  # a CustomResourceDefinition: list items keep kind/apiVersion
     orphan_by_default: bool = False  # batch/v1 Jobs orphan their pods unless told otherwise
 
@@ -124,18 +136,25 @@ class ResourceType:
 
 
 # Adding a resource type is one line here.
+# The short names and categories are a real server's (kubernetes pkg/registry/*/storage).
+ALL = ("all",)
 RESOURCE_TYPES = (
     ResourceType("", "v1", "namespaces", "Namespace", False, ("status", "finalize"), ("ns",)),
-    ResourceType("", "v1", "pods", "Pod", subresources=("status", "log"), short_names=("po",)),
-    ResourceType("", "v1", "services", "Service", subresources=("status", "proxy")),
+    ResourceType("", "v1", "pods", "Pod", subresources=("status", "log"), short_names=("po",),
+                 categories=ALL),
+    ResourceType("", "v1", "services", "Service", subresources=("status", "proxy"),
+                 short_names=("svc",), categories=ALL),
     ResourceType("", "v1", "configmaps", "ConfigMap", subresources=(), short_names=("cm",)),
     ResourceType("", "v1", "secrets", "Secret", subresources=()),
     ResourceType("", "v1", "events", "Event", subresources=(), short_names=("ev",)),
-    ResourceType("", "v1", "serviceaccounts", "ServiceAccount", subresources=()),
-    ResourceType("apps", "v1", "deployments", "Deployment", short_names=("deploy",)),
-    ResourceType("apps", "v1", "replicasets", "ReplicaSet", short_names=("rs",)),
-    ResourceType("apps", "v1", "statefulsets", "StatefulSet", short_names=("sts",)),
-    ResourceType("batch", "v1", "jobs", "Job", orphan_by_default=True),
+    ResourceType("", "v1", "serviceaccounts", "ServiceAccount", subresources=(),
+                 short_names=("sa",)),
+    ResourceType("apps", "v1", "deployments", "Deployment", short_names=("deploy",),
+                 categories=ALL),
+    ResourceType("apps", "v1", "replicasets", "ReplicaSet", short_names=("rs",), categories=ALL),
+    ResourceType("apps", "v1", "statefulsets", "StatefulSet", short_names=("sts",),
+                 categories=ALL),
+    ResourceType("batch", "v1", "jobs", "Job", orphan_by_default=True, categories=ALL),
     ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role", subresources=()),
     ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding",
                  subresources=()),
@@ -143,6 +162,8 @@ RESOURCE_TYPES = (
                  namespaced=False, subresources=()),
     ResourceType("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding",
                  namespaced=False, subresources=()),
+    # As the operators' CRDs declare them: spark-operator's short name `sparkapp`, no
+    # categories.
     ResourceType("ray.io", "v1", "rayjobs", "RayJob", custom=True),
     ResourceType("ray.io", "v1", "rayclusters", "RayCluster", custom=True),
     ResourceType("sparkoperator.k8s.io", "v1beta2", "sparkapplications", "SparkApplication",
@@ -738,6 +759,14 @@ class _HttpServer(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         super().__init__(address, _ApiHandler)
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.api.tls is None:
+            return sock, address
+        # the handshake happens on the handler's thread, at its first read
+        return self.api.tls.wrap_socket(sock, server_side=True,
+                                        do_handshake_on_connect=False), address
+
 
 class _ApiHandler(BaseHTTPRequestHandler):
     """Routes one request onto the store and writes the answer as the API server would."""
@@ -761,6 +790,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         raw_path, _, self.query = self.path.partition("?")
+        self.warnings: list[str] = []
         self.params = {k: v[-1] for k, v in parse_qs(self.query, keep_blank_values=True).items()}
         self.api, self.store = self.server.api, self.server.api.store
         self.api._requests.append((self.command, unquote(raw_path)))
@@ -773,7 +803,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
         try:
             # As the real filter chain: authentication, then flow control (the faults a test
             # injected: throttling and errors), then authorization, then the handler.
-            self.user = self.api.authenticate(self.headers.get("Authorization"))
+            self.user = self.api.authenticate(self.headers.get("Authorization"),
+                                              self._peer_certificate())
             self.api._request_log.append((self.user.name if self.user else "", self.command,
                                           unquote(raw_path)))
             fault = self.api.faults.take(self.command, unquote(raw_path))
@@ -809,6 +840,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _route(self, segments: list[str], full: list[str]) -> None:
+        if segments[:2] == ["openapi", "v3"] and self.command == "GET":
+            return self._openapi("/".join(segments[2:]))
         if segments in (["version"], ["api"], ["apis"]) or segments[:1] == ["apis"] and len(
                 segments) == 2:
             return self._discovery(segments)
@@ -867,8 +900,37 @@ class _ApiHandler(BaseHTTPRequestHandler):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         self._send_json(200, body)
 
+    def _openapi(self, path: str) -> None:
+        """`/openapi/v3` and `/openapi/v3/<group version path>` (tests/support/kube_openapi.py)."""
+        body = kube_openapi.root(RESOURCE_TYPES) if not path else kube_openapi.document(
+            RESOURCE_TYPES, path)
+        if body is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        self._send_json(200, body)
+
     def _json_body(self) -> Any:
         return json.loads(self.body or b"{}")
+
+    def _check_fields(self, rtype: ResourceType, body: Any) -> None:
+        """Server-side field validation of a create, update or (merge) patch body, as its
+        `fieldValidation` parameter asks: Strict refuses unknown fields with 400, Warn names
+        them in `Warning` headers. Not asked, nothing is checked (a real server warns, which
+        the official Python client does not read)."""
+        mode = self.params.get("fieldValidation", "Ignore")
+        if mode not in ("Strict", "Warn", "Ignore"):
+            raise bad_request(f"fieldValidation parameter unsupported: {mode}")
+        if mode == "Ignore" or not isinstance(body, dict):
+            return
+        unknown = kube_openapi.unknown_fields(
+            {**_without_directives(body), "apiVersion": rtype.api_version, "kind": rtype.kind})
+        if not unknown:
+            return
+        if mode == "Warn":
+            self.warnings = [f'unknown field "{field}"' for field in unknown]
+            return
+        raise bad_request(
+            f'{rtype.kind} in version "{rtype.version}" cannot be handled as a {rtype.kind}: '
+            "strict decoding error: " + ", ".join(f'unknown field "{f}"' for f in unknown))
 
     def _selectors(self) -> Callable[[Obj], bool]:
         labels = compile_label_selector(self.params.get("labelSelector", ""))
@@ -905,20 +967,25 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return admit
 
     def _create(self, rtype: ResourceType, namespace: str | None, *_: Any) -> None:
-        self._send_json(201, self.store.create(rtype, namespace, self._json_body(),
-                                               self._admit(rtype)))
+        body = self._json_body()
+        self._check_fields(rtype, body)
+        self._send_json(201, self.store.create(rtype, namespace, body, self._admit(rtype)))
 
     def _get(self, rtype: ResourceType, namespace: str | None, name: str, *_: Any) -> None:
         self._send_json(200, self.store.get(rtype, namespace, name))
 
     def _replace(self, rtype: ResourceType, namespace: str | None, name: str, part: str) -> None:
-        self._send_json(200, self.store.update(rtype, namespace, name, self._json_body(), part,
+        body = self._json_body()
+        self._check_fields(rtype, body)
+        self._send_json(200, self.store.update(rtype, namespace, name, body, part,
                                                admit=self._admit(rtype)))
 
     def _patch(self, rtype: ResourceType, namespace: str | None, name: str, part: str) -> None:
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip()
-        self._send_json(200, self.store.patch(rtype, namespace, name, self._json_body(),
-                                              content_type, part, self._admit(rtype)))
+        body = self._json_body()
+        self._check_fields(rtype, body)  # a JSON patch (a list of operations) is not checked
+        self._send_json(200, self.store.patch(rtype, namespace, name, body, content_type, part,
+                                              self._admit(rtype)))
 
     def _propagation(self) -> str | None:
         options = self._json_body() if self.body else {}
@@ -1047,6 +1114,8 @@ class _ApiHandler(BaseHTTPRequestHandler):
     def _send(self, code: int, data: bytes, content_type: str) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
+        for warning in self.warnings:  # RFC 7234's form, as k8s.io/apiserver pkg/warning writes
+            self.send_header("Warning", '299 - "' + warning.replace('"', '\\"') + '"')
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -1071,9 +1140,29 @@ class _ApiHandler(BaseHTTPRequestHandler):
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             self.wfile.write(b"0\r\n\r\n")
 
+    def _peer_certificate(self) -> Obj | None:
+        getpeercert = getattr(self.connection, "getpeercert", None)
+        return getpeercert() if getpeercert is not None else None
+
     def _client_gone(self) -> bool:
         readable, _, _ = select.select([self.connection], [], [], 0)
+        if readable and isinstance(self.connection, ssl.SSLSocket):
+            return True  # a client mid-stream sends nothing but its close_notify or a FIN
         return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _without_directives(patch: Any) -> Any:
+    """A strategic merge patch without its directives (`$patch`, `$setElementOrder/<list>`,
+    `$retainKeys`, `$deleteFromPrimitiveList/<list>`): the fields it sets."""
+    if isinstance(patch, dict):
+        return {k: _without_directives(v) for k, v in patch.items() if not k.startswith("$")}
+    if isinstance(patch, list):
+        return [_without_directives(item) for item in patch]
+    return patch
 
 
 def split_scheme_name_port(service_id: str) -> tuple[str, str, str]:
@@ -1163,7 +1252,8 @@ def _resource_list(group: str, version: str, types: Any) -> Obj:
                  "list", "patch", "update", "watch"]
         resources.append({"name": t.plural, "singularName": t.kind.lower(),
                           "namespaced": t.namespaced, "kind": t.kind, "verbs": verbs,
-                          **({"shortNames": list(t.short_names)} if t.short_names else {})})
+                          **({"shortNames": list(t.short_names)} if t.short_names else {}),
+                          **({"categories": list(t.categories)} if t.categories else {})})
         for sub in t.subresources:
             kind, sub_verbs = SUBRESOURCE_SHAPES[sub]
             resources.append({"name": f"{t.plural}/{sub}", "singularName": "",
@@ -1171,6 +1261,33 @@ def _resource_list(group: str, version: str, types: Any) -> Obj:
                               "verbs": sub_verbs})
     return {"kind": "APIResourceList", "apiVersion": "v1",
             "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
+
+
+class _Echo(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+        body = json.dumps({"path": self.path, "ok": True}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def echo_backend() -> Iterator[str]:
+    """What listens in a Service's pods, for `KubeApiServer.route_service`: an HTTP server on
+    loopback answering every GET with `{"path": <the path it was asked>, "ok": true}`."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class KubeApiServer:
@@ -1186,7 +1303,7 @@ class KubeApiServer:
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1",
                  namespaces: tuple[str, ...] = DEFAULT_NAMESPACES, *,
-                 authentication: bool = False, rbac: bool = False,
+                 authentication: bool = False, rbac: bool = False, tls: bool = False,
                  namespace_deletion_s: float = NAMESPACE_DELETION_S) -> None:
         self.store = ObjectStore(namespace_deletion_s=namespace_deletion_s)
         self.faults = FaultPlan()
@@ -1198,6 +1315,14 @@ class KubeApiServer:
                 self.store.create(TYPES[obj["kind"]], None, obj)
         self._tokens: dict[str, User] = {}
         self.admin_token = self.issue_token("kubernetes-admin", [MASTERS])
+        self.ca: trustme.CA | None = None
+        self.tls: ssl.SSLContext | None = None
+        if tls:
+            self.ca = trustme.CA(organization_name="mlci kube emulator")
+            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ca.issue_cert(host, "localhost").configure_cert(self.tls)
+            self.ca.configure_trust(self.tls)  # client certificates this CA signed
+            self.tls.verify_mode = ssl.CERT_OPTIONAL
         self._address = (host, port)
         self._routes: dict[tuple[str | None, str], str] = {}
         self._requests: list[tuple[str, str]] = []
@@ -1210,7 +1335,7 @@ class KubeApiServer:
         if self._httpd is None:
             raise RuntimeError("KubeApiServer.url: the server is not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def start(self) -> KubeApiServer:
         self._httpd = _HttpServer(self._address, self)
@@ -1240,19 +1365,35 @@ class KubeApiServer:
         self.stop()
 
     def kubeconfig(self, path: str | Path, namespace: str = "default", *,
-                   token: str | None = None, exec_command: list[str] | None = None) -> Path:
-        """Writes a kubeconfig (JSON is YAML) whose current context is this server. Its user
-        has `token`, or an exec credential plugin (`exec_command`, see write_exec_plugin), or
-        else the admin token when authentication is on, or no credentials at all."""
+                   token: str | None = None, exec_command: list[str] | None = None,
+                   client_certificate: tuple[str, list[str] | tuple[str, ...]] | None = None
+                   ) -> Path:
+        """Writes a kubeconfig (JSON is YAML) whose current context is this server (with TLS,
+        trusting its CA). Its user has `token`, or an exec credential plugin (`exec_command`,
+        see write_exec_plugin), or a client certificate this server's CA signs for
+        `client_certificate` (user, groups), or else the admin token when authentication is
+        on, or no credentials at all."""
         name = "mlci-emulator"
-        if token is None and exec_command is None and self.authentication:
+        if token is None and exec_command is None and client_certificate is None and \
+                self.authentication:
             token = self.admin_token
         user: Obj = {"token": token} if token is not None else {}
         if exec_command is not None:
             user = {"exec": {"apiVersion": EXEC_CREDENTIAL_VERSION, "command": exec_command[0],
                              "args": exec_command[1:], "interactiveMode": "Never"}}
+        cluster: Obj = {"server": self.url}
+        if self.ca is not None:
+            cluster["certificate-authority-data"] = _base64(self.ca.cert_pem.bytes())
+        if client_certificate is not None:
+            if self.ca is None:
+                raise ValueError("kubeconfig(client_certificate=...): the server has no TLS")
+            cert = self.ca.issue_cert(f"{client_certificate[0]}@users.mlci.test",  # any SAN
+                                      common_name=client_certificate[0],
+                                      organization_name=",".join(client_certificate[1]) or None)
+            user = {"client-certificate-data": _base64(cert.cert_chain_pems[0].bytes()),
+                    "client-key-data": _base64(cert.private_key_pem.bytes())}
         config = {"apiVersion": "v1", "kind": "Config", "current-context": name,
-                  "clusters": [{"name": name, "cluster": {"server": self.url}}],
+                  "clusters": [{"name": name, "cluster": cluster}],
                   "users": [{"name": name, "user": user}],
                   "contexts": [{"name": name, "context": {"cluster": name, "user": name,
                                                           "namespace": namespace}}]}
@@ -1306,11 +1447,20 @@ class KubeApiServer:
     def revoke_token(self, token: str) -> None:
         self._tokens.pop(token, None)
 
-    def authenticate(self, authorization: str | None) -> User | None:
-        """The user an Authorization header names (None while authentication is off); raises
-        the 401 otherwise. `Bearer` in any case, as the server reads it."""
+    def authenticate(self, authorization: str | None, certificate: Obj | None = None
+                     ) -> User | None:
+        """The user a verified client certificate (its CN the user, each O a group, as the
+        x509 authenticator reads them) or an Authorization header names (None while
+        authentication is off); raises the 401 otherwise. `Bearer` in any case, as the server
+        reads it."""
         if not self.authentication:
             return None
+        if certificate:
+            subject = [pair for rdn in certificate.get("subject", ()) for pair in rdn]
+            name = next((v for k, v in subject if k == "commonName"), "")
+            groups = [g for k, v in subject if k == "organizationName" for g in v.split(",")]
+            if name:
+                return User(name, (*groups, AUTHENTICATED))
         parts = (authorization or "").strip().split(" ", 2)
         user = self._tokens.get(parts[1]) if len(parts) >= 2 and parts[0].lower() == \
             "bearer" else None

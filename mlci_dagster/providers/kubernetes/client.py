@@ -539,9 +539,12 @@ def explain_proxy_refusal(response: requests.Response, *args: Any, **kwargs: Any
 
 def session_for(configuration: k8s.Configuration) -> requests.Session:
     """A requests session that sends what the client sends: its credentials (asked for anew on
-    each request) and its TLS settings. A refusal of the service proxy itself raises
-    ServiceProxyRefusal (a requests.RequestException)."""
+    each request), its TLS settings and its proxy, and nothing of the environment's besides
+    (requests would let REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override the cluster's own CA, and
+    read .netrc). A refusal of the service proxy itself raises ServiceProxyRefusal (a
+    requests.RequestException)."""
     session = requests.Session()
+    session.trust_env = False
     session.hooks["response"].append(explain_proxy_refusal)
     session.auth = _KubeAuth(configuration)
     if configuration.cert_file:
@@ -551,6 +554,9 @@ def session_for(configuration: k8s.Configuration) -> requests.Session:
         session.verify = False
     elif configuration.ssl_ca_cert:
         session.verify = configuration.ssl_ca_cert
-    if configuration.proxy:
+    # The client takes its proxy from the kubeconfig or HTTP(S)_PROXY, and NO_PROXY exempts
+    # the API server from it (kubernetes/client/rest.py).
+    if configuration.proxy and not requests.utils.should_bypass_proxies(
+            configuration.host, no_proxy=configuration.no_proxy or ""):
         session.proxies = {"http": configuration.proxy, "https": configuration.proxy}
     return session
