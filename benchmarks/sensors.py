@@ -29,9 +29,9 @@ from typing import Any
 import dagster as dg
 import requests
 import yaml
-from dagster._core.instance.types import CachingDynamicPartitionsLoader
 
 from mlci_dagster.assets.lifecycle import LIFECYCLE_OP
+from mlci_dagster.compat import caching_partitions_loader
 from mlci_dagster.providers.ports import allocate_free_port
 from tests.support.dagster_services import wait_until
 from tests.support.loopback import REGISTRY_BIN, background, push_image
@@ -141,7 +141,7 @@ def schedule_tick(tmp: Path, configs: int) -> None:
         when = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 
         # What the daemon's code server uses: dynamic partitions read once per tick.
-        partitions = CachingDynamicPartitionsLoader(instance)
+        partitions = caching_partitions_loader(instance)
 
         def tick() -> tuple[float, int]:
             start = time.perf_counter()

@@ -6,6 +6,7 @@ Dagster (pyproject.toml pins the version), so an upgrade that moves one fails th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -119,12 +120,51 @@ def instance_connection(instance: dg.DagsterInstance) -> Any:
     return storage.connect()
 
 
-def tag_limits(run_queue_config: Any) -> list[dict[str, Any]]:
-    """The tag concurrency limits of the run queue config a QueuedRunCoordinator gives the
-    daemon (`get_run_queue_config`, asked at every dequeue; `RunQueueConfig`, not public)."""
-    return [dict(limit) for limit in run_queue_config.tag_concurrency_limits]
+def caching_partitions_loader(instance: dg.DagsterInstance) -> Any:
+    """What the daemon's code server reads dynamic partitions through: each read once per tick
+    (`dagster._core.instance.types.CachingDynamicPartitionsLoader`, not public)."""
+    return CachingDynamicPartitionsLoader(instance)
 
 
-def with_tag_limits(run_queue_config: Any, limits: list[dict[str, Any]]) -> Any:
-    """That config with other tag concurrency limits (a NamedTuple's `_replace`)."""
-    return run_queue_config._replace(tag_concurrency_limits=limits)
+RUN_QUEUE_DAEMON_THREAD = "dagster-daemon-QUEUED_RUN_COORDINATOR"
+
+
+def in_run_queue_daemon() -> bool:
+    """Whether this is the daemon's run queue thread, which asks the run coordinator for its
+    run queue config at the start of each dequeue iteration (the webserver and the event log
+    storage ask too). `dagster._daemon.controller` names each daemon's thread
+    `dagster-daemon-<daemon_type>`; QueuedRunCoordinatorDaemon's type is
+    QUEUED_RUN_COORDINATOR."""
+    return threading.current_thread().name == RUN_QUEUE_DAEMON_THREAD
+
+
+class HookedQueuedRunCoordinator(dg.QueuedRunCoordinator):
+    """Dagster's queued run coordinator with two hooks for a subclass to fill:
+    `tags_for(run)`, tags added to a run as it is submitted (before the queue's tag limits count
+    it), and `lower_limits(instance, limits)`, the queue's tag concurrency limits as the daemon
+    reads them at the start of each dequeue iteration.
+
+    Relies on (not public): `submit_run`'s `SubmitRunContext`, a NamedTuple (`_replace`); the
+    coordinator's `_instance`; `get_run_queue_config`, which the daemon asks at each dequeue
+    iteration, and its `RunQueueConfig.tag_concurrency_limits`, a NamedTuple field."""
+
+    def tags_for(self, run: dg.DagsterRun) -> dict[str, str]:
+        return {}
+
+    def lower_limits(self, instance: dg.DagsterInstance, limits: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+        return limits
+
+    def submit_run(self, context: dg.SubmitRunContext) -> dg.DagsterRun:
+        run = context.dagster_run
+        missing = {k: v for k, v in self.tags_for(run).items() if run.tags.get(k) != v}
+        if missing:
+            self._instance.add_run_tags(run.run_id, missing)
+            context = context._replace(dagster_run=run.with_tags({**run.tags, **missing}))
+        return super().submit_run(context)
+
+    def get_run_queue_config(self) -> Any:
+        config = super().get_run_queue_config()
+        limits = [dict(limit) for limit in config.tag_concurrency_limits]
+        lowered = self.lower_limits(self._instance, limits)
+        return config if lowered == limits else config._replace(tag_concurrency_limits=lowered)

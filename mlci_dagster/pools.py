@@ -31,8 +31,9 @@ def tag_concurrency_limits(settings: Settings) -> list[dict[str, Any]]:
 
 
 def lowered(limits: list[dict[str, Any]], held: dict[str, int]) -> list[dict[str, Any]]:
-    """The run queue's limits with each pool's lowered by the slots `held` outside any run (a
-    reservation's daytime holds), never below 0: its runs wait in the queue meanwhile."""
+    """The run queue's limits with each pool's lowered by the slots `held` outside its runs in
+    progress (a reservation's daytime holds, admissions in flight), never below 0: its runs
+    wait in the queue meanwhile."""
     return [{**limit, "limit": max(0, limit["limit"] - held.get(limit.get("value"), 0))}
             if limit.get("key") == POOL_TAG and held.get(limit.get("value")) else limit
             for limit in limits]

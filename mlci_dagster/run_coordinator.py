@@ -8,9 +8,11 @@ and asset backfills, schedules, sensors) passes through `submit_run`, so tagging
 `mlci/pool` tag on each run before the queue's tag concurrency limits count it.
 
 A daytime hold keeps a slot of its reservation from morning to evening without a run in
-progress, which the queue's limits, counting runs in progress, cannot see: the daemon asks this
-coordinator for its run queue config at every dequeue, and gets each reservation's limit less
-its holds read from the lease table. Runs on a reservation held whole wait in the queue.
+progress, and an `mlci run` admitting a run takes a slot before its run is in progress: the
+queue's limits, counting runs in progress, can see neither. The daemon asks this coordinator for
+its run queue config at the start of every dequeue iteration, and gets each pool's limit less
+its holds (the lease table) and its admissions in flight (launch/admission.py, where the
+iteration is counted for them). Runs of a pool held whole wait in the queue.
 
 `mlci sync` writes this class, and the limits into its config, into the instance's dagster.yaml
 (see pools.py).
@@ -23,7 +25,12 @@ from typing import Any
 
 import dagster as dg
 
-from mlci_dagster.compat import instance_connection, tag_limits, with_tag_limits
+from mlci_dagster.compat import (
+    HookedQueuedRunCoordinator,
+    in_run_queue_daemon,
+    instance_connection,
+)
+from mlci_dagster.launch.admission import AdmissionError, AdmissionStore
 from mlci_dagster.paths import registry_path
 from mlci_dagster.pools import POOL_TAG, lowered, pool_of
 from mlci_dagster.registry import RegistryError
@@ -71,25 +78,30 @@ def pool_of_run(run: dg.DagsterRun, registry_root: str) -> str | None:
     return pool_of(registry, config) if config in registry.configs else None
 
 
-class PoolTaggingRunCoordinator(dg.QueuedRunCoordinator):
-    """QueuedRunCoordinator whose submitted lifecycle runs all carry their `mlci/pool` tag."""
+class PoolTaggingRunCoordinator(HookedQueuedRunCoordinator):
+    """QueuedRunCoordinator whose submitted lifecycle runs all carry their `mlci/pool` tag, and
+    whose pool limits are lowered by holds and admissions in flight."""
 
-    def submit_run(self, context: dg.SubmitRunContext) -> dg.DagsterRun:
-        run = context.dagster_run
+    def tags_for(self, run: dg.DagsterRun) -> dict[str, str]:
         pool = pool_of_run(run, str(registry_path()))
-        if pool is not None and run.tags.get(POOL_TAG) != pool:
-            self._instance.add_run_tags(run.run_id, {POOL_TAG: pool})
-            context = context._replace(dagster_run=run.with_tags({**run.tags, POOL_TAG: pool}))
-        return super().submit_run(context)
+        return {POOL_TAG: pool} if pool is not None else {}
 
-    def get_run_queue_config(self) -> Any:
-        config = super().get_run_queue_config()
+    def lower_limits(self, instance: dg.DagsterInstance, limits: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+        taken: dict[str, int] = {}
         try:
-            holds = holds_by_reservation(LeaseStore(lambda: instance_connection(self._instance)))
+            admission = AdmissionStore(lambda: instance_connection(instance))
+            if in_run_queue_daemon():
+                admission.count_queue_iteration()
+            taken = admission.claims()
+        except AdmissionError as exc:
+            log.warning(f"admissions unknown, pool limits not lowered by them: {exc}")
+        try:
+            holds = holds_by_reservation(LeaseStore(lambda: instance_connection(instance)))
         except LeaseError as exc:
             # Fails closed further on: a run admitted meanwhile finds no slot and is refused.
             log.warning(f"daytime holds unknown, reservation limits not lowered: {exc}")
-            return config
-        if not holds:
-            return config
-        return with_tag_limits(config, lowered(tag_limits(config), holds))
+            holds = {}
+        for pool, count in holds.items():
+            taken[pool] = taken.get(pool, 0) + count
+        return lowered(limits, taken) if taken else limits

@@ -15,8 +15,10 @@ from mlci_dagster.compat import report_run_failed
 from mlci_dagster.providers.processes import process_start
 
 WORKER_TAG = "mlci/worker"  # "<pid>:<start>" of the process executing the run
+# A run that holds its sandbox and its pool's slot: from its creation to its end, its teardown
+# after a Terminate (CANCELING) included, as Dagster's run queue counts it.
 IN_PROGRESS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-               dg.DagsterRunStatus.STARTED]
+               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
 def worker_identity(pid: int) -> str:

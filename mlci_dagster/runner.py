@@ -9,8 +9,9 @@ that dies is noticed here: its run is marked failed, its sandboxes are reaped at
 partition is reported lost.
 
 A partition starts only when no run of it is in progress on the instance (whoever started that
-one) and its pool has a free slot; the check and the run's creation happen under one file lock
-that every `mlci run` on the home shares. A partition waits for its pool at most `max_wait_s`.
+one) and its pool admits one more run (launch/admission.py, the rule the daemon's run queue
+keeps too); the check and the run's start happen under one file lock that every `mlci run` on
+the home shares. A partition waits for its pool at most `max_wait_s`.
 
 Run as `python -m mlci_dagster.runner REGISTRY KEY RUN_ID TRIGGER [BATCH]` it is that worker.
 """
@@ -34,8 +35,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlci_dagster.compat import report_run_canceling
+from mlci_dagster.compat import instance_connection, report_run_canceling
 from mlci_dagster.event_log import record_of_run
+from mlci_dagster.launch.admission import AdmissionStore, free_slots
 from mlci_dagster.paths import run_log_dir
 from mlci_dagster.pools import POOL_TAG
 from mlci_dagster.providers.processes import die_with_parent
@@ -122,12 +124,13 @@ def describe_run(run: dg.DagsterRun) -> str:
 
 
 class Gate:
-    """Lets a partition start only when no run of it is active and its pool has a free slot.
+    """Lets a partition start only when no run of it is active and its pool admits one more run
+    (launch/admission.py: the one rule, which the daemon's run queue keeps too).
 
-    Counts the instance's runs with the pool tag (the daemon's queue counts the same tag), under
-    a file lock that concurrent `mlci run`s share; a run counts from the moment it is started
-    here until its worker has created it on the instance. A reservation's limit is lowered by
-    its daytime holds, as the run queue's is (`held`: slots held outside any run, per pool).
+    Under a file lock that concurrent `mlci run`s on the home share: the partition's check, and
+    the pool's admission, held until the worker has created its run and it is in progress (then
+    its pool tag counts it, for the daemon's queue too). `held`: each pool's slots held outside
+    any run (a reservation's daytime holds).
     """
 
     def __init__(self, instance: dg.DagsterInstance, limits: dict[str, int], home: Path,
@@ -135,6 +138,7 @@ class Gate:
         self.instance = instance
         self.limits = limits
         self.held = held
+        self.admission = AdmissionStore(lambda: instance_connection(instance))
         self.lock_path = home / "pools.lock"
         home.mkdir(parents=True, exist_ok=True)
 
@@ -150,32 +154,57 @@ class Gate:
 
     def try_start(self, item: PartitionRun, start: Callable[[], str]) -> tuple[bool, str]:
         """Calls `start` (which returns the run id it launched) when the partition may start,
-        and holds the lock until that run exists on the instance. Else (False, why): `running
-        elsewhere: ...` when a run of the partition is active, or what fills its pool."""
+        and holds the lock until that run is in progress on the instance. Else (False, why):
+        `already in progress: ...` when a run of the partition is active, or what fills its
+        pool."""
         with self._locked():
             active = self.active_runs({PARTITION_TAG: item.key}, ACTIVE)
             if active:
                 return False, f"already in progress: {describe_run(active[0])}"
             limit = self.limits.get(item.pool)
-            if limit is not None:
-                holds = self.held().get(item.pool, 0)
-                taken = self.active_runs({POOL_TAG: item.pool}, IN_PROGRESS)
-                if len(taken) >= limit - holds:
-                    return False, self.full(item.pool, limit, holds, taken)
-            run_id = start()
-            deadline = time.monotonic() + CREATE_WAIT_S
-            while not self.instance.has_run(run_id) and time.monotonic() < deadline:
-                time.sleep(POLL_S)
+            if limit is None:
+                self._started(start())
+                return True, ""
+            if (why := self._full(item, limit)) is not None:
+                return False, why  # no claim for a pool seen full: the queue keeps its turn
+            self.admission.claim(item.pool, item.run_id)
+            try:
+                self.admission.wait_for_queue()
+                if (why := self._full(item, limit)) is not None:
+                    return False, why
+                self._started(start())
+            finally:
+                self.admission.release(item.run_id)
         return True, ""
 
+    def _full(self, item: PartitionRun, limit: int) -> str | None:
+        """What fills the item's pool (None: it admits one more run)."""
+        holds = self.held().get(item.pool, 0)
+        claims = self.admission.claims(besides=item.run_id).get(item.pool, 0)
+        taken = self.active_runs({POOL_TAG: item.pool}, IN_PROGRESS)
+        if free_slots(limit, len(taken), holds, claims) > 0:
+            return None
+        return self.full(item.pool, limit, holds, taken, claims)
+
+    def _started(self, run_id: str) -> None:
+        """Waits (at most CREATE_WAIT_S) until the run is in progress or over."""
+        deadline = time.monotonic() + CREATE_WAIT_S
+        while time.monotonic() < deadline:
+            run = self.instance.get_run_by_id(run_id)
+            if run is not None and run.status != dg.DagsterRunStatus.NOT_STARTED:
+                return
+            time.sleep(POLL_S)
+
     @staticmethod
-    def full(pool: str, limit: int, holds: int, taken: list[dg.DagsterRun]) -> str:
+    def full(pool: str, limit: int, holds: int, taken: list[dg.DagsterRun],
+             claims: int = 0) -> str:
         """`pool gpu-box is full (limit 1): run 4a8878cb (inject|e1, schedule)`."""
         shown = ", ".join(describe_run(run) for run in taken[:3])
         more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
         held = f"{holds} slot(s) held by its daytime hold" if holds else ""
+        admitting = f"{claims} run(s) being admitted elsewhere" if claims else ""
         return f"pool {pool} is full (limit {limit}): " + "; ".join(
-            part for part in (shown + more, held) if part)
+            part for part in (shown + more, held, admitting) if part)
 
 
 class Stop(Exception):

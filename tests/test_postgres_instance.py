@@ -142,3 +142,13 @@ def test_leases_and_holds_live_in_the_postgres_database(tmp_path, pg_home):
     assert won == [0, 1] and sorted(raced) == [0, 1]
     assert down.returncode == 0 and down.stdout.strip() == "gpu-box: down"
     assert [lease.reservation for lease in store.leases()] == ["race", "race"]
+
+
+@pytest.mark.daemon
+def test_mlci_run_and_a_ui_backfill_never_run_two_of_a_pool_of_one_on_postgres(tmp_path,
+                                                                                 pg_home):
+    """As on SQLite (test_pools.py): the admissions in flight live in the Postgres database,
+    where `mlci run` and the daemon both read them."""
+    from tests.test_pools import race_mlci_run_and_a_ui_backfill
+
+    race_mlci_run_and_a_ui_backfill(pg_home, tmp_path)

@@ -76,8 +76,14 @@ class LeaseError(RuntimeError):
     """The lease table could not be read or written (the instance's database is unreachable)."""
 
 
-class LeaseStore:
-    """The lease table, reached through `connect` (a context manager yielding a connection)."""
+class TableStore:
+    """Tables of the instance's database, reached through `connect` (a context manager yielding
+    a connection): created on first use; a database error is raised as `error`, naming
+    `what`. An IntegrityError passes as it is (a slot taken since it was read)."""
+
+    tables: tuple[sa.Table, ...] = ()
+    what = "the tables"
+    error: type[Exception] = RuntimeError
 
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
@@ -87,18 +93,27 @@ class LeaseStore:
     def _connection(self) -> Iterator[sa.Connection]:
         try:
             connection = self._connect()
-        except Exception as exc:  # noqa: BLE001 (no database to keep leases in: say where)
-            raise LeaseError(f"the lease table mlci_leases cannot be reached: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 (no database to keep them in: say where)
+            raise self.error(f"{self.what} cannot be reached: {exc}") from exc
         try:
             with connection as conn:
                 if not self._created:
-                    conn.execute(sa.schema.CreateTable(LEASES, if_not_exists=True))
+                    for table in self.tables:
+                        conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
                     self._created = True
                 yield conn
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
-            raise LeaseError(f"the lease table mlci_leases: {exc}") from exc
+            raise self.error(f"{self.what}: {exc}") from exc
+
+
+class LeaseStore(TableStore):
+    """The lease table."""
+
+    tables = (LEASES,)
+    what = "the lease table mlci_leases"
+    error = LeaseError
 
     def leases(self, reservation: str | None = None) -> list[Lease]:
         """Every lease (of `reservation`), by reservation and slot."""
