@@ -24,8 +24,8 @@ import dagster as dg
 
 from mlci_dagster.event_log import RESULTS_ASSET, consolidate
 from mlci_dagster.history.analysis import analyze
+from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.table import append_rows, record_to_row
-from mlci_dagster.record import ResultRecord
 from mlci_dagster.registry.models import HistorySettings
 
 NOW = time.time()

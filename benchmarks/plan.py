@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from mlci_dagster.plan import plan_changes, plan_revisions
 from mlci_dagster.registry import load_registry
+from mlci_dagster.tiers.plan import plan_changes, plan_revisions
 from tests.support.git_repo import git
 
 TIERS = {"nightly": {"trigger": "nightly", "selection": "all"},

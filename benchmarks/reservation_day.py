@@ -24,15 +24,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlci_dagster import clock
 from mlci_dagster.cli import _instance
+from mlci_dagster.common import clock
+from mlci_dagster.launch.pools import pool_limits, pool_of
+from mlci_dagster.launch.runner import PartitionRun, run_partitions
 from mlci_dagster.paths import EXAMPLES
-from mlci_dagster.pools import pool_limits, pool_of
 from mlci_dagster.registry import load_registry
 from mlci_dagster.reservations.leases import holds_by_reservation
 from mlci_dagster.reservations.report import leases_text
 from mlci_dagster.resources.mlci import MlciResource
-from mlci_dagster.runner import PartitionRun, run_partitions
 from mlci_dagster.vocabulary import split_partition_key
 from tests.support.reservations import (
     NEW_YORK,

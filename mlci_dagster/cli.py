@@ -14,10 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlci_dagster import __version__
-from mlci_dagster.paths import DEFAULT_DAGSTER_HOME, REGISTRY_ENV, registry_path
-from mlci_dagster.registry import Registry, RegistryError, load_registry
-from mlci_dagster.registry.models import Settings, TestConfig
-from mlci_dagster.selection import (
+from mlci_dagster.launch.selection import (
     Selected,
     SelectionError,
     by_filters,
@@ -26,6 +23,9 @@ from mlci_dagster.selection import (
     plan_label,
     read_plan,
 )
+from mlci_dagster.paths import DEFAULT_DAGSTER_HOME, REGISTRY_ENV, registry_path
+from mlci_dagster.registry import Registry, RegistryError, load_registry
+from mlci_dagster.registry.models import Settings, TestConfig
 
 # An embedded-default instance: SQLite storage under $DAGSTER_HOME (deploy/ holds the others).
 DEFAULT_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
@@ -68,7 +68,7 @@ def _instance(registry: Registry | None = None, create: bool = True):
     import dagster as dg
     import yaml
 
-    from mlci_dagster.pools import with_pool_limits
+    from mlci_dagster.launch.pools import with_pool_limits
 
     settings = _home(create) / "dagster.yaml"
     if registry is not None:
@@ -92,7 +92,7 @@ def _history():
 def cmd_helm_values(args: argparse.Namespace) -> int:
     import yaml
 
-    from mlci_dagster.pools import helm_values
+    from mlci_dagster.launch.pools import helm_values
 
     print(yaml.safe_dump(helm_values(_registry(args).settings), sort_keys=False), end="")
     return 0
@@ -125,7 +125,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from mlci_dagster.plan import PlanError, plan_revisions, render_plan
+    from mlci_dagster.tiers.plan import PlanError, plan_revisions, render_plan
 
     registry = _registry(args)
     try:
@@ -159,8 +159,8 @@ def cmd_qualified(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    from mlci_dagster.launch.pools import pool_limits
     from mlci_dagster.operations import sync_partitions
-    from mlci_dagster.pools import pool_limits
 
     registry = _registry(args)  # raises before any change: nothing is half-registered
     add, remove = sync_partitions(_instance(registry), registry)
@@ -202,12 +202,12 @@ def _keys(registry: Registry, args: argparse.Namespace) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
+    from mlci_dagster.launch.pools import pool_limits, pool_of
+    from mlci_dagster.launch.progress import Progress
+    from mlci_dagster.launch.runner import PartitionRun, Verdict, new_batch, run_partitions
     from mlci_dagster.operations import guard_batch, sync_partitions
     from mlci_dagster.paths import mlci_home
-    from mlci_dagster.pools import pool_limits, pool_of
-    from mlci_dagster.progress import Progress
     from mlci_dagster.reservations.leases import holds_by_reservation
-    from mlci_dagster.runner import PartitionRun, Verdict, new_batch, run_partitions
 
     registry = _registry(args)
     selected = _selection(registry, args)
@@ -348,7 +348,8 @@ def _active_partitions() -> dict[str, str]:
     creates nothing."""
     import dagster as dg
 
-    from mlci_dagster.runner import ACTIVE, PARTITION_TAG
+    from mlci_dagster.launch.workers import UNFINISHED
+    from mlci_dagster.vocabulary import PARTITION_TAG
 
     home = os.environ.get("DAGSTER_HOME") or str(Path.cwd() / DEFAULT_DAGSTER_HOME)
     if not (Path(home) / "dagster.yaml").is_file():
@@ -356,14 +357,14 @@ def _active_partitions() -> dict[str, str]:
     os.environ.setdefault("DAGSTER_HOME", home)
     with dg.DagsterInstance.get() as instance:
         return {run.tags[PARTITION_TAG]: f"run {run.run_id[:8]}" for run in
-                instance.get_runs(dg.RunsFilter(statuses=ACTIVE))
+                instance.get_runs(dg.RunsFilter(statuses=UNFINISHED))
                 if PARTITION_TAG in run.tags}
 
 
 def update_history(registry: str) -> str:
     """Materializes `history` and `grid_report`, as the daemon would after new results."""
     from mlci_dagster.definitions import HISTORY_JOB, build_definitions
-    from mlci_dagster.runner import QUIET_RUN_CONFIG
+    from mlci_dagster.launch.runner import QUIET_RUN_CONFIG
 
     with _instance() as instance:
         result = build_definitions(registry).resolve_job_def(HISTORY_JOB).execute_in_process(
@@ -455,12 +456,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
-    from mlci_dagster.janitor import registry_providers, registry_teardown_timeout, sweep
+    from mlci_dagster.launch.workers import end_lost_runs, run_over
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.providers.base import left_behind
+    from mlci_dagster.providers.janitor import registry_providers, registry_teardown_timeout, sweep
     from mlci_dagster.reservations.guard import tend
     from mlci_dagster.reservations.leases import LeaseError
-    from mlci_dagster.run_workers import end_lost_runs, run_over
 
     registry = _registry(args)
     instance = _instance()
@@ -520,10 +521,9 @@ def cmd_leases(args: argparse.Namespace) -> int:
 
 def cmd_hold(args: argparse.Namespace) -> int:
     from mlci_dagster.definitions import build_definitions
+    from mlci_dagster.launch.runner import QUIET_RUN_CONFIG
     from mlci_dagster.reservations.report import hold_text
-    from mlci_dagster.resources.mlci import TRIGGER_TAG
-    from mlci_dagster.runner import QUIET_RUN_CONFIG
-    from mlci_dagster.vocabulary import HELD_SANDBOX, HOLD_DOWN_JOB, HOLD_UP_JOB
+    from mlci_dagster.vocabulary import HELD_SANDBOX, HOLD_DOWN_JOB, HOLD_UP_JOB, TRIGGER_TAG
 
     registry = _registry(args)
     daytime = [r.name for r in registry.settings.reservations if r.daytime is not None]

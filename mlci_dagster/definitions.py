@@ -12,8 +12,8 @@ from mlci_dagster.assets.lifecycle import lifecycle_assets
 from mlci_dagster.assets.partitions import lifecycle_partitions
 from mlci_dagster.assets.registry import REGISTRY_ASSET, REGISTRY_CHECKS
 from mlci_dagster.assets.reservations import reservation_definitions
+from mlci_dagster.launch.pools import pool_of
 from mlci_dagster.paths import registry_path
-from mlci_dagster.pools import POOL_TAG, pool_of
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.resources.io import io_manager
 from mlci_dagster.resources.mlci import MlciResource
@@ -38,7 +38,7 @@ from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_senso
 from mlci_dagster.sensors.notify import SIGNATURES_ASSET, notify
 from mlci_dagster.sensors.registry_sync import registry_sync
 from mlci_dagster.sensors.stale_scanner import stale_scanner
-from mlci_dagster.vocabulary import split_partition_key
+from mlci_dagster.vocabulary import POOL_TAG, split_partition_key
 
 LIFECYCLE_JOB = "lifecycle"
 HISTORY_JOB = "history_update"

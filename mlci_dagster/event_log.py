@@ -10,8 +10,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import ValidationError
 
+from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.table import append_rows, record_to_row
-from mlci_dagster.record import ResultRecord
 from mlci_dagster.vocabulary import RESULTS
 
 RESULTS_ASSET = dg.AssetKey(RESULTS)

@@ -10,21 +10,20 @@ run requests are built here from the registry.
 import dagster as dg
 
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
-from mlci_dagster.commits import (
-    BRANCH_PREFIX,
-    RUNS_TAG,
-    SHA_TAG,
-    TIER_TAG,
-    CommitError,
-    repository_url,
-    watched_refs,
-)
 from mlci_dagster.compat import resolve_run_requests
 from mlci_dagster.operations import guard_batch
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.reservations import NightlySettings
-from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
-from mlci_dagster.vocabulary import BATCH_TAG, partition_key
+from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.tiers.commits import BRANCH_PREFIX, CommitError, repository_url, watched_refs
+from mlci_dagster.vocabulary import (
+    BATCH_TAG,
+    RUNS_TAG,
+    SHA_TAG,
+    TIER_TAG,
+    TRIGGER_TAG,
+    partition_key,
+)
 
 NIGHTLY_TIER = "nightly"
 

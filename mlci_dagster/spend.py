@@ -20,12 +20,11 @@ from mlci_dagster.cost import (
     project_partition,
 )
 from mlci_dagster.event_log import PAGE, RESULTS_ASSET, read_record
-from mlci_dagster.record import ResultRecord
+from mlci_dagster.history.record import ResultRecord
+from mlci_dagster.launch.workers import IN_PROGRESS
 from mlci_dagster.registry import Registry
-from mlci_dagster.run_workers import IN_PROGRESS
-from mlci_dagster.vocabulary import partition_key, split_partition_key
+from mlci_dagster.vocabulary import PARTITION_TAG, partition_key, split_partition_key
 
-PARTITION_TAG = "dagster/partition"
 # Recorded costs looked back on: this month, and the last one for a median at a month's start.
 LOOKBACK_S = 31 * 86_400
 MEDIAN_OF = 20  # a partition's latest recorded costs that its estimate is the median of

@@ -1,5 +1,7 @@
 """The project's words, defined once: the lifecycle's stages, outcome statuses, failure kinds, the
-lifecycle status (`pass` / `fail-<stage>`) and the `config|engine` partition key.
+lifecycle status (`pass` / `fail-<stage>`), the `config|engine` partition key, and every run tag
+(Dagster's that are read, and the project's own), with how a run's trigger and batch follow
+from them.
 
 The lowest layer: everything else (registry, stages, history, notify, the Dagster layer) imports
 it, and it imports nothing of the project.
@@ -7,7 +9,9 @@ it, and it imports nothing of the project.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
+from collections.abc import Mapping
 
 
 class Stage(enum.StrEnum):
@@ -24,9 +28,6 @@ STAGES: tuple[Stage, ...] = tuple(Stage)
 RESULTS = "results"  # the asset holding one lifecycle record per run of a partition
 HELD_SANDBOX = "held_sandbox"  # a reservation's daytime deployment, partitioned by reservation
 HOLD_UP_JOB, HOLD_DOWN_JOB = "hold_up", "hold_down"  # the jobs that stand it up and take it down
-# The run tag naming the batch a run belongs to (a night, a commit, an image, an `mlci run`):
-# the grid's columns. Where no launcher set it, results derive one from the run's other tags.
-BATCH_TAG = "mlci/batch"
 
 
 class Status(enum.StrEnum):
@@ -110,3 +111,51 @@ def split_partition_key(key: str) -> tuple[str, str]:
     if not separator or not config or not engine:
         raise ValueError(f"partition key {key!r}: expected 'config|engine'")
     return config, engine
+
+
+# --- run tags ---------------------------------------------------------------------------------
+# Dagster's own, as the project reads them.
+PARTITION_TAG = "dagster/partition"
+BACKFILL_TAG = "dagster/backfill"
+SCHEDULE_TAG = "dagster/schedule_name"
+SENSOR_TAG = "dagster/sensor_name"
+# The project's.
+POOL_TAG = "mlci/pool"  # the pool a lifecycle run counts against (the run queue's limits)
+TRIGGER_TAG = "mlci/trigger"  # how a run was started, when its launcher says so (`mlci run`)
+WORKER_TAG = "mlci/worker"  # "<pid>:<start>" of the `mlci run` worker executing the run
+# The batch a run belongs to (a night, a commit, an image, an `mlci run`): the grid's columns.
+# Where no launcher set it, results derive one from the run's other tags (batch_of).
+BATCH_TAG = "mlci/batch"
+SHA_TAG = "mlci/sha"  # the commit a tier's run tests
+TIER_TAG = "mlci/tier"
+PR_TAG = "mlci/pr"
+RUNS_TAG = "mlci/runs"  # how many runs the set of this SHA and tier holds
+IMAGE_DIGEST_TAG = "mlci/image_digest"  # the image a sensor saw built
+IMAGE_REF_TAG = "mlci/image_ref"
+
+
+def trigger_of(tags: Mapping[str, str]) -> str:
+    """How a run was started: schedule, sensor, backfill or manual (or its launcher's word)."""
+    if TRIGGER_TAG in tags:
+        return tags[TRIGGER_TAG]
+    if BACKFILL_TAG in tags:
+        return "backfill"
+    if SCHEDULE_TAG in tags:
+        return "schedule"
+    if SENSOR_TAG in tags:
+        return "sensor"
+    return "manual"
+
+
+def batch_of(tags: Mapping[str, str], trigger: str, started_at: float) -> str:
+    """The batch a run belongs to: its launcher's `mlci/batch` tag, else its commit, image
+    digest or backfill, else its trigger and UTC day."""
+    if BATCH_TAG in tags:
+        return tags[BATCH_TAG]
+    if SHA_TAG in tags:
+        return f"commit {tags[SHA_TAG][:10]}"
+    if IMAGE_DIGEST_TAG in tags:
+        return f"image {tags[IMAGE_DIGEST_TAG].removeprefix('sha256:')[:12]}"
+    if BACKFILL_TAG in tags:
+        return f"backfill {tags[BACKFILL_TAG]}"
+    return f"{trigger} {dt.datetime.fromtimestamp(started_at, dt.UTC):%Y-%m-%d}"

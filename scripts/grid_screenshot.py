@@ -89,7 +89,7 @@ def main() -> None:
                    check=True, capture_output=True)
     from playwright.sync_api import sync_playwright
 
-    from mlci_dagster.chromium import find_chromium, launch_args
+    from mlci_dagster.common.chromium import find_chromium, launch_args
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=find_chromium(),

@@ -14,10 +14,10 @@ import yaml
 
 from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
+from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.providers.ports import port_is_free
 from mlci_dagster.providers.processes import marked_processes
-from mlci_dagster.record import ResultRecord
 from tests.support.services import MARK, require_marked
 
 PY = sys.executable

@@ -30,12 +30,12 @@ import pytest
 import requests
 import yaml
 
-from mlci_dagster.janitor import sweep
 from mlci_dagster.providers.aws import SageMakerProvider, diagnose
 from mlci_dagster.providers.aws.client import READ_TIMEOUT, SageMakerClient, SageMakerError
 from mlci_dagster.providers.aws.provider import AwsSettings
 from mlci_dagster.providers.base import Provider, provider_class
 from mlci_dagster.providers.handle import SandboxError
+from mlci_dagster.providers.janitor import sweep
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.aws import SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.vocabulary import FailureKind

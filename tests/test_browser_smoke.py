@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlci_dagster.chromium import CHROMIUM_ENV
+from mlci_dagster.common.chromium import CHROMIUM_ENV
 from mlci_dagster.event_log import RESULTS_ASSET
 from tests.conftest import (
     PY,

@@ -17,9 +17,9 @@ import dagster as dg
 import psutil
 import pytest
 
-from mlci_dagster.janitor import registry_teardown_timeout, sweep
 from mlci_dagster.providers.base import left_behind
 from mlci_dagster.providers.handle import SandboxHandle
+from mlci_dagster.providers.janitor import registry_teardown_timeout, sweep
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import load_registry
 from mlci_dagster.registry.models import DEFAULT_TIMEOUTS_S
@@ -302,7 +302,7 @@ def test_sigkill_of_mlci_run_takes_its_worker_down_and_the_sandbox_with_it(
     from tests.support.dagster_services import wait_until
     # This run's worker (its argv names this test's registry), not another test's.
     wait_until(lambda: not [p for p in psutil.process_iter(["cmdline"])
-                            if {"mlci_dagster.runner", str(registry)} <= set(
+                            if {"mlci_dagster.worker", str(registry)} <= set(
                                 p.info["cmdline"] or [])],
                60, "the worker to tear down and exit after losing its parent")
     # Nobody asked the run to stop: it failed, and its record says it was interrupted.
@@ -317,7 +317,7 @@ INTERRUPT_WHILE_STORING = """
 import os, signal, sys
 import dagster as dg
 from dagster._core.instance import DagsterInstance
-from mlci_dagster.runner import execute
+from mlci_dagster.worker import execute
 
 store = DagsterInstance.handle_new_event
 
@@ -361,7 +361,7 @@ def test_sigkill_of_a_worker_is_one_lost_line_a_failed_run_and_a_non_zero_exit(
     mlci = start_mlci_run(registry, log)
     run = lifecycle_in_pipeline_runs(instance)
     [worker] = [p for p in psutil.Process(mlci.pid).children()
-                if "mlci_dagster.runner" in p.cmdline()]
+                if "mlci_dagster.worker" in p.cmdline()]
 
     worker.kill()
     code = mlci.wait(timeout=180)

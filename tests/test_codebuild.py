@@ -20,11 +20,11 @@ import boto3
 import pytest
 import requests
 
+from mlci_dagster.common.templating import IMAGE_ATTRIBUTES
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
 from mlci_dagster.stages.outcome import StageOutcome
-from mlci_dagster.templating import IMAGE_ATTRIBUTES
 from mlci_dagster.vocabulary import FailureKind, Status
 from tests.conftest import config, write_registry
 from tests.support.aws_proxy import (

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mlci_dagster.dotted import dig
-from mlci_dagster.redact import Redactor, looks_like_credential
+from mlci_dagster.common.dotted import dig
+from mlci_dagster.common.redact import Redactor, looks_like_credential
+from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.stages.outcome import StageClock, skipped
 from mlci_dagster.stages.results import first_failure
-from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import (
     FailureKind,
     Stage,
@@ -144,7 +144,7 @@ def test_dig_reads_dotted_paths_and_reports_where_it_stopped():
     ],
 )
 def test_trigger_is_read_from_run_tags(tags, trigger):
-    from mlci_dagster.resources.mlci import trigger_of
+    from mlci_dagster.vocabulary import trigger_of
 
     assert trigger_of(tags) == trigger
 

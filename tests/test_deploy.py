@@ -28,8 +28,8 @@ from kubernetes import config as k8s_config
 
 from mlci_dagster import cli
 from mlci_dagster.definitions import HISTORY_JOB
-from mlci_dagster.pools import POOL_TAG
-from mlci_dagster.run_coordinator import PoolTaggingRunCoordinator
+from mlci_dagster.launch.coordinator import PoolTaggingRunCoordinator
+from mlci_dagster.vocabulary import POOL_TAG
 from tests.conftest import PY
 from tests.support.dagster_services import LAUNCH_RUN, daemon, graphql, wait_until, webserver
 from tests.support.kube_api import KubeApiServer, KubeController
@@ -122,7 +122,7 @@ def test_helm_values_configure_what_deploy_dagster_yaml_configures():
         "scheme"]
     assert VALUES["global"]["postgresqlSecretName"] and not postgres["postgresqlPassword"]
 
-    # One image everywhere: the daemon and webserver load mlci_dagster.run_coordinator.
+    # One image everywhere: the daemon and webserver load mlci_dagster.launch.coordinator.
     for part in (VALUES["dagsterDaemon"], VALUES["dagsterWebserver"]):
         assert part["image"] == IMAGE
     env = dockerfile_env()

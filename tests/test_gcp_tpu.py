@@ -22,13 +22,13 @@ import yaml
 from pydantic import ValidationError
 
 from mlci_dagster import cli
-from mlci_dagster.janitor import sweep
 from mlci_dagster.paths import EXAMPLE_REGISTRY
 from mlci_dagster.providers.base import build_provider, providers_for
 from mlci_dagster.providers.gcp_tpu import TpuVmProvider
 from mlci_dagster.providers.gcp_tpu.diagnose import interruption, readiness
 from mlci_dagster.providers.gcp_tpu.provider import TpuLocation, label_value, node_id
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle
+from mlci_dagster.providers.janitor import sweep
 from mlci_dagster.registry import loader
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.registry.models import TestConfig

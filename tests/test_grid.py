@@ -209,7 +209,7 @@ def wide_history() -> list:
 def test_the_page_fits_a_900_px_window_and_the_grid_scrolls_in_its_own_box(tmp_path):
     """In headless Chromium at 900 px wide: nothing overflows the window; the 30 columns
     scroll inside the grid's box, and the long failure signature wraps."""
-    from mlci_dagster.chromium import find_chromium, launch_args
+    from mlci_dagster.common.chromium import find_chromium, launch_args
 
     require(CHROMIUM)
     chromium = find_chromium()

@@ -15,9 +15,9 @@ from mlci_dagster.history.analysis import (
     signature_clusters,
     slowdown,
 )
+from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.render import failure_notes, regression_text, report_table
 from mlci_dagster.history.table import append_rows, record_to_row
-from mlci_dagster.record import ResultRecord
 from mlci_dagster.registry.models import HistorySettings
 from tests.conftest import result_record as record
 

@@ -17,7 +17,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from mlci_dagster.definitions import build_definitions
-from mlci_dagster.janitor import registry_providers
+from mlci_dagster.providers.janitor import registry_providers
 from mlci_dagster.registry import load_registry
 from mlci_dagster.sensors.cleanup import sandbox_janitor
 from tests.support.injection import (

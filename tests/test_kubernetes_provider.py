@@ -30,9 +30,9 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.history.analysis import PartitionStatus, analyze
 from mlci_dagster.history.table import append_rows, record_to_row
-from mlci_dagster.janitor import registry_providers, sweep
 from mlci_dagster.providers.base import Provider, build_provider
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.janitor import registry_providers, sweep
 from mlci_dagster.providers.kubernetes import KubernetesProvider, diagnose
 from mlci_dagster.providers.kubernetes.client import RetryPolicy, session_for
 from mlci_dagster.providers.kubernetes.manifests import ManifestError, load_manifest

@@ -14,10 +14,9 @@ import pytest
 import yaml
 
 from mlci_dagster.event_log import RESULTS_ASSET
-from mlci_dagster.pools import POOL_TAG
-from mlci_dagster.run_coordinator import PoolTaggingRunCoordinator, pool_of_run
+from mlci_dagster.launch.coordinator import PoolTaggingRunCoordinator, pool_of_run
 from mlci_dagster.sensors.history_update import history_cursor
-from mlci_dagster.vocabulary import RESULTS, STAGES
+from mlci_dagster.vocabulary import POOL_TAG, RESULTS, STAGES
 from tests.conftest import PY, command_pipeline, config, write_registry
 from tests.support.dagster_services import (
     LAUNCH_BACKFILL,

@@ -17,8 +17,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from mlci_dagster.pools import POOL_TAG
-from mlci_dagster.runner import new_batch
+from mlci_dagster.launch.runner import new_batch
+from mlci_dagster.vocabulary import POOL_TAG
 from tests.conftest import PY, command_pipeline, config, latest_record, write_registry
 from tests.support.dagster_services import wait_until
 from tests.test_cleanup import start_mlci_run  # noqa: F401

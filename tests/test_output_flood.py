@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+from mlci_dagster.common.redact import Redactor
 from mlci_dagster.providers.logpipe import (
     STDERR,
     STDOUT,
@@ -19,7 +20,6 @@ from mlci_dagster.providers.logpipe import (
     SharedLog,
 )
 from mlci_dagster.providers.processes import run_group
-from mlci_dagster.redact import Redactor
 from tests.conftest import (
     PY,
     command_pipeline,

@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from mlci_dagster.plan import (
+from mlci_dagster.registry import RegistryError, load_registry
+from mlci_dagster.registry.loader import config_id
+from mlci_dagster.registry.models import TestConfig
+from mlci_dagster.tiers.plan import (
     BEHAVIOUR_NEUTRAL,
     PlanError,
     Trigger,
@@ -20,9 +23,6 @@ from mlci_dagster.plan import (
     plan_changes,
     plan_revisions,
 )
-from mlci_dagster.registry import RegistryError, load_registry
-from mlci_dagster.registry.loader import config_id
-from mlci_dagster.registry.models import TestConfig
 from tests.conftest import PY, command_pipeline, config
 from tests.support.git_repo import commit, git
 

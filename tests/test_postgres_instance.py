@@ -20,8 +20,8 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import HISTORY_JOB, build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
+from mlci_dagster.launch.coordinator import PoolTaggingRunCoordinator
 from mlci_dagster.reservations.leases import LeaseStore
-from mlci_dagster.run_coordinator import PoolTaggingRunCoordinator
 from mlci_dagster.sensors.history_update import history_cursor
 from tests.conftest import PY, QUIET
 from tests.support.postgres import Postgres, postgres_instance_yaml, postgres_server

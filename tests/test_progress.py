@@ -11,8 +11,8 @@ import re
 import subprocess
 import time
 
+from mlci_dagster.launch.progress import Progress, last_line
 from mlci_dagster.paths import LOCAL_EXAMPLE
-from mlci_dagster.progress import Progress, last_line
 from mlci_dagster.registry import load_registry
 from mlci_dagster.stages.image import content_hash
 from tests.conftest import PY
@@ -72,7 +72,7 @@ def image_stage_lines(instance, monkeypatch, home, build_log: str, written_ago_s
                       ) -> str:
     """What a pipe shows of static-site|sqlite once it is in its image stage, its image's build
     log holding `build_log`, last written `written_ago_s` seconds ago (0: as it started)."""
-    import mlci_dagster.progress as progress_module
+    import mlci_dagster.launch.progress as progress_module
 
     registry = load_registry(LOCAL_EXAMPLE)
     config = registry.configs["static-site"].config

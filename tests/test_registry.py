@@ -11,20 +11,20 @@ from typing import Any
 import pytest
 import yaml
 
-from mlci_dagster.images import IMAGE_DIGEST_TAG
-from mlci_dagster.paths import EXAMPLE_REGISTRY
-from mlci_dagster.providers.handle import SandboxHandle, render_context
-from mlci_dagster.registry import RegistryError, load_registry
-from mlci_dagster.registry.loader import config_id
-from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.image import build_image
-from mlci_dagster.templating import (
+from mlci_dagster.common.templating import (
     IMAGE_ATTRIBUTES,
     PROVIDES,
     REFERENCE,
     ROOTS,
     iter_references,
 )
+from mlci_dagster.paths import EXAMPLE_REGISTRY
+from mlci_dagster.providers.handle import SandboxHandle, render_context
+from mlci_dagster.registry import RegistryError, load_registry
+from mlci_dagster.registry.loader import config_id
+from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.image import build_image
+from mlci_dagster.vocabulary import IMAGE_DIGEST_TAG
 from tests.conftest import PY, config, write_registry
 
 NAME_RULE = ("at most 63 characters: lowercase letters, digits and '-', starting and ending "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlci_dagster.chromium import CHROMIUM_ENV
+from mlci_dagster.common.chromium import CHROMIUM_ENV
 from tests.support import services, tpu_api
 from tests.support.services import CHROMIUM, SSHD, require
 

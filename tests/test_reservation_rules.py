@@ -13,11 +13,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from mlci_dagster import localtime
 from mlci_dagster.compat import cron_ticks, instance_connection
 from mlci_dagster.definitions import build_definitions
-from mlci_dagster.pools import lowered, with_pool_limits
-from mlci_dagster.registry import RegistryError, load_registry
+from mlci_dagster.launch.pools import lowered, with_pool_limits
+from mlci_dagster.registry import RegistryError, load_registry, localtime
 from mlci_dagster.registry.reservations import NightlySettings, ReservationSpec
 from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
 from tests.conftest import config, http_service, write_registry
@@ -288,6 +287,26 @@ def test_mlci_sync_writes_reservation_capacities_into_the_coordinators_config(tm
         {"key": "team", "limit": 5},
         {"key": "mlci/pool", "value": "gpu-box", "limit": 2},
         {"key": "mlci/pool", "value": "p", "limit": 3}]
+
+
+def test_mlci_sync_moves_an_instance_synced_before_launch_to_the_coordinators_new_path(
+        tmp_path):
+    """An instance synced when the coordinator was mlci_dagster.run_coordinator: its limits and
+    other settings are kept, its class path is the one that imports now."""
+    root = reserved_registry(tmp_path, [reservation(capacity=2)])
+    before = {"run_coordinator": {
+        "module": "mlci_dagster.run_coordinator", "class": "PoolTaggingRunCoordinator",
+        "config": {"max_concurrent_runs": 4, "tag_concurrency_limits": [
+            {"key": "team", "limit": 5}]}}}
+
+    after = with_pool_limits(before, load_registry(root).settings)
+
+    assert after["run_coordinator"]["module"] == "mlci_dagster.launch.coordinator"
+    assert after["run_coordinator"]["config"] == {"max_concurrent_runs": 4,
+                                                  "tag_concurrency_limits": [
+        {"key": "team", "limit": 5}, {"key": "mlci/pool", "value": "gpu-box", "limit": 2}]}
+    module = __import__(after["run_coordinator"]["module"], fromlist=["_"])
+    assert hasattr(module, after["run_coordinator"]["class"])
 
 
 def test_holds_lower_their_reservations_limit_and_no_other():

@@ -23,19 +23,19 @@ import pytest
 import requests
 import yaml
 
-from mlci_dagster import clock
+from mlci_dagster.common import clock
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import build_definitions
-from mlci_dagster.janitor import sweep
-from mlci_dagster.localtime import WEEKDAYS
-from mlci_dagster.pools import POOL_TAG
+from mlci_dagster.providers.janitor import sweep
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.providers.processes import marked_processes
+from mlci_dagster.registry.localtime import WEEKDAYS
 from mlci_dagster.reservations.guard import guard
 from mlci_dagster.reservations.holds import end_unfinished, hold_down, hold_lease
 from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.sensors.cleanup import sandbox_janitor
+from mlci_dagster.vocabulary import POOL_TAG
 from tests.conftest import (
     PY,
     command_pipeline,

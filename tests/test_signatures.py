@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlci_dagster.signature import first_error_line, normalize, signature_of
+from mlci_dagster.history.signature import first_error_line, normalize, signature_of
 
 TRACEBACK = """pipeline train: exit code 1, expected 0
 --- stderr

@@ -18,13 +18,13 @@ from typing import Any
 import dagster as dg
 
 from mlci_dagster.assets.reservations import leases_observation, record_admission
-from mlci_dagster.record import ResultRecord
-from mlci_dagster.resources.mlci import MlciResource, trigger_of
+from mlci_dagster.history.record import ResultRecord
+from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.stages.debug_bundle import screenshots_of
 from mlci_dagster.stages.lifecycle import run_lifecycle
 from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.stages.results import build_record
-from mlci_dagster.vocabulary import RESULTS, STAGES, Stage, Status, split_partition_key
+from mlci_dagster.vocabulary import RESULTS, STAGES, Stage, Status, split_partition_key, trigger_of
 
 LIFECYCLE_OP = "run_lifecycle"  # the op; the job that runs it is `lifecycle`
 STAGE_CHECK = "stage_passed"

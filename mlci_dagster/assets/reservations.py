@@ -18,8 +18,15 @@ from mlci_dagster.reservations.context import ReservationContext
 from mlci_dagster.reservations.guard import GuardReport, guard
 from mlci_dagster.reservations.holds import UP, HoldReport, hold_down, hold_up
 from mlci_dagster.reservations.leases import Lease, LeaseKind
-from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource, trigger_of
-from mlci_dagster.vocabulary import HELD_SANDBOX, HOLD_DOWN_JOB, HOLD_UP_JOB
+from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.vocabulary import (
+    HELD_SANDBOX,
+    HOLD_DOWN_JOB,
+    HOLD_UP_JOB,
+    SCHEDULE_TAG,
+    TRIGGER_TAG,
+    trigger_of,
+)
 
 GROUP = "reservations"
 ESCAPED_PIPE = "\\|"  # a partition key's `|` would split its Markdown table cell
@@ -120,8 +127,8 @@ def record_admission(context: dg.AssetExecutionContext, admission: Admission) ->
 def trigger_by(tags: dict[str, str]) -> str:
     """Who asked for a hold's up or down: its schedule by name, else how the run was started
     (a person: `manual`, or what `mlci hold` says)."""
-    if "dagster/schedule_name" in tags:
-        return f"schedule {tags['dagster/schedule_name']}"
+    if SCHEDULE_TAG in tags:
+        return f"schedule {tags[SCHEDULE_TAG]}"
     return trigger_of(tags)
 
 

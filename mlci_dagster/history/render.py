@@ -8,7 +8,7 @@ import time
 
 from mlci_dagster.cost import MonthSpend, PartitionProjection
 from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster
-from mlci_dagster.record import ResultRecord
+from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.registry.models import BudgetSettings
 from mlci_dagster.vocabulary import FailureKind
 

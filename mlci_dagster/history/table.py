@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from mlci_dagster.record import ResultRecord
-from mlci_dagster.signature import signature_of
+from mlci_dagster.history.record import ResultRecord
+from mlci_dagster.history.signature import signature_of
 
 BASE_COLUMNS = [
     "storage_id", "run_id", "partition", "config", "engine", "config_id", "status", "passed",

@@ -11,8 +11,6 @@ from mlci_dagster.images.oci import OciRegistry
 from mlci_dagster.images.ref import ImageRef, parse_image_ref
 
 # Run tags of a run started for one image digest; the image stage tests exactly that digest.
-IMAGE_DIGEST_TAG = "mlci/image_digest"
-IMAGE_REF_TAG = "mlci/image_ref"
 
 __all__ = [
     "IMAGE_DIGEST_TAG", "IMAGE_REF_TAG", "EcrRegistry", "ImageRef", "ImageRegistryClient",

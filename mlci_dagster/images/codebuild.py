@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from mlci_dagster.common.templating import TemplateError, render, unset_env_references
 from mlci_dagster.images.ecr import ECR_HOST, EcrRegistry
 from mlci_dagster.images.errors import ImageRegistryError
 from mlci_dagster.images.ref import parse_image_ref
@@ -21,7 +22,6 @@ from mlci_dagster.providers.aws.client import (
     call_aws,
 )
 from mlci_dagster.registry.aws import CodeBuildSpec
-from mlci_dagster.templating import TemplateError, render, unset_env_references
 from mlci_dagster.vocabulary import FailureKind
 
 TERMINAL = ("SUCCEEDED", "FAILED", "FAULT", "STOPPED", "TIMED_OUT")

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mlci_dagster.common.redact import Redactor
 from mlci_dagster.notify.message import Kind, Notification, summary_lines
 from mlci_dagster.notify.transport import NotifyError, request_json
-from mlci_dagster.redact import Redactor
 
 DEFAULT_API_URL = "https://api.github.com"
 LABEL = "mlci"

@@ -13,8 +13,8 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mlci_dagster.record import ResultRecord
-from mlci_dagster.signature import Signature, signature_of
+from mlci_dagster.history.record import ResultRecord
+from mlci_dagster.history.signature import Signature, signature_of
 
 
 class Kind(enum.StrEnum):

@@ -15,8 +15,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from mlci_dagster.common.redact import Redactor
 from mlci_dagster.notify.transport import NotifyError, request_json
-from mlci_dagster.redact import Redactor
 
 SYSTEM_PROMPT = (
     "You triage failures of an end-to-end test harness for ML platforms. Given one failure "

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from mlci_dagster.redact import Redactor
+from mlci_dagster.common.redact import Redactor
 
 TIMEOUT_S = 10.0
 BODY_IN_ERROR_CHARS = 300

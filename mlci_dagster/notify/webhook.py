@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mlci_dagster.common.redact import Redactor
 from mlci_dagster.notify.message import Kind, Notification, summary_lines
 from mlci_dagster.notify.transport import host_of, request_json
-from mlci_dagster.redact import Redactor
 
 ICONS = {Kind.SIGNATURE: ":red_circle:", Kind.SPREAD: ":red_circle:",
          Kind.RESOLVED: ":large_green_circle:", Kind.REGRESSION: ":rotating_light:"}

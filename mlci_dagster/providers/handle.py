@@ -48,7 +48,7 @@ class SandboxError(Exception):
 
 
 def render_context(handle: SandboxHandle, environ: dict[str, str], **extra: Any) -> dict[str, Any]:
-    """What `${...}` references can reach once a sandbox exists (see mlci_dagster.templating)."""
+    """What `${...}` references can reach once a sandbox exists (see common/templating.py)."""
     return {
         "config": handle.config,
         "engine": handle.engine,

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlci_dagster import clock
+from mlci_dagster.common import clock
+from mlci_dagster.common.redact import Redactor
+from mlci_dagster.common.templating import render
 from mlci_dagster.providers.handle import SandboxHandle, render_context
 from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, OutputWatcher
@@ -23,8 +25,6 @@ from mlci_dagster.providers.processes import (
     process_start,
     run_group,
 )
-from mlci_dagster.redact import Redactor
-from mlci_dagster.templating import render
 
 # Every sandbox process carries its sandbox's id here, so none can hide from destroy.
 SANDBOX_ID_ENV = "MLCI_SANDBOX_ID"

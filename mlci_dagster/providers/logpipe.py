@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import TextIO
 
-from mlci_dagster.redact import Redactor
+from mlci_dagster.common.redact import Redactor
 
 REDACT_VARS_ENV = "MLCI_REDACT_VARS"
 CHUNK_BYTES = 64 * 1024

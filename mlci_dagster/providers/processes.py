@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from mlci_dagster.common.redact import NO_SECRETS, Redactor
 from mlci_dagster.providers.logpipe import (
     CHUNK_BYTES,
     STDERR,
@@ -24,7 +25,6 @@ from mlci_dagster.providers.logpipe import (
     RedactingWriter,
     SharedLog,
 )
-from mlci_dagster.redact import NO_SECRETS, Redactor
 
 PR_SET_PDEATHSIG = 1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
+from mlci_dagster.common.templating import iter_references
 from mlci_dagster.registry.base import (
     BilledResource,
     EnvName,
@@ -17,7 +18,6 @@ from mlci_dagster.registry.base import (
     StrictModel,
     matching_or_reference,
 )
-from mlci_dagster.templating import iter_references
 
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
 ROLE_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"

@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from mlci_dagster.templating import REFERENCE
+from mlci_dagster.common.templating import REFERENCE
 
 # A config name is a Dagster partition key: Dagster does not check dynamic keys, so we do.
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints
 
+from mlci_dagster.common.templating import REFERENCE
 from mlci_dagster.registry.base import (
     BilledResource,
     EnvName,
@@ -16,7 +17,6 @@ from mlci_dagster.registry.base import (
     StrictModel,
     matching_or_reference,
 )
-from mlci_dagster.templating import REFERENCE
 
 
 def _port_or_reference(value: int | str) -> int | str:

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from mlci_dagster.chromium import INSTALL_HINT, find_chromium
+from mlci_dagster.common.chromium import INSTALL_HINT, find_chromium
+from mlci_dagster.common.templating import iter_references
 from mlci_dagster.registry.models import Settings, TestConfig
 from mlci_dagster.registry.references import (
     engine_reference_problems,
@@ -26,7 +27,6 @@ from mlci_dagster.registry.references import (
     reference_problems,
 )
 from mlci_dagster.registry.reservations import reservation_problems
-from mlci_dagster.templating import iter_references
 
 SETTINGS_FILE = "mlci.yaml"
 # libyaml's parser where PyYAML has it: a tenth of the time on a registry of hundreds of files.

@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from mlci_dagster.redact import looks_like_credential
+from mlci_dagster.common.redact import looks_like_credential
 from mlci_dagster.registry.aws import CodeBuildSpec, SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.registry.base import (
     PROVIDER_NAMES,

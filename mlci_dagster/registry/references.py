@@ -13,8 +13,14 @@ from typing import Any
 
 import yaml
 
+from mlci_dagster.common.templating import (
+    IMAGE_ATTRIBUTES,
+    KIND_OUTPUTS,
+    PROVIDES,
+    REFERENCE,
+    ROOTS,
+)
 from mlci_dagster.registry.models import ServiceSpec, Settings, TestConfig
-from mlci_dagster.templating import IMAGE_ATTRIBUTES, KIND_OUTPUTS, PROVIDES, REFERENCE, ROOTS
 
 # Roots that exist only in some fields, and where (see every call of `render`).
 ONLY_IN = {

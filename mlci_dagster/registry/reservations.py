@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from mlci_dagster import localtime
+from mlci_dagster.registry import localtime
 from mlci_dagster.registry.base import PROVIDER_NAMES, Name, StrictModel, valid_name
 from mlci_dagster.vocabulary import KEY_SEPARATOR
 

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from mlci_dagster import clock
+from mlci_dagster.common import clock
 from mlci_dagster.reservations.context import HEARTBEAT_S, RUN_LEASE_TTL_S, ReservationContext
 from mlci_dagster.reservations.guard import GuardReport, guard
 from mlci_dagster.reservations.leases import Lease, LeaseError, LeaseKind, LeaseStore

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlci_dagster import localtime
 from mlci_dagster.providers.handle import SandboxHandle
-from mlci_dagster.registry import Registry
+from mlci_dagster.registry import Registry, localtime
 from mlci_dagster.registry.reservations import ReservationSpec
 from mlci_dagster.reservations.leases import Lease, LeaseError, LeaseKind, LeaseStore
 

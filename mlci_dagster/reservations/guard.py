@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlci_dagster import clock
-from mlci_dagster.janitor import Verdict, registry_teardown_timeout, sweep
+from mlci_dagster.common import clock
 from mlci_dagster.providers.base import left_behind, providers_for
+from mlci_dagster.providers.janitor import Verdict, registry_teardown_timeout, sweep
 from mlci_dagster.reservations.context import HOLD_GRACE_S, HOLD_UP, ReservationContext
 from mlci_dagster.reservations.holds import HoldReport, end_unfinished, hold_down, hold_lease
 from mlci_dagster.reservations.leases import Lease, LeaseError, LeaseKind

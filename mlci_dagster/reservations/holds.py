@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mlci_dagster import clock
+from mlci_dagster.common import clock
 from mlci_dagster.providers.base import left_behind
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.registry.reservations import ReservationSpec

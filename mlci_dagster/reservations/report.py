@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlci_dagster import clock
+from mlci_dagster.common import clock
 from mlci_dagster.history.render import table
 from mlci_dagster.registry.reservations import ReservationSpec
 from mlci_dagster.reservations.context import HOLD_UP, ReservationContext

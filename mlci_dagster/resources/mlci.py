@@ -10,20 +10,23 @@ import dagster as dg
 
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.cost import hourly_rate
-from mlci_dagster.janitor import Verdict, registry_providers, registry_teardown_timeout, sweep
+from mlci_dagster.launch.workers import run_over
 from mlci_dagster.paths import mlci_home
 from mlci_dagster.providers.base import Provider, SandboxHandle
+from mlci_dagster.providers.janitor import (
+    Verdict,
+    registry_providers,
+    registry_teardown_timeout,
+    sweep,
+)
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.reservations.admission import Admission
 from mlci_dagster.reservations.context import HOLD_UP, ReservationContext
 from mlci_dagster.reservations.leases import LeaseError, LeaseStore
-from mlci_dagster.run_workers import run_over
 from mlci_dagster.spend import month_spend
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.vocabulary import partition_key, split_partition_key
-
-TRIGGER_TAG = "mlci/trigger"
 
 
 class MlciResource(dg.ConfigurableResource):
@@ -95,16 +98,3 @@ class MlciResource(dg.ConfigurableResource):
                 if lease.holder == run_id and lease.detail.get("state") != HOLD_UP:
                     reservations.store.take_back(lease)
         return verdicts
-
-
-def trigger_of(tags: dict[str, str]) -> str:
-    """How a run was started: schedule, sensor, backfill or manual."""
-    if TRIGGER_TAG in tags:
-        return tags[TRIGGER_TAG]
-    if "dagster/backfill" in tags:
-        return "backfill"
-    if "dagster/schedule_name" in tags:
-        return "schedule"
-    if "dagster/sensor_name" in tags:
-        return "sensor"
-    return "manual"

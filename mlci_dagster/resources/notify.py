@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import dagster as dg
 
+from mlci_dagster.common.redact import Redactor
 from mlci_dagster.notify import GitHubIssues, Notifier, Webhook
 from mlci_dagster.notify.github import DEFAULT_API_URL, GitHubStatuses
 from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer
 from mlci_dagster.paths import DAGSTER_URL_ENV, DEFAULT_DAGSTER_URL
-from mlci_dagster.redact import Redactor
 
 # field -> the environment variable it is read from when set
 ENV_VARS = {

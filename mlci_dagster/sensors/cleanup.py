@@ -9,12 +9,12 @@ were cancelled mid-stage, or never got to their teardown step.
 import dagster as dg
 
 from mlci_dagster.assets.reservations import guard_events
-from mlci_dagster.janitor import Verdict, sweep
+from mlci_dagster.launch.workers import end_lost_runs, run_over
+from mlci_dagster.providers.janitor import Verdict, sweep
 from mlci_dagster.reservations.context import ReservationContext
 from mlci_dagster.reservations.guard import tend
 from mlci_dagster.reservations.leases import LeaseError
 from mlci_dagster.resources.mlci import MlciResource
-from mlci_dagster.run_workers import end_lost_runs, run_over
 
 JANITOR_ASSET = dg.AssetSpec(
     "sandbox_janitor", group_name="operations", kinds={"python"},

@@ -16,13 +16,18 @@ from pathlib import Path
 import dagster as dg
 
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
-from mlci_dagster.commit_summary import FAILURE, PENDING, SUCCESS, PartitionRun, summarize
-from mlci_dagster.commits import (
+from mlci_dagster.event_log import record_of_run
+from mlci_dagster.notify import NotifyError
+from mlci_dagster.paths import mlci_home
+from mlci_dagster.registry import Registry
+from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.resources.notify import NotifierResource
+from mlci_dagster.schedules import NIGHTLY_TIER
+from mlci_dagster.sensors.image_build import registry_or_skip
+from mlci_dagster.tiers.commit_summary import FAILURE, PENDING, SUCCESS, PartitionRun, summarize
+from mlci_dagster.tiers.commits import (
     BRANCH_PREFIX,
     FETCHED,
-    RUNS_TAG,
-    SHA_TAG,
-    TIER_TAG,
     CommitError,
     Mirror,
     RunSet,
@@ -33,14 +38,7 @@ from mlci_dagster.commits import (
     tiers_with_trigger,
     watched_refs,
 )
-from mlci_dagster.event_log import record_of_run
-from mlci_dagster.notify import NotifyError
-from mlci_dagster.paths import mlci_home
-from mlci_dagster.registry import Registry
-from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
-from mlci_dagster.resources.notify import NotifierResource
-from mlci_dagster.schedules import NIGHTLY_TIER
-from mlci_dagster.sensors.image_build import registry_or_skip
+from mlci_dagster.vocabulary import PARTITION_TAG, RUNS_TAG, SHA_TAG, TIER_TAG, TRIGGER_TAG
 
 PULL_REQUEST_LABEL = dg.AssetKey("pull_request_label")
 COMMIT_SUMMARY = dg.AssetKey("commit_summary")
@@ -218,7 +216,7 @@ def run_set_runs(instance: dg.DagsterInstance, sha: str, tier: str
     runs = instance.get_runs(filters=dg.RunsFilter(tags={SHA_TAG: sha, TIER_TAG: tier}))
     latest: dict[str, dg.DagsterRun] = {}
     for run in runs:  # newest first: a re-execution stands for its partition
-        latest.setdefault(run.tags.get("dagster/partition", run.run_id), run)
+        latest.setdefault(run.tags.get(PARTITION_TAG, run.run_id), run)
     expected = max((int(r.tags.get(RUNS_TAG, "0")) for r in runs), default=0)
     return expected, [PartitionRun(key, run.run_id, run.status.value,
                                    _failed_stage(instance, run) if run.is_finished else None)

@@ -11,7 +11,7 @@ import dagster as dg
 
 from mlci_dagster.assets.history import HISTORY
 from mlci_dagster.event_log import RESULTS_ASSET
-from mlci_dagster.sensors.stale_scanner import IN_PROGRESS
+from mlci_dagster.launch.workers import UNFINISHED
 
 
 def history_cursor(instance: dg.DagsterInstance) -> int:
@@ -37,7 +37,7 @@ def history_update_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefi
         if newest <= cursor:
             return dg.SkipReason(f"history is current (result {cursor})")
         if context.instance.get_runs_count(dg.RunsFilter(job_name=job.name,
-                                                         statuses=IN_PROGRESS)):
+                                                         statuses=UNFINISHED)):
             return dg.SkipReason("a history update is in progress")
         # One update per newest result: a failed update is retried when the next one lands.
         return dg.RunRequest(run_key=f"history:{newest}")

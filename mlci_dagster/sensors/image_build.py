@@ -18,16 +18,20 @@ import dagster as dg
 
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.images import (
-    IMAGE_DIGEST_TAG,
-    IMAGE_REF_TAG,
     ImageRegistryClient,
     ImageRegistryError,
     parse_image_ref,
     registry_client,
 )
 from mlci_dagster.registry import Registry, RegistryError
-from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
-from mlci_dagster.vocabulary import partition_key
+from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.vocabulary import (
+    IMAGE_DIGEST_TAG,
+    IMAGE_REF_TAG,
+    PARTITION_TAG,
+    TRIGGER_TAG,
+    partition_key,
+)
 
 PUSHED_IMAGE = dg.AssetKey("pushed_image")
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -61,7 +65,7 @@ def watched_images(registry: Registry) -> dict[str, Partitions]:
 def image_run_requests(context: dg.SensorEvaluationContext, ref: str, digest: str,
                        partitions: Partitions, known: set[str]) -> list[dg.RunRequest]:
     """One run per partition in `known` configs not yet run for `digest` (by either sensor)."""
-    already = {run.tags.get("dagster/partition") for run in context.instance.get_runs(
+    already = {run.tags.get(PARTITION_TAG) for run in context.instance.get_runs(
         filters=dg.RunsFilter(tags={IMAGE_DIGEST_TAG: digest}))}
     requests = []
     for config, engine in partitions:

@@ -15,6 +15,7 @@ import dagster as dg
 
 from mlci_dagster.compat import check_evaluations_page
 from mlci_dagster.event_log import RESULTS_ASSET, last_pass_before, new_results
+from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.notify import (
     Kind,
     Notification,
@@ -33,7 +34,6 @@ from mlci_dagster.notify.notifier import (
 )
 from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer, Evidence
 from mlci_dagster.providers.logpipe import log_tail
-from mlci_dagster.record import ResultRecord
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource, RootCauseResource
 

@@ -14,12 +14,11 @@ import dagster as dg
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.compat import partitions_of_unfinished_backfills
 from mlci_dagster.event_log import new_results
-from mlci_dagster.resources.mlci import TRIGGER_TAG, MlciResource
-from mlci_dagster.vocabulary import partition_key, split_partition_key
+from mlci_dagster.launch.workers import UNFINISHED
+from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.vocabulary import PARTITION_TAG, TRIGGER_TAG, partition_key, split_partition_key
 
 MAX_RUNS_PER_TICK = 50
-IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
-               dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
 def due_for_testing(
@@ -47,8 +46,8 @@ def stale_scanner(job: dg.JobDefinition) -> dg.SensorDefinition:
         partitions = [partition_key(c, e) for c, e in registry.partitions() if c in known]
         # Whatever launched them (this job, a UI backfill's asset job, `mlci run`), and what a
         # backfill still submitting will launch.
-        running = context.instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
-        in_progress = {r.tags.get("dagster/partition", "") for r in running}
+        running = context.instance.get_runs(dg.RunsFilter(statuses=UNFINISHED))
+        in_progress = {r.tags.get(PARTITION_TAG, "") for r in running}
         in_progress |= partitions_of_unfinished_backfills(context.instance)
         due = due_for_testing(partitions, cursor["last"], in_progress, time.time(),
                               registry.settings.history.stale_after_h * 3600)

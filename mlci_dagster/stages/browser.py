@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from mlci_dagster.chromium import INSTALL_HINT, find_chromium, launch_args
+from mlci_dagster.common.chromium import INSTALL_HINT, find_chromium, launch_args
+from mlci_dagster.common.templating import render
 from mlci_dagster.registry.models import BrowserRoute
-from mlci_dagster.templating import render
 
 VIEWPORT = {"width": 1280, "height": 800}
 LAUNCH_TIMEOUT_MS = 30_000

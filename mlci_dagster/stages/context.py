@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from mlci_dagster import __version__
+from mlci_dagster.common.redact import Redactor
 from mlci_dagster.cost import MonthSpend
 from mlci_dagster.providers.base import Provider, build_provider, provider_class
 from mlci_dagster.providers.handle import SandboxHandle, render_context
-from mlci_dagster.redact import Redactor
 from mlci_dagster.registry import LoadedConfig, Registry
 from mlci_dagster.registry.models import SandboxSpec, TestConfig
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlci_dagster.common.redact import Redactor
 from mlci_dagster.providers.handle import SandboxHandle
-from mlci_dagster.redact import Redactor
 from mlci_dagster.stages.outcome import StageOutcome
 
 # A runaway log must not fill the disk twice: the bundle keeps each log's tail.

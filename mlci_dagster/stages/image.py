@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlci_dagster.images import IMAGE_DIGEST_TAG, IMAGE_REF_TAG, ImageRegistryError, current_digest
+from mlci_dagster.images import ImageRegistryError, current_digest
 from mlci_dagster.images.codebuild import BuildRequest, run_build
 from mlci_dagster.providers.processes import run_group
 from mlci_dagster.registry.models import BuildSpec, CodeBuildSpec
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, start_failure_kind
-from mlci_dagster.vocabulary import FailureKind, Stage
+from mlci_dagster.vocabulary import IMAGE_DIGEST_TAG, IMAGE_REF_TAG, FailureKind, Stage
 
 
 def input_files(root: Path, spec: BuildSpec) -> list[Path]:

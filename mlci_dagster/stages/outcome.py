@@ -7,8 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mlci_dagster.redact import NO_SECRETS, Redactor
-from mlci_dagster.summary import summarize
+from mlci_dagster.common.redact import NO_SECRETS, Redactor
+from mlci_dagster.common.summary import summarize
 from mlci_dagster.vocabulary import FailureKind, Stage, Status
 
 

@@ -9,7 +9,9 @@ from typing import Any
 
 import requests
 
-from mlci_dagster.dotted import dig
+from mlci_dagster.common.dotted import dig
+from mlci_dagster.common.summary import summarize
+from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
@@ -17,8 +19,6 @@ from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped, start_failure_kind
 from mlci_dagster.stages.sandbox import handle_of
-from mlci_dagster.summary import summarize
-from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 SUMMARY_CHARS = 2000  # a result's summary: its first line and the output's tail

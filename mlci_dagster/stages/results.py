@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from typing import Any
 
-from mlci_dagster.commits import SHA_TAG
 from mlci_dagster.cost import hourly_rate, run_cost
-from mlci_dagster.images import IMAGE_DIGEST_TAG
-from mlci_dagster.record import MetricRecord, PipelineRecord, ResultRecord, StageRecord
+from mlci_dagster.history.record import MetricRecord, PipelineRecord, ResultRecord, StageRecord
 from mlci_dagster.stages.context import LifecycleContext, code_version
 from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.vocabulary import (
-    BATCH_TAG,
     Stage,
     Status,
+    batch_of,
     lifecycle_status,
     partition_key,
 )
-
-
-def batch_of(tags: dict[str, str], trigger: str, started_at: float) -> str:
-    """The batch a run belongs to: its launcher's `mlci/batch` tag, else its commit, image
-    digest or backfill, else its trigger and UTC day."""
-    if BATCH_TAG in tags:
-        return tags[BATCH_TAG]
-    if SHA_TAG in tags:
-        return f"commit {tags[SHA_TAG][:10]}"
-    if IMAGE_DIGEST_TAG in tags:
-        return f"image {tags[IMAGE_DIGEST_TAG].removeprefix('sha256:')[:12]}"
-    if "dagster/backfill" in tags:
-        return f"backfill {tags['dagster/backfill']}"
-    return f"{trigger} {dt.datetime.fromtimestamp(started_at, dt.UTC):%Y-%m-%d}"
 
 
 def first_failure(outcomes: list[StageOutcome]) -> StageOutcome | None:

@@ -9,14 +9,14 @@ from typing import Any
 
 import requests
 
-from mlci_dagster.dotted import dig
+from mlci_dagster.common.dotted import dig
+from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.registry.models import BrowserRoute, RouteCheck
 from mlci_dagster.stages.browser import check_page
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.stages.sandbox import handle_of
-from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 

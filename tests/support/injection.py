@@ -417,7 +417,7 @@ def inject(stage: str, home: Path, registry: Path, timeout_s: float = 60) -> dic
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("config", ["inject"])
         worker = subprocess.Popen(
-            [PY, "-m", "mlci_dagster.runner", str(registry), KEY, run_id, "manual"],
+            [PY, "-m", "mlci_dagster.worker", str(registry), KEY, run_id, "manual"],
             env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         try:

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 import yaml
 
-from mlci_dagster import clock
+from mlci_dagster.common import clock
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.reservations.leases import Lease, LeaseKind, LeaseStore

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mlci_dagster.chromium import CHROMIUM_ENV, find_chromium
+from mlci_dagster.common.chromium import CHROMIUM_ENV, find_chromium
 from tests.support import tpu_api
 
 CI_ENV = "CI"

@@ -17,7 +17,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 
-from mlci_dagster.templating import REFERENCE, TemplateError, render
+from mlci_dagster.common.templating import REFERENCE, TemplateError, render
 
 # The resource kinds a sandbox is made of, in the order they are created.
 KINDS = ("model", "endpoint-config", "endpoint")

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from mlci_dagster.dotted import MISSING, dig
+from mlci_dagster.common.dotted import MISSING, dig
 from mlci_dagster.vocabulary import FailureKind
 
 NAME_PREFIX = "mlci-"

@@ -10,14 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlci_dagster.common.redact import Redactor
+from mlci_dagster.common.summary import summarize
+from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers.aws.client import READ_TIMEOUT, SageMakerClient, SageMakerError
 from mlci_dagster.providers.aws.diagnose import judge
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
-from mlci_dagster.redact import Redactor
 from mlci_dagster.registry.aws import SageMakerInvokePipeline
-from mlci_dagster.summary import summarize
-from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
 
 SUMMARY_CHARS = 2000

@@ -21,6 +21,7 @@ from typing import Any
 
 import requests
 
+from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers import host
 from mlci_dagster.providers.aws import diagnose
 from mlci_dagster.providers.aws.client import (
@@ -39,7 +40,6 @@ from mlci_dagster.providers.processes import (
     GroupResult,
 )
 from mlci_dagster.registry.aws import EndpointService, SageMakerInvokePipeline, SageMakerSandbox
-from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
 
 ENDPOINT_VARIABLE = "MLCI_SAGEMAKER_ENDPOINT"  # what a `command` pipeline invokes

@@ -23,6 +23,9 @@ from typing import Any
 
 import requests
 
+from mlci_dagster.common.redact import Redactor, credential_names
+from mlci_dagster.common.summary import summarize
+from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.gcp_tpu import diagnose
@@ -31,10 +34,7 @@ from mlci_dagster.providers.gcp_tpu.ssh import SshError, SshTarget, run_remote, 
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import GroupResult
-from mlci_dagster.redact import Redactor, credential_names
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
-from mlci_dagster.summary import summarize
-from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
 
 RUN_LABEL = "mlci-run-id"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import paramiko
 
+from mlci_dagster.common.redact import NO_SECRETS, Redactor
 from mlci_dagster.providers.logpipe import (
     CHUNK_BYTES,
     STDERR,
@@ -25,7 +26,6 @@ from mlci_dagster.providers.logpipe import (
     RedactingWriter,
     SharedLog,
 )
-from mlci_dagster.redact import NO_SECRETS, Redactor
 
 POLL_S = 0.05
 KILL_GRACE_S = 1.0

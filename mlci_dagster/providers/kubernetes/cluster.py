@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mlci_dagster.redact import NO_SECRETS, Redactor
+from mlci_dagster.common.redact import NO_SECRETS, Redactor
 
 CREATE_TIMEOUT_S = 600.0
 MAX_NAME = 32  # k3d's limit on cluster names (kind allows more)

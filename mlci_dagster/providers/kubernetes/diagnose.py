@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mlci_dagster import dotted
+from mlci_dagster.common import dotted
 from mlci_dagster.vocabulary import FailureKind
 
 # The condition that means ready, per kind, unless a check names another; anything else: Ready.

@@ -15,16 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlci_dagster.common.redact import Redactor
+from mlci_dagster.common.summary import summarize
+from mlci_dagster.common.templating import render
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.kubernetes import diagnose
 from mlci_dagster.providers.kubernetes.client import KubeClient, KubeError
 from mlci_dagster.providers.kubernetes.manifests import ManifestError
 from mlci_dagster.providers.logpipe import STDOUT, OutputWatcher
-from mlci_dagster.redact import Redactor
 from mlci_dagster.registry.kubernetes import K8sJobPipeline, K8sResourcePipeline
-from mlci_dagster.summary import summarize
-from mlci_dagster.templating import render
 from mlci_dagster.vocabulary import FailureKind
 
 # Creates a manifest's documents in the sandbox's namespace: (client, handle, manifest, context).

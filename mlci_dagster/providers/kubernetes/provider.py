@@ -25,6 +25,7 @@ from typing import Any
 
 import requests
 
+from mlci_dagster.common.templating import TemplateError, render, unset_env_references
 from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
@@ -61,7 +62,6 @@ from mlci_dagster.registry.kubernetes import (
     SecretSpec,
     ServicePort,
 )
-from mlci_dagster.templating import TemplateError, render, unset_env_references
 from mlci_dagster.vocabulary import FailureKind
 
 MANAGED_BY = ("app.kubernetes.io/managed-by", "mlci")

@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 
+from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
@@ -31,7 +32,6 @@ from mlci_dagster.providers.processes import (
     start_group,
 )
 from mlci_dagster.registry.models import LocalSandbox, ServiceSpec
-from mlci_dagster.templating import TemplateError, render
 from mlci_dagster.vocabulary import FailureKind
 
 

@@ -12,14 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlci_dagster.plan import PlanError, changed_paths, plan_changes, prefix_in, run_git
 from mlci_dagster.registry.loader import SETTINGS_FILE, Registry
 from mlci_dagster.registry.models import RepositorySpec
+from mlci_dagster.tiers.plan import PlanError, changed_paths, plan_changes, prefix_in, run_git
+from mlci_dagster.vocabulary import PR_TAG, RUNS_TAG, SHA_TAG, TIER_TAG
 
-SHA_TAG = "mlci/sha"
-TIER_TAG = "mlci/tier"
-PR_TAG = "mlci/pr"
-RUNS_TAG = "mlci/runs"  # how many runs the set of this SHA and tier holds
 BRANCH_PREFIX = "refs/heads/"
 PULL_REF = re.compile(r"^refs/pull/(\d+)/head$")
 SHA = re.compile(r"^[0-9a-f]{40}$")

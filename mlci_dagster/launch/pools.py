@@ -8,8 +8,7 @@ from typing import Any
 
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.models import Settings
-
-POOL_TAG = "mlci/pool"
+from mlci_dagster.vocabulary import POOL_TAG
 
 
 def pool_of(registry: Registry, config: str) -> str:
@@ -46,8 +45,10 @@ def helm_values(settings: Settings) -> dict[str, Any]:
         "config": {"tag_concurrency_limits": tag_concurrency_limits(settings)}}}}}}
 
 
-POOL_COORDINATOR = {"module": "mlci_dagster.run_coordinator",
+POOL_COORDINATOR = {"module": "mlci_dagster.launch.coordinator",
                     "class": "PoolTaggingRunCoordinator"}
+# Where the coordinator lived before launch/: an instance synced then is moved on by `mlci sync`.
+FORMER_MODULES = ("mlci_dagster.run_coordinator",)
 
 
 def with_pool_limits(instance_settings: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -62,7 +63,9 @@ def with_pool_limits(instance_settings: dict[str, Any], settings: Settings) -> d
     """
     updated = dict(instance_settings)
     coordinator = dict(updated.get("run_coordinator") or {})
-    if coordinator.get("class", "QueuedRunCoordinator") == "QueuedRunCoordinator":
+    if coordinator.get("class", "QueuedRunCoordinator") == "QueuedRunCoordinator" or (
+            coordinator.get("module") in FORMER_MODULES
+            and coordinator.get("class") == POOL_COORDINATOR["class"]):
         coordinator.update(POOL_COORDINATOR)
     ours = all(coordinator.get(k) == v for k, v in POOL_COORDINATOR.items())
     config = dict(coordinator.get("config") or {})

@@ -31,8 +31,8 @@ from mlci_dagster.compat import (
     instance_connection,
 )
 from mlci_dagster.launch.admission import AdmissionError, AdmissionStore
+from mlci_dagster.launch.pools import lowered, pool_of
 from mlci_dagster.paths import registry_path
-from mlci_dagster.pools import POOL_TAG, lowered, pool_of
 from mlci_dagster.registry import RegistryError
 from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.reservations.leases import LeaseError, LeaseStore, holds_by_reservation
@@ -40,12 +40,13 @@ from mlci_dagster.vocabulary import (
     HELD_SANDBOX,
     HOLD_DOWN_JOB,
     HOLD_UP_JOB,
+    PARTITION_TAG,
+    POOL_TAG,
     RESULTS,
     STAGES,
     split_partition_key,
 )
 
-PARTITION_TAG = "dagster/partition"
 LIFECYCLE_KEYS = {dg.AssetKey(str(stage)) for stage in STAGES} | {dg.AssetKey(RESULTS)}
 
 

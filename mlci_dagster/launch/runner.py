@@ -13,7 +13,8 @@ one) and its pool admits one more run (launch/admission.py, the rule the daemon'
 keeps too); the check and the run's start happen under one file lock that every `mlci run` on
 the home shares. A partition waits for its pool at most `max_wait_s`.
 
-Run as `python -m mlci_dagster.runner REGISTRY KEY RUN_ID TRIGGER [BATCH]` it is that worker.
+The worker itself is `python -m mlci_dagster.worker` (at the package's top: it builds the
+Definitions).
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,19 +37,16 @@ import dagster as dg
 from mlci_dagster.compat import instance_connection, report_run_canceling
 from mlci_dagster.event_log import record_of_run
 from mlci_dagster.launch.admission import AdmissionStore, free_slots
+from mlci_dagster.launch.workers import IN_PROGRESS, UNFINISHED, fail_lost_run
 from mlci_dagster.paths import run_log_dir
-from mlci_dagster.pools import POOL_TAG
 from mlci_dagster.providers.processes import die_with_parent
-from mlci_dagster.run_workers import IN_PROGRESS, WORKER_TAG, fail_lost_run, worker_identity
-from mlci_dagster.vocabulary import BATCH_TAG
+from mlci_dagster.vocabulary import PARTITION_TAG, POOL_TAG
 
 # A failed lifecycle is reported by `mlci`, not by Dagster's console; every event is still in
 # the run's log in the instance.
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 POLL_S = 0.2
-PARTITION_TAG = "dagster/partition"
 # A run of a partition that is queued or running: it is not started a second time.
-ACTIVE = [dg.DagsterRunStatus.QUEUED, *IN_PROGRESS]
 CREATE_WAIT_S = 60  # how long the lock is held for a worker to create its run
 
 
@@ -117,7 +113,7 @@ def new_batch(label: str = "", now: datetime | None = None) -> str:
 
 def describe_run(run: dg.DagsterRun) -> str:
     """`run 4a8878cb (inject|e1, schedule)`: a run as the waiting lines name it."""
-    from mlci_dagster.resources.mlci import trigger_of
+    from mlci_dagster.vocabulary import trigger_of
 
     return f"run {run.run_id[:8]} ({run.tags.get(PARTITION_TAG, run.job_name)}, " \
            f"{trigger_of(run.tags)})"
@@ -158,7 +154,7 @@ class Gate:
         `already in progress: ...` when a run of the partition is active, or what fills its
         pool."""
         with self._locked():
-            active = self.active_runs({PARTITION_TAG: item.key}, ACTIVE)
+            active = self.active_runs({PARTITION_TAG: item.key}, UNFINISHED)
             if active:
                 return False, f"already in progress: {describe_run(active[0])}"
             limit = self.limits.get(item.pool)
@@ -234,7 +230,7 @@ def run_partitions(
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mlci_dagster.runner", str(registry), item.key,
+                [sys.executable, "-m", "mlci_dagster.worker", str(registry), item.key,
                  item.run_id, trigger, batch],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -365,58 +361,3 @@ def settled(instance: dg.DagsterInstance, item: PartitionRun, proc: subprocess.P
         item.verdict = Verdict.PASSED
     else:
         item.verdict = Verdict.FAILED
-
-
-def execute(registry: str, key: str, run_id: str, trigger: str, batch: str = "") -> bool:
-    """In the worker: the partition's lifecycle as Dagster run `run_id`, in `batch`."""
-    from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
-    from mlci_dagster.resources.mlci import TRIGGER_TAG
-
-    job = build_definitions(registry).resolve_job_def(LIFECYCLE_JOB)
-    with dg.DagsterInstance.get() as instance, until_stopped(instance, run_id):
-        result = job.execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False, run_id=run_id,
-            tags={TRIGGER_TAG: trigger, WORKER_TAG: worker_identity(os.getpid()),
-                  **({BATCH_TAG: batch} if batch else {})},
-            run_config=QUIET_RUN_CONFIG)
-    return result.success
-
-
-RESEND_S = 5.0
-
-
-@contextlib.contextmanager
-def until_stopped(instance: dg.DagsterInstance, run_id: str) -> Iterator[None]:
-    """While the worker runs: once its run is asked to stop (CANCELING) or its parent is gone,
-    SIGINT to itself every RESEND_S until the lifecycle has seen an interrupt. The first one,
-    from the parent, can be lost on its way (Python drops an exception a signal handler raises
-    inside a fork's callbacks or a finalizer), and the lifecycle would then run to its end."""
-    from mlci_dagster.stages.lifecycle import INTERRUPT_SEEN
-
-    parent = os.getppid()
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(RESEND_S):
-            if INTERRUPT_SEEN.is_set():
-                return
-            run = instance.get_run_by_id(run_id)
-            if run is not None and run.is_finished:
-                return
-            stopping = run is not None and run.status == dg.DagsterRunStatus.CANCELING
-            if stopping or os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    thread = threading.Thread(target=watch, name="mlci-until-stopped", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(0 if execute(*sys.argv[1:6]) else 1)
-    except KeyboardInterrupt:  # interrupted before its run began: nothing to tear down
-        sys.exit(128 + signal.SIGINT)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlci_dagster.common.templating import REFERENCE
 from mlci_dagster.registry.loader import SETTINGS_FILE, LoadedConfig, Registry
 from mlci_dagster.registry.models import TestConfig
-from mlci_dagster.templating import REFERENCE
 from mlci_dagster.vocabulary import partition_key
 
 

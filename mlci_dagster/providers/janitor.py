@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mlci_dagster import clock
+from mlci_dagster.common import clock
 from mlci_dagster.providers.base import Provider, providers_for
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.processes import process_start

@@ -13,12 +13,15 @@ import dagster as dg
 
 from mlci_dagster.compat import report_run_failed
 from mlci_dagster.providers.processes import process_start
+from mlci_dagster.vocabulary import WORKER_TAG
 
-WORKER_TAG = "mlci/worker"  # "<pid>:<start>" of the process executing the run
 # A run that holds its sandbox and its pool's slot: from its creation to its end, its teardown
 # after a Terminate (CANCELING) included, as Dagster's run queue counts it.
 IN_PROGRESS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+# A run not over yet: waiting in the queue, or in progress. A partition with one is not asked
+# for again, by `mlci run` or a sensor.
+UNFINISHED = [dg.DagsterRunStatus.QUEUED, *IN_PROGRESS]
 
 
 def worker_identity(pid: int) -> str:
