@@ -143,7 +143,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_qualified(args: argparse.Namespace) -> int:
-    from mlci_dagster.sensors.commits import qualified_releases
+    from mlci_dagster.operations import qualified_releases
 
     with _history() as instance:
         found = qualified_releases(instance, args.limit)
@@ -405,7 +405,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     registry = _registry(args)
     instance = _history()
     if args.html:
-        from mlci_dagster.assets.history import write_grid
+        from mlci_dagster.history.grid import write_grid
 
         summaries, table = _summaries(instance, registry, _keys(registry, args))
         path = write_grid(table, summaries, Path(args.html))
@@ -456,39 +456,29 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
-    from mlci_dagster.launch.workers import end_lost_runs, run_over
-    from mlci_dagster.paths import mlci_home
+    from mlci_dagster.operations import janitor_pass, record_guards
     from mlci_dagster.providers.base import left_behind
-    from mlci_dagster.providers.janitor import registry_providers, registry_teardown_timeout, sweep
-    from mlci_dagster.reservations.guard import tend
-    from mlci_dagster.reservations.leases import LeaseError
 
     registry = _registry(args)
     instance = _instance()
-    reservations = _resource(registry).reservations(instance)
-    if not args.dry_run:
-        for run_id in end_lost_runs(instance):
-            print(f"run {run_id[:8]}: its worker process is gone; marked failed")
-        try:
-            for report in tend(reservations):
-                for line in [*report.actions, *(f"LEFT: {p}" for p in report.problems)]:
-                    print(f"reservation {report.reservation}: {line}")
-                if report.actions or report.problems:
-                    _record_guard(instance, reservations, report)
-        except LeaseError as exc:
-            print(f"mlci janitor: reservations not tended: {exc}", file=sys.stderr)
-    verdicts = sweep(registry_providers(registry, mlci_home()), run_over(instance),
-                     teardown_timeout=registry_teardown_timeout(registry),
-                     dry_run=args.dry_run, keep=reservations.keep_held())
+    done = janitor_pass(instance, _resource(registry), dry_run=args.dry_run)
+    for run_id in done.lost_runs:
+        print(f"run {run_id[:8]}: its worker process is gone; marked failed")
+    for report in done.tended:
+        for line in [*report.actions, *(f"LEFT: {p}" for p in report.problems)]:
+            print(f"reservation {report.reservation}: {line}")
+    record_guards(instance, done)
+    if done.not_tended:
+        print(f"mlci janitor: reservations not tended: {done.not_tended}", file=sys.stderr)
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
-    for v in verdicts:
+    for v in done.verdicts:
         result = "-" if v.report is None else "clean" if v.report["clean"] else \
             f"LEFT: {left_behind(v.report)}"
         verdict = v.reason or (f"keep ({v.kept})" if v.kept else "keep (run in progress)")
         rows.append([v.sandbox_id, v.run_id[:8], verdict,
                      "would reap" if args.dry_run and v.reason else result])
-    print(table(rows) if verdicts else "no live sandboxes")
-    reaped = [v for v in verdicts if v.report]
+    print(table(rows) if done.verdicts else "no live sandboxes")
+    reaped = [v for v in done.verdicts if v.report]
     return 0 if all(v.report["clean"] for v in reaped) else 1
 
 
@@ -496,12 +486,6 @@ def _resource(registry: Registry):
     from mlci_dagster.resources.mlci import MlciResource
 
     return MlciResource(registry_path=str(registry.root))
-
-
-def _record_guard(instance: Any, reservations: Any, report: Any) -> None:
-    from mlci_dagster.assets.reservations import record_guard
-
-    record_guard(instance, reservations, report)
 
 
 def cmd_leases(args: argparse.Namespace) -> int:

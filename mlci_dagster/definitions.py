@@ -7,6 +7,14 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.assets.external import (
+    JANITOR_ASSET,
+    SIGNATURES_ASSET,
+    commit_summary,
+    pull_request_label,
+    pushed_image,
+    release_qualification,
+)
 from mlci_dagster.assets.history import grid_report, history
 from mlci_dagster.assets.lifecycle import lifecycle_assets
 from mlci_dagster.assets.partitions import lifecycle_partitions
@@ -20,22 +28,14 @@ from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import notifier_resource, root_cause_resource
 from mlci_dagster.schedules import nightly_schedule
 from mlci_dagster.sensors.cleanup import (
-    JANITOR_ASSET,
     sandbox_janitor,
     teardown_after_cancel,
     teardown_after_failure,
 )
-from mlci_dagster.sensors.commits import (
-    commit_poll_sensor,
-    commit_status,
-    commit_summary,
-    pr_label_sensor,
-    pull_request_label,
-    release_qualification,
-)
+from mlci_dagster.sensors.commits import commit_poll_sensor, commit_status, pr_label_sensor
 from mlci_dagster.sensors.history_update import history_update_sensor
-from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_sensor, pushed_image
-from mlci_dagster.sensors.notify import SIGNATURES_ASSET, notify
+from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_sensor
+from mlci_dagster.sensors.notify import notify
 from mlci_dagster.sensors.registry_sync import registry_sync
 from mlci_dagster.sensors.stale_scanner import stale_scanner
 from mlci_dagster.vocabulary import POOL_TAG, split_partition_key

@@ -5,13 +5,19 @@ sensor logs."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import dagster as dg
 
+from mlci_dagster.assets.external import RELEASE_QUALIFICATION
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, partition_changes
 from mlci_dagster.assets.reservations import record_guard
+from mlci_dagster.launch.workers import end_lost_runs, run_over
+from mlci_dagster.providers.janitor import Verdict, sweep
 from mlci_dagster.registry import Registry
-from mlci_dagster.reservations.guard import guard
+from mlci_dagster.reservations.context import ReservationContext
+from mlci_dagster.reservations.guard import GuardReport, guard, tend
+from mlci_dagster.reservations.leases import LeaseError
 from mlci_dagster.resources.mlci import MlciResource
 
 
@@ -57,3 +63,59 @@ def _apply_partition_changes(instance: dg.DagsterInstance, registry: Registry
     for name in remove:
         instance.delete_dynamic_partition(CONFIG_PARTITIONS.name, name)
     return add, remove
+
+
+@dataclass
+class JanitorPass:
+    """What one janitor pass did: the runs it found without their worker (marked failed), the
+    reservations' guard passes that did or found something, why the reservations were not
+    tended ("" when they were), and its verdict on every live sandbox."""
+
+    reservations: ReservationContext
+    lost_runs: list[str] = field(default_factory=list)
+    tended: list[GuardReport] = field(default_factory=list)
+    not_tended: str = ""
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def reaped(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.reason]
+
+
+def janitor_pass(instance: dg.DagsterInstance, mlci: MlciResource, dry_run: bool = False
+                 ) -> JanitorPass:
+    """The janitor, for the `sandbox_janitor` sensor and `mlci janitor` alike: ends the runs
+    whose worker is gone, tends the reservations (holds past their down time taken down, dead
+    holders' leases broken), then reaps every live sandbox whose run is over, lost or expired.
+    A dry run changes nothing and says what it would reap. The guard passes are returned, for
+    the caller to record: a sensor in its result, `mlci` on the instance (record_guards)."""
+    done = JanitorPass(mlci.reservations(instance))
+    if not dry_run:
+        done.lost_runs = end_lost_runs(instance)
+        try:
+            done.tended = [r for r in tend(done.reservations) if r.actions or r.problems]
+        except LeaseError as exc:
+            done.not_tended = str(exc)
+    done.verdicts = sweep(mlci.providers(), run_over(instance),
+                          teardown_timeout=mlci.teardown_timeout(), dry_run=dry_run,
+                          keep=done.reservations.keep_held())
+    return done
+
+
+def record_guards(instance: dg.DagsterInstance, done: JanitorPass) -> None:
+    """Records a janitor pass's guard passes outside a run, as the nightly's are."""
+    for report in done.tended:
+        record_guard(instance, done.reservations, report)
+
+
+def qualified_releases(instance: dg.DagsterInstance, limit: int = 100) -> list[dict]:
+    """The qualified SHAs, newest first: sha, tier, partitions, when."""
+    found = []
+    for record in instance.fetch_observations(RELEASE_QUALIFICATION, limit=limit).records:
+        event = record.asset_observation
+        if event is None:
+            continue
+        meta = {k: getattr(v, "value", v) for k, v in event.metadata.items()}
+        found.append({"sha": meta.get("sha"), "tier": meta.get("tier"),
+                      "partitions": meta.get("partitions"), "qualified_at": record.timestamp})
+    return found

@@ -17,10 +17,11 @@ import dagster as dg
 import pytest
 import yaml
 
+from mlci_dagster.assets.external import COMMIT_SUMMARY, PULL_REQUEST_LABEL
 from mlci_dagster.cli import main
 from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
+from mlci_dagster.operations import qualified_releases
 from mlci_dagster.registry import RegistryError, load_registry
-from mlci_dagster.sensors.commits import COMMIT_SUMMARY, PULL_REQUEST_LABEL, qualified_releases
 from mlci_dagster.tiers.commits import CommitError, label_event
 from tests.conftest import QUIET, command_pipeline, config
 from tests.support.git_repo import commit, git

@@ -13,10 +13,9 @@ from mlci_dagster.history.analysis import (
     PartitionSummary,
     analyze,
     coverage,
-    signature_clusters,
 )
-from mlci_dagster.history.grid import render_grid
-from mlci_dagster.paths import dagster_url, mlci_home
+from mlci_dagster.history.grid import write_grid
+from mlci_dagster.paths import mlci_home
 from mlci_dagster.registry import Registry
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.vocabulary import partition_key
@@ -109,15 +108,3 @@ def grid_report(context: dg.AssetExecutionContext, mlci: MlciResource, history: 
             f"{counts['stale']} stale, {counts['untested']} untested of {counts['partitions']}"),
         "statuses": dg.MetadataValue.json({s.partition: str(s.status) for s in summaries}),
     })
-
-
-def write_grid(table: pd.DataFrame, summaries: list[PartitionSummary], directory: Path) -> Path:
-    """The grid page into `directory`: what the grid_report asset and `mlci report --html`
-    both write, its cells linking to the Dagster UI at $MLCI_DAGSTER_URL."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "grid.html"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(render_grid(table, summaries, time.time(),
-                               signature_clusters(table, summaries), dagster_url()))
-    tmp.replace(path)
-    return path

@@ -11,14 +11,22 @@ import datetime as dt
 import html
 import json
 import string
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster, with_run_fields
+from mlci_dagster.history.analysis import (
+    PartitionSummary,
+    SignatureCluster,
+    signature_clusters,
+    with_run_fields,
+)
 from mlci_dagster.history.render import counted, regression_text, short, usd
 from mlci_dagster.history.table import METRIC_PREFIX
+from mlci_dagster.paths import dagster_url
 from mlci_dagster.vocabulary import (
     LIFECYCLE_CANCELED,
     LIFECYCLE_PASS,
@@ -303,3 +311,15 @@ rest.</div>
                  if charts else '<div class="sub">not enough runs yet</div>'}
 </body></html>
 """
+
+
+def write_grid(table: pd.DataFrame, summaries: list[PartitionSummary], directory: Path) -> Path:
+    """The grid page into `directory`: what the grid_report asset and `mlci report --html`
+    both write, its cells linking to the Dagster UI at $MLCI_DAGSTER_URL."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "grid.html"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(render_grid(table, summaries, time.time(),
+                               signature_clusters(table, summaries), dagster_url()))
+    tmp.replace(path)
+    return path

@@ -8,18 +8,10 @@ were cancelled mid-stage, or never got to their teardown step.
 
 import dagster as dg
 
+from mlci_dagster.assets.external import JANITOR_ASSET
 from mlci_dagster.assets.reservations import guard_events
-from mlci_dagster.launch.workers import end_lost_runs, run_over
-from mlci_dagster.providers.janitor import Verdict, sweep
-from mlci_dagster.reservations.context import ReservationContext
-from mlci_dagster.reservations.guard import tend
-from mlci_dagster.reservations.leases import LeaseError
+from mlci_dagster.providers.janitor import Verdict
 from mlci_dagster.resources.mlci import MlciResource
-
-JANITOR_ASSET = dg.AssetSpec(
-    "sandbox_janitor", group_name="operations", kinds={"python"},
-    description="One observation per janitor sweep that reaped sandboxes, listing them.",
-)
 
 
 def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
@@ -30,22 +22,6 @@ def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
     }
 
 
-def reservation_events(context: dg.SensorEvaluationContext, rctx: ReservationContext
-                       ) -> list:
-    """The janitor's pass over the reservations (holds past their down time taken down, dead
-    holders' leases broken) as events."""
-    events: list = []
-    try:
-        for report in tend(rctx):
-            if report.actions or report.problems:
-                context.log.info(f"{report.reservation}: {'; '.join(report.actions)}"
-                                 + (f"; left: {report.reason}" if report.problems else ""))
-                events += guard_events(rctx, rctx.spec(report.reservation), report)
-    except LeaseError as exc:
-        context.log.warning(f"reservations not tended: {exc}")
-    return events
-
-
 @dg.sensor(
     name="sandbox_janitor", minimum_interval_seconds=120,
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -53,19 +29,26 @@ def reservation_events(context: dg.SensorEvaluationContext, rctx: ReservationCon
                 "takes down daytime holds past their down time; breaks dead holders' leases.",
 )
 def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
-    for run_id in end_lost_runs(context.instance):
+    from mlci_dagster.operations import janitor_pass
+
+    done = janitor_pass(context.instance, mlci)
+    for run_id in done.lost_runs:
         context.log.warning(f"run {run_id} lost its worker process: marked failed")
-    reservations = mlci.reservations(context.instance)
-    events = reservation_events(context, reservations)
-    verdicts = sweep(mlci.providers(), run_over(context.instance),
-                     teardown_timeout=mlci.teardown_timeout(), keep=reservations.keep_held())
-    reaped = [v for v in verdicts if v.reason]
-    if reaped:
-        context.log.info(f"janitor reaped {len(reaped)}: {[v.sandbox_id for v in reaped]}")
+    if done.not_tended:
+        context.log.warning(f"reservations not tended: {done.not_tended}")
+    events: list = []
+    for report in done.tended:
+        context.log.info(f"{report.reservation}: {'; '.join(report.actions)}"
+                         + (f"; left: {report.reason}" if report.problems else ""))
+        events += guard_events(done.reservations, done.reservations.spec(report.reservation),
+                               report)
+    if done.reaped:
+        context.log.info(f"janitor reaped {len(done.reaped)}: "
+                         f"{[v.sandbox_id for v in done.reaped]}")
         events.append(dg.AssetObservation(asset_key=JANITOR_ASSET.key,
-                                          metadata=verdicts_metadata(reaped)))
+                                          metadata=verdicts_metadata(done.reaped)))
     if not events:
-        return dg.SkipReason(f"{len(verdicts)} live sandbox(es), none to reap")
+        return dg.SkipReason(f"{len(done.verdicts)} live sandbox(es), none to reap")
     return dg.SensorResult(asset_events=events)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.assets.external import COMMIT_SUMMARY, PULL_REQUEST_LABEL, RELEASE_QUALIFICATION
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.event_log import record_of_run
 from mlci_dagster.notify import NotifyError
@@ -40,25 +41,10 @@ from mlci_dagster.tiers.commits import (
 )
 from mlci_dagster.vocabulary import PARTITION_TAG, RUNS_TAG, SHA_TAG, TIER_TAG, TRIGGER_TAG
 
-PULL_REQUEST_LABEL = dg.AssetKey("pull_request_label")
-COMMIT_SUMMARY = dg.AssetKey("commit_summary")
-RELEASE_QUALIFICATION = dg.AssetKey("release_qualification")
 LABEL_EVENTS_PER_TICK = 200
 RUNS_PER_TICK = 500
 KEPT_SUMMARIES = 1000  # finished run sets remembered in the cursor
 
-pull_request_label = dg.AssetSpec(
-    PULL_REQUEST_LABEL, group_name="commits", kinds={"github"},
-    description="A label put on a pull request: one materialization per label event, with "
-                "metadata sha, label and pr, or github_event (a pull_request webhook payload).")
-commit_summary = dg.AssetSpec(
-    COMMIT_SUMMARY, group_name="commits", kinds={"github"},
-    description="One observation per state (pending, success, failure) of a SHA's run set in "
-                "a tier: its partitions, their status, failing stage and run link.")
-release_qualification = dg.AssetSpec(
-    RELEASE_QUALIFICATION, group_name="commits", kinds={"github"},
-    description="One observation per SHA whose nightly run set fully passed: a qualified "
-                "release candidate.")
 
 
 def _mirror(mlci: MlciResource, url: str) -> Mirror:
@@ -289,17 +275,4 @@ def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResourc
     return dg.SensorResult(asset_events=events, cursor=cursor,
                            skip_reason=None if events else
                            f"{len(touched)} run set(s) looked at, no new state")
-
-
-def qualified_releases(instance: dg.DagsterInstance, limit: int = 100) -> list[dict]:
-    """The qualified SHAs, newest first: sha, tier, partitions, when."""
-    found = []
-    for record in instance.fetch_observations(RELEASE_QUALIFICATION, limit=limit).records:
-        event = record.asset_observation
-        if event is None:
-            continue
-        meta = {k: getattr(v, "value", v) for k, v in event.metadata.items()}
-        found.append({"sha": meta.get("sha"), "tier": meta.get("tier"),
-                      "partitions": meta.get("partitions"), "qualified_at": record.timestamp})
-    return found
 

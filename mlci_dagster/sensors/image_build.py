@@ -16,6 +16,7 @@ from typing import Any
 
 import dagster as dg
 
+from mlci_dagster.assets.external import PUSHED_IMAGE
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.images import (
     ImageRegistryClient,
@@ -33,15 +34,9 @@ from mlci_dagster.vocabulary import (
     partition_key,
 )
 
-PUSHED_IMAGE = dg.AssetKey("pushed_image")
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 PUSH_EVENTS_PER_TICK = 200
 
-pushed_image = dg.AssetSpec(
-    PUSHED_IMAGE, group_name="images", kinds={"docker"},
-    description="An image a CI build pushed: one materialization per push, with metadata "
-                "image_ref (the tag reference configs name) and image_digest (sha256:...).",
-)
 
 Partitions = list[tuple[str, str]]
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import dagster as dg
 
+from mlci_dagster.assets.external import SIGNATURES_ASSET
 from mlci_dagster.compat import check_evaluations_page
 from mlci_dagster.event_log import RESULTS_ASSET, last_pass_before, new_results
 from mlci_dagster.history.record import ResultRecord
@@ -150,11 +151,7 @@ def evidence_of(instance: dg.DagsterInstance, records: list[ResultRecord],
                              getattr(last_pass, k) != getattr(first, k)]})
 
 
-SIGNATURES_ASSET = dg.AssetSpec(
-    "failure_signatures", group_name="operations", kinds={"python"},
-    description="One observation per notifier tick that saw a failure signature appear, spread "
-                "or resolve: its partitions, and a machine-generated hypothesis when a root-cause "
-                "analyzer is configured.")
+
 
 
 def signatures_observation(notifications: list[Notification], analyzer: str
