@@ -26,7 +26,7 @@ from mlci_dagster.registry.loader import load_registry_cached
 from mlci_dagster.resources.io import io_manager
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import notifier_resource, root_cause_resource
-from mlci_dagster.schedules import nightly_schedule
+from mlci_dagster.schedules import hold_schedules, nightly_schedule
 from mlci_dagster.sensors.cleanup import (
     sandbox_janitor,
     teardown_after_cancel,
@@ -82,7 +82,8 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                 *reserved["assets"]],
         asset_checks=[*reserved["asset_checks"], *REGISTRY_CHECKS],
         jobs=[job, history_job, *reserved["jobs"]],
-        schedules=[nightly_schedule(job, settings.nightly), *reserved["schedules"]],
+        schedules=[nightly_schedule(job, settings.nightly),
+                   *hold_schedules(settings, reserved["jobs"])],
         sensors=[registry_sync, sandbox_janitor, teardown_after_failure, teardown_after_cancel,
                  notify, image_poll_sensor(job, settings.image_poll_interval_s),
                  image_push_sensor(job), stale_scanner(job),

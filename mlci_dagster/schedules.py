@@ -7,17 +7,23 @@ Dagster's `build_schedule_from_partitioned_job` rejects dynamic × static partit
 run requests are built here from the registry.
 """
 
+from typing import Any
+
 import dagster as dg
 
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
+from mlci_dagster.assets.reservations import daytime_reservations
 from mlci_dagster.compat import resolve_run_requests
 from mlci_dagster.operations import guard_batch
 from mlci_dagster.registry import Registry
-from mlci_dagster.registry.reservations import NightlySettings
+from mlci_dagster.registry.models import Settings
+from mlci_dagster.registry.reservations import NightlySettings, ReservationSpec
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.tiers.commits import BRANCH_PREFIX, CommitError, repository_url, watched_refs
 from mlci_dagster.vocabulary import (
     BATCH_TAG,
+    HOLD_DOWN_JOB,
+    HOLD_UP_JOB,
     RUNS_TAG,
     SHA_TAG,
     TIER_TAG,
@@ -81,3 +87,40 @@ def nightly_schedule(job: dg.JobDefinition, nightly: NightlySettings) -> dg.Sche
                              context.instance)
 
     return nightly_batch
+
+
+def schedule_name(action: str, reservation: str) -> str:
+    return f"{action}_{reservation.replace('-', '_')}"
+
+
+def hold_schedules(settings: Settings, jobs: list[Any]) -> list[dg.ScheduleDefinition]:
+    """Each daytime reservation's up every morning and down every evening of its weekdays, in
+    its timezone, running the hold_up and hold_down jobs."""
+    by_name = {job.name: job for job in jobs}
+    if HOLD_UP_JOB not in by_name:
+        return []
+    return [schedule for spec in daytime_reservations(settings)
+            for schedule in _hold_schedules(spec, by_name[HOLD_UP_JOB], by_name[HOLD_DOWN_JOB])]
+
+
+def _hold_schedules(spec: ReservationSpec, up_job: Any, down_job: Any
+                    ) -> list[dg.ScheduleDefinition]:
+    schedules = []
+    for action, job, cron in ((HOLD_UP_JOB, up_job, spec.up_cron()),
+                              (HOLD_DOWN_JOB, down_job, spec.down_cron())):
+
+        def request(context: dg.ScheduleEvaluationContext, action: str = action
+                    ) -> dg.RunRequest:
+            day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+            return dg.RunRequest(partition_key=spec.name,
+                                 run_key=f"{action}:{spec.name}:{day}",
+                                 tags={TRIGGER_TAG: "schedule"})
+
+        schedules.append(dg.ScheduleDefinition(
+            name=schedule_name(action, spec.name), job=job, cron_schedule=cron,
+            execution_timezone=spec.timezone, execution_fn=request,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description=f"{action.replace('_', ' ')} {spec.name}'s daytime deployment at "
+                        f"{spec.daytime.up if action == HOLD_UP_JOB else spec.daytime.down} "
+                        f"{spec.timezone}, {', '.join(spec.daytime.weekdays)}."))
+    return schedules

@@ -7,7 +7,7 @@ its reports onto events, and records them from wherever the guard ran (a run, th
 schedule, the janitor, `mlci`).
 """
 
-from typing import Any, Literal
+from typing import Literal
 
 import dagster as dg
 
@@ -24,7 +24,6 @@ from mlci_dagster.vocabulary import (
     HOLD_DOWN_JOB,
     HOLD_UP_JOB,
     SCHEDULE_TAG,
-    TRIGGER_TAG,
     trigger_of,
 )
 
@@ -137,9 +136,10 @@ class HoldAction(dg.Config):
 
 
 def reservation_definitions(settings: Settings) -> dict[str, list]:
-    """The reservations' assets, checks, jobs and schedules; empty without reservations."""
+    """The reservations' assets, checks and jobs (their hold_up and hold_down jobs, which
+    schedules.hold_schedules runs); empty without reservations."""
     if not settings.reservations:
-        return {"assets": [], "asset_checks": [], "jobs": [], "schedules": []}
+        return {"assets": [], "asset_checks": [], "jobs": []}
     specs = {r.name: r for r in settings.reservations}
 
     leases = [dg.AssetSpec(
@@ -167,8 +167,7 @@ def reservation_definitions(settings: Settings) -> dict[str, list]:
 
     daytime = daytime_reservations(settings)
     if not daytime:
-        return {"assets": leases, "asset_checks": [reservation_clean],
-                "jobs": [], "schedules": []}
+        return {"assets": leases, "asset_checks": [reservation_clean], "jobs": []}
     held = held_sandbox_asset(dg.StaticPartitionsDefinition([r.name for r in daytime]))
     up_job = dg.define_asset_job(HOLD_UP_JOB, selection=[held],
                                  config={"ops": {HELD_SANDBOX: {"config": {"action": "up"}}}},
@@ -176,10 +175,8 @@ def reservation_definitions(settings: Settings) -> dict[str, list]:
     down_job = dg.define_asset_job(HOLD_DOWN_JOB, selection=[held],
                                    config={"ops": {HELD_SANDBOX: {"config": {"action": "down"}}}},
                                    description="Take a reservation's daytime deployment down.")
-    schedules = [schedule for spec in daytime
-                 for schedule in hold_schedules(spec, up_job, down_job)]
     return {"assets": [*leases, held], "asset_checks": [reservation_clean],
-            "jobs": [up_job, down_job], "schedules": schedules}
+            "jobs": [up_job, down_job]}
 
 
 def held_sandbox_asset(partitions: dg.StaticPartitionsDefinition) -> dg.AssetsDefinition:
@@ -202,31 +199,3 @@ def held_sandbox_asset(partitions: dg.StaticPartitionsDefinition) -> dg.AssetsDe
         return dg.MaterializeResult(metadata=hold_metadata(rctx, report))
 
     return held_sandbox
-
-
-def schedule_name(action: str, reservation: str) -> str:
-    return f"{action}_{reservation.replace('-', '_')}"
-
-
-def hold_schedules(spec: ReservationSpec, up_job: Any,
-                   down_job: Any) -> list[dg.ScheduleDefinition]:
-    """Up every morning and down every evening of its weekdays, in its timezone."""
-    schedules = []
-    for action, job, cron in ((HOLD_UP_JOB, up_job, spec.up_cron()),
-                              (HOLD_DOWN_JOB, down_job, spec.down_cron())):
-
-        def request(context: dg.ScheduleEvaluationContext, action: str = action
-                    ) -> dg.RunRequest:
-            day = context.scheduled_execution_time.strftime("%Y-%m-%d")
-            return dg.RunRequest(partition_key=spec.name,
-                                 run_key=f"{action}:{spec.name}:{day}",
-                                 tags={TRIGGER_TAG: "schedule"})
-
-        schedules.append(dg.ScheduleDefinition(
-            name=schedule_name(action, spec.name), job=job, cron_schedule=cron,
-            execution_timezone=spec.timezone, execution_fn=request,
-            default_status=dg.DefaultScheduleStatus.RUNNING,
-            description=f"{action.replace('_', ' ')} {spec.name}'s daytime deployment at "
-                        f"{spec.daytime.up if action == HOLD_UP_JOB else spec.daytime.down} "
-                        f"{spec.timezone}, {', '.join(spec.daytime.weekdays)}."))
-    return schedules
