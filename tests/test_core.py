@@ -175,3 +175,17 @@ def test_the_results_description_shows_every_lifecycle_status_in_the_dagster_ui(
 
     for status in ("pass", "fail-<stage>", "skip", "canceled"):
         assert status in page.shown, page.shown
+
+
+@pytest.mark.parametrize("name", ["local", "kubernetes", "aws-sagemaker", "gcp-tpu-vm"])
+def test_every_provider_in_the_one_table_implements_the_whole_protocol(name):
+    """registry.base.PROVIDERS is where a provider is named; its class answers to that name
+    and has every verb of the Protocol, build_provider's and the janitor's included."""
+    from mlci_dagster.providers.base import Provider, provider_class
+    from mlci_dagster.registry.base import PROVIDERS
+
+    cls = provider_class(name)
+    assert name in PROVIDERS and cls.name == name
+    verbs = [v for v in dir(Provider) if not v.startswith("_") and callable(getattr(Provider, v))]
+    assert {"create", "destroy", "list_live", "from_settings", "settings_of"} <= set(verbs)
+    assert [v for v in verbs if not callable(getattr(cls, v, None))] == []

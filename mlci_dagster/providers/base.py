@@ -17,6 +17,7 @@ import requests
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import GroupResult, pids_text
+from mlci_dagster.registry.base import PROVIDERS
 from mlci_dagster.vocabulary import FailureKind
 
 __all__ = ["PROVIDERS", "PipelineResult", "Provider", "SandboxError", "SandboxHandle",
@@ -97,6 +98,20 @@ class Provider(Protocol):
         can be (labels, tags), so the janitor works when the local ledger is lost."""
         ...
 
+    @classmethod
+    def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
+                      settings: Any = None) -> Provider:
+        """The provider keeping its state under `home`, for the sandboxes `settings` (what
+        settings_of returned) picks: what build_provider and providers_for call."""
+        ...
+
+    @staticmethod
+    def settings_of(spec: Any) -> Any:
+        """The part of a sandbox spec that picks one instance of the provider (a Kubernetes
+        cluster, an AWS account and region), comparable and printable: sandboxes with equal
+        settings share one provider. None when one instance serves every sandbox."""
+        ...
+
 
 def left_behind(report: dict[str, Any]) -> str:
     """What a destroy left, in words, from the report `Provider.destroy` returns: the
@@ -115,15 +130,6 @@ def left_behind(report: dict[str, Any]) -> str:
     if report.get("workdir_left"):
         left.append("work directory left")
     return "; ".join(left) or "the provider could not verify that nothing is left"
-
-
-# name -> "module:Class"; imported on first use, so the core never imports a provider's SDK.
-PROVIDERS = {
-    "local": "mlci_dagster.providers.local:LocalProvider",
-    "kubernetes": "mlci_dagster.providers.kubernetes:KubernetesProvider",
-    "aws-sagemaker": "mlci_dagster.providers.aws:SageMakerProvider",
-    "gcp-tpu-vm": "mlci_dagster.providers.gcp_tpu:TpuVmProvider",
-}
 
 
 def provider_class(name: str) -> type:

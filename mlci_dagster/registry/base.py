@@ -37,8 +37,16 @@ Name = Annotated[str, AfterValidator(valid_name),
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
 Argv = Annotated[list[str], Field(min_length=1)]
-# The sandbox providers, as `sandbox.provider` and a reservation's `provider` name them.
-PROVIDER_NAMES = ("local", "kubernetes", "aws-sagemaker", "gcp-tpu-vm")
+# The one table of sandbox providers: each name, as `sandbox.provider` and a reservation's
+# `provider` say it, and where its class is ("module:Class"; providers/base.py imports it on
+# first use, so the core never imports a provider's SDK).
+PROVIDERS = {
+    "local": "mlci_dagster.providers.local:LocalProvider",
+    "kubernetes": "mlci_dagster.providers.kubernetes:KubernetesProvider",
+    "aws-sagemaker": "mlci_dagster.providers.aws:SageMakerProvider",
+    "gcp-tpu-vm": "mlci_dagster.providers.gcp_tpu:TpuVmProvider",
+}
+PROVIDER_NAMES = tuple(PROVIDERS)
 
 
 def _relative_glob(value: str) -> str:

@@ -14,10 +14,6 @@ from mlci_dagster.registry.base import EnvName, Name, SandboxBase, Seconds, Stri
 ManifestPath = Annotated[str, StringConstraints(pattern=r"^[^/].*\.ya?ml$")]
 ObjectName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")]
 
-# The condition that means ready, per kind, unless a check names another.
-READY_CONDITIONS = {"Deployment": "Available", "Job": "Complete", "Pod": "Ready"}
-
-
 class ClusterSpec(StrictModel):
     """Which cluster: a kubeconfig context, the pod's own cluster, or one created per run."""
 

@@ -3,7 +3,6 @@ the nightly schedule's start that a daytime deployment must be down before."""
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
@@ -115,13 +114,6 @@ class ReservationSpec(StrictModel):
             raise ValueError(f"unknown provider {value!r} (expected one of: "
                              f"{', '.join(PROVIDER_NAMES)})")
         return value
-
-    def window_on(self, day: dt.date) -> tuple[float, float]:
-        """(up, down) as timestamps on `day` in the reservation's timezone."""
-        assert self.daytime is not None
-        tz = localtime.zone(self.timezone)
-        return (localtime.on_day(day, localtime.parse_clock(self.daytime.up), tz).timestamp(),
-                localtime.on_day(day, localtime.parse_clock(self.daytime.down), tz).timestamp())
 
     def next_down(self, after: float) -> float:
         """The first scheduled down strictly after `after`."""
