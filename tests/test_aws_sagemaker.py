@@ -349,6 +349,8 @@ def sagemaker_config(**sandbox_fields: Any) -> dict[str, Any]:
      "sandbox.instance_count: Input should be greater than or equal to 1"),
     (lambda c: c["pipelines"][0].update(payload_file="x.json"),
      "pipelines[0]: expected exactly one of 'payload' or 'payload_file'"),
+    (lambda c: c["pipelines"][0].update(payload=None, payload_file="batch/x.json"),
+     "pipelines[0].payload_file: file 'batch/x.json' not found under the registry root"),
     (lambda c: c.update(sandbox={"services": []}),
      "pipelines[0].kind: 'sagemaker_invoke' runs only in a 'aws-sagemaker' sandbox"),
     (lambda c: c["pipelines"][0].update(json_equal={"a": 1}),

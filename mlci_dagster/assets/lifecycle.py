@@ -194,7 +194,7 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
             # Dagster ends the run CANCELED when termination was asked (its status CANCELING:
             # the UI's Terminate, `mlci run`'s Ctrl-C), else failed.
             raise stop
-        retries = getattr(ctx.config.sandbox, "retries_on_preemption", 0)
+        retries = ctx.config.sandbox.preemption_retries()
         if record.preempted and context.retry_number < retries:
             # Dagster's step retry: the attempt stays recorded (infra), and a new one starts.
             raise dg.RetryRequested(max_retries=retries, seconds_to_wait=PREEMPTION_RETRY_WAIT_S)

@@ -13,6 +13,7 @@ from mlci_dagster.registry.base import (
     BilledResource,
     EnvName,
     Name,
+    PipelineBase,
     SandboxBase,
     Seconds,
     StrictModel,
@@ -81,9 +82,11 @@ class SageMakerSandbox(SandboxBase):
                                "sandbox.instance_type")]
 
 
-class SageMakerInvokePipeline(StrictModel):
+class SageMakerInvokePipeline(PipelineBase):
     """`invoke_endpoint` on the sandbox's endpoint with a payload, judged on the response's
     status, content and JSON fields; the latency is an output."""
+
+    file_fields = ("payload_file",)
 
     kind: Literal["sagemaker_invoke"]
     name: Name

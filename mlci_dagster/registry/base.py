@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, ClassVar, NamedTuple, Self
 
 from pydantic import (
     AfterValidator,
@@ -75,6 +75,17 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PipelineBase(StrictModel):
+    """What every pipeline kind has: the fields that name a file under the registry root."""
+
+    file_fields: ClassVar[tuple[str, ...]] = ()
+
+    def named_files(self, at: str) -> list[tuple[str, str]]:
+        """(field, path) of each registry file the pipeline at `at` (`pipelines[0]`) reads."""
+        return [(f"{at}.{name}", value) for name in self.file_fields
+                if (value := getattr(self, name))]
+
+
 class BilledResource(NamedTuple):
     """Something a sandbox holds that a cloud bills by the hour: its type (a rate's key under
     `costs.hourly_usd`), how many, whether spot, and the field of the config that names it."""
@@ -107,3 +118,16 @@ class SandboxBase(StrictModel):
         """What a cloud bills while the sandbox exists; nothing for a sandbox on this machine or
         on a cluster that is paid for anyway."""
         return []
+
+    def named_files(self) -> list[tuple[str, str]]:
+        """(field, path under the registry root) of every registry file the sandbox reads."""
+        return []
+
+    def with_engine(self, engine: Any) -> Self:
+        """The sandbox as it runs on `engine` (its registry.models.EngineSpec): the engine's
+        part (a database, say) started first, where the provider has one."""
+        return self
+
+    def preemption_retries(self) -> int:
+        """How many times the lifecycle is tried again when the machine is preempted."""
+        return 0

@@ -12,6 +12,7 @@ from mlci_dagster.registry.base import (
     BilledResource,
     EnvName,
     Name,
+    PipelineBase,
     SandboxBase,
     Seconds,
     StrictModel,
@@ -99,8 +100,11 @@ class TpuVmSandbox(SandboxBase):
     def billed_resources(self) -> list[BilledResource]:
         return [BilledResource(self.accelerator_type, 1, self.spot, "sandbox.accelerator_type")]
 
+    def preemption_retries(self) -> int:
+        return self.retries_on_preemption
 
-class SshCommandPipeline(StrictModel):
+
+class SshCommandPipeline(PipelineBase):
     """A command on the TPU VM over SSH, in a process group of its own that the timeout kills
     whole; passes on the expected exit code and output, as a `command` pipeline does."""
 

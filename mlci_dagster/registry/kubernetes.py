@@ -4,11 +4,25 @@ terminal state)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from pydantic import Field, StringConstraints, model_validator
 
-from mlci_dagster.registry.base import EnvName, Name, SandboxBase, Seconds, StrictModel
+from mlci_dagster.registry.base import (
+    EnvName,
+    Name,
+    PipelineBase,
+    SandboxBase,
+    Seconds,
+    StrictModel,
+)
+
+
+class EngineManifests(Protocol):
+    """What a Kubernetes sandbox takes of its engine (registry.models.EngineSpec)."""
+
+    manifests: list[str]
+
 
 # A path inside the registry folder, such as k8s/mlflow.yaml (checked to exist when loaded).
 ManifestPath = Annotated[str, StringConstraints(pattern=r"^[^/].*\.ya?ml$")]
@@ -92,9 +106,17 @@ class KubernetesSandbox(SandboxBase):
     services: list[ServicePort] = Field(
         default=[], description="What ${services.<name>.url} and ui_smoke routes reach.")
 
+    def named_files(self) -> list[tuple[str, str]]:
+        return [(f"sandbox.manifests[{i}]", m) for i, m in enumerate(self.manifests)]
 
-class K8sJobPipeline(StrictModel):
+    def with_engine(self, engine: EngineManifests) -> KubernetesSandbox:
+        return self.model_copy(update={"manifests": [*engine.manifests, *self.manifests]})
+
+
+class K8sJobPipeline(PipelineBase):
     """A batch/v1 Job in the sandbox's namespace, followed to completion, its pods' logs kept."""
+
+    file_fields = ("manifest",)
 
     kind: Literal["k8s_job"]
     name: Name
@@ -106,9 +128,11 @@ class K8sJobPipeline(StrictModel):
         default=None, description="Default: what is left of timeouts.pipeline_runs_s.")
 
 
-class K8sResourcePipeline(StrictModel):
+class K8sResourcePipeline(PipelineBase):
     """A custom resource (a RayJob, a SparkApplication, a platform's pipeline CR) created, then
     polled until a status field reaches a success or failure state."""
+
+    file_fields = ("manifest",)
 
     kind: Literal["k8s_resource"]
     name: Name

@@ -321,12 +321,8 @@ def _unrated_resources(path: Path, config: TestConfig, settings: Settings) -> li
 def _missing_files(path: Path, config: TestConfig, root: Path) -> list[str]:
     """Manifests the config names that are not files under the registry root, and a cluster
     CLI that is not on this machine."""
-    named = [(f"sandbox.manifests[{i}]", m)
-             for i, m in enumerate(getattr(config.sandbox, "manifests", []))]
-    named += [(f"pipelines[{i}].manifest", p.manifest) for i, p in enumerate(config.pipelines)
-              if hasattr(p, "manifest")]
     problems = [f"{path}: {field}: file '{name}' not found under the registry root {root}"
-                for field, name in named if not (root / name).is_file()]
+                for field, name in config.named_files() if not (root / name).is_file()]
     create = getattr(getattr(config.sandbox, "cluster", None), "create", None)
     if create and shutil.which(create) is None:
         problems.append(f"{path}: sandbox.cluster.create: '{create}' is not installed on this "

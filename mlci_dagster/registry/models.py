@@ -22,6 +22,7 @@ from mlci_dagster.registry.base import (
     Argv,
     EnvName,
     Name,
+    PipelineBase,
     RepoGlob,
     SandboxBase,
     Seconds,
@@ -115,6 +116,9 @@ class LocalSandbox(SandboxBase):
 
     provider: Literal["local"] = "local"
     services: list[ServiceSpec] = []
+
+    def with_engine(self, engine: EngineSpec) -> LocalSandbox:
+        return self.model_copy(update={"services": [*engine.services, *self.services]})
 
 
 def _provider_of(value: Any) -> str:
@@ -363,7 +367,7 @@ class Settings(StrictModel):
 # --- pipelines -----------------------------------------------------------------------------
 
 
-class CommandPipeline(StrictModel):
+class CommandPipeline(PipelineBase):
     """A process in the sandbox: passes on the expected exit code and output."""
 
     kind: Literal["command"]
@@ -387,7 +391,7 @@ class HttpRequest(StrictModel):
     headers: dict[str, str] = {}
 
 
-class SubmitPollPipeline(StrictModel):
+class SubmitPollPipeline(PipelineBase):
     """Submit a job over HTTP, then poll its status until a terminal state (Ray Jobs API shape)."""
 
     kind: Literal["submit_poll"]
@@ -573,6 +577,12 @@ class TestConfig(StrictModel):
     metrics: dict[EnvName, MetricSpec] = Field(
         default={}, description="Numeric pipeline outputs tracked in history for slowdowns."
     )
+
+    def named_files(self) -> list[tuple[str, str]]:
+        """(field, path under the registry root) of every registry file its sandbox and its
+        pipelines read: what the loader checks exists and a plan watches for changes."""
+        return [*self.sandbox.named_files(), *(
+            f for i, p in enumerate(self.pipelines) for f in p.named_files(f"pipelines[{i}]"))]
 
     @model_validator(mode="after")
     def _consistent(self) -> TestConfig:

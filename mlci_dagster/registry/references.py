@@ -259,9 +259,8 @@ def _config_references(path: Path, config: TestConfig, declared: Declared, root:
         own = location[1] == "services" and isinstance(
             config.sandbox.services[location[2]], ServiceSpec)
         problems += _unresolvable(prefix, location, text, in_service if own else sandbox)
-    for i, manifest in enumerate(getattr(config.sandbox, "manifests", [])):
-        problems += _in_manifest(f"{prefix}sandbox.manifests[{i}]: {manifest}: ",
-                                 root / manifest, sandbox)
+    for where, manifest in config.sandbox.named_files():
+        problems += _in_manifest(f"{prefix}{where}: {manifest}: ", root / manifest, sandbox)
     for i, pipeline in enumerate(config.pipelines):
         at_run = declared.lazy_scope(_without(ONLY_IN, "outputs"), ran=i)
         polled = declared.lazy_scope(_without(ONLY_IN, "outputs", "id"), ran=i)

@@ -68,10 +68,7 @@ class LifecycleContext:
         sandbox = self.config.sandbox
         if self.sandbox_ttl_s is not None:
             sandbox = sandbox.model_copy(update={"ttl_s": self.sandbox_ttl_s})
-        if sandbox.provider == "kubernetes":
-            return sandbox.model_copy(update={"manifests": [*engine.manifests,
-                                                            *sandbox.manifests]})
-        return sandbox.model_copy(update={"services": [*engine.services, *sandbox.services]})
+        return sandbox.with_engine(engine)
 
     def render_context(self, handle: SandboxHandle, image: dict[str, Any], **extra: Any
                        ) -> dict[str, Any]:

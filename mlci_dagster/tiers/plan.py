@@ -85,12 +85,7 @@ def registry_globs(registry: Registry, loaded: LoadedConfig) -> list[tuple[str, 
     build = config.image.build
     watched += [(f"image.build.inputs[{i}]", g)
                 for i, g in enumerate(build.inputs or [] if build else [])]
-    watched += [(f"sandbox.manifests[{i}]", m)
-                for i, m in enumerate(getattr(config.sandbox, "manifests", []))]
-    watched += [(f"pipelines[{i}].{field}", getattr(p, field))
-                for i, p in enumerate(config.pipelines) for field in ("manifest", "payload_file")
-                if getattr(p, field, None)]
-    return watched
+    return watched + config.named_files()
 
 
 # --- equivalence classes --------------------------------------------------------------------
