@@ -61,6 +61,7 @@ def test_claims_count_per_pool_until_released_or_stale(store, clock):
     store.release("run-2")  # idempotent
     assert store.claims() == {"gpu": 1, "tpu": 1}
     clock.now += CLAIM_TTL_S + 1  # their processes are gone
+    assert store.claims() == {}
     store.claim("gpu", "run-4")
     assert store.claims() == {"gpu": 1}
 

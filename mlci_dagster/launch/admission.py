@@ -83,11 +83,13 @@ class AdmissionStore(TableStore):
     # --- claims ------------------------------------------------------------------------
 
     def claim(self, pool: str, holder: str) -> None:
-        """`holder` (a run id) is being admitted to `pool`: counted from now on."""
+        """`holder` (a run id) is being admitted to `pool`: counted from now on. Stale claims
+        are dropped here, so the readers (the daemon, the webserver) never write."""
+        now = self._clock()
         with self._connection() as conn:
-            conn.execute(sa.delete(CLAIMS).where(CLAIMS.c.holder == holder))
-            conn.execute(sa.insert(CLAIMS).values(holder=holder, pool=pool,
-                                                  claimed_at=self._clock()))
+            conn.execute(sa.delete(CLAIMS).where(sa.or_(
+                CLAIMS.c.holder == holder, CLAIMS.c.claimed_at < now - CLAIM_TTL_S)))
+            conn.execute(sa.insert(CLAIMS).values(holder=holder, pool=pool, claimed_at=now))
 
     def release(self, holder: str) -> None:
         """Idempotent."""
@@ -95,12 +97,11 @@ class AdmissionStore(TableStore):
             conn.execute(sa.delete(CLAIMS).where(CLAIMS.c.holder == holder))
 
     def claims(self, besides: str | None = None) -> dict[str, int]:
-        """The live claims per pool (but `besides`'s); stale ones are dropped."""
+        """The live claims per pool (but `besides`'s): stale ones are not counted."""
         with self._connection() as conn:
-            conn.execute(sa.delete(CLAIMS).where(
-                CLAIMS.c.claimed_at < self._clock() - CLAIM_TTL_S))
             rows = conn.execute(sa.select(CLAIMS.c.pool, sa.func.count()).where(
-                CLAIMS.c.holder != (besides or "")).group_by(CLAIMS.c.pool)).all()
+                CLAIMS.c.holder != (besides or ""),
+                CLAIMS.c.claimed_at >= self._clock() - CLAIM_TTL_S).group_by(CLAIMS.c.pool)).all()
         return {pool: int(count) for pool, count in rows}
 
     # --- the run queue's iterations ----------------------------------------------------

@@ -1,5 +1,5 @@
 """Dagster's queued run coordinator, with every lifecycle run tagged with its pool on submission,
-and each reservation's limit lowered by its daytime holds.
+and each pool's limit lowered by its daytime holds and its admissions in flight.
 
 A pool depends on the partition (its config's `sandbox.pool`), so no static op pool can express
 it, and runs of Dagster's implicit asset job (an asset backfill, a Materialize button) carry no

@@ -40,14 +40,13 @@ from mlci_dagster.launch.admission import AdmissionStore, free_slots
 from mlci_dagster.launch.workers import IN_PROGRESS, UNFINISHED, fail_lost_run
 from mlci_dagster.paths import run_log_dir
 from mlci_dagster.providers.processes import die_with_parent
-from mlci_dagster.vocabulary import PARTITION_TAG, POOL_TAG
+from mlci_dagster.vocabulary import PARTITION_TAG, POOL_TAG, trigger_of
 
 # A failed lifecycle is reported by `mlci`, not by Dagster's console; every event is still in
 # the run's log in the instance.
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 POLL_S = 0.2
-# A run of a partition that is queued or running: it is not started a second time.
-CREATE_WAIT_S = 60  # how long the lock is held for a worker to create its run
+CREATE_WAIT_S = 60  # how long the lock is held for a worker's run to be in progress
 
 
 class Verdict(enum.StrEnum):
@@ -113,8 +112,6 @@ def new_batch(label: str = "", now: datetime | None = None) -> str:
 
 def describe_run(run: dg.DagsterRun) -> str:
     """`run 4a8878cb (inject|e1, schedule)`: a run as the waiting lines name it."""
-    from mlci_dagster.vocabulary import trigger_of
-
     return f"run {run.run_id[:8]} ({run.tags.get(PARTITION_TAG, run.job_name)}, " \
            f"{trigger_of(run.tags)})"
 

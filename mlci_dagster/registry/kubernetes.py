@@ -4,7 +4,7 @@ terminal state)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
@@ -16,13 +16,6 @@ from mlci_dagster.registry.base import (
     Seconds,
     StrictModel,
 )
-
-
-class EngineManifests(Protocol):
-    """What a Kubernetes sandbox takes of its engine (registry.models.EngineSpec)."""
-
-    manifests: list[str]
-
 
 # A path inside the registry folder, such as k8s/mlflow.yaml (checked to exist when loaded).
 ManifestPath = Annotated[str, StringConstraints(pattern=r"^[^/].*\.ya?ml$")]
@@ -109,7 +102,7 @@ class KubernetesSandbox(SandboxBase):
     def named_files(self) -> list[tuple[str, str]]:
         return [(f"sandbox.manifests[{i}]", m) for i, m in enumerate(self.manifests)]
 
-    def with_engine(self, engine: EngineManifests) -> KubernetesSandbox:
+    def with_engine(self, engine: Any) -> KubernetesSandbox:
         return self.model_copy(update={"manifests": [*engine.manifests, *self.manifests]})
 
 

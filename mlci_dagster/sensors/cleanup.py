@@ -10,6 +10,7 @@ import dagster as dg
 
 from mlci_dagster.assets.external import JANITOR_ASSET
 from mlci_dagster.assets.reservations import guard_events
+from mlci_dagster.operations import janitor_pass
 from mlci_dagster.providers.janitor import Verdict
 from mlci_dagster.resources.mlci import MlciResource
 
@@ -29,8 +30,6 @@ def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
                 "takes down daytime holds past their down time; breaks dead holders' leases.",
 )
 def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
-    from mlci_dagster.operations import janitor_pass
-
     done = janitor_pass(context.instance, mlci)
     for run_id in done.lost_runs:
         context.log.warning(f"run {run_id} lost its worker process: marked failed")

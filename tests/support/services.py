@@ -10,8 +10,11 @@ MLCI_DAGSTER_CHART) are not missing services and do not come here.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,11 +63,10 @@ KUBECTL_MIN = (1, 27)  # OpenAPI v3 and server-side field validation, as the emu
 DEBIAN_KUBECTL = Path("/opt/debian-kubernetes-client/usr/bin/kubectl")
 
 
+@functools.cache
 def kubectl_version(kubectl: str | Path = "kubectl") -> tuple[int, int] | None:
-    """The (major, minor) of a kubectl (by default the one on PATH); None when there is none."""
-    import json
-    import subprocess
-
+    """The (major, minor) of a kubectl (by default the one on PATH); None when there is none.
+    Asked once per process: every test that needs one asks."""
     if shutil.which(str(kubectl)) is None:
         return None
     try:
