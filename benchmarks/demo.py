@@ -37,6 +37,7 @@ import psutil
 
 from mlci_dagster.providers.host import SANDBOX_ID_ENV
 from mlci_dagster.providers.processes import marked_processes
+from mlci_dagster.vocabulary import Launch
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = ROOT / "examples" / "ml-platform"
@@ -125,8 +126,8 @@ def warm_image(image_home: Path, config: str, engine: str) -> dict:
     outcome = build_image(ctx)
     if not outcome.passed:
         raise SystemExit(f"image build failed:\n{outcome.error_summary}")
-    return {"cached": outcome.details["cached"], "seconds": outcome.duration_s,
-            "digest": outcome.details["digest"]}
+    return {"cached": outcome.details.cached, "seconds": outcome.duration_s,
+            "digest": outcome.details.digest}
 
 
 def sequential_worker(home: Path, partitions: list[tuple[str, str]]) -> None:
@@ -141,7 +142,8 @@ def sequential_worker(home: Path, partitions: list[tuple[str, str]]) -> None:
     for config, engine in partitions:
         start = time.monotonic()
         ctx = LifecycleContext.create(registry, config, engine, uuid.uuid4().hex, home / "mlci")
-        record = build_record(ctx, list(run_lifecycle(ctx)), trigger="script")
+        ctx.launch = Launch(trigger="script")
+        record = build_record(ctx, list(run_lifecycle(ctx)))
         results[f"{config}|{engine}"] = {"status": record.status,
                                          "seconds": round(time.monotonic() - start, 1),
                                          "error": record.error_summary[-300:]}

@@ -7,7 +7,7 @@ on the local provider, busy ports; on Kubernetes, the run's namespaces (labelled
 app.kubernetes.io/managed-by=mlci) the API server still lists, asked through the `kubernetes`
 client, a Terminating one counting as left until it is gone.
 
-The Kubernetes API is an emulation on loopback (tests/support/kube_api.py), started here with
+The Kubernetes API is an emulation on loopback (tests/support/kube_wire.py), started here with
 its controller: the provider speaks real HTTP to it through the official client, and it keeps
 the objects, runs namespace termination with finalizers and garbage collection, and plays the
 kubelet and the Job and Deployment controllers (a Job's pod "runs" for a set time, no container

@@ -457,7 +457,6 @@ def cmd_cost(args: argparse.Namespace) -> int:
 def cmd_janitor(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
     from mlci_dagster.operations import janitor_pass, record_guards
-    from mlci_dagster.providers.base import left_behind
 
     registry = _registry(args)
     instance = _instance()
@@ -472,14 +471,14 @@ def cmd_janitor(args: argparse.Namespace) -> int:
         print(f"mlci janitor: reservations not tended: {done.not_tended}", file=sys.stderr)
     rows = [["SANDBOX", "RUN", "VERDICT", "RESULT"]]
     for v in done.verdicts:
-        result = "-" if v.report is None else "clean" if v.report["clean"] else \
-            f"LEFT: {left_behind(v.report)}"
+        result = "-" if v.report is None else "clean" if v.report.clean else \
+            f"LEFT: {v.report.left_behind()}"
         verdict = v.reason or (f"keep ({v.kept})" if v.kept else "keep (run in progress)")
         rows.append([v.sandbox_id, v.run_id[:8], verdict,
                      "would reap" if args.dry_run and v.reason else result])
     print(table(rows) if done.verdicts else "no live sandboxes")
     reaped = [v for v in done.verdicts if v.report]
-    return 0 if all(v.report["clean"] for v in reaped) else 1
+    return 0 if all(v.report.clean for v in reaped) else 1
 
 
 def _resource(registry: Registry):

@@ -57,7 +57,7 @@ def sync_partitions(instance: dg.DagsterInstance, registry: Registry
 def _apply_partition_changes(instance: dg.DagsterInstance, registry: Registry
                              ) -> tuple[list[str], list[str]]:
     existing = set(instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
-    add, remove = partition_changes(set(registry.configs), existing)
+    add, remove = partition_changes(registry, existing)
     if add:
         instance.add_dynamic_partitions(CONFIG_PARTITIONS.name, add)
     for name in remove:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 
 class Stage(enum.StrEnum):
@@ -124,7 +125,7 @@ POOL_TAG = "mlci/pool"  # the pool a lifecycle run counts against (the run queue
 TRIGGER_TAG = "mlci/trigger"  # how a run was started, when its launcher says so (`mlci run`)
 WORKER_TAG = "mlci/worker"  # "<pid>:<start>" of the `mlci run` worker executing the run
 # The batch a run belongs to (a night, a commit, an image, an `mlci run`): the grid's columns.
-# Where no launcher set it, results derive one from the run's other tags (batch_of).
+# Where no launcher set it, one is derived from the run's other tags (launch_of).
 BATCH_TAG = "mlci/batch"
 SHA_TAG = "mlci/sha"  # the commit a tier's run tests
 TIER_TAG = "mlci/tier"
@@ -147,15 +148,30 @@ def trigger_of(tags: Mapping[str, str]) -> str:
     return "manual"
 
 
-def batch_of(tags: Mapping[str, str], trigger: str, started_at: float) -> str:
-    """The batch a run belongs to: its launcher's `mlci/batch` tag, else its commit, image
-    digest or backfill, else its trigger and UTC day."""
-    if BATCH_TAG in tags:
-        return tags[BATCH_TAG]
-    if SHA_TAG in tags:
-        return f"commit {tags[SHA_TAG][:10]}"
-    if IMAGE_DIGEST_TAG in tags:
-        return f"image {tags[IMAGE_DIGEST_TAG].removeprefix('sha256:')[:12]}"
-    if BACKFILL_TAG in tags:
-        return f"backfill {tags[BACKFILL_TAG]}"
-    return f"{trigger} {dt.datetime.fromtimestamp(started_at, dt.UTC):%Y-%m-%d}"
+@dataclass(frozen=True)
+class Launch:
+    """How a run was started and what for, as its tags say: all the Dagster-free stages know
+    of the run they are in (they read no tag)."""
+
+    trigger: str = "manual"
+    # Its launcher's batch, else its commit, image or backfill; None: a batch of its trigger
+    # and UTC day (`batch_at`).
+    batch: str | None = None
+    # The pushed image a sensor started the run for: tested even if its tag has moved on.
+    image_ref: str | None = None
+    image_digest: str | None = None
+
+    def batch_at(self, started_at: float) -> str:
+        """The batch the run belongs to: the grid's column."""
+        day = dt.datetime.fromtimestamp(started_at, dt.UTC)
+        return self.batch or f"{self.trigger} {day:%Y-%m-%d}"
+
+
+def launch_of(tags: Mapping[str, str]) -> Launch:
+    """The run's Launch, read from its tags."""
+    batch = tags.get(BATCH_TAG) or (
+        f"commit {tags[SHA_TAG][:10]}" if SHA_TAG in tags else
+        f"image {tags[IMAGE_DIGEST_TAG].removeprefix('sha256:')[:12]}" if IMAGE_DIGEST_TAG in tags
+        else f"backfill {tags[BACKFILL_TAG]}" if BACKFILL_TAG in tags else None)
+    return Launch(trigger=trigger_of(tags), batch=batch, image_ref=tags.get(IMAGE_REF_TAG),
+                  image_digest=tags.get(IMAGE_DIGEST_TAG))

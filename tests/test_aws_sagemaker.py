@@ -39,7 +39,6 @@ from mlci_dagster.providers.janitor import sweep
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.aws import SageMakerInvokePipeline, SageMakerSandbox
 from mlci_dagster.vocabulary import FailureKind
-from tests.conftest import run_partition, stage_details, write_registry
 from tests.support.aws_proxy import (
     FAKE_CREDENTIALS,
     REAL_CREDENTIALS,
@@ -47,6 +46,8 @@ from tests.support.aws_proxy import (
     create_project_and_image,
     moto_server,
 )
+from tests.support.registries import write_registry
+from tests.support.runs import run_partition, stage_details
 from tests.support.sagemaker_api import queue_invocation_results
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "aws-sagemaker"
@@ -189,7 +190,7 @@ def test_create_tags_model_config_and_endpoint_and_waits_to_in_service(provider,
     assert handle.endpoints["endpoint"] == f"{provider.settings.resolve().endpoint_url}" \
         f"/endpoints/{name}/invocations"
     assert handle.variables["MLCI_SAGEMAKER_ENDPOINT"] == name
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_invoke_passes_on_its_assertions_and_records_latency(provider, aws):
@@ -210,7 +211,7 @@ def test_invoke_passes_on_its_assertions_and_records_latency(provider, aws):
     assert "InvokeEndpoint" in Path(ok.log_ref).read_text()
     assert not bad.passed and bad.failure_kind is FailureKind.PRODUCT
     assert "predictions.0.label = 'virginica', expected 'setosa'" in bad.summary
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_invoke_sends_a_payload_file_and_a_missing_file_is_the_tests_own_fault(
@@ -226,7 +227,7 @@ def test_invoke_sends_a_payload_file_and_a_missing_file_is_the_tests_own_fault(
     result = provider.run_pipeline(handle, missing, {}, timeout_s=20)
 
     assert result.failure_kind is FailureKind.CONFIG and "nope.json" in result.summary
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_destroy_deletes_and_verifies_each_resource_and_is_idempotent(provider, sagemaker):
@@ -235,10 +236,10 @@ def test_destroy_deletes_and_verifies_each_resource_and_is_idempotent(provider, 
     report = provider.destroy(handle, timeout_s=60)
     again = provider.destroy(handle, timeout_s=60)
 
-    assert report["clean"], report["why"]
-    assert report["resources"] == {"endpoint": "gone", "endpoint-config": "gone",
+    assert report.clean, report.why
+    assert report.remote["resources"] == {"endpoint": "gone", "endpoint-config": "gone",
                                    "model": "gone"}
-    assert again["clean"]
+    assert again.clean
     for call, key in ((sagemaker.describe_endpoint, "EndpointName"),
                       (sagemaker.describe_endpoint_config, "EndpointConfigName"),
                       (sagemaker.describe_model, "ModelName")):
@@ -259,7 +260,7 @@ def test_list_live_finds_sandboxes_from_their_tags_when_the_ledger_is_wiped(prov
     assert found.expires_at == int(handle.expires_at)
     verdicts = sweep([fresh], run_over=lambda run: run == "run-lost",
                      teardown_timeout=lambda _: 60)
-    assert verdicts[0].report["clean"]
+    assert verdicts[0].report.clean
     assert fresh.list_live() == []
 
 
@@ -278,8 +279,8 @@ def test_the_janitor_reaps_an_orphaned_model_created_without_an_endpoint(provide
     verdicts = sweep([provider], run_over=lambda run: run == "run-crashed",
                      teardown_timeout=lambda _: 60)
 
-    assert [(v.sandbox_id, v.report["clean"]) for v in verdicts] == [(name, True)]
-    assert verdicts[0].report["resources"]["model"] == "gone"
+    assert [(v.sandbox_id, v.report.clean) for v in verdicts] == [(name, True)]
+    assert verdicts[0].report.remote["resources"]["model"] == "gone"
     assert [m["ModelName"] for m in sagemaker.list_models()["Models"]] == ["mlci-not-ours"]
 
 
@@ -325,7 +326,7 @@ def test_a_failed_endpoint_fails_the_wait_with_its_reason(provider, tmp_path):
     assert raised.value.kind == "product"
     assert "EndpointStatus Failed" in Path(raised.value.log_ref).read_text()
     provider._clients.clear()
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 # --- registry ------------------------------------------------------------------------------

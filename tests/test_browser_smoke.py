@@ -14,15 +14,8 @@ import dagster as dg
 
 from mlci_dagster.common.chromium import CHROMIUM_ENV
 from mlci_dagster.event_log import RESULTS_ASSET
-from tests.conftest import (
-    PY,
-    assert_no_leaks,
-    command_pipeline,
-    config,
-    run_partition,
-    stage_details,
-    write_registry,
-)
+from tests.support.registries import PY, command_pipeline, config, write_registry
+from tests.support.runs import assert_no_leaks, run_partition, stage_details
 from tests.support.services import CHROMIUM, needs
 
 SHELL = '<!doctype html><html><head><title>Runs</title></head><body><div id="root"></div>' \

@@ -17,21 +17,15 @@ import dagster as dg
 import psutil
 import pytest
 
-from mlci_dagster.providers.base import left_behind
-from mlci_dagster.providers.handle import SandboxHandle
+from mlci_dagster.providers.handle import DestroyReport, SandboxHandle
 from mlci_dagster.providers.janitor import registry_teardown_timeout, sweep
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import load_registry
 from mlci_dagster.registry.models import DEFAULT_TIMEOUTS_S
 from mlci_dagster.vocabulary import STAGES, Stage
-from tests.conftest import (
-    PY,
-    http_service,
-    latest_record,
-    processes_of_sandbox,
-    stage_details,
-)
 from tests.support.injection import inject, write_registry
+from tests.support.registries import PY, http_service
+from tests.support.runs import latest_record, processes_of_sandbox, stage_details
 
 
 # Every stage is in benchmarks/failure_injection.py; CI keeps the stages with a sandbox alive.
@@ -84,8 +78,8 @@ def a_port_kept_busy(provider: LocalProvider, handle: SandboxHandle) -> Iterator
 
 @pytest.fixture
 def provider_registry(tmp_path: Path) -> tuple[LocalProvider, Path]:
-    from tests.conftest import config
-    from tests.conftest import write_registry as write
+    from tests.support.registries import config
+    from tests.support.registries import write_registry as write
 
     root = write(tmp_path / "reg", [config("c", sandbox={"services": [http_service()]})])
     return LocalProvider(tmp_path / "home"), root
@@ -112,7 +106,7 @@ def test_janitor_reaps_a_sandbox_whose_process_died_and_keeps_live_ones(provider
 
     assert {v.sandbox_id for v in dry if v.reason} == {crashed}
     assert "lost its process" in verdicts[crashed].reason
-    assert verdicts[crashed].report["clean"]
+    assert verdicts[crashed].report.clean
     assert processes_of_sandbox(crashed) == []
     assert verdicts[alive.sandbox_id].reason == ""  # kept: its run is alive
     assert processes_of_sandbox(alive.sandbox_id) != []
@@ -183,21 +177,22 @@ def test_the_teardown_stage_says_in_words_what_a_destroy_left(provider_registry,
 
 
 def test_a_destroy_report_is_said_in_words_whichever_provider_made_it():
-    local = {"clean": False, "process_groups": [4100], "escaped_group": [],
-             "leaked_pids": {"web": [4121, 4122], "outside their group": [4130]},
-             "busy_ports": [8123], "workdir_left": True}
-    remote = {"clean": False, "why": "namespace s-e1-1 is Terminating (finalizers: x/y)",
-              "leaked_pids": {}, "busy_ports": [], "workdir_left": False}
+    local = DestroyReport(False, process_groups=["web"],
+                          leaked_pids={"web": [4121, 4122], "outside their group": [4130]},
+                          busy_ports=[8123], workdir_left=True)
+    remote = DestroyReport(False, "namespace s-e1-1 is Terminating (finalizers: x/y)")
 
-    assert left_behind(local) == ("processes left: web 4121 4122, outside their group 4130; "
-                                  "ports still in use: 8123; work directory left")
-    assert left_behind(remote) == "namespace s-e1-1 is Terminating (finalizers: x/y)"
-    assert left_behind({"clean": True, "leaked_pids": {}, "busy_ports": []}) == ""
+    assert local.left_behind() == ("processes left: web 4121 4122, outside their group 4130; "
+                                   "ports still in use: 8123; work directory left")
+    assert remote.left_behind() == "namespace s-e1-1 is Terminating (finalizers: x/y)"
+    assert DestroyReport(True).left_behind() == ""
+    assert DestroyReport(False).left_behind() == \
+        "the provider could not verify that nothing is left"
 
 
 def test_the_janitor_gives_a_sandbox_its_configs_teardown_s_or_the_registry_default(tmp_path):
-    from tests.conftest import config
-    from tests.conftest import write_registry as write
+    from tests.support.registries import config
+    from tests.support.registries import write_registry as write
 
     root = write(tmp_path / "reg", [config("quick", timeouts={"teardown_s": 2}),
                                     config("plain")])
@@ -236,8 +231,8 @@ def test_janitor_sensor_reports_what_it_reaped_as_metadata(instance, provider_re
 
 def slow_registry(root: Path) -> Path:
     """Config `slow`: a web service and a 30 s pipeline, so a kill lands in pipeline_runs."""
-    from tests.conftest import command_pipeline, config
-    from tests.conftest import write_registry as write
+    from tests.support.registries import command_pipeline, config
+    from tests.support.registries import write_registry as write
 
     return write(root, [config("slow", pipelines=[command_pipeline(
         "train", "import time; time.sleep(30)", timeout_s=60)])])

@@ -9,7 +9,7 @@ import subprocess
 import dagster as dg
 
 from mlci_dagster.paths import LOCAL_EXAMPLE
-from tests.conftest import PY, config, write_registry
+from tests.support.registries import PY, config, write_registry
 
 
 def mlci(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:

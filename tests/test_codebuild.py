@@ -26,7 +26,6 @@ from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
 from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.vocabulary import FailureKind, Status
-from tests.conftest import config, write_registry
 from tests.support.aws_proxy import (
     FAKE_CREDENTIALS,
     REAL_CREDENTIALS,
@@ -36,6 +35,7 @@ from tests.support.aws_proxy import (
     log_names,
     moto_server,
 )
+from tests.support.registries import config, write_registry
 
 PROJECT = "iris-serve-image"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/ml/iris-serve:nightly"
@@ -111,11 +111,11 @@ def test_a_succeeded_build_records_the_digest_ecr_describes(aws, tmp_path):
     outcome = run_image_stage(tmp_path)
 
     assert outcome.status is Status.PASS, outcome.error_summary
-    assert outcome.details["digest"] == digest
-    assert outcome.details["ref"] == IMAGE
-    assert outcome.details["build_id"].startswith(f"{PROJECT}:")
+    assert outcome.details.digest == digest
+    assert outcome.details.ref == IMAGE
+    assert outcome.details.build_id.startswith(f"{PROJECT}:")
     # What `${image.<attribute>}` may name with a CodeBuild image (the registry checks it).
-    assert set(outcome.details) == set(IMAGE_ATTRIBUTES["image.build.codebuild"])
+    assert set(outcome.details.attributes()) == set(IMAGE_ATTRIBUTES["image.build.codebuild"])
     [started] = aws.called("StartBuild")
     assert started["projectName"] == PROJECT
     assert started["sourceVersion"] == "refs/heads/main"
@@ -135,8 +135,8 @@ def test_with_inputs_an_unchanged_key_reuses_the_digest_and_a_change_builds_agai
     image["build"]["codebuild"]["source_version"] = "refs/heads/release"
     third = run_image_stage(tmp_path, image)
 
-    assert [o.details["cached"] for o in (first, second, third)] == [False, True, False]
-    assert first.details["digest"] == second.details["digest"] == digest
+    assert [o.details.cached for o in (first, second, third)] == [False, True, False]
+    assert first.details.digest == second.details.digest == digest
     assert len(aws.called("StartBuild")) == 2
 
 
@@ -170,7 +170,7 @@ def test_a_failed_build_is_a_product_failure_with_its_log_tail(aws, tmp_path):
     # The last 30 lines of the 42 the build wrote: two echoed variables and steps 1 to 40.
     assert summary.endswith("\n#040")
     assert "\n#011\n" in summary and "#010" not in summary
-    assert outcome.details["build_status"] == "FAILED"
+    assert outcome.details.build_status == "FAILED"
 
 
 def test_a_secret_in_an_environment_override_never_reaches_the_summary(aws, tmp_path):
@@ -198,7 +198,7 @@ def test_a_build_past_the_image_timeout_is_stopped_and_is_a_timeout(aws, tmp_pat
     assert outcome.failure_kind is FailureKind.TIMEOUT
     assert "still IN_PROGRESS in phase BUILD after 1s" in outcome.error_summary
     assert "building layer 3/7" in outcome.error_summary
-    assert aws.called("StopBuild") == [{"id": outcome.details["build_id"]}]
+    assert aws.called("StopBuild") == [{"id": outcome.details.build_id}]
     assert outcome.duration_s < 10
 
 

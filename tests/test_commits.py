@@ -23,9 +23,10 @@ from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
 from mlci_dagster.operations import qualified_releases
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.tiers.commits import CommitError, label_event
-from tests.conftest import QUIET, command_pipeline, config
 from tests.support.git_repo import commit, git
 from tests.support.github_api import GITHUB_TOKEN, REPO, FakeServices, serve_fake_services
+from tests.support.registries import command_pipeline, config
+from tests.support.runs import QUIET
 
 TIERS = {"merge": {"trigger": "merge"},
          "pr": {"trigger": "pull_request", "selection": "changed"},

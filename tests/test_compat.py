@@ -9,7 +9,8 @@ from mlci_dagster import compat
 from mlci_dagster.assets.partitions import multi_partition_key
 from mlci_dagster.definitions import HISTORY_JOB, LIFECYCLE_JOB, build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
-from tests.conftest import QUIET, config, result_record, write_registry
+from tests.support.registries import config, write_registry
+from tests.support.runs import QUIET, result_record
 
 
 def test_report_run_failed_marks_a_started_run_failed(instance):

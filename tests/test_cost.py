@@ -24,7 +24,8 @@ from mlci_dagster.history.render import report_table
 from mlci_dagster.history.table import append_rows, record_to_row
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.models import BudgetSettings, CostSettings, HistorySettings, TestConfig
-from tests.conftest import config, result_record, write_registry
+from tests.support.registries import config, write_registry
+from tests.support.runs import result_record
 
 ROLE = "arn:aws:iam::123456789012:role/sagemaker"
 

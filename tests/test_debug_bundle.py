@@ -9,7 +9,8 @@ from pathlib import Path
 import dagster as dg
 
 from mlci_dagster.event_log import RESULTS_ASSET
-from tests.conftest import command_pipeline, config, leaky_registry, run_partition, write_registry
+from tests.support.registries import command_pipeline, config, leaky_registry, write_registry
+from tests.support.runs import run_partition
 
 
 def bundle_members(path: str | Path) -> dict[str, str]:

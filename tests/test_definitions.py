@@ -9,7 +9,7 @@ import dagster as dg
 from mlci_dagster.assets.partitions import multi_partition_key
 from mlci_dagster.definitions import HISTORY_JOB, LIFECYCLE_JOB, build_definitions, defs
 from mlci_dagster.paths import LOCAL_EXAMPLE
-from tests.conftest import config, write_registry
+from tests.support.registries import config, write_registry
 
 STAGES = ["image", "sandbox", "pipeline_runs", "ui_smoke", "teardown", "results"]
 

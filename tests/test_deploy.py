@@ -1,9 +1,9 @@
 """deploy/: the production instance (dagster.yaml), the code-location image (Dockerfile) and the
 official Dagster Helm chart's values, held to each other; and dagster-k8s's K8sRunLauncher, as
 deploy/dagster.yaml configures it, launching a run from a real webserver and daemon into the
-loopback Kubernetes API emulation (tests/support/kube_api.py: the official client's wire
-protocol; its controller plays the Job controller and kubelet, no container runs), where run
-monitoring sees the Job fail and marks the run failed."""
+loopback Kubernetes API emulation (tests/support/kube_wire.py: the official client's wire
+protocol; its controller, tests/support/kube_controller.py, plays the Job controller and
+kubelet, no container runs), where run monitoring sees the Job fail and marks the run failed."""
 
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ from mlci_dagster import cli
 from mlci_dagster.definitions import HISTORY_JOB
 from mlci_dagster.launch.coordinator import PoolTaggingRunCoordinator
 from mlci_dagster.vocabulary import POOL_TAG
-from tests.conftest import PY
 from tests.support.dagster_services import LAUNCH_RUN, daemon, graphql, wait_until, webserver
-from tests.support.kube_api import KubeApiServer, KubeController
+from tests.support.kube_controller import KubeController
 from tests.support.kube_rbac import Attributes, Policy, User
+from tests.support.kube_wire import KubeApiServer
+from tests.support.registries import PY
 from tests.support.services import HADOLINT, YAMLLINT, require
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,8 +33,8 @@ from mlci_dagster.registry import loader
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.registry.models import TestConfig
 from mlci_dagster.vocabulary import FailureKind
-from tests.conftest import run_partition, stage_details
 from tests.support.dagster_services import wait_until
+from tests.support.runs import run_partition, stage_details
 from tests.support.services import SSHD, require
 from tests.support.tpu_api import LoopbackSshd, TpuApiServer
 
@@ -84,7 +84,7 @@ def sandbox(tmp_path: Path, api: TpuApiServer, sshd: LoopbackSshd
                              engine_variables={"MLCI_FRAMEWORK": "jax"}, teardown_s=60)
     provider.wait_until_ready(handle, spec, timeout_s=20)
     yield provider, handle
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def ssh_pipeline(name: str, command: list[str] | str, **extra: Any) -> SshCommandPipeline:
@@ -170,7 +170,7 @@ def test_create_records_the_handle_before_the_node_and_labels_a_ready_spot_node(
     assert handle.state["ip"] == "127.0.0.1"
     assert [c["object"] for c in checks] == ["create operation", f"node {handle.sandbox_id}",
                                              "ssh"]
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_a_failed_create_operation_fails_the_sandbox_as_infra(tmp_path, api, sshd):
@@ -185,7 +185,7 @@ def test_a_failed_create_operation_fails_the_sandbox_as_infra(tmp_path, api, ssh
 
     assert error.value.kind == "infra"
     assert "no more capacity" in str(error.value) and "create_node" in str(error.value)
-    assert provider.destroy(handle, timeout_s=60)["clean"]  # nothing exists: idempotent
+    assert provider.destroy(handle, timeout_s=60).clean  # nothing exists: idempotent
 
 
 def test_a_node_preempted_before_it_is_ready_fails_the_sandbox_as_infra(tmp_path, api, sshd):
@@ -201,7 +201,7 @@ def test_a_node_preempted_before_it_is_ready_fails_the_sandbox_as_infra(tmp_path
         provider.wait_until_ready(handle, spec, timeout_s=10)
 
     assert error.value.kind == "infra"
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_ssh_that_refuses_the_key_fails_readiness_naming_ssh(tmp_path, api, sshd, monkeypatch):
@@ -219,7 +219,7 @@ def test_ssh_that_refuses_the_key_fails_readiness_naming_ssh(tmp_path, api, sshd
 
     assert error.value.kind in ("infra", "timeout")
     assert stranger.read_text().splitlines()[1] not in str(error.value)
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 # --- ssh_command pipelines -------------------------------------------------------------------
@@ -336,12 +336,12 @@ def test_destroy_deletes_waits_and_verifies_not_found(tmp_path, api, sshd):
     report = provider.destroy(handle, timeout_s=60)
 
     assert any(a.endswith("tpu-node.json") for a in artifacts)
-    assert report["clean"] and report["node_gone"], report
+    assert report.clean and report.remote["node_gone"], report
     assert api.state.nodes == {}
     assert ("DELETE", f"/v2/{handle.state['node']}") in api.requests
     assert api.requests[-1] == ("GET", f"/v2/{handle.state['node']}")  # the 404 that proves it
     assert provider.ledger.live() == []
-    assert provider.destroy(handle, timeout_s=60)["clean"]  # idempotent
+    assert provider.destroy(handle, timeout_s=60).clean  # idempotent
 
 
 def test_list_live_and_the_janitor_find_nodes_by_label_when_the_ledger_is_lost(
@@ -364,7 +364,7 @@ def test_list_live_and_the_janitor_find_nodes_by_label_when_the_ledger_is_lost(
                      teardown_timeout=lambda _: 60)
     assert [(v.sandbox_id, v.reason) for v in verdicts] == [
         (handle.sandbox_id, f"run {RUN_ID[:8]} is over")]
-    assert verdicts[0].report["node_gone"]
+    assert verdicts[0].report.remote["node_gone"]
     assert [n.rsplit("/", 1)[-1] for n in api.state.nodes] == ["someone-elses"]
 
 
@@ -472,7 +472,7 @@ def test_the_provider_is_found_by_name_and_finds_the_nodes_of_its_project_and_zo
         assert build_provider("gcp-tpu-vm", tmp_path / "other-zone",
                               settings=elsewhere).list_live() == []
     finally:
-        assert creator.destroy(handle, timeout_s=60)["clean"]
+        assert creator.destroy(handle, timeout_s=60).clean
     with pytest.raises(KeyError, match="unknown provider 'gcp-tpu' .*gcp-tpu-vm"):
         build_provider("gcp-tpu", tmp_path)
 

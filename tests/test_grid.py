@@ -12,7 +12,7 @@ from mlci_dagster.history.grid import render_grid
 from mlci_dagster.history.render import report_table
 from mlci_dagster.history.table import append_rows, record_to_row
 from mlci_dagster.registry.models import HistorySettings
-from tests.conftest import result_record
+from tests.support.runs import result_record
 from tests.support.services import CHROMIUM, require
 
 NIGHT = 1_780_000_000.0  # 2026-05-28 20:26:40Z

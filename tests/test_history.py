@@ -7,7 +7,8 @@ from pathlib import Path
 import dagster as dg
 
 from mlci_dagster.definitions import HISTORY_JOB, build_definitions
-from tests.conftest import PY, QUIET, command_pipeline, config, run_partition, write_registry
+from tests.support.registries import PY, command_pipeline, config, write_registry
+from tests.support.runs import QUIET, run_partition
 
 BUILD = [PY, "-c", "import os, shutil; shutil.copy('platform/version.txt', "
                    "os.environ['MLCI_IMAGE_DIR'])"]
@@ -90,7 +91,7 @@ def test_flaky_partition_turns_its_check_red(instance, tmp_path, monkeypatch):
 def test_history_update_sensor_catches_up_on_results_recorded_while_it_was_off(instance,
                                                                              tmp_path):
     from mlci_dagster.event_log import RESULTS_ASSET
-    from tests.conftest import result_record
+    from tests.support.runs import result_record
 
     registry = write_registry(tmp_path / "reg", [config("a")])
     definitions = build_definitions(registry)

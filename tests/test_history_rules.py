@@ -19,7 +19,7 @@ from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.render import failure_notes, regression_text, report_table
 from mlci_dagster.history.table import append_rows, record_to_row
 from mlci_dagster.registry.models import HistorySettings
-from tests.conftest import result_record as record
+from tests.support.runs import result_record as record
 
 SETTINGS = HistorySettings(alert_open_after=2, alert_close_after=2, flaky_window=10,
                            slowdown_baseline_runs=10, slowdown_min_samples=5,
@@ -366,7 +366,7 @@ def committed_registry(root, message: str):
     """A registry inside a git repository of its own (a product's), at a commit of its own."""
     import subprocess
 
-    from tests.conftest import config, write_registry
+    from tests.support.registries import config, write_registry
 
     write_registry(root, [config("a")])
     (root / "product.txt").write_text(message)
@@ -382,6 +382,7 @@ def test_a_commit_to_the_registry_s_repository_is_no_harness_change(tmp_path):
     and the first failure changed the product (a new image), not the harness that tested it."""
     from mlci_dagster.registry import load_registry
     from mlci_dagster.stages.context import LifecycleContext
+    from mlci_dagster.stages.details import ImageDetails
     from mlci_dagster.stages.outcome import StageClock
     from mlci_dagster.stages.results import build_record
     from mlci_dagster.vocabulary import FailureKind, Stage
@@ -391,10 +392,10 @@ def test_a_commit_to_the_registry_s_repository_is_no_harness_change(tmp_path):
         root = committed_registry(tmp_path / name, name)
         ctx = LifecycleContext.create(load_registry(root), "a", "e1", f"run-{name}",
                                       tmp_path / "home")
-        outcomes = [StageClock(Stage.IMAGE).passed(digest=digest)]
+        outcomes = [StageClock(Stage.IMAGE).passed(ImageDetails(digest=digest))]
         if fails:
             outcomes.append(StageClock(Stage.SANDBOX).failed(FailureKind.PRODUCT, "it broke"))
-        records.append(build_record(ctx, outcomes, trigger="manual"))
+        records.append(build_record(ctx, outcomes))
 
     rows = report_rows(records, [])
 

@@ -34,9 +34,10 @@ from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
 from mlci_dagster.vocabulary import FailureKind, Status
-from tests.conftest import PY, QUIET, config, stage_details, write_registry
 from tests.support.dagster_services import VENV_BIN, daemon, service_env, wait_until
 from tests.support.loopback import OCI_MANIFEST, REGISTRY_BIN, background, push_image, sha256
+from tests.support.registries import PY, config, write_registry
+from tests.support.runs import QUIET, stage_details
 
 ECR_HOST = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 # The one-liner of the README, for a GitHub Actions step after `docker push`.
@@ -229,9 +230,9 @@ def test_image_registry_token_variable_must_be_a_declared_secret(tmp_path):
 # --- the image stage -------------------------------------------------------------------------
 
 
-def image_outcome(registry: Path, dagster_home: Path, run_tags: dict[str, str] | None = None):
+def image_outcome(registry: Path, dagster_home: Path):
     ctx = LifecycleContext.create(load_registry(registry), "a", "e1", "run-1",
-                                  dagster_home / "mlci", run_tags=run_tags)
+                                  dagster_home / "mlci")
     return build_image(ctx)
 
 
@@ -245,7 +246,7 @@ def test_image_stage_resolves_a_declared_registry_tag_to_its_current_digest(
     outcome = image_outcome(registry, dagster_home)
 
     assert outcome.status is Status.PASS
-    assert outcome.details["digest"] == digest
+    assert outcome.details.digest == digest
 
 
 def test_image_stage_fails_as_infra_naming_the_registry_when_it_is_unreachable(

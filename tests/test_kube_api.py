@@ -33,18 +33,9 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.watch import Watch
 
-from tests.support.kube_api import (
-    NAMESPACE_DELETION_S,
-    RESOURCE_TYPES,
-    STUCK_FINALIZER,
-    TRACEBACK,
-    Failure,
-    KubeApiServer,
-    KubeController,
-    ManualClock,
-    wait_until,
-    write_exec_plugin,
-)
+from tests.support.kube_controller import STUCK_FINALIZER, TRACEBACK, Failure, KubeController
+from tests.support.kube_store import NAMESPACE_DELETION_S, RESOURCE_TYPES, ManualClock, wait_until
+from tests.support.kube_wire import KubeApiServer, write_exec_plugin
 
 
 @pytest.fixture

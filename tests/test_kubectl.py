@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.kube_api import KubeApiServer, KubeController, echo_backend
+from tests.support.kube_controller import KubeController
+from tests.support.kube_wire import KubeApiServer, echo_backend
 from tests.support.services import DEBIAN_KUBECTL, KUBECTL, KUBECTL_DEBIAN, needs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """Cleanup in layers on the Kubernetes provider, against the loopback API emulator
-(tests/support/kube_api.py) spoken to through the official client: a SIGKILLed lifecycle leaves
+(tests/support/kube_wire.py) spoken to through the official client: a SIGKILLed lifecycle leaves
 no namespace once the janitor and the run-failure sensor have run, and the janitor reaps a
 namespace it knows only from the cluster's labels when the local ledger is lost. What is left is
 counted through the API: the mlci-labelled namespaces it still lists."""
@@ -75,5 +75,6 @@ def test_the_janitor_reaps_a_namespace_known_only_by_its_labels_when_the_ledger_
     [observation] = result.asset_events
     [reaped] = observation.metadata["sandboxes"].value
     assert (reaped["sandbox_id"], reaped["run_id"]) == (handle.sandbox_id, run_id)
-    assert reaped["report"]["clean"] and reaped["report"]["namespace_gone"], reaped["report"]
+    assert reaped["report"]["clean"] and reaped["report"]["remote"]["namespace_gone"], \
+        reaped["report"]
     assert listed_namespaces(kubeconfig, run_id) == []

@@ -1,7 +1,7 @@
 """The Kubernetes client's retry policy and log reading: the policy's rules by tables (pure, on
 exceptions as the official client raises them), the one `_call` loop every API call goes
 through on a clock the tests move, and both against the loopback API emulator
-(tests/support/kube_api.py) with faults injected as a real server answers them.
+(tests/support/kube_wire.py) with faults injected as a real server answers them.
 
 The rules are client-go's (k8s.io/client-go rest/with_retry.go IsNextRetry, checkWait;
 request.go: a reset connection is retried for GETs only): 429 and any 5xx with Retry-After after
@@ -26,14 +26,9 @@ from mlci_dagster.providers.kubernetes.client import (
     KubeError,
     RetryPolicy,
 )
-from tests.support.kube_api import (
-    TRACEBACK,
-    TYPES,
-    KubeApiServer,
-    KubeController,
-    ManualClock,
-    wait_until,
-)
+from tests.support.kube_controller import TRACEBACK, KubeController
+from tests.support.kube_store import TYPES, ManualClock, wait_until
+from tests.support.kube_wire import KubeApiServer
 
 
 def refusal(status: int, retry_after: str | None = None, body: Any = None) -> k8s.ApiException:

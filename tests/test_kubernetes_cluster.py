@@ -18,7 +18,7 @@ import yaml
 from kubernetes import client, config
 
 from mlci_dagster.paths import EXAMPLE_REGISTRY
-from tests.conftest import run_partition
+from tests.support.runs import run_partition
 
 KUBECONFIG = os.environ.get("MLCI_KUBECONFIG", "")
 IMAGE = os.environ.get("MLCI_K8S_IMAGE", "")

@@ -1,7 +1,7 @@
 """The Kubernetes example (examples/ml-platform-k8s) through the whole lifecycle, as Dagster runs
 on a real instance, against an emulated Kubernetes API server, as the run pods' service account.
 
-The API server is tests/support/kube_api.py on loopback, spoken to by the official `kubernetes`
+The API server is tests/support/kube_wire.py on loopback, spoken to by the official `kubernetes`
 client over real HTTP, with authentication and RBAC on: an admin applies deploy/rbac.yaml (and
 makes the namespace and service account the chart would), and the lifecycle runs with a token of
 `system:serviceaccount:mlci:mlci-run`, the account deploy/dagster.yaml gives the run pods, and
@@ -36,8 +36,10 @@ from kubernetes import client as k8s
 from kubernetes import utils as k8s_utils
 
 from mlci_dagster.paths import EXAMPLE_REGISTRY
-from tests.conftest import run_partition, stage_details
-from tests.support.kube_api import KubeApiServer, KubeController, condition_is
+from tests.support.kube_controller import KubeController
+from tests.support.kube_store import condition_is
+from tests.support.kube_wire import KubeApiServer
+from tests.support.runs import run_partition, stage_details
 
 EXAMPLE_K8S = EXAMPLE_REGISTRY.parent / "ml-platform-k8s"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

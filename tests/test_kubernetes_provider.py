@@ -56,17 +56,10 @@ from mlci_dagster.stages.lifecycle import run_lifecycle
 from mlci_dagster.stages.results import build_record
 from mlci_dagster.stages.ui_smoke import check_route
 from mlci_dagster.vocabulary import FailureKind, Stage
-from tests.conftest import config, write_registry
-from tests.support.kube_api import (
-    TRACEBACK,
-    TYPES,
-    KubeApiServer,
-    KubeController,
-    ManualClock,
-    echo_backend,
-    wait_until,
-    write_exec_plugin,
-)
+from tests.support.kube_controller import TRACEBACK, KubeController
+from tests.support.kube_store import TYPES, ManualClock, wait_until
+from tests.support.kube_wire import KubeApiServer, echo_backend, write_exec_plugin
+from tests.support.registries import config, write_registry
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -494,7 +487,7 @@ def test_ready_when_every_deployment_and_statefulset_is_and_every_service_has_a_
     assert all(p["ready"] for p in probes)
     service = next(p for p in probes if p["object"].startswith("Service"))
     assert service["why"] == "1/1 pods (app=web) ready behind it"
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_explicit_ready_checks_by_name_selector_and_condition(provider):
@@ -571,8 +564,8 @@ def test_a_ui_route_hit_before_its_pods_are_ready_fails_naming_the_proxys_answer
 
     check = check_route(route, handle.endpoints["web"], {}, provider.http(handle))
 
-    assert check["status"] is None
-    [problem] = check["problems"]
+    assert check.status is None
+    [problem] = check.problems
     assert problem.startswith(f"GET {handle.endpoints['web']}/health: ServiceProxyRefusal: "
                               "the API server's service proxy answered 503 ServiceUnavailable "
                               f"for service http:web:8080 in namespace {handle.sandbox_id}: "
@@ -612,7 +605,7 @@ def test_a_crash_looping_deployment_is_a_product_failure_naming_its_pod_and_even
     assert f"last lines of pod {pod} container app:\n{TRACEBACK}\nrecent warnings" in message
     assert message.splitlines()[-1].startswith(f"  Warning BackOff pod/{pod}: Back-off")
     assert Path(failed.value.log_ref).read_text() == message
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 @pytest.mark.parametrize("failure, kind, evidence", [
@@ -630,7 +623,7 @@ def test_a_deployment_that_cannot_start_says_why(provider, kube, failure, kind, 
     assert failed.value.kind == kind, str(failed.value)
     assert evidence in str(failed.value) and "Deployment web" in str(failed.value)
     assert time.monotonic() - started < 5
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_a_failed_create_deletes_what_it_made_and_names_the_document(provider, kube, registry):
@@ -679,7 +672,7 @@ def test_cluster_scoped_objects_go_with_their_sandbox_and_are_never_shared(provi
         str(clash.value)
     assert "name it per sandbox, with ${sandbox.id}" in str(clash.value)
     assert "shared-train" in server.namespaces()  # the clash deleted only its own
-    assert provider.destroy(first, timeout_s=10)["clean"]
+    assert provider.destroy(first, timeout_s=10).clean
     assert [n for n in server.namespaces() if n.startswith(("train-", "shared-"))] == []
 
 
@@ -703,7 +696,7 @@ def test_k8s_job_passes_with_outputs_captured_from_its_logs(provider, kube):
     job = server.objects("Job", handle.sandbox_id)[0]
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == [
         "--store", f"{handle.sandbox_id}-store"]
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_k8s_job_that_fails_is_a_product_failure_with_its_log_tail(provider, kube):
@@ -876,7 +869,7 @@ def test_a_client_certificate_over_tls_reaches_the_cluster_and_its_services(
         assert server.url.startswith("https://")
         assert response.status_code == 200, response.text
         assert response.json() == {"path": "/ping", "ok": True}
-        assert report["clean"], report
+        assert report.clean, report
         users = {user for user, _, _ in server.request_log}
         assert users == {"kind-admin"}, users
         with pytest.raises(requests.exceptions.SSLError):  # the server's CA is its own
@@ -946,7 +939,7 @@ def test_an_exec_plugins_token_is_fetched_again_when_it_is_rotated(tmp_path, kub
 
     assert response.status_code == 200, response.text
     assert len(Path(f"{plugin[0]}.calls").read_text().splitlines()) > calls
-    assert provider.destroy(handle, timeout_s=10)["clean"]
+    assert provider.destroy(handle, timeout_s=10).clean
 
 
 def test_an_in_cluster_token_file_is_read_again_after_it_rotates(tmp_path):
@@ -1002,8 +995,8 @@ def test_an_unreachable_cluster_is_infra_and_its_sandbox_stays_in_the_ledger(pro
         provider.wait_until_ready(handle, sandbox(), timeout_s=0.3)
     assert unready.value.kind == "infra" and "cannot reach the API server" in str(unready.value)
     report = provider.destroy(handle, timeout_s=2)
-    assert not report["clean"] and "could not be deleted" in report["why"]
-    assert "cannot reach the API server" in report["why"]
+    assert not report.clean and "could not be deleted" in report.why
+    assert "cannot reach the API server" in report.why
     assert [h.sandbox_id for h in provider.ledger.live()] == [handle.sandbox_id]
 
 
@@ -1011,12 +1004,12 @@ def test_destroy_deletes_the_namespace_verifies_it_and_is_idempotent(provider, k
     server, _ = kube
     handle = create(provider)
     report = provider.destroy(handle, timeout_s=10)
-    assert report["clean"] and report["namespace_gone"], report
+    assert report.clean and report.remote["namespace_gone"], report
     assert handle.sandbox_id not in server.namespaces()
     assert server.objects(namespace=handle.sandbox_id) == []
     assert provider.ledger.live() == [] and not Path(handle.workdir).exists()
     assert ("DELETE", f"/api/v1/namespaces/{handle.sandbox_id}") in server.requests
-    assert provider.destroy(handle, timeout_s=2)["clean"]
+    assert provider.destroy(handle, timeout_s=2).clean
 
 
 def test_a_namespace_that_takes_20s_to_go_is_torn_down_clean_within_the_default_teardown(
@@ -1044,11 +1037,11 @@ def test_a_namespace_that_takes_20s_to_go_is_torn_down_clean_within_the_default_
         report = provider.destroy(patient, timeout_s=DEFAULT_TIMEOUTS_S[Stage.TEARDOWN])
         waited = clock.now - started
 
-        assert not too_short["clean"] and not too_short["namespace_gone"]
-        assert f"namespace {hurried.sandbox_id} is Terminating" in too_short["why"]
+        assert not too_short.clean and not too_short.remote["namespace_gone"]
+        assert f"namespace {hurried.sandbox_id} is Terminating" in too_short.why
         assert "NamespaceContentRemaining: Some resources are remaining: pods. has 2 " \
-               "resource instances" in too_short["why"]
-        assert report["clean"] and report["namespace_gone"], report
+               "resource instances" in too_short.why
+        assert report.clean and report.remote["namespace_gone"], report
         assert 20 <= waited <= 22  # its 20 s, and a poll's worth
         assert patient.sandbox_id not in server.namespaces()
         assert [h.sandbox_id for h in provider.ledger.live()] == [hurried.sandbox_id]
@@ -1064,9 +1057,9 @@ def test_a_namespace_stuck_terminating_is_not_clean_and_names_its_finalizer(prov
     wait_until(lambda: "mlci.test/never-released" in json.dumps(
         server.objects("Namespace")), what="the finalizer")
     report = provider.destroy(handle, timeout_s=1)
-    assert not report["clean"] and not report["namespace_gone"]
-    assert "is Terminating" in report["why"]
-    assert "mlci.test/never-released" in report["why"]
+    assert not report.clean and not report.remote["namespace_gone"]
+    assert "is Terminating" in report.why
+    assert "mlci.test/never-released" in report.why
     assert [h.sandbox_id for h in provider.ledger.live()] == [handle.sandbox_id]
 
 
@@ -1084,7 +1077,7 @@ def test_list_live_finds_a_sandbox_from_the_cluster_alone_and_the_janitor_reaps_
                      teardown_timeout=lambda _: 60)
     assert [(v.sandbox_id, v.reason) for v in verdicts] == [
         (handle.sandbox_id, "run crashed- is over")]
-    assert verdicts[0].report["clean"]
+    assert verdicts[0].report.clean
     assert handle.sandbox_id not in server.namespaces()
     assert fresh.list_live() == []
 
@@ -1143,7 +1136,7 @@ def test_a_cluster_created_per_sandbox_is_deleted_with_it(provider, kube, regist
         cluster["name"]]
     assert handle.sandbox_id in kube[0].namespaces()
     report = provider.destroy(handle, timeout_s=10)
-    assert report["clean"] and report["cluster"] == cluster["name"]
+    assert report.clean and report.remote["cluster"] == cluster["name"]
     assert json.loads(state.read_text()) == []
     calls = Path(str(state) + ".calls").read_text().splitlines()
     assert calls[0].startswith(f"cluster create {cluster['name']} --wait")
@@ -1191,21 +1184,21 @@ def test_the_lifecycle_runs_on_a_namespace_and_always_tears_it_down(kube, backen
                         "pipeline_runs": "fail" if job_fails else "pass",
                         "ui_smoke": "skip" if job_fails else "pass", "teardown": "pass"}, \
         {stage: o.error_summary for stage, o in outcomes.items()}
-    handle = outcomes["sandbox"].details["handle"]
-    assert handle["sandbox_id"] not in server.namespaces()
+    handle = outcomes["sandbox"].details.handle
+    assert handle.sandbox_id not in server.namespaces()
     assert ctx.provider.list_live() == []
     if job_fails:
         assert str(outcomes["pipeline_runs"].failure_kind) == "product"
         assert outcomes["pipeline_runs"].error_summary.startswith(
             "pipeline 'train': Job train failed: Failed=True (BackoffLimitExceeded)")
-        bundle = outcomes["teardown"].details["debug_bundle"]
+        bundle = outcomes["teardown"].details.debug_bundle
         with tarfile.open(bundle) as tar:
             names = {Path(n).name for n in tar.getnames()}
         assert {"k8s-events.json", "k8s-objects.json", "pipeline-train.log"} <= names
     else:
-        assert outcomes["pipeline_runs"].details["outputs"] == {"train": {"run_id": "42"}}
-        route = outcomes["ui_smoke"].details["routes"][0]
-        assert route["url"] == f"{handle['endpoints']['web']}/health?run=42"
+        assert outcomes["pipeline_runs"].details.outputs == {"train": {"run_id": "42"}}
+        route = outcomes["ui_smoke"].details.routes[0]
+        assert route.url == f"{handle.endpoints['web']}/health?run=42"
 
 
 def test_a_teardown_that_leaves_a_namespace_terminating_is_an_outage_naming_its_finalizer(
@@ -1234,7 +1227,7 @@ def test_a_teardown_that_leaves_a_namespace_terminating_is_an_outage_naming_its_
     # Still listed, for the janitor to try again.
     assert [h.config for h in ctx.provider.list_live()] == ["stuck"]
     # History counts it as an outage: not a flake of this build, nor a regression to bisect.
-    stuck = build_record(ctx, outcomes, trigger="manual")
+    stuck = build_record(ctx, outcomes)
     assert (stuck.status, stuck.failure_kind) == ("fail-teardown", INFRA)
     passed_before = stuck.model_copy(update={
         "status": "pass", "failed_stage": None, "failure_kind": None, "error_summary": "",
@@ -1279,8 +1272,8 @@ def test_the_janitor_and_a_runs_cleanup_wait_the_configs_teardown_s_for_a_stuck_
     reaped_in = time.monotonic() - started
 
     assert waits == [("stuck", 2)]
-    assert reaped.sandbox_id == stuck.sandbox_id and not reaped.report["clean"]
-    assert "is Terminating" in reaped.report["why"]
+    assert reaped.sandbox_id == stuck.sandbox_id and not reaped.report.clean
+    assert "is Terminating" in reaped.report.why
     assert reaped_in < 30  # not the 60 s a destroy without the config's timeout would take
 
     waits.clear()
@@ -1351,7 +1344,7 @@ def test_a_429_storm_is_survived_from_create_to_destroy(kube, registry, tmp_path
     report = provider.destroy(handle, timeout_s=60)
 
     assert result.passed and result.outputs == {"RUN_ID": "42"}, result.summary
-    assert report["clean"] and handle.sandbox_id not in server.namespaces(), report
+    assert report.clean and handle.sandbox_id not in server.namespaces(), report
     assert [f.answered for storm in storms for f in storm] == [
         f.count for storm in storms for f in storm]  # every fault was met, and survived
     assert slept.count(1.0) >= 4 * 5  # Retry-After: 1 (APF's and the Status's), each storm
@@ -1408,7 +1401,7 @@ def test_reads_failing_with_5xx_until_the_timeout_fail_readiness_as_infra(
         str(failed.value)
     assert clock.slept[:9] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0]
     server.clear_faults()
-    assert provider.destroy(handle, timeout_s=60)["clean"]
+    assert provider.destroy(handle, timeout_s=60).clean
 
 
 def test_the_lifecycle_survives_a_429_storm(kube, backend, tmp_path, monkeypatch):

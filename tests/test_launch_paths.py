@@ -17,7 +17,6 @@ from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.launch.coordinator import PoolTaggingRunCoordinator, pool_of_run
 from mlci_dagster.sensors.history_update import history_cursor
 from mlci_dagster.vocabulary import POOL_TAG, RESULTS, STAGES
-from tests.conftest import PY, command_pipeline, config, write_registry
 from tests.support.dagster_services import (
     LAUNCH_BACKFILL,
     LAUNCH_RUN,
@@ -27,6 +26,7 @@ from tests.support.dagster_services import (
     wait_until,
     webserver,
 )
+from tests.support.registries import PY, command_pipeline, config, write_registry
 
 LIFECYCLE = [*map(str, STAGES), RESULTS]
 
@@ -45,7 +45,7 @@ def pooled_registry(root: Path) -> Path:
 
 def slow_synced_registry(root: Path, dagster_home: Path) -> Path:
     """Config `slow` (a web service, a 50 s pipeline), synced into the home for the daemon."""
-    from tests.conftest import http_service
+    from tests.support.registries import http_service
 
     slow = command_pipeline("train", "import time; time.sleep(50)", timeout_s=60)
     registry = write_registry(root, [config(
@@ -158,8 +158,8 @@ def test_a_daemon_run_whose_worker_is_killed_is_marked_failed_and_its_sandbox_re
         tmp_path, dagster_home, instance):
     """Under the daemon, Dagster itself notices a run worker that died (its code server reports
     the run failed); the teardown_after_failure sensor then reaps the sandbox."""
-    from tests.conftest import processes_of_sandbox, stage_details
     from tests.support.injection import stage_in_progress
+    from tests.support.runs import processes_of_sandbox, stage_details
 
     registry = slow_synced_registry(tmp_path / "reg", dagster_home)
     log = tmp_path / "daemon.log"
@@ -202,8 +202,8 @@ def test_from_the_ui_terminate_cancels_and_records_and_an_unknown_partition_is_r
     """The UI's Terminate: the lifecycle is interrupted inside its stage, tears down, records a
     `canceled` result, and the run ends CANCELED. A key added by hand in the partition picker
     for a config the registry lacks: its run fails before any stage, naming the known ones."""
-    from tests.conftest import latest_record, processes_of_sandbox, stage_details
     from tests.support.injection import stage_in_progress
+    from tests.support.runs import latest_record, processes_of_sandbox, stage_details
 
     registry = slow_synced_registry(tmp_path / "reg", dagster_home)
     instance.add_dynamic_partitions("config", ["nope"])  # the UI's "Add a partition"
@@ -245,7 +245,6 @@ def test_from_the_ui_terminate_cancels_a_kubernetes_lifecycle_and_deletes_its_na
     """The same Terminate on the Kubernetes provider (the emulated API server, its controller
     running the `train` Job for a minute): CANCELED promptly, the namespace deleted and gone from
     the API, the record says cancelled."""
-    from tests.conftest import latest_record, stage_details
     from tests.support.injection import (
         SETTLE_S,
         emulated_cluster,
@@ -253,6 +252,7 @@ def test_from_the_ui_terminate_cancels_a_kubernetes_lifecycle_and_deletes_its_na
         stage_in_progress,
         write_kubernetes_registry,
     )
+    from tests.support.runs import latest_record, stage_details
 
     with emulated_cluster(tmp_path / "cloud", train_s=60) as kubeconfig:
         registry = write_kubernetes_registry(tmp_path / "reg", kubeconfig)

@@ -9,18 +9,15 @@ import dagster as dg
 import pytest
 
 from mlci_dagster.paths import LOCAL_EXAMPLE
-from tests.conftest import (
+from tests.support.registries import (
     PY,
-    assert_no_leaks,
     command_pipeline,
     config,
     http_service,
     leaky_registry,
-    processes_of_sandbox,
-    run_partition,
-    stage_details,
     write_registry,
 )
+from tests.support.runs import assert_no_leaks, processes_of_sandbox, run_partition, stage_details
 
 
 def check_results(instance: dg.DagsterInstance, run_id: str) -> dict[str, bool]:
@@ -280,7 +277,7 @@ def test_teardown_finds_the_runs_sandboxes_in_the_ledger_without_a_handle(dagste
     outcome = tear_down(ctx, [crashed])
 
     assert outcome.passed, outcome.error_summary
-    assert [s["sandbox_id"] for s in outcome.details["sandboxes"]] == [handle.sandbox_id]
+    assert [s.sandbox_id for s in outcome.details.sandboxes] == [handle.sandbox_id]
     assert processes_of_sandbox(handle.sandbox_id) == []
     assert [h.sandbox_id for h in ctx.provider.list_live()] == [other.sandbox_id]  # not ours
     ctx.provider.destroy(other, timeout_s=60)

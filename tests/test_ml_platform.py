@@ -31,12 +31,7 @@ import yaml
 from mlci_dagster.registry import load_registry
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
-from tests.conftest import (
-    assert_no_leaks,
-    processes_of_sandbox,
-    run_partition,
-    stage_details,
-)
+from tests.support.runs import assert_no_leaks, processes_of_sandbox, run_partition, stage_details
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ml-platform"
 FULL = os.environ.get("MLCI_ML_PLATFORM_FULL") == "1"

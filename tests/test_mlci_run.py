@@ -20,8 +20,9 @@ import yaml
 
 from mlci_dagster.launch.runner import new_batch
 from mlci_dagster.vocabulary import POOL_TAG
-from tests.conftest import PY, command_pipeline, config, latest_record, write_registry
 from tests.support.dagster_services import wait_until
+from tests.support.registries import PY, command_pipeline, config, write_registry
+from tests.support.runs import latest_record
 from tests.test_cleanup import start_mlci_run  # noqa: F401
 
 

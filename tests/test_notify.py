@@ -16,8 +16,9 @@ from mlci_dagster.notify import GitHubIssues, Notification, NotifyError, issue_t
 from mlci_dagster.notify.message import Kind
 from mlci_dagster.notify.notifier import GITHUB, WEBHOOK, Notifier, Pending, deliver_in_order
 from mlci_dagster.notify.webhook import Webhook
-from tests.conftest import QUIET, command_pipeline, config, run_partition, write_registry
 from tests.support.github_api import GITHUB_TOKEN, REPO, FakeServices, serve_fake_services
+from tests.support.registries import command_pipeline, config, write_registry
+from tests.support.runs import QUIET, run_partition
 
 WEBHOOK_TOKEN = "whk-5e1f0c2b9a8d7e6f"
 

@@ -20,14 +20,8 @@ from mlci_dagster.providers.logpipe import (
     SharedLog,
 )
 from mlci_dagster.providers.processes import run_group
-from tests.conftest import (
-    PY,
-    command_pipeline,
-    config,
-    run_partition,
-    stage_details,
-    write_registry,
-)
+from tests.support.registries import PY, command_pipeline, config, write_registry
+from tests.support.runs import run_partition, stage_details
 
 SECRET = "tok-5e4d3c2b1a09"
 

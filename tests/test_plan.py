@@ -23,8 +23,8 @@ from mlci_dagster.tiers.plan import (
     plan_changes,
     plan_revisions,
 )
-from tests.conftest import PY, command_pipeline, config
 from tests.support.git_repo import commit, git
+from tests.support.registries import PY, command_pipeline, config
 
 TIERS = {"nightly": {"trigger": "nightly"},
          "pr": {"trigger": "pull_request", "selection": "changed", "representatives": True}}

@@ -14,7 +14,6 @@ import yaml
 
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.launch.admission import AdmissionStore
-from tests.conftest import PY, command_pipeline, config, write_registry
 from tests.support.dagster_services import (
     LAUNCH_BACKFILL,
     daemon,
@@ -24,6 +23,7 @@ from tests.support.dagster_services import (
     wait_until,
     webserver,
 )
+from tests.support.registries import PY, command_pipeline, config, write_registry
 
 
 @pytest.mark.daemon

@@ -21,7 +21,7 @@ import pytest
 from mlci_dagster.providers import ports
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import load_registry
-from tests.conftest import config, http_service, write_registry
+from tests.support.registries import config, http_service, write_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLDER = ("import sys; from mlci_dagster.providers.ports import reserve_free_port; "
@@ -154,4 +154,4 @@ def test_a_local_sandbox_holds_its_ports_until_its_services_listen(tmp_path, mon
             os.close(fd)
     finally:
         report = provider.destroy(handle, timeout_s=30)
-    assert report["clean"], report
+    assert report.clean, report

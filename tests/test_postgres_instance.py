@@ -23,9 +23,10 @@ from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.launch.coordinator import PoolTaggingRunCoordinator
 from mlci_dagster.reservations.leases import LeaseStore
 from mlci_dagster.sensors.history_update import history_cursor
-from tests.conftest import PY, QUIET
 from tests.support.postgres import Postgres, postgres_instance_yaml, postgres_server
+from tests.support.registries import PY
 from tests.support.reservations import race_for_slots
+from tests.support.runs import QUIET
 from tests.support.scale import lifecycle_runs, queue_matrix
 
 ROOT = Path(__file__).resolve().parents[1]

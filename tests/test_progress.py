@@ -15,7 +15,7 @@ from mlci_dagster.launch.progress import Progress, last_line
 from mlci_dagster.paths import LOCAL_EXAMPLE
 from mlci_dagster.registry import load_registry
 from mlci_dagster.stages.image import content_hash
-from tests.conftest import PY
+from tests.support.registries import PY
 
 STAGE_LINE = re.compile(r"^  static-site\|sqlite: (starting|image|sandbox|pipeline_runs|"
                         r"ui_smoke|teardown|results) \d+s", re.MULTILINE)

@@ -24,8 +24,8 @@ from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.registry.loader import config_id
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
-from mlci_dagster.vocabulary import IMAGE_DIGEST_TAG
-from tests.conftest import PY, config, write_registry
+from mlci_dagster.vocabulary import Launch
+from tests.support.registries import PY, config, write_registry
 
 NAME_RULE = ("at most 63 characters: lowercase letters, digits and '-', starting and ending "
              "with a letter or digit")
@@ -597,9 +597,9 @@ def test_the_declared_roots_are_what_a_sandbox_context_holds():
 def test_the_declared_image_attributes_are_what_the_image_stage_gives(tmp_path, image, source):
     registry = load_registry(write_registry(tmp_path / "reg", [config("c", image=image)]))
     ctx = LifecycleContext.create(registry, "c", "e1", "run-1", tmp_path / "home",
-                                  run_tags={IMAGE_DIGEST_TAG: "sha256:" + "0" * 64})
+                                  launch=Launch(image_digest="sha256:" + "0" * 64))
 
     outcome = build_image(ctx)
 
     assert outcome.passed, outcome.error_summary
-    assert set(outcome.details) == set(IMAGE_ATTRIBUTES[source])
+    assert set(outcome.details.attributes()) == set(IMAGE_ATTRIBUTES[source])

@@ -12,13 +12,16 @@ import dagster as dg
 import pytest
 import yaml
 
+from mlci_dagster.assets.partitions import partition_changes
 from mlci_dagster.assets.registry import VALID_CHECK
 from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
+from mlci_dagster.operations import sync_partitions
 from mlci_dagster.providers.local import LocalProvider
 from mlci_dagster.registry import RegistryError, load_registry, loader
 from mlci_dagster.registry.loader import load_usable_registry
 from mlci_dagster.sensors.cleanup import sandbox_janitor
-from tests.conftest import QUIET, config, processes_of_sandbox, write_registry
+from tests.support.registries import config, write_registry
+from tests.support.runs import QUIET, processes_of_sandbox
 from tests.test_cleanup import start_sandbox
 
 NEGATIVE = "timeouts.sandbox_s: Input should be greater than 0"
@@ -104,6 +107,23 @@ def test_mlci_stays_strict_while_the_daemon_uses_what_is_valid(tmp_path):
     assert usable.invalid == {"b": (f"{broken}: {NEGATIVE}",)}
     assert usable.held_over["b"] == previous.configs["b"]  # the janitor still sweeps it
     assert usable.partition_problem("b", "e1").startswith("config 'b' is invalid: ")
+
+
+def test_every_partition_sync_keeps_an_invalid_configs_partition(instance, tmp_path):
+    """The sensor and the operations `mlci` calls share one rule: while a file is invalid, no
+    partition is deleted, even of a config that is no longer listed."""
+    registry = write_registry(tmp_path / "reg", [config("c"), config("b"), config("gone")])
+    instance.add_dynamic_partitions("config", ["c", "b", "gone"])
+    previous = load_usable_registry(registry)
+    (registry / "configs" / "gone.yaml").unlink()
+    break_config(registry, "b")
+    usable = load_usable_registry(registry, previous)
+
+    assert partition_changes(usable, {"c", "b", "gone"}) == ([], [])
+    assert sync_partitions(instance, usable) == ([], [])
+    assert sorted(instance.get_dynamic_partitions("config")) == ["b", "c", "gone"]
+    (registry / "configs" / "b.yaml").write_text(yaml.safe_dump(config("b")))  # fixed
+    assert sync_partitions(instance, load_usable_registry(registry, usable)) == ([], ["gone"])
 
 
 def test_an_invalid_mlci_yaml_keeps_the_last_valid_one(tmp_path, dagster_home):

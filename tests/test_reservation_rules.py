@@ -19,7 +19,7 @@ from mlci_dagster.launch.pools import lowered, with_pool_limits
 from mlci_dagster.registry import RegistryError, load_registry, localtime
 from mlci_dagster.registry.reservations import NightlySettings, ReservationSpec
 from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
-from tests.conftest import config, http_service, write_registry
+from tests.support.registries import config, http_service, write_registry
 from tests.support.reservations import race_for_slots
 
 NEW_YORK = ZoneInfo("America/New_York")

@@ -4,7 +4,7 @@ hold's up/down cycle, a missed down taken down by the pre-batch guard, a dirty r
 runs the nightly schedule skips while the others go ahead, and the lease of a SIGKILLed run
 broken by the janitor. Each schedule is evaluated at its instant as Dagster's scheduler would,
 and its run executed on the instance. The local provider runs real processes; the Kubernetes
-provider runs against the loopback API emulator (tests/support/kube_api.py) through the
+provider runs against the loopback API emulator (tests/support/kube_wire.py) through the
 official client.
 """
 
@@ -36,15 +36,6 @@ from mlci_dagster.reservations.leases import LeaseKind, LeaseStore
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.sensors.cleanup import sandbox_janitor
 from mlci_dagster.vocabulary import POOL_TAG
-from tests.conftest import (
-    PY,
-    command_pipeline,
-    config,
-    http_service,
-    latest_record,
-    stage_details,
-    write_registry,
-)
 from tests.support.dagster_services import (
     LAUNCH_RUN,
     daemon,
@@ -55,6 +46,7 @@ from tests.support.dagster_services import (
     webserver,
 )
 from tests.support.injection import listed_namespaces
+from tests.support.registries import PY, command_pipeline, config, http_service, write_registry
 from tests.support.reservations import (
     RESERVATION,
     execute,
@@ -67,6 +59,7 @@ from tests.support.reservations import (
     set_clock,
     tick,
 )
+from tests.support.runs import latest_record, stage_details
 from tests.test_cleanup import (  # noqa: F401
     a_port_kept_busy,
     kill_with_workers,

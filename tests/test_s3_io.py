@@ -12,7 +12,8 @@ import requests
 
 from mlci_dagster.definitions import HISTORY_JOB, build_definitions
 from mlci_dagster.providers.ports import allocate_free_port
-from tests.conftest import PY, QUIET, config, run_partition, write_registry
+from tests.support.registries import PY, config, write_registry
+from tests.support.runs import QUIET, run_partition
 
 SECRET_KEY = "moto-secret-5e6f7a8b9c"
 

@@ -10,15 +10,8 @@ import yaml
 
 from mlci_dagster.registry import RegistryError, load_registry
 from mlci_dagster.stages.context import LifecycleContext
-from tests.conftest import (
-    PY,
-    assert_no_leaks,
-    command_pipeline,
-    config,
-    run_partition,
-    stage_details,
-    write_registry,
-)
+from tests.support.registries import PY, command_pipeline, config, write_registry
+from tests.support.runs import assert_no_leaks, run_partition, stage_details
 
 # Referenced by the config, declared nowhere: masked because the registry references them.
 DB_PASSWORD = "pw-7c6b5a4d3e2f"

@@ -9,7 +9,8 @@ import dagster as dg
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.sensors.stale_scanner import due_for_testing
-from tests.conftest import config, result_record, write_registry
+from tests.support.registries import config, write_registry
+from tests.support.runs import result_record
 
 HOUR = 3600
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.conftest import command_pipeline, config, write_registry
 from tests.support.dagster_services import daemon, start_sensor, wait_until
+from tests.support.registries import command_pipeline, config, write_registry
 
 
 def semaphores() -> set[str]:

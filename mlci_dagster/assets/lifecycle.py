@@ -24,7 +24,7 @@ from mlci_dagster.stages.debug_bundle import screenshots_of
 from mlci_dagster.stages.lifecycle import run_lifecycle
 from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.stages.results import build_record
-from mlci_dagster.vocabulary import RESULTS, STAGES, Stage, Status, split_partition_key, trigger_of
+from mlci_dagster.vocabulary import RESULTS, STAGES, Stage, Status, split_partition_key
 
 LIFECYCLE_OP = "run_lifecycle"  # the op; the job that runs it is `lifecycle`
 STAGE_CHECK = "stage_passed"
@@ -82,7 +82,7 @@ def outcome_metadata(outcome: StageOutcome) -> dict[str, object]:
         "error_summary": dg.MetadataValue.md(f"```\n{outcome.error_summary}\n```")
         if outcome.error_summary else "",
         "log_ref": dg.MetadataValue.path(outcome.log_ref) if outcome.log_ref else "",
-        "details": dg.MetadataValue.json(bounded_json(outcome.details)),
+        "details": dg.MetadataValue.json(bounded_json(outcome.details.model_dump(mode="json"))),
     }
 
 
@@ -185,8 +185,7 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
         if admission.lease is not None:
             context.log_event(leases_observation(admission.rctx,
                                                  admission.rctx.spec(admission.lease.reservation)))
-        record = build_record(ctx, outcomes, trigger=trigger_of(context.run.tags),
-                              interrupted=stop is not None)
+        record = build_record(ctx, outcomes, interrupted=stop is not None)
         context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s"
                          + (f", ${record.cost_usd:.4f}" if record.cost_usd else ""))
         yield results_materialization(record, outcomes)

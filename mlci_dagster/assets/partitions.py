@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
+from mlci_dagster.registry import Registry
+
 CONFIG_PARTITIONS = dg.DynamicPartitionsDefinition(name="config")
 
 
@@ -18,6 +20,9 @@ def multi_partition_key(config: str, engine: str) -> dg.MultiPartitionKey:
     return dg.MultiPartitionKey({"config": config, "engine": engine})
 
 
-def partition_changes(wanted: set[str], existing: set[str]) -> tuple[list[str], list[str]]:
-    """The config partitions to add and to delete so that Dagster matches the registry."""
-    return sorted(wanted - existing), sorted(existing - wanted)
+def partition_changes(registry: Registry, existing: set[str]) -> tuple[list[str], list[str]]:
+    """The config partitions to add and to delete so that Dagster matches the registry. While
+    any file is invalid (a registry loaded to keep the daemon going) none is deleted: a config
+    whose file is broken keeps its partition, and its history, until it is fixed."""
+    wanted = set(registry.configs)
+    return sorted(wanted - existing), [] if registry.problems else sorted(existing - wanted)

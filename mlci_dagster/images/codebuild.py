@@ -10,17 +10,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mlci_dagster.common.templating import TemplateError, render, unset_env_references
-from mlci_dagster.images.ecr import ECR_HOST, EcrRegistry
-from mlci_dagster.images.errors import ImageRegistryError
-from mlci_dagster.images.ref import parse_image_ref
-from mlci_dagster.providers.aws.client import (
+from mlci_dagster.common.aws import (
     AwsAccess,
     AwsError,
     AwsSettings,
     aws_client,
     call_aws,
 )
+from mlci_dagster.common.templating import TemplateError, render, unset_env_references
+from mlci_dagster.images.ecr import ECR_HOST, EcrRegistry
+from mlci_dagster.images.errors import ImageRegistryError
+from mlci_dagster.images.ref import parse_image_ref
 from mlci_dagster.registry.aws import CodeBuildSpec
 from mlci_dagster.vocabulary import FailureKind
 

@@ -14,14 +14,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import requests
 
-from mlci_dagster.providers.handle import SandboxError, SandboxHandle
+from mlci_dagster.providers.handle import DestroyReport, SandboxError, SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
-from mlci_dagster.providers.processes import GroupResult, pids_text
+from mlci_dagster.providers.processes import GroupResult
 from mlci_dagster.registry.base import PROVIDERS
 from mlci_dagster.vocabulary import FailureKind
 
 __all__ = ["PROVIDERS", "PipelineResult", "Provider", "SandboxError", "SandboxHandle",
-           "left_behind", "provider_class", "providers_for"]
+           "DestroyReport", "provider_class", "providers_for"]
 
 
 @dataclass
@@ -36,7 +36,9 @@ class PipelineResult:
     summary: str = ""
     log_ref: str = ""
     outputs: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
+    # The sandbox went away under the pipeline (a spot TPU reclaimed): retried, never a verdict.
+    preempted: bool = False
+    details: dict[str, Any] = field(default_factory=dict)  # what the pipeline's kind reports
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -87,7 +89,7 @@ class Provider(Protocol):
         """Files for the debug bundle: logs, and the state of what the sandbox holds."""
         ...
 
-    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> DestroyReport:
         """Idempotent; returns what it verified, with `clean` true only if nothing is left.
         `timeout_s` is the sandbox's config's `timeouts.teardown_s`, never a default: the
         stages pass their config's, the janitor asks `janitor.registry_teardown_timeout`."""
@@ -111,25 +113,6 @@ class Provider(Protocol):
         cluster, an AWS account and region), comparable and printable: sandboxes with equal
         settings share one provider. None when one instance serves every sandbox."""
         ...
-
-
-def left_behind(report: dict[str, Any]) -> str:
-    """What a destroy left, in words, from the report `Provider.destroy` returns: the
-    provider's own `why` (a namespace stuck on its finalizers, a cloud delete pending), else
-    the local facts: leaked processes, busy ports, the work directory. Empty when it left
-    nothing. Every place that reports an unclean destroy says it with this."""
-    if report.get("clean"):
-        return ""
-    if report.get("why"):
-        return str(report["why"])
-    left = []
-    if report.get("leaked_pids"):
-        left.append(f"processes left: {pids_text(report['leaked_pids'])}")
-    if report.get("busy_ports"):
-        left.append("ports still in use: " + ", ".join(str(p) for p in report["busy_ports"]))
-    if report.get("workdir_left"):
-        left.append("work directory left")
-    return "; ".join(left) or "the provider could not verify that nothing is left"
 
 
 def provider_class(name: str) -> type:

@@ -1,10 +1,13 @@
-"""The serializable handle of a sandbox: what every later stage and the janitor need to reach it."""
+"""The serializable handle of a sandbox (what every later stage and the janitor need to reach
+it), and what destroying it verified."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from mlci_dagster.providers.processes import pids_text
 
 
 @dataclass
@@ -36,6 +39,42 @@ class SandboxHandle:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxHandle:
         return cls(**data)
+
+
+@dataclass
+class DestroyReport:
+    """What `Provider.destroy` verified: `clean` only when nothing of the sandbox is left, and
+    `why` (the provider's own words: a namespace stuck on its finalizers, a cloud delete
+    pending) when it is not. The host facts every provider checks, then what it checked in its
+    own API (`remote`: a namespace, a TPU node, SageMaker's resources)."""
+
+    clean: bool
+    why: str = ""
+    process_groups: list[str] = field(default_factory=list)
+    escaped_group: list[int] = field(default_factory=list)  # killed outside their group
+    leaked_pids: dict[str, list[int]] = field(default_factory=dict)
+    busy_ports: list[int] = field(default_factory=list)
+    workdir_left: bool = False
+    remote: dict[str, Any] = field(default_factory=dict)
+
+    def left_behind(self) -> str:
+        """What the destroy left, in words; empty when it left nothing. Every place that
+        reports an unclean destroy says it with this."""
+        if self.clean:
+            return ""
+        if self.why:
+            return self.why
+        left = []
+        if self.leaked_pids:
+            left.append(f"processes left: {pids_text(self.leaked_pids)}")
+        if self.busy_ports:
+            left.append("ports still in use: " + ", ".join(str(p) for p in self.busy_ports))
+        if self.workdir_left:
+            left.append("work directory left")
+        return "; ".join(left) or "the provider could not verify that nothing is left"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class SandboxError(Exception):

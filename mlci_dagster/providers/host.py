@@ -14,7 +14,12 @@ from typing import Any
 from mlci_dagster.common import clock
 from mlci_dagster.common.redact import Redactor
 from mlci_dagster.common.templating import render
-from mlci_dagster.providers.handle import SandboxHandle, render_context
+from mlci_dagster.providers.handle import (
+    DestroyReport,
+    SandboxError,
+    SandboxHandle,
+    render_context,
+)
 from mlci_dagster.providers.ledger import Ledger
 from mlci_dagster.providers.logpipe import REDACT_VARS_ENV, OutputWatcher
 from mlci_dagster.providers.processes import (
@@ -25,6 +30,7 @@ from mlci_dagster.providers.processes import (
     process_start,
     run_group,
 )
+from mlci_dagster.vocabulary import FailureKind
 
 # Every sandbox process carries its sandbox's id here, so none can hide from destroy.
 SANDBOX_ID_ENV = "MLCI_SANDBOX_ID"
@@ -90,10 +96,10 @@ def stop_processes(handle: SandboxHandle, timeout_s: float) -> HostCleanup:
 
 
 def finish_destroy(handle: SandboxHandle, stopped: HostCleanup, problems: list[str],
-                   ledger: Ledger, redactor: Redactor, **report: Any) -> dict[str, Any]:
+                   ledger: Ledger, redactor: Redactor, **remote: Any) -> DestroyReport:
     """The end of a remote provider's destroy: the work directory removed, what is left here
     added to the provider's `problems`, the ledger entry dropped only when nothing is left.
-    The report every provider returns, `clean` first and `why` when it is not."""
+    `remote`: what the provider checked in its own API."""
     shutil.rmtree(handle.workdir, ignore_errors=True)
     workdir_left = Path(handle.workdir).exists()
     if stopped.leaked:
@@ -103,9 +109,20 @@ def finish_destroy(handle: SandboxHandle, stopped: HostCleanup, problems: list[s
     clean = not problems
     if clean:
         ledger.remove(handle.sandbox_id)
-    return {"clean": clean, "why": redactor.text("; ".join(problems)), **report,
-            "process_groups": sorted(handle.process_groups), "escaped_group": stopped.escaped,
-            "leaked_pids": stopped.leaked, "busy_ports": [], "workdir_left": workdir_left}
+    return DestroyReport(clean, redactor.text("; ".join(problems)),
+                         sorted(handle.process_groups), stopped.escaped, stopped.leaked,
+                         busy_ports=[], workdir_left=workdir_left, remote=remote)
+
+
+def create_failed(provider: Any, handle: SandboxHandle, name: str, exc: Exception,
+                  teardown_s: float, *, own: bool) -> SandboxError:
+    """The error of a create that failed part-way, once what it made is destroyed: `own` when
+    the test's own files or references are at fault (`config`), else the provider's (`infra`);
+    it says what is left, if anything is."""
+    report = provider.destroy(handle, timeout_s=teardown_s)
+    left = "" if report.clean else f" (and it is not all gone: {report.left_behind()})"
+    return SandboxError(provider.redactor.text(f"sandbox {name} could not be created: {exc}{left}"),
+                        FailureKind.CONFIG if own else FailureKind.INFRA)
 
 
 class ProviderHome:

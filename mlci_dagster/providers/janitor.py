@@ -13,7 +13,7 @@ from typing import Any
 
 from mlci_dagster.common import clock
 from mlci_dagster.providers.base import Provider, providers_for
-from mlci_dagster.providers.handle import SandboxHandle
+from mlci_dagster.providers.handle import DestroyReport, SandboxHandle
 from mlci_dagster.providers.processes import process_start
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.models import DEFAULT_TIMEOUTS_S
@@ -25,7 +25,7 @@ class Verdict:
     sandbox_id: str
     run_id: str
     reason: str  # why it is reaped, or "" when it is kept
-    report: dict[str, Any] | None = None  # what destroy verified, once reaped
+    report: DestroyReport | None = None  # what destroy verified, once reaped
     kept: str = ""  # why it is kept although its run is over (a daytime hold)
 
     def to_dict(self) -> dict[str, Any]:

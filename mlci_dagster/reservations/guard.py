@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlci_dagster.common import clock
-from mlci_dagster.providers.base import left_behind, providers_for
+from mlci_dagster.providers.base import providers_for
 from mlci_dagster.providers.janitor import Verdict, registry_teardown_timeout, sweep
 from mlci_dagster.reservations.context import HOLD_GRACE_S, HOLD_UP, ReservationContext
 from mlci_dagster.reservations.holds import HoldReport, end_unfinished, hold_down, hold_lease
@@ -112,10 +112,10 @@ def sweep_reservation(rctx: ReservationContext, name: str, now: float, report: G
                                  teardown_timeout=registry_teardown_timeout(rctx.registry),
                                  select=lambda handle: handle.config in bound) if v.reason]
     for verdict in verdicts:
-        if verdict.report and verdict.report["clean"]:
+        if verdict.report and verdict.report.clean:
             report.actions.append(f"reaped sandbox {verdict.sandbox_id}: {verdict.reason}")
         else:
-            left = f": {left_behind(verdict.report)}" if verdict.report else ""
+            left = f": {verdict.report.left_behind()}" if verdict.report else ""
             report.problems.append(f"sandbox {verdict.sandbox_id} left on the reservation "
                                    f"({verdict.reason}) could not be destroyed{left}")
     return verdicts

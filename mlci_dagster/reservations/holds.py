@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlci_dagster.common import clock
-from mlci_dagster.providers.base import left_behind
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.registry.reservations import ReservationSpec
 from mlci_dagster.reservations.context import (
@@ -26,7 +25,7 @@ from mlci_dagster.reservations.context import (
 from mlci_dagster.reservations.leases import Lease, LeaseKind
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
-from mlci_dagster.stages.sandbox import handle_of, start_sandbox
+from mlci_dagster.stages.sandbox import start_sandbox
 from mlci_dagster.vocabulary import Stage, partition_key
 
 UP, DOWN = "up", "down"
@@ -117,7 +116,7 @@ def hold_up(rctx: ReservationContext, name: str, run_id: str, by: str) -> HoldRe
     ctx = _context(rctx, spec, run_id, ttl_s=until - now + HELD_SANDBOX_MARGIN_S)
     image = build_image(ctx)
     sandbox = start_sandbox(ctx, image)
-    handle = handle_of(sandbox)
+    handle = sandbox.details.handle
     if not sandbox.passed or handle is None:
         failed = sandbox if image.passed else image
         for leftover in held_sandboxes(ctx, run_id):
@@ -128,11 +127,11 @@ def hold_up(rctx: ReservationContext, name: str, run_id: str, by: str) -> HoldRe
         return report
     detail = {"state": HOLD_UP, "by": by, "sandbox_id": handle.sandbox_id,
               "endpoints": dict(handle.endpoints), "provider": handle.provider,
-              "image_digest": image.details.get("digest")}
+              "image_digest": image.details.digest}
     rctx.store.renew(name, run_id, clock.now(), until, detail)
     up = rctx.store.held_by(name, run_id) or lease
     return _from_lease(report, up, UP, note=f"up until {rctx.shown(spec, until)}",
-                       probes=sandbox.details.get("probes", []))
+                       probes=sandbox.details.probes)
 
 
 def end_unfinished(rctx: ReservationContext, lease: Lease) -> list[str]:
@@ -142,9 +141,9 @@ def end_unfinished(rctx: ReservationContext, lease: Lease) -> list[str]:
     problems = []
     for handle in held_sandboxes(ctx, lease.holder):
         verified = ctx.provider.destroy(handle, timeout_s=ctx.config.timeouts.teardown_s)
-        if not verified["clean"]:
+        if not verified.clean:
             problems.append(f"sandbox {handle.sandbox_id} not fully destroyed: "
-                            f"{left_behind(verified)}")
+                            f"{verified.left_behind()}")
     if not problems:
         rctx.store.take_back(lease)
     return problems
@@ -175,10 +174,10 @@ def hold_down(rctx: ReservationContext, name: str, by: str, reason: str = "") ->
     destroyed = []
     for handle in held_sandboxes(ctx, lease.holder):
         verified = ctx.provider.destroy(handle, timeout_s=ctx.config.timeouts.teardown_s)
-        destroyed.append({"sandbox_id": handle.sandbox_id, **verified})
-        if not verified["clean"]:
+        destroyed.append({"sandbox_id": handle.sandbox_id, **verified.to_dict()})
+        if not verified.clean:
             report.problems.append(f"sandbox {handle.sandbox_id} not fully destroyed: "
-                                   f"{left_behind(verified)}")
+                                   f"{verified.left_behind()}")
     _from_lease(report, lease, DOWN if not report.problems else UP,
                 note=reason or "taken down", destroyed=destroyed)
     if not report.problems:

@@ -26,7 +26,7 @@ from mlci_dagster.reservations.context import HOLD_UP, ReservationContext
 from mlci_dagster.reservations.leases import LeaseError, LeaseStore
 from mlci_dagster.spend import month_spend
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.vocabulary import partition_key, split_partition_key
+from mlci_dagster.vocabulary import launch_of, partition_key, split_partition_key
 
 
 class MlciResource(dg.ConfigurableResource):
@@ -71,7 +71,7 @@ class MlciResource(dg.ConfigurableResource):
             past = costs.past(partition_key(config, engine))
         return LifecycleContext.create(
             registry, config, engine, context.run.run_id, Path(home),
-            run_tags=dict(context.run.tags), month_spend=spend, past_costs=past,
+            launch=launch_of(context.run.tags), month_spend=spend, past_costs=past,
             refusal=refusal,
         )
 

@@ -18,7 +18,7 @@ from mlci_dagster.resources.mlci import MlciResource
 def verdicts_metadata(verdicts: list[Verdict]) -> dict[str, dg.MetadataValue]:
     return {
         "reaped": dg.MetadataValue.int(len(verdicts)),
-        "clean": dg.MetadataValue.bool(all(v.report and v.report["clean"] for v in verdicts)),
+        "clean": dg.MetadataValue.bool(all(v.report and v.report.clean for v in verdicts)),
         "sandboxes": dg.MetadataValue.json([v.to_dict() for v in verdicts]),
     }
 

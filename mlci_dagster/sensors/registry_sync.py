@@ -30,8 +30,7 @@ def registry_sync(context: dg.SensorEvaluationContext, mlci: MlciResource) -> dg
     said = hashlib.sha256("\n".join(registry.problems).encode()).hexdigest()[:16]
     events = [validity(registry)] if said != context.cursor else []
     existing = set(context.instance.get_dynamic_partitions(CONFIG_PARTITIONS.name))
-    add, remove = partition_changes(set(registry.configs), existing)
-    remove = [] if registry.problems else remove
+    add, remove = partition_changes(registry, existing)
     requests: list = []
     if add:
         requests.append(CONFIG_PARTITIONS.build_add_request(add))

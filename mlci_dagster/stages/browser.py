@@ -18,6 +18,7 @@ import requests
 from mlci_dagster.common.chromium import INSTALL_HINT, find_chromium, launch_args
 from mlci_dagster.common.templating import render
 from mlci_dagster.registry.models import BrowserRoute
+from mlci_dagster.stages.details import RouteResult
 
 VIEWPORT = {"width": 1280, "height": 800}
 LAUNCH_TIMEOUT_MS = 30_000
@@ -53,18 +54,16 @@ def credentials_of(http: requests.Session, url: str) -> dict[str, Any]:
 
 def check_page(route: BrowserRoute, base_url: str, context: dict[str, Any], *,
                http: requests.Session, env: dict[str, str], screenshot: Path
-               ) -> dict[str, Any]:
+               ) -> RouteResult:
     """One page in the browser: what was asked, what came back, and every expectation it
     missed (`problems`, the product's) or what kept it from being checked (`infra`). The
     browser reaches the page as `http` (the provider's session) would; `env` marks its
     processes as the sandbox's, so destroy reaps any left behind."""
     url = base_url + render(route.path, context)
-    result: dict[str, Any] = {"kind": "browser", "url": url, "status": None,
-                              "latency_ms": None, "problems": [], "infra": [],
-                              "console_errors": [], "screenshot": None}
+    result = RouteResult(url, kind="browser")
     executable = find_chromium()
     if executable is None:
-        result["infra"].append(f"no Chromium on this machine: {INSTALL_HINT}")
+        result.infra.append(f"no Chromium on this machine: {INSTALL_HINT}")
         return result
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -87,36 +86,36 @@ def check_page(route: BrowserRoute, base_url: str, context: dict[str, Any], *,
                 try:
                     _load_and_check(page, route, url, context, deadline, result)
                 except PlaywrightTimeout:
-                    result["problems"].append(
+                    result.problems.append(
                         f"{waited_for(route, context)} not rendered within "
                         f"{route.timeout_s:g}s")
                 except PlaywrightError as exc:  # the page could not be loaded
-                    result["problems"].append(f"GET {url}: {str(exc).splitlines()[0]}")
+                    result.problems.append(f"GET {url}: {str(exc).splitlines()[0]}")
                 # What the page showed, rendered or not: the first thing to look at.
                 page.screenshot(path=str(screenshot), type="jpeg", quality=70)
-                result["screenshot"] = str(screenshot)
+                result.screenshot = str(screenshot)
             finally:
                 browser.close()
     except PlaywrightError as exc:
-        result["infra"].append(f"Chromium ({executable}): {str(exc).splitlines()[0]}")
+        result.infra.append(f"Chromium ({executable}): {str(exc).splitlines()[0]}")
     allowed = [re.compile(pattern) for pattern in route.allow_console]
-    result["console_errors"] = console
-    result["problems"] += [f"{message}" for message in console
+    result.console_errors = console
+    result.problems += [f"{message}" for message in console
                            if not any(p.search(message) for p in allowed)]
     return result
 
 
 def _load_and_check(page: Any, route: BrowserRoute, url: str, context: dict[str, Any],
-                    deadline: float, result: dict[str, Any]) -> None:
+                    deadline: float, result: RouteResult) -> None:
     start = time.monotonic()
 
     def left_ms() -> float:
         return max(1.0, (deadline - time.monotonic()) * 1000)
 
     response = page.goto(url, wait_until="load", timeout=left_ms())
-    result["status"] = response.status if response is not None else None
-    if result["status"] is not None and result["status"] >= 400:
-        result["problems"].append(f"status {result['status']}")
+    result.status = response.status if response is not None else None
+    if result.status is not None and result.status >= 400:
+        result.problems.append(f"status {result.status}")
     wait = route.wait_for
     if wait.selector:
         page.wait_for_selector(render(wait.selector, context), state="visible",
@@ -125,7 +124,7 @@ def _load_and_check(page: Any, route: BrowserRoute, url: str, context: dict[str,
         page.get_by_text(render(wait.text or "", context)).first.wait_for(
             state="visible", timeout=left_ms())
     # The load time a person waits: from the request to the app's content on screen.
-    result["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
+    result.latency_ms = round((time.monotonic() - start) * 1000, 1)
     shown = page.inner_text("body")
-    result["problems"] += [f"page does not show {text!r}"
+    result.problems += [f"page does not show {text!r}"
                            for text in render(route.contains, context) if text not in shown]

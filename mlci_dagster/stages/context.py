@@ -16,6 +16,7 @@ from mlci_dagster.providers.base import Provider, build_provider, provider_class
 from mlci_dagster.providers.handle import SandboxHandle, render_context
 from mlci_dagster.registry import LoadedConfig, Registry
 from mlci_dagster.registry.models import SandboxSpec, TestConfig
+from mlci_dagster.vocabulary import Launch
 
 
 @dataclass
@@ -27,7 +28,7 @@ class LifecycleContext:
     home: Path
     provider: Provider
     redactor: Redactor
-    run_tags: dict[str, str] = field(default_factory=dict)
+    launch: Launch = field(default_factory=Launch)
     # What the month has cost (read from the history by the Dagster layer when a budget is
     # set; None: nothing recorded) and this partition's recorded costs, for the budget check.
     month_spend: MonthSpend | None = None
@@ -40,7 +41,7 @@ class LifecycleContext:
 
     @classmethod
     def create(cls, registry: Registry, config: str, engine: str, run_id: str, home: Path,
-               run_tags: dict[str, str] | None = None, month_spend: MonthSpend | None = None,
+               launch: Launch | None = None, month_spend: MonthSpend | None = None,
                past_costs: tuple[float, ...] = (), refusal: str | None = None,
                sandbox_ttl_s: float | None = None) -> LifecycleContext:
         if config not in registry.configs:
@@ -52,7 +53,7 @@ class LifecycleContext:
                                   provider_class(spec.provider).settings_of(spec))
         return cls(
             registry=registry, loaded=loaded, engine=engine, run_id=run_id, home=home,
-            provider=provider, redactor=Redactor.from_env(secrets), run_tags=dict(run_tags or {}),
+            provider=provider, redactor=Redactor.from_env(secrets), launch=launch or Launch(),
             month_spend=month_spend, past_costs=past_costs, refusal=refusal,
             sandbox_ttl_s=sandbox_ttl_s,
         )

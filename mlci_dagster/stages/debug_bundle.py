@@ -15,6 +15,7 @@ from typing import Any
 from mlci_dagster.common.redact import Redactor
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.stages.outcome import StageOutcome
+from mlci_dagster.vocabulary import Stage
 
 # A runaway log must not fill the disk twice: the bundle keeps each log's tail.
 LOG_TAIL_BYTES = 5_000_000
@@ -43,8 +44,8 @@ def _log_tail(path: Path) -> str:
 
 def screenshots_of(outcomes: list[StageOutcome]) -> list[str]:
     """The screenshots ui_smoke's browser checks took."""
-    return [route["screenshot"] for o in outcomes if str(o.stage) == "ui_smoke"
-            for route in o.details.get("routes", []) if route.get("screenshot")]
+    return [route.screenshot for o in outcomes if o.stage is Stage.UI_SMOKE
+            for route in o.details.routes if route.screenshot]
 
 
 def write_debug_bundle(
@@ -54,10 +55,10 @@ def write_debug_bundle(
     """Writes the bundle at `path` (atomically) and returns it; OSError if it cannot. The
     browser checks' screenshots go in as they are: an image cannot be redacted."""
     root = path.name.removesuffix(".tar.gz")
-    sandbox = next((o for o in outcomes if str(o.stage) == "sandbox"), None)
+    sandbox = next((o for o in outcomes if o.stage is Stage.SANDBOX), None)
     documents: dict[str, Any] = {
         "handle.json": handle.to_dict(),
-        "probes.json": sandbox.details.get("probes", []) if sandbox else [],
+        "probes.json": sandbox.details.probes if sandbox else [],
         "outcomes.json": {str(o.stage): o.to_dict() for o in outcomes},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

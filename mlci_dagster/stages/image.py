@@ -18,8 +18,9 @@ from mlci_dagster.images.codebuild import BuildRequest, run_build
 from mlci_dagster.providers.processes import run_group
 from mlci_dagster.registry.models import BuildSpec, CodeBuildSpec
 from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.details import ImageDetails
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, start_failure_kind
-from mlci_dagster.vocabulary import IMAGE_DIGEST_TAG, IMAGE_REF_TAG, FailureKind, Stage
+from mlci_dagster.vocabulary import FailureKind, Stage
 
 
 def input_files(root: Path, spec: BuildSpec) -> list[Path]:
@@ -43,7 +44,7 @@ def content_hash(root: Path, spec: BuildSpec, recipe: Any = None) -> str:
     return digest.hexdigest()
 
 
-def build_image(ctx: LifecycleContext) -> StageOutcome:
+def build_image(ctx: LifecycleContext) -> StageOutcome[ImageDetails]:
     clock = StageClock(Stage.IMAGE, ctx.redactor)
     spec = ctx.config.image
     if spec.ref is not None:
@@ -54,16 +55,16 @@ def build_image(ctx: LifecycleContext) -> StageOutcome:
     return _build_locally(ctx, clock, spec.build)
 
 
-def _resolve_ref(ctx: LifecycleContext, clock: StageClock, ref: str) -> StageOutcome:
+def _resolve_ref(ctx: LifecycleContext, clock: StageClock, ref: str) -> StageOutcome[ImageDetails]:
     # A run started for a pushed digest tests that digest, even if the tag has moved on.
-    digest = ctx.run_tags.get(IMAGE_DIGEST_TAG)
-    if not digest or ctx.run_tags.get(IMAGE_REF_TAG, ref) != ref:
+    digest = ctx.launch.image_digest
+    if not digest or (ctx.launch.image_ref or ref) != ref:
         try:
             digest = current_digest(ref, ctx.registry.settings.image_registries)
         except ImageRegistryError as exc:
             return clock.failed(FailureKind.INFRA, f"image {ref}: could not resolve "
                                                    f"its digest: {exc}")
-    return clock.passed(digest=digest, ref=ref, cached=True, path="")
+    return clock.passed(ImageDetails(digest=digest, ref=ref, cached=True))
 
 
 class _BuildCache:
@@ -89,7 +90,8 @@ class _BuildCache:
         self.record_path.write_text(json.dumps(record))
 
 
-def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec) -> StageOutcome:
+def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec
+                   ) -> StageOutcome[ImageDetails]:
     assert spec.command is not None
     try:
         key = content_hash(ctx.registry.root, spec)
@@ -99,7 +101,7 @@ def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec) ->
     log_path = cache.log_path
     with cache.locked() as record:
         if record is not None:
-            return clock.passed(log_ref=str(log_path), cached=True, **record)
+            return clock.passed(ImageDetails(cached=True, **record), log_ref=str(log_path))
         cache.image_dir.mkdir(exist_ok=True)
         env = {**os.environ, "MLCI_IMAGE_DIR": str(cache.image_dir), "MLCI_IMAGE_HASH": key}
         try:
@@ -120,11 +122,11 @@ def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec) ->
         record = {"digest": f"sha256:{key}", "ref": "", "path": str(cache.image_dir),
                   "built_at": time.time()}
         cache.store(record)
-        return clock.passed(log_ref=str(log_path), cached=False, **record)
+        return clock.passed(ImageDetails(cached=False, **record), log_ref=str(log_path))
 
 
 def _build_on_codebuild(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec,
-                        codebuild: CodeBuildSpec) -> StageOutcome:
+                        codebuild: CodeBuildSpec) -> StageOutcome[ImageDetails]:
     """One CodeBuild build, or the digest one built before for the same key when `inputs`
     are given (the codebuild block as written, its resolved source and image, the inputs)."""
     try:
@@ -140,13 +142,15 @@ def _build_on_codebuild(ctx: LifecycleContext, clock: StageClock, spec: BuildSpe
         return clock.failed(FailureKind.CONFIG, f"{ctx.loaded.path}: {exc}")
     with cache.locked() if cache else contextlib.nullcontext() as record:
         if record is not None:
-            return clock.passed(log_ref=record.pop("log_ref", ""), cached=True, **record)
+            log_ref = record.pop("log_ref", "")
+            return clock.passed(ImageDetails(cached=True, **record), log_ref=log_ref)
         report = run_build(request, ctx.config.timeouts.image_s)
         if report.failure_kind is not None:
             return clock.failed(report.failure_kind, report.summary, log_ref=report.log_ref,
-                                build_id=report.build_id, build_status=report.status)
+                                details=ImageDetails(build_id=report.build_id,
+                                                     build_status=report.status))
         record = {"digest": report.digest, "ref": request.image, "path": "",
                   "build_id": report.build_id, "built_at": time.time()}
         if cache:
             cache.store({**record, "log_ref": report.log_ref})
-        return clock.passed(log_ref=report.log_ref, cached=False, **record)
+        return clock.passed(ImageDetails(cached=False, **record), log_ref=report.log_ref)

@@ -17,17 +17,18 @@ from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
 from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.details import ImageDetails, PipelineRunsDetails, SandboxDetails
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped, start_failure_kind
-from mlci_dagster.stages.sandbox import handle_of
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 SUMMARY_CHARS = 2000  # a result's summary: its first line and the output's tail
 
 
 def run_pipelines(
-    ctx: LifecycleContext, image: StageOutcome, sandbox: StageOutcome
-) -> StageOutcome:
-    handle = handle_of(sandbox)
+    ctx: LifecycleContext, image: StageOutcome[ImageDetails],
+    sandbox: StageOutcome[SandboxDetails],
+) -> StageOutcome[PipelineRunsDetails]:
+    handle = sandbox.details.handle
     if not sandbox.passed or handle is None:
         return skipped(Stage.PIPELINE_RUNS, "sandbox did not pass")
     clock = StageClock(Stage.PIPELINE_RUNS, ctx.redactor)
@@ -37,7 +38,7 @@ def run_pipelines(
     for pipeline in ctx.config.pipelines:
         remaining = deadline - time.monotonic()
         timeout_s = max(0.1, min(pipeline.timeout_s or remaining, remaining))
-        context = ctx.render_context(handle, image.details, outputs=outputs)
+        context = ctx.render_context(handle, image.details.attributes(), outputs=outputs)
         started = time.monotonic()
         try:
             if isinstance(pipeline, CommandPipeline):
@@ -55,11 +56,11 @@ def run_pipelines(
             assert result.failure_kind is not None
             return clock.failed(
                 result.failure_kind, f"pipeline '{pipeline.name}': {result.summary}",
-                log_ref=result.log_ref, pipelines=[r.to_dict() for r in results], outputs=outputs,
+                log_ref=result.log_ref, details=PipelineRunsDetails(pipelines=results,
+                                                                    outputs=outputs),
             )
-    return clock.passed(
-        log_ref=handle.log_dir, pipelines=[r.to_dict() for r in results], outputs=outputs
-    )
+    return clock.passed(PipelineRunsDetails(pipelines=results, outputs=outputs),
+                        log_ref=handle.log_dir)
 
 
 def run_command_pipeline(

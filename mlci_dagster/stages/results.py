@@ -8,11 +8,11 @@ from typing import Any
 from mlci_dagster.cost import hourly_rate, run_cost
 from mlci_dagster.history.record import MetricRecord, PipelineRecord, ResultRecord, StageRecord
 from mlci_dagster.stages.context import LifecycleContext, code_version
+from mlci_dagster.stages.details import PipelineRunsDetails
 from mlci_dagster.stages.outcome import StageOutcome
 from mlci_dagster.vocabulary import (
     Stage,
     Status,
-    batch_of,
     lifecycle_status,
     partition_key,
 )
@@ -33,14 +33,12 @@ def billed_seconds(by_stage: dict[Stage, StageOutcome]) -> float:
     return round(max(0.0, end - sandbox.started_at), 3)
 
 
-def was_preempted(pipelines: StageOutcome | None) -> bool:
-    return bool(pipelines) and any(p.get("details", {}).get("preempted")
-                                   for p in pipelines.details.get("pipelines", []))
+def was_preempted(pipelines: StageOutcome[PipelineRunsDetails] | None) -> bool:
+    return pipelines is not None and any(p.preempted for p in pipelines.details.pipelines)
 
 
 def build_record(
-    ctx: LifecycleContext, outcomes: list[StageOutcome], *, trigger: str,
-    interrupted: bool = False,
+    ctx: LifecycleContext, outcomes: list[StageOutcome], *, interrupted: bool = False,
 ) -> ResultRecord:
     """`interrupted`: the lifecycle was stopped before it finished (the record is `canceled`,
     whatever had failed by then)."""
@@ -54,7 +52,7 @@ def build_record(
     teardown = by_stage.get(Stage.TEARDOWN)
     started = min(o.started_at for o in outcomes)
     finished = time.time()
-    pipeline_details = pipelines.details if pipelines else {}
+    pipeline_details = pipelines.details if pipelines else PipelineRunsDetails()
     billed = billed_seconds(by_stage)
     return ResultRecord(
         partition=partition_key(ctx.config.name, ctx.engine),
@@ -72,9 +70,9 @@ def build_record(
         "interrupted during teardown" if interrupted else "",
         log_ref=failed.log_ref if failed else "",
         # Written by teardown before the sandbox went: its logs, probes and handle.
-        debug_bundle=teardown.details.get("debug_bundle", "") if teardown else "",
-        image_digest=image.details.get("digest") if image else None,
-        trigger=trigger,
+        debug_bundle=teardown.details.debug_bundle if teardown else "",
+        image_digest=image.details.digest if image else None,
+        trigger=ctx.launch.trigger,
         code_version=code_version(),
         run_id=ctx.run_id,
         started_at=started,
@@ -84,14 +82,13 @@ def build_record(
         stages={o.stage: StageRecord(
             status=o.status, duration_s=round(o.duration_s, 3), failure_kind=o.failure_kind,
             error_summary=o.error_summary, log_ref=o.log_ref) for o in outcomes},
-        pipelines={p["name"]: PipelineRecord(passed=p["passed"],
-                                             duration_s=round(p["duration_s"], 3))
-                   for p in pipeline_details.get("pipelines", [])},
-        metrics=reported_metrics(ctx, pipeline_details.get("outputs", {})),
+        pipelines={p.name: PipelineRecord(passed=p.passed, duration_s=round(p.duration_s, 3))
+                   for p in pipeline_details.pipelines},
+        metrics=reported_metrics(ctx, pipeline_details.outputs),
         billed_s=billed,
         cost_usd=run_cost(hourly_rate(ctx.config, ctx.registry.settings.costs), billed),
         preempted=was_preempted(pipelines),
-        batch=batch_of(ctx.run_tags, trigger, started),
+        batch=ctx.launch.batch_at(started),
     )
 
 

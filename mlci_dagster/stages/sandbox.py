@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle
 from mlci_dagster.stages.context import LifecycleContext
+from mlci_dagster.stages.details import ImageDetails, SandboxDetails
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 
-def start_sandbox(ctx: LifecycleContext, image: StageOutcome) -> StageOutcome:
+def start_sandbox(ctx: LifecycleContext, image: StageOutcome[ImageDetails]
+                  ) -> StageOutcome[SandboxDetails]:
     if not image.passed:
         return skipped(Stage.SANDBOX, "image did not pass")
     clock = StageClock(Stage.SANDBOX, ctx.redactor)
@@ -19,24 +21,18 @@ def start_sandbox(ctx: LifecycleContext, image: StageOutcome) -> StageOutcome:
         handle = ctx.provider.create(
             spec, config=ctx.config.name, engine=ctx.engine, run_id=ctx.run_id,
             engine_variables=ctx.registry.settings.engines[ctx.engine].variables,
-            teardown_s=teardown_s, image=image.details,
+            teardown_s=teardown_s, image=image.details.attributes(),
         )
         probes = ctx.provider.wait_until_ready(handle, spec, ctx.config.timeouts.sandbox_s,
-                                               image=image.details)
+                                               image=image.details.attributes())
     except SandboxError as exc:
         # Cleanup next to creation: partial services die now; teardown re-checks later.
         if handle is not None:
             ctx.provider.destroy(handle, timeout_s=teardown_s)
         return clock.failed(
             FailureKind(exc.kind), str(exc), log_ref=exc.log_ref,
-            handle=handle.to_dict() if handle else None,
+            details=SandboxDetails(handle=handle),
         )
-    return clock.passed(
-        log_ref=handle.log_dir, handle=handle.to_dict(), probes=probes
-    )
+    return clock.passed(SandboxDetails(handle=handle, probes=probes), log_ref=handle.log_dir)
 
 
-def handle_of(sandbox: StageOutcome) -> SandboxHandle | None:
-    """The handle a sandbox outcome carries, if a sandbox may exist."""
-    data = sandbox.details.get("handle")
-    return SandboxHandle.from_dict(data) if data else None

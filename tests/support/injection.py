@@ -5,7 +5,7 @@ tests/test_kubernetes_cleanup.py, tests/test_cloud_cleanup.py and benchmarks/fai
 
 A registry per provider holds the config `inject`, paced so that each stage lasts a few seconds:
 the local provider (`write_registry`); Kubernetes (`write_kubernetes_registry`) against the
-loopback API emulator `emulated_cluster` starts (tests/support/kube_api.py); SageMaker
+loopback API emulator `emulated_cluster` starts (tests/support/kube_wire.py); SageMaker
 (`write_sagemaker_registry`) against moto behind the proxy that gives endpoints their Creating
 and Deleting time, which `emulated_sagemaker` starts (tests/support/sagemaker_api.py); Cloud TPU
 (`write_tpu_registry`) against the loopback TPU API and a real sshd, which `emulated_tpu` starts
@@ -42,7 +42,9 @@ from mlci_dagster.registry import load_registry
 from mlci_dagster.sensors.cleanup import sandbox_janitor, teardown_after_failure
 from mlci_dagster.vocabulary import STAGES
 from tests.support.aws_proxy import FAKE_CREDENTIALS, REAL_CREDENTIALS, REGION, moto_server
-from tests.support.kube_api import TYPES, ApiError, KubeApiServer, KubeController
+from tests.support.kube_controller import KubeController
+from tests.support.kube_store import TYPES, ApiError
+from tests.support.kube_wire import KubeApiServer
 from tests.support.loopback import environment_set
 from tests.support.sagemaker_api import (
     ROLE,

@@ -1,4 +1,4 @@
-"""Faults the Kubernetes API emulator (tests/support/kube_api.py) answers on request, with the
+"""Faults the Kubernetes API emulator (tests/support/kube_wire.py) answers on request, with the
 status, headers and body a real API server sends: throttling (429), server errors (500, 503,
 504) and connection resets. `KubeApiServer.inject` takes a `Fault`; the handler asks
 `FaultPlan.take` before it routes a request.

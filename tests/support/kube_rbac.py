@@ -2,7 +2,7 @@
 request's attributes from its method, path and query (the apiserver's RequestInfo), RBAC's rules,
 bindings and subjects (the RBAC authorizer), the escalation checks on writes of Roles and
 RoleBindings (the rbac registry's policy-based storage), and the 403 bodies they answer with.
-`kube_api.KubeApiServer(rbac=True)` applies them to every request; tests read them as tables.
+`kube_wire.KubeApiServer(rbac=True)` applies them to every request; tests read them as tables.
 
 Followed from kubernetes/kubernetes: apiserver's `endpoints/request/requestinfo.go`, the
 RBAC authorizer's `rbac.go` (RuleAllows, appliesTo), `pkg/registry/rbac/validation/rule.go`

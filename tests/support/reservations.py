@@ -22,8 +22,8 @@ from mlci_dagster.common import clock
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import build_definitions
 from mlci_dagster.reservations.leases import Lease, LeaseKind, LeaseStore
-from tests.conftest import command_pipeline, config, write_registry
 from tests.support.injection import registry_on
+from tests.support.registries import command_pipeline, config, write_registry
 
 NEW_YORK = ZoneInfo("America/New_York")
 RESERVATION = "gpu-box"

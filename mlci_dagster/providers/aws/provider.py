@@ -21,20 +21,19 @@ from typing import Any
 
 import requests
 
+from mlci_dagster.common.aws import AwsAccess, AwsSettings
 from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers import host
 from mlci_dagster.providers.aws import diagnose
-from mlci_dagster.providers.aws.client import (
-    KINDS,
-    AwsAccess,
-    AwsSettings,
-    SageMakerClient,
-    SageMakerError,
-    tags_of,
-)
+from mlci_dagster.providers.aws.client import KINDS, SageMakerClient, SageMakerError, tags_of
 from mlci_dagster.providers.aws.pipelines import invoke
 from mlci_dagster.providers.base import PipelineResult
-from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.handle import (
+    DestroyReport,
+    SandboxError,
+    SandboxHandle,
+    render_context,
+)
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import (
     GroupResult,
@@ -131,12 +130,8 @@ class SageMakerProvider(host.ProviderHome):
             handle.state["endpoint_arn"] = arns["endpoint"]
             self._created(handle, "endpoint")
         except (SageMakerError, TemplateError, OSError) as exc:
-            report = self.destroy(handle, timeout_s=teardown_s)
-            left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
-            raise SandboxError(self.redactor.text(
-                f"sandbox {name} could not be created: {exc}{left}"),
-                FailureKind.CONFIG if isinstance(exc, TemplateError) else FailureKind.INFRA
-            ) from exc
+            raise host.create_failed(self, handle, name, exc, teardown_s,
+                                     own=isinstance(exc, TemplateError)) from exc
         return handle
 
     def _created(self, handle: SandboxHandle, kind: str) -> None:
@@ -227,7 +222,7 @@ class SageMakerProvider(host.ProviderHome):
         except OSError:
             return []
 
-    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> DestroyReport:
         """Kills local pipeline processes; deletes the endpoint and waits until SageMaker no
         longer knows it, then the endpoint config and the model; verifies each `describe`
         says not found. Idempotent. The ledger entry stays while anything is left."""

@@ -31,7 +31,12 @@ from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.gcp_tpu import diagnose
 from mlci_dagster.providers.gcp_tpu.client import NodeInfo, TpuApiError, TpuClient, parent_of
 from mlci_dagster.providers.gcp_tpu.ssh import SshError, SshTarget, run_remote, wait_for_ssh
-from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.handle import (
+    DestroyReport,
+    SandboxError,
+    SandboxHandle,
+    render_context,
+)
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import GroupResult
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
@@ -182,12 +187,8 @@ class TpuVmProvider(host.ProviderHome):
             handle.state["create_operation"] = operation
             self.ledger.record(handle)
         except (TpuApiError, TemplateError, OSError) as exc:
-            report = self.destroy(handle, timeout_s=teardown_s)
-            left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
-            raise SandboxError(self.redactor.text(
-                f"sandbox {node} could not be created: {exc}{left}"),
-                FailureKind.CONFIG if isinstance(exc, TemplateError) else FailureKind.INFRA
-            ) from exc
+            raise host.create_failed(self, handle, node, exc, teardown_s,
+                                     own=isinstance(exc, TemplateError)) from exc
         return handle
 
     def wait_until_ready(self, handle: SandboxHandle, spec: TpuVmSandbox, timeout_s: float,
@@ -300,10 +301,10 @@ class TpuVmProvider(host.ProviderHome):
         def result(passed: bool, kind: FailureKind | None, why: str, duration_s: float,
                    log_ref: str = "", tail: str = "", **details: Any) -> PipelineResult:
             summary = summarize(redactor.text(f"{why}\n{tail}".strip()), SUMMARY_CHARS)
-            if "PREEMPTED" in lost_states:  # what retries_on_preemption retries
-                details["preempted"] = True
             return PipelineResult(pipeline.name, pipeline.kind, passed, duration_s, kind,
-                                  "" if passed else summary, log_ref, details=details)
+                                  "" if passed else summary, log_ref, details=details,
+                                  # what retries_on_preemption retries
+                                  preempted="PREEMPTED" in lost_states)
 
         if lost := node_lost():
             return result(False, FailureKind.INFRA, lost, 0.0)
@@ -371,7 +372,7 @@ class TpuVmProvider(host.ProviderHome):
         except OSError:
             return []
 
-    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> DestroyReport:
         """Kills local pipeline processes, deletes the node, waits for the delete operation and
         verifies the API says NOT_FOUND. Idempotent: a node already gone is clean. The ledger
         entry stays while anything is left."""

@@ -28,7 +28,12 @@ import requests
 from mlci_dagster.common.templating import TemplateError, render, unset_env_references
 from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
-from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.handle import (
+    DestroyReport,
+    SandboxError,
+    SandboxHandle,
+    render_context,
+)
 from mlci_dagster.providers.kubernetes import diagnose
 from mlci_dagster.providers.kubernetes.client import (
     ClusterAccess,
@@ -218,13 +223,9 @@ class KubernetesProvider(host.ProviderHome):
                 self._apply(client, handle, manifest, context)
             client.annotate_namespace(namespace, {HANDLE_ANNOTATION: json.dumps(handle.to_dict())})
         except (KubeError, ClusterError, ManifestError, TemplateError, OSError) as exc:
-            report = self.destroy(handle, timeout_s=teardown_s)
-            left = "" if report["clean"] else f" (and it is not all gone: {report['why']})"
             # Its manifests and references are the test's own; the cluster's answers are not.
-            own = isinstance(exc, ManifestError | TemplateError)
-            raise SandboxError(self.redactor.text(
-                f"sandbox {namespace} could not be created: {exc}{left}"),
-                FailureKind.CONFIG if own else FailureKind.INFRA) from exc
+            raise host.create_failed(self, handle, namespace, exc, teardown_s,
+                                     own=isinstance(exc, ManifestError | TemplateError)) from exc
         return handle
 
     def _create_secret(self, client: KubeClient, handle: SandboxHandle, secret: SecretSpec,
@@ -521,7 +522,7 @@ class KubernetesProvider(host.ProviderHome):
     def _write_json(self, path: Path, value: Any) -> None:
         path.write_text(self.redactor.text(json.dumps(value, indent=1, default=str)))
 
-    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> DestroyReport:
         """Kills local pipeline processes, deletes the namespace (its content first) and any
         cluster-scoped object or cluster the sandbox made, and waits until the API server says
         404. Idempotent: a namespace already gone is clean. The ledger entry stays while

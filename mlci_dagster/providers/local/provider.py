@@ -21,7 +21,12 @@ import requests
 from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers import host
 from mlci_dagster.providers.base import PipelineResult
-from mlci_dagster.providers.handle import SandboxError, SandboxHandle, render_context
+from mlci_dagster.providers.handle import (
+    DestroyReport,
+    SandboxError,
+    SandboxHandle,
+    render_context,
+)
 from mlci_dagster.providers.host import sandbox_env
 from mlci_dagster.providers.logpipe import OutputWatcher, log_tail
 from mlci_dagster.providers.ports import PortReservation, port_is_free, reserve_free_port
@@ -190,7 +195,7 @@ class LocalProvider(host.ProviderHome):
     def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
         return sorted(str(p) for p in Path(handle.log_dir).glob("*.log"))
 
-    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> dict[str, Any]:
+    def destroy(self, handle: SandboxHandle, *, timeout_s: float) -> DestroyReport:
         """Kills every process group, frees the ports, removes the work directory. Idempotent.
 
         Each group gets SIGTERM and a grace of a tenth of `timeout_s` (at most 5 s) before
@@ -212,14 +217,9 @@ class LocalProvider(host.ProviderHome):
         clean = not leaked and not busy and not workdir_left
         if clean:
             self.ledger.remove(handle.sandbox_id)
-        return {
-            "clean": clean,
-            "process_groups": sorted(handle.process_groups),
-            "escaped_group": stopped.escaped,
-            "leaked_pids": leaked,
-            "busy_ports": busy,
-            "workdir_left": workdir_left,
-        }
+        return DestroyReport(clean, process_groups=sorted(handle.process_groups),
+                             escaped_group=stopped.escaped, leaked_pids=leaked,
+                             busy_ports=busy, workdir_left=workdir_left)
 
     def list_live(self) -> list[SandboxHandle]:
         return self.ledger.live(self.name)
