@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system services the tests run for real: Debian's `docker-registry` (the CNCF
-# distribution registry, /usr/bin/docker-registry), `openssh-server`, `chromium` and
-# `kubernetes-client`. Idempotent; run as root on a fresh machine.
+# distribution registry, /usr/bin/docker-registry), `openssh-server`, `chromium`,
+# `kubernetes-client` and `junit5`. Idempotent; run as root on a fresh machine.
 # The tests start their own registry on loopback, so a service apt may have started is stopped.
 set -euo pipefail
 if [ ! -x /usr/bin/docker-registry ]; then
@@ -28,4 +28,6 @@ if [ ! -x "$DEBIAN_KUBECTL_DIR/usr/bin/kubectl" ]; then
   dpkg -x "$work"/kubernetes-client_*.deb "$DEBIAN_KUBECTL_DIR"
   rm -rf "$work"
 fi
+# JUnit 5's console launcher: a real JVM producer of the JUnit XML that pipelines report.
+[ -f /usr/share/java/junit-platform-console-standalone.jar ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq junit5 > /dev/null; }
 /usr/bin/docker-registry --version

@@ -20,6 +20,8 @@ from mlci_dagster.vocabulary import (
     skipped,
 )
 
+MAX_FAILING_TESTS = 50  # the failing tests a record names; the report has them all
+
 
 class _Record(BaseModel):
     # Records written by a newer version may carry fields this one does not know: keep reading.
@@ -37,6 +39,36 @@ class StageRecord(_Record):
 class PipelineRecord(_Record):
     passed: bool
     duration_s: float
+
+
+class TestCounts(_Record):
+    """How the tests the pipelines reported went."""
+
+    __test__ = False  # a name pytest would otherwise collect
+
+    passed: int = 0
+    failed: int = 0  # an assertion failed
+    errors: int = 0  # crashed, or its setup did
+    skipped: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.passed + self.failed + self.errors + self.skipped
+
+    def __add__(self, other: TestCounts) -> TestCounts:
+        return TestCounts(passed=self.passed + other.passed, failed=self.failed + other.failed,
+                          errors=self.errors + other.errors, skipped=self.skipped + other.skipped)
+
+
+class FailingTest(_Record):
+    """A test that failed: its pipeline, its stable id, why (redacted, bounded) and its
+    failure signature."""
+
+    pipeline: str
+    id: str
+    status: Literal["fail", "error"]
+    message: str = ""
+    signature: str = ""
 
 
 class MetricRecord(_Record):
@@ -74,6 +106,13 @@ class ResultRecord(_Record):
     cost_usd: float | None = None  # billed_s at the rates in mlci.yaml; None: no rate known
     preempted: bool = False  # a spot node was reclaimed mid-run (always an infra failure)
     batch: str = ""  # what launched it with others: `nightly 2026-03-09`, `commit 1a2b3c4d5e`
+    # The tests the pipelines reported: their counts, the failing ones (at most
+    # MAX_FAILING_TESTS, of `failing_tests_total`), never the whole report; and each report
+    # that could not be read, naming its pipeline and file.
+    tests: TestCounts = TestCounts()
+    failing_tests: list[FailingTest] = []
+    failing_tests_total: int = 0
+    test_report_problems: list[str] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> ResultRecord:
@@ -101,6 +140,16 @@ class ResultRecord(_Record):
     def judged(self) -> bool:
         """A verdict on what it tested (pass or fail), which the history's rules count."""
         return judged(self.status)
+
+    def failing_tests_text(self, limit: int = 3) -> str:
+        """`2 of 41 tests failing: <id> (<message's first line>), ...`; "" when none failed."""
+        if not self.failing_tests_total:
+            return ""
+        named = [f"{t.id} ({t.message.splitlines()[0][:120]})" if t.message else t.id
+                 for t in self.failing_tests[:limit]]
+        more = self.failing_tests_total - len(named)
+        return (f"{self.failing_tests_total} of {self.tests.total} tests failing: "
+                + ", ".join(named) + (f", and {more} more" if more else ""))
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

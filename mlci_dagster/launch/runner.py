@@ -358,3 +358,4 @@ def settled(instance: dg.DagsterInstance, item: PartitionRun, proc: subprocess.P
         item.verdict = Verdict.PASSED
     else:
         item.verdict = Verdict.FAILED
+        item.why = record.failing_tests_text() if record else ""

@@ -105,6 +105,7 @@ def signature_notification(records: list[ResultRecord], dagster_url: str,
         run_url=run_url(dagster_url, first.run_id), log_ref=first.log_ref,
         debug_bundle=first.debug_bundle, image_digest=first.image_digest or "",
         facts={"trigger": first.trigger, "code version": first.code_version,
+               **({"failing tests": tests} if (tests := first.failing_tests_text(10)) else {}),
                **{f"run of {r.partition}": run_url(dagster_url, r.run_id) or r.run_id
                   for r in records[:10]}},
     )

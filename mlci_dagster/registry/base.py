@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, NamedTuple, Self
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import (
     AfterValidator,
@@ -73,6 +73,19 @@ def matching_or_reference(pattern: str, expected: str) -> AfterValidator:
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TestReportSpec(StrictModel):
+    """A test report a pipeline writes, collected when it ends, pass or fail."""
+
+    __test__ = False  # a name pytest would otherwise collect
+
+    format: Literal["junit"] = Field(
+        default="junit", description="JUnit XML, as pytest --junitxml, Maven Surefire, JUnit 5, "
+                                     "gotestsum or ScalaTest write it.")
+    path: str = Field(description="Where it is written (a glob for several): absolute, or "
+                                  "relative to the sandbox's work directory; may reference "
+                                  "${sandbox.workdir}.")
 
 
 class PipelineBase(StrictModel):

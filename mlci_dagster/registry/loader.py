@@ -125,16 +125,19 @@ class Registry:
 OUTSIDE_CONFIG_ID = {"paths", "class_"}
 
 
-# Fields added after ids existed, left out while unset, so a harness upgrade keeps every id.
-UNSET_OUTSIDE_CONFIG_ID = (("sandbox", "reservation"),)
+# Fields added after ids existed, left out while unset (None, or empty), so a harness upgrade
+# keeps every id: (section, field); a section ending in `[]` is a list, each item's field.
+UNSET_OUTSIDE_CONFIG_ID = (("sandbox", "reservation"), ("pipelines[]", "reports"))
 
 
 def config_id(config: TestConfig) -> str:
     """A stable hash of the config's canonical content: a changed test is a new id."""
     content = config.model_dump(mode="json", by_alias=True, exclude=OUTSIDE_CONFIG_ID)
     for section, name in UNSET_OUTSIDE_CONFIG_ID:
-        if content[section].get(name) is None:
-            content[section].pop(name, None)
+        items = content[section.removesuffix("[]")]
+        for item in items if section.endswith("[]") else [items]:
+            if item.get(name) in (None, []):
+                item.pop(name, None)
     canonical = json.dumps(content, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

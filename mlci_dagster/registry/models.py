@@ -27,6 +27,7 @@ from mlci_dagster.registry.base import (
     SandboxBase,
     Seconds,
     StrictModel,
+    TestReportSpec,
 )
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.registry.kubernetes import (
@@ -382,6 +383,8 @@ class CommandPipeline(PipelineBase):
     timeout_s: Seconds | None = Field(
         default=None, description="Default: what is left of timeouts.pipeline_runs_s."
     )
+    reports: list[TestReportSpec] = Field(
+        default=[], description="The test reports it writes: each test's result is recorded.")
 
 
 class HttpRequest(StrictModel):

@@ -8,11 +8,14 @@ form (asset metadata, the debug bundle's `outcomes.json`) is `model_dump(mode="j
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlci_dagster.history.record import MAX_FAILING_TESTS, FailingTest, TestCounts
+from mlci_dagster.junit.read import TestCase, TestStatus
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import DestroyReport, SandboxHandle
 from mlci_dagster.vocabulary import Stage
@@ -50,11 +53,41 @@ class SandboxDetails(Details):
     probes: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class PipelineTests(Details):
+    """What one pipeline's test reports say: the counts, the failing tests (at most
+    MAX_FAILING_TESTS, of `failing_total`), a problem per report that could not be read, and
+    where the reports are kept (the run's log directory)."""
+
+    counts: TestCounts = TestCounts()
+    failing: list[FailingTest] = Field(default_factory=list)
+    failing_total: int = 0
+    problems: list[str] = Field(default_factory=list)
+    reports: list[str] = Field(default_factory=list)
+
+    def add(self, pipeline: str, cases: Iterable[TestCase]) -> None:
+        counts = dict.fromkeys(("passed", "failed", "errors", "skipped"), 0)
+        for case in cases:
+            counts[COUNTED[case.status]] += 1
+            if case.failed:
+                self.failing_total += 1
+                if len(self.failing) < MAX_FAILING_TESTS:
+                    self.failing.append(FailingTest(
+                        pipeline=pipeline, id=case.id, status=str(case.status),
+                        message=case.message, signature=case.signature))
+        self.counts = self.counts + TestCounts(**counts)
+
+
+COUNTED = {TestStatus.PASS: "passed", TestStatus.FAIL: "failed", TestStatus.ERROR: "errors",
+           TestStatus.SKIP: "skipped"}
+
+
 class PipelineRunsDetails(Details):
-    """Each pipeline's result, in order, up to the first that failed; their outputs by name."""
+    """Each pipeline's result, in order, up to the first that failed; their outputs by name;
+    what the test reports of those that declare any say."""
 
     pipelines: list[PipelineResult] = Field(default_factory=list)
     outputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tests: dict[str, PipelineTests] = Field(default_factory=dict)
 
 
 @dataclass

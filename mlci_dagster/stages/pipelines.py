@@ -17,8 +17,14 @@ from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
 from mlci_dagster.stages.context import LifecycleContext
-from mlci_dagster.stages.details import ImageDetails, PipelineRunsDetails, SandboxDetails
+from mlci_dagster.stages.details import (
+    ImageDetails,
+    PipelineRunsDetails,
+    PipelineTests,
+    SandboxDetails,
+)
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped, start_failure_kind
+from mlci_dagster.stages.reports import collect_local_reports
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 SUMMARY_CHARS = 2000  # a result's summary: its first line and the output's tail
@@ -35,6 +41,7 @@ def run_pipelines(
     deadline = time.monotonic() + ctx.config.timeouts.pipeline_runs_s
     outputs: dict[str, dict[str, Any]] = {}
     results: list[PipelineResult] = []
+    tests: dict[str, PipelineTests] = {}
     for pipeline in ctx.config.pipelines:
         remaining = deadline - time.monotonic()
         timeout_s = max(0.1, min(pipeline.timeout_s or remaining, remaining))
@@ -52,14 +59,15 @@ def run_pipelines(
                                     time.monotonic() - started, FailureKind.CONFIG, str(exc))
         results.append(result)
         outputs[pipeline.name] = result.outputs
+        if isinstance(pipeline, CommandPipeline) and pipeline.reports:
+            tests[pipeline.name] = collect_local_reports(ctx, handle, pipeline, context)
         if not result.passed:
             assert result.failure_kind is not None
             return clock.failed(
                 result.failure_kind, f"pipeline '{pipeline.name}': {result.summary}",
-                log_ref=result.log_ref, details=PipelineRunsDetails(pipelines=results,
-                                                                    outputs=outputs),
-            )
-    return clock.passed(PipelineRunsDetails(pipelines=results, outputs=outputs),
+                log_ref=result.log_ref,
+                details=PipelineRunsDetails(pipelines=results, outputs=outputs, tests=tests))
+    return clock.passed(PipelineRunsDetails(pipelines=results, outputs=outputs, tests=tests),
                         log_ref=handle.log_dir)
 
 

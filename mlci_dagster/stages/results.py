@@ -6,7 +6,14 @@ import time
 from typing import Any
 
 from mlci_dagster.cost import hourly_rate, run_cost
-from mlci_dagster.history.record import MetricRecord, PipelineRecord, ResultRecord, StageRecord
+from mlci_dagster.history.record import (
+    MAX_FAILING_TESTS,
+    MetricRecord,
+    PipelineRecord,
+    ResultRecord,
+    StageRecord,
+    TestCounts,
+)
 from mlci_dagster.stages.context import LifecycleContext, code_version
 from mlci_dagster.stages.details import PipelineRunsDetails
 from mlci_dagster.stages.outcome import StageOutcome
@@ -89,7 +96,17 @@ def build_record(
         cost_usd=run_cost(hourly_rate(ctx.config, ctx.registry.settings.costs), billed),
         preempted=was_preempted(pipelines),
         batch=ctx.launch.batch_at(started),
+        **tests_of(pipeline_details),
     )
+
+
+def tests_of(details: PipelineRunsDetails) -> dict[str, Any]:
+    """The record's test fields: what every pipeline's reports say, summed."""
+    tests = list(details.tests.values())
+    return {"tests": sum((t.counts for t in tests), TestCounts()),
+            "failing_tests": [f for t in tests for f in t.failing][:MAX_FAILING_TESTS],
+            "failing_tests_total": sum(t.failing_total for t in tests),
+            "test_report_problems": [p for t in tests for p in t.problems]}
 
 
 def reported_metrics(

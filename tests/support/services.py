@@ -85,8 +85,13 @@ KUBECTL = RequiredService(
 KUBECTL_DEBIAN = RequiredService(
     "debian-kubectl", lambda: kubectl_version(DEBIAN_KUBECTL) is not None,
     f"Debian's kubernetes-client unpacked at {DEBIAN_KUBECTL.parents[2]}: {INSTALL_SERVICES}")
+JUNIT5_CONSOLE = Path("/usr/share/java/junit-platform-console-standalone.jar")
+JUNIT5 = RequiredService(
+    "junit5", lambda: JUNIT5_CONSOLE.exists() and bool(shutil.which("javac")),
+    f"Debian's junit5 (its console launcher) and a JDK's javac: {INSTALL_SERVICES}")
 SERVICES = {service.name: service
-            for service in (SSHD, CHROMIUM, HADOLINT, YAMLLINT, KUBECTL, KUBECTL_DEBIAN)}
+            for service in (SSHD, CHROMIUM, HADOLINT, YAMLLINT, KUBECTL, KUBECTL_DEBIAN,
+                            JUNIT5)}
 
 
 def in_ci() -> bool:
