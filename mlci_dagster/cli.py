@@ -401,15 +401,56 @@ def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: b
         print(f"\n{notes}")
 
 
+TEST_FILTERS = {
+    "failing": lambda t: str(t.state) == "failing",
+    "flaky": lambda t: str(t.state) == "flaky",
+    "slow": lambda t: t.slower_by > 0,
+    "new": lambda t: t.new,
+}
+
+
+def cmd_tests(args: argparse.Namespace) -> int:
+    from mlci_dagster.event_log import consolidate_cases
+    from mlci_dagster.history.case_analysis import analyze_cases
+    from mlci_dagster.history.render import tests_table
+
+    registry = _registry(args)
+    keys = set(_keys(registry, args))
+    # Read-only: the whole event log, so it never waits for a history run.
+    table, _, _ = consolidate_cases(_history(), None, 0)
+    tests = [t for t in analyze_cases(table, registry.settings.history) if t.partition in keys
+             and (args.status is None or TEST_FILTERS[args.status](t))]
+    if args.json:
+        print(json.dumps([t.to_dict() for t in tests[:args.limit]], indent=2))
+    else:
+        print(tests_table(tests, args.limit))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     registry = _registry(args)
     instance = _history()
     if args.html:
+        from mlci_dagster.event_log import consolidate_cases
+        from mlci_dagster.history.case_analysis import analyze_cases
         from mlci_dagster.history.grid import write_grid
 
         summaries, table = _summaries(instance, registry, _keys(registry, args))
-        path = write_grid(table, summaries, Path(args.html))
+        cases, _, _ = consolidate_cases(instance, None, 0)
+        path = write_grid(table, summaries, Path(args.html),
+                          analyze_cases(cases, registry.settings.history), cases)
         print(f"grid: {path}", file=sys.stderr)
+    if args.junit:
+        from mlci_dagster.event_log import new_results
+        from mlci_dagster.junit.batch import latest_batch, write_batch_junit
+
+        keys = set(_keys(registry, args))
+        batch = latest_batch(r for _, r in new_results(instance, 0) if r.partition in keys)
+        path, problems = write_batch_junit(Path(args.junit), batch)
+        for problem in problems:
+            print(f"mlci report: tests not read: {problem}", file=sys.stderr)
+        print(f"junit: {path} ({len(batch)} partitions of batch "
+              f"{batch[0].batch if batch else '-'})", file=sys.stderr)
     _print_report(instance, registry, _keys(registry, args), args.json)
     return 0
 
@@ -620,6 +661,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "failure signature, each with its log and debug bundle.", cmd_report,
                      filters=True, as_json="{\"partitions\": [...], \"signatures\": [...]}")
     report.add_argument("--html", metavar="DIR", help="also write the HTML grid into DIR")
+    report.add_argument("--junit", metavar="FILE",
+                        help="also write the latest batch as JUnit XML into FILE (a testsuite "
+                             "per partition; a testcase per stage and per test), for the CI "
+                             "system that ran `mlci run` to show")
+    tests = command("tests", "per test: failing, flaky, slow, new",
+                    "Prints a row per test the pipelines' reports recorded (failing, then flaky, "
+                    "then slowest): its state, since when and between which images it fails, "
+                    "its flips, its slowdown, its latest message.", cmd_tests, filters=True,
+                    as_json="the tests as JSON")
+    tests.add_argument("--status", choices=sorted(TEST_FILTERS),
+                       help="only the tests failing, flaky, slow or new")
+    tests.add_argument("--limit", type=positive_int, default=200, metavar="N",
+                       help="at most N rows (default 200)")
     command("status", "counts and coverage: tested, untested, stale, passing",
             "Prints how many partitions are tested, untested, stale, passing, failing and "
             "flaky.", cmd_status, filters=True, as_json="the counts as JSON")

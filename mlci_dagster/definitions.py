@@ -15,7 +15,7 @@ from mlci_dagster.assets.external import (
     pushed_image,
     release_qualification,
 )
-from mlci_dagster.assets.history import grid_report, history
+from mlci_dagster.assets.history import grid_report, history, test_history
 from mlci_dagster.assets.lifecycle import lifecycle_assets
 from mlci_dagster.assets.partitions import lifecycle_partitions
 from mlci_dagster.assets.registry import REGISTRY_ASSET, REGISTRY_CHECKS
@@ -72,14 +72,14 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                               executor_def=dg.in_process_executor,
                               config=pool_tagged_config(registry, partitions),
                               description="The whole lifecycle of one config × engine.")
-    history_job = dg.define_asset_job(HISTORY_JOB, selection=[history, grid_report],
+    history_job = dg.define_asset_job(HISTORY_JOB, selection=[history, test_history, grid_report],
                                       executor_def=dg.in_process_executor,
                                       description="Consolidate results, analyse, draw the grid.")
     reserved = reservation_definitions(settings)
     return dg.Definitions(
-        assets=[lifecycle, history, grid_report, JANITOR_ASSET, REGISTRY_ASSET, pushed_image,
-                pull_request_label, commit_summary, release_qualification, SIGNATURES_ASSET,
-                *reserved["assets"]],
+        assets=[lifecycle, history, test_history, grid_report, JANITOR_ASSET, REGISTRY_ASSET,
+                pushed_image, pull_request_label, commit_summary, release_qualification,
+                SIGNATURES_ASSET, *reserved["assets"]],
         asset_checks=[*reserved["asset_checks"], *REGISTRY_CHECKS],
         jobs=[job, history_job, *reserved["jobs"]],
         schedules=[nightly_schedule(job, settings.nightly),

@@ -1,17 +1,21 @@
-"""Reads `results` records from the Dagster event log (the source of truth) after a cursor."""
+"""Reads `results` records from the Dagster event log (the source of truth) after a cursor, and
+the test cases each kept (the per-test history)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 from pydantic import ValidationError
 
+from mlci_dagster.history.cases import append_cases, case_rows
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.table import append_rows, record_to_row
+from mlci_dagster.junit.read import read_report
 from mlci_dagster.vocabulary import RESULTS
 
 RESULTS_ASSET = dg.AssetKey(RESULTS)
@@ -96,3 +100,21 @@ def consolidate(
     rows = [record_to_row(record, storage_id) for storage_id, record in new_results(instance,
                                                                                      cursor)]
     return append_rows(table, rows), len(rows)
+
+
+def consolidate_cases(instance: dg.DagsterInstance, table: pd.DataFrame | None, after: int
+                      ) -> tuple[pd.DataFrame, int, int]:
+    """The test history with the cases of every result recorded after storage id `after`
+    appended: (table, rows added, the newest storage id read). A result without tests adds no
+    row, so the cursor is kept beside the table. A kept report that is gone (its log directory
+    cleaned, another machine's) is named in a warning and skipped."""
+    frames, newest = [], after
+    for storage_id, record in new_results(instance, after):
+        newest = storage_id
+        for pipeline, path in record.test_reports.items():
+            report = read_report(Path(path))  # written redacted and bounded
+            if report.problem is not None:
+                log.warning(f"results event {storage_id}: tests of {record.partition} "
+                            f"'{pipeline}' not read: {report.problem}")
+            frames.append(case_rows(record, storage_id, pipeline, report.cases))
+    return append_cases(table, frames), sum(len(f) for f in frames), newest

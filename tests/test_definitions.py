@@ -19,13 +19,15 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
     repo.get_all_jobs()  # what a code server does on load: op and job names must not clash
 
     assert sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()) == sorted(
-        [*STAGES, "history", "grid_report", "sandbox_janitor", "registry", "pushed_image",
-         "pull_request_label", "commit_summary", "release_qualification", "failure_signatures"])
+        [*STAGES, "history", "test_history", "grid_report", "sandbox_janitor", "registry",
+         "pushed_image", "pull_request_label", "commit_summary", "release_qualification",
+         "failure_signatures"])
     checks = {(c.asset_key.to_user_string(), c.name) for c in repo.asset_graph.asset_check_keys}
     assert checks == {(s, "stage_passed") for s in STAGES[:-1]} | {
         ("results", "lifecycle_passed"), ("history", "no_new_regressions"),
         ("history", "no_flaky_partitions"), ("history", "no_confirmed_slowdowns"),
-        ("history", "no_stale_partitions"), ("registry", "registry_valid")}
+        ("history", "no_stale_partitions"), ("registry", "registry_valid"),
+        ("test_history", "no_test_regressions"), ("test_history", "no_flaky_tests")}
     assert repo.has_job(LIFECYCLE_JOB) and repo.has_job(HISTORY_JOB)
     assert [s.name for s in repo.schedule_defs] == ["nightly"]
     assert sorted(s.name for s in repo.sensor_defs) == [

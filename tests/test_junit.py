@@ -3,22 +3,33 @@ can leave: each read to a clear problem naming the file, in bounded memory."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from junitparser import JUnitXml
 
 from mlci_dagster.common.redact import Redactor
-from mlci_dagster.history.record import FailingTest, TestCounts
-from mlci_dagster.junit.read import MAX_MESSAGE_CHARS, TestStatus, read_report
+from mlci_dagster.definitions import HISTORY_JOB, build_definitions
+from mlci_dagster.history.record import MAX_FAILING_TESTS, FailingTest, TestCounts
+from mlci_dagster.junit.read import MAX_MESSAGE_CHARS, TestCase, TestStatus, read_report
+from mlci_dagster.junit.write import by_suite, suite_element, write_junit
 from mlci_dagster.notify.message import signature_notification
+from mlci_dagster.stages.details import PipelineTests
 from tests.support.registries import PY, command_pipeline, config, write_registry
-from tests.support.runs import result_record, run_partition, stage_details
+from tests.support.runs import QUIET, result_record, run_partition, stage_details
 from tests.support.services import JUNIT5, JUNIT5_CONSOLE, needs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "junit"
+
+
+def mlci(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mlci_dagster.cli", *args], capture_output=True,
+                          text=True, timeout=300, env=os.environ)
 
 
 def statuses(report) -> dict[str, str]:
@@ -242,9 +253,14 @@ def test_a_pipelines_pytest_report_gives_the_record_its_tests(instance, dagster_
     assert len(accuracy["signature"]) == 12
     assert failing["pytest :: suite.test_model :: test_experiment_is_listed"]["status"] == "error"
     assert record["test_report_problems"] == []
-    [kept] = stage_details(instance, result.run_id, "pipeline_runs")["tests"]["model-tests"][
-        "reports"]
-    assert Path(kept).is_file() and "/reports/model-tests/" in kept  # it outlived the sandbox
+    kept = stage_details(instance, result.run_id, "pipeline_runs")["tests"]["model-tests"][
+        "report"]
+    assert record["test_reports"] == {"model-tests": kept}
+    # Every case, kept where it outlives the sandbox, as JUnit that reads back the same.
+    again = read_report(Path(kept))
+    assert again.problem is None and len(again.cases) == 8
+    assert {c.id: c.signature for c in again.cases if c.failed} == {
+        f["id"]: f["signature"] for f in record["failing_tests"]}
 
 
 def test_a_report_the_pipeline_never_wrote_is_a_problem_and_the_rest_is_kept(
@@ -297,3 +313,104 @@ def test_a_notification_and_the_run_summary_name_the_failing_tests():
         "(AssertionError: 2 != 0), pytest :: m :: test_3 (AssertionError: 3 != 0)")
     assert record.failing_tests_text(limit=1).endswith("(AssertionError: 0 != 0), and 3 more")
     assert result_record("a|e1", "pass", 1.0).failing_tests_text() == ""
+
+
+def test_cases_written_read_back_the_same_whatever_their_names_hold(tmp_path):
+    names = ["test_x[a|b]", "test_y[a/b]", "<script>alert(1)</script>", "quote \" and ' &amp;",
+             "ansi \x1b[31mred\x1b[0m"]
+    cases = [TestCase("suite|1", "m/x", name, status, 1.5, message=f"why: {name}",
+                      flaky=status is TestStatus.PASS)
+             for name, status in zip(names, [TestStatus.PASS, TestStatus.FAIL, TestStatus.ERROR,
+                                             TestStatus.SKIP, TestStatus.FAIL], strict=True)]
+
+    path = write_junit(tmp_path / "out.xml", [suite_element(n, c) for n, c in
+                                               by_suite(cases).items()], name="p")
+    again = read_report(path)
+
+    assert again.problem is None
+    assert [(c.suite, c.classname, c.name, c.status, c.duration_s, c.flaky)
+            for c in again.cases] == [
+        (c.suite, c.classname, c.name.replace("\x1b", "\ufffd"), c.status, c.duration_s,
+         c.flaky) for c in cases]
+    assert again.cases[1].message == "why: test_y[a/b]"
+
+
+def test_the_history_job_keeps_every_test_of_every_run(instance, dagster_home, tmp_path):
+    """Two runs of a pytest pipeline, a test broken in the second: the history job's
+    test_history holds a row per test per run, and its check names the regressed test."""
+    suite = tmp_path / "suite" / "test_model.py"
+    suite.parent.mkdir()
+    source = (FIXTURES / "pytest_model_tests.py").read_text()
+    suite.write_text(source.replace("accuracy = 0.81", "accuracy = 0.95"))
+    registry = write_registry(tmp_path / "reg", [config(
+        "tested", pipelines=[pytest_pipeline("model-tests", suite)])])
+    history_job = build_definitions(registry).resolve_job_def(HISTORY_JOB)
+
+    run_partition(instance, registry, "tested|e1")
+    suite.write_text(source)  # accuracy 0.81: test_accuracy_reaches_the_bar breaks
+    run_partition(instance, registry, "tested|e1")
+    result = history_job.execute_in_process(instance=instance, run_config=QUIET)
+
+    table = result.output_for_node("test_history")
+    assert len(table) == 16 and table["storage_id"].nunique() == 2
+    latest = table[table["storage_id"] == table["storage_id"].max()]
+    assert sorted(latest["status"].astype(str)) == [
+        "error", "fail", "pass", "pass", "pass", "pass", "skip", "skip"]
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["no_flaky_tests"].passed
+    regressed = checks["no_test_regressions"]
+    # The error has failed since its first run: nothing to range. The broken one regressed.
+    [test] = regressed.metadata["tests"].value
+    assert test["test"].endswith(" :: test_accuracy_reaches_the_bar")
+    assert test["last_pass"]["run_id"] != test["first_failure"]["run_id"]
+    # The grid's partition row expands into its tests, the broken one first after the error.
+    [grid] = result.asset_materializations_for_node("grid_report")
+    page = Path(grid.metadata["path"].value).read_text()
+    rows = [line for line in page.splitlines() if line.startswith('<tr class="test p0"')]
+    assert "8 tests, 2 failing" in page and len(rows) == 8
+    assert "test_accuracy_reaches_the_bar" in rows[0] + rows[1]
+    assert "fail: AssertionError: accuracy 0.81 below 0.9" in page
+    assert "test_backend_name_round_trips[a/b &lt;c&gt;]" in page  # a name is data
+    again = history_job.execute_in_process(instance=instance, run_config=QUIET)
+    assert len(again.output_for_node("test_history")) == 16  # nothing appended twice
+    # What a person asks at the terminal: which tests fail, since when.
+    shown = mlci("--registry", str(registry), "tests", "--status", "failing")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["PARTITION", "TEST", "STATE", "HISTORY", "MESSAGE"]
+    broken = next(line for line in lines if "test_accuracy_reaches_the_bar" in line)
+    assert "failing 1 run since" in broken and "AssertionError: accuracy 0.81" in broken
+    assert len(lines) == 3  # and the error that never passed; nothing else is failing
+    as_json = json.loads(mlci("--registry", str(registry), "tests", "--json").stdout)
+    assert len(as_json) == 8 and {t["partition"] for t in as_json} == {"tested|e1"}
+    # The failures grouped by signature name their failing tests.
+    report = mlci("--registry", str(registry), "report").stdout
+    assert "    tests: 2 of 8 tests failing: pytest :: suite.test_model :: " in report
+    # The latest batch as JUnit, read by a reader of its own (junitparser), as CI would.
+    out = tmp_path / "mlci.xml"
+    written = mlci("--registry", str(registry), "report", "--junit", str(out))
+    assert written.returncode == 0, written.stderr
+    [suite] = list(JUnitXml.fromfile(str(out)))
+    assert suite.name == "tested|e1"
+    verdicts = {(case.classname, case.name): [type(r).__name__ for r in case.result]
+                for case in suite}
+    assert verdicts[("lifecycle", "pipeline_runs")] == ["Failure"]
+    assert verdicts[("lifecycle", "ui_smoke")] == ["Skipped"]
+    assert verdicts[("model-tests.suite.test_model", "test_accuracy_reaches_the_bar")] == [
+        "Failure"]
+    assert verdicts[("model-tests.suite.test_model", "test_experiment_is_listed")] == ["Error"]
+    assert sum(1 for case in suite if case.classname != "lifecycle") == 8
+
+
+def test_a_report_of_100000_cases_is_read_whole_and_summed_up_bounded(tmp_path):
+    cases = "".join(f'<testcase classname="m" name="t{i}">'
+                    + ('<failure message="boom"/>' if i % 100 == 0 else "") + "</testcase>"
+                    for i in range(100_000))
+    report = read_report(write(tmp_path, f'<testsuite name="s">{cases}</testsuite>'))
+    tests = PipelineTests()
+
+    tests.add("suite", report.cases)
+
+    assert report.problem is None and len(report.cases) == 100_000
+    assert (tests.counts.passed, tests.counts.failed) == (99_000, 1_000)
+    assert tests.failing_total == 1_000 and len(tests.failing) == MAX_FAILING_TESTS

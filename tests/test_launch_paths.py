@@ -13,9 +13,9 @@ import psutil
 import pytest
 import yaml
 
+from mlci_dagster.assets.history import HISTORY, stored_cursor
 from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.launch.coordinator import PoolTaggingRunCoordinator, pool_of_run
-from mlci_dagster.sensors.history_update import history_cursor
 from mlci_dagster.vocabulary import POOL_TAG, RESULTS, STAGES
 from tests.support.dagster_services import (
     LAUNCH_BACKFILL,
@@ -139,7 +139,7 @@ def test_ui_launches_refuse_partial_lifecycles_and_every_run_respects_the_pool(
             runs = launched_here(all_runs)
             # History follows under the daemon with no toggle: the history_update sensor.
             newest = instance.fetch_materializations(RESULTS_ASSET, limit=1).records[0]
-            wait_until(lambda: history_cursor(instance) >= newest.storage_id, 90,
+            wait_until(lambda: stored_cursor(instance, HISTORY) >= newest.storage_id, 90,
                        "history to hold the newest result", log)
 
     assert sorted(r.tags["dagster/partition"] for r in runs) == ["a|e1", "a|e1", "b|e1"]

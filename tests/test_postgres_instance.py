@@ -17,12 +17,12 @@ import sqlalchemy
 import yaml
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
+from mlci_dagster.assets.history import HISTORY, stored_cursor
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.definitions import HISTORY_JOB, build_definitions
 from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.launch.coordinator import PoolTaggingRunCoordinator
 from mlci_dagster.reservations.leases import LeaseStore
-from mlci_dagster.sensors.history_update import history_cursor
 from tests.support.postgres import Postgres, postgres_instance_yaml, postgres_server
 from tests.support.registries import PY
 from tests.support.reservations import race_for_slots
@@ -83,7 +83,7 @@ def test_mlci_commands_and_history_work_on_postgres_storage(tmp_path, pg_home):
         assert isinstance(instance.run_coordinator, PoolTaggingRunCoordinator)
         records = instance.fetch_materializations(RESULTS_ASSET, limit=10).records
         assert len(records) == 2
-        assert history_cursor(instance) == max(r.storage_id for r in records)
+        assert stored_cursor(instance, HISTORY) == max(r.storage_id for r in records)
         # The history job runs again on the same storage and finds nothing new.
         result = build_definitions(registry).resolve_job_def(HISTORY_JOB).execute_in_process(
             instance=instance, run_config=QUIET)

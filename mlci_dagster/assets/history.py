@@ -1,5 +1,6 @@
-"""The history asset (every lifecycle result, consolidated incrementally), its checks, and the
-HTML grid. The analysis itself is the Dagster-free `mlci_dagster.history`."""
+"""The history assets (every lifecycle result, and every test case the results kept, each
+consolidated incrementally), their checks, and the HTML grid. The analysis itself is the
+Dagster-free `mlci_dagster.history`."""
 
 import time
 from pathlib import Path
@@ -8,12 +9,13 @@ import dagster as dg
 import pandas as pd
 
 from mlci_dagster.compat import load_stored_value
-from mlci_dagster.event_log import consolidate
+from mlci_dagster.event_log import consolidate, consolidate_cases
 from mlci_dagster.history.analysis import (
     PartitionSummary,
     analyze,
     coverage,
 )
+from mlci_dagster.history.case_analysis import TestSummary, analyze_cases
 from mlci_dagster.history.grid import write_grid
 from mlci_dagster.paths import mlci_home
 from mlci_dagster.registry import Registry
@@ -21,6 +23,11 @@ from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.vocabulary import partition_key
 
 HISTORY = dg.AssetKey("history")
+TEST_HISTORY = dg.AssetKey("test_history")
+TEST_CHECKS = {
+    "no_test_regressions": "no test fails in every run since it last passed",
+    "no_flaky_tests": "no test both passed and failed recently",
+}
 CHECKS = {
     "no_new_regressions": "no partition has an open failure alert",
     "no_flaky_partitions": "no build both passed and failed recently",
@@ -92,13 +99,66 @@ def history(context: dg.AssetExecutionContext):
     )
 
 
+def stored_cursor(instance: dg.DagsterInstance, key: dg.AssetKey) -> int:
+    """The storage id of the newest result an asset's stored table has read (0: none)."""
+    event = instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return 0
+    entry = event.asset_materialization.metadata.get("cursor")
+    return int(entry.value) if entry is not None else 0
+
+
+def test_checks(tests: list[TestSummary]) -> list[dg.AssetCheckResult]:
+    """Red for a test failing since it last passed (a regression), and for a flaky test."""
+    regressed = [{"partition": t.partition, "test": t.test_id, "failing_runs": t.failing_streak,
+                  "last_pass": t.last_pass, "first_failure": t.first_failure}
+                 for t in tests if t.regression]
+    flaky = [{"partition": t.partition, "test": t.test_id, "flips": t.flips}
+             for t in tests if str(t.state) == "flaky"]
+    return [dg.AssetCheckResult(
+        check_name=name, passed=not found, metadata={
+            "count": len(found), "tests": dg.MetadataValue.json(found[:100])},
+        description=f"{len(found)} test(s) {what}" if found else TEST_CHECKS[name])
+        for name, found, what in (("no_test_regressions", regressed, "regressed"),
+                                  ("no_flaky_tests", flaky, "flaky"))]
+
+
+@dg.asset(
+    name="test_history", group_name="history", kinds={"pandas"}, deps=["results"],
+    description="One row per test case per lifecycle result, from the test reports each "
+                "pipeline declares.",
+    required_resource_keys={"io_manager", "mlci"},
+    check_specs=[dg.AssetCheckSpec(name, asset="test_history", description=text)
+                 for name, text in TEST_CHECKS.items()],
+)
+def test_history(context: dg.AssetExecutionContext):
+    mlci: MlciResource = context.resources.mlci
+    after = stored_cursor(context.instance, TEST_HISTORY)
+    previous = load_stored_value(context, TEST_HISTORY) if after else None
+    table, added, newest = consolidate_cases(context.instance, previous, after)
+    tests = analyze_cases(table, mlci.registry().settings.history)
+    context.log.info(f"test history: {added} new test results, {len(table)} in all")
+    return dg.MaterializeResult(
+        value=table,
+        metadata={"rows": len(table), "new_rows": added, "cursor": newest,
+                  "tests": len(tests),
+                  "states": dg.MetadataValue.json(
+                      pd.Series([str(t.state) for t in tests]).value_counts().to_dict()
+                      if tests else {})},
+        check_results=test_checks(tests),
+    )
+
+
 @dg.asset(
     name="grid_report", group_name="history", kinds={"html"},
     description="The TestGrid-like HTML grid of every partition's recent runs.",
 )
-def grid_report(context: dg.AssetExecutionContext, mlci: MlciResource, history: pd.DataFrame):
-    summaries = summarize(mlci.registry(), history)
-    path = write_grid(history, summaries, Path(mlci.home or mlci_home()) / "reports")
+def grid_report(context: dg.AssetExecutionContext, mlci: MlciResource, history: pd.DataFrame,
+                test_history: pd.DataFrame):
+    registry = mlci.registry()
+    summaries = summarize(registry, history)
+    path = write_grid(history, summaries, Path(mlci.home or mlci_home()) / "reports",
+                      analyze_cases(test_history, registry.settings.history), test_history)
     counts = coverage(summaries)
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),

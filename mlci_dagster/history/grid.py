@@ -2,8 +2,10 @@
 night, a commit, an image, an `mlci run`) aligned across rows, newest left, each headed by its
 date and the image digest it tested. A cell is a run, linked to its Dagster run, lettered by its
 failure signature (hover for the signature, stages and more); a regression's last pass and
-first failure are marked. Under the grid: the failure signatures, and each partition's duration
-and metric trends drawn with axes and units."""
+first failure are marked. A partition whose pipelines report tests expands into a row per test
+(failing, then flaky, then the rest; at most TESTS_SHOWN), each cell that test's result in the
+partition's run of the column (hover for its message). Under the grid: the failure signatures,
+and each partition's duration and metric trends drawn with axes and units."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from mlci_dagster.history.analysis import (
     signature_clusters,
     with_run_fields,
 )
-from mlci_dagster.history.render import counted, regression_text, short, usd
+from mlci_dagster.history.case_analysis import TestSummary
+from mlci_dagster.history.render import counted, regression_text, short, test_history_text, usd
 from mlci_dagster.history.table import METRIC_PREFIX
 from mlci_dagster.paths import dagster_url
 from mlci_dagster.vocabulary import (
@@ -38,6 +41,8 @@ from mlci_dagster.vocabulary import (
 )
 
 COLUMNS = 30
+TESTS_SHOWN = 50  # per partition: failing and flaky first; `mlci tests` lists every one
+TEST_COLOURS = {"pass": "#2da44e", "fail": "#cf222e", "error": "#bc4c00", "skip": "#afb8c1"}
 # A cell's colour: a pass, a failure by its kind, or a run that was no verdict (refused before
 # it began, interrupted before it finished).
 COLOURS = {LIFECYCLE_PASS: "#2da44e", FailureKind.PRODUCT: "#cf222e",
@@ -71,7 +76,15 @@ table.wraps td { white-space: normal; overflow-wrap: anywhere; }
 table.wraps td.name, table.wraps td.id { white-space: nowrap; }
 .trend { display: inline-block; margin: 0 16px 12px 0; vertical-align: top; }
 .trend .t { font-size: 11px; color: #59636e; }
+button.tg { font: 11px system-ui, sans-serif; border: 1px solid #d0d7de; border-radius: 3px;
+            background: #f6f8fa; cursor: pointer; padding: 0 4px; margin-left: 4px; }
+tr.test td.name { font-size: 11px; padding-left: 16px; max-width: 420px; overflow: hidden;
+                  text-overflow: ellipsis; }
+tr.test .cell { width: 12px; height: 12px; } tr.test td.reg { color: #59636e; }
 """
+SCRIPT = """function tog(id, button) { let open = false;
+  document.querySelectorAll('tr.' + id).forEach(r => { r.hidden = !r.hidden; open = !r.hidden; });
+  button.textContent = (open ? '\u25be' : '\u25b8') + button.textContent.slice(1); }"""
 
 
 def batch_keys(table: pd.DataFrame) -> pd.Series:
@@ -237,8 +250,50 @@ def trends(rows: pd.DataFrame) -> str:
     return "".join(charts)
 
 
+def test_rows(row_id: str, tests: list[TestSummary], runs: dict[str, int], cases: pd.DataFrame,
+              columns: list[dict[str, Any]], width: int) -> tuple[str, str]:
+    """A partition's test rows (hidden until its button is pressed) and that button: a row per
+    test, at most TESTS_SHOWN, a cell per column with the test's result in the run shown there.
+    `runs`: the column's batch -> the storage id of the partition's run shown in it."""
+    if not tests:
+        return "", ""
+    shown = tests[:TESTS_SHOWN]
+    ids = {t.test_id for t in shown}
+    rows = cases[cases["storage_id"].isin(list(runs.values()))]
+    rows = rows[rows["test_id"].isin(list(ids))]
+    results = {(t, s): (st, m) for t, s, st, m in zip(
+        rows["test_id"].astype(str), rows["storage_id"], rows["status"].astype(str),
+        rows["message"].astype(str), strict=True)}
+    lines = []
+    for test in shown:
+        slots = []
+        for column in columns:
+            found = results.get((test.test_id, runs.get(column["key"], -1)))
+            if found is None:
+                slots.append('<td class="slot"><span class="none"></span></td>')
+                continue
+            status, message = found
+            title = status + (f": {message}" if message else "")
+            slots.append(f'<td class="slot"><span class="cell" style="background:'
+                         f'{TEST_COLOURS.get(status, "#afb8c1")}" title="{html.escape(title)}">'
+                         '</span></td>')
+        lines.append(f'<tr class="test {row_id}" hidden><td class="name" colspan="2" '
+                     f'title="{html.escape(test.test_id)}">{html.escape(test.test_id)}</td>'
+                     f'<td>{html.escape(str(test.state))}</td>{"".join(slots)}'
+                     f'<td class="reg" colspan="{width}">'
+                     f'{html.escape(test_history_text(test))}</td></tr>')
+    if len(tests) > len(shown):
+        lines.append(f'<tr class="test {row_id}" hidden><td colspan="3" class="name">... and '
+                     f'{len(tests) - len(shown)} more: <code>mlci tests</code></td></tr>')
+    failing = sum(1 for t in tests if str(t.state) == "failing")
+    label = f"{counted(len(tests), 'test')}" + (f", {failing} failing" if failing else "")
+    button = f'<button class="tg" onclick="tog(\'{row_id}\', this)">\u25b8 {label}</button>'
+    return "\n" + "\n".join(lines), button
+
+
 def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: float,
-                clusters: list[SignatureCluster] = (), dagster_url: str = "") -> str:
+                clusters: list[SignatureCluster] = (), dagster_url: str = "",
+                tests: list[TestSummary] = (), cases: pd.DataFrame | None = None) -> str:
     table = with_run_fields(table) if not table.empty else table
     if not table.empty:
         table = table.assign(_batch=batch_keys(table))
@@ -254,8 +309,11 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
         for c, time_of_day in zip(columns, column_times(columns), strict=True))
     # A cost column only where something costs: local and Kubernetes sandboxes are free.
     costed = any(s.cost_usd for s in summaries)
+    tests_of: dict[str, list[TestSummary]] = {}
+    for test in tests:  # already failing first, then flaky, then the rest
+        tests_of.setdefault(test.partition, []).append(test)
     lines, charts = [], []
-    for s in summaries:
+    for number, s in enumerate(summaries):
         rows = by_partition.get(s.partition)
         marks = _marks(s)
         # The partition's latest run in each batch, and how many it had there.
@@ -276,12 +334,16 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
         regression = regression_text(s)
         badge = (f'<span class="badge" style="background:{STATUS_COLOURS[str(s.status)]}">'
                  f'{s.status}</span>')
+        shown_runs = {key: int(row["storage_id"]) for key, row in latest.items()}
+        below, button = test_rows(f"p{number}", tests_of.get(s.partition, []), shown_runs,
+                                  cases, columns, 2 if costed else 1) \
+            if cases is not None else ("", "")
         lines.append(f'<tr><td class="name">{html.escape(s.config)}</td>'
-                     f'<td class="name">{html.escape(s.engine)}</td><td>{badge}</td>'
+                     f'<td class="name">{html.escape(s.engine)}{button}</td><td>{badge}</td>'
                      f'{"".join(slots)}<td class="reg">'
                      f'{html.escape(regression) if regression != "-" else ""}</td>'
                      + (f'<td>{usd(s.cost_usd) if s.cost_usd else ""}</td>' if costed else "")
-                     + '</tr>')
+                     + '</tr>' + below)
         if rows is not None and (chart := trends(rows)):
             charts.append(f'<tr><td class="name">{html.escape(s.partition)}</td>'
                           f'<td>{chart}</td></tr>')
@@ -293,7 +355,8 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
                'pass</span><span><span class="cell first-fail" style="background:#cf222e">'
                '</span> first failure</span>')
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>mlci grid</title><style>{STYLE}</style></head>
+<html><head><meta charset="utf-8"><title>mlci grid</title><style>{STYLE}</style>
+<script>{SCRIPT}</script></head>
 <body><h1>mlci-dagster: lifecycle grid</h1>
 <div class="sub">{counted(len(summaries), "partition")}, {counted(len(table), "result")},
 {counted(len(columns), "batch")}, as of {stamp}Z. Columns are batches (a night, a commit, an
@@ -313,13 +376,16 @@ rest.</div>
 """
 
 
-def write_grid(table: pd.DataFrame, summaries: list[PartitionSummary], directory: Path) -> Path:
+def write_grid(table: pd.DataFrame, summaries: list[PartitionSummary], directory: Path,
+               tests: list[TestSummary] = (), cases: pd.DataFrame | None = None) -> Path:
     """The grid page into `directory`: what the grid_report asset and `mlci report --html`
-    both write, its cells linking to the Dagster UI at $MLCI_DAGSTER_URL."""
+    both write, its cells linking to the Dagster UI at $MLCI_DAGSTER_URL; with the test
+    history's `cases` and their `tests` summaries, each partition expands into its tests."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "grid.html"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(render_grid(table, summaries, time.time(),
-                               signature_clusters(table, summaries), dagster_url()))
+                               signature_clusters(table, summaries), dagster_url(),
+                               list(tests), cases))
     tmp.replace(path)
     return path

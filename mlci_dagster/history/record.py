@@ -107,12 +107,14 @@ class ResultRecord(_Record):
     preempted: bool = False  # a spot node was reclaimed mid-run (always an infra failure)
     batch: str = ""  # what launched it with others: `nightly 2026-03-09`, `commit 1a2b3c4d5e`
     # The tests the pipelines reported: their counts, the failing ones (at most
-    # MAX_FAILING_TESTS, of `failing_tests_total`), never the whole report; and each report
-    # that could not be read, naming its pipeline and file.
+    # MAX_FAILING_TESTS, of `failing_tests_total`), never the whole report; each report that
+    # could not be read, naming its pipeline and file; where every case is kept (pipeline ->
+    # a JUnit XML in the run's log directory: the test history reads it).
     tests: TestCounts = TestCounts()
     failing_tests: list[FailingTest] = []
     failing_tests_total: int = 0
     test_report_problems: list[str] = []
+    test_reports: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _consistent(self) -> ResultRecord:

@@ -1,4 +1,5 @@
-"""Text renderings of the analysis: the `mlci report` table and the `mlci status` counts."""
+"""Text renderings of the analysis: the `mlci report` table, the `mlci tests` table and the
+`mlci status` counts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 from mlci_dagster.cost import MonthSpend, PartitionProjection
 from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster
+from mlci_dagster.history.case_analysis import TestSummary
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.registry.models import BudgetSettings
 from mlci_dagster.vocabulary import FailureKind
@@ -101,8 +103,8 @@ def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRe
                   clusters: list[SignatureCluster] = ()) -> str:
     """The failing partitions grouped by signature, each group headed by its signature and
     since when it has been seen, then one line per partition: its status, failure kind, owner
-    and the first line of its error summary, and its log. Refused and interrupted ones (skip,
-    canceled) last."""
+    and the first line of its error summary, its log, and the failing tests its pipelines
+    reported. Refused and interrupted ones (skip, canceled) last."""
     by_partition = {p: c for c in clusters for p in c.partitions}
     groups: dict[str, list[str]] = {}
     refused = []
@@ -119,7 +121,8 @@ def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRe
         groups.setdefault(cluster.signature if cluster else "", []).append(
             f"  {s.partition}: {record.status} ({record.failure_kind}{whose}, owner "
             f"{record.owner}): {first[0] if first else ''}\n    log: {record.log_ref or '-'}"
-            + (f"\n    debug bundle: {record.debug_bundle}" if record.debug_bundle else ""))
+            + (f"\n    debug bundle: {record.debug_bundle}" if record.debug_bundle else "")
+            + (f"\n    tests: {tests}" if (tests := record.failing_tests_text()) else ""))
     heads = {c.signature: signature_head(c) for c in clusters}
     notes = [heads.get(signature, "failing, signature unknown (recorded before signatures):")
              + "\n" + "\n".join(lines) for signature, lines in groups.items()]
@@ -177,3 +180,30 @@ def cost_text(projections: list[PartitionProjection], spend: MonthSpend,
         lines.append(f"budget: ${budget.monthly_usd:g}/month; projected {share:.0%} of it, "
                      f"{verdict}")
     return "\n".join(lines)
+
+
+def test_history_text(test: TestSummary) -> str:
+    """What the test's history says: its failing streak and range, its flips, its slowdown."""
+    if test.first_failure is not None:
+        since = test.first_failure
+        text = f"failing {counted(test.failing_streak, 'run')} since {since['batch'] or '-'}"
+        if test.last_pass is not None:
+            text += (f" (image {short(test.last_pass['image_digest'])}→"
+                     f"{short(since['image_digest'])})")
+        return text
+    if str(test.state) == "flaky":
+        return f"{counted(test.flips, 'flip')} in its recent runs"
+    if test.slower_by:
+        return f"{test.duration_s:g}s, {test.slower_by:.0%} over its median {test.baseline_s:g}s"
+    return "new" if test.new else "-"
+
+
+def tests_table(tests: list[TestSummary], limit: int) -> str:
+    """A row per test (failing, then flaky, then slowest), at most `limit`, and what was cut."""
+    rows = [["PARTITION", "TEST", "STATE", "HISTORY", "MESSAGE"]]
+    for test in tests[:limit]:
+        message = test.message.splitlines()[0][:80] if test.message else ""
+        rows.append([test.partition, test.test_id, str(test.state), test_history_text(test),
+                     message])
+    more = f"\n... and {len(tests) - limit} more (--limit)" if len(tests) > limit else ""
+    return (table(rows) if tests else "no test results recorded") + more

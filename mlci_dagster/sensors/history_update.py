@@ -9,18 +9,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mlci_dagster.assets.history import HISTORY
+from mlci_dagster.assets.history import HISTORY, TEST_HISTORY, stored_cursor
 from mlci_dagster.event_log import RESULTS_ASSET
 from mlci_dagster.launch.workers import UNFINISHED
-
-
-def history_cursor(instance: dg.DagsterInstance) -> int:
-    """The storage id of the newest result the stored history table holds (0: none)."""
-    event = instance.get_latest_materialization_event(HISTORY)
-    if event is None or event.asset_materialization is None:
-        return 0
-    entry = event.asset_materialization.metadata.get("cursor")
-    return int(entry.value) if entry is not None else 0
 
 
 def history_update_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
@@ -33,7 +24,8 @@ def history_update_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefi
             dg.AssetRecordsFilter(asset_key=RESULTS_ASSET), limit=1).records
         if not latest:
             return dg.SkipReason("no results recorded yet")
-        newest, cursor = latest[0].storage_id, history_cursor(context.instance)
+        newest = latest[0].storage_id
+        cursor = min(stored_cursor(context.instance, key) for key in (HISTORY, TEST_HISTORY))
         if newest <= cursor:
             return dg.SkipReason(f"history is current (result {cursor})")
         if context.instance.get_runs_count(dg.RunsFilter(job_name=job.name,

@@ -56,13 +56,13 @@ class SandboxDetails(Details):
 class PipelineTests(Details):
     """What one pipeline's test reports say: the counts, the failing tests (at most
     MAX_FAILING_TESTS, of `failing_total`), a problem per report that could not be read, and
-    where the reports are kept (the run's log directory)."""
+    where every case is kept (`report`: one JUnit XML in the run's log directory)."""
 
     counts: TestCounts = TestCounts()
     failing: list[FailingTest] = Field(default_factory=list)
     failing_total: int = 0
     problems: list[str] = Field(default_factory=list)
-    reports: list[str] = Field(default_factory=list)
+    report: str = ""
 
     def add(self, pipeline: str, cases: Iterable[TestCase]) -> None:
         counts = dict.fromkeys(("passed", "failed", "errors", "skipped"), 0)

@@ -1,17 +1,20 @@
 """The test reports a pipeline declares, collected when it ends, pass or fail: each found by its
-path (a glob) on this machine, read (junit/read.py), and kept in the run's log directory, where
-it outlives the sandbox. What cannot be found or read is a problem naming the pipeline, the
-report and the file; every other result of the run is kept."""
+path (a glob) on this machine and read (junit/read.py). What they say is kept as one JUnit XML
+per pipeline in the run's log directory, where it outlives the sandbox: every case, its names
+and message redacted and bounded (a raw report may hold a secret, and cannot be redacted as
+text without breaking its XML). What cannot be found or read is a problem naming the pipeline,
+the report and the file; every other result of the run is kept."""
 
 from __future__ import annotations
 
 import glob
-import shutil
 from pathlib import Path
 from typing import Any
 
 from mlci_dagster.common.templating import TemplateError, render
-from mlci_dagster.junit.read import read_report
+from mlci_dagster.junit.read import TestCase, read_report
+from mlci_dagster.junit.write import by_suite, suite_element, write_junit
+from mlci_dagster.paths import run_log_dir
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.registry.models import CommandPipeline
 from mlci_dagster.stages.context import LifecycleContext
@@ -24,7 +27,7 @@ def collect_local_reports(ctx: LifecycleContext, handle: SandboxHandle,
                           pipeline: CommandPipeline, context: dict[str, Any]) -> PipelineTests:
     """The reports of a pipeline that ran on this machine, in the sandbox's work directory."""
     tests = PipelineTests()
-    kept = Path(handle.log_dir) / "reports" / pipeline.name
+    cases: list[TestCase] = []
     for i, spec in enumerate(pipeline.reports):
         where = f"pipeline '{pipeline.name}': reports[{i}]"
         try:
@@ -41,18 +44,22 @@ def collect_local_reports(ctx: LifecycleContext, handle: SandboxHandle,
                                   f"{MAX_REPORT_FILES} are read")
         for path in map(Path, found[:MAX_REPORT_FILES]):
             report = read_report(path, ctx.redactor)
-            tests.add(pipeline.name, report.cases)
+            cases += report.cases
             if report.problem is not None:
                 tests.problems.append(f"{where}: {report.problem}")
-            tests.reports.append(_keep(path, kept / f"{i}-{path.name}"))
+    tests.add(pipeline.name, cases)
+    if cases:
+        kept = report_path(ctx.home, ctx.run_id, pipeline.name)
+        try:
+            write_junit(kept, [suite_element(name, suite) for name, suite in
+                               by_suite(cases).items()], name=pipeline.name)
+            tests.report = str(kept)
+        except OSError as exc:
+            tests.problems.append(f"pipeline '{pipeline.name}': its tests could not be kept "
+                                  f"at {kept}: {exc}")
     return tests
 
 
-def _keep(path: Path, copy: Path) -> str:
-    """A copy in the run's log directory (the sandbox's work directory goes with it)."""
-    try:
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, copy)
-    except OSError:
-        return str(path)
-    return str(copy)
+def report_path(home: Path, run_id: str, pipeline: str) -> Path:
+    """Where a run keeps what one pipeline's test reports say."""
+    return run_log_dir(home, run_id) / "tests" / f"{pipeline}.xml"

@@ -106,7 +106,8 @@ def tests_of(details: PipelineRunsDetails) -> dict[str, Any]:
     return {"tests": sum((t.counts for t in tests), TestCounts()),
             "failing_tests": [f for t in tests for f in t.failing][:MAX_FAILING_TESTS],
             "failing_tests_total": sum(t.failing_total for t in tests),
-            "test_report_problems": [p for t in tests for p in t.problems]}
+            "test_report_problems": [p for t in tests for p in t.problems],
+            "test_reports": {name: t.report for name, t in details.tests.items() if t.report}}
 
 
 def reported_metrics(

@@ -17,8 +17,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from mlci_dagster.assets.history import HISTORY, stored_cursor
 from mlci_dagster.event_log import RESULTS_ASSET, new_results
-from mlci_dagster.sensors.history_update import history_cursor
 from mlci_dagster.vocabulary import RESULTS, STAGES
 from tests.support.dagster_services import (
     LAUNCH_BACKFILL,
@@ -108,7 +108,7 @@ def queue_matrix(example: Path, workdir: Path, home: Path, runs: int, limit: int
                        interval_s=0.2)
             wall_s = time.monotonic() - started
             newest = instance.fetch_materializations(RESULTS_ASSET, limit=1).records[0]
-            wait_until(lambda: history_cursor(instance) >= newest.storage_id, 180,
+            wait_until(lambda: stored_cursor(instance, HISTORY) >= newest.storage_id, 180,
                        "the history to hold the newest result", logs[1])
         done = backfilled()
         run_records = [instance.get_run_record_by_id(r.run_id) for r in done]
