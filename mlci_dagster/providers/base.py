@@ -20,8 +20,17 @@ from mlci_dagster.providers.processes import GroupResult
 from mlci_dagster.registry.base import PROVIDERS
 from mlci_dagster.vocabulary import FailureKind
 
-__all__ = ["PROVIDERS", "PipelineResult", "Provider", "SandboxError", "SandboxHandle",
+__all__ = ["PROVIDERS", "PipelineResult", "Provider", "ReportError", "SandboxError",
+           "SandboxHandle",
            "DestroyReport", "provider_class", "providers_for"]
+
+
+MAX_REPORT_BYTES = 256 * 1024 * 1024  # a test report fetched from a sandbox, at most
+MAX_REPORT_FILES = 100  # per declared report: a glob that matches more is cut, and says so
+
+
+class ReportError(Exception):
+    """A test report that could not be fetched from where its pipeline ran."""
 
 
 @dataclass
@@ -83,6 +92,14 @@ class Provider(Protocol):
     def run_pipeline(self, handle: SandboxHandle, pipeline: Any, context: dict[str, Any],
                      timeout_s: float) -> PipelineResult:
         """A pipeline of a kind only this provider runs (a Kubernetes Job, a custom resource)."""
+        ...
+
+    def report_files(self, handle: SandboxHandle, pipeline: Any, pattern: str, into: Path
+                     ) -> list[Path]:
+        """The test reports a pipeline of a kind only this provider runs wrote (`pattern`, a
+        glob as its config gives it, rendered), copied into the directory `into` on this
+        machine, at most MAX_REPORT_BYTES each; ReportError says what could not be fetched.
+        `command` pipelines run on this machine: their reports are not asked for here."""
         ...
 
     def collect_artifacts(self, handle: SandboxHandle) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 from mlci_dagster.common import clock
 from mlci_dagster.common.redact import Redactor
 from mlci_dagster.common.templating import render
+from mlci_dagster.providers.base import ReportError
 from mlci_dagster.providers.handle import (
     DestroyReport,
     SandboxError,
@@ -144,6 +145,12 @@ class ProviderHome:
     def from_settings(cls, home: Path, secret_names: list[str], root: Path | None = None,
                       settings: Any = None) -> Any:
         return cls(home, secret_names, root=root, settings=settings)
+
+    def report_files(self, handle: SandboxHandle, pipeline: Any, pattern: str, into: Path
+                     ) -> list[Path]:
+        """No kind of this provider's own writes reports it can fetch (yet)."""
+        raise ReportError(f"the {self.name} provider cannot fetch the reports of a "
+                          f"{pipeline.kind} pipeline")
 
     def new_handle(self, sandbox_id: str, *, config: str, engine: str, run_id: str,
                    ttl_s: float, **fields: Any) -> SandboxHandle:

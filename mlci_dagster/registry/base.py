@@ -99,6 +99,14 @@ class PipelineBase(StrictModel):
                 if (value := getattr(self, name))]
 
 
+class ReportingPipeline(PipelineBase):
+    """A pipeline kind that can write test reports: `command` (on this machine), `k8s_job` (in
+    its pod), `ssh_command` (on the VM). Its provider fetches them (`Provider.report_files`)."""
+
+    reports: list[TestReportSpec] = Field(
+        default=[], description="The test reports it writes: each test's result is recorded.")
+
+
 class BilledResource(NamedTuple):
     """Something a sandbox holds that a cloud bills by the hour: its type (a rate's key under
     `costs.hourly_usd`), how many, whether spot, and the field of the config that names it."""

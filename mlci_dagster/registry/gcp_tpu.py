@@ -12,7 +12,7 @@ from mlci_dagster.registry.base import (
     BilledResource,
     EnvName,
     Name,
-    PipelineBase,
+    ReportingPipeline,
     SandboxBase,
     Seconds,
     StrictModel,
@@ -104,7 +104,7 @@ class TpuVmSandbox(SandboxBase):
         return self.retries_on_preemption
 
 
-class SshCommandPipeline(PipelineBase):
+class SshCommandPipeline(ReportingPipeline):
     """A command on the TPU VM over SSH, in a process group of its own that the timeout kills
     whole; passes on the expected exit code and output, as a `command` pipeline does."""
 

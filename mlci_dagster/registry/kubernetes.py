@@ -12,6 +12,7 @@ from mlci_dagster.registry.base import (
     EnvName,
     Name,
     PipelineBase,
+    ReportingPipeline,
     SandboxBase,
     Seconds,
     StrictModel,
@@ -106,7 +107,7 @@ class KubernetesSandbox(SandboxBase):
         return self.model_copy(update={"manifests": [*engine.manifests, *self.manifests]})
 
 
-class K8sJobPipeline(PipelineBase):
+class K8sJobPipeline(ReportingPipeline):
     """A batch/v1 Job in the sandbox's namespace, followed to completion, its pods' logs kept."""
 
     file_fields = ("manifest",)

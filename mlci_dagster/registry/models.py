@@ -24,10 +24,10 @@ from mlci_dagster.registry.base import (
     Name,
     PipelineBase,
     RepoGlob,
+    ReportingPipeline,
     SandboxBase,
     Seconds,
     StrictModel,
-    TestReportSpec,
 )
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.registry.kubernetes import (
@@ -368,7 +368,7 @@ class Settings(StrictModel):
 # --- pipelines -----------------------------------------------------------------------------
 
 
-class CommandPipeline(PipelineBase):
+class CommandPipeline(ReportingPipeline):
     """A process in the sandbox: passes on the expected exit code and output."""
 
     kind: Literal["command"]
@@ -383,8 +383,6 @@ class CommandPipeline(PipelineBase):
     timeout_s: Seconds | None = Field(
         default=None, description="Default: what is left of timeouts.pipeline_runs_s."
     )
-    reports: list[TestReportSpec] = Field(
-        default=[], description="The test reports it writes: each test's result is recorded.")
 
 
 class HttpRequest(StrictModel):

@@ -15,6 +15,7 @@ from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
+from mlci_dagster.registry.base import ReportingPipeline
 from mlci_dagster.registry.models import CommandPipeline, SubmitPollPipeline
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.details import (
@@ -24,7 +25,7 @@ from mlci_dagster.stages.details import (
     SandboxDetails,
 )
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, skipped, start_failure_kind
-from mlci_dagster.stages.reports import collect_local_reports
+from mlci_dagster.stages.reports import collect_reports
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 SUMMARY_CHARS = 2000  # a result's summary: its first line and the output's tail
@@ -59,8 +60,8 @@ def run_pipelines(
                                     time.monotonic() - started, FailureKind.CONFIG, str(exc))
         results.append(result)
         outputs[pipeline.name] = result.outputs
-        if isinstance(pipeline, CommandPipeline) and pipeline.reports:
-            tests[pipeline.name] = collect_local_reports(ctx, handle, pipeline, context)
+        if isinstance(pipeline, ReportingPipeline) and pipeline.reports:
+            tests[pipeline.name] = collect_reports(ctx, handle, pipeline, context)
         if not result.passed:
             assert result.failure_kind is not None
             return clock.failed(
