@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,10 @@ def test_a_pipelines_pytest_report_gives_the_record_its_tests(instance, dagster_
     assert again.problem is None and len(again.cases) == 8
     assert {c.id: c.signature for c in again.cases if c.failed} == {
         f["id"]: f["signature"] for f in record["failing_tests"]}
+    # And in the debug bundle of the failed run, whole.
+    with tarfile.open(record["debug_bundle"]) as bundle:
+        [member] = [m for m in bundle.getnames() if m.endswith("/tests/model-tests.xml")]
+        assert bundle.extractfile(member).read() == Path(kept).read_bytes()
 
 
 def test_a_report_the_pipeline_never_wrote_is_a_problem_and_the_rest_is_kept(

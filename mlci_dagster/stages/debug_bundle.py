@@ -1,6 +1,7 @@
 """The debug bundle of a failed lifecycle: service and pipeline logs, probe results, the sandbox
-handle and the earlier stages' outcomes in one tar.gz, written before the sandbox is destroyed.
-Every member is redacted, even the logs that were redacted when written."""
+handle, the earlier stages' outcomes and the pipelines' test results (as kept: JUnit XML) in
+one tar.gz, written before the sandbox is destroyed. Every member is redacted, even the logs
+that were redacted when written; the test results were redacted case by case when kept."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def _log_tail(path: Path) -> str:
     return text if cut <= 0 else f"[... first {cut} bytes cut]\n{text}"
 
 
+def test_reports_of(outcomes: list[StageOutcome]) -> dict[str, str]:
+    """pipeline -> the JUnit XML the run kept of its tests."""
+    return {name: tests.report for o in outcomes if o.stage is Stage.PIPELINE_RUNS
+            for name, tests in o.details.tests.items() if tests.report}
+
+
 def screenshots_of(outcomes: list[StageOutcome]) -> list[str]:
     """The screenshots ui_smoke's browser checks took."""
     return [route.screenshot for o in outcomes if o.stage is Stage.UI_SMOKE
@@ -71,6 +78,11 @@ def write_debug_bundle(
                 _add(tar, f"{root}/logs/{Path(log).name}", redactor.text(_log_tail(Path(log))))
             except OSError as exc:
                 _add(tar, f"{root}/logs/{Path(log).name}.missing", f"could not read {log}: {exc}")
+        for pipeline, report in test_reports_of(outcomes).items():
+            try:  # whole: a JUnit file cut at its tail is no longer XML
+                _add(tar, f"{root}/tests/{pipeline}.xml", Path(report).read_bytes())
+            except OSError as exc:
+                _add(tar, f"{root}/tests/{pipeline}.xml.missing", f"could not read {report}: {exc}")
         for shot in screenshots_of(outcomes):
             try:
                 _add(tar, f"{root}/screenshots/{Path(shot).name}", Path(shot).read_bytes())
