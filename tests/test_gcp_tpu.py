@@ -2,11 +2,15 @@
 spoken to by the real `google-cloud-tpu` client over plain HTTP, and a real `sshd` on loopback
 standing in for the VM: nodes created labelled and READY, `ssh_command` pipelines run for real
 (exit codes, expected output, captures, a timeout that kills the remote process group), a
-preemption mid-run failing as infra, a verified delete, `list_live` and the janitor from the
-API alone, the registry's errors, and the example's lifecycle through Dagster."""
+preemption mid-run failing as infra, the JUnit reports an `ssh_command` writes on the VM
+fetched over SFTP (globbed there, bounded, each problem named), a verified delete, `list_live`
+and the janitor from the API alone, the registry's errors, and the example's lifecycle through
+Dagster."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import subprocess
 import threading
@@ -16,19 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import paramiko
 import psutil
 import pytest
 import yaml
 from pydantic import ValidationError
 
 from mlci_dagster import cli
+from mlci_dagster.junit.read import read_report
 from mlci_dagster.paths import EXAMPLE_REGISTRY
-from mlci_dagster.providers.base import build_provider, providers_for
+from mlci_dagster.providers.base import ReportError, build_provider, providers_for
 from mlci_dagster.providers.gcp_tpu import TpuVmProvider
+from mlci_dagster.providers.gcp_tpu import provider as tpu_provider
 from mlci_dagster.providers.gcp_tpu.diagnose import interruption, readiness
 from mlci_dagster.providers.gcp_tpu.provider import TpuLocation, label_value, node_id
 from mlci_dagster.providers.handle import SandboxError, SandboxHandle
 from mlci_dagster.providers.janitor import sweep
+from mlci_dagster.providers.ports import allocate_free_port
 from mlci_dagster.registry import loader
 from mlci_dagster.registry.gcp_tpu import SshCommandPipeline, TpuVmSandbox
 from mlci_dagster.registry.models import TestConfig
@@ -46,8 +54,8 @@ RUN_ID = "6f1c2d3e-aaaa-bbbb-cccc-0123456789ab"
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackSshd]:
-    """The VM: every test that reaches a node needs it (the registry's and the naming rules'
-    tests run without)."""
+    """The VM, serving SFTP as a real one does: every test that reaches a node needs it (the
+    registry's and the naming rules' tests run without)."""
     require(SSHD)
     with LoopbackSshd(tmp_path_factory.mktemp("sshd")) as server:
         yield server
@@ -322,6 +330,97 @@ def test_the_ssh_key_never_reaches_logs_or_the_handle(sandbox, sshd):
     assert key_line not in str(handle.to_dict())
 
 
+# --- test reports, fetched from the VM over SFTP ---------------------------------------------
+
+
+def home_of(user: str) -> Path:
+    """The login's home directory on the VM (this machine): where its commands run."""
+    return Path(pwd.getpwnam(user).pw_dir)
+
+
+def vm_files(root: Path, contents: dict[str, str]) -> Path:
+    """Files written on the VM (this machine) under `root`, by relative path."""
+    for relative, text in contents.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text)
+    return root
+
+
+REPORT_TREE = {"a/r1.xml": "<a/>", "b/r2.xml": "<b/>", "b/.hidden.xml": "<h/>",
+               "b/notes.txt": "n", "c/nested/r3.xml": "<c/>", "d.xml/r4.xml": "<d/>"}
+
+
+@pytest.mark.parametrize(("pattern", "expected"), [
+    ("*/*.xml", ["a/r1.xml", "b/r2.xml", "d.xml/r4.xml"]),  # sorted; no dot file, no directory
+    ("b/.*.xml", ["b/.hidden.xml"]),  # a leading dot only when asked for
+    ("?/r[2-3].xml", ["b/r2.xml"]),
+    ("*/nested/*.xml", ["c/nested/r3.xml"]),
+    ("a/r1.xml", ["a/r1.xml"]),  # no wildcard: the file itself
+    ("a/missing.xml", []),
+    ("missing/*.xml", []),
+    ("*.xml", []),  # d.xml is a directory, not a report
+])
+def test_report_files_glob_on_the_vm_and_copy_what_matches(sandbox, tmp_path, pattern, expected):
+    provider, handle = sandbox
+    vm = vm_files(tmp_path / "vm", REPORT_TREE)
+    pipeline = ssh_pipeline("unit-tests", "true")
+
+    found = provider.report_files(handle, pipeline, f"{vm}/{pattern}", tmp_path / "fetched")
+
+    assert found == [tmp_path / "fetched" / str(vm).lstrip("/") / name for name in expected]
+    assert [path.read_text() for path in found] == [REPORT_TREE[name] for name in expected]
+
+
+def test_a_relative_report_pattern_is_under_the_logins_home_where_the_command_ran(
+        sandbox, sshd, tmp_path):
+    provider, handle = sandbox
+    vm = tmp_path / "vm"
+    relative = os.path.relpath(vm, home_of(sshd.user))  # through `..`: nothing lands in ~
+    pipeline = ssh_pipeline("writes", f"mkdir -p {relative}/out && echo '<r/>' > "
+                                      f"{relative}/out/report.xml")
+    assert provider.run_pipeline(handle, pipeline, {}, timeout_s=20).passed
+
+    found = provider.report_files(handle, pipeline, f"{relative}/out/*.xml",
+                                  tmp_path / "fetched")
+
+    assert [path.read_text() for path in found] == ["<r/>\n"]
+    assert found[0].as_posix().endswith(f"{vm}/out/report.xml")
+
+
+def test_report_files_are_cut_at_max_report_files_by_path(sandbox, tmp_path, monkeypatch):
+    provider, handle = sandbox
+    monkeypatch.setattr(tpu_provider, "MAX_REPORT_FILES", 2)
+    vm = vm_files(tmp_path / "vm", {f"r{i}.xml": f"<r{i}/>" for i in (3, 1, 2)})
+
+    found = provider.report_files(handle, ssh_pipeline("p", "true"), f"{vm}/*.xml",
+                                  tmp_path / "fetched")
+
+    assert [path.name for path in found] == ["r1.xml", "r2.xml"]
+
+
+def test_an_unreachable_vm_is_a_report_error_naming_the_node_and_the_login(sandbox, tmp_path,
+                                                                           sshd):
+    provider, handle = sandbox
+    handle.state["ssh"]["port"] = closed = allocate_free_port()  # nothing listens there
+
+    with pytest.raises(ReportError) as error:
+        provider.report_files(handle, ssh_pipeline("p", "true"), "out/*.xml",
+                              tmp_path / "fetched")
+
+    message = str(error.value)
+    assert message.startswith(f"node {handle.sandbox_id}: ssh {sshd.user}@127.0.0.1:{closed}: ")
+    assert sshd.private_key.splitlines()[1] not in message and "Traceback" not in message
+
+
+def test_the_reports_of_a_preempted_node_are_an_error_at_once(sandbox, api, tmp_path):
+    provider, handle = sandbox
+    api.preempt(handle.sandbox_id)
+
+    with pytest.raises(ReportError, match="PREEMPTED.*the reports on it went with it"):
+        provider.report_files(handle, ssh_pipeline("p", "true"), "out/*.xml",
+                              tmp_path / "fetched")
+
+
 # --- teardown, list_live, janitor ------------------------------------------------------------
 
 
@@ -481,8 +580,10 @@ def test_the_provider_is_found_by_name_and_finds_the_nodes_of_its_project_and_zo
 
 
 @pytest.fixture
-def tpu_example(tmp_path, api, sshd, monkeypatch) -> Path:
-    """The gcp-tpu example's registry, pointed at the loopback TPU API and sshd."""
+def tpu_example(tmp_path, api, sshd, monkeypatch) -> Iterator[Path]:
+    """The gcp-tpu example's registry, pointed at the loopback TPU API and sshd. What its
+    configs leave in the VM's /tmp (this machine's) goes afterwards, as a deleted VM's would."""
+    started = time.time()
     registry = tmp_path / "gcp-tpu"
     shutil.copytree(EXAMPLE_TPU, registry)
     for path in (registry / "configs").glob("*.yaml"):
@@ -493,7 +594,10 @@ def tpu_example(tmp_path, api, sshd, monkeypatch) -> Path:
                    "MLCI_TPU_SSH_PORT": str(sshd.port), "MLCI_TPU_SSH_USER": sshd.user}
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    return registry
+    yield registry
+    for left in Path("/tmp").glob("mlci-tpu-*-reports"):  # the example's reports, per node
+        if left.stat().st_mtime >= started:
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def edit_yaml(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
@@ -515,6 +619,11 @@ def test_the_example_passes_end_to_end_on_the_loopback_services(tpu_example, api
     pipelines = stage_details(instance, result.run_id, "pipeline_runs")
     assert pipelines["outputs"]["cpu-tests"] == {"framework": "jax"}
     assert pipelines["outputs"]["python-version"]["python"].startswith("3.")
+    # Its unittest run's JUnit report, fetched from the VM over SFTP: each test recorded.
+    assert record["tests"] == {"passed": 3, "failed": 0, "errors": 0, "skipped": 0}
+    assert record["test_report_problems"] == []
+    kept = read_report(Path(record["test_reports"]["cpu-tests"]))
+    assert "cpu-tests :: Numerics :: test_softmax_sums_to_one" in {c.id for c in kept.cases}
     handle = stage_details(instance, result.run_id, "sandbox")["handle"]
     assert handle["state"]["node"] not in api.state.nodes
     assert ("DELETE", f"/v2/{handle['state']['node']}") in api.requests
@@ -573,3 +682,111 @@ def test_a_node_preempted_mid_run_is_retried_by_dagster_and_recorded_as_infra(
     assert retried["run_id"] == preempted["run_id"] == result.run_id  # one run, two attempts
     assert result.success and last["status"] == "pass"
     assert node_creates(api) == 2 and not api.state.nodes
+
+
+# --- an ssh_command's test reports through Dagster -------------------------------------------
+
+
+def report_writer(name: str, path: str | Path, *, padding: int = 0,
+                  reports: list[str] | None = None) -> dict[str, Any]:
+    """An ssh_command pipeline that writes, on the VM (this machine), a JUnit report at `path`
+    (relative: to its working directory there) with one passing and one failing test case, and
+    declares it (or `reports`)."""
+    xml = ('<testsuite name="vm"><testcase classname="vm.test_numerics" name="test_adds"/>'
+           '<testcase classname="vm.test_numerics" name="test_divides"><failure message='
+           '"ZeroDivisionError: division by zero">Traceback ...</failure></testcase>'
+           f'<!-- {"x" * padding} --></testsuite>')
+    write = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); "
+             "p.parent.mkdir(parents=True, exist_ok=True); p.write_text(sys.argv[2])")
+    return {"kind": "ssh_command", "name": name, "command": ["python3", "-c", write, str(path),
+                                                             xml],
+            "reports": [{"format": "junit", "path": glob} for glob in
+                        (reports if reports is not None else [str(path)])],
+            "timeout_s": 60}
+
+
+def running_only(registry: Path, *pipelines: dict[str, Any]) -> None:
+    """The example's tpu-cpu-tests config, with `pipelines` instead of its own."""
+    edit_yaml(registry / "configs" / "tpu-cpu-tests.yaml",
+              lambda config: config.update(pipelines=list(pipelines)))
+
+
+def test_an_ssh_commands_junit_report_is_fetched_from_the_vm_and_gives_the_record_its_tests(
+        tpu_example, instance, sshd, tmp_path):
+    relative = os.path.relpath(tmp_path / "vm", home_of(sshd.user))  # from where it runs
+    running_only(tpu_example, report_writer("unit-tests", f"{relative}/reports/unit.xml",
+                                            reports=[f"{relative}/reports/*.xml"]))
+
+    _, record = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
+
+    assert record["status"] == "pass"  # a report is evidence, not the pipeline's verdict
+    assert record["tests"] == {"passed": 1, "failed": 1, "errors": 0, "skipped": 0}
+    [failing] = record["failing_tests"]
+    assert failing["id"] == "vm :: vm.test_numerics :: test_divides"
+    assert failing["pipeline"] == "unit-tests" and failing["status"] == "fail"
+    assert failing["message"].startswith("ZeroDivisionError: division by zero")
+    assert record["test_report_problems"] == []
+    kept = read_report(Path(record["test_reports"]["unit-tests"]))
+    assert [(c.name, str(c.status)) for c in kept.cases] == [("test_adds", "pass"),
+                                                            ("test_divides", "fail")]
+
+
+def test_a_report_the_ssh_command_never_wrote_is_a_problem_and_the_rest_is_kept(
+        tpu_example, instance, tmp_path):
+    vm = tmp_path / "vm"
+    quiet = {"kind": "ssh_command", "name": "quiet", "command": "echo loss=0.25",
+             "outputs": {"loss": "loss=([0-9.]+)"}, "reports": [{"path": f"{vm}/quiet/*.xml"}]}
+    running_only(tpu_example, report_writer("unit-tests", vm / "unit.xml"), quiet)
+
+    result, record = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
+
+    assert record["status"] == "pass"
+    assert record["test_report_problems"] == [
+        f"pipeline 'quiet': reports[0]: no report at {vm}/quiet/*.xml (the pipeline ended "
+        "before writing it, or wrote it elsewhere)"]
+    assert record["tests"] == {"passed": 1, "failed": 1, "errors": 0, "skipped": 0}
+    assert stage_details(instance, result.run_id, "pipeline_runs")["outputs"]["quiet"] == {
+        "loss": "0.25"}
+
+
+def test_a_report_over_the_size_limit_is_a_problem_naming_the_file_and_its_size(
+        tpu_example, instance, sshd, tmp_path, monkeypatch):
+    monkeypatch.setattr(tpu_provider, "MAX_REPORT_BYTES", 400)
+    report = tmp_path / "vm" / "big.xml"
+    running_only(tpu_example, report_writer("big", report, padding=500))
+
+    _, record = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
+
+    assert record["status"] == "pass"
+    [problem] = record["test_report_problems"]
+    assert problem.startswith("pipeline 'big': reports[0]: node mlci-tpu-cpu-tests-jax-")
+    assert problem.endswith(f"{sshd.user}@127.0.0.1:{report}: {report.stat().st_size} bytes, "
+                            "over the limit of 400 bytes for one file")
+    assert record["tests"] == {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+
+
+def test_a_report_removed_before_it_is_fetched_is_a_problem_and_no_sftp_session_is_left(
+        tpu_example, instance, sshd, tmp_path, monkeypatch):
+    vm = tmp_path / "vm"
+    running_only(tpu_example, report_writer("writes-b", vm / "b.xml", reports=[]),
+                 report_writer("two", vm / "a.xml", reports=[f"{vm}/*.xml"]))
+    real_open = paramiko.SFTPClient.open
+
+    def removed_first(sftp, filename, *args, **kwargs):
+        if filename.endswith("/b.xml"):
+            Path(filename).unlink()  # on the VM (this machine), after it was listed
+        return real_open(sftp, filename, *args, **kwargs)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "open", removed_first)
+
+    _, record = run_partition(instance, tpu_example, "tpu-cpu-tests|jax")
+
+    assert record["status"] == "pass"
+    [problem] = record["test_report_problems"]
+    assert problem.startswith("pipeline 'two': reports[0]: node mlci-tpu-cpu-tests-jax-")
+    assert problem.endswith(f"{sshd.user}@127.0.0.1:{vm}/b.xml: could not be read: "
+                            "No such file"), problem
+    assert record["tests"]["passed"] == 0  # a report that fails halfway counts nothing
+    sshd_process = psutil.Process(sshd.process.pid)
+    wait_until(lambda: not sshd_process.children(), 5, "the SFTP sessions to end",
+               interval_s=0.05)

@@ -83,9 +83,10 @@ class TestReportSpec(StrictModel):
     format: Literal["junit"] = Field(
         default="junit", description="JUnit XML, as pytest --junitxml, Maven Surefire, JUnit 5, "
                                      "gotestsum or ScalaTest write it.")
-    path: str = Field(description="Where it is written (a glob for several): absolute, or "
-                                  "relative to the sandbox's work directory; may reference "
-                                  "${sandbox.workdir}.")
+    path: str = Field(description="Where it is written (a glob for several), where the pipeline "
+                                  "runs: a command's relative to the sandbox's work directory "
+                                  "(${sandbox.workdir}), an ssh_command's to its login's home "
+                                  "on the VM, a k8s_job's absolute, in its pod.")
 
 
 class PipelineBase(StrictModel):

@@ -16,6 +16,7 @@ from mlci_dagster.registry.base import (
     SandboxBase,
     Seconds,
     StrictModel,
+    TestReportSpec,
     matching_or_reference,
 )
 
@@ -105,8 +106,9 @@ class TpuVmSandbox(SandboxBase):
 
 
 class SshCommandPipeline(ReportingPipeline):
-    """A command on the TPU VM over SSH, in a process group of its own that the timeout kills
-    whole; passes on the expected exit code and output, as a `command` pipeline does."""
+    """A command on the TPU VM over SSH, in the login's home directory, in a process group of
+    its own that the timeout kills whole; passes on the expected exit code and output, as a
+    `command` pipeline does. The test reports it writes on the VM are fetched over SFTP."""
 
     kind: Literal["ssh_command"]
     name: Name
@@ -121,3 +123,8 @@ class SshCommandPipeline(ReportingPipeline):
         default={}, description="Values to capture: a regex with one group, per stdout line.")
     timeout_s: Seconds | None = Field(
         default=None, description="Default: what is left of timeouts.pipeline_runs_s.")
+    reports: list[TestReportSpec] = Field(
+        default=[], description="The test reports it writes on the VM (JUnit XML), fetched over "
+        "SFTP when it ends, pass or fail: each path absolute, or relative to the login's home "
+        "directory (where the command runs); `*`, `?` and `[...]` in any path component, no "
+        "`**`. Not ${sandbox.workdir}: that is on the runner, not the VM.")

@@ -342,6 +342,9 @@ class TpuApiServer:
 SSHD = Path("/usr/sbin/sshd")
 # Where the gcp-tpu-vm provider's remote shells note their process group (/tmp on the VM).
 REMOTE_PGID_GLOB = "mlci-*.pgid"
+# What pipelines on the "VM" leave under /tmp (the TPU example's test reports), which a real
+# VM takes with it.
+REMOTE_LEFT_GLOB = "mlci-*-reports"
 
 
 def sshd_available() -> bool:
@@ -382,7 +385,9 @@ class LoopbackSshd:
             "StrictModes no", "UsePAM no", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
             "PermitRootLogin yes", "AllowTcpForwarding no", "X11Forwarding no",
-            "PrintMotd no", "LogLevel ERROR", "",
+            "PrintMotd no", "LogLevel ERROR",
+            # As a VM's sshd (Ubuntu's default config names it): test reports come back by SFTP.
+            "Subsystem sftp internal-sftp", "",
         ]))
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
         log = open(self.directory / "sshd.log", "ab")  # noqa: SIM115 (kept open by the child)
@@ -427,6 +432,10 @@ class LoopbackSshd:
                         os.killpg(int(pgid_file.read_text().split()[0]), 0)
                     except ProcessLookupError:
                         pgid_file.unlink()  # nothing of its group is left
+        for left in Path("/tmp").glob(REMOTE_LEFT_GLOB):
+            with contextlib.suppress(OSError):
+                if left.stat().st_mtime >= self.started_at:
+                    shutil.rmtree(left, ignore_errors=True)
 
     def __enter__(self) -> LoopbackSshd:
         return self.start()

@@ -1,6 +1,7 @@
 """The Cloud TPU VM provider: a TPU node per sandbox, created through the Cloud TPU v2 API and
-waited to READY and to SSH; `ssh_command` pipelines run on it over SSH; destroy deletes it,
-waits for the operation and verifies the API says NOT_FOUND.
+waited to READY and to SSH; `ssh_command` pipelines run on it over SSH, and the test reports
+they write there are fetched over SFTP; destroy deletes it, waits for the operation and verifies
+the API says NOT_FOUND.
 
 The node is the sandbox: labelled with the run, the partition and the expiry (`mlci-run-id`,
 `mlci-partition`, `mlci-expires-at`), the whole handle in its metadata (`mlci-handle`), so the
@@ -27,10 +28,22 @@ from mlci_dagster.common.redact import Redactor, credential_names
 from mlci_dagster.common.summary import summarize
 from mlci_dagster.common.templating import TemplateError, render
 from mlci_dagster.providers import host
-from mlci_dagster.providers.base import PipelineResult
+from mlci_dagster.providers.base import (
+    MAX_REPORT_BYTES,
+    MAX_REPORT_FILES,
+    PipelineResult,
+    ReportError,
+)
 from mlci_dagster.providers.gcp_tpu import diagnose
 from mlci_dagster.providers.gcp_tpu.client import NodeInfo, TpuApiError, TpuClient, parent_of
-from mlci_dagster.providers.gcp_tpu.ssh import SshError, SshTarget, run_remote, wait_for_ssh
+from mlci_dagster.providers.gcp_tpu.ssh import (
+    FetchError,
+    SshError,
+    SshTarget,
+    fetch_files,
+    run_remote,
+    wait_for_ssh,
+)
 from mlci_dagster.providers.handle import (
     DestroyReport,
     SandboxError,
@@ -349,6 +362,29 @@ class TpuVmProvider(host.ProviderHome):
         passed = result(True, None, "", done.duration_s, done.log_path, **details)
         passed.outputs = {key: watcher.captured[key] for key in pipeline.outputs}
         return passed
+
+    def report_files(self, handle: SandboxHandle, pipeline: Any, pattern: str, into: Path
+                     ) -> list[Path]:
+        """The test reports an `ssh_command` pipeline wrote on the VM, copied over SFTP on the
+        pipelines' own SSH login (ssh.fetch_files: wildcards per path component, sizes checked
+        by stat first): `pattern` absolute, or relative to the login's home directory, where the
+        command ran. A node no longer READY took its files with it: said at once, without
+        waiting on SSH. ReportError names the node, the login and the file."""
+        if not isinstance(pipeline, SshCommandPipeline):
+            return super().report_files(handle, pipeline, pattern, into)
+        node = handle.state.get("node", handle.sandbox_id)
+        with contextlib.suppress(TpuApiError):  # the API's hiccup is not the node's loss
+            info = self._client_for(handle).get_node(node, timeout_s=LIST_TIMEOUT_S)
+            if info is None or info.state in diagnose.LOST:
+                why = (diagnose.readiness(node, info.state).why if info else
+                       f"node {node} no longer exists")
+                raise ReportError(f"{why}; the reports on it went with it")
+        try:
+            return fetch_files(self._ssh_target(handle), pattern, into,
+                               max_files=MAX_REPORT_FILES, max_bytes=MAX_REPORT_BYTES)
+        except (SshError, FetchError) as exc:
+            raise ReportError(self._redactor_for(handle).text(
+                f"node {handle.sandbox_id}: {exc}")) from exc
 
     # --- artifacts and teardown ----------------------------------------------------------
 

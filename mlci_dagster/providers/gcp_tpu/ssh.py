@@ -1,19 +1,26 @@
 """Commands on a VM over SSH (paramiko): each in a process group of its own on the VM, its output
 streamed redacted into a log past an OutputWatcher, and at the timeout (or when the VM is going
-away) the whole remote group killed, as `providers/processes.run_group` does on this machine.
+away) the whole remote group killed, as `providers/processes.run_group` does on this machine;
+and the files a command left there, fetched over SFTP on the same login (`fetch_files`).
 
 The environment reaches the remote shell on its standard input, never its command line, so
-secret values stay out of the VM's process table."""
+secret values stay out of the VM's process table. Commands run in the login's home directory
+(the remote shell's own), which is where a relative path given to `fetch_files` starts too."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import io
+import posixpath
 import shlex
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 
@@ -34,6 +41,10 @@ KEY_TYPES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
 
 class SshError(Exception):
     """The VM could not be reached over SSH (or refused the key)."""
+
+
+class FetchError(Exception):
+    """A file on the VM that could not be listed, read or copied here, or is too big."""
 
 
 @dataclass(frozen=True)
@@ -229,3 +240,156 @@ def _kill_remote(client: paramiko.SSHClient, target: SshTarget, pgid_file: str) 
             if fresh is not None:
                 fresh.close()
     return reason
+
+
+# --- files the commands left on the VM -------------------------------------------------------
+
+GLOB_MAGIC = frozenset("*?[")
+COPY_CHUNK_BYTES = 256 * 1024
+
+
+def fetch_files(target: SshTarget, pattern: str, into: Path, *, max_files: int,
+                max_bytes: int) -> list[Path]:
+    """The regular files on the VM matching `pattern`, copied over SFTP into `into` (created)
+    under their whole remote path (`/home/mlci/out/a.xml` as `into/home/mlci/out/a.xml`), the
+    first `max_files` of them by remote path, sorted; [] when none matches.
+
+    `pattern` is absolute, or relative to the login's home directory (where `run_remote`'s
+    commands run). Any of its components may hold the wildcards of `fnmatch` (`*`, `?`,
+    `[...]`), matched against that directory's listing as a shell does (a leading `.` only
+    explicitly); there is no `**` recursion (it is a `*`), no `~` and no brace expansion.
+
+    Each file's size is read by `stat` before it is copied, and counted as it is: more than
+    `max_bytes` is a FetchError naming the file and its size. Raises SshError when the VM
+    cannot be reached or serves no SFTP, FetchError naming `user@host:path` for what cannot
+    be listed or read; the connection is closed and what was copied by then removed."""
+    where = f"{target.user}@{target.host}"
+    copied: list[Path] = []
+    client = connect(target)
+    try:
+        try:
+            sftp = client.open_sftp()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"ssh {where}:{target.port}: SFTP is not available "
+                           f"({str(exc) or type(exc).__name__})") from exc
+        with sftp:
+            sftp.get_channel().settimeout(target.connect_timeout_s)  # a hung VM fails, in time
+            with _on_vm(where, "~"):
+                home = sftp.normalize(".")
+            for remote in _matches(sftp, where, posixpath.join(home, pattern)):
+                if len(copied) == max_files:
+                    break
+                with _on_vm(where, remote):
+                    size = _regular_file_size(sftp, remote)
+                if size is None:
+                    continue  # gone since it was listed, or not a file
+                if size > max_bytes:
+                    raise FetchError(f"{where}:{remote}: {size} bytes, over the limit of "
+                                     f"{max_bytes} bytes for one file")
+                copied.append(_copy(sftp, where, remote, size, into, max_bytes))
+    except BaseException:
+        for path in copied:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        client.close()
+    return copied
+
+
+@contextlib.contextmanager
+def _on_vm(where: str, path: str, doing: str = "could not be read") -> Iterator[None]:
+    """SFTP's errors (a status, a timeout, a dropped connection) as a FetchError saying
+    which file, on which VM, and why: never a traceback."""
+    try:
+        yield
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise FetchError(f"{where}:{path}: {doing}: {reason}") from exc
+
+
+def _missing(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR)
+
+
+def _regular_file_size(sftp: paramiko.SFTPClient, path: str) -> int | None:
+    """The size of the regular file at `path` (a symbolic link followed); None if there is
+    none."""
+    try:
+        attributes = sftp.stat(path)
+    except OSError as exc:
+        if _missing(exc):
+            return None
+        raise
+    if attributes.st_mode is None or not stat.S_ISREG(attributes.st_mode):
+        return None
+    return attributes.st_size or 0
+
+
+def _is_directory(sftp: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        mode = sftp.stat(path).st_mode
+    except OSError as exc:
+        if _missing(exc):
+            return False
+        raise
+    return mode is not None and stat.S_ISDIR(mode)
+
+
+def _matches(sftp: paramiko.SFTPClient, where: str, pattern: str) -> list[str]:
+    """The paths `pattern` (absolute) names, sorted: its literal components taken as they are,
+    its wildcard ones matched against a listing; whether each is a file is for the caller."""
+    candidates = ["/"]
+    for part in posixpath.normpath(pattern).strip("/").split("/"):
+        if not GLOB_MAGIC & set(part):
+            candidates = [posixpath.join(base, part) for base in candidates]
+            continue
+        found = []
+        for base in candidates:
+            with _on_vm(where, base, "could not be listed"):
+                if not _is_directory(sftp, base):
+                    continue
+                names = sorted(entry.filename for entry in sftp.listdir_attr(base))
+            found += [posixpath.join(base, name) for name in names
+                      if fnmatch.fnmatchcase(name, part)
+                      and (part.startswith(".") or not name.startswith("."))]
+        candidates = found
+    return sorted(candidates)
+
+
+def _copy(sftp: paramiko.SFTPClient, where: str, remote: str, size: int, into: Path,
+          max_bytes: int) -> Path:
+    """`remote` copied to `into` under its remote path; a file that grows past `max_bytes`
+    while it is read is refused. No partial copy is left."""
+    local = into / remote.lstrip("/")
+    try:
+        with _on_vm(where, remote), sftp.open(remote, "rb") as source:
+            source.prefetch(size)
+            with _written(where, remote, local) as copy:
+                copied = 0
+                while True:
+                    with _on_vm(where, remote):
+                        chunk = source.read(COPY_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    copied += len(chunk)
+                    if copied > max_bytes:
+                        raise FetchError(f"{where}:{remote}: grew past the limit of {max_bytes} "
+                                         "bytes for one file while it was copied")
+                    copy.write(chunk)
+    except BaseException:
+        local.unlink(missing_ok=True)
+        raise
+    return local
+
+
+@contextlib.contextmanager
+def _written(where: str, remote: str, local: Path) -> Iterator[BinaryIO]:
+    """`local`, open for writing (its directory created); what cannot be written here (a full
+    disk) is a FetchError too, naming both ends."""
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "wb") as copy:
+            yield copy
+    except OSError as exc:
+        raise FetchError(f"{where}:{remote}: could not be copied to {local}: "
+                         f"{exc.strerror or exc}") from exc
