@@ -11,10 +11,11 @@ so the same image).
 
 Marked `ml_platform` (slow). By default the CI subset runs one partition per real service:
 python-train (MLflow), ray-train (Ray) and spark-features (Spark) on SQLite, python-train on
-PostgreSQL (the quickest of the three postgres partitions: about 20 s here, against 24-28 s for
-ray-train and 36-46 s for spark-features), and the two failure examples, the second of which
-runs MLflow on a PostgreSQL that never gets ready; MLCI_ML_PLATFORM_FULL=1 adds the rest of the
-matrix.
+PostgreSQL (the quickest of the three postgres partitions: about 20-23 s here, its model tests
+included, against 24-28 s for ray-train and 36-46 s for spark-features), and the two failure
+examples, the second of which runs MLflow on a PostgreSQL that never gets ready;
+MLCI_ML_PLATFORM_FULL=1 adds the rest of the matrix. python-train's model tests (pytest in the
+image's venv, platform/tests/) are checked test by test from their JUnit report.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mlci_dagster.junit.read import read_report
 from mlci_dagster.registry import load_registry
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
@@ -37,6 +39,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ml-platform"
 FULL = os.environ.get("MLCI_ML_PLATFORM_FULL") == "1"
 RAY_LINKS = Path("/tmp/mlci-ray")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# The pipeline of each config that prints the MLflow run it logged.
+LOGS_THE_RUN = {"python-train": "train", "ray-train": "find-run", "spark-features": "features"}
 full_only = pytest.mark.skipif(not FULL, reason="full matrix: set MLCI_ML_PLATFORM_FULL=1")
 
 
@@ -97,10 +101,24 @@ def test_example_registry_is_valid_with_six_partitions():
     assert len(images) == 1
 
 
+def assert_model_tests_passed(record: dict[str, Any]) -> None:
+    """python-train's model-tests pipeline: pytest's JUnit report, read into the record, says
+    every test of the run and its model passed (the demo failure is skipped), and the report
+    kept past the sandbox reads back with every case."""
+    counts = record["tests"]
+    assert counts["passed"] >= 15, counts
+    assert (counts["failed"], counts["errors"], counts["skipped"]) == (0, 0, 1), counts
+    assert record["failing_tests"] == [] and record["test_report_problems"] == []
+    kept = read_report(Path(record["test_reports"]["model-tests"]))
+    assert kept.problem is None and len(kept.cases) == sum(counts.values())
+    # Ids from platform/tests/pytest.ini's folder, whatever folder holds the image.
+    assert {c.classname for c in kept.cases} == {"test_tracking"}
+
+
 PARTITIONS = [
-    pytest.param("python-train|sqlite", ["train"], id="python-train-sqlite"),
+    pytest.param("python-train|sqlite", ["train", "model-tests"], id="python-train-sqlite"),
     # The engine's own service in CI: PostgreSQL started in the sandbox, MLflow's store on it.
-    pytest.param("python-train|postgres", ["train"], id="python-train-postgres"),
+    pytest.param("python-train|postgres", ["train", "model-tests"], id="python-train-postgres"),
     pytest.param("ray-train|sqlite", ["train", "find-run"], id="ray-train-sqlite"),
     pytest.param("ray-train|postgres", ["train", "find-run"], id="ray-train-postgres",
                  marks=full_only),
@@ -112,7 +130,11 @@ PARTITIONS = [
 
 @pytest.mark.ml_platform
 @pytest.mark.parametrize(("key", "pipelines"), PARTITIONS)
-def test_example_partition_passes_on_real_services(ml_home, instance, key, pipelines):
+def test_example_partition_passes_on_real_services(ml_home, instance, monkeypatch, key,
+                                                   pipelines):
+    monkeypatch.delenv("MLCI_DEMO_BREAK", raising=False)  # python-train's failure on purpose
+    config, engine = key.split("|")
+
     result, record = run_partition(instance, EXAMPLE, key)
 
     assert record["status"] == "pass", record["error_summary"]
@@ -121,15 +143,17 @@ def test_example_partition_passes_on_real_services(ml_home, instance, key, pipel
         ["image", "sandbox", "pipeline_runs", "ui_smoke", "teardown"], "pass")
     assert sorted(record["pipelines"]) == sorted(pipelines)
     runs = stage_details(instance, result.run_id, "pipeline_runs")["outputs"]
-    assert RUN_ID.match(runs[pipelines[-1]]["run_id"])
+    assert RUN_ID.match(runs[LOGS_THE_RUN[config]]["run_id"])
     routes = stage_details(instance, result.run_id, "ui_smoke")["routes"]
     assert routes and all(r["status"] == 200 and not r["problems"] for r in routes)
-    if key.startswith("python-train"):  # MLflow's React app rendered the run in Chromium
+    if config == "python-train":  # MLflow's React app rendered the run in Chromium
         [page] = [r for r in routes if r.get("kind") == "browser"]
         assert page["url"].endswith(f"/runs/{runs['train']['run_id']}")
         assert page["latency_ms"] > 0 and Path(page["screenshot"]).stat().st_size > 10_000
+        assert_model_tests_passed(record)
+    else:
+        assert record["tests"] == {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     handle = stage_details(instance, result.run_id, "sandbox")["handle"]
-    config, engine = key.split("|")
     if engine == "postgres":  # the engine's service joins the sandbox
         assert "service:postgres" in handle["process_groups"]
         assert handle["variables"]["MLFLOW_BACKEND_URI"].startswith("postgresql+psycopg2://")

@@ -78,7 +78,7 @@ table.wraps td.name, table.wraps td.id { white-space: nowrap; }
 .trend .t { font-size: 11px; color: #59636e; }
 button.tg { font: 11px system-ui, sans-serif; border: 1px solid #d0d7de; border-radius: 3px;
             background: #f6f8fa; cursor: pointer; padding: 0 4px; margin-left: 4px; }
-tr.test td.name { font-size: 11px; padding-left: 16px; max-width: 420px; overflow: hidden;
+tr.test td.name { font-size: 11px; padding-left: 16px; max-width: 520px; overflow: hidden;
                   text-overflow: ellipsis; }
 tr.test .cell { width: 12px; height: 12px; } tr.test td.reg { color: #59636e; }
 """
@@ -277,8 +277,10 @@ def test_rows(row_id: str, tests: list[TestSummary], runs: dict[str, int], cases
             slots.append(f'<td class="slot"><span class="cell" style="background:'
                          f'{TEST_COLOURS.get(status, "#afb8c1")}" title="{html.escape(title)}">'
                          '</span></td>')
+        # The name first, whole if it fits: the suite and class are in its title.
+        name = test.test_id.rsplit(" :: ", 1)[-1]
         lines.append(f'<tr class="test {row_id}" hidden><td class="name" colspan="2" '
-                     f'title="{html.escape(test.test_id)}">{html.escape(test.test_id)}</td>'
+                     f'title="{html.escape(test.test_id)}">{html.escape(name)}</td>'
                      f'<td>{html.escape(str(test.state))}</td>{"".join(slots)}'
                      f'<td class="reg" colspan="{width}">'
                      f'{html.escape(test_history_text(test))}</td></tr>')

