@@ -247,6 +247,10 @@ def test_a_pipelines_pytest_report_gives_the_record_its_tests(instance, dagster_
     assert record["status"] == "fail-pipeline_runs"  # pytest exits 1: a test failed
     assert record["tests"] == {"passed": 4, "failed": 1, "errors": 1, "skipped": 2}
     assert record["failing_tests_total"] == 2
+    # The failure says which tests first, then how the pipeline ended.
+    assert record["error_summary"].splitlines()[0] == (
+        "pipeline 'model-tests': 2 of 8 tests failing: test_accuracy_reaches_the_bar "
+        "(AssertionError: accuracy 0.81 below 0.9), and 1 more; exited 1, expected 0")
     failing = {f["id"]: f for f in record["failing_tests"]}
     accuracy = failing["pytest :: suite.test_model :: test_accuracy_reaches_the_bar"]
     assert accuracy["pipeline"] == "model-tests" and accuracy["status"] == "fail"

@@ -71,6 +71,21 @@ class FailingTest(_Record):
     signature: str = ""
 
 
+def failing_tests_text(failing: list[FailingTest], total_failing: int, total: int,
+                       limit: int = 3, compact: bool = False) -> str:
+    """`2 of 41 tests failing: <id> (<message's first line>), ...`; "" when none failed.
+    `compact`: each test by its name alone, its message cut shorter (a summary's first line)."""
+    if not total_failing:
+        return ""
+    cut = 60 if compact else 120
+    named = [(t.id.rsplit(" :: ", 1)[-1] if compact else t.id)
+             + (f" ({t.message.splitlines()[0][:cut]})" if t.message else "")
+             for t in failing[:limit]]
+    more = total_failing - len(named)
+    return (f"{total_failing} of {total} tests failing: " + ", ".join(named)
+            + (f", and {more} more" if more else ""))
+
+
 class MetricRecord(_Record):
     value: float
     direction: Literal["lower_is_better", "higher_is_better"]
@@ -145,13 +160,8 @@ class ResultRecord(_Record):
 
     def failing_tests_text(self, limit: int = 3) -> str:
         """`2 of 41 tests failing: <id> (<message's first line>), ...`; "" when none failed."""
-        if not self.failing_tests_total:
-            return ""
-        named = [f"{t.id} ({t.message.splitlines()[0][:120]})" if t.message else t.id
-                 for t in self.failing_tests[:limit]]
-        more = self.failing_tests_total - len(named)
-        return (f"{self.failing_tests_total} of {self.tests.total} tests failing: "
-                + ", ".join(named) + (f", and {more} more" if more else ""))
+        return failing_tests_text(self.failing_tests, self.failing_tests_total,
+                                  self.tests.total, limit)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

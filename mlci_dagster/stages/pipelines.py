@@ -12,6 +12,7 @@ import requests
 from mlci_dagster.common.dotted import dig
 from mlci_dagster.common.summary import summarize
 from mlci_dagster.common.templating import TemplateError, render
+from mlci_dagster.history.record import failing_tests_text
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
 from mlci_dagster.providers.logpipe import OutputWatcher
@@ -64,8 +65,14 @@ def run_pipelines(
             tests[pipeline.name] = collect_reports(ctx, handle, pipeline, context)
         if not result.passed:
             assert result.failure_kind is not None
+            # Which tests failed leads the first line: what a person (and the signature) reads
+            # first, and what a cut summary keeps.
+            found = tests.get(pipeline.name)
+            named = failing_tests_text(found.failing, found.failing_total, found.counts.total,
+                                       limit=1, compact=True) if found else ""
             return clock.failed(
-                result.failure_kind, f"pipeline '{pipeline.name}': {result.summary}",
+                result.failure_kind, f"pipeline '{pipeline.name}': "
+                + (f"{named}; " if named else "") + result.summary,
                 log_ref=result.log_ref,
                 details=PipelineRunsDetails(pipelines=results, outputs=outputs, tests=tests))
     return clock.passed(PipelineRunsDetails(pipelines=results, outputs=outputs, tests=tests),
