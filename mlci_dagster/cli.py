@@ -423,7 +423,8 @@ def cmd_tests(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([t.to_dict() for t in tests[:args.limit]], indent=2))
     else:
-        print(tests_table(tests, args.limit))
+        print(tests_table(tests, args.limit, f"no {args.status} tests" if args.status and
+                          len(table) else "no test results recorded"))
     return 0
 
 

@@ -390,6 +390,8 @@ def test_the_history_job_keeps_every_test_of_every_run(instance, dagster_home, t
     broken = next(line for line in lines if "test_accuracy_reaches_the_bar" in line)
     assert "failing 1 run since" in broken and "AssertionError: accuracy 0.81" in broken
     assert len(lines) == 3  # and the error that never passed; nothing else is failing
+    assert mlci("--registry", str(registry), "tests", "--status", "flaky").stdout == \
+        "no flaky tests\n"
     as_json = json.loads(mlci("--registry", str(registry), "tests", "--json").stdout)
     assert len(as_json) == 8 and {t["partition"] for t in as_json} == {"tested|e1"}
     # The failures grouped by signature name their failing tests.

@@ -198,12 +198,14 @@ def test_history_text(test: TestSummary) -> str:
     return "new" if test.new else "-"
 
 
-def tests_table(tests: list[TestSummary], limit: int) -> str:
-    """A row per test (failing, then flaky, then slowest), at most `limit`, and what was cut."""
+def tests_table(tests: list[TestSummary], limit: int, empty: str = "no test results recorded"
+                ) -> str:
+    """A row per test (failing, then flaky, then slowest), at most `limit`, and what was cut;
+    `empty` when there is none."""
     rows = [["PARTITION", "TEST", "STATE", "HISTORY", "MESSAGE"]]
     for test in tests[:limit]:
         message = test.message.splitlines()[0][:80] if test.message else ""
         rows.append([test.partition, test.test_id, str(test.state), test_history_text(test),
                      message])
     more = f"\n... and {len(tests) - limit} more (--limit)" if len(tests) > limit else ""
-    return (table(rows) if tests else "no test results recorded") + more
+    return (table(rows) if tests else empty) + more
