@@ -53,3 +53,16 @@ def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def instance(dagster_home: Path):
     with dg.DagsterInstance.get() as inst:
         yield inst
+
+
+@pytest.fixture
+def kube():
+    """The emulated Kubernetes API server, wanting a token (its kubeconfig() writes the
+    admin's), with its controller: (server, controller)."""
+    from tests.support.kube_controller import KubeController
+    from tests.support.kube_wire import KubeApiServer
+
+    with KubeApiServer(authentication=True) as server, \
+            KubeController(server, interval_s=0.05) as controller:
+        yield server, controller
+        assert controller.errors == []

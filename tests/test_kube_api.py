@@ -34,7 +34,13 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.watch import Watch
 
 from tests.support.kube_controller import STUCK_FINALIZER, TRACEBACK, Failure, KubeController
-from tests.support.kube_store import NAMESPACE_DELETION_S, RESOURCE_TYPES, ManualClock, wait_until
+from tests.support.kube_store import (
+    NAMESPACE_DELETION_S,
+    RESOURCE_TYPES,
+    TYPES,
+    ManualClock,
+    wait_until,
+)
 from tests.support.kube_wire import KubeApiServer, write_exec_plugin
 
 
@@ -1038,6 +1044,116 @@ def test_a_failing_job_exhausts_its_backoff_limit(
     assert pods[0].status.container_statuses[0].state.terminated.exit_code == 3
     log = core.read_namespaced_pod_log(pods[0].metadata.name, "default", _preload_content=False)
     assert "Traceback (most recent call last)" in log.data.decode()
+
+
+# A native sidecar (Kubernetes 1.29: an init container with restartPolicy Always) that sleeps
+# until the kubelet's SIGTERM, then says what it finds in the volume it shares.
+WATCHER = ("trap 'echo stopping; cat /shared/*.txt 2>/dev/null || echo nothing; exit 0' TERM; "
+           "echo up; while :; do sleep 1 & wait $!; done")
+
+
+def sidecar_job(name: str, sidecar: dict[str, Any]) -> dict[str, Any]:
+    body = job_manifest(name)
+    pod = body["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "shared", "emptyDir": {}}]
+    pod["initContainers"] = [
+        {"name": "setup", "image": "busybox:1.37.0", "command": ["sh", "-c", "true"],
+         "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]},
+        {"name": "watcher", "image": "busybox:1.37.0", "restartPolicy": "Always",
+         "volumeMounts": [{"name": "shared", "mountPath": "/shared"}], **sidecar}]
+    pod["containers"][0]["volumeMounts"] = [{"name": "shared", "mountPath": "/shared"}]
+    return body
+
+
+def container_states(status: dict[str, Any]) -> tuple[str, ...]:
+    """(phase, then each init container's state and each main container's), as a watch sees
+    them: `setup:terminated`, `watcher:running`, ..."""
+    return (status.get("phase", ""), *(
+        f"{s['name']}:{next(iter(s.get('state') or {'none': 0}))}"
+        for s in [*status.get("initContainerStatuses", []),
+                  *status.get("containerStatuses", [])]))
+
+
+def test_a_native_sidecar_outlives_the_main_containers_and_is_stopped_after_them(
+        api: KubeApiServer, client: ApiClient, core: CoreV1Api,
+        controller: KubeController) -> None:
+    """As the kubelet runs one (kubernetes.io/docs/concepts/workloads/pods/sidecar-containers):
+    regular init containers run to completion, the sidecar starts before the main containers
+    and keeps running; once every main container has ended it is stopped (SIGTERM), and only
+    then does the pod take its phase, which the main containers alone decide. Its status is in
+    initContainerStatuses; its log is read like any container's."""
+    controller.behave("Job", "train", failure=Failure.FAIL, run_s=0.3,
+                      files={"/shared/result.txt": "accuracy 0.81", "/home/private.txt": "x"})
+    BatchV1Api(client).create_namespaced_job("default", sidecar_job("train", {
+        "command": ["sh", "-c", WATCHER]}))
+
+    seen = watched(core.list_namespaced_pod, "default", label_selector="job-name=train",
+                   until=lambda pod: pod["status"].get("phase") in ("Succeeded", "Failed"))
+
+    states = transitions(seen, container_states)
+    assert ("Running", "setup:terminated", "watcher:running", "train:running") in states
+    assert states[-2:] == [
+        ("Running", "setup:terminated", "watcher:running", "train:terminated"),
+        ("Failed", "setup:terminated", "watcher:terminated", "train:terminated")]
+    pod = seen[-1]
+    [setup, watcher] = pod["status"]["initContainerStatuses"]
+    assert (setup["state"]["terminated"]["reason"], watcher["state"]["terminated"]["exitCode"]
+            ) == ("Completed", 0)
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 1
+
+    def log(container: str) -> str:
+        return core.read_namespaced_pod_log(pod["metadata"]["name"], "default",
+                                            container=container, _preload_content=False
+                                            ).data.decode()
+
+    # The script ran for real: it saw what the main container wrote in the shared volume, and
+    # nothing of what it wrote elsewhere.
+    assert log("watcher") == "up\nstopping\naccuracy 0.81\n"
+    assert log("setup") == "setup: starting\nsetup: done\n"
+    assert any(e.reason == "Killing" and e.message == "Stopping container watcher"
+               for e in events_for(core, pod["metadata"]["name"]))
+    pair = pod_manifest("pair", containers=("app", "proxy"))
+    pair["spec"]["initContainers"] = [{"name": "setup", "image": "busybox:1.37.0"}]
+    core.create_namespaced_pod("default", pair)
+    with pytest.raises(ApiException) as ambiguous:
+        core.read_namespaced_pod_log("pair", "default")
+    assert status_body(ambiguous)["message"] == (
+        "a container name must be specified for pod pair, choose one of: [app proxy] or one "
+        "of the init containers: [setup]")
+    wait_until(lambda: batch_condition(client, "train") == "Failed", what="the job to fail")
+
+
+def batch_condition(client: ApiClient, name: str) -> str | None:
+    conditions = BatchV1Api(client).read_namespaced_job_status(name, "default").status.conditions
+    return next((c.type for c in conditions or [] if c.status == "True"
+                 and c.type in ("Complete", "Failed")), None)
+
+
+def test_a_sidecar_that_is_no_shell_script_is_played_and_a_deleted_pod_kills_what_ran(
+        api: KubeApiServer, client: ApiClient, core: CoreV1Api,
+        controller: KubeController) -> None:
+    BatchV1Api(client).create_namespaced_job("default", sidecar_job("proxy", {
+        "image": "envoyproxy/envoy:v1.31.0"}))
+    pod = {"metadata": {"name": "server"}, "spec": {
+        "initContainers": [{"name": "watcher", "image": "busybox:1.37.0",
+                            "restartPolicy": "Always", "command": ["sh", "-c", WATCHER]}],
+        "containers": [{"name": "main", "image": "python:3.11"}]}}
+    core.create_namespaced_pod("default", pod)
+    wait_until(lambda: batch_condition(client, "proxy") == "Complete", what="the job")
+    [done] = core.list_namespaced_pod("default", label_selector="job-name=proxy").items
+    running = wait_until(lambda: controller.containers.running(
+        api.store.get(TYPES["Pod"], "default", "server"), "watcher"), what="the sidecar to run")
+
+    assert done.status.phase == "Succeeded"
+    assert done.status.init_container_statuses[1].state.terminated.exit_code == 0
+    assert core.read_namespaced_pod_log(done.metadata.name, "default", container="watcher",
+                                        _preload_content=False).data.decode() == (
+        "watcher: starting\nwatcher: ready\n")
+    wait_until(lambda: core.read_namespaced_pod_log(
+        "server", "default", container="watcher", _preload_content=False).data == b"up\n",
+        what="the sidecar's first line")
+    core.delete_namespaced_pod("server", "default", grace_period_seconds=0)
+    wait_until(lambda: running.process.poll() is not None, what="the sidecar killed")
 
 
 def test_a_failing_rayjob_reports_app_failed_with_the_driver_traceback(

@@ -20,6 +20,7 @@ import pytest
 import urllib3
 from kubernetes import client as k8s
 
+from mlci_dagster.providers.kubernetes import client as kube_client
 from mlci_dagster.providers.kubernetes.client import (
     ClusterAccess,
     KubeClient,
@@ -267,3 +268,32 @@ def test_the_previous_log_of_a_crashed_container_is_its_last_run(cluster, clock)
     assert none.value.status == 400 and str(none.value) == (
         "read the log of pod steady container main: 400 Bad Request: previous terminated "
         'container "main" in pod "steady" not found')
+
+
+def test_a_log_read_to_its_end_comes_line_by_line_whole_past_any_limit(cluster, clock, long_log,
+                                                                       monkeypatch):
+    """What the report sidecar's log is read with: every line, however long the log (past
+    log_limit_bytes, its lines across chunks), the request retried as any read is."""
+    server, kubeconfig, _ = cluster
+    monkeypatch.setattr(kube_client, "LOG_CHUNK_BYTES", 7)
+    client = KubeClient(ClusterAccess(str(kubeconfig)), log_limit_bytes=256, retry=RetryPolicy(
+        sleep=clock.sleep, clock=clock.monotonic))
+    throttled = server.inject(429, retry_after=1, path_regex="/pods/chatty/log$")
+
+    lines = list(client.pod_log_lines("default", "chatty", "main"))
+
+    assert b"\n".join(lines).decode() + "\n" == long_log
+    assert throttled.answered == 1
+    with pytest.raises(KubeError, match="read the log of pod missing container main: 404"):
+        list(client.pod_log_lines("default", "missing", "main"))
+
+
+def test_the_server_version_is_read_from_its_git_version(cluster, clock):
+    server, kubeconfig, _ = cluster
+    client = client_of(kubeconfig, clock)
+
+    assert client.server_version() == (1, 31, "v1.31.0+mlci-emulator")
+    server.version.update(gitVersion="v1.29.4-eks-036c24b")
+    assert client.server_version() == (1, 29, "v1.29.4-eks-036c24b")
+    server.version.update(gitVersion="unknown")
+    assert client.server_version() is None

@@ -49,6 +49,10 @@ def test_kubernetes_example_passes_on_a_real_cluster(registry, instance, key):
 
     assert record["status"] == "pass", record["error_summary"]
     assert result.success
+    if key.startswith("python-train|"):  # the model-tests Job's report, via its sidecar
+        assert record["test_report_problems"] == []
+        assert record["tests"]["passed"] >= 22, record["tests"]
+        assert (record["tests"]["failed"], record["tests"]["errors"]) == (0, 0)
     api = client.CoreV1Api(config.new_client_from_config(config_file=KUBECONFIG))
     left = api.list_namespace(label_selector=f"mlci.dev/run-id={result.run_id}").items
     assert [ns.metadata.name for ns in left] == []

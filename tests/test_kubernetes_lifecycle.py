@@ -35,9 +35,10 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import utils as k8s_utils
 
+from mlci_dagster.junit.read import read_report
 from mlci_dagster.paths import EXAMPLE_REGISTRY
 from tests.support.kube_controller import KubeController
-from tests.support.kube_store import condition_is
+from tests.support.kube_store import TYPES, condition_is
 from tests.support.kube_wire import KubeApiServer
 from tests.support.runs import run_partition, stage_details
 
@@ -48,6 +49,27 @@ RUN_NAMESPACE, RUN_ACCOUNT = LAUNCHER["job_namespace"], LAUNCHER["service_accoun
 RUN_USER = f"system:serviceaccount:{RUN_NAMESPACE}:{RUN_ACCOUNT}"
 RUN_ID = "0123456789abcdef0123456789abcdef"
 TRAIN_LOG = f"accuracy=0.953\nexperiment_id=7\nrun_id={RUN_ID}\n"
+# Where the model-tests Job's pytest writes its JUnit XML (k8s/model-tests-job.yaml), and what
+# it writes there for some of examples/ml-platform's model tests; the provider's sidecar hands
+# it over through the API server.
+MODEL_TESTS = "/reports/model-tests.xml"
+SCORED = "test_the_loaded_model_scores_the_logged_accuracy_and_f1"
+
+
+def model_tests_report(failure: str | None = None) -> str:
+    verdict = f'<failure message="{failure}">assert 0.81 &gt;= 0.9</failure>' if failure else ""
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite '
+        f'name="pytest" errors="0" failures="{int(bool(verdict))}" skipped="1" tests="4" '
+        'time="4.2"><testcase classname="test_tracking" '
+        'name="test_the_run_finished_in_its_experiment" time="0.8"/><testcase '
+        'classname="test_tracking" name="test_each_training_param_is_logged_with_its_value'
+        '[max_depth]" time="0.1"/>'
+        f'<testcase classname="test_tracking" name="{SCORED}" time="3.3">{verdict}</testcase>'
+        '<testcase classname="test_tracking" '
+        'name="test_demo_model_is_right_on_every_held_out_sample" time="0.0"><skipped '
+        'type="pytest.skip" message="fails on purpose, for the demo: set MLCI_DEMO_BREAK=1"/>'
+        "</testcase></testsuite></testsuites>")
 PASSWORD = "pg-s3cret-Lk8Q2"
 
 
@@ -173,6 +195,7 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rbac: list[dict[str
         api.route_service(None, "mlflow",
                           f"http://127.0.0.1:{server.server_address[1]}/{{namespace}}")
         controller.behave("Job", "train", log=TRAIN_LOG)
+        controller.behave("Job", "model-tests", files={MODEL_TESTS: model_tests_report()})
         yield Cluster(api, controller, mlflow, len(api.request_log))
         server.shutdown()
         server.server_close()
@@ -228,6 +251,47 @@ def test_the_job_log_gives_the_outputs_the_ui_smoke_checks(cluster, instance):
     assert record["metrics"]["accuracy"]["value"] == pytest.approx(0.953)
     checked = [r["url"] for r in stage_details(instance, result.run_id, "ui_smoke")["routes"]]
     assert any(f"run_id={RUN_ID}" in url for url in checked)
+
+
+def test_the_model_tests_job_gives_the_record_each_tests_result(cluster, instance):
+    """The model-tests Job's JUnit report reached the record through the API server alone (a
+    pod's log, which the run account may read; no exec, no port-forward), test by test, and
+    the Job had the run `train` printed to check."""
+    api = cluster.api
+
+    result, record = run_partition(instance, EXAMPLE_K8S, "python-train|sqlite")
+
+    assert result.success
+    assert record["tests"] == {"passed": 3, "failed": 0, "errors": 0, "skipped": 1}
+    assert record["test_report_problems"] == []
+    kept = read_report(Path(record["test_reports"]["model-tests"]))
+    assert {c.name: str(c.status) for c in kept.cases} == {
+        "test_the_run_finished_in_its_experiment": "pass",
+        "test_each_training_param_is_logged_with_its_value[max_depth]": "pass",
+        SCORED: "pass", "test_demo_model_is_right_on_every_held_out_sample": "skip"}
+    assert not [path for _, path in api.requests
+                if path.endswith(("/exec", "/attach", "/portforward"))]
+    created = [event[1] for event in api.store.watch(TYPES["Job"], None, lambda o: True, "1", 0)
+               if event is not None and event[0] == "ADDED"]  # the history: it is gone now
+    [job] = [o for o in created if o["metadata"]["name"] == "model-tests"]
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["MLCI_RUN_ID"], env["MLCI_EXPERIMENT_ID"]) == (RUN_ID, "7")
+
+
+def test_failing_model_tests_fail_the_run_naming_the_test(cluster, instance):
+    cluster.controller.behave("Job", "model-tests", failure="fail", files={
+        MODEL_TESTS: model_tests_report("AssertionError: accuracy 0.81 below 0.9")})
+
+    result, record = run_partition(instance, EXAMPLE_K8S, "python-train|sqlite")
+
+    assert not result.success
+    assert record["status"] == "fail-pipeline_runs"
+    assert record["tests"] == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1}
+    [failing] = record["failing_tests"]
+    assert (failing["pipeline"], failing["status"]) == ("model-tests", "fail")
+    assert failing["id"].endswith(SCORED)
+    assert failing["message"].startswith("AssertionError: accuracy 0.81 below 0.9")
+    assert mlci_namespaces(cluster.api) == []
 
 
 def test_the_secret_reaches_the_cluster_but_no_record_log_or_event(cluster, instance,

@@ -391,15 +391,6 @@ spec:
 
 
 @pytest.fixture
-def kube() -> Iterator[tuple[KubeApiServer, KubeController]]:
-    """The emulated API server, wanting a token (its kubeconfig() writes the admin's)."""
-    with KubeApiServer(authentication=True) as server, \
-            KubeController(server, interval_s=0.05) as controller:
-        yield server, controller
-        assert controller.errors == []
-
-
-@pytest.fixture
 def registry(tmp_path: Path, kube) -> Path:
     root = tmp_path / "registry"
     (root / "k8s").mkdir(parents=True)

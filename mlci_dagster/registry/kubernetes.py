@@ -4,9 +4,10 @@ terminal state)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from mlci_dagster.registry.base import (
     EnvName,
@@ -16,6 +17,7 @@ from mlci_dagster.registry.base import (
     SandboxBase,
     Seconds,
     StrictModel,
+    TestReportSpec,
 )
 
 # A path inside the registry folder, such as k8s/mlflow.yaml (checked to exist when loaded).
@@ -107,14 +109,77 @@ class KubernetesSandbox(SandboxBase):
         return self.model_copy(update={"manifests": [*engine.manifests, *self.manifests]})
 
 
+# The image of the sidecar that hands a k8s_job's test reports over (providers/kubernetes/
+# reports.py): it needs sh, wc, tr and base64, as busybox has them. Pinned: a tag that moves
+# would change what runs in every Job without a change here.
+REPORT_IMAGE = "busybox:1.37.0"
+GLOB_CHARACTERS = re.compile(r"[*?\[]")
+# Directories a volume must not hide: the container would lose its shell, libraries or devices.
+SYSTEM_DIRECTORIES = frozenset({"/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64",
+                                "/proc", "/run", "/sbin", "/sys", "/usr", "/var"})
+
+
+def report_directory(path: str) -> str | None:
+    """The directory of a report path in a pod that a volume shared with the report sidecar is
+    mounted at: its longest leading directory without a glob character (`/reports` for
+    `/reports/*/junit.xml`); None when there is none but the root."""
+    parts = path.split("/")[1:-1]
+    kept: list[str] = []
+    for part in parts:
+        if GLOB_CHARACTERS.search(part):
+            break
+        kept.append(part)
+    directory = "/" + "/".join(p for p in kept if p)
+    return None if directory == "/" else directory
+
+
+def _pod_report_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("a k8s_job's report is read in its pod: expected an absolute path "
+                         f"there, such as /reports/junit.xml (got {value!r})")
+    if ".." in value.split("/"):
+        raise ValueError(f"expected a path without '..' (got {value!r})")
+    directory = report_directory(value)
+    if directory is None:
+        raise ValueError("expected the report in a directory of its own, such as "
+                         "/reports/*.xml: that directory is mounted as a volume the report "
+                         f"sidecar reads (got {value!r})")
+    if directory in SYSTEM_DIRECTORIES:
+        raise ValueError(f"{directory} would be hidden by the volume the report sidecar reads: "
+                         f"expected a directory of the report's own, such as /reports "
+                         f"(got {value!r})")
+    return value
+
+
+class PodReportSpec(TestReportSpec):
+    """A test report a k8s_job's containers write in their pod, handed over by a sidecar."""
+
+    __test__ = False
+
+    path: Annotated[str, AfterValidator(_pod_report_path)] = Field(
+        description="Where the Job's containers write it (a shell glob for several): an "
+        "absolute path in the pod, such as /reports/*.xml. Its directory (up to the first glob "
+        "character) is an empty volume mounted in every container of the pod, hiding what the "
+        "image holds there.")
+
+
 class K8sJobPipeline(ReportingPipeline):
-    """A batch/v1 Job in the sandbox's namespace, followed to completion, its pods' logs kept."""
+    """A batch/v1 Job in the sandbox's namespace, followed to completion, its pods' logs kept.
+    With `reports`, the provider adds to its pod a sidecar that hands them over through the API
+    server (providers/kubernetes/reports.py): the cluster must run Kubernetes 1.29 or later."""
 
     file_fields = ("manifest",)
 
     kind: Literal["k8s_job"]
     name: Name
     manifest: ManifestPath
+    reports: list[PodReportSpec] = Field(  # type: ignore[assignment]  # paths in the pod
+        default=[], description="The test reports its containers write: each test's result is "
+        "recorded.")
+    report_image: str = Field(
+        default=REPORT_IMAGE, description="The image of the sidecar that hands the reports "
+        "over (it runs sh, wc, tr and base64): a mirror's copy where the cluster cannot pull "
+        "from Docker Hub.")
     expect_output: list[str] = Field(default=[], description="Substrings the logs must hold.")
     outputs: dict[EnvName, str] = Field(
         default={}, description="Values to capture: a regex with one group, per log line.")

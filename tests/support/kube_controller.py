@@ -3,6 +3,16 @@ in tests/support/kube_store.py as the kubelet, scheduler and controllers (namesp
 ReplicaSet/Deployment/StatefulSet/Job, KubeRay, the Spark operator) would: healthy by default,
 failing for the objects `KubeController.behave` names (kind, name glob, namespace). It writes
 the store directly, never through the wire (tests/support/kube_wire.py).
+
+Containers do not run: what they print, how they exit and which files they write come from the
+`Behaviour` a test gives. Init containers run in the kubelet's order, compressed into one step:
+each regular one to completion, each native sidecar (`restartPolicy: Always`, Kubernetes 1.29)
+started and left running (`initContainerStatuses`); the main containers then run; once they have
+all ended, the sidecars are stopped (SIGTERM), and only when those have ended too does the pod
+take its phase, decided by the main containers alone, as the kubelet does since 1.27. A native
+sidecar whose command is a shell script is the one exception: it runs for real, on this
+machine, over the pod's volumes (tests/support/kube_containers.py says how and why), so that
+what it prints is what its script makes of the files the main containers wrote.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Protocol
 
+from tests.support.kube_containers import PodContainers, is_native_sidecar
 from tests.support.kube_store import (
     RESOURCE_TYPES,
     TYPES,
@@ -74,6 +85,9 @@ class Behaviour:
     log: str | None = None  # what the containers print (default: a few lines per kind)
     exit_code: int = 1  # of a failing container
     run_s: float = 0.2  # how long a run-to-completion container runs
+    # What the main containers write as they end (path in the pod, content): into the volume
+    # mounted where a path is, for the pod's other containers to read; else nowhere they see.
+    files: tuple[tuple[str, bytes], ...] = ()
 
 
 def owner_reference(owner: Obj) -> Obj:
@@ -129,6 +143,7 @@ class KubeController:
         self._finished: dict[str, float] = {}
         self._event_names: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._pod_ips = itertools.count(2)
+        self.containers = PodContainers()  # pod volumes, and the sidecar scripts that run
         self._tick_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -140,9 +155,11 @@ class KubeController:
 
     def behave(self, kind: str, name: str = "*", *, namespace: str | None = None,
                failure: Failure | str | None = None, log: str | None = None,
-               exit_code: int = 1, run_s: float = 0.2) -> Behaviour:
+               exit_code: int = 1, run_s: float = 0.2,
+               files: dict[str, str | bytes] | None = None) -> Behaviour:
         """How objects of kind named like name (a glob) in namespace (None: any) behave; the
-        latest matching rule wins. Register it before creating the object."""
+        latest matching rule wins. Register it before creating the object. `files`: what the
+        main containers of its pods write as they end (absolute path in the pod: content)."""
         failure = Failure(failure) if failure is not None else None
         if kind not in SUPPORTED_FAILURES:
             raise ValueError(f"behave({kind!r}, {name!r}): the controller runs only "
@@ -151,7 +168,12 @@ class KubeController:
             raise ValueError(f"behave({kind!r}, {name!r}): failure {failure.value!r} is not "
                              f"emulated for a {kind}; it takes "
                              f"{sorted(f.value for f in SUPPORTED_FAILURES[kind])}")
-        behaviour = Behaviour(failure, log, exit_code, run_s)
+        if any(not path.startswith("/") for path in files or {}):
+            raise ValueError(f"behave({kind!r}, {name!r}): files are named by their absolute "
+                             "path in the pod")
+        behaviour = Behaviour(failure, log, exit_code, run_s, tuple(
+            (path, content.encode() if isinstance(content, str) else content)
+            for path, content in (files or {}).items()))
         self._rules.append((kind, name, namespace, behaviour))
         return behaviour
 
@@ -161,9 +183,12 @@ class KubeController:
         return self
 
     def stop(self) -> None:
+        """Stops the thread, then kills what still runs in the pods and removes their volumes."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        with self._tick_lock:
+            self.containers.close()
 
     def __enter__(self) -> KubeController:
         return self.start()
@@ -187,6 +212,9 @@ class KubeController:
                     except Exception:  # kept for the test to report
                         self.errors.append(f"{kind} {obj['metadata']['name']}: "
                                            f"{traceback.format_exc()}")
+            live = {p["metadata"]["uid"] for p in self.store.list(TYPES["Pod"])[0]}
+            for uid in self.containers.uids() - live:  # deleted: what ran in it goes too
+                self.containers.forget(uid)
 
     # --- helpers over the store
     def _behaviour(self, obj: Obj) -> Behaviour:
@@ -621,8 +649,14 @@ class KubeController:
         meta, spec, status = pod["metadata"], pod["spec"], pod["status"]
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
         if meta.get("deletionTimestamp"):
-            return  # terminating: whoever deleted it removes it when its grace ends
+            # terminating: whoever deleted it removes it when its grace ends; a sidecar that
+            # runs gets its SIGTERM meanwhile
+            for container in spec.get("initContainers") or []:
+                self.containers.stop(pod, container["name"])
+                self._pump(pod, container["name"])
+            return
         containers = spec.get("containers") or []
+        inits = spec.get("initContainers") or []
         conditions = status.setdefault("conditions", [])
         if not spec.get("nodeName"):
             if failure is Failure.UNSCHEDULABLE:
@@ -634,16 +668,26 @@ class KubeController:
                 return
             spec["nodeName"] = NODE_NAME
             set_condition(conditions, "PodScheduled", "True")
-            status.update(hostIP=NODE_IP, containerStatuses=[_container_status(
-                c, {"waiting": {"reason": "ContainerCreating"}}) for c in containers])
+            # As the kubelet words it (convertToAPIContainerStatuses): PodInitializing, for
+            # every container, while the pod has init containers to run.
+            waiting = {"waiting": {"reason": "PodInitializing" if inits else
+                                   "ContainerCreating"}}
+            status.update(hostIP=NODE_IP, containerStatuses=[
+                _container_status(c, waiting) for c in containers])
+            if inits:
+                status["initContainerStatuses"] = [_container_status(c, waiting) for c in inits]
+                set_condition(conditions, "Initialized", "False", "ContainersNotInitialized",
+                              "containers with incomplete status: "
+                              f"[{' '.join(c['name'] for c in inits)}]")
             self._write_all(pod)
             self._event(pod, "Normal", "Scheduled", f"Successfully assigned {namespace}/{name} "
                         f"to {NODE_NAME}", "default-scheduler")
             return
         phase = status.get("phase")
         if phase == "Pending" and failure is Failure.IMAGE_PULL:
-            first = all(s["state"].get("waiting", {}).get("reason") == "ContainerCreating"
-                        for s in status.get("containerStatuses", []))
+            first = all(s["state"].get("waiting", {}).get("reason") in (
+                "ContainerCreating", "PodInitializing")
+                for s in status.get("containerStatuses", []))
             for c in containers:
                 reason = "ErrImagePull" if first else "ImagePullBackOff"
                 message = (f'failed to pull and unpack image "{c.get("image")}": not found' if
@@ -685,25 +729,68 @@ class KubeController:
             set_condition(conditions, "Ready", "False", "ContainersNotReady", unready)
             set_condition(conditions, "ContainersReady", "False", "ContainersNotReady", unready)
             self._write_status(pod, status)
-        elif phase == "Running" and spec.get("restartPolicy") != "Always" and (
-                time.monotonic() - self._started.setdefault(uid, time.monotonic())
-                >= behaviour.run_s):
+        elif phase == "Running":
+            for container in inits:
+                self._pump(pod, container["name"])
+            if spec.get("restartPolicy") != "Always":
+                self._run_to_completion(pod, behaviour)
+
+    def _run_to_completion(self, pod: Obj, behaviour: Behaviour) -> None:
+        """The main containers end once they have run `run_s`, writing `files`; then the
+        sidecars are stopped; once those have ended too, the pod takes the phase its main
+        containers decide."""
+        meta, spec, status = pod["metadata"], pod["spec"], pod["status"]
+        conditions = status["conditions"]
+        mains = status["containerStatuses"]
+        sidecars = [s for c, s in zip(spec.get("initContainers") or [],
+                                      status.get("initContainerStatuses") or [], strict=False)
+                    if is_native_sidecar(c)]
+        if not all("terminated" in s["state"] for s in mains):
+            if time.monotonic() - self._started.setdefault(meta["uid"], time.monotonic()) \
+                    < behaviour.run_s:
+                return
             # a RayJob's submitter ends with `ray job logs --follow`: 0 whatever the job did
-            code = behaviour.exit_code if failure in (Failure.FAIL, Failure.CRASH_LOOP) and all(
+            code = behaviour.exit_code if behaviour.failure in (
+                Failure.FAIL, Failure.CRASH_LOOP) and all(
                 o["kind"] != "RayJob" for o in self._lineage(pod)) else 0
-            for s in status["containerStatuses"]:
-                s.update(ready=False, started=False, state={"terminated": {
-                    "exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                    "startedAt": s["state"].get("running", {}).get("startedAt", now_rfc3339()),
-                    "finishedAt": now_rfc3339(), "containerID": s.get("containerID", "")}})
-            status["phase"] = "Succeeded" if code == 0 else "Failed"
+            for container in spec.get("containers") or []:
+                self.containers.write(pod, container, dict(behaviour.files))
+            for s in mains:
+                _terminate(s, code)
+            for s in sidecars:  # the kubelet stops them once every main container has ended
+                if "running" in s["state"]:
+                    self.containers.stop(pod, s["name"])
+                    self._event(pod, "Normal", "Killing", f"Stopping container {s['name']}")
+            unready = "containers with unready status: " \
+                      f"[{' '.join(s['name'] for s in mains + sidecars)}]"
+            set_condition(conditions, "Ready", "False", "ContainersNotReady", unready)
+            set_condition(conditions, "ContainersReady", "False", "ContainersNotReady", unready)
+        for s in sidecars:
+            if "running" not in s["state"]:
+                continue
+            code = self.containers.exit_code(pod, s["name"])
+            if self.containers.running(pod, s["name"]) is None:
+                code = 0  # played, not run: it stops as told
+            if code is not None:
+                _terminate(s, code)
+        if all("terminated" in s["state"] for s in sidecars):
+            ok = all(s["state"]["terminated"]["exitCode"] == 0 for s in mains)
+            status["phase"] = "Succeeded" if ok else "Failed"
             set_condition(conditions, "Ready", "False", "PodCompleted")
             set_condition(conditions, "ContainersReady", "False", "PodCompleted")
-            self._write_status(pod, status)
+        self._write_status(pod, status)
+
+    def _pump(self, pod: Obj, container: str) -> None:
+        """What a sidecar that runs printed since the last look, into its log."""
+        if text := self.containers.pump(pod, container):
+            self.store.append_log(pod["metadata"]["namespace"], pod["metadata"]["name"],
+                                  container, text)
 
     def _start(self, pod: Obj, behaviour: Behaviour) -> None:
         meta, status, now = pod["metadata"], pod["status"], now_rfc3339()
         containers = pod["spec"].get("containers") or []
+        if inits := pod["spec"].get("initContainers") or []:
+            status["initContainerStatuses"] = [self._initialize(pod, c) for c in inits]
         runs = {c["name"]: new_container_id() for c in containers}
         for c in containers:
             self._event(pod, "Normal", "Pulled", f'Container image "{c.get("image")}" already '
@@ -721,6 +808,28 @@ class KubeController:
             set_condition(status["conditions"], type_, "True")
         self._started[meta["uid"]] = time.monotonic()
         self._write_status(pod, status)
+
+    def _initialize(self, pod: Obj, container: Obj) -> Obj:
+        """An init container, as the kubelet leaves it before the main containers start: a
+        regular one run to completion, a native sidecar started (and its script run, if it is
+        one: its log is then what that prints). Returns its status."""
+        meta, name, run = pod["metadata"], container["name"], new_container_id()
+        self._event(pod, "Normal", "Pulled", f'Container image "{container.get("image")}" '
+                    "already present on machine")
+        self._event(pod, "Normal", "Created", f"Created container {name}")
+        sidecar = is_native_sidecar(container)
+        runs_for_real = sidecar and self.containers.start(pod, container)
+        played = "" if runs_for_real else f"{name}: starting\n{name}: " + (
+            "ready" if sidecar else "done")
+        self.store.set_log(meta["namespace"], meta["name"], name, played, run)
+        self._event(pod, "Normal", "Started", f"Started container {name}")
+        if sidecar:  # no readiness probe: ready once started
+            return _container_status(container, {"running": {"startedAt": now_rfc3339()}},
+                                     True, run)
+        status = _container_status(container, {"running": {"startedAt": now_rfc3339()}},
+                                   False, run)
+        _terminate(status, 0)
+        return status
 
     def _log_text(self, pod: Obj, behaviour: Behaviour, container: Obj) -> str:
         """The container's output: the rule's log, else a few lines as its kind would print;
@@ -753,6 +862,14 @@ class KubeController:
         name = container["name"]
         done = [f"{name}: done"] if pod["spec"].get("restartPolicy") != "Always" else []
         return "\n".join([f"{name}: starting", f"{name}: ready", *done])
+
+
+def _terminate(status: Obj, code: int) -> None:
+    """A container status, as the container ended with exit code `code`."""
+    status.update(ready=False, started=False, state={"terminated": {
+        "exitCode": code, "reason": "Completed" if code == 0 else "Error",
+        "startedAt": status["state"].get("running", {}).get("startedAt", now_rfc3339()),
+        "finishedAt": now_rfc3339(), "containerID": status.get("containerID", "")}})
 
 
 def new_container_id() -> str:

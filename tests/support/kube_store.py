@@ -620,8 +620,10 @@ class ObjectStore:
                 new, start = lines[start:], max(start, len(lines))
                 if not new:
                     obj = self._objects["Pod"].get((namespace, pod))
-                    states = [s.get("state", {}) for s in (obj or {}).get("status", {}).get(
-                        "containerStatuses", []) if s["name"] == container]
+                    status = (obj or {}).get("status", {})
+                    states = [s.get("state", {}) for s in [
+                        *status.get("containerStatuses", []),
+                        *status.get("initContainerStatuses", [])] if s["name"] == container]
                     if self.closed or not states or "running" not in states[0]:
                         return
                     self._cond.wait(1.0)

@@ -20,10 +20,11 @@ on stale `resourceVersion`, 404 in a missing namespace, 403 in a terminating one
   `namespace_deletion_s` (a second by default, set per server), its pods terminating gracefully
   meanwhile (listed with `deletionTimestamp`, not ready, named by `NamespaceContentRemaining`),
   the rest of its content deleted at once; finalizers hold it longer.
-- Pod logs as the kubelet reads them: `container`, `tailLines` (first), `sinceSeconds`,
-  `timestamps`, `limitBytes` (the head of what is selected, cut mid-line), `follow`, and
-  `previous` (the last terminated run of a container, kept per container ID: a crash loop's;
-  400 `previous terminated container "x" in pod "y" not found` when there is none).
+- Pod logs as the kubelet reads them: `container` (an init container's too), `tailLines`
+  (first), `sinceSeconds`, `timestamps`, `limitBytes` (the head of what is selected, cut
+  mid-line), `follow`, and `previous` (the last terminated run of a container, kept per
+  container ID: a crash loop's; 400 `previous terminated container "x" in pod "y" not found`
+  when there is none).
 - The service proxy as the API server resolves it: `[scheme:]name[:port]`, a port number the
   Service must declare (503 `no service port`), endpoints as the endpoints controller makes
   them from the ready pods its selector matches that have the port (503 `no endpoints
@@ -266,7 +267,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
                 gv = {"groupVersion": t.api_version, "version": t.version}
                 groups[t.group] = {"name": t.group, "versions": [gv], "preferredVersion": gv}
         if segments == ["version"]:
-            body: Obj = VERSION
+            body: Obj = self.api.version
         elif segments == ["api"]:
             body = {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
                 {"clientCIDR": "0.0.0.0/0", "serverAddress": self.api.url.split("//")[1]}]}
@@ -389,15 +390,22 @@ class _ApiHandler(BaseHTTPRequestHandler):
                               "items": items})
 
     def _log(self, rtype: ResourceType, namespace: str | None, name: str, *_: Any) -> None:
+        """A container's log; init containers (native sidecars among them) are containers of
+        the pod too (pkg/registry/core/pod/strategy.go LogLocation, podHasContainerWithName;
+        the kubelet finds their status in initContainerStatuses)."""
         pod = self.store.get(rtype, namespace, name)
         containers = [c["name"] for c in pod["spec"].get("containers", [])]
+        inits = [c["name"] for c in pod["spec"].get("initContainers") or []]
         container = self.params.get("container") or (containers[0] if len(containers) == 1 else "")
         if not container:
             raise bad_request(f"a container name must be specified for pod {name}, choose one "
-                              f"of: [{' '.join(containers)}]")
-        if container not in containers:
+                              f"of: [{' '.join(containers)}]" + (
+                                  f" or one of the init containers: [{' '.join(inits)}]"
+                                  if inits else ""))
+        if container not in containers + inits:
             raise bad_request(f"container {container} is not valid for pod {name}")
-        status = next((s for s in pod["status"].get("containerStatuses", [])
+        status = next((s for s in [*pod["status"].get("containerStatuses", []),
+                                   *pod["status"].get("initContainerStatuses", [])]
                        if s["name"] == container), None)
         previous = self.params.get("previous", "").lower() in ("true", "1")
         if status is None and not previous:  # not scheduled yet: nothing to read, no error
@@ -677,7 +685,8 @@ class KubeApiServer:
     authentication: every request must carry a bearer token this server issued (401 if not).
     rbac: and be allowed by the RBAC objects it holds (403 if not); implies authentication.
     namespace_deletion_s: how long a deleted namespace stays Terminating (its pods terminating
-    gracefully meanwhile); `store.namespace_deletion_s` changes it on a running server."""
+    gracefully meanwhile); `store.namespace_deletion_s` changes it on a running server.
+    `version`: what `/version` answers (VERSION), which a test may change (an older cluster)."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1",
                  namespaces: tuple[str, ...] = DEFAULT_NAMESPACES, *,
@@ -685,6 +694,7 @@ class KubeApiServer:
                  namespace_deletion_s: float = NAMESPACE_DELETION_S) -> None:
         self.store = ObjectStore(namespace_deletion_s=namespace_deletion_s)
         self.faults = FaultPlan()
+        self.version: Obj = dict(VERSION)
         for name in namespaces:
             self.store.create(TYPES["Namespace"], None, {"metadata": {"name": name}})
         self.authentication, self.rbac = authentication or rbac, rbac

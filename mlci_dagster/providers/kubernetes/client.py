@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 REQUEST_TIMEOUT_S = 30.0
 LOG_LIMIT_BYTES = 8 * 1024 * 1024  # a pod's log read at most this far: memory stays bounded
+LOG_CHUNK_BYTES = 64 * 1024  # a log read to its end comes in chunks of this size
 IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
 PROXY_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/services/([^/]+)/proxy(/|$)")
 
@@ -442,10 +443,11 @@ class KubeClient:
             field_selector=field_selector)
         return list(found.get("items") or [])
 
-    def container_logs(self, namespace: str, selector: str | None
-                       ) -> list[tuple[str, str, str]]:
+    def container_logs(self, namespace: str, selector: str | None,
+                       skip: Collection[str] = ()) -> list[tuple[str, str, str]]:
         """(pod, container, log) of every container of the pods matching `selector` (all pods
-        if None), oldest pod first; a log that cannot be read says why in its place."""
+        if None) but those named in `skip`, oldest pod first; a log that cannot be read says why
+        in its place."""
         pods = sorted(self.pods(namespace, selector),
                       key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
         logs = []
@@ -454,6 +456,8 @@ class KubeClient:
             spec = pod.get("spec") or {}
             for container in [*(spec.get("initContainers") or []),
                               *(spec.get("containers") or [])]:
+                if container.get("name") in skip:
+                    continue
                 try:
                     text = self.pod_log(namespace, pod_name, container.get("name"))
                 except KubeError as exc:
@@ -492,6 +496,36 @@ class KubeClient:
         kept = data[:limit].decode("utf-8", errors="replace")
         return (f"(mlci: this log is longer than {limit} bytes; only its last "
                 f"{kept.count(chr(10))} lines are kept)\n{kept}")
+
+    def pod_log_lines(self, namespace: str, pod: str, container: str) -> Iterator[bytes]:
+        """The container's whole log, line by line (without the newlines) as it streams in:
+        for a log read to its end in bounded memory. Only the request is sent again as the
+        retry policy says; a connection that breaks while the log comes is a KubeError."""
+        what = f"read the log of pod {pod} container {container}"
+        response = self._call(what, lambda: self.core.read_namespaced_pod_log(
+            pod, namespace, container=container, _preload_content=False,
+            _request_timeout=self.timeout))
+        pending = b""
+        try:
+            for chunk in response.stream(LOG_CHUNK_BYTES):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                yield from lines
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeError(f"{what}: the connection broke while the log came: {exc}") from exc
+        finally:
+            response.release_conn()
+        if pending:
+            yield pending
+
+    def server_version(self) -> tuple[int, int, str] | None:
+        """The API server's (major, minor, gitVersion), from its gitVersion (`v1.31.2-eks-…`);
+        None when that does not say."""
+        found = self._json("read the API server's version",
+                           k8s.VersionApi(self.api).get_code)
+        text = str((found or {}).get("gitVersion", ""))
+        match = re.match(r"v?(\d+)\.(\d+)", text)
+        return (int(match[1]), int(match[2]), text) if match else None
 
     # --- HTTP to services ----------------------------------------------------------------
 

@@ -13,23 +13,33 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mlci_dagster.common.redact import Redactor
 from mlci_dagster.common.summary import summarize
 from mlci_dagster.common.templating import render
 from mlci_dagster.providers.base import PipelineResult
 from mlci_dagster.providers.handle import SandboxHandle
-from mlci_dagster.providers.kubernetes import diagnose
+from mlci_dagster.providers.kubernetes import diagnose, reports
 from mlci_dagster.providers.kubernetes.client import KubeClient, KubeError
 from mlci_dagster.providers.kubernetes.manifests import ManifestError
 from mlci_dagster.providers.logpipe import STDOUT, OutputWatcher
 from mlci_dagster.registry.kubernetes import K8sJobPipeline, K8sResourcePipeline
 from mlci_dagster.vocabulary import FailureKind
 
-# Creates a manifest's documents in the sandbox's namespace: (client, handle, manifest, context).
-Apply = Callable[[KubeClient, SandboxHandle, str, dict[str, Any]], list[dict[str, Any]]]
+Edit = Callable[[dict[str, Any]], dict[str, Any]]  # a rendered document, changed before created
+
+
+class Apply(Protocol):
+    """Creates a manifest's documents in the sandbox's namespace, each as `edit` returns it
+    (the provider's `_apply`)."""
+
+    def __call__(self, client: KubeClient, handle: SandboxHandle, manifest: str,
+                 context: dict[str, Any], edit: Edit | None = None) -> list[dict[str, Any]]: ...
+
+
 SUMMARY_CHARS = 2000  # a pipeline's summary: its first line and the end of its logs
+REPORT_JOBS = "report_jobs"  # handle.state: the Job of each k8s_job pipeline with reports
 
 # Terminal states of well-known custom resources (ray-project/kuberay
 # `ray-operator/apis/ray/v1/rayjob_types.go`, JobStatus; kubeflow/spark-operator
@@ -97,9 +107,10 @@ class PipelineRun:
                               summarize(redact(summary), SUMMARY_CHARS), str(self.log_path),
                               **extra)
 
-    def _create(self, client: KubeClient, context: dict[str, Any]) -> list[dict[str, Any]]:
+    def _create(self, client: KubeClient, context: dict[str, Any], edit: Edit | None = None
+                ) -> list[dict[str, Any]]:
         pipeline = self.pipeline
-        created = self.apply(client, self.handle, pipeline.manifest, context)
+        created = self.apply(client, self.handle, pipeline.manifest, context, edit)
         for obj in created:
             self.note(f"created {obj.get('kind')} {diagnose.dig(obj, 'metadata.name')}")
         return created
@@ -108,7 +119,8 @@ class PipelineRun:
         """The logs of the pods matching `selector`, as one text with a header per container,
         and as the bare texts (what expectations are checked against)."""
         try:
-            logs = client.container_logs(self.handle.sandbox_id, selector)
+            # The report sidecar's log is the reports, in base64: past the redactor, so not kept.
+            logs = client.container_logs(self.handle.sandbox_id, selector, skip={reports.SIDECAR})
         except KubeError as exc:
             return f"--- logs of pods {selector} unavailable: {exc}\n", []
         if not logs:
@@ -140,12 +152,24 @@ class PipelineRun:
     def job(self, context: dict[str, Any]) -> PipelineResult:
         """Creates the manifest's documents (exactly one of them a Job), polls the Job until
         Complete or Failed, then judges its pods' logs as a command pipeline's output is
-        judged. At the timeout the Job is deleted, its pods with it."""
+        judged. At the timeout the Job is deleted, its pods with it. With `reports`, the Job's
+        pod gets the sidecar that hands them over (reports.py), and the handle names the Job
+        for `report_files`."""
         pipeline: K8sJobPipeline = self.pipeline
+        edit: Edit | None = None
         try:
             client = self.connect()
-            created = self._create(client, context)
-        except (KubeError, ManifestError, OSError) as exc:
+            if pipeline.reports:
+                if refusal := reports.version_refusal(client):
+                    return self.finish(False, FailureKind.CONFIG, f"could not create the Job: "
+                                                                  f"{refusal}")
+                edit = reports.sidecar_edit([render(spec.path, context)
+                                             for spec in pipeline.reports],
+                                            pipeline.report_image)
+            created = self._create(client, context, edit)
+        except ManifestError as exc:
+            return self.finish(False, FailureKind.CONFIG, f"could not create the Job: {exc}")
+        except (KubeError, OSError) as exc:
             return self.finish(False, FailureKind.INFRA, f"could not create the Job: {exc}")
         jobs = [o for o in created if o.get("kind") == "Job"]
         if len(jobs) != 1:
@@ -153,6 +177,8 @@ class PipelineRun:
                                f"{pipeline.manifest}: expected one Job, found {len(jobs)}")
         job = jobs[0]
         name = diagnose.dig(job, "metadata.name")
+        if pipeline.reports:
+            self.handle.state.setdefault(REPORT_JOBS, {})[pipeline.name] = name
         selector = f"job-name={name}"
         state, error = diagnose.Readiness(False, "not looked at yet"), ""
         while True:

@@ -1,7 +1,8 @@
 """The Kubernetes provider: a namespace per sandbox, holding the registry's templated manifests,
 checked ready on their conditions (and each service the stages reach, on a ready pod behind its
-port); pipelines as Jobs or custom resources polled to a terminal state; services reached
-through the API server's service proxy.
+port); pipelines as Jobs or custom resources polled to a terminal state, a Job's test reports
+handed over by a sidecar through the API server (reports.py); services reached through the API
+server's service proxy.
 
 The namespace is the sandbox: labelled with the run, the partition and the expiry, the whole
 handle in an annotation, so the janitor finds and reaps it from the cluster alone when the local
@@ -27,7 +28,7 @@ import requests
 
 from mlci_dagster.common.templating import TemplateError, render, unset_env_references
 from mlci_dagster.providers import host
-from mlci_dagster.providers.base import PipelineResult
+from mlci_dagster.providers.base import PipelineResult, ReportError
 from mlci_dagster.providers.handle import (
     DestroyReport,
     SandboxError,
@@ -54,7 +55,8 @@ from mlci_dagster.providers.kubernetes.manifests import (
     load_manifest,
     object_ref,
 )
-from mlci_dagster.providers.kubernetes.pipelines import PipelineRun
+from mlci_dagster.providers.kubernetes.pipelines import REPORT_JOBS, Edit, PipelineRun
+from mlci_dagster.providers.kubernetes.reports import SIDECAR, fetch_reports
 from mlci_dagster.providers.logpipe import OutputWatcher
 from mlci_dagster.providers.processes import (
     GroupResult,
@@ -260,12 +262,18 @@ class KubernetesProvider(host.ProviderHome):
         return rendered
 
     def _apply(self, client: KubeClient, handle: SandboxHandle, manifest: str,
-               context: dict[str, Any]) -> list[dict[str, Any]]:
-        """Creates each document of `manifest` in order; every object is in the handle (and
-        the ledger) as soon as it exists. Returns the created objects."""
+               context: dict[str, Any], edit: Edit | None = None) -> list[dict[str, Any]]:
+        """Creates each document of `manifest` in order, as `edit` returns it (if given); every
+        object is in the handle (and the ledger) as soon as it exists. Returns the created
+        objects."""
         created = []
         for index, document in enumerate(self._rendered(manifest, context), start=1):
             source = f"{manifest}#{index}"
+            if edit is not None:
+                try:
+                    document = edit(document)
+                except ManifestError as exc:
+                    raise ManifestError(f"{source}: {exc}") from exc
             try:
                 obj, namespaced = client.create(document, handle.sandbox_id)
             except KubeError as exc:
@@ -460,6 +468,23 @@ class KubernetesProvider(host.ProviderHome):
         return run.finish(False, FailureKind.INFRA,
                           f"a kubernetes sandbox cannot run '{pipeline.kind}' pipelines")
 
+    def report_files(self, handle: SandboxHandle, pipeline: Any, pattern: str, into: Path
+                     ) -> list[Path]:
+        """A `k8s_job`'s reports matching `pattern`, read through the API server from the log of
+        the sidecar its Job's last pod ran (reports.py says why and how)."""
+        if not isinstance(pipeline, K8sJobPipeline):
+            return super().report_files(handle, pipeline, pattern, into)
+        job = (handle.state.get(REPORT_JOBS) or {}).get(pipeline.name)
+        if job is None:
+            raise ReportError(f"no Job of pipeline '{pipeline.name}' was created in sandbox "
+                              f"{handle.sandbox_id}: there is nothing to read reports from")
+        try:
+            client = self._client_for(handle)
+        except KubeError as exc:
+            raise ReportError(str(exc)) from exc
+        into.mkdir(parents=True, exist_ok=True)
+        return fetch_reports(client, handle.sandbox_id, job, pattern, into)
+
     # --- artifacts and teardown ----------------------------------------------------------
 
     def collect_artifacts(self, handle: SandboxHandle) -> list[str]:
@@ -495,8 +520,9 @@ class KubernetesProvider(host.ProviderHome):
                 problems.append(f"{what}: {exc}")
                 return None
 
-        for pod, container, text in attempt("pod logs",
-                                            lambda: client.container_logs(namespace, None)) or []:
+        # The report sidecar's log is the reports, in base64: past the redactor, so not kept.
+        for pod, container, text in attempt("pod logs", lambda: client.container_logs(
+                namespace, None, skip={SIDECAR})) or []:
             path = log_dir / f"k8s-pod-{pod}-{container}.log"
             attempt(str(path), lambda p=path, t=text: p.write_text(self.redactor.text(t)))
         events = attempt("events", lambda: client.events(namespace))
