@@ -78,9 +78,13 @@ def failing_tests_text(failing: list[FailingTest], total_failing: int, total: in
     if not total_failing:
         return ""
     cut = 60 if compact else 120
+
+    def said(message: str) -> str:  # its first line; cut at a word, and saying so
+        line = message.splitlines()[0] if message else ""
+        return line if len(line) <= cut else line[:cut].rsplit(" ", 1)[0] + " …"
+
     named = [(t.id.rsplit(" :: ", 1)[-1] if compact else t.id)
-             + (f" ({t.message.splitlines()[0][:cut]})" if t.message else "")
-             for t in failing[:limit]]
+             + (f" ({said(t.message)})" if t.message else "") for t in failing[:limit]]
     more = total_failing - len(named)
     return (f"{total_failing} of {total} tests failing: " + ", ".join(named)
             + (f", and {more} more" if more else ""))
