@@ -1,0 +1,1 @@
+"""From red to culprit: bisection of a regression range (Dagster-free)."""
