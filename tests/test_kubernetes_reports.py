@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 
 from mlci_dagster.junit.read import read_report
-from mlci_dagster.providers.base import ReportError
+from mlci_dagster.providers.base import ReportError, report_copy_path
 from mlci_dagster.providers.handle import SandboxHandle, render_context
 from mlci_dagster.providers.kubernetes import KubernetesProvider, reports
 from mlci_dagster.providers.kubernetes.manifests import ManifestError
@@ -457,3 +457,15 @@ def test_a_frame_of_another_pattern_is_skipped_unread(tmp_path):
 
     assert [p.read_bytes() for p in written] == [b"<a/>"]
 
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/reports/a.xml", "reports/a.xml"), ("reports/a.xml", "reports/a.xml"),
+    ("/reports/../../etc/passwd", None), ("/", None), ("", None),
+])
+def test_a_fetched_report_is_copied_under_its_own_path_and_never_outside(tmp_path, path,
+                                                                         expected):
+    """The rule every provider's fetch uses (Kubernetes frames, TPU SFTP copies)."""
+    found = report_copy_path(path, tmp_path)
+
+    assert found == (tmp_path / expected if expected else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
 import requests
@@ -31,6 +31,16 @@ MAX_REPORT_FILES = 100  # per declared report: a glob that matches more is cut, 
 
 class ReportError(Exception):
     """A test report that could not be fetched from where its pipeline ran."""
+
+
+def report_copy_path(path: str, into: Path) -> Path | None:
+    """Where a report fetched from `path` (on the pipeline's side) is copied under `into`: its
+    whole path, so files of one name in two directories stay apart; None for a path that
+    names no file or would leave `into` (a `..`)."""
+    parts = [part for part in PurePosixPath(path).parts if part != "/"]
+    if not parts or ".." in parts:
+        return None
+    return into.joinpath(*parts)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import BinaryIO
 import paramiko
 
 from mlci_dagster.common.redact import NO_SECRETS, Redactor
+from mlci_dagster.providers.base import report_copy_path
 from mlci_dagster.providers.logpipe import (
     CHUNK_BYTES,
     STDERR,
@@ -360,7 +361,9 @@ def _copy(sftp: paramiko.SFTPClient, where: str, remote: str, size: int, into: P
           max_bytes: int) -> Path:
     """`remote` copied to `into` under its remote path; a file that grows past `max_bytes`
     while it is read is refused. No partial copy is left."""
-    local = into / remote.lstrip("/")
+    local = report_copy_path(remote, into)
+    if local is None:
+        raise FetchError(f"{where}:{remote}: a path through '..' is not fetched")
     try:
         with _on_vm(where, remote), sftp.open(remote, "rb") as source:
             source.prefetch(size)

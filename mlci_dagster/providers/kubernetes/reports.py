@@ -47,10 +47,15 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
-from mlci_dagster.providers.base import MAX_REPORT_BYTES, MAX_REPORT_FILES, ReportError
+from mlci_dagster.providers.base import (
+    MAX_REPORT_BYTES,
+    MAX_REPORT_FILES,
+    ReportError,
+    report_copy_path,
+)
 from mlci_dagster.providers.kubernetes import diagnose
 from mlci_dagster.providers.kubernetes.client import KubeClient, KubeError
 from mlci_dagster.providers.kubernetes.manifests import ManifestError
@@ -247,10 +252,7 @@ class _Frame:
 def _frame_path(path: str, into: Path) -> Path | None:
     """Where a file of the pod is written under `into`: its whole path, so that files of one
     name in two directories stay apart; None for what is not a file's absolute path."""
-    parts = PurePosixPath(path).parts
-    if not path.startswith("/") or ".." in parts or len(parts) < 2:
-        return None
-    return into.joinpath(*parts[1:])
+    return report_copy_path(path, into) if path.startswith("/") else None
 
 
 def decode_reports(lines: Iterable[bytes], index: int, into: Path, source: str,
