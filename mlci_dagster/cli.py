@@ -383,6 +383,15 @@ def _summaries(instance: Any, registry: Registry, keys: list[str]):
     return [s for s in summaries if s.partition in set(keys)], table
 
 
+def _tests(instance: Any, registry: Registry):
+    """(the test history, its summaries), read-only from the whole event log as _summaries."""
+    from mlci_dagster.event_log import consolidate_cases
+    from mlci_dagster.history.case_analysis import analyze_cases
+
+    cases, _, _ = consolidate_cases(instance, None, 0)
+    return cases, analyze_cases(cases, registry.settings.history)
+
+
 def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: bool) -> None:
     from mlci_dagster.event_log import new_results
     from mlci_dagster.history.analysis import signature_clusters
@@ -410,15 +419,12 @@ TEST_FILTERS = {
 
 
 def cmd_tests(args: argparse.Namespace) -> int:
-    from mlci_dagster.event_log import consolidate_cases
-    from mlci_dagster.history.case_analysis import analyze_cases
     from mlci_dagster.history.render import tests_table
 
     registry = _registry(args)
     keys = set(_keys(registry, args))
-    # Read-only: the whole event log, so it never waits for a history run.
-    table, _, _ = consolidate_cases(_history(), None, 0)
-    tests = [t for t in analyze_cases(table, registry.settings.history) if t.partition in keys
+    table, summaries = _tests(_history(), registry)
+    tests = [t for t in summaries if t.partition in keys
              and (args.status is None or TEST_FILTERS[args.status](t))]
     if args.json:
         print(json.dumps([t.to_dict() for t in tests[:args.limit]], indent=2))
@@ -432,14 +438,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     registry = _registry(args)
     instance = _history()
     if args.html:
-        from mlci_dagster.event_log import consolidate_cases
-        from mlci_dagster.history.case_analysis import analyze_cases
         from mlci_dagster.history.grid import write_grid
 
         summaries, table = _summaries(instance, registry, _keys(registry, args))
-        cases, _, _ = consolidate_cases(instance, None, 0)
-        path = write_grid(table, summaries, Path(args.html),
-                          analyze_cases(cases, registry.settings.history), cases)
+        cases, tests = _tests(instance, registry)
+        path = write_grid(table, summaries, Path(args.html), tests, cases)
         print(f"grid: {path}", file=sys.stderr)
     if args.junit:
         from mlci_dagster.event_log import new_results
