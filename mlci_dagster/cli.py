@@ -275,6 +275,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if any(item.failed for item in items) else 0
 
 
+def cmd_culprit(args: argparse.Namespace) -> int:
+    from mlci_dagster.culprits.search import SearchRefused
+    from mlci_dagster.history.render import table
+    from mlci_dagster.launch.progress import Progress
+    from mlci_dagster.operations import sync_partitions
+    from mlci_dagster.paths import mlci_home
+    from mlci_dagster.searches import drive, latest_searches, open_search
+
+    if args.action == "list":
+        with _history() as instance:
+            found = list(latest_searches(instance).values())
+        if args.json:
+            print(json.dumps(found, indent=2))
+        else:
+            rows = [[f["search"]["id"], f["search"]["partition"], f["state"],
+                     str(len(f["reruns"])), f["text"]] for f in found]
+            print(table([["SEARCH", "PARTITION", "STATE", "RERUNS", "VERDICT"], *rows])
+                  if rows else "no culprit search on record")
+        return 0
+    if not args.partition:
+        raise UsageError("culprit find: expected a partition (config|engine)")
+    registry = _registry(args)
+    instance = _instance(registry)
+    sync_partitions(instance, registry)
+    home = mlci_home()
+    try:
+        search, new = open_search(instance, registry, home, args.partition, driver="cli",
+                                  good=args.good, bad=args.bad)
+    except SearchRefused as exc:
+        print(f"mlci culprit find {args.partition}: not searched: {exc}", file=sys.stderr)
+        return 1
+    if not new and search.driver != "cli":
+        print(f"search {search.id} is already open, run by the culprit_search sensor: "
+              "`mlci culprit list` shows it")
+        return 0
+    print(f"search {search.id}: {len(search.commits)} commits after "
+          f"{search.commit_text(search.last_pass)}, up to {search.max_runs} reruns, "
+          f"{search.width} at once", flush=True)
+    progress = Progress(instance, registry, [search.partition], home)
+    try:
+        driven = drive(instance, registry, home, search,
+                       _RunPrinter(progress, _resource(registry), instance),
+                       max_wait_s=args.max_wait or registry.configs[
+                           search.partition.split("|")[0]].config.timeouts.lifecycle_s)
+    finally:
+        progress.close()
+    summary = driven.last.summary()
+    print(f"{summary['text']} ({len(driven.last.reruns)} reruns in {driven.rounds} rounds)"
+          + (f"; stopped: {driven.stopped}" if driven.stopped else ""))
+    return 0 if summary["state"] == "confirmed" else 1
+
+
 class _RunPrinter:
     """`mlci run`'s lines (the runner's RunEvents): the progress display, and a line per
     partition as it ends."""
@@ -376,10 +428,12 @@ def update_history(registry: str) -> str:
 def _summaries(instance: Any, registry: Registry, keys: list[str]):
     from mlci_dagster.event_log import consolidate
     from mlci_dagster.history.analysis import analyze
+    from mlci_dagster.searches import latest_searches
 
     # Read-only: the whole event log, so a report never waits for a history run.
     table, _ = consolidate(instance, None)
-    summaries = analyze(table, keys, registry.settings.history, time.time())
+    summaries = analyze(table, keys, registry.settings.history, time.time(),
+                        latest_searches(instance).values())
     return [s for s in summaries if s.partition in set(keys)], table
 
 
@@ -508,6 +562,8 @@ def cmd_janitor(args: argparse.Namespace) -> int:
     done = janitor_pass(instance, _resource(registry), dry_run=args.dry_run)
     for run_id in done.lost_runs:
         print(f"run {run_id[:8]}: its worker process is gone; marked failed")
+    for place in done.checkouts:
+        print(f"{place}: a killed build's commit tree; removed")
     for report in done.tended:
         for line in [*report.actions, *(f"LEFT: {p}" for p in report.problems)]:
             print(f"reservation {report.reservation}: {line}")
@@ -701,6 +757,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "schedules do at their hours.", cmd_hold)
     hold.add_argument("action", choices=["up", "down"], help="up or down")
     hold.add_argument("reservation", help="a reservation with a daytime intent")
+    culprit = command(
+        "culprit", "bisect a regression to the commit that broke it",
+        "`find PARTITION`: reruns the failing partition at commits between its last pass and "
+        "its first failure (as many at once as its pool and culprit_search.max_width allow) "
+        "until one commit is named and confirmed by a rerun of it and its parent; exits 0 when "
+        "confirmed, 1 otherwise. `list`: the searches on record (started here, by the "
+        "culprit_search sensor or the find_culprit job), newest first.", cmd_culprit,
+        as_json="with list: the searches as JSON")
+    culprit.add_argument("action", choices=["find", "list"], help="find or list")
+    culprit.add_argument("partition", nargs="?", help="with find: the failing config|engine")
+    culprit.add_argument("--good", metavar="SHA", help="a commit it passed at (default: its "
+                         "last pass before the latest failing streak)")
+    culprit.add_argument("--bad", metavar="SHA", help="a commit it failed at (default: the "
+                         "streak's first failure)")
+    culprit.add_argument("--max-wait", type=positive_float, metavar="SECONDS",
+                         help="how long a rerun waits for a slot of its pool (default: the "
+                              "config's longest lifecycle)")
     janitor = command("janitor", "reap sandboxes whose run is over or expired",
                       "Marks failed the runs whose `mlci run` worker is gone, takes down daytime "
                       "holds past their down time, breaks dead holders' leases, and reaps every "

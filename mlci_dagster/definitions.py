@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.assets.culprits import culprit_search, find_culprit
 from mlci_dagster.assets.external import (
     JANITOR_ASSET,
     SIGNATURES_ASSET,
@@ -33,6 +34,7 @@ from mlci_dagster.sensors.cleanup import (
     teardown_after_failure,
 )
 from mlci_dagster.sensors.commits import commit_poll_sensor, commit_status, pr_label_sensor
+from mlci_dagster.sensors.culprits import culprit_search_sensor
 from mlci_dagster.sensors.history_update import history_update_sensor
 from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_sensor
 from mlci_dagster.sensors.notify import notify
@@ -79,15 +81,16 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
     return dg.Definitions(
         assets=[lifecycle, history, test_history, grid_report, JANITOR_ASSET, REGISTRY_ASSET,
                 pushed_image, pull_request_label, commit_summary, release_qualification,
-                SIGNATURES_ASSET, *reserved["assets"]],
+                SIGNATURES_ASSET, culprit_search, *reserved["assets"]],
         asset_checks=[*reserved["asset_checks"], *REGISTRY_CHECKS],
-        jobs=[job, history_job, *reserved["jobs"]],
+        jobs=[job, history_job, find_culprit, *reserved["jobs"]],
         schedules=[nightly_schedule(job, settings.nightly),
                    *hold_schedules(settings, reserved["jobs"])],
         sensors=[registry_sync, sandbox_janitor, teardown_after_failure, teardown_after_cancel,
                  notify, image_poll_sensor(job, settings.image_poll_interval_s),
                  image_push_sensor(job), stale_scanner(job),
                  history_update_sensor(history_job), pr_label_sensor(job), commit_status,
+                 culprit_search_sensor(job),
                  commit_poll_sensor(job, settings.repository.poll_interval_s
                                     if settings.repository else 60)],
         resources={"mlci": MlciResource(registry_path=str(Path(registry).resolve())),

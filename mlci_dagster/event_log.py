@@ -111,6 +111,8 @@ def consolidate_cases(instance: dg.DagsterInstance, table: pd.DataFrame | None, 
     frames, newest = [], after
     for storage_id, record in new_results(instance, after):
         newest = storage_id
+        if record.out_of_line:  # a culprit search's rerun of an older commit
+            continue
         for pipeline, path in record.test_reports.items():
             report = read_report(Path(path))  # written redacted and bounded
             if report.problem is not None:

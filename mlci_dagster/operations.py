@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
@@ -19,6 +20,7 @@ from mlci_dagster.reservations.context import ReservationContext
 from mlci_dagster.reservations.guard import GuardReport, guard, tend
 from mlci_dagster.reservations.leases import LeaseError
 from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.tiers.commits import sweep_checkouts
 
 
 def guard_batch(instance: dg.DagsterInstance, mlci: MlciResource,
@@ -76,6 +78,7 @@ class JanitorPass:
     tended: list[GuardReport] = field(default_factory=list)
     not_tended: str = ""
     verdicts: list[Verdict] = field(default_factory=list)
+    checkouts: list[Path] = field(default_factory=list)  # commit trees of killed builds
 
     @property
     def reaped(self) -> list[Verdict]:
@@ -86,7 +89,8 @@ def janitor_pass(instance: dg.DagsterInstance, mlci: MlciResource, dry_run: bool
                  ) -> JanitorPass:
     """The janitor, for the `sandbox_janitor` sensor and `mlci janitor` alike: ends the runs
     whose worker is gone, tends the reservations (holds past their down time taken down, dead
-    holders' leases broken), then reaps every live sandbox whose run is over, lost or expired.
+    holders' leases broken), then reaps every live sandbox whose run is over, lost or expired,
+    and the commit trees that killed builds left.
     A dry run changes nothing and says what it would reap. The guard passes are returned, for
     the caller to record: a sensor in its result, `mlci` on the instance (record_guards)."""
     done = JanitorPass(mlci.reservations(instance))
@@ -99,6 +103,8 @@ def janitor_pass(instance: dg.DagsterInstance, mlci: MlciResource, dry_run: bool
     done.verdicts = sweep(mlci.providers(), run_over(instance),
                           teardown_timeout=mlci.teardown_timeout(), dry_run=dry_run,
                           keep=done.reservations.keep_held())
+    if not dry_run:
+        done.checkouts = sweep_checkouts(mlci.home_path())
     return done
 
 

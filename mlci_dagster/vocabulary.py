@@ -27,6 +27,7 @@ class Stage(enum.StrEnum):
 
 STAGES: tuple[Stage, ...] = tuple(Stage)
 RESULTS = "results"  # the asset holding one lifecycle record per run of a partition
+CULPRIT_SEARCH = "culprit_search"  # observed: each state a culprit search reaches
 HELD_SANDBOX = "held_sandbox"  # a reservation's daytime deployment, partitioned by reservation
 HOLD_UP_JOB, HOLD_DOWN_JOB = "hold_up", "hold_down"  # the jobs that stand it up and take it down
 
@@ -133,6 +134,12 @@ PR_TAG = "mlci/pr"
 RUNS_TAG = "mlci/runs"  # how many runs the set of this SHA and tier holds
 IMAGE_DIGEST_TAG = "mlci/image_digest"  # the image a sensor saw built
 IMAGE_REF_TAG = "mlci/image_ref"
+# A culprit search's reruns: the search they belong to, and why each ran (to bisect the range,
+# or to verify a culprit). Their trigger is CULPRIT_TRIGGER: they test commits out of line, so
+# no partition's state, alert or notification counts them.
+SEARCH_TAG = "mlci/culprit_search"
+RERUN_KIND_TAG = "mlci/rerun_kind"
+CULPRIT_TRIGGER = "culprit-search"
 
 
 def trigger_of(tags: Mapping[str, str]) -> str:
@@ -160,6 +167,9 @@ class Launch:
     # The pushed image a sensor started the run for: tested even if its tag has moved on.
     image_ref: str | None = None
     image_digest: str | None = None
+    # The commit the run tests (a tier's run set, a culprit search's rerun): its image is
+    # built from that commit's tree.
+    sha: str | None = None
 
     def batch_at(self, started_at: float) -> str:
         """The batch the run belongs to: the grid's column."""
@@ -170,8 +180,9 @@ class Launch:
 def launch_of(tags: Mapping[str, str]) -> Launch:
     """The run's Launch, read from its tags."""
     batch = tags.get(BATCH_TAG) or (
+        f"culprit search {tags[SEARCH_TAG]}" if SEARCH_TAG in tags else
         f"commit {tags[SHA_TAG][:10]}" if SHA_TAG in tags else
         f"image {tags[IMAGE_DIGEST_TAG].removeprefix('sha256:')[:12]}" if IMAGE_DIGEST_TAG in tags
         else f"backfill {tags[BACKFILL_TAG]}" if BACKFILL_TAG in tags else None)
     return Launch(trigger=trigger_of(tags), batch=batch, image_ref=tags.get(IMAGE_REF_TAG),
-                  image_digest=tags.get(IMAGE_DIGEST_TAG))
+                  image_digest=tags.get(IMAGE_DIGEST_TAG), sha=tags.get(SHA_TAG))

@@ -1,12 +1,13 @@
 """The `mlci run` worker: one partition's lifecycle as a Dagster run, in a process of its own
 (launch/runner.py starts it, watches it and stops it).
 
-Run as `python -m mlci_dagster.worker REGISTRY KEY RUN_ID TRIGGER [BATCH]`.
+Run as `python -m mlci_dagster.worker REGISTRY KEY RUN_ID TRIGGER [BATCH [TAGS_JSON]]`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -19,8 +20,10 @@ from mlci_dagster.launch.workers import worker_identity
 from mlci_dagster.vocabulary import BATCH_TAG, TRIGGER_TAG, WORKER_TAG
 
 
-def execute(registry: str, key: str, run_id: str, trigger: str, batch: str = "") -> bool:
-    """The partition's lifecycle as Dagster run `run_id`, in `batch`. The Definitions are
+def execute(registry: str, key: str, run_id: str, trigger: str, batch: str = "",
+            tags: str = "{}") -> bool:
+    """The partition's lifecycle as Dagster run `run_id`, in `batch`, with the run's own `tags`
+    (JSON: a culprit rerun's search and commit) besides. The Definitions are
     imported here, under `__main__`'s handler: an interrupt while they load ends the worker
     as one that had not begun."""
     from mlci_dagster.definitions import LIFECYCLE_JOB, build_definitions
@@ -30,7 +33,8 @@ def execute(registry: str, key: str, run_id: str, trigger: str, batch: str = "")
     with dg.DagsterInstance.get() as instance, until_stopped(instance, run_id):
         result = job.execute_in_process(
             partition_key=key, instance=instance, raise_on_error=False, run_id=run_id,
-            tags={TRIGGER_TAG: trigger, WORKER_TAG: worker_identity(os.getpid()),
+            tags={**json.loads(tags), TRIGGER_TAG: trigger,
+                  WORKER_TAG: worker_identity(os.getpid()),
                   **({BATCH_TAG: batch} if batch else {})},
             run_config=QUIET_RUN_CONFIG)
     return result.success
@@ -76,6 +80,6 @@ def until_stopped(instance: dg.DagsterInstance, run_id: str) -> Iterator[None]:
 
 if __name__ == "__main__":
     try:
-        sys.exit(0 if execute(*sys.argv[1:6]) else 1)
+        sys.exit(0 if execute(*sys.argv[1:7]) else 1)
     except KeyboardInterrupt:  # interrupted before its run began: nothing to tear down
         sys.exit(128 + signal.SIGINT)

@@ -83,7 +83,8 @@ def test_runs_of_any_job_and_unfinished_backfills_hold_the_scanner_off(instance,
 def test_the_stale_scanner_is_off_and_only_nightly_and_event_sensors_start_lifecycle_runs(
         tmp_path):
     """What is on by default while the daemon runs (the README lists it): of it, only the
-    nightly schedule and the image and commit event sensors start lifecycle runs. The stale
+    nightly schedule, the image and commit event sensors and the culprit search start lifecycle
+    runs. The stale
     scanner, which would run every never-tested partition of a freshly synced home within
     seconds, is off until turned on."""
     registry = write_registry(tmp_path / "reg", [config("a")])
@@ -99,4 +100,4 @@ def test_the_stale_scanner_is_off_and_only_nightly_and_event_sensors_start_lifec
         dg.DefaultSensorStatus.STOPPED
     assert "stale_scanner" not in on
     assert sorted(name for name, jobs in on.items() if "lifecycle" in jobs) == [
-        "commit_poll", "image_poll", "image_push", "nightly", "pr_label"]
+        "commit_poll", "culprit_search", "image_poll", "image_push", "nightly", "pr_label"]

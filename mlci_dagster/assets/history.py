@@ -3,7 +3,6 @@ consolidated incrementally), their checks, and the HTML grid. The analysis itsel
 Dagster-free `mlci_dagster.history`."""
 
 import time
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -17,9 +16,9 @@ from mlci_dagster.history.analysis import (
 )
 from mlci_dagster.history.case_analysis import TestSummary, analyze_cases
 from mlci_dagster.history.grid import write_grid
-from mlci_dagster.paths import mlci_home
 from mlci_dagster.registry import Registry
 from mlci_dagster.resources.mlci import MlciResource
+from mlci_dagster.searches import latest_searches
 from mlci_dagster.vocabulary import partition_key
 
 HISTORY = dg.AssetKey("history")
@@ -43,9 +42,11 @@ def load_previous(context: dg.AssetExecutionContext) -> pd.DataFrame | None:
     return load_stored_value(context, HISTORY)
 
 
-def summarize(registry: Registry, table: pd.DataFrame) -> list[PartitionSummary]:
+def summarize(instance: dg.DagsterInstance, registry: Registry, table: pd.DataFrame
+              ) -> list[PartitionSummary]:
     partitions = [partition_key(c, e) for c, e in registry.partitions()]
-    return analyze(table, partitions, registry.settings.history, time.time())
+    return analyze(table, partitions, registry.settings.history, time.time(),
+                   latest_searches(instance).values())
 
 
 def _check(name: str, failing: list[dict], what: str) -> dg.AssetCheckResult:
@@ -86,7 +87,7 @@ def history_checks(summaries: list[PartitionSummary]) -> list[dg.AssetCheckResul
 def history(context: dg.AssetExecutionContext):
     mlci: MlciResource = context.resources.mlci
     table, added = consolidate(context.instance, load_previous(context))
-    summaries = summarize(mlci.registry(), table)
+    summaries = summarize(context.instance, mlci.registry(), table)
     context.log.info(f"history: {added} new results, {len(table)} in all")
     return dg.MaterializeResult(
         value=table,
@@ -156,8 +157,8 @@ def test_history(context: dg.AssetExecutionContext):
 def grid_report(context: dg.AssetExecutionContext, mlci: MlciResource, history: pd.DataFrame,
                 test_history: pd.DataFrame):
     registry = mlci.registry()
-    summaries = summarize(registry, history)
-    path = write_grid(history, summaries, Path(mlci.home or mlci_home()) / "reports",
+    summaries = summarize(context.instance, registry, history)
+    path = write_grid(history, summaries, mlci.home_path() / "reports",
                       analyze_cases(test_history, registry.settings.history), test_history)
     counts = coverage(summaries)
     return dg.MaterializeResult(metadata={

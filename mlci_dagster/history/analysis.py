@@ -10,6 +10,7 @@ whole matrix failed, are outages: they are neither flakes nor regressions.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import pandas as pd
 from mlci_dagster.history.table import DURATION_PREFIX, series_columns
 from mlci_dagster.registry.models import HistorySettings
 from mlci_dagster.vocabulary import (
+    CULPRIT_TRIGGER,
     LIFECYCLE_SKIP,
     FailureKind,
     judged,
@@ -30,7 +32,7 @@ DAY_S = 86_400
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normal data
 RUN_FIELDS = ["run_id", "status", "failed_stage", "failure_kind", "image_digest", "config_id",
               "code_version", "finished_at", "duration_s", "trigger", "cost_usd", "signature",
-              "signature_text", "batch", "log_ref", "debug_bundle"]
+              "signature_text", "batch", "log_ref", "debug_bundle", "sha"]
 
 
 class PartitionStatus(enum.StrEnum):
@@ -238,13 +240,18 @@ def summarize_partition(
 
 
 def analyze(
-    table: pd.DataFrame, partitions: list[str], settings: HistorySettings, now: float
+    table: pd.DataFrame, partitions: list[str], settings: HistorySettings, now: float,
+    searches: Iterable[dict[str, Any]] = (),
 ) -> list[PartitionSummary]:
-    """A summary per partition: the registry's partitions first, then any others on record."""
+    """A summary per partition: the registry's partitions first, then any others on record.
+    `searches`: the culprit searches on record (their latest summaries): a regression whose
+    first failure one searched names its verdict."""
     summaries: dict[str, PartitionSummary] = {}
     costs, refused = partition_costs(table), refusals(table)
-    # A refused or an interrupted run neither passed nor failed: no rule counts it.
-    table = table[table["status"].map(judged)] if not table.empty else table
+    # A refused or an interrupted run neither passed nor failed: no rule counts it; nor a
+    # culprit search's rerun, which tested an older commit.
+    if not table.empty:
+        table = table[table["status"].map(judged) & (table["trigger"] != CULPRIT_TRIGGER)]
     if not table.empty:
         table = with_run_fields(table).sort_values(["partition", "finished_at"], kind="stable")
         outage = outage_flags(table, settings).to_numpy(dtype=bool)
@@ -263,6 +270,12 @@ def analyze(
         summaries[p] = PartitionSummary(p, *split_partition_key(p), PartitionStatus.PENDING)
     for p, summary in summaries.items():
         summary.cost_usd, summary.refused_since_last_run = costs.get(p), refused.get(p, 0)
+    for found in searches:
+        summary = summaries.get(found["search"]["partition"])
+        regression = summary.regression if summary is not None else None
+        if regression and regression["first_fail"].get("sha") == found["search"]["commits"][-1]:
+            regression["culprit"] = {"state": found["state"], "commit": found["culprit"],
+                                     "text": found["text"]}
     ordered = [summaries.pop(p, None) or PartitionSummary(
         p, *split_partition_key(p), status=PartitionStatus.PENDING) for p in partitions]
     return ordered + [summaries[p] for p in sorted(summaries)]

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from mlci_dagster.vocabulary import (
+    CULPRIT_TRIGGER,
     FailureKind,
     Stage,
     Status,
@@ -125,6 +126,7 @@ class ResultRecord(_Record):
     cost_usd: float | None = None  # billed_s at the rates in mlci.yaml; None: no rate known
     preempted: bool = False  # a spot node was reclaimed mid-run (always an infra failure)
     batch: str = ""  # what launched it with others: `nightly 2026-03-09`, `commit 1a2b3c4d5e`
+    sha: str | None = None  # the commit it tested, when its launch named one
     # The tests the pipelines reported: their counts, the failing ones (at most
     # MAX_FAILING_TESTS, of `failing_tests_total`), never the whole report; each report that
     # could not be read, naming its pipeline and file; where every case is kept (pipeline ->
@@ -156,6 +158,11 @@ class ResultRecord(_Record):
     @property
     def canceled(self) -> bool:
         return canceled(self.status)
+
+    @property
+    def out_of_line(self) -> bool:
+        """A culprit search's rerun of an older commit: it counts in no partition's state."""
+        return self.trigger == CULPRIT_TRIGGER
 
     @property
     def judged(self) -> bool:

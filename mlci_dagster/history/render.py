@@ -57,8 +57,10 @@ def regression_text(summary: PartitionSummary) -> str:
     since = f"since {found['first_fail']['run_id'][:8]}"
     if before is None:
         return f"{since} (never passed){alert}"
+    culprit = found.get("culprit")
+    named = f"; {culprit['text']}" if culprit and culprit["state"] == "confirmed" else ""
     return (f"{since}: {short(before['image_digest'])}→{short(found['first_fail']['image_digest'])}"
-            f" ({found['verdict']}){alert}")
+            f" ({found['verdict']}{named}){alert}")
 
 
 def flakiness_text(summary: PartitionSummary) -> str:

@@ -20,7 +20,7 @@ BASE_COLUMNS = [
     "storage_id", "run_id", "partition", "config", "engine", "config_id", "status", "passed",
     "failed_stage", "failure_kind", "image_digest", "code_version", "trigger", "started_at",
     "finished_at", "duration_s", "stages", "cost_usd", "signature", "signature_text",
-    "batch", "log_ref", "debug_bundle",
+    "batch", "log_ref", "debug_bundle", "sha",
 ]
 # Text columns hold None where a run has no value (a skip has no image digest): pandas would
 # store such a gap as NaN (a float) in a column of strings, which string code then trips on.

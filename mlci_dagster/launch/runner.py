@@ -22,15 +22,17 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
+import json
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -40,7 +42,7 @@ from mlci_dagster.launch.admission import AdmissionStore, free_slots
 from mlci_dagster.launch.workers import IN_PROGRESS, UNFINISHED, fail_lost_run
 from mlci_dagster.paths import run_log_dir
 from mlci_dagster.providers.processes import die_with_parent
-from mlci_dagster.vocabulary import PARTITION_TAG, POOL_TAG, trigger_of
+from mlci_dagster.vocabulary import PARTITION_TAG, POOL_TAG, SEARCH_TAG, SHA_TAG, trigger_of
 
 # A failed lifecycle is reported by `mlci`, not by Dagster's console; every event is still in
 # the run's log in the instance.
@@ -76,6 +78,7 @@ class PartitionRun:
     why: str = ""  # what the verdict rests on, in a line
     waiting_since: float | None = None
     counts: bool = True  # a NOT RUN that is no failure (the partition runs elsewhere) is False
+    tags: dict[str, str] = field(default_factory=dict)  # the run's own (a culprit rerun's)
 
     @property
     def success(self) -> bool:
@@ -151,7 +154,8 @@ class Gate:
         `already in progress: ...` when a run of the partition is active, or what fills its
         pool."""
         with self._locked():
-            active = self.active_runs({PARTITION_TAG: item.key}, UNFINISHED)
+            active = [run for run in self.active_runs({PARTITION_TAG: item.key}, UNFINISHED)
+                      if same_cell(run.tags, item.tags)]
             if active:
                 return False, f"already in progress: {describe_run(active[0])}"
             limit = self.limits.get(item.pool)
@@ -200,6 +204,14 @@ class Gate:
             part for part in (shown + more, held, admitting) if part)
 
 
+def same_cell(tags: dict[str, str] | Any, wanted: dict[str, str]) -> bool:
+    """Whether a run of the partition (its `tags`) is the run `wanted` would be: a culprit
+    search's rerun is its search's at its commit, beside the partition's runs in line."""
+    if tags.get(SEARCH_TAG) != wanted.get(SEARCH_TAG):
+        return False
+    return SEARCH_TAG not in wanted or tags.get(SHA_TAG) == wanted.get(SHA_TAG)
+
+
 class Stop(Exception):
     """Asks the runner to stop: its partitions in progress are cancelled and torn down."""
 
@@ -228,7 +240,7 @@ def run_partitions(
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mlci_dagster.worker", str(registry), item.key,
-                 item.run_id, trigger, batch],
+                 item.run_id, trigger, batch, json.dumps(item.tags)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=die_with_parent(signal.SIGINT))  # tears down, then dies

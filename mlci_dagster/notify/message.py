@@ -22,6 +22,7 @@ class Kind(enum.StrEnum):
     SPREAD = "spread"  # more partitions fail with an open signature
     RESOLVED = "resolved"  # no partition fails with the signature any more
     REGRESSION = "regression"  # the history analysis opened alerts for partitions failing so
+    CULPRIT = "culprit"  # a culprit search named the commit that broke a partition, or stopped
 
 
 @dataclass
@@ -139,7 +140,8 @@ def regression_notification(signature: str, text: str, alerts: dict[str, dict[st
              "first failing run": first_fail.get("run_id") or "",
              "first failing image": first_fail.get("image_digest") or "",
              "last passing run": last_pass.get("run_id") or "none on record",
-             "last passing image": last_pass.get("image_digest") or ""}
+             "last passing image": last_pass.get("image_digest") or "",
+             "culprit search": (regression.get("culprit") or {}).get("text") or ""}
     return Notification(
         kind=Kind.REGRESSION, signature=signature, signature_text=text,
         title=f"regressed: {partitions_text(partitions)} ({', '.join(partitions)}) with "
@@ -150,6 +152,24 @@ def regression_notification(signature: str, text: str, alerts: dict[str, dict[st
         run_url=run_url(dagster_url, first_fail.get("run_id") or ""),
         image_digest=first_fail.get("image_digest") or "", verdict="; ".join(verdicts),
         facts={k: v for k, v in facts.items() if v},
+    )
+
+
+def culprit_notification(found: dict[str, Any], dagster_url: str) -> Notification:
+    """From a culprit search's final summary (searches.Step.summary): the commit it named and
+    the runs that confirmed it, or why it stopped; on the signature's issue."""
+    search = found["search"]
+    reruns = found.get("reruns", [])
+    return Notification(
+        kind=Kind.CULPRIT, signature=search["signature"], signature_text=search["signature_text"],
+        title=f"{search['partition']}: {found['text']}", partitions=[search["partition"]],
+        run_id=search["id"], verdict=found["text"],
+        facts={"range": f"{len(search['commits'])} commits after {search['last_pass'][:12]}",
+               "first failing run": run_url(dagster_url, search["first_fail_run"])
+               or search["first_fail_run"],
+               **{f"rerun at {r['commit'][:12]} ({r['kind']})":
+                  f"{r['status']}: {run_url(dagster_url, r['run_id']) or r['run_id']}"
+                  for r in reruns}},
     )
 
 

@@ -40,7 +40,8 @@ class Pending:
 
 @dataclass
 class NotifierState:
-    """Stored as the sensor cursor: results and check evaluations read up to these ids, the
+    """Stored as the sensor cursor: results, check evaluations and culprit searches read up to
+    these ids, the
     partitions whose regression alert is open (so an alert is announced once), the signature
     each failing partition last failed with, the open signatures (id -> text and the partitions
     announced with it), and what is pending."""
@@ -51,6 +52,7 @@ class NotifierState:
     pending: list[Pending] = field(default_factory=list)
     failing: dict[str, str] = field(default_factory=dict)
     open_signatures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    searches_after: int = 0  # culprit_search observations read up to this storage id
 
     def members(self, signature: str) -> list[str]:
         """The partitions failing with `signature` now."""
@@ -61,7 +63,8 @@ class NotifierState:
                            "checks_after": self.checks_after,
                            "open_alerts": sorted(self.open_alerts),
                            "pending": [p.to_dict() for p in self.pending],
-                           "failing": self.failing, "open_signatures": self.open_signatures})
+                           "failing": self.failing, "open_signatures": self.open_signatures,
+                           "searches_after": self.searches_after})
 
     @classmethod
     def from_json(cls, text: str) -> NotifierState:
@@ -69,7 +72,8 @@ class NotifierState:
         return cls(int(data.get("results_after", 0)), int(data.get("checks_after", 0)),
                    list(data.get("open_alerts", [])),
                    [Pending.from_dict(p) for p in data.get("pending", [])],
-                   dict(data.get("failing", {})), dict(data.get("open_signatures", {})))
+                   dict(data.get("failing", {})), dict(data.get("open_signatures", {})),
+                   int(data.get("searches_after", 0)))
 
 
 @dataclass

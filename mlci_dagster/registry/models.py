@@ -246,6 +246,22 @@ class BudgetSettings(StrictModel):
         description="USD per calendar month (UTC) for every run of this registry.")
 
 
+class CulpritSearchSettings(StrictModel):
+    """How a regression whose range spans several commits is bisected to the commit that
+    broke it: reruns of the failing partition at commits of the range, as Dagster runs."""
+
+    automatic: bool = Field(
+        default=True, description="Start a search when a partition first fails with a product "
+        "or timeout failure at a commit whose last pass was at an older one (the culprit_search "
+        "sensor). Either way `mlci culprit find` and the find_culprit job start one by hand.")
+    max_runs: Annotated[int, Field(ge=3, le=100)] = Field(
+        default=10, description="The most reruns one search may start, verification included; "
+        "a search that could need more is refused before its first run.")
+    max_width: Annotated[int, Field(ge=1, le=16)] = Field(
+        default=3, description="The most reruns of one search at once (its pool's limit, when "
+        "lower, bounds it too): k at once splits the range k+1 ways per round.")
+
+
 class TierSpec(StrictModel):
     """A tier: the configs that list it under `tiers:`, what starts their runs and how much of
     them a run takes."""
@@ -334,6 +350,7 @@ class Settings(StrictModel):
     repository: RepositorySpec | None = Field(
         default=None, description="The git repository whose commits and pull requests start "
         "the merge, pull_request and label tiers.")
+    culprit_search: CulpritSearchSettings = CulpritSearchSettings()
     nightly: NightlySettings = Field(
         default=NightlySettings(), description="When the nightly schedule starts.")
     reservations: list[ReservationSpec] = Field(

@@ -38,9 +38,12 @@ class MlciResource(dg.ConfigurableResource):
     def registry(self) -> Registry:
         return load_registry_cached(self.registry_path)
 
+    def home_path(self) -> Path:
+        return Path(self.home) if self.home else mlci_home()
+
     def providers(self) -> list[Provider]:
         """The providers the janitor and the cleanup sensors sweep."""
-        return registry_providers(self.registry(), Path(self.home) if self.home else mlci_home())
+        return registry_providers(self.registry(), self.home_path())
 
     def teardown_timeout(self) -> Callable[[SandboxHandle], float]:
         """How long the janitor and the cleanup sensors wait for each sandbox they destroy."""
@@ -49,7 +52,7 @@ class MlciResource(dg.ConfigurableResource):
     def reservations(self, instance: dg.DagsterInstance) -> ReservationContext:
         """Leases, holds and the guard on the instance's lease table."""
         return ReservationContext(
-            self.registry(), Path(self.home) if self.home else mlci_home(),
+            self.registry(), self.home_path(),
             LeaseStore(lambda: instance_connection(instance)), run_over(instance))
 
     def admission(self, context: dg.AssetExecutionContext) -> Admission:
@@ -62,7 +65,6 @@ class MlciResource(dg.ConfigurableResource):
                   ) -> LifecycleContext:
         """The partition's lifecycle context; `refusal`: why it is skipped before it begins."""
         config, engine = split_partition_key(context.partition_key)
-        home = self.home or str(mlci_home())
         registry = self.registry()
         spend, past = None, ()
         if registry.settings.budget is not None and config in registry.configs and \
@@ -70,7 +72,7 @@ class MlciResource(dg.ConfigurableResource):
             spend, costs = month_spend(context.instance, registry, context.run.run_id)
             past = costs.past(partition_key(config, engine))
         return LifecycleContext.create(
-            registry, config, engine, context.run.run_id, Path(home),
+            registry, config, engine, context.run.run_id, self.home_path(),
             launch=launch_of(context.run.tags), month_spend=spend, past_costs=past,
             refusal=refusal,
         )

@@ -33,6 +33,8 @@ def sandbox_janitor(context: dg.SensorEvaluationContext, mlci: MlciResource):
     done = janitor_pass(context.instance, mlci)
     for run_id in done.lost_runs:
         context.log.warning(f"run {run_id} lost its worker process: marked failed")
+    for place in done.checkouts:
+        context.log.info(f"{place}: a killed build's commit tree, removed")
     if done.not_tended:
         context.log.warning(f"reservations not tended: {done.not_tended}")
     events: list = []

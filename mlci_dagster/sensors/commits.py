@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import dagster as dg
 
@@ -19,7 +18,6 @@ from mlci_dagster.assets.external import COMMIT_SUMMARY, PULL_REQUEST_LABEL, REL
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.event_log import record_of_run
 from mlci_dagster.notify import NotifyError
-from mlci_dagster.paths import mlci_home
 from mlci_dagster.registry import Registry
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource
@@ -48,7 +46,7 @@ KEPT_SUMMARIES = 1000  # finished run sets remembered in the cursor
 
 
 def _mirror(mlci: MlciResource, url: str) -> Mirror:
-    return Mirror(url, Path(mlci.home) if mlci.home else mlci_home())
+    return Mirror(url, mlci.home_path())
 
 
 def run_set_requests(context: dg.SensorEvaluationContext, run_set: RunSet, known: set[str]

@@ -1,9 +1,10 @@
 """Announces failures by signature through the notifier resource: one message when a signature
 is new (with a machine-generated hypothesis when a root-cause analyzer is configured), one when
 it spreads to more partitions, one when none fails with it any more, and one per signature of
-newly opened regression alerts. Reads `results` materializations and the history asset's
-`no_new_regressions` evaluations after its cursor; what a channel did not take stays in the
-cursor and is retried on the next tick."""
+newly opened regression alerts, and one when a culprit search names its culprit or stops.
+Reads `results` materializations, the history asset's `no_new_regressions` evaluations and the
+`culprit_search` observations after its cursor; what a channel did not take stays in the cursor
+and is retried on the next tick."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from mlci_dagster.notify import (
     resolved_notification,
     signature_notification,
 )
-from mlci_dagster.notify.message import signature_of_record
+from mlci_dagster.notify.message import culprit_notification, signature_of_record
 from mlci_dagster.notify.notifier import (
     MAX_PENDING,
     Notifier,
@@ -37,6 +38,7 @@ from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer, Evidence
 from mlci_dagster.providers.logpipe import log_tail
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource, RootCauseResource
+from mlci_dagster.searches import OPEN_STATES, SEARCH_ASSET
 
 REGRESSION_CHECK = dg.AssetCheckKey(dg.AssetKey("history"), "no_new_regressions")
 RESULTS_PER_TICK = 500
@@ -71,7 +73,9 @@ def latest_state(instance: dg.DagsterInstance) -> NotifierState:
     known, so enabling it announces what happens next rather than the whole history."""
     latest = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=RESULTS_ASSET), limit=1).records
-    state = NotifierState(results_after=latest[0].storage_id if latest else 0)
+    searches = instance.fetch_observations(SEARCH_ASSET, limit=1).records
+    state = NotifierState(results_after=latest[0].storage_id if latest else 0,
+                          searches_after=searches[0].storage_id if searches else 0)
     for execution_id, alerts in regression_evaluations(instance, 0):
         state.checks_after, state.open_alerts = execution_id, sorted(alerts)
     return state
@@ -90,8 +94,8 @@ def collect(
     for storage_id, record in islice(new_results(instance, state.results_after),
                                      RESULTS_PER_TICK):
         state.results_after = storage_id
-        if not record.judged:
-            continue  # refused before it began or interrupted: no verdict, nothing to tell
+        if not record.judged or record.out_of_line:
+            continue  # no verdict (refused, interrupted), or a culprit search's rerun
         before = state.failing.pop(record.partition, None)
         if not record.passed:
             signature = signature_of_record(record).id
@@ -130,7 +134,25 @@ def collect(
         for (signature, text), group in by_signature.items():
             found.append(regression_notification(signature, text, group, dagster_url))
         state.open_alerts = sorted(alerts)
+    for storage_id, ended in ended_searches(instance, state.searches_after):
+        state.searches_after = storage_id
+        if ended is not None:
+            found.append(culprit_notification(ended, dagster_url))
     return found
+
+
+def ended_searches(instance: dg.DagsterInstance, after: int
+                   ) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(storage id, the summary of a culprit search that ended there, else None) of each
+    culprit_search observation after `after`, oldest first."""
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=SEARCH_ASSET, after_storage_id=after or None),
+        limit=RESULTS_PER_TICK, ascending=True).records
+    for entry in records:
+        event = entry.asset_observation
+        record = event.metadata.get("record") if event is not None else None
+        ended = record is not None and record.value.get("state") not in OPEN_STATES
+        yield entry.storage_id, dict(record.value) if ended else None
 
 
 def evidence_of(instance: dg.DagsterInstance, records: list[ResultRecord],
@@ -162,7 +184,7 @@ def signatures_observation(notifications: list[Notification], analyzer: str
                 "partitions": n.partitions, "first_run": n.run_id,
                 **({"hypothesis (machine-generated)": n.hypothesis, "analyzer": analyzer}
                    if n.hypothesis else {})}
-               for n in notifications if n.kind is not Kind.REGRESSION]
+               for n in notifications if n.kind not in (Kind.REGRESSION, Kind.CULPRIT)]
     if not entries:
         return None
     table = "\n".join(f"- **{e['event']}** `{e['signature']}` {e['text']}: "

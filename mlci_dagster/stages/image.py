@@ -20,6 +20,7 @@ from mlci_dagster.registry.models import BuildSpec, CodeBuildSpec
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.details import ImageDetails
 from mlci_dagster.stages.outcome import StageClock, StageOutcome, start_failure_kind
+from mlci_dagster.tiers.commits import CommitError, commit_tree
 from mlci_dagster.vocabulary import FailureKind, Stage
 
 
@@ -52,7 +53,17 @@ def build_image(ctx: LifecycleContext) -> StageOutcome[ImageDetails]:
     assert spec.build is not None
     if spec.build.codebuild is not None:
         return _build_on_codebuild(ctx, clock, spec.build, spec.build.codebuild)
-    return _build_locally(ctx, clock, spec.build)
+    sha = ctx.launch.sha
+    if sha is None or ctx.registry.settings.repository is None:
+        return _build_locally(ctx, clock, spec.build, ctx.registry.root)
+    # A run for a commit tests that commit: its image is built from the commit's files.
+    try:
+        with commit_tree(ctx.registry, ctx.home, sha) as tree:
+            return _build_locally(ctx, clock, spec.build, tree.root, {
+                "MLCI_COMMIT": sha, "MLCI_SOURCE_DIR": str(tree.source)},
+                recipe=None if tree.in_repository else [spec.build.command, sha])
+    except CommitError as exc:
+        return clock.failed(FailureKind.INFRA, f"image at commit {sha[:12]}: {exc}")
 
 
 def _resolve_ref(ctx: LifecycleContext, clock: StageClock, ref: str) -> StageOutcome[ImageDetails]:
@@ -90,11 +101,14 @@ class _BuildCache:
         self.record_path.write_text(json.dumps(record))
 
 
-def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec
+def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec, root: Path,
+                   env: dict[str, str] | None = None, recipe: Any = None
                    ) -> StageOutcome[ImageDetails]:
+    """The build in `root` (the registry root, or a commit's copy of it), cached by its inputs'
+    content there (and `recipe`: what else decides the image)."""
     assert spec.command is not None
     try:
-        key = content_hash(ctx.registry.root, spec)
+        key = content_hash(root, spec, recipe)
     except (OSError, ValueError) as exc:  # its inputs, as the config names them
         return clock.failed(FailureKind.CONFIG, f"{ctx.loaded.path}: {exc}")
     cache = _BuildCache(ctx.home, key)
@@ -103,9 +117,10 @@ def _build_locally(ctx: LifecycleContext, clock: StageClock, spec: BuildSpec
         if record is not None:
             return clock.passed(ImageDetails(cached=True, **record), log_ref=str(log_path))
         cache.image_dir.mkdir(exist_ok=True)
-        env = {**os.environ, "MLCI_IMAGE_DIR": str(cache.image_dir), "MLCI_IMAGE_HASH": key}
+        env = {**os.environ, **(env or {}), "MLCI_IMAGE_DIR": str(cache.image_dir),
+               "MLCI_IMAGE_HASH": key}
         try:
-            done = run_group(spec.command, cwd=ctx.registry.root, env=env,
+            done = run_group(spec.command, cwd=root, env=env,
                              timeout_s=ctx.config.timeouts.image_s, log_path=log_path,
                              redactor=ctx.redactor)
         except OSError as exc:

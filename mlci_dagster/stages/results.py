@@ -96,6 +96,7 @@ def build_record(
         cost_usd=run_cost(hourly_rate(ctx.config, ctx.registry.settings.costs), billed),
         preempted=was_preempted(pipelines),
         batch=ctx.launch.batch_at(started),
+        sha=ctx.launch.sha,
         **tests_of(pipeline_details),
     )
 

@@ -4,13 +4,21 @@ against the pull request's base). Dagster-free: the commit sensors only call it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import shutil
 import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from mlci_dagster.registry.loader import SETTINGS_FILE, Registry
 from mlci_dagster.registry.models import RepositorySpec
@@ -22,6 +30,7 @@ PULL_REF = re.compile(r"^refs/pull/(\d+)/head$")
 SHA = re.compile(r"^[0-9a-f]{40}$")
 FETCHED = "refs/mlci/"  # where the local mirror keeps what it fetched
 GIT_TIMEOUT_S = 120
+CHECKOUTS = "checkouts"  # under the home: the commit trees builds run in, one per build
 
 
 class CommitError(RuntimeError):
@@ -138,6 +147,89 @@ class Mirror:
     def first_parent(self, sha: str) -> str | None:
         parents = _git("rev-list", "--parents", "-n", "1", sha, cwd=self.path).split()
         return parents[1] if len(parents) > 1 else None
+
+    def has(self, sha: str) -> bool:
+        return (self.path / ".git").exists() and run_git(
+            self.path, "cat-file", "-e", f"{sha}^{{commit}}").returncode == 0
+
+    def fetched(self, *shas: str) -> Mirror:
+        """The mirror, fetched first when it lacks one of `shas`; CommitError naming a commit
+        the repository does not have."""
+        if not all(self.has(sha) for sha in shas):
+            self.fetch()
+        for sha in shas:
+            if not self.has(sha):
+                raise CommitError(f"commit {sha} is not in {self.url}")
+        return self
+
+    def between(self, old: str, new: str) -> list[str]:
+        """The commits after `old` up to `new`, oldest first, along `new`'s first parents (the
+        branch's own history: a merged branch is one step)."""
+        return _git("rev-list", "--first-parent", "--reverse", f"{old}..{new}",
+                    cwd=self.path).split()
+
+    def subject(self, sha: str) -> str:
+        return _git("log", "-1", "--format=%s", sha, cwd=self.path).strip()
+
+    def export(self, sha: str, target: Path) -> None:
+        """The commit's files (no .git) into `target`, which must not exist yet."""
+        target.mkdir(parents=True)
+        with subprocess.Popen(["git", "-C", str(self.path), "archive", "--format=tar", sha],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None
+            try:
+                with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                    tar.extractall(target, filter="data")
+            except tarfile.TarError as exc:
+                proc.kill()
+                raise CommitError(f"git archive {sha[:12]}: {exc}") from None
+            finally:
+                error = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            if proc.wait(timeout=GIT_TIMEOUT_S) != 0:
+                raise CommitError(f"git archive {sha[:12]}: {error.strip()[-500:]}")
+
+
+@dataclass(frozen=True)
+class CommitTree:
+    """A commit's files, exported for a build: `root` is the registry root as it is at the
+    commit when the registry lives in the repository (else the registry root itself, and the
+    commit's files are at `source` only)."""
+
+    sha: str
+    source: Path
+    root: Path
+    in_repository: bool
+
+
+@contextlib.contextmanager
+def commit_tree(registry: Registry, home: Path, sha: str) -> Iterator[CommitTree]:
+    """The watched repository's files at `sha`, in a directory of their own under
+    `home/checkouts` that is removed afterwards, whatever happens. CommitError when the
+    repository cannot be read or lacks the commit."""
+    mirror = Mirror(repository_url(registry), home).fetched(sha)
+    checkouts = home / CHECKOUTS
+    checkouts.mkdir(parents=True, exist_ok=True)
+    # Named by the process that made it, so the janitor can tell one a killed build left.
+    place = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{sha[:12]}-", dir=checkouts))
+    try:
+        mirror.export(sha, place / "tree")
+        prefix = registry_prefix(registry)
+        inside = prefix is not None and (place / "tree" / prefix).is_dir()
+        yield CommitTree(sha, place / "tree", place / "tree" / prefix if inside
+                         else registry.root, inside)
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+
+
+def sweep_checkouts(home: Path) -> list[Path]:
+    """Removes the commit trees whose process is gone (killed mid-build); returns them."""
+    swept = []
+    for place in sorted((home / CHECKOUTS).glob("*-*-*")):
+        pid = place.name.split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(place, ignore_errors=True)
+            swept.append(place)
+    return swept
 
 
 def registry_prefix(registry: Registry) -> str | None:
