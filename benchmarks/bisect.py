@@ -36,6 +36,7 @@ from tests.support.culprit_repo import PARTITION, make_repo, settings
 def search(workdir: Path, commits: int, breaks: int, width: int) -> dict:
     home = workdir / f"home-{width}"
     home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(home)
     shas = make_repo(workdir / f"repo-{width}", commits, breaks)
     registry = workdir / f"repo-{width}" / "reg"
