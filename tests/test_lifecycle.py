@@ -173,7 +173,9 @@ def test_planted_secret_never_reaches_metadata_logs_or_summaries(
 def test_two_partitions_side_by_side_share_no_port_or_directory(dagster_home, tmp_path):
     import subprocess
 
-    slow = command_pipeline("work", "import time; time.sleep(3)")
+    # Long enough that the second worker (which starts once the first run is in progress, and
+    # imports Dagster first) has its sandbox up before the first one's teardown, under load.
+    slow = command_pipeline("work", "import time; time.sleep(8)")
     registry = write_registry(tmp_path / "reg", [config("left", pipelines=[slow]),
                                                  config("right", pipelines=[slow])])
     done = subprocess.run(
