@@ -20,6 +20,7 @@ from mlci_dagster.vocabulary import RESULTS
 
 RESULTS_ASSET = dg.AssetKey(RESULTS)
 PAGE = 1000
+LOOK_BACK = 200  # a partition's latest results read where its recent past is wanted
 log = logging.getLogger("mlci")
 
 
@@ -64,29 +65,25 @@ def record_of_run(instance: dg.DagsterInstance, run_id: str) -> ResultRecord | N
     return None
 
 
-def record_before(instance: dg.DagsterInstance, partition: str, before: int | None = None
-                  ) -> ResultRecord | None:
-    """The partition's result recorded last before storage id `before` (default: the latest)."""
+def partition_results(instance: dg.DagsterInstance, partition: str, before: int | None = None,
+                      limit: int = LOOK_BACK) -> list[ResultRecord]:
+    """The partition's judged results in line (no culprit search's rerun), newest first, among
+    its last `limit` before storage id `before` (default: the latest)."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[partition],
-                              before_storage_id=before), limit=1).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    return read_record(records[0].storage_id, records[0].asset_materialization.metadata)
+                              before_storage_id=before), limit=limit).records
+    found = [read_record(r.storage_id, r.asset_materialization.metadata)
+             for r in records if r.asset_materialization is not None]
+    return [r for r in found if r is not None and r.judged and not r.out_of_line]
 
 
 def last_pass_before(instance: dg.DagsterInstance, record: ResultRecord, look_back: int = 50
                      ) -> ResultRecord | None:
-    """The partition's latest passing result before `record`, among its last `look_back`."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[record.partition]),
-        limit=look_back).records
-    for entry in records:  # newest first
-        found = read_record(entry.storage_id, entry.asset_materialization.metadata) \
-            if entry.asset_materialization is not None else None
-        if found is not None and found.passed and found.finished_at < record.finished_at:
-            return found
-    return None
+    """The partition's latest passing result in line before `record`, among its last
+    `look_back`."""
+    return next((found for found in partition_results(instance, record.partition,
+                                                      limit=look_back)
+                 if found.passed and found.finished_at < record.finished_at), None)
 
 
 def consolidate(

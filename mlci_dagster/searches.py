@@ -26,7 +26,7 @@ from mlci_dagster.culprits.search import (
     summary,
     worst_case_runs,
 )
-from mlci_dagster.event_log import RESULTS_ASSET, read_record, record_of_run
+from mlci_dagster.event_log import LOOK_BACK, partition_results, record_of_run
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.signature import signature_of
 from mlci_dagster.launch.pools import pool_limits, pool_of
@@ -47,20 +47,7 @@ from mlci_dagster.vocabulary import (
 )
 
 SEARCH_ASSET = dg.AssetKey(CULPRIT_SEARCH)
-LOOK_BACK = 200  # a partition's latest results a regression is looked for in
 OPEN_STATES = (State.RUNNING, State.CULPRIT)
-
-
-def partition_results(instance: dg.DagsterInstance, partition: str,
-                      before: int | None = None) -> list[ResultRecord]:
-    """The partition's judged results in line (no culprit rerun), newest first, among its last
-    LOOK_BACK before storage id `before`."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[partition],
-                              before_storage_id=before), limit=LOOK_BACK).records
-    found = [read_record(r.storage_id, r.asset_materialization.metadata)
-             for r in records if r.asset_materialization is not None]
-    return [r for r in found if r is not None and r.judged and not r.out_of_line]
 
 
 def starts_regression(instance: dg.DagsterInstance, storage_id: int, record: ResultRecord

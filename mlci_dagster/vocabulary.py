@@ -155,6 +155,12 @@ def trigger_of(tags: Mapping[str, str]) -> str:
     return "manual"
 
 
+def out_of_line(trigger: str | None) -> bool:
+    """Whether a run with this trigger tested a commit out of line (a culprit search's rerun of
+    an older one): no partition's state, alert or notification counts it."""
+    return trigger == CULPRIT_TRIGGER
+
+
 @dataclass(frozen=True)
 class Launch:
     """How a run was started and what for, as its tags say: all the Dagster-free stages know

@@ -20,10 +20,10 @@ import pandas as pd
 from mlci_dagster.history.table import DURATION_PREFIX, series_columns
 from mlci_dagster.registry.models import HistorySettings
 from mlci_dagster.vocabulary import (
-    CULPRIT_TRIGGER,
     LIFECYCLE_SKIP,
     FailureKind,
     judged,
+    out_of_line,
     passed,
     split_partition_key,
 )
@@ -251,7 +251,7 @@ def analyze(
     # A refused or an interrupted run neither passed nor failed: no rule counts it; nor a
     # culprit search's rerun, which tested an older commit.
     if not table.empty:
-        table = table[table["status"].map(judged) & (table["trigger"] != CULPRIT_TRIGGER)]
+        table = table[table["status"].map(judged) & ~table["trigger"].map(out_of_line)]
     if not table.empty:
         table = with_run_fields(table).sort_values(["partition", "finished_at"], kind="stable")
         outage = outage_flags(table, settings).to_numpy(dtype=bool)

@@ -9,13 +9,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from mlci_dagster.vocabulary import (
-    CULPRIT_TRIGGER,
     FailureKind,
     Stage,
     Status,
     canceled,
     failed_stage_of,
     judged,
+    out_of_line,
     partition_key,
     passed,
     skipped,
@@ -162,7 +162,7 @@ class ResultRecord(_Record):
     @property
     def out_of_line(self) -> bool:
         """A culprit search's rerun of an older commit: it counts in no partition's state."""
-        return self.trigger == CULPRIT_TRIGGER
+        return out_of_line(self.trigger)
 
     @property
     def judged(self) -> bool:
