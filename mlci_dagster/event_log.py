@@ -56,6 +56,13 @@ def new_results(instance: dg.DagsterInstance, after: int) -> Iterator[tuple[int,
         cursor = page.cursor
 
 
+def latest_result_id(instance: dg.DagsterInstance) -> int:
+    """The storage id of the newest results materialization; 0 when none is recorded."""
+    latest = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=RESULTS_ASSET), limit=1).records
+    return latest[0].storage_id if latest else 0
+
+
 def record_of_run(instance: dg.DagsterInstance, run_id: str) -> ResultRecord | None:
     """The results record the run stored; None when it stored none (or a malformed one)."""
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):

@@ -12,7 +12,7 @@ import dagster as dg
 
 from mlci_dagster.assets.partitions import multi_partition_key
 from mlci_dagster.culprits.search import Search, SearchRefused
-from mlci_dagster.event_log import RESULTS_ASSET, new_results
+from mlci_dagster.event_log import latest_result_id, new_results
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.searches import (
     OPEN_STATES,
@@ -47,11 +47,9 @@ def culprit_search_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefi
         instance = context.instance
         after = json.loads(context.cursor or "{}").get("results_after")
         if after is None:  # the first tick: what failed before is no news
-            latest = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=RESULTS_ASSET), limit=1).records
-            return dg.SensorResult(cursor=json.dumps({"results_after": latest[0].storage_id
-                                                      if latest else 0}),
-                                   skip_reason="cursor initialised")
+            return dg.SensorResult(
+                cursor=json.dumps({"results_after": latest_result_id(instance)}),
+                skip_reason="cursor initialised")
         settings = registry.settings.culprit_search
         automatic = settings.automatic and registry.settings.repository is not None
         starting = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dagster as dg
 
 from mlci_dagster.assets.history import HISTORY, TEST_HISTORY, stored_cursor
-from mlci_dagster.event_log import RESULTS_ASSET
+from mlci_dagster.event_log import latest_result_id
 from mlci_dagster.launch.workers import UNFINISHED
 
 
@@ -20,11 +20,9 @@ def history_update_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefi
                description="Updates history and the grid whenever results landed after the "
                            "history table's last row.")
     def history_update(context: dg.SensorEvaluationContext):
-        latest = context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=RESULTS_ASSET), limit=1).records
-        if not latest:
+        newest = latest_result_id(context.instance)
+        if not newest:
             return dg.SkipReason("no results recorded yet")
-        newest = latest[0].storage_id
         cursor = min(stored_cursor(context.instance, key) for key in (HISTORY, TEST_HISTORY))
         if newest <= cursor:
             return dg.SkipReason(f"history is current (result {cursor})")

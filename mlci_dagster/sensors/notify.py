@@ -16,7 +16,7 @@ import dagster as dg
 
 from mlci_dagster.assets.external import SIGNATURES_ASSET
 from mlci_dagster.compat import check_evaluations_page
-from mlci_dagster.event_log import RESULTS_ASSET, last_pass_before, new_results
+from mlci_dagster.event_log import last_pass_before, latest_result_id, new_results
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.notify import (
     Kind,
@@ -71,10 +71,8 @@ def regression_evaluations(
 def latest_state(instance: dg.DagsterInstance) -> NotifierState:
     """Where a notifier starts: after everything already recorded, with today's open alerts
     known, so enabling it announces what happens next rather than the whole history."""
-    latest = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=RESULTS_ASSET), limit=1).records
     searches = instance.fetch_observations(SEARCH_ASSET, limit=1).records
-    state = NotifierState(results_after=latest[0].storage_id if latest else 0,
+    state = NotifierState(results_after=latest_result_id(instance),
                           searches_after=searches[0].storage_id if searches else 0)
     for execution_id, alerts in regression_evaluations(instance, 0):
         state.checks_after, state.open_alerts = execution_id, sorted(alerts)
