@@ -246,23 +246,29 @@ def refusal_observation(partition: str, why: str, **facts: str) -> dg.AssetObser
         "partition": partition, "state": "refused", "text": f"not searched: {why}", **facts})
 
 
+def search_summary(entry: Any) -> dict[str, Any] | None:
+    """The summary a culprit_search observation (an event log record) holds; None for a
+    refusal, which holds no search."""
+    event = entry.asset_observation
+    record = event.metadata.get("record") if event is not None else None
+    return dict(record.value) if record is not None else None
+
+
 def latest_searches(instance: dg.DagsterInstance, limit: int = 1000
                     ) -> dict[str, dict[str, Any]]:
     """Search id -> its latest recorded summary (with `storage_id`), newest first."""
     found: dict[str, dict[str, Any]] = {}
     for entry in instance.fetch_observations(SEARCH_ASSET, limit=limit).records:
-        event = entry.asset_observation
-        record = event.metadata.get("record") if event is not None else None
-        if record is None:
-            continue
-        value = dict(record.value)
-        found.setdefault(value["search"]["id"], {**value, "storage_id": entry.storage_id})
+        value = search_summary(entry)
+        if value is not None:
+            found.setdefault(value["search"]["id"], {**value, "storage_id": entry.storage_id})
     return found
 
 
-def open_searches(instance: dg.DagsterInstance, driver: str) -> list[Search]:
-    """The searches still running that `driver` advances."""
-    return [search for value in latest_searches(instance).values()
+def open_searches(instance: dg.DagsterInstance, driver: str
+                  ) -> list[tuple[Search, dict[str, Any]]]:
+    """The searches still running that `driver` advances, each with its latest summary."""
+    return [(search, value) for value in latest_searches(instance).values()
             if value["state"] in OPEN_STATES
             and (search := Search.model_validate(value["search"])).driver == driver]
 

@@ -11,14 +11,13 @@ from itertools import islice
 import dagster as dg
 
 from mlci_dagster.assets.partitions import multi_partition_key
-from mlci_dagster.culprits.search import Search, SearchRefused
+from mlci_dagster.culprits.search import SearchRefused
 from mlci_dagster.event_log import latest_result_id, new_results
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.searches import (
-    OPEN_STATES,
-    latest_searches,
     observation,
     open_search,
+    open_searches,
     refusal_observation,
     rerun_key,
     rerun_tags,
@@ -70,21 +69,16 @@ def culprit_search_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefi
                 context.log.info(f"{partition}: searching {len(search.commits)} commits for the "
                                  f"culprit of {search.signature_text} ({search.id})")
         requests = []
-        for value in latest_searches(instance).values():
-            search = Search.model_validate(value["search"])
-            if value["state"] not in OPEN_STATES or search.driver != DRIVER:
-                continue
+        for search, recorded in open_searches(instance, DRIVER):
             done = step(instance, search)
-            recorded = {k: value[k] for k in ("state", "reruns")}
-            now = {k: done.summary()[k] for k in ("state", "reruns")}
-            if now != recorded:
-                events.append(observation(done.search, done))
-                context.log.info(f"{done.search.partition} ({done.search.id}): "
-                                 f"{done.summary()['text']}")
-            config, engine = split_partition_key(done.search.partition)
+            summary = done.summary()
+            if any(summary[k] != recorded[k] for k in ("state", "reruns")):
+                events.append(observation(search, done))
+                context.log.info(f"{search.partition} ({search.id}): {summary['text']}")
+            config, engine = split_partition_key(search.partition)
             requests += [dg.RunRequest(partition_key=multi_partition_key(config, engine),
-                                       run_key=rerun_key(done.search, rerun),
-                                       tags=rerun_tags(done.search, rerun))
+                                       run_key=rerun_key(search, rerun),
+                                       tags=rerun_tags(search, rerun))
                          for rerun in done.next]
         return dg.SensorResult(run_requests=requests, asset_events=events,
                                cursor=json.dumps({"results_after": after}),

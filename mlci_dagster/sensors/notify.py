@@ -38,7 +38,7 @@ from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer, Evidence
 from mlci_dagster.providers.logpipe import log_tail
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource, RootCauseResource
-from mlci_dagster.searches import OPEN_STATES, SEARCH_ASSET
+from mlci_dagster.searches import OPEN_STATES, SEARCH_ASSET, search_summary
 
 REGRESSION_CHECK = dg.AssetCheckKey(dg.AssetKey("history"), "no_new_regressions")
 RESULTS_PER_TICK = 500
@@ -147,10 +147,8 @@ def ended_searches(instance: dg.DagsterInstance, after: int
         dg.AssetRecordsFilter(asset_key=SEARCH_ASSET, after_storage_id=after or None),
         limit=RESULTS_PER_TICK, ascending=True).records
     for entry in records:
-        event = entry.asset_observation
-        record = event.metadata.get("record") if event is not None else None
-        ended = record is not None and record.value.get("state") not in OPEN_STATES
-        yield entry.storage_id, dict(record.value) if ended else None
+        found = search_summary(entry)
+        yield entry.storage_id, found if found and found["state"] not in OPEN_STATES else None
 
 
 def evidence_of(instance: dg.DagsterInstance, records: list[ResultRecord],
