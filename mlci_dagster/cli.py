@@ -282,6 +282,7 @@ def cmd_culprit(args: argparse.Namespace) -> int:
     from mlci_dagster.operations import sync_partitions
     from mlci_dagster.paths import mlci_home
     from mlci_dagster.searches import drive, latest_searches, open_search
+    from mlci_dagster.vocabulary import split_partition_key
 
     if args.action == "list":
         with _history() as instance:
@@ -317,8 +318,8 @@ def cmd_culprit(args: argparse.Namespace) -> int:
     try:
         driven = drive(instance, registry, home, search,
                        _RunPrinter(progress, _resource(registry), instance),
-                       max_wait_s=args.max_wait or registry.configs[
-                           search.partition.split("|")[0]].config.timeouts.lifecycle_s)
+                       max_wait_s=args.max_wait or registry.configs[split_partition_key(
+                           search.partition)[0]].config.timeouts.lifecycle_s)
     finally:
         progress.close()
     summary = driven.last.summary()

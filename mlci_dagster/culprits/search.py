@@ -1,7 +1,7 @@
 """A culprit search: the regression it bisects (one partition, one failure signature, the
 commits after its last pass up to its first failure), how each rerun's result counts, what a
-search may cost before it starts, and how its outcome is said. Dagster-free: the Dagster layer
-(launch/culprits.py) reads the reruns from the instance and launches the next ones.
+search may cost before it starts, and how its outcome is said. Dagster-free: `searches.py` reads
+the reruns from the instance and launches the next ones.
 """
 
 from __future__ import annotations

@@ -28,11 +28,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 
@@ -204,7 +203,7 @@ class Gate:
             part for part in (shown + more, held, admitting) if part)
 
 
-def same_cell(tags: dict[str, str] | Any, wanted: dict[str, str]) -> bool:
+def same_cell(tags: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
     """Whether a run of the partition (its `tags`) is the run `wanted` would be: a culprit
     search's rerun is its search's at its commit, beside the partition's runs in line."""
     if tags.get(SEARCH_TAG) != wanted.get(SEARCH_TAG):

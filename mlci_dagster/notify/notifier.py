@@ -41,10 +41,9 @@ class Pending:
 @dataclass
 class NotifierState:
     """Stored as the sensor cursor: results, check evaluations and culprit searches read up to
-    these ids, the
-    partitions whose regression alert is open (so an alert is announced once), the signature
-    each failing partition last failed with, the open signatures (id -> text and the partitions
-    announced with it), and what is pending."""
+    these ids, the partitions whose regression alert is open (so an alert is announced once),
+    the signature each failing partition last failed with, the open signatures (id -> text and
+    the partitions announced with it), and what is pending."""
 
     results_after: int = 0
     checks_after: int = 0

@@ -176,17 +176,17 @@ class Mirror:
         target.mkdir(parents=True)
         with subprocess.Popen(["git", "-C", str(self.path), "archive", "--format=tar", sha],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-            assert proc.stdout is not None
+            assert proc.stdout is not None and proc.stderr is not None
+            unreadable = ""
             try:
                 with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
                     tar.extractall(target, filter="data")
-            except tarfile.TarError as exc:
+            except tarfile.TarError as exc:  # git's own error, when it has one, says more
                 proc.kill()
-                raise CommitError(f"git archive {sha[:12]}: {exc}") from None
-            finally:
-                error = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            if proc.wait(timeout=GIT_TIMEOUT_S) != 0:
-                raise CommitError(f"git archive {sha[:12]}: {error.strip()[-500:]}")
+                unreadable = str(exc)
+            error = proc.stderr.read().decode(errors="replace").strip()
+            if proc.wait(timeout=GIT_TIMEOUT_S) != 0 or unreadable:
+                raise CommitError(f"git archive {sha[:12]}: {(error or unreadable)[-500:]}")
 
 
 @dataclass(frozen=True)
