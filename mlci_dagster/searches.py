@@ -96,9 +96,14 @@ def open_search(instance: dg.DagsterInstance, registry: Registry, home: Path, pa
     `bad`): (the search, True) when it is new, recorded as started; (the search, False) when
     the same one was opened before. SearchRefused saying why there is nothing to search, or
     why this one may not start (its runs or its cost would pass their bounds)."""
-    config, _ = split_partition_key(partition)
-    if config not in registry.configs:
-        raise SearchRefused(f"{partition}: no config {config!r} in the registry")
+    try:
+        config, engine = split_partition_key(partition)
+    except ValueError as exc:
+        raise SearchRefused(str(exc)) from None
+    if (config, engine) not in registry.partitions():
+        known = ", ".join(f"{c}|{e}" for c, e in registry.partitions())
+        raise SearchRefused(f"{partition}: not a partition of the registry (expected one of: "
+                            f"{known or 'none'})")
     last_pass, first_fail = _regression(partition_results(instance, partition), good, bad)
     if not last_pass.sha or not first_fail.sha:
         raise SearchRefused(f"runs {last_pass.run_id[:8]} and {first_fail.run_id[:8]} did not "

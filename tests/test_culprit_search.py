@@ -215,6 +215,19 @@ def test_a_regression_with_nothing_to_bisect_is_refused_saying_why(
     assert expected in refusal(instance, registry)
 
 
+@pytest.mark.parametrize(("partition", "expected"), [
+    ("nope", "partition key 'nope': expected 'config|engine'"),
+    ("model|e9", "model|e9: not a partition of the registry (expected one of: model|e1)"),
+    ("other|e1", "other|e1: not a partition of the registry (expected one of: model|e1)"),
+])
+def test_a_partition_the_registry_lacks_is_refused_naming_the_ones_it_has(
+        instance, dagster_home, long_range, partition, expected):
+    registry, _ = long_range
+    with pytest.raises(SearchRefused) as refused:
+        open_search(instance, load_registry(registry), mlci_home(), partition, driver="cli")
+    assert str(refused.value) == expected
+
+
 def test_the_find_culprit_job_opens_a_search_for_the_sensor_or_fails_saying_why(
         instance, dagster_home, long_range):
     """The UI's path (the Launchpad runs the find_culprit job): the search it opens is the
