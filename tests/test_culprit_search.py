@@ -270,3 +270,38 @@ def test_the_janitor_removes_the_commit_tree_a_killed_build_left(instance, dagst
     assert f"{dead}-0123456789ab-x1: a killed build's commit tree; removed" in \
         capsys.readouterr().out
     assert [p.name for p in checkouts.iterdir()] == [live.name]
+
+
+JOB_LAUNCH = {"mode": "default", "selector": {
+    "repositoryLocationName": "mlci_dagster.definitions", "repositoryName": "__repository__",
+    "pipelineName": "find_culprit"}}
+
+
+@pytest.mark.daemon
+@pytest.mark.slow
+def test_from_the_ui_find_culprit_and_the_daemon_name_the_culprit(tmp_path, dagster_home,
+                                                                  instance):
+    """The UI's Launchpad path, through the webserver's GraphQL API: the find_culprit job opens
+    the search, the real daemon ticks the culprit_search sensor, which launches the reruns as
+    the lifecycle job, and the culprit is named. (Slow: the sensor ticks every 30 s; the job's
+    op and the sensor's requests are covered in CI by the tests above.)"""
+    from tests.support.dagster_services import LAUNCH_RUN, daemon, graphql, wait_until, webserver
+
+    shas = make_repo(tmp_path / "repo", 8, breaks=6)
+    registry = tmp_path / "repo" / "reg"
+    run_at(instance, registry, shas[0])
+    run_at(instance, registry, shas[-1])
+    log = tmp_path / "daemon.log"
+    with webserver(dagster_home, registry, tmp_path / "web.log") as url, \
+            daemon(dagster_home, registry, log):
+        launched = graphql(url, LAUNCH_RUN, {"params": {
+            **JOB_LAUNCH, "runConfigData": {"ops": {"open_culprit_search": {
+                "config": {"partition": PARTITION}}}}}})
+        assert launched["launchPipelineExecution"]["__typename"] == "LaunchRunSuccess", launched
+        found = wait_until(lambda: next((f for f in latest_searches(instance).values()
+                                         if f["state"] == "confirmed"), None), 400,
+                           "the search to confirm its culprit", log, interval_s=2)
+    assert found["culprit"] == shas[5] and found["search"]["driver"] == "sensor"
+    reruns = instance.get_runs(dg.RunsFilter(tags={"mlci/culprit_search": found["search"]["id"]}))
+    assert {r.tags["dagster/sensor_name"] for r in reruns} == {"culprit_search"}
+    assert len({r.tags["dagster/run_key"] for r in reruns}) == len(reruns) == 5
