@@ -126,8 +126,9 @@ def open_search(instance: dg.DagsterInstance, registry: Registry, home: Path, pa
         if not mirror.is_ancestor(last_pass.sha, first_fail.sha):
             raise SearchRefused(f"{last_pass.sha[:12]} (last pass) is not an ancestor of "
                                 f"{first_fail.sha[:12]} (first failure)")
-        commits = mirror.between(last_pass.sha, first_fail.sha)
-        subjects = {sha: mirror.subject(sha) for sha in [last_pass.sha, *commits]}
+        subjects = {last_pass.sha: mirror.subject(last_pass.sha),
+                    **mirror.between(last_pass.sha, first_fail.sha)}
+        commits = list(subjects)[1:]
     except CommitError as exc:
         raise SearchRefused(f"the repository cannot be read: {exc}") from None
     if len(commits) <= 1:

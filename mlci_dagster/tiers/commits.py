@@ -162,11 +162,13 @@ class Mirror:
                 raise CommitError(f"commit {sha} is not in {self.url}")
         return self
 
-    def between(self, old: str, new: str) -> list[str]:
-        """The commits after `old` up to `new`, oldest first, along `new`'s first parents (the
-        branch's own history: a merged branch is one step)."""
-        return _git("rev-list", "--first-parent", "--reverse", f"{old}..{new}",
-                    cwd=self.path).split()
+    def between(self, old: str, new: str) -> dict[str, str]:
+        """SHA -> subject of the commits after `old` up to `new`, oldest first, along `new`'s
+        first parents (the branch's own history: a merged branch is one step); one git call
+        however long the range."""
+        return dict(line.split("\0", 1) for line in _git(
+            "log", "--first-parent", "--reverse", "--format=%H%x00%s", f"{old}..{new}",
+            cwd=self.path).splitlines())
 
     def subject(self, sha: str) -> str:
         return _git("log", "-1", "--format=%s", sha, cwd=self.path).strip()
