@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,77 @@ def cmd_helm_values(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     registry = _registry(args)
+    quarantine = _quarantine(registry)
     print(f"{registry.root}: ok: {len(registry.configs)} configs, {len(registry.engines)} engines, "
-          f"{len(registry.partitions())} partitions")
+          f"{len(registry.partitions())} partitions, {len(quarantine.quarantine)} quarantined")
+    return 0
+
+
+def _quarantine(registry: Registry) -> Any:
+    """The registry's quarantine, each entry naming one of its partitions; RegistryError."""
+    from mlci_dagster.registry.quarantine import (
+        load_quarantine,
+        quarantine_path,
+        unknown_partitions,
+    )
+
+    quarantine = load_quarantine(registry.root)
+    problems = unknown_partitions(quarantine, [f"{c}|{e}" for c, e in registry.partitions()],
+                                  quarantine_path(registry.root))
+    if problems:
+        raise RegistryError(problems)
+    return quarantine
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from mlci_dagster.history.render import table
+    from mlci_dagster.registry.quarantine import QuarantineEntry, save_quarantine
+
+    registry = _registry(args)
+    quarantine = _quarantine(registry)
+    now = time.time()
+    if args.action == "list":
+        entries = quarantine.quarantine
+        if args.json:
+            print(json.dumps([e.model_dump(mode="json") | {"active": e.active(now)}
+                              for e in entries], indent=2))
+        elif entries:
+            print(table([["TARGET", "OWNER", "EXPIRES", "STATE", "REASON", "ISSUE"], *(
+                [e.target, e.owner, str(e.expires), "active" if e.active(now) else "EXPIRED",
+                 e.reason, e.issue or "-"] for e in entries)]))
+        else:
+            print("nothing quarantined")
+        return 0
+    if not args.partition:
+        raise UsageError(f"quarantine {args.action}: expected a partition (config|engine)")
+    same = [e for e in quarantine.quarantine
+            if (e.partition, e.test) == (args.partition, args.test)]
+    kept = [e for e in quarantine.quarantine if e not in same]
+    target = args.partition + (f" :: {args.test}" if args.test else "")
+    if args.action == "remove":
+        if not same:
+            raise UsageError(f"{target}: not quarantined")
+        path = save_quarantine(registry.root, quarantine.model_copy(update={"quarantine": kept}))
+        print(f"{target}: quarantine lifted ({path})")
+        return 0
+    if f"{args.partition}" not in {f"{c}|{e}" for c, e in registry.partitions()}:
+        known = ", ".join(f"{c}|{e}" for c, e in registry.partitions())
+        raise UsageError(f"{args.partition}: not a partition of the registry (expected one of: "
+                         f"{known or 'none'})")
+    expires = args.expires or (datetime.now(UTC) + timedelta(days=args.days)).date().isoformat()
+    try:
+        entry = QuarantineEntry(partition=args.partition, test=args.test, owner=args.owner or "",
+                                reason=args.reason or "", expires=expires, issue=args.issue)
+    except ValidationError as exc:
+        raise UsageError("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                   for e in exc.errors())) from None
+    if not entry.active(now):
+        raise UsageError(f"--expires: {entry.expires} is not after today (UTC)")
+    path = save_quarantine(registry.root, quarantine.model_copy(
+        update={"quarantine": [*kept, entry]}))
+    print(f"{entry.text()}: {'updated' if same else 'quarantined'} ({path})")
     return 0
 
 
@@ -204,6 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mlci_dagster.history.render import table
     from mlci_dagster.launch.pools import pool_limits, pool_of
     from mlci_dagster.launch.progress import Progress
+    from mlci_dagster.launch.reruns import rerun_of_run
     from mlci_dagster.launch.runner import PartitionRun, Verdict, new_batch, run_partitions
     from mlci_dagster.operations import guard_batch, sync_partitions
     from mlci_dagster.paths import mlci_home
@@ -247,18 +317,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         longest[pool] = max(longest.get(pool, 0.0), loaded.config.timeouts.lifecycle_s)
     start = time.monotonic()
     stop_signal = _stop_on_sigterm()
+    decided = [item for item in items if item.verdict is not None]
     try:
-        _, stopped = run_partitions(
+        ran, stopped = run_partitions(
             instance, registry.root, [item for item in items if item.verdict is None], limits,
             args.parallel, args.trigger, home, events,
             batch=new_batch(label=getattr(args, "batch_label", "")),
             max_wait_s=lambda pool: args.max_wait if args.max_wait is not None
             else longest.get(pool, 0.0),
             fail_fast=args.fail_fast,
-            held=lambda: holds_by_reservation(resource.reservations(instance).store))
+            held=lambda: holds_by_reservation(resource.reservations(instance).store),
+            reruns=lambda run_id: rerun_of_run(instance, registry, run_id))
     finally:
         progress.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    items = decided + ran  # with the reruns it ran
     seconds = time.monotonic() - start
     if stopped == "interrupted":
         canceled = sum(item.verdict is Verdict.CANCELED for item in items)
@@ -268,7 +341,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"done in {seconds:.1f}s" + (f" ({stopped})" if stopped else ""), flush=True)
     grid = update_history(str(registry.root))
     print(f"history updated; grid: {grid}\n")
-    _print_report(instance, registry, [item.key for item in items], as_json=False)
+    _print_report(instance, registry, list(dict.fromkeys(item.key for item in items)),
+                  as_json=False)
     not_run = [[item.key, item.why] for item in items if item.verdict is Verdict.NOT_RUN]
     if not_run:
         print(f"\nnot run:\n{table([['PARTITION', 'WHY'], *not_run])}")
@@ -775,6 +849,24 @@ def build_parser() -> argparse.ArgumentParser:
     culprit.add_argument("--max-wait", type=positive_float, metavar="SECONDS",
                          help="how long a rerun waits for a slot of its pool (default: the "
                               "config's longest lifecycle)")
+    quarantine = command(
+        "quarantine", "keep a known flake from failing commit statuses, until it expires",
+        "`list`: the registry's quarantine.yaml. `add PARTITION [--test ID]`: quarantine a "
+        "partition (or one of its tests): it still runs and is recorded, but its failure does "
+        "not fail a tier's commit status or the release qualification until --expires. "
+        "`remove`: lift it.", cmd_quarantine, as_json="with list: the entries as JSON")
+    quarantine.add_argument("action", choices=["list", "add", "remove"], help="list, add or "
+                            "remove")
+    quarantine.add_argument("partition", nargs="?", help="with add and remove: config|engine")
+    quarantine.add_argument("--test", metavar="ID", help="one test of the partition (its id, as "
+                            "`mlci tests` shows it)")
+    quarantine.add_argument("--owner", help="with add: who answers for it")
+    quarantine.add_argument("--reason", help="with add: why")
+    quarantine.add_argument("--expires", metavar="YYYY-MM-DD", help="with add: the day (UTC) it "
+                            "counts again (default: --days from today)")
+    quarantine.add_argument("--days", type=positive_int, default=14, metavar="N",
+                            help="with add: expires N days from today (default 14)")
+    quarantine.add_argument("--issue", metavar="URL", help="with add: the issue tracking it")
     janitor = command("janitor", "reap sandboxes whose run is over or expired",
                       "Marks failed the runs whose `mlci run` worker is gone, takes down daytime "
                       "holds past their down time, breaks dead holders' leases, and reaps every "

@@ -39,6 +39,7 @@ from mlci_dagster.sensors.history_update import history_update_sensor
 from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_sensor
 from mlci_dagster.sensors.notify import notify
 from mlci_dagster.sensors.registry_sync import registry_sync
+from mlci_dagster.sensors.reruns import deflake_reruns_sensor
 from mlci_dagster.sensors.stale_scanner import stale_scanner
 from mlci_dagster.vocabulary import POOL_TAG, split_partition_key
 
@@ -90,7 +91,7 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                  notify, image_poll_sensor(job, settings.image_poll_interval_s),
                  image_push_sensor(job), stale_scanner(job),
                  history_update_sensor(history_job), pr_label_sensor(job), commit_status,
-                 culprit_search_sensor(job),
+                 culprit_search_sensor(job), deflake_reruns_sensor(job),
                  commit_poll_sensor(job, settings.repository.poll_interval_s
                                     if settings.repository else 60)],
         resources={"mlci": MlciResource(registry_path=str(Path(registry).resolve())),

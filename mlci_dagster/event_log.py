@@ -75,13 +75,26 @@ def record_of_run(instance: dg.DagsterInstance, run_id: str) -> ResultRecord | N
 def partition_results(instance: dg.DagsterInstance, partition: str, before: int | None = None,
                       limit: int = LOOK_BACK) -> list[ResultRecord]:
     """The partition's judged results in line (no culprit search's rerun), newest first, among
-    its last `limit` before storage id `before` (default: the latest)."""
+    its last `limit` before storage id `before` (default: the latest): one per cell, its latest
+    attempt (the newest, a failure awaiting its rerun, is no verdict yet; one whose rerun was
+    refused or interrupted stands)."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=RESULTS_ASSET, asset_partitions=[partition],
                               before_storage_id=before), limit=limit).records
     found = [read_record(r.storage_id, r.asset_materialization.metadata)
              for r in records if r.asset_materialization is not None]
-    return [r for r in found if r is not None and r.judged and not r.out_of_line]
+    cells: set[str] = set()
+    kept, newest = [], True
+    for record in found:
+        if record is None or record.out_of_line:
+            continue
+        first, newest = newest, False
+        if not record.judged or record.cell in cells:
+            continue
+        cells.add(record.cell)
+        if not (first and record.awaiting_rerun):
+            kept.append(record)
+    return kept
 
 
 def last_pass_before(instance: dg.DagsterInstance, record: ResultRecord, look_back: int = 50

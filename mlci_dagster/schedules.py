@@ -74,14 +74,15 @@ def nightly_schedule(job: dg.JobDefinition, nightly: NightlySettings) -> dg.Sche
                 partition_key=multi_partition_key(config, engine),
                 # Run keys dedupe forever: one run per partition per night, even on a retried tick.
                 run_key=f"nightly:{night}:{partition_key(config, engine)}",
-                tags={TRIGGER_TAG: "schedule", BATCH_TAG: f"nightly {night}"},
+                tags={TRIGGER_TAG: "schedule", BATCH_TAG: f"nightly {night}",
+                      TIER_TAG: NIGHTLY_TIER},
             ))
         if not requests:
             return dg.SkipReason("no nightly-tier partitions" + "".join(
                 f"; reservation {name} refused: {why}" for name, why in refused.items()))
         sha = default_branch_head(registry, context.log)
         if sha is not None:
-            tags = {SHA_TAG: sha, TIER_TAG: NIGHTLY_TIER, RUNS_TAG: str(len(requests))}
+            tags = {SHA_TAG: sha, RUNS_TAG: str(len(requests))}
             requests = [r.with_replaced_attrs(tags={**r.tags, **tags}) for r in requests]
         return resolve_run_requests(requests, context.repository_def.get_job(job.name), known,
                              context.instance)

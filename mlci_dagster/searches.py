@@ -17,7 +17,6 @@ import dagster as dg
 from mlci_dagster.cost import estimate_run, hourly_rate
 from mlci_dagster.culprits.bisect import Rerun, RerunKind, RerunStatus, State, Verdict
 from mlci_dagster.culprits.search import (
-    BISECTED_KINDS,
     Search,
     SearchRefused,
     budget_refusal,
@@ -40,6 +39,7 @@ from mlci_dagster.vocabulary import (
     CULPRIT_SEARCH,
     CULPRIT_TRIGGER,
     RERUN_KIND_TAG,
+    RERUNNABLE_KINDS,
     SEARCH_TAG,
     SHA_TAG,
     TRIGGER_TAG,
@@ -52,11 +52,13 @@ OPEN_STATES = (State.RUNNING, State.CULPRIT)
 
 def starts_regression(instance: dg.DagsterInstance, storage_id: int, record: ResultRecord
                       ) -> bool:
-    """A product or timeout failure at a commit, right after a pass: what a search bisects."""
+    """A product or timeout failure at a commit, right after a pass (and confirmed by its
+    reruns, if it had any): what a search bisects."""
     if record.passed or not record.judged or record.out_of_line or not record.sha \
-            or record.failure_kind not in BISECTED_KINDS:
-        return False
-    before = partition_results(instance, record.partition, before=storage_id)
+            or record.failure_kind not in RERUNNABLE_KINDS or record.awaiting_rerun:
+        return False  # a failure awaiting its rerun may yet be a flake
+    before = [r for r in partition_results(instance, record.partition, before=storage_id)
+              if r.cell != record.cell]
     return bool(before) and before[0].passed
 
 
@@ -108,7 +110,7 @@ def open_search(instance: dg.DagsterInstance, registry: Registry, home: Path, pa
     if not last_pass.sha or not first_fail.sha:
         raise SearchRefused(f"runs {last_pass.run_id[:8]} and {first_fail.run_id[:8]} did not "
                             "test a commit (no mlci/sha tag): no range of commits to bisect")
-    if first_fail.failure_kind not in BISECTED_KINDS:
+    if first_fail.failure_kind not in RERUNNABLE_KINDS:
         raise SearchRefused(f"run {first_fail.run_id[:8]} failed for {first_fail.failure_kind}: "
                             "only product and timeout failures are a change's doing")
     if last_pass.config_id != first_fail.config_id:

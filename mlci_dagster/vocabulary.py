@@ -51,6 +51,11 @@ class FailureKind(enum.StrEnum):
     CONFIG = "config"
 
 
+# The failures that a rerun can tell something of (a flake from a break, the commit that broke
+# it): the product's and a time limit's. An infra failure says nothing of the product; a config
+# failure is the test's own, the same on every attempt.
+RERUNNABLE_KINDS = (FailureKind.PRODUCT, FailureKind.TIMEOUT)
+
 LIFECYCLE_PASS = "pass"
 # Refused before anything was created (a budget that the run would exceed, a reservation that
 # is dirty): neither a pass nor a failure, and left out of the history's analysis.
@@ -140,6 +145,11 @@ IMAGE_REF_TAG = "mlci/image_ref"
 SEARCH_TAG = "mlci/culprit_search"
 RERUN_KIND_TAG = "mlci/rerun_kind"
 CULPRIT_TRIGGER = "culprit-search"
+# A deflake rerun: the run whose failure it reruns (the cell's first attempt, for every
+# attempt after it) and which attempt it is (2 for the first rerun). It keeps the first
+# attempt's trigger and batch: the attempts are one cell of the grid.
+RERUN_OF_TAG = "mlci/rerun_of"
+ATTEMPT_TAG = "mlci/attempt"
 
 
 def trigger_of(tags: Mapping[str, str]) -> str:
@@ -176,6 +186,9 @@ class Launch:
     # The commit the run tests (a tier's run set, a culprit search's rerun): its image is
     # built from that commit's tree.
     sha: str | None = None
+    tier: str | None = None  # the tier whose run set it is (its reruns policy applies)
+    attempt: int = 1  # 2 and on: a deflake rerun of the cell's first attempt, `rerun_of`
+    rerun_of: str | None = None
 
     def batch_at(self, started_at: float) -> str:
         """The batch the run belongs to: the grid's column."""
@@ -191,4 +204,17 @@ def launch_of(tags: Mapping[str, str]) -> Launch:
         f"image {tags[IMAGE_DIGEST_TAG].removeprefix('sha256:')[:12]}" if IMAGE_DIGEST_TAG in tags
         else f"backfill {tags[BACKFILL_TAG]}" if BACKFILL_TAG in tags else None)
     return Launch(trigger=trigger_of(tags), batch=batch, image_ref=tags.get(IMAGE_REF_TAG),
-                  image_digest=tags.get(IMAGE_DIGEST_TAG), sha=tags.get(SHA_TAG))
+                  image_digest=tags.get(IMAGE_DIGEST_TAG), sha=tags.get(SHA_TAG),
+                  tier=tags.get(TIER_TAG), attempt=attempt_of(tags),
+                  rerun_of=tags.get(RERUN_OF_TAG))
+
+
+def attempt_of(tags: Mapping[str, str]) -> int:
+    """Which attempt of its cell a run is: 1, or its ATTEMPT_TAG (a malformed one counts as a
+    rerun, never as a first attempt)."""
+    if RERUN_OF_TAG not in tags:
+        return 1
+    try:
+        return max(2, int(tags.get(ATTEMPT_TAG, "2")))
+    except ValueError:
+        return 2

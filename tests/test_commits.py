@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +249,49 @@ def test_the_commit_status_goes_pending_then_failure_once_and_a_passing_nightly_
     capsys.readouterr()
     assert main(["--registry", str(registry), "qualified", "--json"]) == 0
     assert [q["sha"] for q in json.loads(capsys.readouterr().out)] == [sha]
+
+
+def test_a_quarantined_failure_passes_the_commit_status_until_its_quarantine_expires(
+        instance, dagster_home, repo, github, capsys):
+    """beta's pipeline fails. Quarantined, the nightly set is a success that names it, and the
+    SHA qualifies; once the quarantine has expired the next set is a failure that says so."""
+    registry, sha = repo / "reg", git(repo, "rev-parse", "HEAD")
+    assert main(["--registry", str(registry), "quarantine", "add", "beta|e1", "--owner",
+                 "ml-team", "--reason", "flaky since the Ray upgrade", "--issue",
+                 "https://github.com/o/r/issues/7"]) == 0
+    sensor = Sensor(instance, registry, "commit_status")
+    for key in ("alpha|e1", "beta|e1"):
+        run(instance, registry, key, sha, "nightly", 2)
+    sensor.tick()
+    final = github.statuses[-1]
+    assert (final["context"], final["state"]) == ("mlci / nightly", "success")
+    assert final["description"] == "1 of 2 partitions passed, 1 quarantined: beta|e1"
+    assert [q["sha"] for q in qualified_releases(instance)] == [sha]
+    (summary, *_) = instance.fetch_observations(COMMIT_SUMMARY, limit=1).records
+    record = summary.asset_observation.metadata["record"].value
+    assert [p["quarantined"] for p in record["partitions"]] == [
+        "", f"beta|e1 (until {datetime.now(UTC).date() + timedelta(days=14)}, ml-team: flaky "
+        "since the Ray upgrade)"]
+
+    # Expired yesterday: beta counts again.
+    path = registry / "quarantine.yaml"
+    quarantine = yaml.safe_load(path.read_text())
+    yesterday = datetime.now(UTC).date() - timedelta(days=1)
+    quarantine["quarantine"][0]["expires"] = yesterday.isoformat()
+    path.write_text(yaml.safe_dump(quarantine))
+    later = "b" * 40
+    for key in ("alpha|e1", "beta|e1"):
+        run(instance, registry, key, later, "nightly", 2)
+    sensor.tick()
+    final = github.statuses[-1]
+    assert (final["sha"], final["state"]) == (later, "failure")
+    assert final["description"] == ("1 of 2 partitions passed; failing: beta|e1 (pipeline_runs; "
+                                    f"quarantine expired {yesterday})")
+    assert [q["sha"] for q in qualified_releases(instance)] == [sha]
+    capsys.readouterr()
+    assert main(["--registry", str(registry), "quarantine", "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[1].split()[:4] == ["beta|e1", "ml-team", str(yesterday), "EXPIRED"]
 
 
 def test_the_nightly_run_set_is_tagged_with_the_default_branch_head(instance, dagster_home, repo):

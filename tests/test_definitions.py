@@ -32,7 +32,8 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
         repo.has_job("find_culprit")
     assert [s.name for s in repo.schedule_defs] == ["nightly"]
     assert sorted(s.name for s in repo.sensor_defs) == [
-        "commit_poll", "commit_status", "culprit_search", "history_update", "image_poll",
+        "commit_poll", "commit_status", "culprit_search", "deflake_reruns", "history_update",
+        "image_poll",
         "image_push", "notify", "pr_label", "registry_sync", "sandbox_janitor", "stale_scanner",
         "teardown_after_cancel", "teardown_after_failure"]
     partitions = repo.asset_graph.get(dg.AssetKey("results")).partitions_def

@@ -261,6 +261,24 @@ def test_failure_of_one_channel_holds_later_notifications_of_that_signature(serv
         issue_title("aaaaaaaaaaaa", "stage/kind: a"), issue_title("bbbbbbbbbbbb", "stage/kind: b")]
 
 
+def test_every_kind_of_notification_reaches_both_channels(services):
+    """Each kind posts to the webhook under its icon; each of a signature goes on its issue,
+    and one of no signature (a quarantine proposal for a partition that never failed with one)
+    on the webhook alone."""
+    notifier = Notifier(Webhook(f"{services.url}/hook"),
+                        GitHubIssues(REPO, GITHUB_TOKEN, f"{services.url}/api"))
+    sent = [Notification(kind, "aaaaaaaaaaaa", f"{kind} title", "stage/kind: a", ["a|e1"],
+                         run_id=f"r-{kind}") for kind in Kind if kind is not Kind.RESOLVED]
+    sent.append(Notification(Kind.QUARANTINE, "", "quarantine proposed", "", ["b|e1"],
+                             run_id="r-none"))
+    pending, failures = deliver_in_order(notifier, [Pending(n, [WEBHOOK, GITHUB])
+                                                    for n in sent])
+    assert pending == [] and failures == []
+    assert [h["text"].split(" mlci: ")[1] for h in services.hooks] == [n.title for n in sent]
+    (number,) = services.issues
+    assert len(services.comments[number]) == len(sent) - 2  # the first opened it; none for ""
+
+
 def test_github_errors_name_the_call_and_never_the_token(services):
     issues = GitHubIssues(REPO, "wrong-token-123456", f"{services.url}/api")
 

@@ -103,7 +103,7 @@ def test_bad_engine_name_in_settings(tmp_path):
 def test_every_problem_is_reported_at_once(tmp_path):
     root = write_registry(tmp_path, [config("one", colour=1), config("two", shape=2)])
     keys = ("class, description, engines, image, metrics, name, owners, paths, pipelines, "
-            "sandbox, tiers, timeouts, ui_smoke")
+            "reruns, sandbox, tiers, timeouts, ui_smoke")
 
     assert problems_of(root) == [
         f"{root / 'configs' / 'one.yaml'}: colour: unknown key 'colour' (expected one of: {keys})",

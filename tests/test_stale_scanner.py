@@ -100,4 +100,5 @@ def test_the_stale_scanner_is_off_and_only_nightly_and_event_sensors_start_lifec
         dg.DefaultSensorStatus.STOPPED
     assert "stale_scanner" not in on
     assert sorted(name for name, jobs in on.items() if "lifecycle" in jobs) == [
-        "commit_poll", "culprit_search", "image_poll", "image_push", "nightly", "pr_label"]
+        "commit_poll", "culprit_search", "deflake_reruns", "image_poll", "image_push", "nightly",
+        "pr_label"]

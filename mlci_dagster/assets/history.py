@@ -65,7 +65,9 @@ def history_checks(summaries: list[PartitionSummary]) -> list[dg.AssetCheckResul
             for s in summaries if s.alert_open and s.regression], "regressed"),
         _check("no_flaky_partitions", [
             {"partition": s.partition, "transition_rate": s.flakiness.transition_rate,
-             "builds": s.flakiness.mixed_builds}
+             "builds": s.flakiness.mixed_builds, "flaky_cells": s.flakiness.flaky_cells,
+             "runs": s.flakiness.runs, "signature": s.flakiness.signature,
+             "signature_text": s.flakiness.signature_text}
             for s in summaries if s.flakiness.flaky], "flaky"),
         _check("no_confirmed_slowdowns", [
             {"partition": s.partition, **slow.__dict__}

@@ -17,10 +17,6 @@ from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.signature import signature_of
 from mlci_dagster.vocabulary import FailureKind
 
-# A regression whose first failure was of these kinds is a change's doing, worth bisecting; an
-# infra failure or a refused run says nothing about a commit.
-BISECTED_KINDS = (FailureKind.PRODUCT, FailureKind.TIMEOUT)
-
 
 class SearchRefused(ValueError):
     """A search that may not start, or has nothing to search: the message says why."""

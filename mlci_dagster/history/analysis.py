@@ -32,7 +32,7 @@ DAY_S = 86_400
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normal data
 RUN_FIELDS = ["run_id", "status", "failed_stage", "failure_kind", "image_digest", "config_id",
               "code_version", "finished_at", "duration_s", "trigger", "cost_usd", "signature",
-              "signature_text", "batch", "log_ref", "debug_bundle", "sha"]
+              "signature_text", "batch", "log_ref", "debug_bundle", "sha", "attempt", "rerun_of"]
 
 
 class PartitionStatus(enum.StrEnum):
@@ -59,6 +59,11 @@ class Flakiness:
     flaky: bool = False
     transition_rate: float = 0.0
     mixed_builds: list[dict[str, str]] = field(default_factory=list)  # digest + config id
+    # Cells that failed and then passed on a deflake rerun: each its attempts' run ids.
+    flaky_cells: list[list[str]] = field(default_factory=list)
+    runs: int = 0  # the runs in the window
+    signature: str = ""  # the latest failure's in the window, and its text
+    signature_text: str = ""
 
 
 @dataclass
@@ -76,6 +81,9 @@ class PartitionSummary:
     slowdowns: list[Slowdown] = field(default_factory=list)
     cost_usd: float | None = None  # every recorded run's cost; None when none had one
     refused_since_last_run: int = 0  # runs refused (skip: the budget) after the latest run
+    # The latest run, when it is a failure awaiting its deflake rerun: no verdict yet, so the
+    # status and the rules stand on the runs before it.
+    rerunning: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -131,18 +139,25 @@ def regression_range(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def flakiness(runs: list[dict[str, Any]], window: int) -> Flakiness:
-    """Flaky when one build (image digest and config id) both passed and failed in the window."""
+    """Flaky when one build (image digest and config id) both passed and failed in the window,
+    or a cell failed and then passed on its deflake rerun."""
     recent = runs[-window:]
     outcomes: dict[tuple[str, str], set[bool]] = {}
+    attempts: dict[str, list[dict[str, Any]]] = {}
     for run in recent:
         outcomes.setdefault((run["image_digest"], run["config_id"]), set()).add(
             passed(run["status"]))
+        attempts.setdefault(run.get("rerun_of") or run["run_id"], []).append(run)
     mixed = [{"image_digest": d, "config_id": c} for (d, c), seen in outcomes.items()
              if len(seen) == 2]
+    cells = [[r["run_id"] for r in cell] for cell in attempts.values()
+             if len({passed(r["status"]) for r in cell}) == 2]
     flips = sum(1 for a, b in zip(recent, recent[1:], strict=False)
                 if passed(a["status"]) != passed(b["status"]))
     rate = flips / (len(recent) - 1) if len(recent) > 1 else 0.0
-    return Flakiness(bool(mixed), round(rate, 3), mixed)
+    failure = next((r for r in reversed(recent) if not passed(r["status"])), {})
+    return Flakiness(bool(mixed or cells), round(rate, 3), mixed, cells, len(recent),
+                     failure.get("signature") or "", failure.get("signature_text") or "")
 
 
 def slowdown(series: str, values: np.ndarray, settings: HistorySettings) -> Slowdown | None:
@@ -209,33 +224,45 @@ def _run(row: dict[str, Any]) -> dict[str, Any]:
 def summarize_partition(
     partition: str, columns: dict[str, list[Any]], series: dict[str, np.ndarray],
     outage: np.ndarray, start: int, end: int, settings: HistorySettings, now: float,
+    superseded: np.ndarray | None = None, awaiting: np.ndarray | None = None,
 ) -> PartitionSummary:
     """One partition's rows are [start, end) of the sorted columns; dicts are built only for
-    the few runs a rule reads, which keeps 100,000 rows within a second or two."""
+    the few runs a rule reads, which keeps 100,000 rows within a second or two. A cell's
+    attempts (deflake reruns) are one run to the alert, streak and regression rules, which read
+    its latest (`superseded`: an earlier attempt); flakiness reads them all. A failure awaiting
+    its rerun (`awaiting`: only ever the partition's latest row) is no verdict yet."""
 
     def run(i: int) -> dict[str, Any]:
         return {name: columns[name][i] for name in RUN_FIELDS}
 
-    counted = [i for i in range(start, end) if not outage[i]]
+    config, engine = split_partition_key(partition)
+    rerunning = run(end - 1) if awaiting is not None and awaiting[end - 1] else None
+    judged_end = end - 1 if rerunning else end
+    if judged_end == start:
+        return PartitionSummary(partition, config, engine, PartitionStatus.PENDING,
+                                runs=end - start, rerunning=rerunning)
+    in_window = [i for i in range(start, judged_end) if not outage[i]]
+    counted = [i for i in in_window if superseded is None or not superseded[i]]
     passes = [passed(columns["status"][i]) for i in counted]
     alert = alert_open(passes, settings.alert_open_after, settings.alert_close_after)
-    flakes = flakiness([run(i) for i in counted[-settings.flaky_window:]], settings.flaky_window)
+    flakes = flakiness([run(i) for i in in_window[-settings.flaky_window:]],
+                       settings.flaky_window)
     streak = failing_streak(passes)
     slow = []
     if passes and passes[-1]:  # slowdowns of a failing partition are noise
-        keep = ~outage[start:end]
+        keep = ~outage[start:judged_end]
         for name, values in series.items():
-            found = slowdown(name, values[start:end][keep], settings)
+            found = slowdown(name, values[start:judged_end][keep], settings)
             if found:
                 slow.append(found)
-    config, engine = split_partition_key(partition)
-    last = run(end - 1)
+    last = run(judged_end - 1)
     return PartitionSummary(
         partition=partition, config=config, engine=engine,
-        status=partition_status(last, bool(outage[end - 1]), settings, now, flakes.flaky, alert),
+        status=partition_status(last, bool(outage[judged_end - 1]), settings, now,
+                                flakes.flaky, alert),
         runs=end - start, last=last, failing_streak=streak, alert_open=alert,
         regression=regression_range([run(i) for i in counted[-(streak + 1):]]) if streak else None,
-        flakiness=flakes, slowdowns=slow,
+        flakiness=flakes, slowdowns=slow, rerunning=rerunning,
     )
 
 
@@ -248,13 +275,18 @@ def analyze(
     first failure one searched names its verdict."""
     summaries: dict[str, PartitionSummary] = {}
     costs, refused = partition_costs(table), refusals(table)
-    # A refused or an interrupted run neither passed nor failed: no rule counts it; nor a
-    # culprit search's rerun, which tested an older commit.
+    # A culprit search's rerun tested an older commit: no rule counts it. Nor a refused or an
+    # interrupted run, which neither passed nor failed (once after it, though, a failure no
+    # longer awaits its rerun).
     if not table.empty:
-        table = table[table["status"].map(judged) & ~table["trigger"].map(out_of_line)]
+        table = with_run_fields(table[~table["trigger"].map(out_of_line)]).sort_values(
+            ["partition", "finished_at"], kind="stable")
+        table = table.assign(_awaiting=awaiting_rerun(table))
+        table = table[table["status"].map(judged)]
     if not table.empty:
-        table = with_run_fields(table).sort_values(["partition", "finished_at"], kind="stable")
         outage = outage_flags(table, settings).to_numpy(dtype=bool)
+        superseded = superseded_attempts(table).to_numpy(dtype=bool)
+        awaiting = table["_awaiting"].to_numpy(dtype=bool)
         # pandas stores a missing value as NaN: the rules and reports expect None.
         columns = {name: table[name].astype(object).where(table[name].notna(), None).tolist()
                    for name in RUN_FIELDS}
@@ -265,7 +297,8 @@ def analyze(
         bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist(), len(keys)]
         for start, end in zip(bounds, bounds[1:], strict=False):
             summaries[keys[start]] = summarize_partition(
-                keys[start], columns, series, outage, start, end, settings, now)
+                keys[start], columns, series, outage, start, end, settings, now, superseded,
+                awaiting)
     for p in {*costs, *refused} - set(summaries):
         summaries[p] = PartitionSummary(p, *split_partition_key(p), PartitionStatus.PENDING)
     for p, summary in summaries.items():
@@ -281,9 +314,35 @@ def analyze(
     return ordered + [summaries[p] for p in sorted(summaries)]
 
 
+def cells(table: pd.DataFrame) -> pd.Series:
+    """Each row's cell: the run id of its first attempt (deflake reruns share it)."""
+    return table["rerun_of"].where(table["rerun_of"].notna() & (table["rerun_of"] != ""),
+                                   table["run_id"])
+
+
+def attempts(table: pd.DataFrame) -> pd.Series:
+    """Each row's attempt of its cell (1 for rows recorded before attempts were)."""
+    return pd.to_numeric(table["attempt"], errors="coerce").fillna(1).astype(int)
+
+
+def superseded_attempts(table: pd.DataFrame) -> pd.Series:
+    """Rows that a later attempt of their cell (among these rows) stands for."""
+    attempt = attempts(table)
+    return attempt < attempt.groupby(cells(table)).transform("max")
+
+
+def awaiting_rerun(table: pd.DataFrame) -> pd.Series:
+    """Failures due a deflake rerun that are their partition's latest row (of every status,
+    sorted by partition and finish): not yet a verdict. A later row (the rerun, even refused or
+    interrupted, or the partition's next run) settles it."""
+    due = table["rerun_due"].eq(True) & ~table["status"].map(passed)
+    latest = table["partition"].ne(table["partition"].shift(-1))
+    return due & latest
+
+
 def with_run_fields(table: pd.DataFrame) -> pd.DataFrame:
     """The table with every run field, empty where rows from before it existed lack it."""
-    missing = [name for name in RUN_FIELDS if name not in table]
+    missing = [name for name in [*RUN_FIELDS, "rerun_due"] if name not in table]
     return table.assign(**{name: None for name in missing}) if missing else table
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 from mlci_dagster.history.analysis import (
     PartitionSummary,
     SignatureCluster,
+    cells,
     signature_clusters,
     with_run_fields,
 )
@@ -139,11 +140,30 @@ def run_link(dagster_url: str, run_id: str) -> str:
     return f"{dagster_url.rstrip('/')}/runs/{run_id}" if dagster_url else ""
 
 
-def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: int) -> str:
+def colour_of(row: dict[str, Any]) -> str:
+    """A run's colour: a pass, a failure by its kind, or a run that was no verdict."""
+    status = row["status"]
+    return COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS.get(status) \
+        if not judged(status) else COLOURS.get(row["failure_kind"] or "",
+                                               COLOURS[FailureKind.PRODUCT])
+
+
+def background(attempts: list[dict[str, Any]]) -> str:
+    """One colour, or a cell's deflake attempts side by side, oldest left."""
+    if len(attempts) == 1:
+        return colour_of(attempts[0])
+    width = 100 / len(attempts)
+    stops = ", ".join(f"{colour_of(a)} {i * width:.0f}% {(i + 1) * width:.0f}%"
+                      for i, a in enumerate(attempts))
+    return f"linear-gradient(to right, {stops})"
+
+
+def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: int,
+          attempts: list[dict[str, Any]] = ()) -> str:
+    """`row`: the run shown; `attempts`: its cell's deflake attempts, oldest first, it last."""
+    attempts = list(attempts) or [row]
     status = row["status"]
     kind = row["failure_kind"] or ""
-    colour = COLOURS[LIFECYCLE_PASS] if passed(status) else COLOURS.get(status) \
-        if not judged(status) else COLOURS.get(kind, COLOURS[FailureKind.PRODUCT])
     cost = row.get("cost_usd")
     when = dt.datetime.fromtimestamp(row["finished_at"], dt.UTC).strftime("%Y-%m-%d %H:%M")
     stages = json.loads(row["stages"]) if row["stages"] else {}
@@ -161,12 +181,15 @@ def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: i
         f"debug bundle {row['debug_bundle']}" if row.get("debug_bundle") else "",
         {"last-pass": "the last pass before the regression",
          "first-fail": "the first failure of the regression"}.get(mark, ""),
+        *([f"attempt {i}: {a['status']}, run {a['run_id']}"
+           for i, a in enumerate(attempts, start=1)] if len(attempts) > 1 else []),
+        "flaky: failed, then passed on rerun" if len(attempts) > 1 and passed(status) else "",
         f"{more} more run(s) in this batch" if more else "",
         f"run {row['run_id']}",
     ] if line)
     href = run_link(dagster_url, row["run_id"])
     tag, link = ("a", f' href="{html.escape(href)}"') if href else ("span", "")
-    return (f'<{tag} class="cell {mark}"{link} style="background:{colour}" '
+    return (f'<{tag} class="cell {mark}"{link} style="background:{background(attempts)}" '
             f'title="{html.escape(title)}">{html.escape(letter)}</{tag}>')
 
 
@@ -298,7 +321,7 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
                 tests: list[TestSummary] = (), cases: pd.DataFrame | None = None) -> str:
     table = with_run_fields(table) if not table.empty else table
     if not table.empty:
-        table = table.assign(_batch=batch_keys(table))
+        table = table.assign(_batch=batch_keys(table), _cell=cells(table))
     columns = batch_columns(table) if not table.empty else []
     letters = signature_letters(list(clusters), table) if not table.empty else {}
     by_partition = {p: rows.sort_values("finished_at") for p, rows in table.groupby("partition")} \
@@ -323,6 +346,10 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
             row["_batch"]: row for row in rows.drop_duplicates("_batch", keep="last")
             .to_dict("records")}
         runs = {} if rows is None else rows["_batch"].value_counts().to_dict()
+        cells_of: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        retried = [] if rows is None else rows[rows.duplicated(["_batch", "_cell"], keep=False)]
+        for row in [] if rows is None else retried.to_dict("records"):
+            cells_of.setdefault((row["_batch"], row["_cell"]), []).append(row)
         slots = []
         for column in columns:
             row = latest.get(column["key"])
@@ -330,8 +357,9 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
                 slots.append('<td class="slot"><span class="none"></span></td>')
                 continue
             letter = letters.get(row["signature"] or "", "")
+            attempts = cells_of.get((column["key"], row["_cell"]), [row])
             cell = _cell(row, letter, marks.get(row["run_id"], ""), dagster_url,
-                         runs[column["key"]] - 1)
+                         runs[column["key"]] - len(attempts), attempts)
             slots.append(f'<td class="slot">{cell}</td>')
         regression = regression_text(s)
         badge = (f'<span class="badge" style="background:{STATUS_COLOURS[str(s.status)]}">'

@@ -127,6 +127,12 @@ class ResultRecord(_Record):
     preempted: bool = False  # a spot node was reclaimed mid-run (always an infra failure)
     batch: str = ""  # what launched it with others: `nightly 2026-03-09`, `commit 1a2b3c4d5e`
     sha: str | None = None  # the commit it tested, when its launch named one
+    # Deflake reruns: which attempt of its cell this is (2 and on rerun the first attempt,
+    # `rerun_of`), and whether this failure is due another attempt (its reruns policy allows
+    # one, and it failed for the product or a timeout): no verdict until that one is recorded.
+    attempt: int = 1
+    rerun_of: str | None = None
+    rerun_due: bool = False
     # The tests the pipelines reported: their counts, the failing ones (at most
     # MAX_FAILING_TESTS, of `failing_tests_total`), never the whole report; each report that
     # could not be read, naming its pipeline and file; where every case is kept (pipeline ->
@@ -163,6 +169,16 @@ class ResultRecord(_Record):
     def out_of_line(self) -> bool:
         """A culprit search's rerun of an older commit: it counts in no partition's state."""
         return out_of_line(self.trigger)
+
+    @property
+    def cell(self) -> str:
+        """The run id of its cell's first attempt: what its reruns name."""
+        return self.rerun_of or self.run_id
+
+    @property
+    def awaiting_rerun(self) -> bool:
+        """A failure that its rerun will confirm or call a flake: no verdict yet."""
+        return self.rerun_due and not self.passed
 
     @property
     def judged(self) -> bool:

@@ -64,9 +64,22 @@ def regression_text(summary: PartitionSummary) -> str:
 
 
 def flakiness_text(summary: PartitionSummary) -> str:
-    if not summary.flakiness.flaky:
+    """`flaky (40% flips)`, and the latest cell that passed only on a rerun:
+    `; passed on rerun: 37b81037→750f0e08`."""
+    flakes = summary.flakiness
+    if not flakes.flaky:
         return "-"
-    return f"flaky ({summary.flakiness.transition_rate:.0%} flips)"
+    rerun = "→".join(run[:8] for run in flakes.flaky_cells[-1]) if flakes.flaky_cells else ""
+    return (f"flaky ({flakes.transition_rate:.0%} flips)"
+            + (f"; passed on rerun: {rerun}" if rerun else ""))
+
+
+def last_text(summary: PartitionSummary) -> str:
+    """The latest run's status, or the failure whose rerun is awaited: `fail-pipeline_runs,
+    rerun due`."""
+    if summary.rerunning:
+        return f"{summary.rerunning['status']}, rerun due"
+    return (summary.last or {}).get("status", "untested")
 
 
 def table(rows: list[list[str]]) -> str:
@@ -92,7 +105,7 @@ def report_table(summaries: list[PartitionSummary], now: float | None = None) ->
         when = (f"{dt.datetime.fromtimestamp(finished, dt.UTC):%Y-%m-%d %H:%M}Z "
                 f"({age(finished, now)})" if finished else "-")
         rows.append([
-            s.partition, str(s.status), last.get("status", "untested"),
+            s.partition, str(s.status), last_text(s),
             last.get("failed_stage") or "-",
             f"{last['duration_s']:.1f}s" if last.get("duration_s") is not None else "-",
             when, regression_text(s), flakiness_text(s),

@@ -20,13 +20,13 @@ BASE_COLUMNS = [
     "storage_id", "run_id", "partition", "config", "engine", "config_id", "status", "passed",
     "failed_stage", "failure_kind", "image_digest", "code_version", "trigger", "started_at",
     "finished_at", "duration_s", "stages", "cost_usd", "signature", "signature_text",
-    "batch", "log_ref", "debug_bundle", "sha",
+    "batch", "log_ref", "debug_bundle", "sha", "attempt", "rerun_of", "rerun_due",
 ]
 # Text columns hold None where a run has no value (a skip has no image digest): pandas would
 # store such a gap as NaN (a float) in a column of strings, which string code then trips on.
 TEXT_COLUMNS = [c for c in BASE_COLUMNS
                 if c not in ("storage_id", "passed", "started_at", "finished_at", "duration_s",
-                             "cost_usd")]
+                             "cost_usd", "attempt", "rerun_due")]
 DURATION_PREFIX = "duration:"
 METRIC_PREFIX = "metric:"
 

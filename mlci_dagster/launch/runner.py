@@ -38,10 +38,19 @@ import dagster as dg
 from mlci_dagster.compat import instance_connection, report_run_canceling
 from mlci_dagster.event_log import record_of_run
 from mlci_dagster.launch.admission import AdmissionStore, free_slots
+from mlci_dagster.launch.reruns import Rerun
 from mlci_dagster.launch.workers import IN_PROGRESS, UNFINISHED, fail_lost_run
 from mlci_dagster.paths import run_log_dir
 from mlci_dagster.providers.processes import die_with_parent
-from mlci_dagster.vocabulary import PARTITION_TAG, POOL_TAG, SEARCH_TAG, SHA_TAG, trigger_of
+from mlci_dagster.vocabulary import (
+    PARTITION_TAG,
+    POOL_TAG,
+    RERUN_OF_TAG,
+    SEARCH_TAG,
+    SHA_TAG,
+    attempt_of,
+    trigger_of,
+)
 
 # A failed lifecycle is reported by `mlci`, not by Dagster's console; every event is still in
 # the run's log in the instance.
@@ -59,6 +68,8 @@ class Verdict(enum.StrEnum):
     SKIPPED = "SKIPPED"  # refused before it began (the budget, a reservation): no verdict
     CANCELED = "CANCELED"  # interrupted and torn down: no verdict
     NOT_RUN = "NOT RUN"  # never started: already in progress, waited too long, interrupted
+    RERUN = "FAILED, rerun"  # failed, and its rerun (the next item of its cell) decides
+    FLAKY = "FLAKY"  # passed on a rerun after failing: no regression
 
 
 # Verdicts that make `mlci run` exit non-zero: a failure, a run lost or stopped from outside
@@ -220,12 +231,15 @@ def run_partitions(
     limits: dict[str, int], parallel: int, trigger: str, home: Path, events: RunEvents,
     *, batch: str, max_wait_s: Callable[[str], float], fail_fast: bool = False,
     held: Callable[[], dict[str, int]] = dict,
+    reruns: Callable[[str], Rerun | None] | None = None,
 ) -> tuple[list[PartitionRun], str]:
     """Runs every partition, `parallel` at once and within pool limits (less the slots `held`
     by daytime holds), each waiting for its pool at most `max_wait_s(pool)`. Returns every
     item with its verdict, and why the runner stopped early ("" when it did not): an interrupt
     (KeyboardInterrupt: Ctrl-C, or SIGTERM turned into one by the caller) or `fail_fast` after a
-    failure. Either way the partitions in progress are cancelled and torn down first."""
+    failure. Either way the partitions in progress are cancelled and torn down first.
+    `reruns`: the deflake rerun a failed run is due (launch/reruns.py), run next as an item
+    appended to `items`; the failed item's verdict is then RERUN, and its rerun's decides."""
     gate = Gate(instance, limits, home, held)
     pending = list(items)
     running: dict[str, tuple[subprocess.Popen, PartitionRun]] = {}
@@ -253,6 +267,17 @@ def run_partitions(
         settled(instance, item, proc, home, stopping=bool(stopped))
         if item.verdict is Verdict.LOST:
             events.lost(item)
+        if item.verdict is Verdict.PASSED and RERUN_OF_TAG in item.tags:
+            item.verdict = Verdict.FLAKY
+            item.why = f"passed on attempt {attempt_of(item.tags)}, after failing"
+        again = reruns(item.run_id) if reruns and not stopped \
+            and item.verdict is Verdict.FAILED else None
+        if again is not None:
+            item.verdict = Verdict.RERUN
+            item.why = f"attempt {again.attempt} next" + (f"; {item.why}" if item.why else "")
+            rerun = PartitionRun(item.key, str(uuid.uuid4()), item.pool, tags=again.tags)
+            items.append(rerun)
+            pending.insert(0, rerun)
         events.finished(item)
 
     try:

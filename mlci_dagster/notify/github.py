@@ -123,6 +123,9 @@ class GitHubIssues(GitHubClient):
         return number
 
     def deliver(self, notification: Notification) -> int | None:
+        """On the signature's issue; nothing for a notification of no signature."""
+        if not notification.signature:
+            return None
         if notification.kind is Kind.RESOLVED:
             return self.comment_and_close(notification)
         return self.open_or_comment(notification)

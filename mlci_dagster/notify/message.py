@@ -23,6 +23,7 @@ class Kind(enum.StrEnum):
     RESOLVED = "resolved"  # no partition fails with the signature any more
     REGRESSION = "regression"  # the history analysis opened alerts for partitions failing so
     CULPRIT = "culprit"  # a culprit search named the commit that broke a partition, or stopped
+    QUARANTINE = "quarantine"  # a partition flaky past the threshold: its quarantine proposed
 
 
 @dataclass
@@ -170,6 +171,31 @@ def culprit_notification(found: dict[str, Any], dagster_url: str) -> Notificatio
                **{f"rerun at {r['commit'][:12]} ({r['kind']})":
                   f"{r['status']}: {run_url(dagster_url, r['run_id']) or r['run_id']}"
                   for r in reruns}},
+    )
+
+
+def quarantine_notification(flaky: dict[str, Any], threshold: float, expires: str,
+                            dagster_url: str) -> Notification:
+    """A partition flaky past `threshold` (its entry of the history's no_flaky_partitions
+    check): its quarantine proposed, never made; the command that makes it, on the issue of
+    the signature it last failed with."""
+    partition, rate = flaky["partition"], float(flaky["transition_rate"])
+    cells = flaky.get("flaky_cells") or []
+    command = (f"mlci quarantine add '{partition}' --owner <owner> --reason 'flaky: "
+               f"{rate:.0%} flips' --expires {expires}")
+    return Notification(
+        kind=Kind.QUARANTINE, signature=flaky.get("signature") or "",
+        signature_text=flaky.get("signature_text") or "",
+        title=f"quarantine proposed: {partition} is flaky ({rate:.0%} flips in its last "
+              f"{flaky.get('runs', '?')} runs, over the {threshold:.0%} threshold)",
+        partitions=[partition], run_id=f"{partition}:{expires}",
+        verdict="proposed, not quarantined: nothing is quarantined until someone runs the "
+                "command",
+        facts={"to quarantine it": command,
+               **({"passed only on rerun": ", ".join("→".join(run[:8] for run in cell)
+                                                     for cell in cells[-3:])} if cells else {}),
+               **({"latest flaky run": run_url(dagster_url, cells[-1][-1])} if cells and
+                  dagster_url else {})},
     )
 
 

@@ -52,6 +52,8 @@ class NotifierState:
     failing: dict[str, str] = field(default_factory=dict)
     open_signatures: dict[str, dict[str, Any]] = field(default_factory=dict)
     searches_after: int = 0  # culprit_search observations read up to this storage id
+    flaky_after: int = 0  # no_flaky_partitions evaluations read up to this id
+    proposed: list[str] = field(default_factory=list)  # quarantine proposed, flaky since
 
     def members(self, signature: str) -> list[str]:
         """The partitions failing with `signature` now."""
@@ -63,7 +65,8 @@ class NotifierState:
                            "open_alerts": sorted(self.open_alerts),
                            "pending": [p.to_dict() for p in self.pending],
                            "failing": self.failing, "open_signatures": self.open_signatures,
-                           "searches_after": self.searches_after})
+                           "searches_after": self.searches_after,
+                           "flaky_after": self.flaky_after, "proposed": sorted(self.proposed)})
 
     @classmethod
     def from_json(cls, text: str) -> NotifierState:
@@ -72,7 +75,8 @@ class NotifierState:
                    list(data.get("open_alerts", [])),
                    [Pending.from_dict(p) for p in data.get("pending", [])],
                    dict(data.get("failing", {})), dict(data.get("open_signatures", {})),
-                   int(data.get("searches_after", 0)))
+                   int(data.get("searches_after", 0)), int(data.get("flaky_after", 0)),
+                   list(data.get("proposed", [])))
 
 
 @dataclass

@@ -10,7 +10,8 @@ from mlci_dagster.notify.message import Kind, Notification, summary_lines
 from mlci_dagster.notify.transport import host_of, request_json
 
 ICONS = {Kind.SIGNATURE: ":red_circle:", Kind.SPREAD: ":red_circle:",
-         Kind.RESOLVED: ":large_green_circle:", Kind.REGRESSION: ":rotating_light:"}
+         Kind.RESOLVED: ":large_green_circle:", Kind.REGRESSION: ":rotating_light:",
+         Kind.CULPRIT: ":mag:", Kind.QUARANTINE: ":construction:"}
 SECTION_CHARS = 2900  # Slack caps a section's text at 3000 characters
 
 

@@ -122,7 +122,7 @@ class Registry:
 
 # Say when a config runs and as what, not what it tests; left out, ids from before they existed
 # are kept.
-OUTSIDE_CONFIG_ID = {"paths", "class_"}
+OUTSIDE_CONFIG_ID = {"paths", "class_", "reruns"}
 
 
 # Fields added after ids existed, left out while unset (None, or empty), so a harness upgrade

@@ -262,6 +262,20 @@ class CulpritSearchSettings(StrictModel):
         "lower, bounds it too): k at once splits the range k+1 ways per round.")
 
 
+Reruns = Annotated[int, Field(ge=0, le=5)]
+
+
+class QuarantineSettings(StrictModel):
+    """When the notifier proposes quarantining a flaky partition (a proposal only: `mlci
+    quarantine add` quarantines, into the registry's quarantine.yaml)."""
+
+    propose_above: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=0.3, description="Propose it once its transition rate (flips between pass and "
+        "fail over the history's flaky_window) reaches this; null: never.")
+    days: Annotated[int, Field(ge=1, le=365)] = Field(
+        default=14, description="The expiry a proposal suggests, in days from its day.")
+
+
 class TierSpec(StrictModel):
     """A tier: the configs that list it under `tiers:`, what starts their runs and how much of
     them a run takes."""
@@ -278,6 +292,11 @@ class TierSpec(StrictModel):
     representatives: bool = Field(
         default=False, description="One partition per equivalence class (its first config by "
         "name), standing for the others of the class.")
+    reruns: Reruns = Field(
+        default=0, description="How many times a run of the tier that fails for the product or "
+        "a timeout is rerun on the same image and commit: a failure that passes on rerun is "
+        "flaky (no regression, no issue), one that fails every attempt is confirmed. A "
+        "config's own `reruns` wins.")
     description: str = ""
 
     @model_validator(mode="after")
@@ -351,6 +370,7 @@ class Settings(StrictModel):
         default=None, description="The git repository whose commits and pull requests start "
         "the merge, pull_request and label tiers.")
     culprit_search: CulpritSearchSettings = CulpritSearchSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()
     nightly: NightlySettings = Field(
         default=NightlySettings(), description="When the nightly schedule starts.")
     reservations: list[ReservationSpec] = Field(
@@ -587,6 +607,10 @@ class TestConfig(StrictModel):
         default=None, alias="class", description="Its equivalence class, instead of the "
         "fingerprint of what decides its behaviour: configs of one class on one engine are "
         "interchangeable, and a tier with `representatives` runs one of them.")
+    reruns: Reruns | None = Field(
+        default=None, description="How many times its failing run (product or timeout) is "
+        "rerun on the same image and commit, whatever its tier; default: its run's tier's "
+        "`reruns`, else none.")
     image: ImageSpec
     sandbox: SandboxSpec = LocalSandbox()
     pipelines: Annotated[list[Pipeline], Field(min_length=1)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import dagster as dg
 
@@ -18,7 +19,8 @@ from mlci_dagster.assets.external import COMMIT_SUMMARY, PULL_REQUEST_LABEL, REL
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.event_log import record_of_run
 from mlci_dagster.notify import NotifyError
-from mlci_dagster.registry import Registry
+from mlci_dagster.registry import Registry, RegistryError
+from mlci_dagster.registry.quarantine import Quarantine, load_quarantine
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource
 from mlci_dagster.schedules import NIGHTLY_TIER
@@ -188,10 +190,19 @@ def pr_label_sensor(job: dg.UnresolvedAssetJobDefinition, minimum_interval_secon
 # --- the summary of each run set ------------------------------------------------------------
 
 
-def _failed_stage(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
-    """The failing stage the run's results record names; None when it passed or has none."""
-    record = record_of_run(instance, run.run_id)
-    return record.failed_stage if record is not None and not record.passed else None
+def partition_run(instance: dg.DagsterInstance, key: str, run: dg.DagsterRun) -> PartitionRun:
+    """The run as its set's summary reads it: its status, and once it finished, what its
+    results record says (its failing stage and tests, a rerun due, a pass on rerun)."""
+    record = record_of_run(instance, run.run_id) if run.is_finished else None
+    if record is None:
+        return PartitionRun(key, run.run_id, run.status.value)
+    complete = len(record.failing_tests) == record.failing_tests_total
+    return PartitionRun(
+        key, run.run_id, run.status.value,
+        failed_stage=None if record.passed else record.failed_stage,
+        awaiting_rerun=record.awaiting_rerun, flaky=record.passed and record.attempt > 1,
+        failing_tests=tuple(t.id for t in record.failing_tests) if complete else (),
+        finished_at=record.finished_at)
 
 
 def run_set_runs(instance: dg.DagsterInstance, sha: str, tier: str
@@ -199,12 +210,22 @@ def run_set_runs(instance: dg.DagsterInstance, sha: str, tier: str
     """(the set's size, the latest run of each of its partitions)."""
     runs = instance.get_runs(filters=dg.RunsFilter(tags={SHA_TAG: sha, TIER_TAG: tier}))
     latest: dict[str, dg.DagsterRun] = {}
-    for run in runs:  # newest first: a re-execution stands for its partition
+    for run in runs:  # newest first: a re-execution or a deflake rerun stands for its partition
         latest.setdefault(run.tags.get(PARTITION_TAG, run.run_id), run)
     expected = max((int(r.tags.get(RUNS_TAG, "0")) for r in runs), default=0)
-    return expected, [PartitionRun(key, run.run_id, run.status.value,
-                                   _failed_stage(instance, run) if run.is_finished else None)
-                      for key, run in latest.items()]
+    return expected, [partition_run(instance, key, run) for key, run in latest.items()]
+
+
+def quarantine_or_none(registry: Registry | dg.SkipReason, log: Any) -> Quarantine:
+    """The registry's quarantine; none (every failure counts) when it cannot be read, said in
+    the log: a bad quarantine file never lets a failure pass."""
+    if isinstance(registry, dg.SkipReason):
+        return Quarantine()
+    try:
+        return load_quarantine(registry.root)
+    except RegistryError as exc:
+        log.warning(f"quarantine not applied, every failure counts: {exc}")
+        return Quarantine()
 
 
 def qualifying_tiers(registry: Registry | None) -> set[str]:
@@ -237,11 +258,12 @@ def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResourc
         return dg.SensorResult(skip_reason=f"notifier misconfigured: {exc}")
     registry = registry_or_skip(mlci)
     qualifying = qualifying_tiers(None if isinstance(registry, dg.SkipReason) else registry)
+    quarantine = quarantine_or_none(registry, context.log)
     events: list[dg.AssetObservation] = []
     for group in sorted(touched):
         sha, tier = group.split(" ")
         expected, runs = run_set_runs(context.instance, sha, tier)
-        summary = summarize(sha, tier, expected, runs, notifier.dagster_url)
+        summary = summarize(sha, tier, expected, runs, notifier.dagster_url, quarantine)
         last = posted.get(group)
         if summary is None or summary.state == last or (
                 summary.state == PENDING and last in (SUCCESS, FAILURE)):

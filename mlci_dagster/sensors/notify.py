@@ -8,7 +8,9 @@ and is retried on the next tick."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterator
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any
 
@@ -26,7 +28,11 @@ from mlci_dagster.notify import (
     resolved_notification,
     signature_notification,
 )
-from mlci_dagster.notify.message import culprit_notification, signature_of_record
+from mlci_dagster.notify.message import (
+    culprit_notification,
+    quarantine_notification,
+    signature_of_record,
+)
 from mlci_dagster.notify.notifier import (
     MAX_PENDING,
     Notifier,
@@ -36,23 +42,28 @@ from mlci_dagster.notify.notifier import (
 )
 from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer, Evidence
 from mlci_dagster.providers.logpipe import log_tail
+from mlci_dagster.registry import Registry, RegistryError
+from mlci_dagster.registry.models import QuarantineSettings
+from mlci_dagster.registry.quarantine import load_quarantine
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource, RootCauseResource
 from mlci_dagster.searches import OPEN_STATES, SEARCH_ASSET, search_summary
 
 REGRESSION_CHECK = dg.AssetCheckKey(dg.AssetKey("history"), "no_new_regressions")
+FLAKY_CHECK = dg.AssetCheckKey(dg.AssetKey("history"), "no_flaky_partitions")
 RESULTS_PER_TICK = 500
 CHECK_PAGE = 100
 
 
 def regression_evaluations(
-    instance: dg.DagsterInstance, after: int
+    instance: dg.DagsterInstance, after: int, check: dg.AssetCheckKey = REGRESSION_CHECK,
 ) -> Iterator[tuple[int, dict[str, dict[str, Any]]]]:
-    """(execution id, open alerts by partition) of each completed `no_new_regressions`
-    evaluation after id `after`, oldest first."""
+    """(execution id, its entries by partition) of each completed evaluation of `check`
+    (default: `no_new_regressions`, whose entries are the open alerts) after id `after`,
+    oldest first."""
     found, cursor = [], None
     while True:
-        page = check_evaluations_page(instance, REGRESSION_CHECK, CHECK_PAGE, cursor)
+        page = check_evaluations_page(instance, check, CHECK_PAGE, cursor)
         newer = [r for r in page if r.id > after]
         found += newer
         if len(newer) < len(page) or len(page) < CHECK_PAGE:
@@ -76,24 +87,28 @@ def latest_state(instance: dg.DagsterInstance) -> NotifierState:
                           searches_after=searches[0].storage_id if searches else 0)
     for execution_id, alerts in regression_evaluations(instance, 0):
         state.checks_after, state.open_alerts = execution_id, sorted(alerts)
+    for execution_id, flaky in regression_evaluations(instance, 0, FLAKY_CHECK):
+        state.flaky_after, state.proposed = execution_id, sorted(flaky)
     return state
 
 
 def collect(
     instance: dg.DagsterInstance, state: NotifierState, dagster_url: str,
     explain: Callable[[list[ResultRecord]], str] = lambda records: "",
+    quarantine: QuarantineSettings | None = None, quarantined: Collection[str] = (),
 ) -> list[Notification]:
     """New notifications since the cursor, one per signature: new ones (explained by
     `explain` when an analyzer is configured), those that spread to more partitions, those no
-    partition fails with any more, and regression alerts grouped by signature. Advances the
-    cursor past what it read."""
+    partition fails with any more, and regression alerts grouped by signature; and a
+    quarantine proposal for each partition newly flaky past `quarantine.propose_above` that is
+    not `quarantined` already. Advances the cursor past what it read."""
     grouped: dict[str, list[ResultRecord]] = {}
     ended: dict[str, ResultRecord] = {}  # signature -> a result that took a partition off it
     for storage_id, record in islice(new_results(instance, state.results_after),
                                      RESULTS_PER_TICK):
         state.results_after = storage_id
-        if not record.judged or record.out_of_line:
-            continue  # no verdict (refused, interrupted), or a culprit search's rerun
+        if not record.judged or record.out_of_line or record.awaiting_rerun:
+            continue  # no verdict (refused, interrupted, a rerun due), or a culprit rerun
         before = state.failing.pop(record.partition, None)
         if not record.passed:
             signature = signature_of_record(record).id
@@ -132,10 +147,33 @@ def collect(
         for (signature, text), group in by_signature.items():
             found.append(regression_notification(signature, text, group, dagster_url))
         state.open_alerts = sorted(alerts)
+    found += proposals(instance, state, dagster_url, quarantine, quarantined)
     for storage_id, ended in ended_searches(instance, state.searches_after):
         state.searches_after = storage_id
         if ended is not None:
             found.append(culprit_notification(ended, dagster_url))
+    return found
+
+
+def proposals(instance: dg.DagsterInstance, state: NotifierState, dagster_url: str,
+              settings: QuarantineSettings | None, quarantined: Collection[str]
+              ) -> list[Notification]:
+    """A quarantine proposal for each partition the history's latest no_flaky_partitions
+    evaluations find flaky past the threshold, once while it stays flaky."""
+    found = []
+    for execution_id, flaky in regression_evaluations(instance, state.flaky_after, FLAKY_CHECK):
+        state.flaky_after = execution_id
+        if settings is None or settings.propose_above is None:
+            continue
+        expires = (datetime.now(UTC) + timedelta(days=settings.days)).date().isoformat()
+        for partition, entry in sorted(flaky.items()):
+            if partition not in state.proposed and partition not in quarantined \
+                    and float(entry["transition_rate"]) >= settings.propose_above:
+                found.append(quarantine_notification(entry, settings.propose_above, expires,
+                                                     dagster_url))
+                state.proposed.append(partition)
+        # Proposed again once it relapses after a spell of not being flaky.
+        state.proposed = sorted(p for p in state.proposed if p in flaky)
     return found
 
 
@@ -193,17 +231,30 @@ def signatures_observation(notifications: list[Notification], analyzer: str
         "entries": dg.MetadataValue.json(entries)})
 
 
+def quarantined_partitions(registry: Registry, log: dg.DagsterLogManager) -> set[str]:
+    """The partitions quarantined whole now (none proposed again); none when the file is
+    unreadable (said in the log)."""
+    try:
+        quarantine = load_quarantine(registry.root)
+    except RegistryError as exc:
+        log.warning(f"quarantine.yaml not read: {exc}")
+        return set()
+    return {e.partition for e in quarantine.quarantine if e.test is None and e.active(time.time())}
+
+
 @dg.sensor(
     name="notify", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
     description="Posts one message per failure signature (new, spreading, resolved) and per "
                 "signature of newly regressed partitions, to the webhook and to one GitHub issue "
-                "per signature.",
+                "per signature; and proposes quarantining a partition flaky past "
+                "quarantine.propose_above.",
 )
 def notify(context: dg.SensorEvaluationContext, notifier: NotifierResource,
            mlci: MlciResource, root_cause: RootCauseResource) -> dg.SensorResult:
     try:
         channels: Notifier = notifier.notifier()
-        analyzer = root_cause.analyzer(mlci.registry().secret_names)
+        registry = mlci.registry()
+        analyzer = root_cause.analyzer(registry.secret_names)
     except NotifyError as exc:
         return dg.SensorResult(skip_reason=f"notifier misconfigured: {exc}")
     if not context.cursor or not channels.enabled:
@@ -223,7 +274,8 @@ def notify(context: dg.SensorEvaluationContext, notifier: NotifierResource,
             context.log.warning(f"no root-cause hypothesis: {exc}")
             return ""
 
-    new = collect(context.instance, state, notifier.dagster_url, explain)
+    new = collect(context.instance, state, notifier.dagster_url, explain,
+                  registry.settings.quarantine, quarantined_partitions(registry, context.log))
     queue = state.pending + [Pending(n, channels.channels) for n in new]
     state.pending, failures = deliver_in_order(channels, queue)
     for failure in failures:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from mlci_dagster.cost import hourly_rate, run_cost
+from mlci_dagster.culprits.reruns import rerun_due, reruns_allowed
 from mlci_dagster.history.record import (
     MAX_FAILING_TESTS,
     MetricRecord,
@@ -97,6 +98,10 @@ def build_record(
         preempted=was_preempted(pipelines),
         batch=ctx.launch.batch_at(started),
         sha=ctx.launch.sha,
+        attempt=ctx.launch.attempt,
+        rerun_of=ctx.launch.rerun_of,
+        rerun_due=failed is not None and rerun_due(ctx.launch, failed.failure_kind, reruns_allowed(
+            ctx.config, ctx.registry.settings.tiers.get(ctx.launch.tier or ""))),
         **tests_of(pipeline_details),
     )
 

@@ -90,11 +90,11 @@ def registry_globs(registry: Registry, loaded: LoadedConfig) -> list[tuple[str, 
 
 # --- equivalence classes --------------------------------------------------------------------
 
-# Who owns a config, where and when it runs, and what history tracks of its outputs: configs
-# that differ only in these behave alike. Any other field counts, so one added later splits
-# classes until it is listed here.
+# Who owns a config, where and when it runs (and how often a failure is rerun), and what
+# history tracks of its outputs: configs that differ only in these behave alike. Any other
+# field counts, so one added later splits classes until it is listed here.
 BEHAVIOUR_NEUTRAL = frozenset({"name", "description", "owners", "engines", "tiers", "paths",
-                               "class_", "metrics"})
+                               "class_", "metrics", "reruns"})
 
 
 def behaviour_fingerprint(config: TestConfig) -> str:
