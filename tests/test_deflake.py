@@ -29,7 +29,7 @@ from mlci_dagster.sensors.notify import collect
 from mlci_dagster.tiers.commit_summary import summarize
 from tests.support.daemon import RUN_KEY_TAG, launch
 from tests.support.registries import command_pipeline, config, write_registry
-from tests.support.runs import QUIET, result_record
+from tests.support.runs import QUIET, assert_no_leaks, result_record, stage_details
 
 KEY = "model|e1"
 DRAW = ("import os, pathlib, random; p = pathlib.Path(os.environ['COUNTER']); "
@@ -108,6 +108,9 @@ def test_a_one_in_three_failure_passes_on_rerun_and_is_recorded_flaky(
                    quarantine=QuarantineSettings(), quarantined={KEY}) == []
     assert not any(starts_regression(instance, i, r) for i, r in new_results(instance, 0))
     assert [r.run_id for r in partition_results(instance, KEY)] == [second.run_id]
+    # Nothing of either attempt's sandbox is left: processes, ports, directories, ledger.
+    for record in records:
+        assert_no_leaks(dagster_home, stage_details(instance, record.run_id, "sandbox")["handle"])
     # The grid shows both attempts in one cell, the failed one first.
     assert main(["--registry", str(path), "report", "--html", str(tmp_path / "html")]) == 0
     grid = (tmp_path / "html" / "grid.html").read_text()

@@ -360,14 +360,16 @@ def injected_processes(marker: str) -> list[int]:
 
 
 def stage_in_progress(instance: dg.DagsterInstance, run_id: str, stage: str) -> bool:
-    """Whether `stage` has begun in the run: the stage before it is materialized (the image
-    stage: the lifecycle step has started)."""
+    """Whether `stage` has begun in the run: the stage before it is materialized and its check
+    evaluated, the last event Dagster stores before it hands back to the lifecycle (the image
+    stage: the lifecycle step has started). An interrupt while Dagster still stores the events
+    of a stage reaches it outside the lifecycle's code (see the README's Operations)."""
     if stage == STAGES[0]:
         return any(instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START))
     previous = str(STAGES[STAGES.index(stage) - 1])
-    return any(e.asset_materialization and e.asset_materialization.asset_key.to_user_string()
-               == previous for e in instance.all_logs(
-                   run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION))
+    return any(e.dagster_event.event_specific_data.asset_key.to_user_string() == previous
+               for e in instance.all_logs(
+                   run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION))
 
 
 def leaks(home: Path, handles: list[dict], sandbox_ids: set[str], marker: str
