@@ -236,3 +236,34 @@ def test_attempts_are_one_cell_to_the_rules_and_an_awaited_rerun_is_no_verdict_y
     # Only a failure awaiting its rerun on record: untested yet.
     summary, _ = attempts_table(("fail-pipeline_runs", 1, True))
     assert summary.status == "PENDING" and summary.rerunning is not None
+
+
+@pytest.mark.daemon
+@pytest.mark.slow
+def test_from_the_ui_a_materialized_failure_is_rerun_by_the_daemon_and_recorded_flaky(
+        tmp_path, dagster_home, instance):
+    """The UI's path: Materialize on the partition through the webserver's GraphQL API; its
+    first attempt fails (the seeded draw), the real daemon ticks the deflake_reruns sensor,
+    which launches the rerun once under its run key, and it passes: the partition is flaky.
+    (Slow: the sensor ticks every 15 s; its requests are covered in CI by the tests above.)"""
+    from tests.support.dagster_services import LAUNCH_RUN, daemon, graphql, wait_until, webserver
+    from tests.test_launch_paths import LIFECYCLE, asset_job_params
+
+    path = registry(tmp_path, reruns=1)
+    assert main(["--registry", str(path), "sync"]) == 0
+    log = tmp_path / "daemon.log"
+    with webserver(dagster_home, path, tmp_path / "web.log") as url, \
+            daemon(dagster_home, path, log):
+        launched = graphql(url, LAUNCH_RUN, {"params": asset_job_params(LIFECYCLE, KEY)})
+        first = launched["launchPipelineExecution"]["run"]["runId"]
+        rerun = wait_until(lambda: next(iter(instance.get_runs(dg.RunsFilter(
+            tags={"mlci/rerun_of": first}, statuses=[dg.DagsterRunStatus.SUCCESS]))), None),
+            240, "the rerun to pass", log, interval_s=2)
+        time.sleep(20)  # a later tick of the sensor asks for nothing more
+    assert rerun.tags["dagster/sensor_name"] == "deflake_reruns"
+    assert rerun.tags["dagster/run_key"] == f"rerun:{first}:2"
+    assert rerun.tags["mlci/attempt"] == "2"
+    assert len(instance.get_runs(dg.RunsFilter(tags={"mlci/rerun_of": first}))) == 1
+    assert instance.get_run_by_id(first).status == dg.DagsterRunStatus.FAILURE
+    summary = summary_of(instance)
+    assert summary.status == "FLAKY" and summary.flakiness.flaky_cells == [[first, rerun.run_id]]
