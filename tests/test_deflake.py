@@ -132,6 +132,17 @@ def test_with_reruns_off_the_same_failure_is_a_regression(instance, dagster_home
     assert notification.kind == "signature" and notification.partitions == [KEY]
 
 
+def test_mlci_run_confirms_a_failure_that_fails_every_attempt(instance, dagster_home, tmp_path,
+                                                               capsys):
+    path = registry(tmp_path, reruns=1, code="raise SystemExit(1)")
+    assert main(["--registry", str(path), "run"]) == 1
+    out = capsys.readouterr().out
+    assert f"{KEY}: FAILED, rerun" in out and "failed all 2 attempts" in out
+    first, second = [r for _, r in new_results(instance, 0)]
+    assert (first.rerun_due, second.rerun_due, second.rerun_of) == (True, False, first.run_id)
+    assert summary_of(instance).status == "FAILING"
+
+
 def run_nightly(instance: dg.DagsterInstance, path: Path, sha: str) -> dg.DagsterRun:
     """The partition's run in a nightly run set at commit `sha`, as the schedule tags it."""
     instance.add_dynamic_partitions("config", ["model"])

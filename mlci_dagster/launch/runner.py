@@ -267,11 +267,14 @@ def run_partitions(
         settled(instance, item, proc, home, stopping=bool(stopped))
         if item.verdict is Verdict.LOST:
             events.lost(item)
+        again = reruns(item.run_id) if reruns and not stopped \
+            and item.verdict is Verdict.FAILED else None
         if item.verdict is Verdict.PASSED and RERUN_OF_TAG in item.tags:
             item.verdict = Verdict.FLAKY
             item.why = f"passed on attempt {attempt_of(item.tags)}, after failing"
-        again = reruns(item.run_id) if reruns and not stopped \
-            and item.verdict is Verdict.FAILED else None
+        elif item.verdict is Verdict.FAILED and RERUN_OF_TAG in item.tags and again is None:
+            item.why = f"failed all {attempt_of(item.tags)} attempts" + (
+                f"; {item.why}" if item.why else "")
         if again is not None:
             item.verdict = Verdict.RERUN
             item.why = f"attempt {again.attempt} next" + (f"; {item.why}" if item.why else "")
