@@ -384,6 +384,10 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
     legend += ('<span><span class="cell last-pass" style="background:#2da44e"></span> last '
                'pass</span><span><span class="cell first-fail" style="background:#cf222e">'
                '</span> first failure</span>')
+    flake = background([{"status": "fail-pipeline_runs", "failure_kind": FailureKind.PRODUCT},
+                        {"status": LIFECYCLE_PASS}])
+    legend += (f'<span><span class="cell" style="background:{flake}"></span> failed, passed on '
+               "rerun (a cell's attempts, oldest left)</span>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>mlci grid</title><style>{STYLE}</style>
 <script>{SCRIPT}</script></head>
