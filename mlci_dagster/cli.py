@@ -525,18 +525,35 @@ def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: b
     from mlci_dagster.event_log import new_results
     from mlci_dagster.history.analysis import signature_clusters
     from mlci_dagster.history.render import failure_notes, report_table
+    from mlci_dagster.registry.quarantine import load_quarantine
 
     summaries, table = _summaries(instance, registry, keys)
     clusters = signature_clusters(table, summaries)
+    now = time.time()
+    try:
+        quarantined = [e for e in load_quarantine(registry.root).quarantine if e.partition in keys]
+    except RegistryError as exc:  # the report still prints; `mlci validate` names the problem
+        quarantined, unreadable = [], str(exc).splitlines()[0]
+    else:
+        unreadable = ""
     if as_json:
         print(json.dumps({"partitions": [s.to_dict() for s in summaries],
-                          "signatures": [c.to_dict() for c in clusters]}, indent=2))
+                          "signatures": [c.to_dict() for c in clusters],
+                          "quarantine": [e.model_dump(mode="json") | {"active": e.active(now)}
+                                         for e in quarantined]}, indent=2))
         return
     print(report_table(summaries))
     latest = {record.partition: record for _, record in new_results(instance, 0)}
     notes = failure_notes(summaries, latest, clusters)
     if notes:
         print(f"\n{notes}")
+    if quarantined or unreadable:
+        print("\nquarantined (their failures fail no commit status or release qualification):")
+        for entry in quarantined:
+            print(f"  {entry.text()}" + ("" if entry.active(now) else
+                                         f": EXPIRED on {entry.expires}, counts again"))
+        if unreadable:
+            print(f"  none applied: {unreadable}")
 
 
 TEST_FILTERS = {

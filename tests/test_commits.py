@@ -292,6 +292,9 @@ def test_a_quarantined_failure_passes_the_commit_status_until_its_quarantine_exp
     assert main(["--registry", str(registry), "quarantine", "list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert listed[1].split()[:4] == ["beta|e1", "ml-team", str(yesterday), "EXPIRED"]
+    assert main(["--registry", str(registry), "report"]) == 0
+    assert (f"  beta|e1 (until {yesterday}, ml-team: flaky since the Ray upgrade): EXPIRED on "
+            f"{yesterday}, counts again") in capsys.readouterr().out.splitlines()
 
 
 def test_the_nightly_run_set_is_tagged_with_the_default_branch_head(instance, dagster_home, repo):
