@@ -69,3 +69,40 @@ def test_the_quarantine_file_s_problems_name_the_file_and_field(tmp_path):
     path.write_text("- just a list\n")
     with pytest.raises(RegistryError, match="expected a mapping"):
         load_quarantine(tmp_path)
+
+
+def test_a_flaky_test_past_the_threshold_is_proposed_once_and_never_when_quarantined(instance):
+    """The notifier's proposal from a no_flaky_tests evaluation (as the test_history asset
+    stores it): the test's quarantine proposed with the command that makes it, once while it
+    stays flaky; none for a test below the threshold or quarantined already."""
+    import dagster as dg
+
+    from mlci_dagster.notify.notifier import NotifierState
+    from mlci_dagster.registry.models import QuarantineSettings
+    from mlci_dagster.sensors.notify import FLAKY_TESTS_CHECK, collect
+
+    def evaluate(*tests: dict) -> None:
+        instance.report_runless_asset_event(dg.AssetCheckEvaluation(
+            asset_key=FLAKY_TESTS_CHECK.asset_key, check_name=FLAKY_TESTS_CHECK.name,
+            passed=False, metadata={"tests": dg.MetadataValue.json(list(tests))}))
+
+    flaky = {"partition": "a|e1", "test": "suite :: test_io", "flips": 4, "runs": 10,
+             "signature": "0123456789ab", "transition_rate": 0.444}
+    calm = {**flaky, "test": "suite :: test_calm", "flips": 2, "transition_rate": 0.222}
+    evaluate(flaky, calm)
+    settings, state = QuarantineSettings(), NotifierState()
+    (proposal,) = collect(instance, state, "", quarantine=settings)
+    assert proposal.kind == "quarantine" and proposal.signature == "0123456789ab"
+    assert proposal.title.startswith("quarantine proposed: a|e1 :: suite :: test_io is flaky "
+                                     "(44% flips in its last 10 runs")
+    assert proposal.facts["to quarantine it"].startswith(
+        "mlci quarantine add 'a|e1' --test 'suite :: test_io' --owner <owner>")
+    evaluate(flaky, calm)
+    assert collect(instance, state, "", quarantine=settings) == []  # proposed once
+    evaluate(calm)  # no longer flaky past the threshold, then again: proposed again
+    evaluate(flaky)
+    assert [p.title[:60] for p in collect(instance, state, "", quarantine=settings)] == [
+        proposal.title[:60]]
+    evaluate(flaky)
+    assert collect(instance, NotifierState(), "", quarantine=settings,
+                   quarantined={"a|e1 :: suite :: test_io"}) == []

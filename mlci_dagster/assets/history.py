@@ -111,12 +111,15 @@ def stored_cursor(instance: dg.DagsterInstance, key: dg.AssetKey) -> int:
     return int(entry.value) if entry is not None else 0
 
 
-def test_checks(tests: list[TestSummary]) -> list[dg.AssetCheckResult]:
-    """Red for a test failing since it last passed (a regression), and for a flaky test."""
+def test_checks(tests: list[TestSummary], window: int) -> list[dg.AssetCheckResult]:
+    """Red for a test failing since it last passed (a regression), and for a flaky test (with
+    its flips' rate over its last `window` runs, as a partition's transition rate)."""
     regressed = [{"partition": t.partition, "test": t.test_id, "failing_runs": t.failing_streak,
                   "last_pass": t.last_pass, "first_failure": t.first_failure}
                  for t in tests if t.regression]
-    flaky = [{"partition": t.partition, "test": t.test_id, "flips": t.flips}
+    flaky = [{"partition": t.partition, "test": t.test_id, "flips": t.flips,
+              "runs": min(t.runs, window), "signature": t.signature,
+              "transition_rate": round(t.flips / max(1, min(t.runs, window) - 1), 3)}
              for t in tests if str(t.state) == "flaky"]
     return [dg.AssetCheckResult(
         check_name=name, passed=not found, metadata={
@@ -139,7 +142,8 @@ def test_history(context: dg.AssetExecutionContext):
     after = stored_cursor(context.instance, TEST_HISTORY)
     previous = load_stored_value(context, TEST_HISTORY) if after else None
     table, added, newest = consolidate_cases(context.instance, previous, after)
-    tests = analyze_cases(table, mlci.registry().settings.history)
+    settings = mlci.registry().settings.history
+    tests = analyze_cases(table, settings)
     context.log.info(f"test history: {added} new test results, {len(table)} in all")
     return dg.MaterializeResult(
         value=table,
@@ -148,7 +152,7 @@ def test_history(context: dg.AssetExecutionContext):
                   "states": dg.MetadataValue.json(
                       pd.Series([str(t.state) for t in tests]).value_counts().to_dict()
                       if tests else {})},
-        check_results=test_checks(tests),
+        check_results=test_checks(tests, settings.flaky_window),
     )
 
 

@@ -176,19 +176,20 @@ def culprit_notification(found: dict[str, Any], dagster_url: str) -> Notificatio
 
 def quarantine_notification(flaky: dict[str, Any], threshold: float, expires: str,
                             dagster_url: str) -> Notification:
-    """A partition flaky past `threshold` (its entry of the history's no_flaky_partitions
-    check): its quarantine proposed, never made; the command that makes it, on the issue of
-    the signature it last failed with."""
-    partition, rate = flaky["partition"], float(flaky["transition_rate"])
+    """A partition or test flaky past `threshold` (its entry of the history's
+    no_flaky_partitions or no_flaky_tests check): its quarantine proposed, never made; the
+    command that makes it, on the issue of the signature it last failed with."""
+    partition, rate, test = flaky["partition"], float(flaky["transition_rate"]), flaky.get("test")
+    target = partition + (f" :: {test}" if test else "")
     cells = flaky.get("flaky_cells") or []
-    command = (f"mlci quarantine add '{partition}' --owner <owner> --reason 'flaky: "
-               f"{rate:.0%} flips' --expires {expires}")
+    command = (f"mlci quarantine add '{partition}'" + (f" --test '{test}'" if test else "")
+               + f" --owner <owner> --reason 'flaky: {rate:.0%} flips' --expires {expires}")
     return Notification(
         kind=Kind.QUARANTINE, signature=flaky.get("signature") or "",
-        signature_text=flaky.get("signature_text") or "",
-        title=f"quarantine proposed: {partition} is flaky ({rate:.0%} flips in its last "
+        signature_text=flaky.get("signature_text") or (f"{test} fails" if test else ""),
+        title=f"quarantine proposed: {target} is flaky ({rate:.0%} flips in its last "
               f"{flaky.get('runs', '?')} runs, over the {threshold:.0%} threshold)",
-        partitions=[partition], run_id=f"{partition}:{expires}",
+        partitions=[partition], run_id=f"{target}:{expires}",
         verdict="proposed, not quarantined: nothing is quarantined until someone runs the "
                 "command",
         facts={"to quarantine it": command,

@@ -54,6 +54,7 @@ class NotifierState:
     searches_after: int = 0  # culprit_search observations read up to this storage id
     flaky_after: int = 0  # no_flaky_partitions evaluations read up to this id
     proposed: list[str] = field(default_factory=list)  # quarantine proposed, flaky since
+    flaky_tests_after: int = 0  # no_flaky_tests evaluations read up to this id
 
     def members(self, signature: str) -> list[str]:
         """The partitions failing with `signature` now."""
@@ -66,7 +67,8 @@ class NotifierState:
                            "pending": [p.to_dict() for p in self.pending],
                            "failing": self.failing, "open_signatures": self.open_signatures,
                            "searches_after": self.searches_after,
-                           "flaky_after": self.flaky_after, "proposed": sorted(self.proposed)})
+                           "flaky_after": self.flaky_after, "proposed": sorted(self.proposed),
+                           "flaky_tests_after": self.flaky_tests_after})
 
     @classmethod
     def from_json(cls, text: str) -> NotifierState:
@@ -76,7 +78,7 @@ class NotifierState:
                    [Pending.from_dict(p) for p in data.get("pending", [])],
                    dict(data.get("failing", {})), dict(data.get("open_signatures", {})),
                    int(data.get("searches_after", 0)), int(data.get("flaky_after", 0)),
-                   list(data.get("proposed", [])))
+                   list(data.get("proposed", [])), int(data.get("flaky_tests_after", 0)))
 
 
 @dataclass

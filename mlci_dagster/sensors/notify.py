@@ -51,6 +51,7 @@ from mlci_dagster.searches import OPEN_STATES, SEARCH_ASSET, search_summary
 
 REGRESSION_CHECK = dg.AssetCheckKey(dg.AssetKey("history"), "no_new_regressions")
 FLAKY_CHECK = dg.AssetCheckKey(dg.AssetKey("history"), "no_flaky_partitions")
+FLAKY_TESTS_CHECK = dg.AssetCheckKey(dg.AssetKey("test_history"), "no_flaky_tests")
 RESULTS_PER_TICK = 500
 CHECK_PAGE = 100
 
@@ -58,9 +59,9 @@ CHECK_PAGE = 100
 def regression_evaluations(
     instance: dg.DagsterInstance, after: int, check: dg.AssetCheckKey = REGRESSION_CHECK,
 ) -> Iterator[tuple[int, dict[str, dict[str, Any]]]]:
-    """(execution id, its entries by partition) of each completed evaluation of `check`
-    (default: `no_new_regressions`, whose entries are the open alerts) after id `after`,
-    oldest first."""
+    """(execution id, its entries by target) of each completed evaluation of `check` after id
+    `after`, oldest first. Default: `no_new_regressions`, whose entries are the open alerts; a
+    target is a partition, or a test of one (`partition :: test id`)."""
     found, cursor = [], None
     while True:
         page = check_evaluations_page(instance, check, CHECK_PAGE, cursor)
@@ -74,9 +75,14 @@ def regression_evaluations(
         evaluation = event.event_specific_data if event else None
         if not isinstance(evaluation, dg.AssetCheckEvaluation):
             continue  # planned only; a later evaluation carries the newer alert state
-        entry = evaluation.metadata.get("partitions")
+        entry = evaluation.metadata.get("partitions") or evaluation.metadata.get("tests")
         alerts = entry.value if entry is not None else []
-        yield execution.id, {a["partition"]: a for a in alerts}
+        yield execution.id, {target_of(a): a for a in alerts}
+
+
+def target_of(entry: dict[str, Any]) -> str:
+    """A check entry's partition, or its test: `partition :: test id` (as quarantine says)."""
+    return entry["partition"] + (f" :: {entry['test']}" if entry.get("test") else "")
 
 
 def latest_state(instance: dg.DagsterInstance) -> NotifierState:
@@ -88,7 +94,11 @@ def latest_state(instance: dg.DagsterInstance) -> NotifierState:
     for execution_id, alerts in regression_evaluations(instance, 0):
         state.checks_after, state.open_alerts = execution_id, sorted(alerts)
     for execution_id, flaky in regression_evaluations(instance, 0, FLAKY_CHECK):
-        state.flaky_after, state.proposed = execution_id, sorted(flaky)
+        state.flaky_after = execution_id
+        state.proposed = sorted({*state.proposed, *flaky})
+    for execution_id, flaky in regression_evaluations(instance, 0, FLAKY_TESTS_CHECK):
+        state.flaky_tests_after = execution_id
+        state.proposed = sorted({*state.proposed, *flaky})
     return state
 
 
@@ -158,22 +168,27 @@ def collect(
 def proposals(instance: dg.DagsterInstance, state: NotifierState, dagster_url: str,
               settings: QuarantineSettings | None, quarantined: Collection[str]
               ) -> list[Notification]:
-    """A quarantine proposal for each partition the history's latest no_flaky_partitions
-    evaluations find flaky past the threshold, once while it stays flaky."""
+    """A quarantine proposal for each partition (and each test) that the history's latest
+    no_flaky_partitions (no_flaky_tests) evaluations find flaky past the threshold, once while
+    it stays flaky. `quarantined`: the targets quarantined already."""
     found = []
-    for execution_id, flaky in regression_evaluations(instance, state.flaky_after, FLAKY_CHECK):
-        state.flaky_after = execution_id
-        if settings is None or settings.propose_above is None:
-            continue
-        expires = (datetime.now(UTC) + timedelta(days=settings.days)).date().isoformat()
-        for partition, entry in sorted(flaky.items()):
-            if partition not in state.proposed and partition not in quarantined \
-                    and float(entry["transition_rate"]) >= settings.propose_above:
-                found.append(quarantine_notification(entry, settings.propose_above, expires,
-                                                     dagster_url))
-                state.proposed.append(partition)
-        # Proposed again once it relapses after a spell of not being flaky.
-        state.proposed = sorted(p for p in state.proposed if p in flaky)
+    for check, cursor in ((FLAKY_CHECK, "flaky_after"), (FLAKY_TESTS_CHECK, "flaky_tests_after")):
+        for execution_id, flaky in regression_evaluations(instance, getattr(state, cursor),
+                                                          check):
+            setattr(state, cursor, execution_id)
+            if settings is None or settings.propose_above is None:
+                continue
+            expires = (datetime.now(UTC) + timedelta(days=settings.days)).date().isoformat()
+            for target, entry in sorted(flaky.items()):
+                if target not in state.proposed and target not in quarantined \
+                        and float(entry["transition_rate"]) >= settings.propose_above:
+                    found.append(quarantine_notification(entry, settings.propose_above, expires,
+                                                         dagster_url))
+                    state.proposed.append(target)
+            # Proposed again once it relapses after a spell of not being flaky.
+            tests = check == FLAKY_TESTS_CHECK
+            state.proposed = sorted(p for p in state.proposed
+                                    if p in flaky or (" :: " in p) != tests)
     return found
 
 
@@ -231,15 +246,15 @@ def signatures_observation(notifications: list[Notification], analyzer: str
         "entries": dg.MetadataValue.json(entries)})
 
 
-def quarantined_partitions(registry: Registry, log: dg.DagsterLogManager) -> set[str]:
-    """The partitions quarantined whole now (none proposed again); none when the file is
+def quarantined_targets(registry: Registry, log: dg.DagsterLogManager) -> set[str]:
+    """The partitions and tests quarantined now (none proposed again); none when the file is
     unreadable (said in the log)."""
     try:
         quarantine = load_quarantine(registry.root)
     except RegistryError as exc:
         log.warning(f"quarantine.yaml not read: {exc}")
         return set()
-    return {e.partition for e in quarantine.quarantine if e.test is None and e.active(time.time())}
+    return {e.target for e in quarantine.quarantine if e.active(time.time())}
 
 
 @dg.sensor(
@@ -275,7 +290,7 @@ def notify(context: dg.SensorEvaluationContext, notifier: NotifierResource,
             return ""
 
     new = collect(context.instance, state, notifier.dagster_url, explain,
-                  registry.settings.quarantine, quarantined_partitions(registry, context.log))
+                  registry.settings.quarantine, quarantined_targets(registry, context.log))
     queue = state.pending + [Pending(n, channels.channels) for n in new]
     state.pending, failures = deliver_in_order(channels, queue)
     for failure in failures:
