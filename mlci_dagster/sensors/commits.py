@@ -9,6 +9,7 @@ cancels an older one's runs. Cursors are JSON that Dagster stores.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -228,6 +229,12 @@ def quarantine_or_none(registry: Registry | dg.SkipReason, log: Any) -> Quaranti
         return Quarantine()
 
 
+def runs_digest(runs: list[PartitionRun]) -> str:
+    """The set's runs (the latest of each partition), as a short digest."""
+    ids = ",".join(sorted(r.run_id for r in runs))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
 def qualifying_tiers(registry: Registry | None) -> set[str]:
     """The tiers whose fully passing run set qualifies a SHA: those with trigger nightly."""
     declared = tiers_with_trigger(registry, "nightly") if registry is not None else []
@@ -245,6 +252,9 @@ def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResourc
                   mlci: MlciResource) -> dg.SensorResult:
     state = json.loads(context.cursor or "{}")
     posted: dict[str, str] = state.get("posted", {})  # "sha tier" → the state last posted
+    # "sha tier" → the runs a final state was posted on: judged once per set of runs (a
+    # re-execution is judged again; a quarantine edited since is not applied backwards).
+    judged: dict[str, str] = state.get("judged", {})
     since = datetime.fromtimestamp(state.get("updated_after", 0.0), UTC)
     records = context.instance.get_run_records(
         filters=dg.RunsFilter(updated_after=since), limit=RUNS_PER_TICK,
@@ -265,8 +275,10 @@ def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResourc
         expected, runs = run_set_runs(context.instance, sha, tier)
         summary = summarize(sha, tier, expected, runs, notifier.dagster_url, quarantine)
         last = posted.get(group)
+        evidence = runs_digest(runs)
         if summary is None or summary.state == last or (
-                summary.state == PENDING and last in (SUCCESS, FAILURE)):
+                summary.state == PENDING and last in (SUCCESS, FAILURE)) or (
+                last in (SUCCESS, FAILURE) and judged.get(group) == evidence):
             continue
         if statuses is not None:
             try:
@@ -277,6 +289,7 @@ def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResourc
                 continue
         posted.pop(group, None)
         posted[group] = summary.state
+        judged[group] = evidence
         metadata = {"sha": sha, "tier": tier, "state": summary.state,
                     "context": summary.context, "summary": dg.MetadataValue.md(summary.markdown()),
                     "record": dg.MetadataValue.json(summary.to_dict()),
@@ -290,7 +303,8 @@ def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResourc
     finished = [g for g, s in posted.items() if s != PENDING]
     for group in finished[:max(0, len(finished) - KEPT_SUMMARIES)]:
         del posted[group]
-    cursor = json.dumps({"posted": posted, "updated_after": (
+    judged = {group: judged[group] for group in posted if group in judged}
+    cursor = json.dumps({"posted": posted, "judged": judged, "updated_after": (
         latest.replace(tzinfo=latest.tzinfo or UTC) - timedelta(seconds=1)).timestamp()})
     return dg.SensorResult(asset_events=events, cursor=cursor,
                            skip_reason=None if events else
