@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
 from mlci_dagster.common.chromium import CHROMIUM_ENV
 from mlci_dagster.event_log import RESULTS_ASSET
@@ -79,6 +81,18 @@ def test_a_rendering_app_passes_and_one_whose_javascript_throws_fails_ui_smoke(
     assert shown.startswith(f"![{shot.name}](data:image/jpeg;base64,/9j/")
     # The browser went with the sandbox.
     assert_no_leaks(dagster_home, stage_details(instance, broken.run_id, "sandbox")["handle"])
+    # Uploaded to the artifact store beside the logs; not once turned off (an image cannot be
+    # redacted), though still taken and kept on the machine.
+    assert [a["key"].rsplit("/", 2)[1:] for a in record["artifacts"].values()
+            if a["kind"] == "screenshot"] == [["screenshot", shot.name]]
+    settings = yaml.safe_load((registry / "mlci.yaml").read_text())
+    (registry / "mlci.yaml").write_text(yaml.safe_dump({**settings, "artifacts": {
+        "screenshots": False}}))
+    time.sleep(2.5)  # a run reads the registry's files again after 2 s
+    again, record = run_partition(instance, registry, "broken|e1")
+    assert Path(stage_details(instance, again.run_id, "ui_smoke")["routes"][1]["screenshot"]
+                ).is_file()
+    assert {a["kind"] for a in record["artifacts"].values()} == {"log", "bundle"}
 
 
 def test_without_chromium_the_check_fails_as_infra_and_validate_says_so(

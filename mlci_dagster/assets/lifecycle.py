@@ -17,6 +17,7 @@ from typing import Any
 
 import dagster as dg
 
+from mlci_dagster.artifacts.evidence import upload
 from mlci_dagster.assets.reservations import leases_observation, record_admission
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.resources.mlci import MlciResource
@@ -185,7 +186,14 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
         if admission.lease is not None:
             context.log_event(leases_observation(admission.rctx,
                                                  admission.rctx.spec(admission.lease.reservation)))
-        record = build_record(ctx, outcomes, interrupted=stop is not None)
+        # Its evidence to the artifact store, after teardown (an interrupted run's stays here).
+        artifacts, pending = ({}, []) if stop is not None else upload(
+            mlci.artifact_store(), ctx.registry.settings.artifacts, context.partition_key,
+            context.run.run_id, outcomes)
+        for problem in pending:
+            context.log.warning(f"not uploaded, kept on this machine: {problem}")
+        record = build_record(ctx, outcomes, interrupted=stop is not None, artifacts=artifacts,
+                              artifacts_pending=pending)
         context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s"
                          + (f", ${record.cost_usd:.4f}" if record.cost_usd else ""))
         yield results_materialization(record, outcomes)

@@ -96,6 +96,18 @@ class MetricRecord(_Record):
     direction: Literal["lower_is_better", "higher_is_better"]
 
 
+class ArtifactRecord(_Record):
+    """A piece of a run's evidence in the artifact store: what it is, its key there, the bytes
+    stored (truncated with a note past the limit) and their sha256, and where it is."""
+
+    kind: Literal["log", "bundle", "screenshot", "report"]
+    key: str
+    size: int
+    sha256: str
+    truncated: bool = False
+    url: str
+
+
 class ResultRecord(_Record):
     """`status` is `pass`, `fail-<first failing stage>` (the failure fields tell of that stage),
     `skip` (refused before it began; `error_summary` says why) or `canceled` (interrupted before
@@ -142,6 +154,10 @@ class ResultRecord(_Record):
     failing_tests_total: int = 0
     test_report_problems: list[str] = []
     test_reports: dict[str, str] = {}
+    # The run's evidence in the artifact store (its local path -> what was stored there), and
+    # each piece that could not be uploaded (`path: why`).
+    artifacts: dict[str, ArtifactRecord] = {}
+    artifacts_pending: list[str] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> ResultRecord:

@@ -265,6 +265,35 @@ class CulpritSearchSettings(StrictModel):
 Reruns = Annotated[int, Field(ge=0, le=5)]
 
 
+class S3StoreSpec(StrictModel):
+    """An S3 bucket and prefix for the artifacts, reached with boto3's standard credential
+    chain (environment, profile, instance role: never a key in the registry)."""
+
+    bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")] = \
+        Field(description="The bucket (it must exist).")
+    prefix: Annotated[str, StringConstraints(max_length=200, pattern=r"^([^/].*/)?$")] = Field(
+        default="mlci/", description="Before every key: empty, or ending in '/'.")
+    region: str = Field(default="us-east-1", description="May be ${env.NAME}.")
+    endpoint_url: str | None = Field(
+        default=None, description="Another S3 endpoint (MinIO, moto, a VPC endpoint); may be "
+        "${env.NAME}.")
+
+
+class ArtifactSettings(StrictModel):
+    """Where each run's evidence (its logs, debug bundle, screenshots, test reports) is
+    uploaded after teardown, redacted as it is on disk."""
+
+    s3: S3StoreSpec | None = Field(
+        default=None, description="An S3 bucket; default: the directory "
+        "$DAGSTER_HOME/mlci/artifacts.")
+    max_mb: Annotated[float, Field(gt=0, le=5000)] = Field(
+        default=100, description="An artifact larger than this is stored truncated, with a "
+        "note saying so at its end.")
+    screenshots: bool = Field(
+        default=True, description="Upload the browser checks' screenshots (an image cannot be "
+        "redacted: turn this off where a page may show a secret).")
+
+
 class QuarantineSettings(StrictModel):
     """When the notifier proposes quarantining a flaky partition (a proposal only: `mlci
     quarantine add` quarantines, into the registry's quarantine.yaml)."""
@@ -371,6 +400,7 @@ class Settings(StrictModel):
         "the merge, pull_request and label tiers.")
     culprit_search: CulpritSearchSettings = CulpritSearchSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
+    artifacts: ArtifactSettings = ArtifactSettings()
     nightly: NightlySettings = Field(
         default=NightlySettings(), description="When the nightly schedule starts.")
     reservations: list[ReservationSpec] = Field(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.artifacts.store import ArtifactStore, artifact_store
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.cost import hourly_rate
 from mlci_dagster.launch.workers import run_over
@@ -40,6 +41,10 @@ class MlciResource(dg.ConfigurableResource):
 
     def home_path(self) -> Path:
         return Path(self.home) if self.home else mlci_home()
+
+    def artifact_store(self) -> ArtifactStore:
+        """Where each run's evidence is uploaded (mlci.yaml's `artifacts`)."""
+        return artifact_store(self.registry().settings.artifacts, self.home_path())
 
     def providers(self) -> list[Provider]:
         """The providers the janitor and the cleanup sensors sweep."""

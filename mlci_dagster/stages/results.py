@@ -9,6 +9,7 @@ from mlci_dagster.cost import hourly_rate, run_cost
 from mlci_dagster.culprits.reruns import rerun_due, reruns_allowed
 from mlci_dagster.history.record import (
     MAX_FAILING_TESTS,
+    ArtifactRecord,
     MetricRecord,
     PipelineRecord,
     ResultRecord,
@@ -47,9 +48,11 @@ def was_preempted(pipelines: StageOutcome[PipelineRunsDetails] | None) -> bool:
 
 def build_record(
     ctx: LifecycleContext, outcomes: list[StageOutcome], *, interrupted: bool = False,
+    artifacts: dict[str, ArtifactRecord] | None = None, artifacts_pending: list[str] = (),
 ) -> ResultRecord:
     """`interrupted`: the lifecycle was stopped before it finished (the record is `canceled`,
-    whatever had failed by then)."""
+    whatever had failed by then). `artifacts`: its evidence as the artifact store took it, and
+    what it did not (`artifacts_pending`)."""
     stopped = next((o for o in outcomes if o.interrupted), None)
     interrupted = interrupted or stopped is not None
     failed = None if interrupted else first_failure(outcomes)
@@ -103,6 +106,8 @@ def build_record(
         rerun_due=failed is not None and rerun_due(ctx.launch, failed.failure_kind, reruns_allowed(
             ctx.config, ctx.registry.settings.tiers.get(ctx.launch.tier or ""))),
         **tests_of(pipeline_details),
+        artifacts=artifacts or {},
+        artifacts_pending=list(artifacts_pending),
     )
 
 
