@@ -15,6 +15,7 @@ from mlci_dagster.assets.external import (
     pull_request_label,
     pushed_image,
     release_qualification,
+    run_artifacts,
 )
 from mlci_dagster.assets.history import grid_report, history, test_history
 from mlci_dagster.assets.lifecycle import lifecycle_assets
@@ -28,6 +29,7 @@ from mlci_dagster.resources.io import io_manager
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import notifier_resource, root_cause_resource
 from mlci_dagster.schedules import hold_schedules, nightly_schedule
+from mlci_dagster.sensors.artifacts import artifact_upload
 from mlci_dagster.sensors.cleanup import (
     sandbox_janitor,
     teardown_after_cancel,
@@ -82,7 +84,7 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
     return dg.Definitions(
         assets=[lifecycle, history, test_history, grid_report, JANITOR_ASSET, REGISTRY_ASSET,
                 pushed_image, pull_request_label, commit_summary, release_qualification,
-                SIGNATURES_ASSET, culprit_search, *reserved["assets"]],
+                SIGNATURES_ASSET, culprit_search, run_artifacts, *reserved["assets"]],
         asset_checks=[*reserved["asset_checks"], *REGISTRY_CHECKS],
         jobs=[job, history_job, find_culprit, *reserved["jobs"]],
         schedules=[nightly_schedule(job, settings.nightly),
@@ -91,7 +93,7 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                  notify, image_poll_sensor(job, settings.image_poll_interval_s),
                  image_push_sensor(job), stale_scanner(job),
                  history_update_sensor(history_job), pr_label_sensor(job), commit_status,
-                 culprit_search_sensor(job), deflake_reruns_sensor(job),
+                 culprit_search_sensor(job), deflake_reruns_sensor(job), artifact_upload,
                  commit_poll_sensor(job, settings.repository.poll_interval_s
                                     if settings.repository else 60)],
         resources={"mlci": MlciResource(registry_path=str(Path(registry).resolve())),

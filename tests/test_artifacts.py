@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import boto3
+import dagster as dg
 import pytest
 import yaml
 
@@ -21,6 +22,7 @@ from mlci_dagster.providers.ports import allocate_free_port
 from tests.support.aws_proxy import FAKE_CREDENTIALS, REAL_CREDENTIALS, moto_server
 from tests.support.registries import leaky_registry
 from tests.support.runs import run_partition
+from tests.test_commits import Sensor
 
 TOKEN = "tok-5f1e2d3c4b5a"
 UNDECLARED = "pw-9a8b7c6d5e"
@@ -132,13 +134,32 @@ def test_a_run_s_evidence_goes_to_s3_redacted_and_a_store_down_changes_nothing_e
     with_store(registry, {"s3": {"bucket": "evidence",
                                  "endpoint_url": f"http://127.0.0.1:{allocate_free_port()}"}})
     time.sleep(2.5)  # a run reads the registry's files again after 2 s (RECHECK_S)
-    _, second = run_partition(instance, registry, "leaky|e1")
+    down, second = run_partition(instance, registry, "leaky|e1")
     assert second["status"] == "fail-pipeline_runs" and second["artifacts"] == {}
-    assert len(second["artifacts_pending"]) == len(record.artifacts)
-    assert all("PutObject" in why for why in second["artifacts_pending"])
+    pending = second["artifacts_pending"]
+    assert len(pending) == len(record.artifacts)
+    assert all("PutObject" in p["why"] for p in pending)
     # One attempt at the store: the rest wait for it, not for a timeout each.
-    assert sum("not tried, the store failed" in why for why in second["artifacts_pending"]) \
-        == len(record.artifacts) - 1
+    assert sum("not tried, the store failed" in p["why"] for p in pending) == len(pending) - 1
+
+    # The store back: the artifact_upload sensor uploads what waited, once; the run's record
+    # and status are as they were.
+    sensor = Sensor(instance, registry, "artifact_upload")
+    assert sensor.tick().asset_events == []  # still down
+    with_store(registry, {"s3": {"bucket": "evidence", "prefix": "runs/", "endpoint_url": url}})
+    time.sleep(2.5)
+    (event,) = sensor.tick().asset_events
+    late = event.metadata["artifacts"].value
+    assert event.metadata["run_id"].value == down.run_id and event.metadata["pending"].value == []
+    assert sorted(late) == sorted(p["path"] for p in pending)
+    for artifact in late.values():
+        body = client.get_object(Bucket="evidence", Key=f"runs/{artifact['key']}")["Body"].read()
+        assert sha256(body) == artifact["sha256"] and artifact["key"].startswith(
+            f"leaky/e1/{down.run_id}/")
+    assert sensor.tick().asset_events == []
+    assert instance.get_run_by_id(down.run_id).status == dg.DagsterRunStatus.FAILURE
+    (_, again), *_ = [(i, r) for i, r in new_results(instance, 0) if r.run_id == down.run_id]
+    assert again.artifacts == {} and again.status == "fail-pipeline_runs"
 
 
 def test_by_default_a_run_s_evidence_is_in_the_local_store(instance, dagster_home, tmp_path,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mlci_dagster.artifacts.store import ArtifactStore, StoreError
-from mlci_dagster.history.record import ArtifactRecord
+from mlci_dagster.history.record import ArtifactRecord, PendingArtifact
 from mlci_dagster.registry.models import ArtifactSettings
 from mlci_dagster.stages.debug_bundle import screenshots_of
 from mlci_dagster.stages.outcome import StageOutcome
@@ -46,26 +46,34 @@ def evidence(outcomes: list[StageOutcome], screenshots: bool = True
             yield kind, file
 
 
-def upload(store: ArtifactStore, settings: ArtifactSettings, partition: str, run_id: str,
-           outcomes: list[StageOutcome]) -> tuple[dict[str, ArtifactRecord], list[str]]:
-    """Uploads the run's evidence: (local path -> what was stored, `path: why` of each that
-    was not). Once the store fails, the rest are not tried: a store down costs a run one
-    attempt's time, not one per file."""
+def planned(partition: str, run_id: str, outcomes: list[StageOutcome],
+            settings: ArtifactSettings) -> list[PendingArtifact]:
+    """Each piece of the run's evidence with the key it is to have, none uploaded yet."""
     config, engine = split_partition_key(partition)
+    return [PendingArtifact(kind=kind, path=str(path), key=f"{config}/{engine}/{run_id}/{kind}/"
+                            f"{path.name}", why="not uploaded yet")
+            for kind, path in evidence(outcomes, settings.screenshots)]
+
+
+def upload(store: ArtifactStore, settings: ArtifactSettings, pieces: list[PendingArtifact]
+           ) -> tuple[dict[str, ArtifactRecord], list[PendingArtifact]]:
+    """Uploads `pieces`: (local path -> what was stored, each not stored with why). Once the
+    store fails, the rest are not tried: a store down costs one attempt's time, not one per
+    file."""
     stored, pending = {}, []
     down: StoreError | None = None
-    for kind, path in evidence(outcomes, settings.screenshots):
-        key = f"{config}/{engine}/{run_id}/{kind}/{path.name}"
+    for piece in pieces:
         if down is not None:
-            pending.append(f"{path}: not tried, the store failed: {down}")
+            pending.append(piece.model_copy(update={"why": f"not tried, the store failed: "
+                                                           f"{down}"}))
             continue
         try:
-            done = store.put(key, path, int(settings.max_mb * MIB))
+            done = store.put(piece.key, Path(piece.path), int(settings.max_mb * MIB))
         except StoreError as exc:
-            pending.append(f"{path}: {exc}")
+            pending.append(piece.model_copy(update={"why": str(exc)}))
             down = exc if exc.store else None
             continue
-        stored[str(path)] = ArtifactRecord(kind=kind, key=done.key, size=done.size,
-                                           sha256=done.sha256, truncated=done.truncated,
-                                           url=done.url)
+        stored[piece.path] = ArtifactRecord(kind=piece.kind, key=done.key, size=done.size,
+                                            sha256=done.sha256, truncated=done.truncated,
+                                            url=done.url)
     return stored, pending

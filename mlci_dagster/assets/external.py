@@ -1,7 +1,7 @@
 """The assets whose events are written outside any run: what CI reports (a pull request's
 label, an image it pushed) and what the sensors observe (commit summaries, qualified releases,
-failure signatures, the janitor's sweeps). Defined here, in the Dagster layer's assets; the
-sensors that write them import them."""
+failure signatures, the janitor's sweeps, evidence uploaded late). Defined here, in the Dagster
+layer's assets; the sensors that write them import them."""
 
 from __future__ import annotations
 
@@ -38,3 +38,9 @@ JANITOR_ASSET = dg.AssetSpec(
     "sandbox_janitor", group_name="operations", kinds={"python"},
     description="One observation per janitor sweep that reaped sandboxes, listing them.",
 )
+RUN_ARTIFACTS = dg.AssetKey("run_artifacts")
+run_artifacts = dg.AssetSpec(
+    RUN_ARTIFACTS, group_name="operations", kinds={"s3"},
+    description="One observation per run whose evidence reached the artifact store after the "
+                "run (the artifact_upload sensor's retries): its run id and partition, each "
+                "piece stored (key, size, sha256, URL), those still pending, those gone.")

@@ -17,7 +17,7 @@ from typing import Any
 
 import dagster as dg
 
-from mlci_dagster.artifacts.evidence import upload
+from mlci_dagster.artifacts.evidence import planned, upload
 from mlci_dagster.assets.reservations import leases_observation, record_admission
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.resources.mlci import MlciResource
@@ -187,11 +187,13 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
             context.log_event(leases_observation(admission.rctx,
                                                  admission.rctx.spec(admission.lease.reservation)))
         # Its evidence to the artifact store, after teardown (an interrupted run's stays here).
+        settings = ctx.registry.settings.artifacts
         artifacts, pending = ({}, []) if stop is not None else upload(
-            mlci.artifact_store(), ctx.registry.settings.artifacts, context.partition_key,
-            context.run.run_id, outcomes)
-        for problem in pending:
-            context.log.warning(f"not uploaded, kept on this machine: {problem}")
+            mlci.artifact_store(), settings,
+            planned(context.partition_key, context.run.run_id, outcomes, settings))
+        for piece in pending:
+            context.log.warning(f"{piece.path}: not uploaded yet (kept here, retried by the "
+                                f"artifact_upload sensor): {piece.why}")
         record = build_record(ctx, outcomes, interrupted=stop is not None, artifacts=artifacts,
                               artifacts_pending=pending)
         context.log.info(f"lifecycle {record.status} in {record.duration_s:.2f}s"

@@ -108,6 +108,16 @@ class ArtifactRecord(_Record):
     url: str
 
 
+class PendingArtifact(_Record):
+    """A piece of a run's evidence the store did not take: what and where it is, the key it
+    is to have, and why it is not there yet."""
+
+    kind: Literal["log", "bundle", "screenshot", "report"]
+    path: str
+    key: str
+    why: str
+
+
 class ResultRecord(_Record):
     """`status` is `pass`, `fail-<first failing stage>` (the failure fields tell of that stage),
     `skip` (refused before it began; `error_summary` says why) or `canceled` (interrupted before
@@ -155,9 +165,9 @@ class ResultRecord(_Record):
     test_report_problems: list[str] = []
     test_reports: dict[str, str] = {}
     # The run's evidence in the artifact store (its local path -> what was stored there), and
-    # each piece that could not be uploaded (`path: why`).
+    # each piece that could not be uploaded yet (the artifact_upload sensor retries them).
     artifacts: dict[str, ArtifactRecord] = {}
-    artifacts_pending: list[str] = []
+    artifacts_pending: list[PendingArtifact] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> ResultRecord:

@@ -11,6 +11,7 @@ from mlci_dagster.history.record import (
     MAX_FAILING_TESTS,
     ArtifactRecord,
     MetricRecord,
+    PendingArtifact,
     PipelineRecord,
     ResultRecord,
     StageRecord,
@@ -48,7 +49,8 @@ def was_preempted(pipelines: StageOutcome[PipelineRunsDetails] | None) -> bool:
 
 def build_record(
     ctx: LifecycleContext, outcomes: list[StageOutcome], *, interrupted: bool = False,
-    artifacts: dict[str, ArtifactRecord] | None = None, artifacts_pending: list[str] = (),
+    artifacts: dict[str, ArtifactRecord] | None = None,
+    artifacts_pending: list[PendingArtifact] = (),
 ) -> ResultRecord:
     """`interrupted`: the lifecycle was stopped before it finished (the record is `canceled`,
     whatever had failed by then). `artifacts`: its evidence as the artifact store took it, and
