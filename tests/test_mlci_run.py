@@ -100,6 +100,9 @@ def test_ctrl_c_cancels_each_run_tears_it_down_records_it_and_exits_128_plus_n(
     assert record["status"] == "canceled" and record["run_id"] == run.run_id
     assert record["error_summary"].startswith("pipeline_runs: interrupted after")
     assert record["stages"]["teardown"]["status"] == "pass"
+    # Its evidence is left to the artifact_upload sensor: stopping does not wait for the store.
+    assert record["artifacts"] == {} and record["artifacts_pending"]
+    assert {p["why"] for p in record["artifacts_pending"]} == {"the run was interrupted"}
     assert no_sandbox_left(dagster_home)
     report = subprocess.run([PY, "-m", "mlci_dagster.cli", "--registry", str(registry),
                              "report", "--config", "slow"], capture_output=True, text=True,

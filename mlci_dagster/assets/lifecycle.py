@@ -186,11 +186,13 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
         if admission.lease is not None:
             context.log_event(leases_observation(admission.rctx,
                                                  admission.rctx.spec(admission.lease.reservation)))
-        # Its evidence to the artifact store, after teardown (an interrupted run's stays here).
+        # Its evidence to the artifact store, after teardown; an interrupted run's is left to
+        # the artifact_upload sensor, so that stopping does not wait for the store.
         settings = ctx.registry.settings.artifacts
-        artifacts, pending = ({}, []) if stop is not None else upload(
-            mlci.artifact_store(), settings,
-            planned(context.partition_key, context.run.run_id, outcomes, settings))
+        pieces = planned(context.partition_key, context.run.run_id, outcomes, settings)
+        artifacts, pending = ({}, [p.model_copy(update={"why": "the run was interrupted"})
+                                   for p in pieces]) if stop is not None else upload(
+            mlci.artifact_store(), settings, pieces)
         for piece in pending:
             context.log.warning(f"{piece.path}: not uploaded yet (kept here, retried by the "
                                 f"artifact_upload sensor): {piece.why}")
