@@ -115,7 +115,7 @@ def _quarantine(registry: Registry) -> Any:
     )
 
     quarantine = load_quarantine(registry.root)
-    problems = unknown_partitions(quarantine, [f"{c}|{e}" for c, e in registry.partitions()],
+    problems = unknown_partitions(quarantine, registry.partition_keys(),
                                   quarantine_path(registry.root))
     if problems:
         raise RegistryError(problems)
@@ -155,10 +155,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         path = save_quarantine(registry.root, quarantine.model_copy(update={"quarantine": kept}))
         print(f"{target}: quarantine lifted ({path})")
         return 0
-    if f"{args.partition}" not in {f"{c}|{e}" for c, e in registry.partitions()}:
-        known = ", ".join(f"{c}|{e}" for c, e in registry.partitions())
-        raise UsageError(f"{args.partition}: not a partition of the registry (expected one of: "
-                         f"{known or 'none'})")
+    if unknown := registry.unknown_key(args.partition):
+        raise UsageError(unknown)
     expires = args.expires or (datetime.now(UTC) + timedelta(days=args.days)).date().isoformat()
     try:
         entry = QuarantineEntry(partition=args.partition, test=args.test, owner=args.owner or "",
@@ -525,17 +523,14 @@ def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: b
     from mlci_dagster.event_log import new_results
     from mlci_dagster.history.analysis import signature_clusters
     from mlci_dagster.history.render import failure_notes, report_table
-    from mlci_dagster.registry.quarantine import load_quarantine
+    from mlci_dagster.registry.quarantine import quarantine_or_none
 
     summaries, table = _summaries(instance, registry, keys)
     clusters = signature_clusters(table, summaries)
     now = time.time()
-    try:
-        quarantined = [e for e in load_quarantine(registry.root).quarantine if e.partition in keys]
-    except RegistryError as exc:  # the report still prints; `mlci validate` names the problem
-        quarantined, unreadable = [], str(exc).splitlines()[0]
-    else:
-        unreadable = ""
+    # Unreadable, the report still prints: `mlci validate` names the problem.
+    quarantine, unreadable = quarantine_or_none(registry.root)
+    quarantined = [e for e in quarantine.quarantine if e.partition in keys]
     if as_json:
         print(json.dumps({"partitions": [s.to_dict() for s in summaries],
                           "signatures": [c.to_dict() for c in clusters],
@@ -553,7 +548,7 @@ def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: b
             print(f"  {entry.text()}" + ("" if entry.active(now) else
                                          f": EXPIRED on {entry.expires}, counts again"))
         if unreadable:
-            print(f"  none applied: {unreadable}")
+            print(f"  none applied: {unreadable.splitlines()[0]}")
 
 
 TEST_FILTERS = {

@@ -99,13 +99,11 @@ def open_search(instance: dg.DagsterInstance, registry: Registry, home: Path, pa
     the same one was opened before. SearchRefused saying why there is nothing to search, or
     why this one may not start (its runs or its cost would pass their bounds)."""
     try:
-        config, engine = split_partition_key(partition)
+        config = split_partition_key(partition)[0]
     except ValueError as exc:
         raise SearchRefused(str(exc)) from None
-    if (config, engine) not in registry.partitions():
-        known = ", ".join(f"{c}|{e}" for c, e in registry.partitions())
-        raise SearchRefused(f"{partition}: not a partition of the registry (expected one of: "
-                            f"{known or 'none'})")
+    if unknown := registry.unknown_key(partition):
+        raise SearchRefused(unknown)
     last_pass, first_fail = _regression(partition_results(instance, partition), good, bad)
     if not last_pass.sha or not first_fail.sha:
         raise SearchRefused(f"runs {last_pass.run_id[:8]} and {first_fail.run_id[:8]} did not "

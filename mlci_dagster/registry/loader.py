@@ -27,6 +27,7 @@ from mlci_dagster.registry.references import (
     reference_problems,
 )
 from mlci_dagster.registry.reservations import reservation_problems
+from mlci_dagster.vocabulary import partition_key
 
 SETTINGS_FILE = "mlci.yaml"
 # libyaml's parser where PyYAML has it: a tenth of the time on a registry of hundreds of files.
@@ -118,6 +119,17 @@ class Registry:
             for eng in self.engines_for(loaded.config)
             if engine in (None, eng)
         ]
+
+    def partition_keys(self) -> list[str]:
+        """Every applicable `config|engine` key."""
+        return [partition_key(config, engine) for config, engine in self.partitions()]
+
+    def unknown_key(self, key: str) -> str:
+        """`<key>: not a partition of the registry (expected one of: ...)`, for a key typed by
+        hand (a command's argument, a job's config); "" when it is one."""
+        known = self.partition_keys()
+        return "" if key in known else (f"{key}: not a partition of the registry (expected one "
+                                         f"of: {', '.join(known) or 'none'})")
 
 
 # Say when a config runs and as what, not what it tests; left out, ids from before they existed

@@ -95,6 +95,15 @@ def load_quarantine(root: Path) -> Quarantine:
         raise RegistryError(_validation_problems(path, exc, Quarantine)) from None
 
 
+def quarantine_or_none(root: Path) -> tuple[Quarantine, str]:
+    """The registry's quarantine, and "" ; or, when its file cannot be read, none (every failure
+    counts: a bad file never lets one pass) and why, for the reader to say."""
+    try:
+        return load_quarantine(root), ""
+    except RegistryError as exc:
+        return Quarantine(), str(exc)
+
+
 def unknown_partitions(quarantine: Quarantine, partitions: Iterable[str], path: Path
                        ) -> list[str]:
     """A problem for each entry whose partition the registry does not have."""

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import dagster as dg
 
@@ -20,8 +19,8 @@ from mlci_dagster.assets.external import COMMIT_SUMMARY, PULL_REQUEST_LABEL, REL
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.event_log import record_of_run
 from mlci_dagster.notify import NotifyError
-from mlci_dagster.registry import Registry, RegistryError
-from mlci_dagster.registry.quarantine import Quarantine, load_quarantine
+from mlci_dagster.registry import Registry
+from mlci_dagster.registry.quarantine import Quarantine, quarantine_or_none
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource
 from mlci_dagster.schedules import NIGHTLY_TIER
@@ -217,18 +216,6 @@ def run_set_runs(instance: dg.DagsterInstance, sha: str, tier: str
     return expected, [partition_run(instance, key, run) for key, run in latest.items()]
 
 
-def quarantine_or_none(registry: Registry | dg.SkipReason, log: Any) -> Quarantine:
-    """The registry's quarantine; none (every failure counts) when it cannot be read, said in
-    the log: a bad quarantine file never lets a failure pass."""
-    if isinstance(registry, dg.SkipReason):
-        return Quarantine()
-    try:
-        return load_quarantine(registry.root)
-    except RegistryError as exc:
-        log.warning(f"quarantine not applied, every failure counts: {exc}")
-        return Quarantine()
-
-
 def runs_digest(runs: list[PartitionRun]) -> str:
     """The set's runs (the latest of each partition), as a short digest."""
     ids = ",".join(sorted(r.run_id for r in runs))
@@ -268,7 +255,10 @@ def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResourc
         return dg.SensorResult(skip_reason=f"notifier misconfigured: {exc}")
     registry = registry_or_skip(mlci)
     qualifying = qualifying_tiers(None if isinstance(registry, dg.SkipReason) else registry)
-    quarantine = quarantine_or_none(registry, context.log)
+    quarantine, unreadable = (Quarantine(), "") if isinstance(registry, dg.SkipReason) \
+        else quarantine_or_none(registry.root)
+    if unreadable:
+        context.log.warning(f"quarantine not applied, every failure counts: {unreadable}")
     events: list[dg.AssetObservation] = []
     for group in sorted(touched):
         sha, tier = group.split(" ")

@@ -12,7 +12,7 @@ import dagster as dg
 
 from mlci_dagster.assets.partitions import multi_partition_key
 from mlci_dagster.culprits.search import SearchRefused
-from mlci_dagster.event_log import latest_result_id, new_results
+from mlci_dagster.event_log import new_results
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.searches import (
     observation,
@@ -24,7 +24,7 @@ from mlci_dagster.searches import (
     starts_regression,
     step,
 )
-from mlci_dagster.sensors.image_build import registry_or_skip
+from mlci_dagster.sensors.image_build import registry_or_skip, results_after
 from mlci_dagster.vocabulary import split_partition_key
 
 RESULTS_PER_TICK = 500
@@ -44,11 +44,9 @@ def culprit_search_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefi
         if isinstance(registry, dg.SkipReason):
             return registry
         instance = context.instance
-        after = json.loads(context.cursor or "{}").get("results_after")
-        if after is None:  # the first tick: what failed before is no news
-            return dg.SensorResult(
-                cursor=json.dumps({"results_after": latest_result_id(instance)}),
-                skip_reason="cursor initialised")
+        after = results_after(context)
+        if isinstance(after, dg.SensorResult):
+            return after
         settings = registry.settings.culprit_search
         automatic = settings.automatic and registry.settings.repository is not None
         starting = {}

@@ -18,6 +18,7 @@ import dagster as dg
 
 from mlci_dagster.assets.external import PUSHED_IMAGE
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
+from mlci_dagster.event_log import latest_result_id
 from mlci_dagster.images import (
     ImageRegistryClient,
     ImageRegistryError,
@@ -76,6 +77,18 @@ def image_run_requests(context: dg.SensorEvaluationContext, ref: str, digest: st
         ))
     context.log.info(f"{ref} is now {digest}: {len(requests)} run(s)")
     return requests
+
+
+def results_after(context: dg.SensorEvaluationContext) -> int | dg.SensorResult:
+    """The storage id of the last result a results-reading sensor has read (its cursor's
+    `results_after`); on its first tick, the result that starts it after what is recorded
+    already (what failed before is no news), to return as is."""
+    after = json.loads(context.cursor or "{}").get("results_after")
+    if after is None:
+        return dg.SensorResult(
+            cursor=json.dumps({"results_after": latest_result_id(context.instance)}),
+            skip_reason="cursor initialised")
+    return after
 
 
 def registry_or_skip(mlci: MlciResource) -> Registry | dg.SkipReason:

@@ -42,9 +42,9 @@ from mlci_dagster.notify.notifier import (
 )
 from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer, Evidence
 from mlci_dagster.providers.logpipe import log_tail
-from mlci_dagster.registry import Registry, RegistryError
+from mlci_dagster.registry import Registry
 from mlci_dagster.registry.models import QuarantineSettings
-from mlci_dagster.registry.quarantine import load_quarantine
+from mlci_dagster.registry.quarantine import quarantine_or_none
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.resources.notify import NotifierResource, RootCauseResource
 from mlci_dagster.searches import OPEN_STATES, SEARCH_ASSET, search_summary
@@ -56,7 +56,7 @@ RESULTS_PER_TICK = 500
 CHECK_PAGE = 100
 
 
-def regression_evaluations(
+def check_entries(
     instance: dg.DagsterInstance, after: int, check: dg.AssetCheckKey = REGRESSION_CHECK,
 ) -> Iterator[tuple[int, dict[str, dict[str, Any]]]]:
     """(execution id, its entries by target) of each completed evaluation of `check` after id
@@ -91,12 +91,12 @@ def latest_state(instance: dg.DagsterInstance) -> NotifierState:
     searches = instance.fetch_observations(SEARCH_ASSET, limit=1).records
     state = NotifierState(results_after=latest_result_id(instance),
                           searches_after=searches[0].storage_id if searches else 0)
-    for execution_id, alerts in regression_evaluations(instance, 0):
+    for execution_id, alerts in check_entries(instance, 0):
         state.checks_after, state.open_alerts = execution_id, sorted(alerts)
-    for execution_id, flaky in regression_evaluations(instance, 0, FLAKY_CHECK):
+    for execution_id, flaky in check_entries(instance, 0, FLAKY_CHECK):
         state.flaky_after = execution_id
         state.proposed = sorted({*state.proposed, *flaky})
-    for execution_id, flaky in regression_evaluations(instance, 0, FLAKY_TESTS_CHECK):
+    for execution_id, flaky in check_entries(instance, 0, FLAKY_TESTS_CHECK):
         state.flaky_tests_after = execution_id
         state.proposed = sorted({*state.proposed, *flaky})
     return state
@@ -146,7 +146,7 @@ def collect(
             found.append(resolved_notification(signature, opened["text"], ended.get(signature),
                                                dagster_url, opened["partitions"]))
             del state.open_signatures[signature]
-    for execution_id, alerts in regression_evaluations(instance, state.checks_after):
+    for execution_id, alerts in check_entries(instance, state.checks_after):
         state.checks_after = execution_id
         new = {p: alerts[p] for p in sorted(set(alerts) - set(state.open_alerts))}
         by_signature: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
@@ -173,7 +173,7 @@ def proposals(instance: dg.DagsterInstance, state: NotifierState, dagster_url: s
     it stays flaky. `quarantined`: the targets quarantined already."""
     found = []
     for check, cursor in ((FLAKY_CHECK, "flaky_after"), (FLAKY_TESTS_CHECK, "flaky_tests_after")):
-        for execution_id, flaky in regression_evaluations(instance, getattr(state, cursor),
+        for execution_id, flaky in check_entries(instance, getattr(state, cursor),
                                                           check):
             setattr(state, cursor, execution_id)
             if settings is None or settings.propose_above is None:
@@ -249,11 +249,9 @@ def signatures_observation(notifications: list[Notification], analyzer: str
 def quarantined_targets(registry: Registry, log: dg.DagsterLogManager) -> set[str]:
     """The partitions and tests quarantined now (none proposed again); none when the file is
     unreadable (said in the log)."""
-    try:
-        quarantine = load_quarantine(registry.root)
-    except RegistryError as exc:
-        log.warning(f"quarantine.yaml not read: {exc}")
-        return set()
+    quarantine, unreadable = quarantine_or_none(registry.root)
+    if unreadable:
+        log.warning(f"quarantine.yaml not read: {unreadable}")
     return {e.target for e in quarantine.quarantine if e.active(time.time())}
 
 

@@ -11,10 +11,10 @@ from itertools import islice
 import dagster as dg
 
 from mlci_dagster.assets.partitions import multi_partition_key
-from mlci_dagster.event_log import latest_result_id, new_results
+from mlci_dagster.event_log import new_results
 from mlci_dagster.launch.reruns import due_rerun
 from mlci_dagster.resources.mlci import MlciResource
-from mlci_dagster.sensors.image_build import registry_or_skip
+from mlci_dagster.sensors.image_build import registry_or_skip, results_after
 from mlci_dagster.vocabulary import WORKER_TAG, split_partition_key
 
 RESULTS_PER_TICK = 500
@@ -33,20 +33,19 @@ def deflake_reruns_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefi
         if isinstance(registry, dg.SkipReason):
             return registry
         instance = context.instance
-        after = json.loads(context.cursor or "{}").get("results_after")
-        if after is None:  # the first tick: what failed before is no news
-            return dg.SensorResult(
-                cursor=json.dumps({"results_after": latest_result_id(instance)}),
-                skip_reason="cursor initialised")
+        after = results_after(context)
+        if isinstance(after, dg.SensorResult):
+            return after
         requests = []
         for storage_id, record in islice(new_results(instance, after), RESULTS_PER_TICK):
             after = storage_id
             if not record.awaiting_rerun:
                 continue
             run = instance.get_run_by_id(record.run_id)
-            if run is not None and WORKER_TAG in run.tags:
+            tags = run.tags if run is not None else {}
+            if WORKER_TAG in tags:
                 continue  # an `mlci run` worker's: that runner reruns it
-            rerun = due_rerun(instance, registry, record)
+            rerun = due_rerun(instance, registry, record, tags)
             if rerun is None:
                 continue
             context.log.info(f"{record.partition}: run {record.run_id[:8]} failed "
