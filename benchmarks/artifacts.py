@@ -22,7 +22,7 @@ import boto3
 
 from benchmarks.demo import REGISTRY, ROOT, make_home, warm_image
 from mlci_dagster.artifacts.evidence import MIB
-from mlci_dagster.artifacts.store import ArtifactStore, LocalStore, S3Store
+from mlci_dagster.artifacts.store import ArtifactStore, LocalStore, S3Store, put
 from mlci_dagster.common.aws import AwsSettings
 from tests.support.aws_proxy import FAKE_CREDENTIALS, moto_server
 
@@ -33,7 +33,7 @@ def upload_again(store: ArtifactStore, record: dict) -> tuple[float, int]:
     """The record's evidence put again into `store`: (seconds, bytes)."""
     started, size = time.monotonic(), 0
     for path, artifact in record["artifacts"].items():
-        size += store.put(f"bench/{artifact['key']}", Path(path), 100 * MIB).size
+        size += put(store, f"bench/{artifact['key']}", Path(path), 100 * MIB).size
     return time.monotonic() - started, size
 
 

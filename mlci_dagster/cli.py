@@ -492,10 +492,19 @@ def update_history(registry: str) -> str:
     from mlci_dagster.launch.runner import QUIET_RUN_CONFIG
 
     with _instance() as instance:
+        # Raised, a failed publish (the store down) would hide the grid that was drawn.
         result = build_definitions(registry).resolve_job_def(HISTORY_JOB).execute_in_process(
-            instance=instance, run_config=QUIET_RUN_CONFIG)
-    [materialization] = result.asset_materializations_for_node("grid_report")
-    return str(materialization.metadata["path"].value)
+            instance=instance, run_config=QUIET_RUN_CONFIG, raise_on_error=False)
+    for event in result.all_events:
+        if event.is_step_failure:
+            failure = event.step_failure_data
+            why = failure.user_failure_data.description if failure.user_failure_data \
+                else failure.error.message.strip()
+            print(f"history update: {event.step_key} failed: {why}", file=sys.stderr)
+    grid = result.asset_materializations_for_node("grid_report")
+    if not grid:
+        raise RuntimeError("the history update failed: its error is above")
+    return str(grid[0].metadata["path"].value)
 
 
 def _summaries(instance: Any, registry: Registry, keys: list[str]):
@@ -520,26 +529,30 @@ def _tests(instance: Any, registry: Registry):
 
 
 def _print_report(instance: Any, registry: Registry, keys: list[str], as_json: bool) -> None:
-    from mlci_dagster.event_log import new_results
+    from mlci_dagster.event_log import late_uploads, new_results, with_late_records
     from mlci_dagster.history.analysis import signature_clusters
     from mlci_dagster.history.render import failure_notes, report_table
     from mlci_dagster.registry.quarantine import quarantine_or_none
 
     summaries, table = _summaries(instance, registry, keys)
     clusters = signature_clusters(table, summaries)
+    linking = _resource(registry).linking()
     now = time.time()
     # Unreadable, the report still prints: `mlci validate` names the problem.
     quarantine, unreadable = quarantine_or_none(registry.root)
     quarantined = [e for e in quarantine.quarantine if e.partition in keys]
     if as_json:
-        print(json.dumps({"partitions": [s.to_dict() for s in summaries],
+        print(json.dumps({"partitions": [s.to_dict() | {"links": linking.of_row(
+            s.last).to_dict() if s.last else {}} for s in summaries],
                           "signatures": [c.to_dict() for c in clusters],
                           "quarantine": [e.model_dump(mode="json") | {"active": e.active(now)}
                                          for e in quarantined]}, indent=2))
         return
     print(report_table(summaries))
-    latest = {record.partition: record for _, record in new_results(instance, 0)}
-    notes = failure_notes(summaries, latest, clusters)
+    latest = with_late_records({record.partition: record
+                                for _, record in new_results(instance, 0)},
+                               late_uploads(instance))
+    notes = failure_notes(summaries, latest, clusters, linking)
     if notes:
         print(f"\n{notes}")
     if quarantined or unreadable:
@@ -583,7 +596,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         summaries, table = _summaries(instance, registry, _keys(registry, args))
         cases, tests = _tests(instance, registry)
-        path = write_grid(table, summaries, Path(args.html), tests, cases)
+        path = write_grid(table, summaries, Path(args.html), tests, cases,
+                          _resource(registry).linking())
         print(f"grid: {path}", file=sys.stderr)
     if args.junit:
         from mlci_dagster.event_log import new_results
@@ -597,6 +611,29 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"junit: {path} ({len(batch)} partitions of batch "
               f"{batch[0].batch if batch else '-'})", file=sys.stderr)
     _print_report(instance, registry, _keys(registry, args), args.json)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from mlci_dagster.artifacts.publish import publish
+    from mlci_dagster.artifacts.store import StoreError
+
+    registry = _registry(args)
+    instance = _history()
+    summaries, table = _summaries(instance, registry, registry.partition_keys())
+    cases, tests = _tests(instance, registry)
+    resource = _resource(registry)
+    try:
+        done = publish(resource.artifact_store(), table, summaries, tests, cases,
+                       resource.linking(), time.time())
+    except StoreError as exc:
+        print(f"mlci publish: not published: {exc}", file=sys.stderr)
+        return 1
+    print(f"published {done.pages} pages ({done.size:,} bytes): {done.url}")
+    if done.expires_s is not None:
+        print(f"its links are presigned and work for {done.expires_s / 3600:g} h; the next "
+              "publish (each history update's, or this command) renews them. Set "
+              "artifacts.public_url for a URL that lasts.")
     return 0
 
 
@@ -623,6 +660,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     projections = project_month(instance, registry, nightly.cron, NIGHTLY_TIER, now,
                                 timezone=nightly.timezone)
     spend, _ = month_spend(instance, registry, run_id="", now=now)
+    storage = _storage_used(registry)
     if args.json:
         print(json.dumps({
             "month_recorded_usd": spend.recorded_usd, "in_progress_usd": spend.in_progress_usd,
@@ -633,11 +671,66 @@ def cmd_cost(args: argparse.Namespace) -> int:
                             "runs": p.runs, "spent_usd": p.spent_usd,
                             "per_run_usd": p.per_run.usd, "per_run_basis": p.per_run.basis,
                             "runs_left": p.runs_left, "projected_usd": p.projected_usd}
-                           for p in projections]}, indent=2))
+                           for p in projections],
+            "artifact_store": storage}, indent=2))
         return 0
     print(cost_text(projections, spend, registry.settings.budget,
                     f"{nightly.cron} ({nightly.timezone})", now))
+    print(f"\nartifact store {storage['error']}" if storage["error"] else
+          f"\nartifact store {storage['where']}: {storage['bytes']:,} bytes in "
+          f"{storage['objects']} object(s)" + "".join(
+              f"\n  {kind}: {used['bytes']:,} bytes in {used['objects']} object(s)"
+              for kind, used in storage["kinds"].items()))
     return 0
+
+
+def _storage_used(registry: Registry) -> dict[str, Any]:
+    """What the artifact store holds, per kind (bytes, objects), listed from the store; a store
+    that cannot be listed is said in `error`."""
+    from dataclasses import asdict
+
+    from mlci_dagster.artifacts.retention import usage
+    from mlci_dagster.operations import list_artifact_store
+
+    listing = list_artifact_store(_resource(registry).artifact_store())
+    kinds = {kind: asdict(used) for kind, used in usage(listing.objects).items()}
+    return {"where": listing.where, "error": listing.error or None,
+            "bytes": sum(k["bytes"] for k in kinds.values()) if not listing.error else None,
+            "objects": len(listing.objects) if not listing.error else None, "kinds": kinds}
+
+
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    from mlci_dagster.history.render import table
+    from mlci_dagster.operations import prune_artifacts
+
+    registry = _registry(args)
+    now = time.time()
+    with _history() as instance:
+        done = prune_artifacts(instance, _resource(registry), now, dry_run=args.dry_run)
+    if not done.retention_days:
+        print(f"no artifacts.retention_days in {registry.root / 'mlci.yaml'}: every object in "
+              f"{done.where} is kept")
+        return 0
+    print(f"{done.where}: retention " + ", ".join(
+        f"{kind} {days:g} days" for kind, days in sorted(done.retention_days.items()))
+        + " (other kinds are kept)")
+
+    def age(found: Any) -> str:
+        return f"{(now - found.modified) / 86_400:.1f} days"
+
+    verb = "would delete" if done.dry_run else "deleted"
+    if done.deleted:
+        print(f"\n{verb}:\n" + table([["KEY", "BYTES", "AGE"], *(
+            [o.key, f"{o.size:,}", age(o)] for o in done.deleted)]))
+    if done.kept:
+        print("\nkept, past retention but referenced:\n" + table([["KEY", "AGE", "WHY"], *(
+            [o.key, age(o), why] for o, why in done.kept)]))
+    print(f"\n{verb} {len(done.deleted)} object(s), {done.freed_bytes:,} bytes; kept "
+          f"{len(done.kept)} past retention that open regressions or active quarantines point "
+          "at" + (" (dry run: nothing deleted)" if done.dry_run else ""))
+    for error in done.errors:
+        print(f"mlci artifacts prune: {error}", file=sys.stderr)
+    return 1 if done.errors else 0
 
 
 def cmd_janitor(args: argparse.Namespace) -> int:
@@ -812,6 +905,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the latest batch as JUnit XML into FILE (a testsuite "
                              "per partition; a testcase per stage and per test), for the CI "
                              "system that ran `mlci run` to show")
+    command("publish", "the grid, partition pages and tests, to the artifact store",
+            "Writes the grid, a page per partition (its runs, with their log and bundle links, "
+            "and its tests) and prints the grid's URL: one a team can bookmark, where the "
+            "store is public (artifacts.public_url); presigned otherwise. The published_site "
+            "asset does the same after every history update.", cmd_publish)
     tests = command("tests", "per test: failing, flaky, slow, new",
                     "Prints a row per test the pipelines' reports recorded (failing, then flaky, "
                     "then slowest): its state, since when and between which images it fails, "
@@ -826,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
             "flaky.", cmd_status, filters=True, as_json="the counts as JSON")
     command("cost", "this month's cost per partition, projected, against the budget",
             "This month's cost per billed partition, projected to the month's end from the "
-            "nightly schedule, against the budget.", cmd_cost, as_json="the figures as JSON")
+            "nightly schedule, against the budget; and the artifact store's size per kind.",
+            cmd_cost, as_json="the figures as JSON")
     command("helm-values", "the pool limits as values of the official Dagster Helm chart",
             "Prints the registry's pool limits as values for the official Dagster Helm chart "
             "(`helm upgrade -f`), whose instance ConfigMap `mlci sync` cannot write.",
@@ -884,6 +983,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "holds past their down time, breaks dead holders' leases, and reaps every "
                       "sandbox whose run is over or that expired.", cmd_janitor)
     janitor.add_argument("--dry-run", action="store_true", help="say what would be reaped")
+    artifacts = command(
+        "artifacts", "the artifact store's retention",
+        "`prune`: deletes from the artifact store the objects older than their kind's "
+        "artifacts.retention_days in mlci.yaml (a kind left out is kept), never the evidence of "
+        "the runs an open regression or an active quarantine points at, as the "
+        "artifact_retention sensor does daily; prints what it deleted and what it kept because "
+        "referenced. Exits 1 when the store could not be listed or an object not deleted.",
+        cmd_artifacts)
+    artifacts.add_argument("action", choices=["prune"], help="prune")
+    artifacts.add_argument("--dry-run", action="store_true",
+                           help="say what would be deleted; delete nothing")
     return parser
 
 

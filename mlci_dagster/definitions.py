@@ -17,7 +17,7 @@ from mlci_dagster.assets.external import (
     release_qualification,
     run_artifacts,
 )
-from mlci_dagster.assets.history import grid_report, history, test_history
+from mlci_dagster.assets.history import grid_report, history, published_site, test_history
 from mlci_dagster.assets.lifecycle import lifecycle_assets
 from mlci_dagster.assets.partitions import lifecycle_partitions
 from mlci_dagster.assets.registry import REGISTRY_ASSET, REGISTRY_CHECKS
@@ -42,6 +42,7 @@ from mlci_dagster.sensors.image_build import image_poll_sensor, image_push_senso
 from mlci_dagster.sensors.notify import notify
 from mlci_dagster.sensors.registry_sync import registry_sync
 from mlci_dagster.sensors.reruns import deflake_reruns_sensor
+from mlci_dagster.sensors.retention import artifact_retention
 from mlci_dagster.sensors.stale_scanner import stale_scanner
 from mlci_dagster.vocabulary import POOL_TAG, split_partition_key
 
@@ -77,12 +78,14 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                               executor_def=dg.in_process_executor,
                               config=pool_tagged_config(registry, partitions),
                               description="The whole lifecycle of one config × engine.")
-    history_job = dg.define_asset_job(HISTORY_JOB, selection=[history, test_history, grid_report],
-                                      executor_def=dg.in_process_executor,
-                                      description="Consolidate results, analyse, draw the grid.")
+    history_job = dg.define_asset_job(
+        HISTORY_JOB, selection=[history, test_history, grid_report, published_site],
+        executor_def=dg.in_process_executor,
+        description="Consolidate results, analyse, draw the grid, publish it to the store.")
     reserved = reservation_definitions(settings)
     return dg.Definitions(
-        assets=[lifecycle, history, test_history, grid_report, JANITOR_ASSET, REGISTRY_ASSET,
+        assets=[lifecycle, history, test_history, grid_report, published_site, JANITOR_ASSET,
+                REGISTRY_ASSET,
                 pushed_image, pull_request_label, commit_summary, release_qualification,
                 SIGNATURES_ASSET, culprit_search, run_artifacts, *reserved["assets"]],
         asset_checks=[*reserved["asset_checks"], *REGISTRY_CHECKS],
@@ -94,6 +97,7 @@ def build_definitions(registry: str | Path) -> dg.Definitions:
                  image_push_sensor(job), stale_scanner(job),
                  history_update_sensor(history_job), pr_label_sensor(job), commit_status,
                  culprit_search_sensor(job), deflake_reruns_sensor(job), artifact_upload,
+                 artifact_retention,
                  commit_poll_sensor(job, settings.repository.poll_interval_s
                                     if settings.repository else 60)],
         resources={"mlci": MlciResource(registry_path=str(Path(registry).resolve())),

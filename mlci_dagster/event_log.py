@@ -13,12 +13,13 @@ import pandas as pd
 from pydantic import ValidationError
 
 from mlci_dagster.history.cases import append_cases, case_rows
-from mlci_dagster.history.record import ResultRecord
-from mlci_dagster.history.table import append_rows, record_to_row
+from mlci_dagster.history.record import ArtifactRecord, ResultRecord
+from mlci_dagster.history.table import append_rows, record_to_row, with_late_uploads
 from mlci_dagster.junit.read import read_report
 from mlci_dagster.vocabulary import RESULTS
 
 RESULTS_ASSET = dg.AssetKey(RESULTS)
+RUN_ARTIFACTS = dg.AssetKey("run_artifacts")  # evidence stored after its run
 PAGE = 1000
 LOOK_BACK = 200  # a partition's latest results read where its recent past is wanted
 log = logging.getLogger("mlci")
@@ -116,7 +117,36 @@ def consolidate(
     cursor = 0 if table is None or table.empty else int(table["storage_id"].max())
     rows = [record_to_row(record, storage_id) for storage_id, record in new_results(instance,
                                                                                      cursor)]
-    return append_rows(table, rows), len(rows)
+    return with_late_uploads(append_rows(table, rows), late_uploads(instance)), len(rows)
+
+
+def late_uploads(instance: dg.DagsterInstance) -> dict[str, dict[str, Any]]:
+    """Run id -> local path -> what was stored, of every piece of evidence the artifact_upload
+    sensor stored after its run (its `run_artifacts` observations; few: a store's outages)."""
+    found: dict[str, dict[str, Any]] = {}
+    cursor = None
+    while True:
+        page = instance.fetch_observations(RUN_ARTIFACTS, limit=PAGE, cursor=cursor,
+                                           ascending=True)
+        for record in page.records:
+            event = record.asset_observation
+            if event is None or "run_id" not in event.metadata:
+                continue
+            stored = event.metadata.get("artifacts")
+            found.setdefault(str(event.metadata["run_id"].value), {}).update(
+                stored.value if stored is not None else {})
+        if not page.has_more:
+            return found
+        cursor = page.cursor
+
+
+def with_late_records(records: dict[str, ResultRecord], late: dict[str, dict[str, Any]]
+                      ) -> dict[str, ResultRecord]:
+    """`records` (by any key) with the evidence each run's late uploads stored."""
+    return {key: record.model_copy(update={"artifacts": {
+        **record.artifacts, **{path: ArtifactRecord.model_validate(a)
+                               for path, a in late[record.run_id].items()}}})
+        if record.run_id in late else record for key, record in records.items()}
 
 
 def consolidate_cases(instance: dg.DagsterInstance, table: pd.DataFrame | None, after: int

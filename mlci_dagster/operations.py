@@ -10,12 +10,17 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlci_dagster.artifacts.retention import expired, past_retention, referenced_runs, run_of
+from mlci_dagster.artifacts.store import ArtifactStore, StoredObject
 from mlci_dagster.assets.external import RELEASE_QUALIFICATION
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, partition_changes
 from mlci_dagster.assets.reservations import record_guard
+from mlci_dagster.event_log import consolidate
+from mlci_dagster.history.analysis import analyze
 from mlci_dagster.launch.workers import end_lost_runs, run_over
 from mlci_dagster.providers.janitor import Verdict, sweep
 from mlci_dagster.registry import Registry
+from mlci_dagster.registry.quarantine import quarantine_or_none
 from mlci_dagster.reservations.context import ReservationContext
 from mlci_dagster.reservations.guard import GuardReport, guard, tend
 from mlci_dagster.reservations.leases import LeaseError
@@ -125,3 +130,88 @@ def qualified_releases(instance: dg.DagsterInstance, limit: int = 100) -> list[d
         found.append({"sha": meta.get("sha"), "tier": meta.get("tier"),
                       "partitions": meta.get("partitions"), "qualified_at": record.timestamp})
     return found
+
+
+@dataclass
+class StoreListing:
+    """What the artifact store holds, listed whole: where it is, its objects, and why it could
+    not be listed ("" when it was)."""
+
+    where: str
+    objects: list[StoredObject] = field(default_factory=list)
+    error: str = ""
+
+
+def list_artifact_store(store: ArtifactStore) -> StoreListing:
+    """Every object of the artifact store; a store down or refusing is said, not raised."""
+    where = store.location()
+    try:
+        return StoreListing(where, list(store.objects()))
+    except Exception as exc:  # noqa: BLE001 (StoreError, boto3's client setup, an OSError)
+        return StoreListing(where, error=f"{where}: not listed: {exc}")
+
+
+@dataclass
+class ArtifactPrune:
+    """One pass of the artifact store's retention: what it deleted (or, a dry run, would),
+    what was past retention but kept because an open regression or an active quarantine
+    points at its run (with why), and what went wrong (deleting stops at the first error)."""
+
+    where: str
+    dry_run: bool
+    retention_days: dict[str, float]
+    deleted: list[StoredObject] = field(default_factory=list)
+    kept: list[tuple[StoredObject, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(o.size for o in self.deleted)
+
+
+DELETE_BATCH = 1000  # keys per delete call: what is reported deleted is what was
+
+
+def prune_artifacts(instance: dg.DagsterInstance, mlci: MlciResource, now: float,
+                    dry_run: bool = False) -> ArtifactPrune:
+    """The retention of the artifact store, for the `artifact_retention` sensor and `mlci
+    artifacts prune` alike: deletes the objects older than their kind's `retention_days`
+    except the evidence of referenced runs (retention.referenced_runs, read from the whole
+    history and the registry's quarantine). An unreadable quarantine file deletes nothing: which
+    runs it protects cannot be told."""
+    registry = mlci.registry()
+    retention = dict(registry.settings.artifacts.retention_days)
+    store = mlci.artifact_store()
+    done = ArtifactPrune(store.location(), dry_run, retention)
+    if not retention:
+        return done
+    listing = list_artifact_store(store)
+    if listing.error:
+        done.errors.append(listing.error)
+        return done
+    old = [o for o in listing.objects if past_retention(o, retention, now)]
+    if not old:
+        return done
+    quarantine, unreadable = quarantine_or_none(registry.root)
+    if unreadable:
+        done.errors.append(f"nothing deleted: the quarantine file is unreadable, and may protect "
+                           f"some runs: {unreadable.splitlines()[0]}")
+        return done
+    table, _ = consolidate(instance, None)
+    summaries = analyze(table, registry.partition_keys(), registry.settings.history, now)
+    referenced = referenced_runs(summaries, quarantine.quarantine, table, now)
+    doomed = expired(old, retention, referenced, now)
+    done.kept = [(o, referenced[run]) for o in old if (run := run_of(o.key)) in referenced]
+    if dry_run:
+        done.deleted = doomed
+        return done
+    for start in range(0, len(doomed), DELETE_BATCH):
+        batch = doomed[start:start + DELETE_BATCH]
+        try:
+            store.delete([o.key for o in batch])
+        except Exception as exc:  # noqa: BLE001 (StoreError, boto3's client setup)
+            done.errors.append(f"{listing.where}: {len(doomed) - start} object(s) not deleted: "
+                               f"{exc}")
+            break
+        done.deleted += batch
+    return done

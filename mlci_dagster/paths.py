@@ -17,9 +17,10 @@ DAGSTER_URL_ENV = "MLCI_DAGSTER_URL"
 DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
 
 
-def dagster_url() -> str:
-    """Where people open the Dagster UI, for links to runs: `$MLCI_DAGSTER_URL`."""
-    return os.environ.get(DAGSTER_URL_ENV) or DEFAULT_DAGSTER_URL
+def ui_base_url(configured: str | None = None) -> str:
+    """Where people open the Dagster UI, for links to runs: `$MLCI_DAGSTER_URL`, else the
+    registry's `ui_base_url` (`configured`), else the local default."""
+    return os.environ.get(DAGSTER_URL_ENV) or configured or DEFAULT_DAGSTER_URL
 
 
 def registry_path() -> Path:

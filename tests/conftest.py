@@ -1,16 +1,19 @@
 """Pytest hooks and shared fixtures: a real Dagster instance in a temporary DAGSTER_HOME, the
-`needs(service)` mark and opt-in `slow` tests. The helpers tests import are in tests/support:
-registries written on the fly (registries.py); running partitions and reading their records,
-stage details and leaks over real processes, ports and directories (runs.py)."""
+`needs(service)` mark and opt-in `slow` tests, an S3 bucket on moto's server. The helpers tests
+import are in tests/support: registries written on the fly (registries.py); running partitions
+and reading their records, stage details and leaks over real processes, ports and directories
+(runs.py)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import boto3
 import dagster as dg
 import pytest
 
+from tests.support.aws_proxy import FAKE_CREDENTIALS, REAL_CREDENTIALS, moto_server
 from tests.support.services import MARK, require_marked
 
 SLOW = os.environ.get("MLCI_SLOW") == "1"
@@ -66,3 +69,16 @@ def kube():
             KubeController(server, interval_s=0.05) as controller:
         yield server, controller
         assert controller.errors == []
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """moto's S3 on loopback with a bucket `evidence`; the standard chain's fake credentials."""
+    for name in REAL_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    with moto_server(tmp_path / "moto.log") as url:
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        client.create_bucket(Bucket="evidence")
+        yield url, client

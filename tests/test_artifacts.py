@@ -7,19 +7,20 @@ named in the record; no secret reaches the store."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
-import boto3
 import dagster as dg
 import pytest
+import requests
 import yaml
 
-from mlci_dagster.artifacts.store import LocalStore, S3Store, StoreError
+from mlci_dagster.artifacts.store import LocalStore, S3Store, StoreError, put
+from mlci_dagster.cli import main
 from mlci_dagster.common.aws import AwsSettings
 from mlci_dagster.event_log import new_results
 from mlci_dagster.providers.ports import allocate_free_port
-from tests.support.aws_proxy import FAKE_CREDENTIALS, REAL_CREDENTIALS, moto_server
 from tests.support.registries import leaky_registry
 from tests.support.runs import run_partition
 from tests.test_commits import Sensor
@@ -36,7 +37,7 @@ def test_the_local_store_keeps_each_file_whole_and_truncates_past_the_limit(tmp_
     store = LocalStore(tmp_path / "store")
     small = tmp_path / "small.log"
     small.write_bytes(b"line\n" * 10)
-    stored = store.put("a/e1/run/log/small.log", small, 1000)
+    stored = put(store, "a/e1/run/log/small.log", small, 1000)
     target = tmp_path / "store" / "a/e1/run/log/small.log"
     assert target.read_bytes() == small.read_bytes()
     assert (stored.size, stored.sha256, stored.truncated) == (50, sha256(small.read_bytes()),
@@ -45,7 +46,7 @@ def test_the_local_store_keeps_each_file_whole_and_truncates_past_the_limit(tmp_
 
     big = tmp_path / "big.log"
     big.write_bytes(b"x" * 5000)
-    stored = store.put("a/e1/run/log/big.log", big, 1000)
+    stored = put(store, "a/e1/run/log/big.log", big, 1000)
     body = (tmp_path / "store" / "a/e1/run/log/big.log").read_bytes()
     assert stored.truncated and len(body) == stored.size <= 1000
     assert body.startswith(b"xxx") and b"[mlci: truncated: the first 1,000 of 5,000 bytes" in body
@@ -54,22 +55,11 @@ def test_the_local_store_keeps_each_file_whole_and_truncates_past_the_limit(tmp_
 
     (tmp_path / "blocked").write_text("a file where a directory should be")
     with pytest.raises(StoreError, match="not written"):
-        LocalStore(tmp_path / "blocked").put("k/small.log", small, 1000)
+        put(LocalStore(tmp_path / "blocked"), "k/small.log", small, 1000)
     with pytest.raises(StoreError, match="missing.log: not read"):
-        store.put("k/missing.log", tmp_path / "missing.log", 1000)
+        put(store, "k/missing.log", tmp_path / "missing.log", 1000)
 
 
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    """moto's S3 on loopback with a bucket `evidence`; the standard chain's fake credentials."""
-    for name in REAL_CREDENTIALS:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in FAKE_CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    with moto_server(tmp_path / "moto.log") as url:
-        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-        client.create_bucket(Bucket="evidence")
-        yield url, client
 
 
 def test_the_s3_store_puts_objects_and_names_what_refuses_it(tmp_path, s3):
@@ -77,17 +67,17 @@ def test_the_s3_store_puts_objects_and_names_what_refuses_it(tmp_path, s3):
     source = tmp_path / "train.log"
     source.write_bytes(b"epoch 1 loss 0.3\n")
     store = S3Store("evidence", "mlci/", AwsSettings("us-east-1", url))
-    stored = store.put("a/e1/run/log/train.log", source, 1000)
+    stored = put(store, "a/e1/run/log/train.log", source, 1000)
     assert stored.url == "s3://evidence/mlci/a/e1/run/log/train.log"
     body = client.get_object(Bucket="evidence", Key="mlci/a/e1/run/log/train.log")["Body"].read()
     assert body == source.read_bytes() and stored.sha256 == sha256(body)
 
     with pytest.raises(StoreError, match="PutObject s3://nope/.*NoSuchBucket"):
-        S3Store("nope", "", AwsSettings("us-east-1", url)).put("k", source, 1000)
+        put(S3Store("nope", "", AwsSettings("us-east-1", url)), "k", source, 1000)
     closed = f"http://127.0.0.1:{allocate_free_port()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(StoreError, match="PutObject"):
-        S3Store("evidence", "", AwsSettings("us-east-1", closed)).put("k", source, 1000)
+        put(S3Store("evidence", "", AwsSettings("us-east-1", closed)), "k", source, 1000)
     assert time.monotonic() - started < 30
 
 
@@ -98,7 +88,7 @@ def with_store(registry: Path, store: dict) -> None:
 
 
 def test_a_run_s_evidence_goes_to_s3_redacted_and_a_store_down_changes_nothing_else(
-        instance, dagster_home, tmp_path, s3, monkeypatch):
+        instance, dagster_home, tmp_path, s3, monkeypatch, capsys):
     """The leaky config prints its secret token from its service and its failing pipeline:
     every uploaded object is read back and holds no token. Then with the store unreachable, the
     same run ends the same and names each piece it kept on the machine."""
@@ -136,6 +126,8 @@ def test_a_run_s_evidence_goes_to_s3_redacted_and_a_store_down_changes_nothing_e
     time.sleep(2.5)  # a run reads the registry's files again after 2 s (RECHECK_S)
     down, second = run_partition(instance, registry, "leaky|e1")
     assert second["status"] == "fail-pipeline_runs" and second["artifacts"] == {}
+    # Nothing of it is linked while it waits: the report names the paths on this machine.
+    assert set(report_json(registry, capsys)["partitions"][0]["links"]) == {"run"}
     pending = second["artifacts_pending"]
     assert len(pending) == len(record.artifacts)
     assert all("PutObject" in p["why"] for p in pending)
@@ -160,6 +152,19 @@ def test_a_run_s_evidence_goes_to_s3_redacted_and_a_store_down_changes_nothing_e
     assert instance.get_run_by_id(down.run_id).status == dg.DagsterRunStatus.FAILURE
     (_, again), *_ = [(i, r) for i, r in new_results(instance, 0) if r.run_id == down.run_id]
     assert again.artifacts == {} and again.status == "fail-pipeline_runs"
+    # The links appear where the run is shown: the report reads the late uploads.
+    [shown] = report_json(registry, capsys)["partitions"]
+    assert shown["last"]["run_id"] == down.run_id
+    for name in ("log", "bundle"):
+        fetched = requests.get(shown["links"][name], timeout=10)
+        assert fetched.status_code == 200
+        assert sha256(fetched.content) in {a["sha256"] for a in late.values()}
+
+
+def report_json(registry: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["--registry", str(registry), "report", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 def test_by_default_a_run_s_evidence_is_in_the_local_store(instance, dagster_home, tmp_path,

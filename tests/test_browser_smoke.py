@@ -81,18 +81,29 @@ def test_a_rendering_app_passes_and_one_whose_javascript_throws_fails_ui_smoke(
     assert shown.startswith(f"![{shot.name}](data:image/jpeg;base64,/9j/")
     # The browser went with the sandbox.
     assert_no_leaks(dagster_home, stage_details(instance, broken.run_id, "sandbox")["handle"])
-    # Uploaded to the artifact store beside the logs; not once turned off (an image cannot be
-    # redacted), though still taken and kept on the machine.
+    # Uploaded to the artifact store beside the logs; not once its route turns it off (an
+    # image cannot be redacted): then still taken and kept on the machine, but neither
+    # uploaded, nor in the bundle (which travels), nor inline in the metadata.
     assert [a["key"].rsplit("/", 2)[1:] for a in record["artifacts"].values()
             if a["kind"] == "screenshot"] == [["screenshot", shot.name]]
-    settings = yaml.safe_load((registry / "mlci.yaml").read_text())
-    (registry / "mlci.yaml").write_text(yaml.safe_dump({**settings, "artifacts": {
-        "screenshots": False}}))
+    [path] = (registry / "configs").glob("broken*.yaml")
+    broken_config = yaml.safe_load(path.read_text())
+    broken_config["ui_smoke"]["routes"][1]["upload_screenshot"] = False
+    path.write_text(yaml.safe_dump(broken_config))
     time.sleep(2.5)  # a run reads the registry's files again after 2 s
     again, record = run_partition(instance, registry, "broken|e1")
-    assert Path(stage_details(instance, again.run_id, "ui_smoke")["routes"][1]["screenshot"]
-                ).is_file()
+    assert record["config_id"] == latest.asset_materialization.metadata["record"].value[
+        "config_id"]  # the same test
+    kept = Path(stage_details(instance, again.run_id, "ui_smoke")["routes"][1]["screenshot"])
+    assert kept.read_bytes()[:3] == b"\xff\xd8\xff"
     assert {a["kind"] for a in record["artifacts"].values()} == {"log", "bundle"}
+    with tarfile.open(record["debug_bundle"]) as bundle:
+        names = bundle.getnames()
+    assert f"broken.e1/screenshots/{kept.name}.kept-local" in names
+    assert f"broken.e1/screenshots/{kept.name}" not in names
+    [latest] = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=RESULTS_ASSET, asset_partitions=["broken|e1"]), limit=1).records
+    assert "screenshot_0" not in latest.asset_materialization.metadata
 
 
 def test_without_chromium_the_check_fails_as_infra_and_validate_says_so(

@@ -19,7 +19,8 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
     repo.get_all_jobs()  # what a code server does on load: op and job names must not clash
 
     assert sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()) == sorted(
-        [*STAGES, "history", "test_history", "grid_report", "sandbox_janitor", "registry",
+        [*STAGES, "history", "test_history", "grid_report", "published_site",
+         "sandbox_janitor", "registry",
          "pushed_image", "pull_request_label", "commit_summary", "release_qualification",
          "failure_signatures", "culprit_search", "run_artifacts"])
     checks = {(c.asset_key.to_user_string(), c.name) for c in repo.asset_graph.asset_check_keys}
@@ -32,9 +33,10 @@ def test_definitions_load_with_assets_checks_job_schedule_and_sensor():
         repo.has_job("find_culprit")
     assert [s.name for s in repo.schedule_defs] == ["nightly"]
     assert sorted(s.name for s in repo.sensor_defs) == [
-        "artifact_upload", "commit_poll", "commit_status", "culprit_search", "deflake_reruns",
-        "history_update", "image_poll", "image_push", "notify", "pr_label", "registry_sync",
-        "sandbox_janitor", "stale_scanner", "teardown_after_cancel", "teardown_after_failure"]
+        "artifact_retention", "artifact_upload", "commit_poll", "commit_status", "culprit_search",
+        "deflake_reruns", "history_update", "image_poll", "image_push", "notify", "pr_label",
+        "registry_sync", "sandbox_janitor", "stale_scanner", "teardown_after_cancel",
+        "teardown_after_failure"]
     partitions = repo.asset_graph.get(dg.AssetKey("results")).partitions_def
     assert isinstance(partitions, dg.MultiPartitionsDefinition)
     assert [d.name for d in partitions.partitions_defs] == ["config", "engine"]

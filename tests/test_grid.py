@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 
 from mlci_dagster.history.analysis import analyze, signature_clusters
 from mlci_dagster.history.grid import render_grid
+from mlci_dagster.history.links import Linking
 from mlci_dagster.history.render import report_table
 from mlci_dagster.history.table import append_rows, record_to_row
 from mlci_dagster.registry.models import HistorySettings
@@ -77,7 +78,8 @@ def test_columns_are_batches_aligned_across_rows_with_links_signatures_and_marks
     summaries = analyze(table, ["a|e1", "b|e1"], HistorySettings(), NIGHT + 3 * 86_400)
     clusters = signature_clusters(table, summaries)
 
-    page = render_grid(table, summaries, NIGHT + 3 * 86_400, clusters, "http://dagster.test")
+    page = render_grid(table, summaries, NIGHT + 3 * 86_400, clusters,
+                       Linking("http://dagster.test"))
     grid = Grid()
     grid.feed(page)
     a, b = (row for row in grid.rows if len(row) == 3)
@@ -123,7 +125,8 @@ def test_a_batch_with_refused_runs_renders_everywhere_with_no_nan():
     summaries = analyze(table, ["a|e1", "b|e1"], HistorySettings(), NIGHT + 3 * 86_400)
     clusters = signature_clusters(table, summaries)
 
-    page = render_grid(table, summaries, NIGHT + 3 * 86_400, clusters, "http://dagster.test")
+    page = render_grid(table, summaries, NIGHT + 3 * 86_400, clusters,
+                       Linking("http://dagster.test"))
     text = report_table(summaries, NIGHT + 3 * 86_400)
 
     grid = Grid()
@@ -143,7 +146,7 @@ def grid_of(records, now: float = NIGHT + 40 * 86_400) -> tuple[str, Grid]:
     partitions = sorted({r.partition for r in records})
     summaries = analyze(table, partitions, HistorySettings(), now)
     page = render_grid(table, summaries, now, signature_clusters(table, summaries),
-                       "http://dagster.test")
+                       Linking("http://dagster.test"))
     grid = Grid()
     grid.feed(page)
     return page, grid

@@ -20,6 +20,8 @@ image's venv, platform/tests/) are checked test by test from their JUnit report.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from mlci_dagster.junit.read import read_report
@@ -34,6 +37,7 @@ from mlci_dagster.registry import load_registry
 from mlci_dagster.stages.context import LifecycleContext
 from mlci_dagster.stages.image import build_image
 from tests.support.runs import assert_no_leaks, processes_of_sandbox, run_partition, stage_details
+from tests.support.services import CHROMIUM, needs
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ml-platform"
 FULL = os.environ.get("MLCI_ML_PLATFORM_FULL") == "1"
@@ -218,3 +222,127 @@ def test_platform_that_never_gets_ready_fails_sandbox_and_stops_its_database(
     assert set(handle["process_groups"]) == {"service:postgres", "service:mlflow"}
     # PostgreSQL's children each have a process group of their own: all must be gone too.
     assert_sandbox_gone(ml_home, handle)
+
+
+RUN_QUERY = "query($runId: ID!) { runOrError(runId: $runId) { __typename ... on Run { status } } }"
+
+
+@pytest.mark.ml_platform
+@needs(CHROMIUM)
+def test_every_link_resolves_from_the_s3_store_and_the_published_grid_renders(
+        ml_home, instance, tmp_path, monkeypatch, capsys):
+    """The example's python-train with one model test broken (MLCI_DEMO_BREAK), its evidence
+    in an S3 bucket on moto's server (the closest real implementation of S3's wire protocol
+    here; it serves presigned URLs without checking their signatures), the UI links at a real
+    dagster-webserver. Every link of the text report, `--json`, the grid, a notification and
+    the published site is fetched: the store's answer the bytes the record names (sha256), the
+    run links a Dagster that knows the run. The published grid is opened from the store's URL
+    in headless Chromium, its partition page too."""
+    from playwright.sync_api import sync_playwright
+
+    from mlci_dagster.cli import main
+    from mlci_dagster.common.chromium import find_chromium, launch_args
+    from mlci_dagster.notify.notifier import NotifierState
+    from mlci_dagster.resources.mlci import MlciResource
+    from mlci_dagster.sensors.notify import collect
+    from tests.support.aws_proxy import FAKE_CREDENTIALS, REAL_CREDENTIALS, moto_server
+    from tests.support.dagster_services import graphql, webserver
+
+    for name in REAL_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLCI_DEMO_BREAK", "1")
+    monkeypatch.delenv("MLCI_DAGSTER_URL", raising=False)
+    config = example_config("python-train")
+    config["engines"] = ["sqlite"]
+    registry = registry_from_example(tmp_path / "registry", [config])
+    with moto_server(tmp_path / "moto.log") as s3, \
+            webserver(ml_home, registry, tmp_path / "webserver.log") as ui:
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3, region_name="us-east-1").create_bucket(
+            Bucket="evidence")
+        settings = yaml.safe_load((registry / "mlci.yaml").read_text())
+        settings.update(ui_base_url=ui, artifacts={"s3": {"bucket": "evidence",
+                                                          "endpoint_url": s3}})
+        (registry / "mlci.yaml").write_text(yaml.safe_dump(settings))
+        result, record = run_partition(instance, registry, "python-train|sqlite")
+        assert record["status"] == "fail-pipeline_runs" and record["artifacts_pending"] == []
+        stored = {a["sha256"]: a for a in record["artifacts"].values()}
+        assert {a["kind"] for a in stored.values()} >= {"log", "bundle", "report"}
+
+        def resolves(url: str) -> bytes:
+            if url.startswith(ui):
+                run_id = url.rsplit("/runs/", 1)[1]
+                assert graphql(ui, RUN_QUERY, {"runId": run_id})["runOrError"] == {
+                    "__typename": "Run", "status": "FAILURE"}, url
+                return b""
+            fetched = requests.get(url, timeout=10)
+            assert fetched.status_code == 200, (url, fetched.text[:300])
+            return fetched.content
+
+        def evidence(url: str) -> str:
+            """The kind of the stored artifact the URL serves."""
+            return stored[hashlib.sha256(resolves(url)).hexdigest()]["kind"]
+
+        # The text report: the failing stage's log, the bundle, the run.
+        capsys.readouterr()
+        assert main(["--registry", str(registry), "report"]) == 0
+        text = capsys.readouterr().out
+        urls = dict(re.findall(r"^\s+(log|debug bundle|run): (\S+)$", text, re.M))
+        assert set(urls) == {"log", "debug bundle", "run"}, text
+        assert (evidence(urls["log"]), evidence(urls["debug bundle"])) == ("log", "bundle")
+        resolves(urls["run"])
+        assert urls["run"] == f"{ui}/runs/{result.run_id}"
+        # --json: the same three.
+        assert main(["--registry", str(registry), "report", "--json"]) == 0
+        links = json.loads(capsys.readouterr().out)["partitions"][0]["links"]
+        assert (evidence(links["log"]), evidence(links["bundle"])) == ("log", "bundle")
+        resolves(links["run"])
+        # The grid: every link of the page (the cell's run, and its log and bundle on hover).
+        assert main(["--registry", str(registry), "report", "--html", str(tmp_path / "g")]) == 0
+        hrefs = re.findall(r'href="([^"]+)"', (tmp_path / "g" / "grid.html").read_text())
+        assert sorted(evidence(h) for h in hrefs if not h.startswith(ui)) == ["bundle", "log"]
+        assert [resolves(h) for h in hrefs if h.startswith(ui)] == [b""]
+        # A notification (webhook and GitHub issue render its links()).
+        linking = MlciResource(registry_path=str(registry)).linking()
+        (notification,) = collect(instance, NotifierState(), linking.ui_url, link=linking.link)
+        sent = notification.links()
+        assert set(sent) == {"Dagster run", "log", "debug bundle"}
+        assert (evidence(sent["log"]), evidence(sent["debug bundle"])) == ("log", "bundle")
+        resolves(sent["Dagster run"])
+
+        # The published site: its URL, every page it links, every link of every page.
+        capsys.readouterr()
+        assert main(["--registry", str(registry), "publish"]) == 0
+        printed = capsys.readouterr()
+        assert printed.out.startswith("published 2 pages"), printed
+        site = printed.out.splitlines()[0].rsplit(": ", 1)[1]
+        grid = resolves(site).decode()
+        [page] = [h.replace("&amp;", "&") for h in re.findall(r'href="([^"]+)"', grid)
+                  if "/site/partitions/" in h]
+        page_links = re.findall(r'href="([^"]+)"', resolves(page).decode())
+        kinds = sorted(evidence(h.replace("&amp;", "&")) for h in page_links
+                       if not h.startswith(ui) and "/site/" not in h)
+        assert kinds == ["bundle", "log"]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=find_chromium(),
+                                                 args=launch_args())
+            try:
+                tab = browser.new_page(viewport={"width": 1100, "height": 520})
+                assert tab.goto(site).status == 200
+                assert "FAILING" in tab.inner_text("body")
+                tab.hover(".has-pop")  # the failing cell: its log and bundle links show
+                assert tab.locator(".has-pop .pop a").all_inner_texts() == ["log",
+                                                                            "debug bundle"]
+                tab.screenshot(path=str(tmp_path / "published-grid.png"))
+                tab.click("text=python-train")
+                tab.wait_for_selector("table.tests")
+                assert "test_" in tab.inner_text("table.tests")
+                assert tab.locator("table.runs a", has_text="debug bundle").count() == 1
+            finally:
+                browser.close()
+        shots = os.environ.get("MLCI_DOCS_SHOTS")  # where to keep the screenshot for docs/
+        if shots:
+            shutil.copy2(tmp_path / "published-grid.png", Path(shots) / "published-grid.png")

@@ -105,9 +105,13 @@ def test_a_signature_opens_one_issue_spreads_regresses_and_resolves_once(
     assert issue["title"] == issue_title(signature, "pipeline_runs/product: pipeline 'fit': "
                                                     "exited <n>, expected <n>")
     assert issue["labels"] == ["mlci"]
+    # The log and bundle as the artifact store serves them (here the default directory's
+    # file:// URLs; tests/test_evidence_links.py follows them on S3).
+    stored = {a["kind"]: a["url"] for a in record["artifacts"].values()}
     for expected in ("train-a|e1, train-b|e1", "ml-team", "loss diverged at step 7",
-                     f"http://dagster.test/runs/{first.run_id}", record["debug_bundle"]):
+                     f"http://dagster.test/runs/{first.run_id}", stored["bundle"]):
         assert expected in issue["body"]
+    assert record["debug_bundle"] not in issue["body"]
     github_calls = [r for r in services.requests if r.path.startswith("/api")]
     assert all(r.headers["Accept"] == "application/vnd.github+json" for r in github_calls)
     assert services.of("GET", "/issues")[0].query == {

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from mlci_dagster.artifacts.store import ArtifactStore, StoreError
+from mlci_dagster.artifacts.store import ArtifactStore, StoreError, put
 from mlci_dagster.history.record import ArtifactRecord, PendingArtifact
 from mlci_dagster.registry.models import ArtifactSettings
 from mlci_dagster.stages.debug_bundle import screenshots_of
@@ -18,13 +18,13 @@ from mlci_dagster.vocabulary import Stage, split_partition_key
 MIB = 1024 * 1024
 
 
-def evidence(outcomes: list[StageOutcome], screenshots: bool = True
-             ) -> Iterator[tuple[str, Path]]:
+def evidence(outcomes: list[StageOutcome]) -> Iterator[tuple[str, Path]]:
     """(kind, file) of every piece of the run's evidence on disk, each once: the test reports,
-    the screenshots (unless `screenshots` is off), the debug bundle, and as logs every other
-    file of the sandbox's log directory and each stage's own log."""
+    the screenshots (those allowed to travel), the debug bundle, and as logs every other file
+    of the sandbox's log directory and each stage's own log."""
     by_stage = {o.stage: o for o in outcomes}
     shots = {Path(p) for p in screenshots_of(outcomes)}
+    travelling = {Path(p) for p in screenshots_of(outcomes, travelling=True)}
     pipelines, sandbox = by_stage.get(Stage.PIPELINE_RUNS), by_stage.get(Stage.SANDBOX)
     reports = {Path(t.report) for t in pipelines.details.tests.values() if t.report} \
         if pipelines else set()
@@ -42,17 +42,17 @@ def evidence(outcomes: list[StageOutcome], screenshots: bool = True
         kind = ("screenshot" if file in shots else "report" if file in reports
                 else "bundle" if teardown and str(file) == teardown.details.debug_bundle
                 else "log")
-        if kind != "screenshot" or screenshots:
+        if kind != "screenshot" or file in travelling:
             yield kind, file
 
 
-def planned(partition: str, run_id: str, outcomes: list[StageOutcome],
-            settings: ArtifactSettings) -> list[PendingArtifact]:
+def planned(partition: str, run_id: str, outcomes: list[StageOutcome]
+            ) -> list[PendingArtifact]:
     """Each piece of the run's evidence with the key it is to have, none uploaded yet."""
     config, engine = split_partition_key(partition)
     return [PendingArtifact(kind=kind, path=str(path), key=f"{config}/{engine}/{run_id}/{kind}/"
                             f"{path.name}", why="not uploaded yet")
-            for kind, path in evidence(outcomes, settings.screenshots)]
+            for kind, path in evidence(outcomes)]
 
 
 def upload(store: ArtifactStore, settings: ArtifactSettings, pieces: list[PendingArtifact]
@@ -68,7 +68,7 @@ def upload(store: ArtifactStore, settings: ArtifactSettings, pieces: list[Pendin
                                                            f"{down}"}))
             continue
         try:
-            done = store.put(piece.key, Path(piece.path), int(settings.max_mb * MIB))
+            done = put(store, piece.key, Path(piece.path), int(settings.max_mb * MIB))
         except StoreError as exc:
             pending.append(piece.model_copy(update={"why": str(exc)}))
             down = exc if exc.store else None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dagster as dg
 
+from mlci_dagster.event_log import RUN_ARTIFACTS
+
 PULL_REQUEST_LABEL = dg.AssetKey("pull_request_label")
 COMMIT_SUMMARY = dg.AssetKey("commit_summary")
 RELEASE_QUALIFICATION = dg.AssetKey("release_qualification")
@@ -38,7 +40,6 @@ JANITOR_ASSET = dg.AssetSpec(
     "sandbox_janitor", group_name="operations", kinds={"python"},
     description="One observation per janitor sweep that reaped sandboxes, listing them.",
 )
-RUN_ARTIFACTS = dg.AssetKey("run_artifacts")
 run_artifacts = dg.AssetSpec(
     RUN_ARTIFACTS, group_name="operations", kinds={"s3"},
     description="One observation per run whose evidence reached the artifact store after the "

@@ -7,6 +7,8 @@ import time
 import dagster as dg
 import pandas as pd
 
+from mlci_dagster.artifacts.publish import publish
+from mlci_dagster.artifacts.store import StoreError
 from mlci_dagster.compat import load_stored_value
 from mlci_dagster.event_log import consolidate, consolidate_cases
 from mlci_dagster.history.analysis import (
@@ -165,7 +167,8 @@ def grid_report(context: dg.AssetExecutionContext, mlci: MlciResource, history: 
     registry = mlci.registry()
     summaries = summarize(context.instance, registry, history)
     path = write_grid(history, summaries, mlci.home_path() / "reports",
-                      analyze_cases(test_history, registry.settings.history), test_history)
+                      analyze_cases(test_history, registry.settings.history), test_history,
+                      mlci.linking())
     counts = coverage(summaries)
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),
@@ -175,3 +178,24 @@ def grid_report(context: dg.AssetExecutionContext, mlci: MlciResource, history: 
             f"{counts['stale']} stale, {counts['untested']} untested of {counts['partitions']}"),
         "statuses": dg.MetadataValue.json({s.partition: str(s.status) for s in summaries}),
     })
+
+
+@dg.asset(
+    name="published_site", group_name="history", kinds={"html"},
+    description="The grid, a page per partition and its tests, written to the artifact store "
+                "under site/ after every history update (the nightly's among them): the URL a "
+                "team bookmarks. `mlci publish` does the same by hand.",
+)
+def published_site(context: dg.AssetExecutionContext, mlci: MlciResource,
+                   history: pd.DataFrame, test_history: pd.DataFrame):
+    registry = mlci.registry()
+    try:
+        done = publish(mlci.artifact_store(), history, summarize(context.instance, registry,
+                                                                 history),
+                       analyze_cases(test_history, registry.settings.history), test_history,
+                       mlci.linking(), time.time())
+    except StoreError as exc:
+        raise dg.Failure(f"the site was not published: {exc}") from None
+    return dg.MaterializeResult(metadata={
+        "url": dg.MetadataValue.url(done.url), "pages": done.pages, "bytes": done.size,
+        "links_expire_h": done.expires_s / 3600 if done.expires_s is not None else None})

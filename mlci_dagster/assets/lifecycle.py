@@ -62,9 +62,10 @@ def bounded_json(value: Any, limit: int = DETAILS_MAX_CHARS) -> Any:
 
 
 def screenshot_metadata(outcomes: list[StageOutcome]) -> dict[str, object]:
-    """The browser checks' screenshots, shown inline by the Dagster UI (a few, each small)."""
+    """The browser checks' screenshots, shown inline by the Dagster UI (a few, each small);
+    not those kept on the machine (`upload_screenshot: false`)."""
     shown = {}
-    for i, shot in enumerate(screenshots_of(outcomes)[:MAX_SCREENSHOTS]):
+    for i, shot in enumerate(screenshots_of(outcomes, travelling=True)[:MAX_SCREENSHOTS]):
         try:
             data = base64.b64encode(Path(shot).read_bytes()).decode()
         except OSError:
@@ -189,7 +190,7 @@ def lifecycle_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition
         # Its evidence to the artifact store, after teardown; an interrupted run's is left to
         # the artifact_upload sensor, so that stopping does not wait for the store.
         settings = ctx.registry.settings.artifacts
-        pieces = planned(context.partition_key, context.run.run_id, outcomes, settings)
+        pieces = planned(context.partition_key, context.run.run_id, outcomes)
         artifacts, pending = ({}, [p.model_copy(update={"why": "the run was interrupted"})
                                    for p in pieces]) if stop is not None else upload(
             mlci.artifact_store(), settings, pieces)

@@ -77,13 +77,15 @@ def _defaulted(value: str, environ: dict[str, str]) -> dict[str, str]:
 
 
 def aws_client(service: str, access: AwsAccess, timeout_s: float = CALL_TIMEOUT_S,
-               max_attempts: int = 4) -> Any:
-    """A boto3 client of `service` where `access` says, that gives up after `timeout_s`."""
+               max_attempts: int = 4, signature_version: str | None = None) -> Any:
+    """A boto3 client of `service` where `access` says, that gives up after `timeout_s`
+    (`signature_version`: e.g. s3v4, which S3's presigned URLs need to carry an expiry)."""
     return boto3.client(service, region_name=access.region, endpoint_url=access.endpoint_url,
                         config=Config(connect_timeout=min(10.0, timeout_s),
                                       read_timeout=timeout_s,
                                       retries={"max_attempts": max_attempts,
-                                               "mode": "standard"}))
+                                               "mode": "standard"},
+                                      signature_version=signature_version))
 
 
 def call_aws(name: str, method: Callable[..., Any], error: type[AwsError] = AwsError,

@@ -32,7 +32,8 @@ DAY_S = 86_400
 MAD_TO_SIGMA = 1.4826  # scales the MAD to a standard deviation for normal data
 RUN_FIELDS = ["run_id", "status", "failed_stage", "failure_kind", "image_digest", "config_id",
               "code_version", "finished_at", "duration_s", "trigger", "cost_usd", "signature",
-              "signature_text", "batch", "log_ref", "debug_bundle", "sha", "attempt", "rerun_of"]
+              "signature_text", "batch", "log_ref", "debug_bundle", "sha", "attempt", "rerun_of",
+              "log_key", "bundle_key"]
 
 
 class PartitionStatus(enum.StrEnum):

@@ -15,6 +15,7 @@ import json
 import string
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from mlci_dagster.history.analysis import (
     with_run_fields,
 )
 from mlci_dagster.history.case_analysis import TestSummary
+from mlci_dagster.history.links import NO_LINKS, Linking
 from mlci_dagster.history.render import counted, regression_text, short, test_history_text, usd
 from mlci_dagster.history.table import METRIC_PREFIX
-from mlci_dagster.paths import dagster_url
 from mlci_dagster.vocabulary import (
     LIFECYCLE_CANCELED,
     LIFECYCLE_PASS,
@@ -69,6 +70,11 @@ td.slot { text-align: center; padding: 1px; }
         vertical-align: middle; color: white; font: 600 11px/18px ui-monospace, monospace;
         text-align: center; text-decoration: none; box-sizing: border-box; }
 .cell:hover { outline: 2px solid #1f2328; }
+.has-pop { position: relative; display: inline-block; }
+.pop { display: none; position: absolute; top: -1px; left: 100%; z-index: 2; background: #fff;
+  border: 1px solid #d0d7de; border-radius: 4px; padding: 0 6px; line-height: 18px;
+  white-space: nowrap; }  /* beside the cell: a scrolling table clips what hangs below it */
+.has-pop:hover .pop, .has-pop:focus-within .pop { display: block; }
 .cell.last-pass { border: 2px solid #1f2328; } .cell.first-fail { border: 2px dashed #1f2328; }
 .none { display: inline-block; width: 20px; height: 18px; background: #f6f8fa; }
 .legend span { margin-right: 12px; } .reg { color: #cf222e; font-size: 12px; }
@@ -136,10 +142,6 @@ def utc(moment: float) -> str:
     return f"{dt.datetime.fromtimestamp(moment, dt.UTC):%Y-%m-%d %H:%M}Z"
 
 
-def run_link(dagster_url: str, run_id: str) -> str:
-    return f"{dagster_url.rstrip('/')}/runs/{run_id}" if dagster_url else ""
-
-
 def colour_of(row: dict[str, Any]) -> str:
     """A run's colour: a pass, a failure by its kind, or a run that was no verdict."""
     status = row["status"]
@@ -158,9 +160,11 @@ def background(attempts: list[dict[str, Any]]) -> str:
     return f"linear-gradient(to right, {stops})"
 
 
-def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: int,
+def _cell(row: dict[str, Any], letter: str, mark: str, linking: Linking, more: int,
           attempts: list[dict[str, Any]] = ()) -> str:
-    """`row`: the run shown; `attempts`: its cell's deflake attempts, oldest first, it last."""
+    """`row`: the run shown; `attempts`: its cell's deflake attempts, oldest first, it last.
+    The cell links to its Dagster run; a failure's log and debug bundle in the artifact store
+    open from the box shown under it on hover."""
     attempts = list(attempts) or [row]
     status = row["status"]
     kind = row["failure_kind"] or ""
@@ -187,10 +191,14 @@ def _cell(row: dict[str, Any], letter: str, mark: str, dagster_url: str, more: i
         f"{more} more run(s) in this batch" if more else "",
         f"run {row['run_id']}",
     ] if line)
-    href = run_link(dagster_url, row["run_id"])
-    tag, link = ("a", f' href="{html.escape(href)}"') if href else ("span", "")
-    return (f'<{tag} class="cell {mark}"{link} style="background:{background(attempts)}" '
+    links = linking.of_row(row)
+    tag, link = ("a", f' href="{html.escape(links.run)}"') if links.run else ("span", "")
+    cell = (f'<{tag} class="cell {mark}"{link} style="background:{background(attempts)}" '
             f'title="{html.escape(title)}">{html.escape(letter)}</{tag}>')
+    evidence = [f'<a href="{html.escape(url)}">{name}</a>' for name, url in (
+        ("log", links.log), ("debug bundle", links.bundle)) if url and not passed(status)]
+    return (f'<span class="has-pop">{cell}<span class="pop">{" · ".join(evidence)}</span>'
+            '</span>') if evidence else cell
 
 
 def signature_rows(table: pd.DataFrame, columns: list[dict[str, Any]], letters: dict[str, str],
@@ -317,8 +325,11 @@ def test_rows(row_id: str, tests: list[TestSummary], runs: dict[str, int], cases
 
 
 def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: float,
-                clusters: list[SignatureCluster] = (), dagster_url: str = "",
-                tests: list[TestSummary] = (), cases: pd.DataFrame | None = None) -> str:
+                clusters: list[SignatureCluster] = (), linking: Linking = NO_LINKS,
+                tests: list[TestSummary] = (), cases: pd.DataFrame | None = None,
+                partition_page: Callable[[str], str] | None = None) -> str:
+    """The grid page; `partition_page` (a partition -> its page's URL) links each partition's
+    name to a page of its own (the published site's)."""
     table = with_run_fields(table) if not table.empty else table
     if not table.empty:
         table = table.assign(_batch=batch_keys(table), _cell=cells(table))
@@ -358,7 +369,7 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
                 continue
             letter = letters.get(row["signature"] or "", "")
             attempts = cells_of.get((column["key"], row["_cell"]), [row])
-            cell = _cell(row, letter, marks.get(row["run_id"], ""), dagster_url,
+            cell = _cell(row, letter, marks.get(row["run_id"], ""), linking,
                          runs[column["key"]] - len(attempts), attempts)
             slots.append(f'<td class="slot">{cell}</td>')
         regression = regression_text(s)
@@ -368,7 +379,10 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
         below, button = test_rows(f"p{number}", tests_of.get(s.partition, []), shown_runs,
                                   cases, columns, 2 if costed else 1) \
             if cases is not None else ("", "")
-        lines.append(f'<tr><td class="name">{html.escape(s.config)}</td>'
+        name = html.escape(s.config)
+        if partition_page is not None:
+            name = f'<a href="{html.escape(partition_page(s.partition))}">{name}</a>'
+        lines.append(f'<tr><td class="name">{name}</td>'
                      f'<td class="name">{html.escape(s.engine)}{button}</td><td>{badge}</td>'
                      f'{"".join(slots)}<td class="reg">'
                      f'{html.escape(regression) if regression != "-" else ""}</td>'
@@ -396,7 +410,7 @@ def render_grid(table: pd.DataFrame, summaries: list[PartitionSummary], now: flo
 {counted(len(columns), "batch")}, as of {stamp}Z. Columns are batches (a night, a commit, an
 image, an <code>mlci run</code>), newest left, headed by date and time (UTC) and the image they
 tested; a cell links to its Dagster run, its letter names its failure signature; hover for the
-rest.</div>
+rest, and for a failure's log and debug bundle.</div>
 <div class="legend">{legend}</div><br>
 <div class="scroll"><table><tr><th>config</th><th>engine</th><th>status</th>{header}
 <th>regression</th>{'<th>cost</th>' if costed else ''}</tr>
@@ -411,15 +425,17 @@ rest.</div>
 
 
 def write_grid(table: pd.DataFrame, summaries: list[PartitionSummary], directory: Path,
-               tests: list[TestSummary] = (), cases: pd.DataFrame | None = None) -> Path:
+               tests: list[TestSummary] = (), cases: pd.DataFrame | None = None,
+               linking: Linking = NO_LINKS) -> Path:
     """The grid page into `directory`: what the grid_report asset and `mlci report --html`
-    both write, its cells linking to the Dagster UI at $MLCI_DAGSTER_URL; with the test
-    history's `cases` and their `tests` summaries, each partition expands into its tests."""
+    both write, its cells linking as `linking` says (the Dagster UI, the artifact store); with
+    the test history's `cases` and their `tests` summaries, each partition expands into its
+    tests."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "grid.html"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(render_grid(table, summaries, time.time(),
-                               signature_clusters(table, summaries), dagster_url(),
+                               signature_clusters(table, summaries), linking,
                                list(tests), cases))
     tmp.replace(path)
     return path

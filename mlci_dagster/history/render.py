@@ -10,6 +10,7 @@ import time
 from mlci_dagster.cost import MonthSpend, PartitionProjection
 from mlci_dagster.history.analysis import PartitionSummary, SignatureCluster
 from mlci_dagster.history.case_analysis import TestSummary
+from mlci_dagster.history.links import NO_LINKS, Linking, evidence_keys
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.registry.models import BudgetSettings
 from mlci_dagster.vocabulary import FailureKind
@@ -115,11 +116,13 @@ def report_table(summaries: list[PartitionSummary], now: float | None = None) ->
 
 
 def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRecord],
-                  clusters: list[SignatureCluster] = ()) -> str:
+                  clusters: list[SignatureCluster] = (), linking: Linking = NO_LINKS) -> str:
     """The failing partitions grouped by signature, each group headed by its signature and
     since when it has been seen, then one line per partition: its status, failure kind, owner
-    and the first line of its error summary, its log, and the failing tests its pipelines
-    reported. Refused and interrupted ones (skip, canceled) last."""
+    and the first line of its error summary, its log and debug bundle (their links in the
+    artifact store, else their paths on the machine that ran it), its Dagster run, and the
+    failing tests its pipelines reported. Refused and interrupted ones (skip, canceled)
+    last."""
     by_partition = {p: c for c in clusters for p in c.partitions}
     groups: dict[str, list[str]] = {}
     refused = []
@@ -133,10 +136,15 @@ def failure_notes(summaries: list[PartitionSummary], records: dict[str, ResultRe
             continue
         cluster = by_partition.get(s.partition)
         whose = " (the test's own setup)" if record.failure_kind is FailureKind.CONFIG else ""
+        links = linking.of(record.run_id, *evidence_keys(record.artifacts, record.log_ref,
+                                                         record.debug_bundle))
         groups.setdefault(cluster.signature if cluster else "", []).append(
             f"  {s.partition}: {record.status} ({record.failure_kind}{whose}, owner "
-            f"{record.owner}): {first[0] if first else ''}\n    log: {record.log_ref or '-'}"
-            + (f"\n    debug bundle: {record.debug_bundle}" if record.debug_bundle else "")
+            f"{record.owner}): {first[0] if first else ''}"
+            f"\n    log: {links.log or record.log_ref or '-'}"
+            + (f"\n    debug bundle: {links.bundle or record.debug_bundle}"
+               if record.debug_bundle else "")
+            + (f"\n    run: {links.run}" if links.run else "")
             + (f"\n    tests: {tests}" if (tests := record.failing_tests_text()) else ""))
     heads = {c.signature: signature_head(c) for c in clusters}
     notes = [heads.get(signature, "failing, signature unknown (recorded before signatures):")

@@ -8,11 +8,12 @@ per series and knows which way is better from the name alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
 
+from mlci_dagster.history.links import evidence_keys
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.signature import signature_of
 
@@ -21,6 +22,7 @@ BASE_COLUMNS = [
     "failed_stage", "failure_kind", "image_digest", "code_version", "trigger", "started_at",
     "finished_at", "duration_s", "stages", "cost_usd", "signature", "signature_text",
     "batch", "log_ref", "debug_bundle", "sha", "attempt", "rerun_of", "rerun_due",
+    "log_key", "bundle_key",  # the artifact store's keys of its log and bundle, once stored
 ]
 # Text columns hold None where a run has no value (a skip has no image digest): pandas would
 # store such a gap as NaN (a float) in a column of strings, which string code then trips on.
@@ -36,6 +38,8 @@ def record_to_row(record: ResultRecord, storage_id: int) -> dict[str, Any]:
     row = {column: data.get(column) for column in BASE_COLUMNS}
     row["storage_id"] = storage_id
     row["passed"] = record.passed
+    row["log_key"], row["bundle_key"] = evidence_keys(record.artifacts, record.log_ref,
+                                                      record.debug_bundle)
     found = signature_of(record.failed_stage, record.failure_kind, record.error_summary)
     row["signature"], row["signature_text"] = (found.id, found.text) if found else (None, None)
     # Per-stage statuses stay whole (JSON) for the grid; their durations become columns.
@@ -73,6 +77,23 @@ def append_rows(table: pd.DataFrame | None, rows: Iterable[dict[str, Any]]) -> p
         new = new[new["storage_id"] > table["storage_id"].max()]
         table = pd.concat([table, new], ignore_index=True)
     return with_text_gaps_as_none(table)
+
+
+def with_late_uploads(table: pd.DataFrame, late: Mapping[str, Mapping[str, Any]]
+                      ) -> pd.DataFrame:
+    """The table with the keys of evidence stored after its run (the artifact_upload sensor's
+    retries; `late`: run id -> local path -> what was stored) where its rows had none."""
+    if table.empty or not late:
+        return table
+    table = table.assign(**{c: None for c in ("log_key", "bundle_key") if c not in table})
+    for index in table.index[table["run_id"].isin(list(late))]:
+        log_key, bundle_key = evidence_keys(late[table.at[index, "run_id"]],
+                                            table.at[index, "log_ref"] or "",
+                                            table.at[index, "debug_bundle"] or "")
+        for column, key in (("log_key", log_key), ("bundle_key", bundle_key)):
+            if key and not table.at[index, column]:
+                table.at[index, column] = key
+    return table
 
 
 def series_columns(table: pd.DataFrame) -> list[str]:

@@ -13,6 +13,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mlci_dagster.history.links import Link, Linking, evidence_keys, run_link
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.history.signature import Signature, signature_of
 
@@ -43,8 +44,10 @@ class Notification:
     error_summary: str = ""
     run_id: str = ""
     run_url: str = ""
-    log_ref: str = ""
+    log_ref: str = ""  # the failing stage's log, on the machine that ran it
     debug_bundle: str = ""
+    log_url: str = ""  # the same in the artifact store, once stored
+    bundle_url: str = ""
     image_digest: str = ""
     verdict: str = ""
     # A root-cause hypothesis by a language model, when one is configured; always shown
@@ -57,10 +60,11 @@ class Notification:
         return f"{self.kind}:{self.signature}:{self.run_id}"
 
     def links(self) -> dict[str, str]:
-        """Label -> target of every link the message carries (URLs and paths on the host)."""
+        """Label -> target of every link the message carries: URLs, else paths on the host
+        that ran it (evidence the store did not take yet)."""
         return {label: target for label, target in (
-            ("Dagster run", self.run_url), ("log", self.log_ref),
-            ("debug bundle", self.debug_bundle)) if target}
+            ("Dagster run", self.run_url), ("log", self.log_url or self.log_ref),
+            ("debug bundle", self.bundle_url or self.debug_bundle)) if target}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,10 +74,6 @@ class Notification:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Notification:
         return cls(**{**data, "kind": Kind(data["kind"])})
-
-
-def run_url(dagster_url: str, run_id: str) -> str:
-    return f"{dagster_url.rstrip('/')}/runs/{run_id}" if dagster_url and run_id else ""
 
 
 def signature_of_record(record: ResultRecord) -> Signature:
@@ -88,10 +88,14 @@ def partitions_text(partitions: list[str]) -> str:
 
 
 def signature_notification(records: list[ResultRecord], dagster_url: str,
-                           kind: Kind = Kind.SIGNATURE) -> Notification:
+                           kind: Kind = Kind.SIGNATURE, link: Link | None = None
+                           ) -> Notification:
     """From the failed records of one signature (a tick's worth): the partitions, and the first
-    record's stage, owner, (redacted) summary and links; every run linked in the facts."""
+    record's stage, owner, (redacted) summary and links (`link`: the artifact store's, for its
+    log and bundle); every run linked in the facts."""
     first = records[0]
+    evidence = Linking(dagster_url, link).of(first.run_id, *evidence_keys(
+        first.artifacts, first.log_ref, first.debug_bundle))
     signature = signature_of_record(first)
     partitions = sorted({r.partition for r in records})
     owners = sorted({r.owner for r in records if r.owner})
@@ -104,11 +108,11 @@ def signature_notification(records: list[ResultRecord], dagster_url: str,
         partitions=partitions, status=first.status, failed_stage=str(first.failed_stage or ""),
         failure_kind=str(first.failure_kind or ""), owner=", ".join(owners),
         error_summary=first.error_summary, run_id=first.run_id,
-        run_url=run_url(dagster_url, first.run_id), log_ref=first.log_ref,
-        debug_bundle=first.debug_bundle, image_digest=first.image_digest or "",
+        run_url=evidence.run, log_ref=first.log_ref, debug_bundle=first.debug_bundle,
+        log_url=evidence.log, bundle_url=evidence.bundle, image_digest=first.image_digest or "",
         facts={"trigger": first.trigger, "code version": first.code_version,
                **({"failing tests": tests} if (tests := first.failing_tests_text(10)) else {}),
-               **{f"run of {r.partition}": run_url(dagster_url, r.run_id) or r.run_id
+               **{f"run of {r.partition}": run_link(dagster_url, r.run_id) or r.run_id
                   for r in records[:10]}},
     )
 
@@ -122,18 +126,19 @@ def resolved_notification(signature: str, text: str, last: ResultRecord | None,
               f"({', '.join(partitions)} pass{'es' if len(partitions) == 1 else ''} again "
               "or fail otherwise)",
         partitions=partitions, run_id=last.run_id if last else "",
-        run_url=run_url(dagster_url, last.run_id) if last else "",
+        run_url=run_link(dagster_url, last.run_id) if last else "",
         image_digest=(last.image_digest or "") if last else "",
     )
 
 
 def regression_notification(signature: str, text: str, alerts: dict[str, dict[str, Any]],
-                            dagster_url: str) -> Notification:
+                            dagster_url: str, link: Link | None = None) -> Notification:
     """From the history's newly opened alerts of one signature (partition -> its regression:
-    last pass, first fail, verdict)."""
+    last pass, first fail, verdict); its first failure's log and bundle linked by `link`."""
     partitions = sorted(alerts)
     regression = alerts[partitions[0]]
     first_fail = regression.get("first_fail") or {}
+    evidence = Linking(dagster_url, link).of_row(first_fail)
     last_pass = regression.get("last_pass") or {}
     verdicts = sorted({a.get("verdict") or "failing" for a in alerts.values()})
     facts = {"failing runs": ", ".join(f"{p}: {alerts[p].get('failing_runs', '?')}"
@@ -149,8 +154,9 @@ def regression_notification(signature: str, text: str, alerts: dict[str, dict[st
               f"{text or 'an unknown signature'}: {'; '.join(verdicts)}",
         partitions=partitions, status=first_fail.get("status") or "",
         failed_stage=first_fail.get("failed_stage") or "",
-        run_id=first_fail.get("run_id") or "",
-        run_url=run_url(dagster_url, first_fail.get("run_id") or ""),
+        run_id=first_fail.get("run_id") or "", run_url=evidence.run,
+        log_ref=first_fail.get("log_ref") or "", debug_bundle=first_fail.get("debug_bundle") or "",
+        log_url=evidence.log, bundle_url=evidence.bundle,
         image_digest=first_fail.get("image_digest") or "", verdict="; ".join(verdicts),
         facts={k: v for k, v in facts.items() if v},
     )
@@ -166,10 +172,10 @@ def culprit_notification(found: dict[str, Any], dagster_url: str) -> Notificatio
         title=f"{search['partition']}: {found['text']}", partitions=[search["partition"]],
         run_id=search["id"], verdict=found["text"],
         facts={"range": f"{len(search['commits'])} commits after {search['last_pass'][:12]}",
-               "first failing run": run_url(dagster_url, search["first_fail_run"])
+               "first failing run": run_link(dagster_url, search["first_fail_run"])
                or search["first_fail_run"],
                **{f"rerun at {r['commit'][:12]} ({r['kind']})":
-                  f"{r['status']}: {run_url(dagster_url, r['run_id']) or r['run_id']}"
+                  f"{r['status']}: {run_link(dagster_url, r['run_id']) or r['run_id']}"
                   for r in reruns}},
     )
 
@@ -195,7 +201,7 @@ def quarantine_notification(flaky: dict[str, Any], threshold: float, expires: st
         facts={"to quarantine it": command,
                **({"passed only on rerun": ", ".join("→".join(run[:8] for run in cell)
                                                      for cell in cells[-3:])} if cells else {}),
-               **({"latest flaky run": run_url(dagster_url, cells[-1][-1])} if cells and
+               **({"latest flaky run": run_link(dagster_url, cells[-1][-1])} if cells and
                   dagster_url else {})},
     )
 

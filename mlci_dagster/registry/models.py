@@ -279,6 +279,9 @@ class S3StoreSpec(StrictModel):
         "${env.NAME}.")
 
 
+ArtifactKind = Literal["log", "bundle", "screenshot", "report", "site"]
+
+
 class ArtifactSettings(StrictModel):
     """Where each run's evidence (its logs, debug bundle, screenshots, test reports) is
     uploaded after teardown, redacted as it is on disk."""
@@ -291,7 +294,20 @@ class ArtifactSettings(StrictModel):
         "note saying so at its end.")
     screenshots: bool = Field(
         default=True, description="Upload the browser checks' screenshots (an image cannot be "
-        "redacted: turn this off where a page may show a secret).")
+        "redacted: turn this off where a page may show a secret; a route's own "
+        "`upload_screenshot: false` turns off only its own).")
+    public_url: Annotated[str, StringConstraints(pattern=r"^https?://")] | None = Field(
+        default=None, description="Where readers fetch the store's objects (a web server or CDN "
+        "in front of the bucket's prefix, or of the directory): links are this URL and the "
+        "key. Unset: S3 links are presigned, local ones file:// (this machine only).")
+    link_lifetime_h: Annotated[float, Field(gt=0, le=168)] = Field(
+        default=168, description="How long a presigned link works (S3 without public_url); "
+        "SigV4 allows 7 days at most.")
+    retention_days: dict[ArtifactKind, Annotated[float, Field(gt=0)]] = Field(
+        default={}, description="Kind (log, bundle, screenshot, report, site) -> days its "
+        "objects are kept; a kind left out is kept for ever. `mlci artifacts prune` and the "
+        "artifact_retention sensor delete older objects, never those an open regression or an "
+        "active quarantine points at.")
 
 
 class QuarantineSettings(StrictModel):
@@ -401,6 +417,10 @@ class Settings(StrictModel):
     culprit_search: CulpritSearchSettings = CulpritSearchSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
     artifacts: ArtifactSettings = ArtifactSettings()
+    ui_base_url: Annotated[str, StringConstraints(pattern=r"^https?://")] | None = Field(
+        default=None, description="Where people open the Dagster UI, for the links to runs in "
+        "reports, grids, notifications and statuses; $MLCI_DAGSTER_URL wins when set. Default: "
+        "http://127.0.0.1:3000.")
     nightly: NightlySettings = Field(
         default=NightlySettings(), description="When the nightly schedule starts.")
     reservations: list[ReservationSpec] = Field(
@@ -538,6 +558,11 @@ class BrowserRoute(StrictModel):
         default=[], description="Regular expressions of console errors that do not fail the "
         "check (a favicon 404, a known deprecation).")
     timeout_s: Annotated[float, Field(gt=0, le=600)] = 30
+    # Left out of dumps (the config id): where its screenshot goes changes nothing it tests.
+    upload_screenshot: bool = Field(
+        default=True, exclude=True, description="Upload its screenshot to the artifact store, "
+        "and put it in the debug bundle (an image cannot be redacted: turn this off where the "
+        "page may show a secret; the screenshot then stays on the machine that ran it).")
 
     @field_validator("allow_console")
     @classmethod

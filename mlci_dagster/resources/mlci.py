@@ -8,11 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlci_dagster.artifacts.store import ArtifactStore, artifact_store
+from mlci_dagster.artifacts.store import ArtifactStore, artifact_store, linker
 from mlci_dagster.compat import instance_connection
 from mlci_dagster.cost import hourly_rate
+from mlci_dagster.history.links import Linking
 from mlci_dagster.launch.workers import run_over
-from mlci_dagster.paths import mlci_home
+from mlci_dagster.paths import mlci_home, ui_base_url
 from mlci_dagster.providers.base import Provider, SandboxHandle
 from mlci_dagster.providers.janitor import (
     Verdict,
@@ -45,6 +46,11 @@ class MlciResource(dg.ConfigurableResource):
     def artifact_store(self) -> ArtifactStore:
         """Where each run's evidence is uploaded (mlci.yaml's `artifacts`)."""
         return artifact_store(self.registry().settings.artifacts, self.home_path())
+
+    def linking(self) -> Linking:
+        """How views link runs and evidence: the UI's base URL and the artifact store's."""
+        return Linking(ui_base_url(self.registry().settings.ui_base_url),
+                       linker(self.artifact_store()))
 
     def providers(self) -> list[Provider]:
         """The providers the janitor and the cleanup sensors sweep."""

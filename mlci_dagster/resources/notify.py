@@ -12,7 +12,6 @@ from mlci_dagster.common.redact import Redactor
 from mlci_dagster.notify import GitHubIssues, Notifier, Webhook
 from mlci_dagster.notify.github import DEFAULT_API_URL, GitHubStatuses
 from mlci_dagster.notify.rootcause import ChatCompletionsAnalyzer
-from mlci_dagster.paths import DAGSTER_URL_ENV, DEFAULT_DAGSTER_URL
 
 # field -> the environment variable it is read from when set
 ENV_VARS = {
@@ -21,7 +20,6 @@ ENV_VARS = {
     "github_repo": "MLCI_GITHUB_REPO",
     "github_token": "MLCI_GITHUB_TOKEN",
     "github_api_url": "MLCI_GITHUB_API_URL",
-    "dagster_url": DAGSTER_URL_ENV,
 }
 
 
@@ -34,7 +32,6 @@ class NotifierResource(dg.ConfigurableResource):
     github_repo: str = ""
     github_token: str = ""
     github_api_url: str = DEFAULT_API_URL
-    dagster_url: str = DEFAULT_DAGSTER_URL
 
     def notifier(self) -> Notifier:
         """The Dagster-free notifier; NotifyError if the GitHub repository is malformed."""

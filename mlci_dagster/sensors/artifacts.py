@@ -12,8 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from mlci_dagster.artifacts.evidence import upload
-from mlci_dagster.assets.external import RUN_ARTIFACTS
-from mlci_dagster.event_log import new_results
+from mlci_dagster.event_log import RUN_ARTIFACTS, new_results
 from mlci_dagster.history.record import PendingArtifact
 from mlci_dagster.resources.mlci import MlciResource
 from mlci_dagster.sensors.image_build import registry_or_skip

@@ -19,6 +19,7 @@ from mlci_dagster.assets.external import COMMIT_SUMMARY, PULL_REQUEST_LABEL, REL
 from mlci_dagster.assets.partitions import CONFIG_PARTITIONS, multi_partition_key
 from mlci_dagster.event_log import record_of_run
 from mlci_dagster.notify import NotifyError
+from mlci_dagster.paths import ui_base_url
 from mlci_dagster.registry import Registry
 from mlci_dagster.registry.quarantine import Quarantine, quarantine_or_none
 from mlci_dagster.resources.mlci import MlciResource
@@ -260,10 +261,12 @@ def commit_status(context: dg.SensorEvaluationContext, notifier: NotifierResourc
     if unreadable:
         context.log.warning(f"quarantine not applied, every failure counts: {unreadable}")
     events: list[dg.AssetObservation] = []
+    ui_url = ui_base_url(None if isinstance(registry, dg.SkipReason)
+                         else registry.settings.ui_base_url)
     for group in sorted(touched):
         sha, tier = group.split(" ")
         expected, runs = run_set_runs(context.instance, sha, tier)
-        summary = summarize(sha, tier, expected, runs, notifier.dagster_url, quarantine)
+        summary = summarize(sha, tier, expected, runs, ui_url, quarantine)
         last = posted.get(group)
         evidence = runs_digest(runs)
         if summary is None or summary.state == last or (

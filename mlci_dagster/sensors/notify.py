@@ -19,6 +19,7 @@ import dagster as dg
 from mlci_dagster.assets.external import SIGNATURES_ASSET
 from mlci_dagster.compat import check_evaluations_page
 from mlci_dagster.event_log import last_pass_before, latest_result_id, new_results
+from mlci_dagster.history.links import Link
 from mlci_dagster.history.record import ResultRecord
 from mlci_dagster.notify import (
     Kind,
@@ -106,6 +107,7 @@ def collect(
     instance: dg.DagsterInstance, state: NotifierState, dagster_url: str,
     explain: Callable[[list[ResultRecord]], str] = lambda records: "",
     quarantine: QuarantineSettings | None = None, quarantined: Collection[str] = (),
+    link: Link | None = None,
 ) -> list[Notification]:
     """New notifications since the cursor, one per signature: new ones (explained by
     `explain` when an analyzer is configured), those that spread to more partitions, those no
@@ -130,13 +132,13 @@ def collect(
     for signature, records in grouped.items():
         opened = state.open_signatures.get(signature)
         if opened is None:
-            notification = signature_notification(records, dagster_url)
+            notification = signature_notification(records, dagster_url, link=link)
             notification.hypothesis = explain(records)
             found.append(notification)
         else:
             joined = [r for r in records if r.partition not in opened["partitions"]]
             if joined:
-                found.append(signature_notification(joined, dagster_url, Kind.SPREAD))
+                found.append(signature_notification(joined, dagster_url, Kind.SPREAD, link))
         state.open_signatures[signature] = {
             "text": signature_of_record(records[0]).text,
             "partitions": sorted({*(opened or {}).get("partitions", []),
@@ -155,7 +157,7 @@ def collect(
             key = (first_fail.get("signature") or "", first_fail.get("signature_text") or "")
             by_signature.setdefault(key, {})[partition] = alert
         for (signature, text), group in by_signature.items():
-            found.append(regression_notification(signature, text, group, dagster_url))
+            found.append(regression_notification(signature, text, group, dagster_url, link))
         state.open_alerts = sorted(alerts)
     found += proposals(instance, state, dagster_url, quarantine, quarantined)
     for storage_id, ended in ended_searches(instance, state.searches_after):
@@ -287,8 +289,10 @@ def notify(context: dg.SensorEvaluationContext, notifier: NotifierResource,
             context.log.warning(f"no root-cause hypothesis: {exc}")
             return ""
 
-    new = collect(context.instance, state, notifier.dagster_url, explain,
-                  registry.settings.quarantine, quarantined_targets(registry, context.log))
+    linking = mlci.linking()
+    new = collect(context.instance, state, linking.ui_url, explain,
+                  registry.settings.quarantine, quarantined_targets(registry, context.log),
+                  linking.link)
     queue = state.pending + [Pending(n, channels.channels) for n in new]
     state.pending, failures = deliver_in_order(channels, queue)
     for failure in failures:

@@ -49,10 +49,12 @@ def test_reports_of(outcomes: list[StageOutcome]) -> dict[str, str]:
             for name, tests in o.details.tests.items() if tests.report}
 
 
-def screenshots_of(outcomes: list[StageOutcome]) -> list[str]:
-    """The screenshots ui_smoke's browser checks took."""
+def screenshots_of(outcomes: list[StageOutcome], travelling: bool = False) -> list[str]:
+    """The screenshots ui_smoke's browser checks took; with `travelling`, only those that may
+    leave the machine (their route and the artifact settings allow it)."""
     return [route.screenshot for o in outcomes if o.stage is Stage.UI_SMOKE
-            for route in o.details.routes if route.screenshot]
+            for route in o.details.routes
+            if route.screenshot and (route.screenshot_travels or not travelling)]
 
 
 def write_debug_bundle(
@@ -60,7 +62,8 @@ def write_debug_bundle(
     redactor: Redactor,
 ) -> Path:
     """Writes the bundle at `path` (atomically) and returns it; OSError if it cannot. The
-    browser checks' screenshots go in as they are: an image cannot be redacted."""
+    browser checks' screenshots go in as they are (an image cannot be redacted), except those
+    kept on the machine (`upload_screenshot: false`): the bundle travels."""
     root = path.name.removesuffix(".tar.gz")
     sandbox = next((o for o in outcomes if o.stage is Stage.SANDBOX), None)
     documents: dict[str, Any] = {
@@ -83,7 +86,10 @@ def write_debug_bundle(
                 _add(tar, f"{root}/tests/{pipeline}.xml", Path(report).read_bytes())
             except OSError as exc:
                 _add(tar, f"{root}/tests/{pipeline}.xml.missing", f"could not read {report}: {exc}")
-        for shot in screenshots_of(outcomes):
+        for shot in set(screenshots_of(outcomes)) - set(screenshots_of(outcomes, True)):
+            _add(tar, f"{root}/screenshots/{Path(shot).name}.kept-local",
+                 f"not in the bundle (its route's upload_screenshot is off): {shot}")
+        for shot in screenshots_of(outcomes, travelling=True):
             try:
                 _add(tar, f"{root}/screenshots/{Path(shot).name}", Path(shot).read_bytes())
             except OSError as exc:

@@ -103,6 +103,7 @@ class RouteResult:
     infra: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)  # a browser's
     screenshot: str | None = None  # a browser's, whether or not the page rendered
+    screenshot_travels: bool = True  # to the artifact store and the debug bundle
 
 
 class UiSmokeDetails(Details):

@@ -87,6 +87,9 @@ def smoke_test_ui(
         except TemplateError as exc:
             return clock.failed(FailureKind.CONFIG, f"routes[{i}]: {exc}",
                                 details=UiSmokeDetails(routes=checks))
+        if isinstance(route, BrowserRoute):
+            check.screenshot_travels = (route.upload_screenshot
+                                        and ctx.registry.settings.artifacts.screenshots)
         checks.append(check)
         failures += [f"{check.url}: {problem}" for problem in check.problems]
         broken += [f"{check.url}: {problem}" for problem in check.infra]

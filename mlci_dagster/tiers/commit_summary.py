@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from mlci_dagster.notify.message import run_url
+from mlci_dagster.history.links import run_link
 from mlci_dagster.registry.quarantine import Quarantine
 
 DESCRIPTION_CHARS = 140  # GitHub cuts a commit status's description there
@@ -68,7 +68,7 @@ class CommitSummary:
         return status_context(self.tier)
 
     def run_url(self, run: PartitionRun) -> str:
-        return run_url(self.dagster_url, run.run_id)
+        return run_link(self.dagster_url, run.run_id)
 
     @property
     def target_url(self) -> str:
