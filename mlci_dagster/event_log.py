@@ -120,6 +120,12 @@ def consolidate(
     return with_late_uploads(append_rows(table, rows), late_uploads(instance)), len(rows)
 
 
+def latest_late_upload_id(instance: dg.DagsterInstance) -> int:
+    """The storage id of the newest `run_artifacts` observation; 0 when none is recorded."""
+    latest = instance.fetch_observations(RUN_ARTIFACTS, limit=1).records
+    return latest[0].storage_id if latest else 0
+
+
 def late_uploads(instance: dg.DagsterInstance) -> dict[str, dict[str, Any]]:
     """Run id -> local path -> what was stored, of every piece of evidence the artifact_upload
     sensor stored after its run (its `run_artifacts` observations; few: a store's outages)."""

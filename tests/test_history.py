@@ -90,7 +90,7 @@ def test_flaky_partition_turns_its_check_red(instance, tmp_path, monkeypatch):
 
 def test_history_update_sensor_catches_up_on_results_recorded_while_it_was_off(instance,
                                                                              tmp_path):
-    from mlci_dagster.event_log import RESULTS_ASSET
+    from mlci_dagster.event_log import RESULTS_ASSET, RUN_ARTIFACTS
     from tests.support.runs import result_record
 
     registry = write_registry(tmp_path / "reg", [config("a")])
@@ -115,3 +115,30 @@ def test_history_update_sensor_catches_up_on_results_recorded_while_it_was_off(i
     _, metadata, _ = update_history(instance, registry)  # what the requested run does
     assert metadata["rows"].value == 2
     assert tick().skip_message == f"history is current (result {newest})"
+
+    # A failure's evidence reaches the store late (the artifact_upload sensor's observation):
+    # one more update, and the history row has the log's key, which the grid links.
+    failed = result_record("a|e1", "fail-pipeline_runs", 3000.0).model_copy(
+        update={"log_ref": "/runs/x/pipeline.log"})
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        RESULTS_ASSET, partition="a|e1", metadata={"record": dg.MetadataValue.json(
+            failed.to_json())}))
+    update_history(instance, registry)
+    assert tick().skip_message.startswith("history is current")
+    instance.report_runless_asset_event(dg.AssetObservation(RUN_ARTIFACTS, metadata={
+        "run_id": failed.run_id, "partition": "a|e1", "artifacts": dg.MetadataValue.json(
+            {"/runs/x/pipeline.log": {"kind": "log", "key": "a/e1/x/log/pipeline.log",
+                                      "size": 3, "sha256": "0" * 64, "truncated": False,
+                                      "url": "file:///store/a/e1/x/log/pipeline.log"}})}))
+    late = instance.fetch_observations(RUN_ARTIFACTS, limit=1).records[0].storage_id
+    [request] = tick().run_requests
+    assert request.run_key.endswith(f":{late}")
+    _, _, grid = update_history(instance, registry)
+    assert tick().skip_message.startswith("history is current")
+    page = Path(grid["path"].value).read_text()
+    assert f'href="{(dagster_home_of(instance) / "mlci" / "artifacts").as_uri()}' \
+           '/a/e1/x/log/pipeline.log">log</a>' in page
+
+
+def dagster_home_of(instance: dg.DagsterInstance) -> Path:
+    return Path(instance.root_directory)

@@ -146,6 +146,7 @@ def test_leases_and_holds_live_in_the_postgres_database(tmp_path, pg_home):
 
 
 @pytest.mark.daemon
+@pytest.mark.slow  # the race runs in CI on SQLite (test_pools.py); Postgres stays in CI above
 def test_mlci_run_and_a_ui_backfill_never_run_two_of_a_pool_of_one_on_postgres(tmp_path,
                                                                                  pg_home):
     """As on SQLite (test_pools.py): the admissions in flight live in the Postgres database,

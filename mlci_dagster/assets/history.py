@@ -10,7 +10,7 @@ import pandas as pd
 from mlci_dagster.artifacts.publish import publish
 from mlci_dagster.artifacts.store import StoreError
 from mlci_dagster.compat import load_stored_value
-from mlci_dagster.event_log import consolidate, consolidate_cases
+from mlci_dagster.event_log import consolidate, consolidate_cases, latest_late_upload_id
 from mlci_dagster.history.analysis import (
     PartitionSummary,
     analyze,
@@ -24,6 +24,7 @@ from mlci_dagster.searches import latest_searches
 from mlci_dagster.vocabulary import partition_key
 
 HISTORY = dg.AssetKey("history")
+LATE_CURSOR = "late_uploads_cursor"  # the newest run_artifacts observation the table has read
 TEST_HISTORY = dg.AssetKey("test_history")
 TEST_CHECKS = {
     "no_test_regressions": "no test fails in every run since it last passed",
@@ -90,6 +91,7 @@ def history_checks(summaries: list[PartitionSummary]) -> list[dg.AssetCheckResul
 )
 def history(context: dg.AssetExecutionContext):
     mlci: MlciResource = context.resources.mlci
+    late = latest_late_upload_id(context.instance)  # read before: one after it reruns this
     table, added = consolidate(context.instance, load_previous(context))
     summaries = summarize(context.instance, mlci.registry(), table)
     context.log.info(f"history: {added} new results, {len(table)} in all")
@@ -98,18 +100,20 @@ def history(context: dg.AssetExecutionContext):
         metadata={
             "rows": len(table), "new_rows": added,
             "cursor": int(table["storage_id"].max()) if len(table) else 0,
+            LATE_CURSOR: late,
             "coverage": dg.MetadataValue.json(coverage(summaries)),
         },
         check_results=history_checks(summaries),
     )
 
 
-def stored_cursor(instance: dg.DagsterInstance, key: dg.AssetKey) -> int:
-    """The storage id of the newest result an asset's stored table has read (0: none)."""
+def stored_cursor(instance: dg.DagsterInstance, key: dg.AssetKey, name: str = "cursor") -> int:
+    """The storage id of the newest result an asset's stored table has read (0: none); with
+    `name` LATE_CURSOR, of the newest late upload the history table has read."""
     event = instance.get_latest_materialization_event(key)
     if event is None or event.asset_materialization is None:
         return 0
-    entry = event.asset_materialization.metadata.get("cursor")
+    entry = event.asset_materialization.metadata.get(name)
     return int(entry.value) if entry is not None else 0
 
 
