@@ -10,7 +10,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from mlci_dagster.history.cases import append_cases, case_rows
 from mlci_dagster.history.record import ArtifactRecord, ResultRecord
@@ -20,6 +20,7 @@ from mlci_dagster.vocabulary import RESULTS
 
 RESULTS_ASSET = dg.AssetKey(RESULTS)
 RUN_ARTIFACTS = dg.AssetKey("run_artifacts")  # evidence stored after its run
+STORED = TypeAdapter(dict[str, ArtifactRecord])  # a run_artifacts event's `artifacts`
 PAGE = 1000
 LOOK_BACK = 200  # a partition's latest results read where its recent past is wanted
 log = logging.getLogger("mlci")
@@ -126,10 +127,10 @@ def latest_late_upload_id(instance: dg.DagsterInstance) -> int:
     return latest[0].storage_id if latest else 0
 
 
-def late_uploads(instance: dg.DagsterInstance) -> dict[str, dict[str, Any]]:
+def late_uploads(instance: dg.DagsterInstance) -> dict[str, dict[str, ArtifactRecord]]:
     """Run id -> local path -> what was stored, of every piece of evidence the artifact_upload
     sensor stored after its run (its `run_artifacts` observations; few: a store's outages)."""
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, dict[str, ArtifactRecord]] = {}
     cursor = None
     while True:
         page = instance.fetch_observations(RUN_ARTIFACTS, limit=PAGE, cursor=cursor,
@@ -139,20 +140,23 @@ def late_uploads(instance: dg.DagsterInstance) -> dict[str, dict[str, Any]]:
             if event is None or "run_id" not in event.metadata:
                 continue
             stored = event.metadata.get("artifacts")
-            found.setdefault(str(event.metadata["run_id"].value), {}).update(
-                stored.value if stored is not None else {})
+            try:
+                pieces = STORED.validate_python(stored.value if stored is not None else {})
+            except ValidationError as exc:
+                log.warning(f"run_artifacts event {record.storage_id}: malformed, skipped: {exc}")
+                continue
+            found.setdefault(str(event.metadata["run_id"].value), {}).update(pieces)
         if not page.has_more:
             return found
         cursor = page.cursor
 
 
-def with_late_records(records: dict[str, ResultRecord], late: dict[str, dict[str, Any]]
-                      ) -> dict[str, ResultRecord]:
+def with_late_records(records: dict[str, ResultRecord],
+                      late: dict[str, dict[str, ArtifactRecord]]) -> dict[str, ResultRecord]:
     """`records` (by any key) with the evidence each run's late uploads stored."""
-    return {key: record.model_copy(update={"artifacts": {
-        **record.artifacts, **{path: ArtifactRecord.model_validate(a)
-                               for path, a in late[record.run_id].items()}}})
-        if record.run_id in late else record for key, record in records.items()}
+    return {key: record.model_copy(update={"artifacts": {**record.artifacts,
+                                                         **late[record.run_id]}})
+            if record.run_id in late else record for key, record in records.items()}
 
 
 def consolidate_cases(instance: dg.DagsterInstance, table: pd.DataFrame | None, after: int

@@ -19,7 +19,8 @@ import hashlib
 import mimetypes
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -174,18 +175,17 @@ class S3Store:
     aws: AwsSettings
     public_url: str | None = None
     link_lifetime_s: int = 7 * 24 * 3600
-    _clients: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @cached_property
     def _client(self) -> Any:
-        if "s3" not in self._clients:  # one per store: a grid of links signs many
-            self._clients["s3"] = aws_client("s3", self.aws.resolve(), UPLOAD_TIMEOUT_S,
-                                             max_attempts=2, signature_version="s3v4")
-        return self._clients["s3"]
+        """One client per store: a grid of links signs many."""
+        return aws_client("s3", self.aws.resolve(), UPLOAD_TIMEOUT_S, max_attempts=2,
+                          signature_version="s3v4")
 
     def write(self, key: str, body: bytes, truncated: bool = False) -> Stored:
         name = self.prefix + key
         try:
-            call_aws(f"PutObject s3://{self.bucket}/{name}", self._client().put_object,
+            call_aws(f"PutObject s3://{self.bucket}/{name}", self._client.put_object,
                      Bucket=self.bucket, Key=name, Body=body, ContentType=content_type(key),
                      ChecksumSHA256=_b64_sha256(body))
         except AwsError as exc:
@@ -196,7 +196,7 @@ class S3Store:
         if self.public_url:
             return _public(self.public_url, key)
         # Signed here, with no call: it works for whoever holds it until it expires.
-        return self._client().generate_presigned_url(
+        return self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key},
             ExpiresIn=self.link_lifetime_s)
 
@@ -208,7 +208,7 @@ class S3Store:
         return f"s3://{self.bucket}/{self.prefix}"
 
     def objects(self, prefix: str = "") -> Iterator[StoredObject]:
-        pages = self._client().get_paginator("list_objects_v2").paginate(
+        pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self.prefix + prefix)
         try:
             for page in pages:
@@ -224,7 +224,7 @@ class S3Store:
             chunk = keys[start:start + 1000]
             try:
                 answer = call_aws(f"DeleteObjects s3://{self.bucket}/{self.prefix}",
-                                  self._client().delete_objects, Bucket=self.bucket,
+                                  self._client.delete_objects, Bucket=self.bucket,
                                   Delete={"Objects": [{"Key": self.prefix + k} for k in chunk],
                                           "Quiet": True})
             except AwsError as exc:

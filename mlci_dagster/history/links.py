@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mlci_dagster.history.record import ArtifactRecord
+
 # An artifact's key -> the URL a reader opens (the store's public URL, a presigned URL, or a
 # file:// URL); "" when none can be made.
 Link = Callable[[str], str]
@@ -19,17 +21,15 @@ def run_link(ui_url: str, run_id: str) -> str:
     return f"{ui_url.rstrip('/')}/runs/{run_id}" if ui_url and run_id else ""
 
 
-def evidence_keys(artifacts: Mapping[str, Any], log_ref: str, debug_bundle: str
+def evidence_keys(artifacts: Mapping[str, ArtifactRecord], log_ref: str, debug_bundle: str
                   ) -> tuple[str | None, str | None]:
     """The store's keys of the run's log (its failing stage's, else its last stage's) and of
-    its debug bundle, among `artifacts` (local path -> what was stored: a record or its
-    dump); None for one not stored."""
+    its debug bundle, among `artifacts` (local path -> what was stored); None for one not
+    stored."""
 
     def key(path: str) -> str | None:
         stored = artifacts.get(path) if path else None
-        if stored is None:
-            return None
-        return stored["key"] if isinstance(stored, Mapping) else stored.key
+        return stored.key if stored is not None else None
 
     return key(log_ref), key(debug_bundle)
 

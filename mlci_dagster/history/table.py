@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from mlci_dagster.history.links import evidence_keys
-from mlci_dagster.history.record import ResultRecord
+from mlci_dagster.history.record import ArtifactRecord, ResultRecord
 from mlci_dagster.history.signature import signature_of
 
 BASE_COLUMNS = [
@@ -79,7 +79,7 @@ def append_rows(table: pd.DataFrame | None, rows: Iterable[dict[str, Any]]) -> p
     return with_text_gaps_as_none(table)
 
 
-def with_late_uploads(table: pd.DataFrame, late: Mapping[str, Mapping[str, Any]]
+def with_late_uploads(table: pd.DataFrame, late: Mapping[str, Mapping[str, ArtifactRecord]]
                       ) -> pd.DataFrame:
     """The table with the keys of evidence stored after its run (the artifact_upload sensor's
     retries; `late`: run id -> local path -> what was stored) where its rows had none."""

@@ -86,14 +86,16 @@ def write_debug_bundle(
                 _add(tar, f"{root}/tests/{pipeline}.xml", Path(report).read_bytes())
             except OSError as exc:
                 _add(tar, f"{root}/tests/{pipeline}.xml.missing", f"could not read {report}: {exc}")
-        for shot in set(screenshots_of(outcomes)) - set(screenshots_of(outcomes, True)):
-            _add(tar, f"{root}/screenshots/{Path(shot).name}.kept-local",
-                 f"not in the bundle (its route's upload_screenshot is off): {shot}")
-        for shot in screenshots_of(outcomes, travelling=True):
+        travelling = set(screenshots_of(outcomes, travelling=True))
+        for shot in screenshots_of(outcomes):
+            name = f"{root}/screenshots/{Path(shot).name}"
+            if shot not in travelling:
+                _add(tar, f"{name}.kept-local",
+                     f"not in the bundle (its route's upload_screenshot is off): {shot}")
+                continue
             try:
-                _add(tar, f"{root}/screenshots/{Path(shot).name}", Path(shot).read_bytes())
+                _add(tar, name, Path(shot).read_bytes())
             except OSError as exc:
-                _add(tar, f"{root}/screenshots/{Path(shot).name}.missing",
-                     f"could not read {shot}: {exc}")
+                _add(tar, f"{name}.missing", f"could not read {shot}: {exc}")
     tmp.replace(path)
     return path
